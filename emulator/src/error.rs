@@ -1,0 +1,189 @@
+//! IoT Hub's error vocabulary: the named error codes, their numeric codes and HTTP statuses, and
+//! [`HubError`], the one error type hub operations return.
+//!
+//! Protocol front ends translate a [`HubError`] into their own terms: HTTP answers with the status,
+//! the `iothub-errorcode` header and IoT Hub's legacy body (see [`HubError::body`]); MQTT and AMQP map
+//! the [`ErrorCode`] to a CONNACK code or an AMQP condition.
+
+use std::fmt;
+
+/// An IoT Hub error code (reference §2.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: a request argument is invalid.
+    ArgumentInvalid,
+    /// 400: the request body or a header is malformed.
+    IotHubFormatError,
+    /// 400: a bulk request names a device twice.
+    DeviceDefinedMultipleTimes,
+    /// 400: the device id is not valid.
+    InvalidDeviceId,
+    /// 401: the credentials are missing, malformed or do not verify.
+    IotHubUnauthorizedAccess,
+    /// 401: the token is valid but not for this operation (expired, wrong scope or right).
+    IotHubUnauthorized,
+    /// 403: the device's C2D queue holds 50 messages already.
+    DeviceMaximumQueueDepthExceeded,
+    /// 403: `iothub-expiry` is too far in the future.
+    InvalidMessageExpiryTime,
+    /// 403: the device is disabled.
+    DeviceDisabled,
+    /// 403: the hub holds as many devices as it may.
+    IotHubQuotaExceeded,
+    /// 404: no such device.
+    DeviceNotFound,
+    /// 404: the device is not connected (direct methods).
+    DeviceNotOnline,
+    /// 404: no such route.
+    NotFound,
+    /// 409: the device exists already.
+    DeviceAlreadyExists,
+    /// 412: the etag in `If-Match` does not match.
+    PreconditionFailed,
+    /// 412: the lock token is unknown or its lock has lapsed.
+    DeviceMessageLockLost,
+    /// 413: the message is larger than IoT Hub allows.
+    MessageTooLarge,
+    /// 413: too many devices in one request.
+    TooManyDevices,
+    /// 405: the method is not allowed on this route.
+    MethodNotAllowed,
+    /// 501: the route exists in IoT Hub but the emulator does not implement it.
+    NotImplemented,
+    /// 500: an internal error.
+    ServerError,
+    /// 504: the device did not answer in time.
+    GatewayTimeout,
+}
+
+impl ErrorCode {
+    /// The code's name as IoT Hub writes it (`iothub-errorcode`, `ErrorCode:<Name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ArgumentInvalid => "ArgumentInvalid",
+            Self::IotHubFormatError => "IotHubFormatError",
+            Self::DeviceDefinedMultipleTimes => "DeviceDefinedMultipleTimes",
+            Self::InvalidDeviceId => "ArgumentInvalid",
+            Self::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
+            Self::IotHubUnauthorized => "IotHubUnauthorized",
+            Self::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
+            Self::InvalidMessageExpiryTime => "InvalidMessageExpiryTime",
+            Self::DeviceDisabled => "DeviceDisabled",
+            Self::IotHubQuotaExceeded => "IotHubQuotaExceeded",
+            Self::DeviceNotFound => "DeviceNotFound",
+            Self::DeviceNotOnline => "DeviceNotOnline",
+            Self::NotFound => "NotFound",
+            Self::DeviceAlreadyExists => "DeviceAlreadyExists",
+            Self::PreconditionFailed => "PreconditionFailed",
+            Self::DeviceMessageLockLost => "DeviceMessageLockLost",
+            Self::MessageTooLarge => "MessageTooLarge",
+            Self::TooManyDevices => "TooManyDevices",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::NotImplemented => "NotImplemented",
+            Self::ServerError => "ServerError",
+            Self::GatewayTimeout => "GatewayTimeout",
+        }
+    }
+
+    /// IoT Hub's six-digit numeric code.
+    pub fn number(self) -> u32 {
+        match self {
+            Self::ArgumentInvalid | Self::InvalidDeviceId => 400004,
+            Self::IotHubFormatError => 400006,
+            Self::DeviceDefinedMultipleTimes => 400011,
+            Self::IotHubUnauthorizedAccess => 401002,
+            Self::IotHubUnauthorized => 401003,
+            Self::IotHubQuotaExceeded => 403002,
+            Self::DeviceMaximumQueueDepthExceeded => 403004,
+            Self::InvalidMessageExpiryTime => 403009,
+            Self::DeviceDisabled => 403012,
+            Self::DeviceNotFound => 404001,
+            Self::NotFound => 404000,
+            Self::DeviceNotOnline => 404103,
+            Self::MethodNotAllowed => 405000,
+            Self::DeviceAlreadyExists => 409001,
+            Self::PreconditionFailed => 412001,
+            Self::DeviceMessageLockLost => 412002,
+            Self::MessageTooLarge => 413001,
+            Self::TooManyDevices => 413002,
+            Self::ServerError => 500001,
+            Self::NotImplemented => 501000,
+            Self::GatewayTimeout => 504101,
+        }
+    }
+
+    /// The HTTP status that carries this code.
+    pub fn http_status(self) -> u16 {
+        (self.number() / 1000) as u16
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An error from a hub operation: an IoT Hub error code and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct HubError {
+    /// What went wrong, in IoT Hub's terms.
+    pub code: ErrorCode,
+    /// Words for the user: what was wrong and, where useful, what is allowed.
+    pub message: String,
+}
+
+impl HubError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// `DeviceNotFound` for `id`.
+    pub fn device_not_found(id: &str) -> Self {
+        Self::new(ErrorCode::DeviceNotFound, format!("Device {id} not registered"))
+    }
+
+    /// `ArgumentInvalid` with `message`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::ArgumentInvalid, message)
+    }
+
+    /// `IotHubUnauthorizedAccess` with `message`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::IotHubUnauthorizedAccess, message)
+    }
+
+    /// IoT Hub's legacy error body, which the Node, C# and CLI clients all parse:
+    /// `{"Message":"ErrorCode:<Name>;<text>","ExceptionMessage":"Tracking ID:<id>-G:0-TimeStamp:<time>"}`.
+    pub fn body(&self, tracking_id: &str, timestamp: &str) -> serde_json::Value {
+        serde_json::json!({
+            "Message": format!("ErrorCode:{};{}", self.code.name(), self.message),
+            "ExceptionMessage": format!("Tracking ID:{tracking_id}-G:0-TimeStamp:{timestamp}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_codes() {
+        assert_eq!(ErrorCode::DeviceNotFound.http_status(), 404);
+        assert_eq!(ErrorCode::DeviceMaximumQueueDepthExceeded.http_status(), 403);
+        assert_eq!(ErrorCode::IotHubUnauthorizedAccess.http_status(), 401);
+        assert_eq!(ErrorCode::PreconditionFailed.http_status(), 412);
+        assert_eq!(ErrorCode::DeviceAlreadyExists.http_status(), 409);
+        assert_eq!(ErrorCode::NotImplemented.http_status(), 501);
+    }
+
+    #[test]
+    fn legacy_body_shape() {
+        let e = HubError::device_not_found("d1");
+        let body = e.body("abc", "t");
+        assert_eq!(body["Message"], "ErrorCode:DeviceNotFound;Device d1 not registered");
+        assert_eq!(body["ExceptionMessage"], "Tracking ID:abc-G:0-TimeStamp:t");
+    }
+}

@@ -1,0 +1,54 @@
+//! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
+//! `/emulator/telemetry` (recorded D2C messages) and `/emulator/connection-strings`.
+//! None of these exist in IoT Hub; they are for tests, tools and containers.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::error::HubError;
+
+use super::router::Route;
+use super::{HttpContext, HttpResponse, Req, empty, json_response, method_not_allowed, set_header};
+
+/// Handles an emulator endpoint.
+pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
+    if req.method != Method::GET {
+        return Err(method_not_allowed(req));
+    }
+    match req.route {
+        Route::Health => {
+            let (status, state) = if ctx.is_ready() {
+                (StatusCode::OK, "healthy")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "starting")
+            };
+            Ok(json_response(status, &json!({ "status": state, "devices": ctx.hub.device_count() })))
+        }
+        Route::CaPem => {
+            let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(ctx.ca_pem.clone())));
+            set_header(&mut resp, "content-type", "application/x-pem-file");
+            Ok(resp)
+        }
+        Route::Telemetry => {
+            let device = req.param("deviceId");
+            let after = req.param("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+            let limit = req.param("limit").and_then(|l| l.parse().ok()).unwrap_or(1000).min(10_000);
+            let items: Vec<Value> =
+                ctx.hub.read_telemetry(device.as_deref(), after, limit).iter().map(|m| m.to_json()).collect();
+            Ok(json_response(StatusCode::OK, &Value::Array(items)))
+        }
+        Route::ConnectionStrings => {
+            let map: serde_json::Map<String, Value> = ctx
+                .hub
+                .policies()
+                .iter()
+                .filter_map(|p| {
+                    Some((p.name.clone(), Value::String(ctx.hub.policy_connection_string(&p.name)?)))
+                })
+                .collect();
+            Ok(json_response(StatusCode::OK, &Value::Object(map)))
+        }
+        _ => Ok(empty(StatusCode::NOT_FOUND)),
+    }
+}

@@ -1,0 +1,202 @@
+//! The HTTP front end: IoT Hub's service REST API and device HTTP API on the HTTPS port, and the
+//! same API plus the emulator's own endpoints (health, CA download, telemetry read-out) on the
+//! plain port.
+//!
+//! Handlers translate requests into [`Hub`] calls and [`HubError`]s into IoT Hub's error
+//! responses (status, `iothub-errorcode` header, legacy JSON body). They keep no state.
+
+mod admin;
+mod device_api;
+pub mod router;
+mod service_api;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::error::{ErrorCode, HubError};
+use crate::hub::Hub;
+use router::Route;
+
+/// Largest request body read: D2C batches are at most 256 KB; bulk registry calls carry 100
+/// devices. Anything larger is refused with `MessageTooLarge` before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// The content type of every JSON response (Node only parses bodies whose type says JSON).
+pub const JSON: &str = "application/json; charset=utf-8";
+
+/// The response type of every handler.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// What handlers need besides the hub.
+#[derive(Debug)]
+pub struct HttpContext {
+    /// The hub.
+    pub hub: Hub,
+    /// The CA certificate, served at `/ca.pem`.
+    pub ca_pem: String,
+    /// Set once every listener accepts; `/health` answers 200 only then.
+    pub ready: AtomicBool,
+}
+
+impl HttpContext {
+    /// A context for `hub`, not yet ready.
+    pub fn new(hub: Hub, ca_pem: String) -> Arc<Self> {
+        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false) })
+    }
+
+    /// Whether every listener accepts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// One parsed request, body read.
+#[derive(Debug)]
+pub struct Req {
+    /// The method.
+    pub method: Method,
+    /// The route.
+    pub route: Route,
+    /// The raw query string.
+    pub query: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Req {
+    /// A header as text, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A query parameter (`top=5` → `Some("5")`; a bare `reject` → `Some("")`).
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            k.eq_ignore_ascii_case(name)
+                .then(|| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+        })
+    }
+
+    /// The SAS token from `Authorization`.
+    pub fn token(&self) -> Result<&str, HubError> {
+        self.header("authorization").filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+            HubError::unauthorized("the Authorization header with a SharedAccessSignature is missing")
+        })
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value, HubError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            HubError::new(ErrorCode::IotHubFormatError, format!("the request body is not valid JSON: {e}"))
+        })
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The HTTPS port: IoT Hub's API only.
+    Https,
+    /// The plain port: IoT Hub's API plus the emulator's endpoints.
+    Plain,
+}
+
+/// Handles one request. Never fails: errors become IoT Hub error responses.
+pub async fn handle<B>(ctx: Arc<HttpContext>, port: Port, req: Request<B>) -> Result<HttpResponse, Infallible>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let e = HubError::new(
+                ErrorCode::MessageTooLarge,
+                format!("the request body is larger than {MAX_REQUEST_BYTES} bytes"),
+            );
+            return Ok(error_response(&parts.method, &path, &e));
+        }
+    };
+    let req = Req {
+        method: parts.method,
+        route: router::route(&path),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        headers: parts.headers,
+        body,
+    };
+    let result = match (&req.route, port) {
+        (Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings, Port::Plain) => {
+            admin::handle(&ctx, &req)
+        }
+        (Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings, Port::Https) => {
+            Err(not_found(&path))
+        }
+        (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
+            if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
+        {
+            device_api::handle(&ctx.hub, &req)
+        }
+        (Route::DeviceEvents(_), _) => device_api::handle(&ctx.hub, &req),
+        _ => service_api::handle(&ctx.hub, &req),
+    };
+    Ok(result.unwrap_or_else(|e| error_response(&req.method, &path, &e)))
+}
+
+fn not_found(path: &str) -> HubError {
+    HubError::new(ErrorCode::NotFound, format!("no IoT Hub API at '{path}'"))
+}
+
+/// `405` for a method the route does not take.
+pub fn method_not_allowed(req: &Req) -> HubError {
+    HubError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on this resource", req.method))
+}
+
+/// An IoT Hub error response, logged once.
+pub fn error_response(method: &Method, path: &str, e: &HubError) -> HttpResponse {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::error!(%method, path, code = e.code.name(), "{}", e.message);
+    } else {
+        tracing::info!(%method, path, status = status.as_u16(), code = e.code.name(), "{}", e.message);
+    }
+    let tracking = uuid::Uuid::new_v4().simple().to_string();
+    let body =
+        e.body(&tracking, &crate::clock::iso8601(crate::clock::Clock::now_ms(&crate::clock::SystemClock)));
+    let mut resp = json_response(status, &body);
+    set_header(&mut resp, "iothub-errorcode", e.code.name());
+    resp
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
+}
+
+/// An empty response with `status`.
+pub fn empty(status: StatusCode) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Sets a header, skipping values that are not valid in HTTP (they cannot be sent).
+pub fn set_header(resp: &mut HttpResponse, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::from_str(value)) {
+        resp.headers_mut().insert(n, v);
+    }
+}

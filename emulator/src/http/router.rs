@@ -1,0 +1,150 @@
+//! Maps a method and path to a [`Route`]. IoT Hub matches paths case-insensitively
+//! (`deviceBound`, `devicebound`) while device ids stay case-sensitive, so the fixed words are
+//! compared ignoring case and each segment is percent-decoded on its own. Empty segments are
+//! dropped, so `/devices/` and `/devices` are the same route (Node's `Registry.list()` sends the
+//! trailing slash).
+
+use percent_encoding::percent_decode_str;
+
+/// What a request is for, with the path parameters it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/health` (plain port).
+    Health,
+    /// `/ca.pem` (plain port).
+    CaPem,
+    /// `/emulator/telemetry` (plain port): recorded D2C messages.
+    Telemetry,
+    /// `/emulator/connection-strings` (plain port): the policies' connection strings.
+    ConnectionStrings,
+    /// `/devices`: list (GET), bulk (POST).
+    Devices,
+    /// `/devices/query`.
+    Query,
+    /// `/devices/{id}`.
+    Device(String),
+    /// `/devices/{id}/commands`: purge.
+    DeviceCommands(String),
+    /// `/devices/{id}/messages/deviceBound`: device receive (GET), service send (POST, extension).
+    DeviceBound(String),
+    /// `/devices/{id}/messages/deviceBound/{lockToken}`: complete or reject (DELETE).
+    DeviceBoundLock(String, String),
+    /// `/devices/{id}/messages/deviceBound/{lockToken}/abandon` (POST).
+    DeviceBoundAbandon(String, String),
+    /// `/devices/{id}/messages/events`: D2C (POST).
+    DeviceEvents(String),
+    /// `/statistics/devices`.
+    StatsDevices,
+    /// `/statistics/service`.
+    StatsService,
+    /// `/twins/{id}`.
+    Twin(String),
+    /// `/twins/{id}/methods`.
+    TwinMethods(String),
+    /// `/messages/serviceBound/feedback`.
+    Feedback,
+    /// `/messages/serviceBound/feedback/{lockToken}`.
+    FeedbackLock(String),
+    /// `/messages/serviceBound/feedback/{lockToken}/abandon`.
+    FeedbackAbandon(String),
+    /// A part of IoT Hub's API the emulator does not implement; names it.
+    NotImplemented(&'static str),
+    /// No such route.
+    Unknown,
+}
+
+/// Splits `path` into percent-decoded, non-empty segments.
+pub fn segments(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect()
+}
+
+fn eq(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Resolves `path` to a route.
+pub fn route(path: &str) -> Route {
+    let segs = segments(path);
+    let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+    match s.as_slice() {
+        [h] if eq(h, "health") => Route::Health,
+        [c] if eq(c, "ca.pem") => Route::CaPem,
+        [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
+        [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,
+        [d] if eq(d, "devices") => Route::Devices,
+        [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
+        [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
+        [d, id, c] if eq(d, "devices") && eq(c, "commands") => Route::DeviceCommands(id.to_string()),
+        [d, _, m, ..] if eq(d, "devices") && eq(m, "modules") => Route::NotImplemented("modules"),
+        [d, _, f, ..] if eq(d, "devices") && eq(f, "files") => Route::NotImplemented("file upload"),
+        [d, id, m, b] if eq(d, "devices") && eq(m, "messages") && eq(b, "devicebound") => {
+            Route::DeviceBound(id.to_string())
+        }
+        [d, id, m, b, lock] if eq(d, "devices") && eq(m, "messages") && eq(b, "devicebound") => {
+            Route::DeviceBoundLock(id.to_string(), lock.to_string())
+        }
+        [d, id, m, b, lock, a]
+            if eq(d, "devices") && eq(m, "messages") && eq(b, "devicebound") && eq(a, "abandon") =>
+        {
+            Route::DeviceBoundAbandon(id.to_string(), lock.to_string())
+        }
+        [d, id, m, e] if eq(d, "devices") && eq(m, "messages") && eq(e, "events") => {
+            Route::DeviceEvents(id.to_string())
+        }
+        [st, d] if eq(st, "statistics") && eq(d, "devices") => Route::StatsDevices,
+        [st, sv] if eq(st, "statistics") && eq(sv, "service") => Route::StatsService,
+        [t, id] if eq(t, "twins") => Route::Twin(id.to_string()),
+        [t, id, m] if eq(t, "twins") && eq(m, "methods") => Route::TwinMethods(id.to_string()),
+        [t, _, m, ..] if eq(t, "twins") && eq(m, "modules") => Route::NotImplemented("modules"),
+        [m, s, f] if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") => Route::Feedback,
+        [m, s, f, lock] if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") => {
+            Route::FeedbackLock(lock.to_string())
+        }
+        [m, s, f, lock, a]
+            if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") && eq(a, "abandon") =>
+        {
+            Route::FeedbackAbandon(lock.to_string())
+        }
+        [j, ..] if eq(j, "jobs") => Route::NotImplemented("jobs"),
+        [c, ..] if eq(c, "configurations") => Route::NotImplemented("configurations"),
+        [d, ..] if eq(d, "digitaltwins") => Route::NotImplemented("digital twins"),
+        _ => Route::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_ignore_case_of_fixed_words_only() {
+        assert_eq!(route("/devices/"), Route::Devices);
+        assert_eq!(route("/DEVICES"), Route::Devices);
+        assert_eq!(route("/devices/Dev1"), Route::Device("Dev1".into()));
+        assert_eq!(route("/devices/query"), Route::Query);
+        assert_eq!(route("/devices/d%231/messages/deviceBound"), Route::DeviceBound("d#1".into()));
+        assert_eq!(route("/devices/d/messages/devicebound"), Route::DeviceBound("d".into()));
+        assert_eq!(
+            route("/devices/d/messages/deviceBound/abc/abandon"),
+            Route::DeviceBoundAbandon("d".into(), "abc".into())
+        );
+        assert_eq!(
+            route("/devices/d/messages/deviceBound/abc"),
+            Route::DeviceBoundLock("d".into(), "abc".into())
+        );
+        assert_eq!(route("/devices/d/messages/events"), Route::DeviceEvents("d".into()));
+        assert_eq!(route("/devices/d/commands"), Route::DeviceCommands("d".into()));
+        assert_eq!(route("/twins/d"), Route::Twin("d".into()));
+        assert_eq!(route("/twins/d/methods"), Route::TwinMethods("d".into()));
+        assert_eq!(route("/messages/serviceBound/feedback"), Route::Feedback);
+        assert_eq!(route("/messages/servicebound/feedback/t/abandon"), Route::FeedbackAbandon("t".into()));
+        assert_eq!(route("/statistics/devices"), Route::StatsDevices);
+        assert_eq!(route("/jobs/v2/x"), Route::NotImplemented("jobs"));
+        assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
+        assert_eq!(route("/nothing"), Route::Unknown);
+        assert_eq!(route("/health"), Route::Health);
+    }
+}

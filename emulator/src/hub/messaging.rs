@@ -1,0 +1,159 @@
+//! Cloud-to-device messages and their feedback, as hub operations: send into a device's queue,
+//! receive with a lock, settle, purge; feedback records from final states into the hub-wide
+//! feedback queue. The queue rules themselves are the sans-IO state machine in `crate::c2d`.
+
+use crate::c2d::{
+    C2dMessage, Delivery, FeedbackRecord, LockToken, Outcome, SendError, SendReceipt, SettleError,
+};
+use crate::error::{ErrorCode, HubError};
+
+use super::Hub;
+
+/// A C2D message handed to a device, with its lock token.
+pub type C2dDelivery = Delivery;
+/// A feedback batch handed to a service, with its lock token.
+pub type FeedbackDelivery = Delivery;
+
+fn send_error(device_id: &str, e: SendError) -> HubError {
+    match e {
+        SendError::QueueFull { depth } => HubError::new(
+            ErrorCode::DeviceMaximumQueueDepthExceeded,
+            format!("device '{device_id}' already has {depth} messages pending, IoT Hub's maximum"),
+        ),
+        SendError::TooLarge { size, max } => HubError::new(
+            ErrorCode::MessageTooLarge,
+            format!("the message is {size} bytes; C2D messages are at most {max}"),
+        ),
+        other @ SendError::InvalidExpiry { .. } => {
+            HubError::new(ErrorCode::InvalidMessageExpiryTime, other.to_string())
+        }
+    }
+}
+
+fn lock_lost(device_id: &str, token: LockToken, _e: SettleError) -> HubError {
+    HubError::new(
+        ErrorCode::DeviceMessageLockLost,
+        format!("lock token {token} of device '{device_id}' is unknown or its lock has lapsed"),
+    )
+}
+
+/// Which settlement a device asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: the message leaves the queue.
+    Complete,
+    /// Back to the queue, delivery count + 1.
+    Abandon,
+    /// Dead-lettered.
+    Reject,
+    /// Back to the queue, count unchanged (connection lost before the ack).
+    Release,
+}
+
+impl Hub {
+    /// Queues `msg` for `device_id`. Fails with IoT Hub's error when the device does not exist,
+    /// the queue holds 50 messages, the message is too large or its expiry too far away.
+    pub fn send_c2d(&self, device_id: &str, msg: C2dMessage) -> Result<SendReceipt, HubError> {
+        let now = self.now();
+        let mut fb = Vec::new();
+        let r = self.with_device(device_id, |d| {
+            let mut out = Vec::new();
+            let r = d.c2d.send(msg, now, &self.config().c2d, &mut out);
+            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            r.map_err(|e| send_error(device_id, e))
+        });
+        self.emit_feedback(fb);
+        if r.is_ok() {
+            self.shared.changed.notify_waiters();
+        }
+        r
+    }
+
+    /// Locks and returns the next message for `device_id` (lock for `lock_ms`), if any.
+    pub fn receive_c2d(&self, device_id: &str, lock_ms: u64) -> Result<Option<C2dDelivery>, HubError> {
+        let now = self.now();
+        let mut fb = Vec::new();
+        let r = self.with_device(device_id, |d| {
+            let mut out = Vec::new();
+            d.last_activity = now;
+            let got = d.c2d.receive(now, lock_ms, LockToken::random(), &self.config().c2d, &mut out);
+            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            Ok(got)
+        });
+        self.emit_feedback(fb);
+        r
+    }
+
+    /// Settles the delivery with lock `token` of `device_id`.
+    pub fn settle_c2d(&self, device_id: &str, token: LockToken, how: Settlement) -> Result<(), HubError> {
+        let now = self.now();
+        let mut fb = Vec::new();
+        let r = self.with_device(device_id, |d| {
+            let cfg = &self.config().c2d;
+            let mut out = Vec::new();
+            d.last_activity = now;
+            let r = match how {
+                Settlement::Complete => d.c2d.complete(token, now, cfg, &mut out),
+                Settlement::Abandon => d.c2d.abandon(token, now, cfg, &mut out),
+                Settlement::Reject => d.c2d.reject(token, now, cfg, &mut out),
+                Settlement::Release => d.c2d.release(token, now, cfg, &mut out),
+            };
+            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            r.map_err(|e| lock_lost(device_id, token, e))
+        });
+        self.emit_feedback(fb);
+        r
+    }
+
+    /// `DELETE /devices/{id}/commands`: drops every pending message; returns how many.
+    pub fn purge_c2d(&self, device_id: &str) -> Result<usize, HubError> {
+        let now = self.now();
+        let mut fb = Vec::new();
+        let r = self.with_device(device_id, |d| {
+            let mut out = Vec::new();
+            let n = d.c2d.purge(now, &self.config().c2d, &mut out);
+            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            Ok(n)
+        });
+        self.emit_feedback(fb);
+        r
+    }
+
+    /// Turns queue outcomes into feedback records (called with no shard lock held).
+    pub(super) fn emit_feedback(&self, outcomes: Vec<(String, u64, Outcome)>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let now = self.now();
+        {
+            let mut feedback = self.feedback();
+            for (id, generation, outcome) in outcomes {
+                feedback.push(FeedbackRecord::from_outcome(outcome, &id, &format!("{generation:018}")), now);
+            }
+        }
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Locks and returns the next feedback batch, if one is ready.
+    pub fn receive_feedback(&self) -> Option<FeedbackDelivery> {
+        self.feedback().receive(self.now(), LockToken::random())
+    }
+
+    /// Completes (`abandon == false`) or abandons a feedback batch.
+    pub fn settle_feedback(&self, token: LockToken, abandon: bool) -> Result<(), HubError> {
+        let now = self.now();
+        let mut feedback = self.feedback();
+        let r = if abandon { feedback.abandon(token, now) } else { feedback.complete(token, now) };
+        r.map_err(|_| {
+            HubError::new(
+                ErrorCode::DeviceMessageLockLost,
+                format!("feedback lock token {token} is unknown or its lock has lapsed"),
+            )
+        })
+    }
+
+    /// When pending feedback records will be cut into a batch, if any are waiting.
+    pub fn feedback_next_due(&self) -> Option<crate::clock::Millis> {
+        self.feedback().next_due(self.now())
+    }
+}

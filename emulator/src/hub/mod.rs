@@ -1,0 +1,204 @@
+//! The hub: the one owner of all IoT Hub state (registry, twins, C2D queues, feedback, telemetry)
+//! and the operations protocol front ends call.
+//!
+//! Front ends (HTTP today; MQTT and AMQP in their own modules) translate wire traffic into calls on
+//! [`Hub`] and never keep hub state of their own. [`Hub`] is a cheap handle (`Arc` inside).
+//!
+//! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
+//! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
+//! and the telemetry log have one mutex each. Every critical section is short and synchronous: no
+//! lock is ever held across an `.await`, and no two shard locks are held at once.
+
+mod auth;
+mod device;
+pub mod messaging;
+mod registry;
+mod telemetry;
+mod twin;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::c2d::{FeedbackHub, QueueConfig};
+use crate::clock::{Clock, Millis, SystemClock};
+use crate::limits::{FEEDBACK_BATCH_INTERVAL_MS, SAS_DEFAULT_SKEW_SECS};
+use crate::sas::{Policy, default_policies};
+
+pub use auth::{Authenticated, Principal};
+pub use device::{AuthType, Device, Status, validate_device_id};
+pub use messaging::{C2dDelivery, FeedbackDelivery};
+pub use registry::{BulkResult, DeviceInput, IfMatch, QueryPage, RegistryStats};
+pub use telemetry::{D2cMessage, TelemetryLog};
+pub use twin::{Section, Twin};
+
+/// Number of registry shards. A power of two well above the core count keeps contention low
+/// without making cross-device scans (list, query) expensive.
+pub const SHARD_COUNT: usize = 64;
+
+/// The well-known development owner key, published in the README like Azurite's account key.
+/// Never use it for anything but local development.
+pub const DEFAULT_OWNER_KEY: &str = "SG9zdGVkIGxvY2FsbHk6IGlvdGh1Yi1lbXVsYXRvciE=";
+
+/// Hub-wide settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// The hub's host name: `HostName` in connection strings and the host in SAS audiences.
+    pub hostname: String,
+    /// The `iothubowner` primary key (base64). The other policies' keys derive from it.
+    pub owner_key: String,
+    /// Clock skew tolerated on SAS expiry, in seconds.
+    pub sas_skew_secs: u64,
+    /// C2D queue settings for every device.
+    pub c2d: QueueConfig,
+    /// Feedback batch interval (IoT Hub: 15 s).
+    pub feedback_batch_interval_ms: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            owner_key: DEFAULT_OWNER_KEY.into(),
+            sas_skew_secs: SAS_DEFAULT_SKEW_SECS,
+            c2d: QueueConfig::default(),
+            feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
+        }
+    }
+}
+
+/// A handle to the hub's state. Clones share the same hub.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: HubConfig,
+    clock: Arc<dyn Clock>,
+    policies: Vec<Policy>,
+    shards: Box<[Mutex<Shard>]>,
+    feedback: Mutex<FeedbackHub>,
+    telemetry: Mutex<TelemetryLog>,
+    /// Source of identity etags and generation ids (unique, increasing).
+    counter: AtomicU64,
+    /// Registered devices, kept beside the shards so statistics need no scan.
+    device_count: AtomicUsize,
+    /// Woken whenever a feedback record or a C2D message is queued, for long-poll style readers.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    devices: BTreeMap<String, Device>,
+}
+
+impl Hub {
+    /// A hub with `config`, on the system clock.
+    pub fn new(config: HubConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// A hub with `config` whose time comes from `clock` (tests use a `ManualClock`).
+    pub fn with_clock(config: HubConfig, clock: Arc<dyn Clock>) -> Self {
+        let policies = default_policies(&config.owner_key);
+        let mut feedback = FeedbackHub::new(&config.hostname);
+        feedback.set_batch_interval_ms(config.feedback_batch_interval_ms);
+        let shards = (0..SHARD_COUNT).map(|_| Mutex::new(Shard::default())).collect();
+        let start = clock.now_ms();
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                clock,
+                policies,
+                shards,
+                feedback: Mutex::new(feedback),
+                telemetry: Mutex::new(TelemetryLog::default()),
+                counter: AtomicU64::new(start),
+                device_count: AtomicUsize::new(0),
+                changed: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// The hub's settings.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// The hub's host name.
+    pub fn hostname(&self) -> &str {
+        &self.shared.config.hostname
+    }
+
+    /// The shared access policies (iothubowner, service, device, registryRead, registryReadWrite).
+    pub fn policies(&self) -> &[Policy] {
+        &self.shared.policies
+    }
+
+    /// The connection string of policy `name`, if it exists.
+    pub fn policy_connection_string(&self, name: &str) -> Option<String> {
+        let p = self.shared.policies.iter().find(|p| p.name == name)?;
+        Some(format!(
+            "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+            self.hostname(),
+            p.name,
+            p.primary_key
+        ))
+    }
+
+    /// The current time on the hub's clock.
+    pub fn now(&self) -> Millis {
+        self.shared.clock.now_ms()
+    }
+
+    /// Registered devices.
+    pub fn device_count(&self) -> usize {
+        self.shared.device_count.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when something was queued (a C2D message or a feedback batch) after the call.
+    pub async fn changed(&self) {
+        self.shared.changed.notified().await;
+    }
+
+    fn next_counter(&self) -> u64 {
+        self.shared.counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn shard_index(id: &str) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        (h.finish() as usize) % SHARD_COUNT
+    }
+
+    fn shard(&self, index: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock leaves plain data behind; keep serving.
+        self.shared.shards[index].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard_for(&self, id: &str) -> MutexGuard<'_, Shard> {
+        self.shard(Self::shard_index(id))
+    }
+
+    /// Runs `f` on device `id` under its shard lock.
+    fn with_device<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Device) -> Result<T, crate::error::HubError>,
+    ) -> Result<T, crate::error::HubError> {
+        let mut shard = self.shard_for(id);
+        let device = shard.devices.get_mut(id).ok_or_else(|| crate::error::HubError::device_not_found(id))?;
+        f(device)
+    }
+
+    fn feedback(&self) -> MutexGuard<'_, FeedbackHub> {
+        self.shared.feedback.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn telemetry_log(&self) -> MutexGuard<'_, TelemetryLog> {
+        self.shared.telemetry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

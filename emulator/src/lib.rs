@@ -1,0 +1,20 @@
+//! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
+//! its protocol front ends ([`http`]), local TLS ([`tls`]) and the server that ties them to bound
+//! listeners ([`server`]).
+//!
+//! The binary `iothub-emulator` is a thin wrapper: it parses flags, binds sockets and calls
+//! [`server::serve`].
+
+pub mod c2d;
+pub mod clock;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod limits;
+pub mod query;
+pub mod sas;
+pub mod server;
+pub mod tls;
+
+pub use error::{ErrorCode, HubError};
+pub use hub::{Hub, HubConfig};

@@ -1,0 +1,89 @@
+//! Every IoT Hub limit and default the emulator enforces, in one place, with units in the names.
+//!
+//! Each value cites the IoT Hub documentation it comes from (see `shared/docs/iothub-reference.md`
+//! §3.2 and §5.2). Code elsewhere refers to these names instead of repeating numbers.
+
+/// Pending cloud-to-device messages per device; the 51st send fails with
+/// `DeviceMaximumQueueDepthExceeded` (quotas and throttling, "C2D pending per device").
+pub const C2D_MAX_QUEUE_DEPTH: usize = 50;
+
+/// Default C2D time to live (`cloudToDevice.defaultTtlAsIso8601`): 1 hour.
+pub const C2D_DEFAULT_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// Largest C2D time to live a message may ask for: 2 days.
+pub const C2D_MAX_TTL_MS: u64 = 2 * 24 * 60 * 60 * 1000;
+
+/// How long a received C2D message stays Invisible before it returns to Enqueued: 1 minute, fixed.
+pub const C2D_LOCK_TIMEOUT_MS: u64 = 60 * 1000;
+
+/// Default `cloudToDevice.maxDeliveryCount`: abandons allowed before a message is dead-lettered.
+pub const C2D_DEFAULT_MAX_DELIVERY_COUNT: u32 = 10;
+
+/// Largest C2D message: 64 KB (body plus system property values plus application properties).
+pub const C2D_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest D2C message: 256 KB.
+pub const D2C_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Feedback records per feedback message at most.
+pub const FEEDBACK_MAX_BATCH_RECORDS: usize = 64;
+
+/// Feedback batches go out at least this often when records are pending: 15 s after the last send.
+pub const FEEDBACK_BATCH_INTERVAL_MS: u64 = 15 * 1000;
+
+/// Feedback message time to live (`cloudToDevice.feedback.ttlAsIso8601`): 1 hour.
+pub const FEEDBACK_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// Feedback lock duration (`cloudToDevice.feedback.lockDurationAsIso8601`): 60 s.
+pub const FEEDBACK_LOCK_MS: u64 = 60 * 1000;
+
+/// Feedback max delivery count (`cloudToDevice.feedback.maxDeliveryCount`): 10.
+pub const FEEDBACK_MAX_DELIVERY_COUNT: u32 = 10;
+
+/// Feedback batches kept while nobody reads them. Not an IoT Hub number: a bound on memory.
+/// The oldest batch is dropped past it (and counted in the metrics).
+pub const FEEDBACK_MAX_PENDING_BATCHES: usize = 10_000;
+
+/// Identities returned by one `GET /devices` call; `top` outside 1..=1000 counts as 1000.
+pub const REGISTRY_LIST_MAX: usize = 1000;
+
+/// Default and largest page size of `POST /devices/query`.
+pub const QUERY_PAGE_DEFAULT: usize = 1000;
+/// Largest page size a client may ask for with `x-ms-max-item-count`.
+pub const QUERY_PAGE_MAX: usize = 10_000;
+/// Longest query expression: 8192 characters.
+pub const QUERY_MAX_CHARS: usize = 8192;
+
+/// Devices in one bulk `POST /devices` call.
+pub const BULK_MAX_DEVICES: usize = 100;
+
+/// Longest device id: 128 characters.
+pub const DEVICE_ID_MAX_CHARS: usize = 128;
+
+/// Devices (plus modules) per hub.
+pub const HUB_MAX_DEVICES: usize = 1_000_000;
+
+/// Twin section sizes: tags 8 KB, desired 32 KB, reported 32 KB; nesting depth at most 10.
+pub const TWIN_TAGS_MAX_BYTES: usize = 8 * 1024;
+/// See [`TWIN_TAGS_MAX_BYTES`].
+pub const TWIN_DESIRED_MAX_BYTES: usize = 32 * 1024;
+/// See [`TWIN_TAGS_MAX_BYTES`].
+pub const TWIN_REPORTED_MAX_BYTES: usize = 32 * 1024;
+/// See [`TWIN_TAGS_MAX_BYTES`].
+pub const TWIN_MAX_DEPTH: usize = 10;
+
+/// Default SAS clock skew tolerance: a token is refused once `se` + skew is in the past.
+pub const SAS_DEFAULT_SKEW_SECS: u64 = 5 * 60;
+
+/// D2C messages kept in the hub-wide telemetry buffer for tests and tools to read.
+/// Not an IoT Hub number (the real hub keeps 7 days in Event Hubs): a bound on memory.
+pub const TELEMETRY_BUFFER_MESSAGES: usize = 10_000;
+
+/// Default ports the official SDKs dial (fixed in every SDK: see sdk-wire-notes §0).
+pub const DEFAULT_HTTPS_PORT: u16 = 443;
+/// MQTT over TLS.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// AMQP over TLS.
+pub const DEFAULT_AMQP_PORT: u16 = 5671;
+/// Plain HTTP (health, CA download, admin, registry for curl). An emulator choice.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;

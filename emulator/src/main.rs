@@ -1,0 +1,109 @@
+//! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
+//! until Ctrl-C or SIGTERM. Everything else lives in the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use iothub_emulator::hub::{DEFAULT_OWNER_KEY, Hub, HubConfig};
+use iothub_emulator::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, SAS_DEFAULT_SKEW_SECS};
+use iothub_emulator::server::{self, Listeners};
+use iothub_emulator::tls::HubCertificates;
+use tokio_util::sync::CancellationToken;
+
+/// A local Azure IoT Hub emulator: registry, SAS auth, C2D queues and twins over IoT Hub's own
+/// protocols, with TLS from a CA it generates.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The hub's host name: HostName in connection strings, SAS audiences and a certificate SAN.
+    #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost")]
+    hostname: String,
+
+    /// Where the emulator keeps its certificates (`certs/`).
+    #[arg(long, env = "IOTHUB_EMULATOR_DATA_DIR", default_value = "./.iothub-emulator")]
+    data_dir: PathBuf,
+
+    /// Address every listener binds (use 0.0.0.0 in containers).
+    #[arg(long, env = "IOTHUB_EMULATOR_BIND", default_value = "127.0.0.1")]
+    bind: IpAddr,
+
+    /// HTTPS port: IoT Hub's REST API for services and devices (the SDKs dial 443). 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_HTTPS_PORT", default_value_t = DEFAULT_HTTPS_PORT)]
+    https_port: u16,
+
+    /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
+    http_port: u16,
+
+    /// The iothubowner primary key (base64). Defaults to the published development key.
+    #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true)]
+    owner_key: String,
+
+    /// Seconds of clock skew tolerated on SAS token expiry.
+    #[arg(long, env = "IOTHUB_EMULATOR_SAS_SKEW_SECS", default_value_t = SAS_DEFAULT_SKEW_SECS)]
+    sas_skew_secs: u64,
+
+    /// Feedback batch interval in milliseconds (IoT Hub: 15000).
+    #[arg(long, env = "IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", default_value_t = iothub_emulator::limits::FEEDBACK_BATCH_INTERVAL_MS)]
+    feedback_interval_ms: u64,
+}
+
+fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::new(ip, port);
+    let std = std::net::TcpListener::bind(addr).with_context(|| {
+        let hint = if port < 1024 { " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" } else { "" };
+        format!("cannot bind the {what} listener to {addr}{hint}; choose another with {flag} (0 picks a free port)")
+    })?;
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
+}
+
+fn main() -> Result<()> {
+    let started = Instant::now();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    iothub_emulator::sas::decode_key(&args.owner_key)
+        .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(run(args, started))
+}
+
+async fn run(args: Args, started: Instant) -> Result<()> {
+    let certs = HubCertificates::load_or_create(&args.data_dir.join("certs"), &args.hostname)
+        .context("preparing TLS certificates")?;
+    let listeners = Listeners {
+        https: bind(args.bind, args.https_port, "HTTPS", "--https-port")?,
+        http: bind(args.bind, args.http_port, "plain HTTP", "--http-port")?,
+    };
+    let https_addr = listeners.https.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+    let hub = Hub::new(HubConfig {
+        hostname: args.hostname.clone(),
+        owner_key: args.owner_key.clone(),
+        sas_skew_secs: args.sas_skew_secs,
+        feedback_batch_interval_ms: args.feedback_interval_ms,
+        ..HubConfig::default()
+    });
+    let owner = hub.policy_connection_string("iothubowner").context("the iothubowner policy is missing")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server::shutdown_on_signal(shutdown.clone()));
+    let ca_path = std::fs::canonicalize(&certs.ca_path).unwrap_or_else(|_| certs.ca_path.clone());
+    let host = &args.hostname;
+    server::serve(hub, &certs, listeners, shutdown, || {
+        println!("https://{host}:{}", https_addr.port());
+        println!("http://{http_addr}");
+        println!("CA certificate: {}", ca_path.display());
+        println!("IOTHUB_CONNECTION_STRING={owner}");
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
+//! (TLS, IoT Hub's REST API) and the plain HTTP port (the same API plus health, CA download and
+//! telemetry read-out).
+//!
+//! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
+//! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
+//! briefly and keep accepting, so connections already open are not disturbed.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{self, HttpContext, Port};
+use crate::hub::Hub;
+use crate::tls::{HubCertificates, TlsError};
+
+/// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pause after an accept failure caused by file-descriptor exhaustion.
+const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The sockets the hub serves on, bound by the caller (port 0 is fine).
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTPS: IoT Hub's REST API (service and device).
+    pub https: TcpListener,
+    /// Plain HTTP: the same API plus the emulator's endpoints.
+    pub http: TcpListener,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Serves `hub` on `listeners` until `shutdown` is cancelled, then waits (up to a grace period)
+/// for open connections to finish. `on_ready` runs once every accept loop is running.
+pub async fn serve(
+    hub: Hub,
+    certs: &HubCertificates,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) -> Result<(), ServerError> {
+    let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
+    let ctx = HttpContext::new(hub, certs.ca_pem.clone());
+    let tracker = TaskTracker::new();
+    let loops = [
+        tokio::spawn(accept_loop(
+            listeners.https,
+            Some(tls),
+            ctx.clone(),
+            Port::Https,
+            shutdown.clone(),
+            tracker.clone(),
+        )),
+        tokio::spawn(accept_loop(
+            listeners.http,
+            None,
+            ctx.clone(),
+            Port::Plain,
+            shutdown.clone(),
+            tracker.clone(),
+        )),
+    ];
+    ctx.ready.store(true, Ordering::Release);
+    on_ready();
+    for l in loops {
+        if let Err(e) = l.await {
+            tracing::error!("an accept loop ended abnormally: {e}");
+        }
+    }
+    ctx.ready.store(false, Ordering::Release);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "connections still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+/// Shuts down when Ctrl-C or SIGTERM arrives (cancels `token`).
+pub async fn shutdown_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = ctrl_c.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+/// True for accept errors that mean "out of file descriptors": wait and retry, never exit.
+pub fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23)
+}
+
+/// Accepts connections on `listener` until `shutdown`, logging accept errors and backing off on
+/// file-descriptor exhaustion. Shared by every protocol's listener.
+pub async fn accept_connections<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    mut on_conn: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut exhausted = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                exhausted = false;
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(on_conn(stream, peer));
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                if !exhausted {
+                    tracing::warn!(
+                        listener = name,
+                        "out of file descriptors; refusing new connections until some close: {e}"
+                    );
+                    exhausted = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(EMFILE_BACKOFF) => {}
+                }
+            }
+            Err(e) => tracing::debug!(listener = name, "accept failed: {e}"),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<HttpContext>,
+    port: Port,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let name = match port {
+        Port::Https => "https",
+        Port::Plain => "http",
+    };
+    let sd = shutdown.clone();
+    accept_connections(listener, name, shutdown, tracker, move |stream, peer| {
+        let tls = tls.clone();
+        let ctx = ctx.clone();
+        let sd = sd.clone();
+        async move {
+            match tls {
+                None => serve_http(stream, ctx, port, sd).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_http(tls_stream, ctx, port, sd).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}
+
+async fn serve_http<S>(stream: S, ctx: Arc<HttpContext>, port: Port, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| http::handle(ctx.clone(), port, req));
+    let builder = Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("HTTP connection ended with an error: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
