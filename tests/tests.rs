@@ -1,1 +1,3 @@
+//! End-to-end tests: one binary, one module per area, a shared harness in `lib.rs`.
 
+mod sdk;

@@ -1,17 +1,15 @@
 //! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
 //! until Ctrl-C or SIGTERM. Everything else lives in the library.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use iothub_emulator::hub::{DEFAULT_OWNER_KEY, Hub, HubConfig};
+use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
 use iothub_emulator::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, SAS_DEFAULT_SKEW_SECS};
-use iothub_emulator::server::{self, Listeners};
-use iothub_emulator::tls::HubCertificates;
-use tokio_util::sync::CancellationToken;
+use iothub_emulator::server::{self, ListenConfig, RunningHub};
 
 /// A local Azure IoT Hub emulator: registry, SAS auth, C2D queues and twins over IoT Hub's own
 /// protocols, with TLS from a CA it generates.
@@ -51,16 +49,6 @@ struct Args {
     feedback_interval_ms: u64,
 }
 
-fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<tokio::net::TcpListener> {
-    let addr = SocketAddr::new(ip, port);
-    let std = std::net::TcpListener::bind(addr).with_context(|| {
-        let hint = if port < 1024 { " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" } else { "" };
-        format!("cannot bind the {what} listener to {addr}{hint}; choose another with {flag} (0 picks a free port)")
-    })?;
-    std.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(std)?)
-}
-
 fn main() -> Result<()> {
     let started = Instant::now();
     let args = Args::parse();
@@ -77,33 +65,22 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args, started: Instant) -> Result<()> {
-    let certs = HubCertificates::load_or_create(&args.data_dir.join("certs"), &args.hostname)
-        .context("preparing TLS certificates")?;
-    let listeners = Listeners {
-        https: bind(args.bind, args.https_port, "HTTPS", "--https-port")?,
-        http: bind(args.bind, args.http_port, "plain HTTP", "--http-port")?,
-    };
-    let https_addr = listeners.https.local_addr()?;
-    let http_addr = listeners.http.local_addr()?;
-    let hub = Hub::new(HubConfig {
+    let config = HubConfig {
         hostname: args.hostname.clone(),
         owner_key: args.owner_key.clone(),
         sas_skew_secs: args.sas_skew_secs,
         feedback_batch_interval_ms: args.feedback_interval_ms,
         ..HubConfig::default()
-    });
-    let owner = hub.policy_connection_string("iothubowner").context("the iothubowner policy is missing")?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(server::shutdown_on_signal(shutdown.clone()));
-    let ca_path = std::fs::canonicalize(&certs.ca_path).unwrap_or_else(|_| certs.ca_path.clone());
-    let host = &args.hostname;
-    server::serve(hub, &certs, listeners, shutdown, || {
-        println!("https://{host}:{}", https_addr.port());
-        println!("http://{http_addr}");
-        println!("CA certificate: {}", ca_path.display());
-        println!("IOTHUB_CONNECTION_STRING={owner}");
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
-    })
-    .await?;
+    };
+    let listen = ListenConfig { bind: args.bind, https_port: args.https_port, http_port: args.http_port };
+    let running = RunningHub::start(config, &listen, &args.data_dir).await?;
+    let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
+    println!("https://{}:{}", args.hostname, running.https_addr.port());
+    println!("http://{}", running.http_addr);
+    println!("CA certificate: {}", ca_path.display());
+    println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
+    tokio::spawn(server::shutdown_on_signal(running.shutdown_token()));
+    running.wait().await?;
     Ok(())
 }

@@ -8,6 +8,8 @@
 
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{self, HttpContext, Port};
-use crate::hub::Hub;
+use crate::hub::{Hub, HubConfig};
+use crate::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
@@ -32,7 +35,28 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after an accept failure caused by file-descriptor exhaustion.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The sockets the hub serves on, bound by the caller (port 0 is fine).
+/// Where the hub listens. Port 0 picks a free port.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// Address every listener binds (`127.0.0.1`; containers use `0.0.0.0`).
+    pub bind: IpAddr,
+    /// HTTPS: IoT Hub's REST API (the SDKs dial 443).
+    pub https_port: u16,
+    /// Plain HTTP: health, CA, telemetry read-out and the REST API without TLS.
+    pub http_port: u16,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            https_port: DEFAULT_HTTPS_PORT,
+            http_port: DEFAULT_HTTP_PORT,
+        }
+    }
+}
+
+/// The sockets the hub serves on, already bound.
 #[derive(Debug)]
 pub struct Listeners {
     /// HTTPS: IoT Hub's REST API (service and device).
@@ -41,12 +65,134 @@ pub struct Listeners {
     pub http: TcpListener,
 }
 
+impl Listeners {
+    /// Binds every listener of `cfg`. Must run inside a tokio runtime.
+    pub fn bind(cfg: &ListenConfig) -> Result<Self, ServerError> {
+        Ok(Self {
+            https: bind_one(cfg.bind, cfg.https_port, "HTTPS", "--https-port")?,
+            http: bind_one(cfg.bind, cfg.http_port, "plain HTTP", "--http-port")?,
+        })
+    }
+}
+
+/// Binds one listener, with an error that says which flag moves it.
+pub fn bind_one(
+    ip: IpAddr,
+    port: u16,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, ServerError> {
+    let addr = SocketAddr::new(ip, port);
+    let bind = || -> io::Result<TcpListener> {
+        let std = std::net::TcpListener::bind(addr)?;
+        std.set_nonblocking(true)?;
+        TcpListener::from_std(std)
+    };
+    bind().map_err(|source| ServerError::Bind { what, addr, flag, source })
+}
+
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("cannot bind the {what} listener to {addr}: {source}{}; choose another port with {flag} (0 picks a free one)",
+        if addr.port() < 1024 && addr.port() != 0 { " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" } else { "" })]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address tried.
+        addr: SocketAddr,
+        /// The flag that moves it.
+        flag: &'static str,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The server task failed.
+    #[error("the server task failed: {0}")]
+    Task(String),
+}
+
+/// A hub serving on its listeners in the background: what tests, the bench and the binary use.
+#[derive(Debug)]
+pub struct RunningHub {
+    /// The hub's state, for direct inspection.
+    pub hub: Hub,
+    /// The HTTPS listener's address.
+    pub https_addr: SocketAddr,
+    /// The plain HTTP listener's address.
+    pub http_addr: SocketAddr,
+    /// The CA certificate file clients must trust.
+    pub ca_path: PathBuf,
+    /// The CA certificate in PEM.
+    pub ca_pem: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningHub {
+    /// Prepares certificates under `<data_dir>/certs`, binds `listen` and serves a new hub with
+    /// `config` until [`RunningHub::stop`]. Returns once every listener accepts.
+    pub async fn start(
+        config: HubConfig,
+        listen: &ListenConfig,
+        data_dir: &Path,
+    ) -> Result<Self, ServerError> {
+        let certs = HubCertificates::load_or_create(&data_dir.join("certs"), &config.hostname)?;
+        let listeners = Listeners::bind(listen)?;
+        let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let hub = Hub::new(config);
+        let shutdown = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = {
+            let (hub, certs, shutdown) = (hub.clone(), certs.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                serve(hub, &certs, listeners, shutdown, move || {
+                    let _ = ready_tx.send(());
+                })
+                .await
+            })
+        };
+        if ready_rx.await.is_err() {
+            return match task.await {
+                Ok(Err(e)) => Err(e),
+                other => Err(ServerError::Task(format!("the server stopped before it was ready: {other:?}"))),
+            };
+        }
+        Ok(Self {
+            hub,
+            https_addr,
+            http_addr,
+            ca_path: certs.ca_path.clone(),
+            ca_pem: certs.ca_pem,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The `iothubowner` connection string.
+    pub fn owner_connection_string(&self) -> String {
+        self.hub.policy_connection_string(crate::sas::OWNER_POLICY).unwrap_or_default()
+    }
+
+    /// A token that cancels the hub when cancelled (for signal handlers).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Resolves when the hub has stopped (after [`RunningHub::shutdown_token`] was cancelled).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task.await.map_err(|e| ServerError::Task(e.to_string()))?
+    }
+
+    /// Stops the hub and waits for it.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
 }
 
 /// Serves `hub` on `listeners` until `shutdown` is cancelled, then waits (up to a grace period)

@@ -159,9 +159,11 @@ impl Hub {
         self.shared.device_count.load(Ordering::Relaxed)
     }
 
-    /// Resolves when something was queued (a C2D message or a feedback batch) after the call.
-    pub async fn changed(&self) {
-        self.shared.changed.notified().await;
+    /// Notified (with `notify_waiters`) whenever a C2D message or a feedback record is queued.
+    /// To wait without missing a wake-up: create `notifier().notified()`, pin it, call
+    /// `enable()`, check the hub, then await it.
+    pub fn notifier(&self) -> &tokio::sync::Notify {
+        &self.shared.changed
     }
 
     fn next_counter(&self) -> u64 {

@@ -15,7 +15,7 @@ pub mod policy;
 pub mod scope;
 
 pub use connection_string::{ConnectionKind, ConnectionString};
-pub use policy::{Policy, Rights, default_policies};
+pub use policy::{OWNER_POLICY, Policy, Rights, default_policies};
 pub use scope::{ResourceTarget, scope_covers};
 
 use base64::Engine as _;
