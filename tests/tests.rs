@@ -1,3 +1,7 @@
 //! End-to-end tests: one binary, one module per area, a shared harness in `lib.rs`.
 
+mod auth;
+mod c2d;
+mod registry;
 mod sdk;
+mod startup;
