@@ -57,12 +57,16 @@ struct Entry {
     lock: Option<Lock>,
 }
 
-/// How a settle call moves the locked message.
+/// How a receiver settles a locked message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settle {
+pub enum Settlement {
+    /// Done: the message leaves the queue (Success feedback if asked).
     Complete,
+    /// Back to Enqueued with the delivery count + 1 (dead-lettered at the maximum).
     Abandon,
+    /// Dead-lettered as Rejected.
     Reject,
+    /// Back to Enqueued without counting: the receiver went away before settling.
     Release,
 }
 
@@ -149,7 +153,7 @@ impl DeviceQueue {
         cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
     ) -> Result<(), SettleError> {
-        self.settle(token, Settle::Complete, now, cfg, out)
+        self.settle(token, Settlement::Complete, now, cfg, out)
     }
 
     /// Returns the locked message to Enqueued and counts the abandon; at the configured maximum
@@ -161,7 +165,7 @@ impl DeviceQueue {
         cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
     ) -> Result<(), SettleError> {
-        self.settle(token, Settle::Abandon, now, cfg, out)
+        self.settle(token, Settlement::Abandon, now, cfg, out)
     }
 
     /// Dead-letters the locked message as `Rejected`.
@@ -172,7 +176,7 @@ impl DeviceQueue {
         cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
     ) -> Result<(), SettleError> {
-        self.settle(token, Settle::Reject, now, cfg, out)
+        self.settle(token, Settlement::Reject, now, cfg, out)
     }
 
     /// Returns the locked message to Enqueued without counting a delivery: the receiver went
@@ -184,7 +188,7 @@ impl DeviceQueue {
         cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
     ) -> Result<(), SettleError> {
-        self.settle(token, Settle::Release, now, cfg, out)
+        self.settle(token, Settlement::Release, now, cfg, out)
     }
 
     /// Removes every pending message (`Purged` feedback if asked) and returns how many.
@@ -247,11 +251,11 @@ impl DeviceQueue {
         });
     }
 
-    /// Applies one settle action to the message locked under `token`.
-    fn settle(
+    /// Applies one settlement to the message locked under `token`.
+    pub fn settle(
         &mut self,
         token: LockToken,
-        action: Settle,
+        action: Settlement,
         now: Millis,
         cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
@@ -265,10 +269,10 @@ impl DeviceQueue {
         let entry = &mut self.entries[index];
         entry.lock = None;
         let status = match action {
-            Settle::Complete => FeedbackStatus::Success,
-            Settle::Reject => FeedbackStatus::Rejected,
-            Settle::Release => return Ok(()),
-            Settle::Abandon => {
+            Settlement::Complete => FeedbackStatus::Success,
+            Settlement::Reject => FeedbackStatus::Rejected,
+            Settlement::Release => return Ok(()),
+            Settlement::Abandon => {
                 entry.delivery_count = entry.delivery_count.saturating_add(1);
                 if entry.delivery_count < cfg.max_delivery_count {
                     return Ok(());

@@ -2,6 +2,7 @@
 //! receive with a lock, settle, purge; feedback records from final states into the hub-wide
 //! feedback queue. The queue rules themselves are the sans-IO state machine in `crate::c2d`.
 
+pub use crate::c2d::Settlement;
 use crate::c2d::{
     C2dMessage, Delivery, FeedbackRecord, LockToken, Outcome, SendError, SendReceipt, SettleError,
 };
@@ -35,19 +36,6 @@ fn lock_lost(device_id: &str, token: LockToken, _e: SettleError) -> HubError {
         ErrorCode::DeviceMessageLockLost,
         format!("lock token {token} of device '{device_id}' is unknown or its lock has lapsed"),
     )
-}
-
-/// Which settlement a device asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    /// Done: the message leaves the queue.
-    Complete,
-    /// Back to the queue, delivery count + 1.
-    Abandon,
-    /// Dead-lettered.
-    Reject,
-    /// Back to the queue, count unchanged (connection lost before the ack).
-    Release,
 }
 
 impl Hub {
@@ -92,12 +80,7 @@ impl Hub {
             let cfg = &self.config().c2d;
             let mut out = Vec::new();
             d.last_activity = now;
-            let r = match how {
-                Settlement::Complete => d.c2d.complete(token, now, cfg, &mut out),
-                Settlement::Abandon => d.c2d.abandon(token, now, cfg, &mut out),
-                Settlement::Reject => d.c2d.reject(token, now, cfg, &mut out),
-                Settlement::Release => d.c2d.release(token, now, cfg, &mut out),
-            };
+            let r = d.c2d.settle(token, how, now, cfg, &mut out);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             r.map_err(|e| lock_lost(device_id, token, e))
         });
