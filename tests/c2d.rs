@@ -128,6 +128,31 @@ async fn receive_settle_and_feedback() {
     assert_eq!(dev.settle(&lock3, "complete").await, 204);
     assert_eq!(dev.receive().await.status(), 204);
 
+    // Abandoning a feedback batch makes it come back with the same records.
+    let url = format!("{}/messages/serviceBound/feedback", hub.https_url());
+    let first = hub.client.get(&url).header("authorization", hub.owner_token()).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let lock = header(&first, "etag").trim_matches('"').to_string();
+    let first_body: Value = first.json().await.unwrap();
+    let abandon = hub
+        .client
+        .post(format!("{url}/{lock}/abandon"))
+        .header("authorization", hub.owner_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(abandon.status(), 204);
+    let again = hub.client.get(&url).header("authorization", hub.owner_token()).send().await.unwrap();
+    assert_eq!(header(&again, "iothub-deliverycount"), "1");
+    let again_lock = header(&again, "etag").trim_matches('"').to_string();
+    assert_eq!(again.json::<Value>().await.unwrap(), first_body);
+    let retry =
+        hub.client.post(format!("{url}/{lock}/abandon")).header("authorization", hub.owner_token()).send();
+    assert_eq!(retry.await.unwrap().status(), 412, "the old lock token is gone");
+    let abandon =
+        hub.client.post(format!("{url}/{again_lock}/abandon")).header("authorization", hub.owner_token());
+    assert_eq!(abandon.send().await.unwrap().status(), 204);
+
     let mut fb = feedback(&hub).await;
     fb.sort_by_key(|r| r["originalMessageId"].as_str().unwrap().to_string());
     let got: Vec<(&str, &str)> = fb
