@@ -172,24 +172,35 @@ impl BulkResult {
 
 /// Full Twin JSON for `device` (reference §2.8).
 fn twin_json(d: &Device, c2d_count: usize) -> Value {
-    json!({
-        "deviceId": d.id,
-        "modelId": "",
-        "etag": d.twin.etag_str(),
-        "deviceEtag": d.etag_str(),
-        "status": d.status.as_str(),
-        "statusReason": d.status_reason,
-        "statusUpdateTime": time_or_never(d.status_updated),
-        "connectionState": if d.connected { "Connected" } else { "Disconnected" },
-        "lastActivityTime": time_or_never(d.last_activity),
-        "cloudToDeviceMessageCount": c2d_count,
-        "authenticationType": d.auth_type.as_str(),
-        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
-        "capabilities": { "iotEdge": d.iot_edge },
-        "version": d.twin.version,
-        "tags": d.twin.tags,
-        "properties": d.twin.properties_json(),
-    })
+    twin_parts(d, c2d_count, None)
+}
+
+/// The Twin JSON of `device` with only the top-level properties in `only` (all when `None`):
+/// queries build just what their `WHERE` reads, which keeps scans over a million twins cheap.
+fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
+    let mut twin = Map::new();
+    let mut put = |key: &str, value: &dyn Fn() -> Value| {
+        if only.is_none_or(|keys| keys.contains(&key)) {
+            twin.insert(key.to_string(), value());
+        }
+    };
+    put("deviceId", &|| Value::from(d.id.as_str()));
+    put("modelId", &|| Value::from(""));
+    put("etag", &|| Value::from(d.twin.etag_str()));
+    put("deviceEtag", &|| Value::from(d.etag_str()));
+    put("status", &|| Value::from(d.status.as_str()));
+    put("statusReason", &|| json!(d.status_reason));
+    put("statusUpdateTime", &|| Value::from(time_or_never(d.status_updated)));
+    put("connectionState", &|| Value::from(if d.connected { "Connected" } else { "Disconnected" }));
+    put("lastActivityTime", &|| Value::from(time_or_never(d.last_activity)));
+    put("cloudToDeviceMessageCount", &|| Value::from(c2d_count));
+    put("authenticationType", &|| Value::from(d.auth_type.as_str()));
+    put("x509Thumbprint", &|| json!({ "primaryThumbprint": null, "secondaryThumbprint": null }));
+    put("capabilities", &|| json!({ "iotEdge": d.iot_edge }));
+    put("version", &|| Value::from(d.twin.version));
+    put("tags", &|| Value::Object(d.twin.tags.clone()));
+    put("properties", &|| d.twin.properties_json());
+    Value::Object(twin)
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -428,16 +439,19 @@ impl Hub {
         let start = after.map_or(Unbounded, |k| Excluded(k.to_string()));
         let mut taken = 0;
         let mut last = None;
+        let filter_roots = query.filter_roots();
+        let select_roots = query.select_roots();
         for (id, d) in shard.devices.range_mut((start, Unbounded)) {
             if taken == budget {
                 return (taken, last, false);
             }
             let n = self.pending_c2d(d, now, fb);
-            let twin = twin_json(d, n);
             last = Some(id.clone());
-            if query.matches(&twin) {
+            if query.matches(&twin_parts(d, n, Some(&filter_roots))) {
                 taken += 1;
-                sink(query.project(&twin));
+                if !query.is_count() {
+                    sink(query.project(&twin_parts(d, n, select_roots.as_deref())));
+                }
             }
         }
         (taken, last, true)

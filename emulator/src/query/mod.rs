@@ -153,6 +153,37 @@ pub enum Expr {
     Value(Operand),
 }
 
+fn push_root<'a>(path: &'a Path, roots: &mut Vec<&'a str>) {
+    if let Some(first) = path.segments().first()
+        && !roots.contains(&first.as_str())
+    {
+        roots.push(first);
+    }
+}
+
+impl Expr {
+    fn collect_roots<'a>(&'a self, roots: &mut Vec<&'a str>) {
+        let operand = |o: &'a Operand, roots: &mut Vec<&'a str>| {
+            if let Operand::Path(p) = o {
+                push_root(p, roots);
+            }
+        };
+        match self {
+            Expr::Or(a, b) | Expr::And(a, b) => {
+                a.collect_roots(roots);
+                b.collect_roots(roots);
+            }
+            Expr::Not(e) => e.collect_roots(roots),
+            Expr::Compare { left, right, .. } => {
+                operand(left, roots);
+                operand(right, roots);
+            }
+            Expr::In { operand: o, .. } | Expr::Value(o) => operand(o, roots),
+            Expr::IsDefined(p) => push_root(p, roots),
+        }
+    }
+}
+
 /// Why a query was refused. Every message is meant to be shown to the caller as is
 /// (HTTP 400 body), so it says where the problem is and what would be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +242,32 @@ impl Query {
         }
     }
 
+    /// The top-level twin properties the `WHERE` condition reads (`tags`, `deviceId`, …), so a
+    /// caller can build only those parts of each twin before filtering. Empty without `WHERE`.
+    pub fn filter_roots(&self) -> Vec<&str> {
+        let mut roots = Vec::new();
+        if let Some(expr) = &self.filter {
+            expr.collect_roots(&mut roots);
+        }
+        roots
+    }
+
+    /// The top-level twin properties a matching twin's result item needs: `None` for the whole
+    /// twin (`SELECT *`), none at all for `COUNT()`.
+    pub fn select_roots(&self) -> Option<Vec<&str>> {
+        match &self.select {
+            Select::All => None,
+            Select::Count { .. } => Some(Vec::new()),
+            Select::Fields(fields) => {
+                let mut roots = Vec::new();
+                for f in fields {
+                    push_root(&f.path, &mut roots);
+                }
+                Some(roots)
+            }
+        }
+    }
+
     /// Whether the query aggregates (`COUNT()`) instead of returning one item per twin.
     pub fn is_count(&self) -> bool {
         matches!(self.select, Select::Count { .. })
@@ -256,6 +313,15 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use serde_json::json;
+
+    #[test]
+    fn roots_name_the_top_level_properties_read() {
+        let q = Query::parse("SELECT deviceId, properties.reported.v FROM devices WHERE tags.a = 1 AND (NOT status = 'x' OR IS_DEFINED(tags.b))").unwrap();
+        assert_eq!(q.filter_roots(), vec!["tags", "status"]);
+        assert_eq!(q.select_roots(), Some(vec!["deviceId", "properties"]));
+        assert_eq!(Query::parse("SELECT * FROM devices").unwrap().select_roots(), None);
+        assert!(Query::parse("SELECT COUNT() FROM devices").unwrap().filter_roots().is_empty());
+    }
 
     /// Three twins shaped like reference §2.8.
     fn twins() -> Vec<Value> {
