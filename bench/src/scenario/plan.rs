@@ -1,0 +1,707 @@
+//! Stage two of scenario parsing: turns the raw file ([`super::raw`]) into a validated
+//! [`ScenarioPlan`] the runner can execute without further checks. Every error names the file, the
+//! key (`event[2].share`) and what is allowed.
+
+use std::time::Duration;
+
+use super::raw::{
+    RawDistribution, RawDuration, RawEvent, RawExpect, RawFleet, RawHub, RawPackage, RawRollout, RawScenario,
+};
+
+/// A scenario error: where and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ScenarioError {
+    /// The scenario file.
+    pub file: String,
+    /// The key path (`fleet.devices`, `event[2].share`), or `(file)` for the whole file.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// Which hub the scenario drives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HubPlan {
+    /// Started in the runner's process.
+    Embedded {
+        /// Feedback batch interval.
+        feedback_interval: Duration,
+        /// Default C2D time to live.
+        c2d_default_ttl: Duration,
+    },
+    /// Already running elsewhere.
+    External {
+        /// The `iothubowner` connection string.
+        connection_string: String,
+        /// The CA to trust.
+        ca_file: String,
+        /// The plain HTTP base URL.
+        http_url: String,
+    },
+}
+
+/// A device id pattern: `prefix` + zero-padded index + `suffix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdPattern {
+    prefix: String,
+    suffix: String,
+    width: usize,
+}
+
+impl IdPattern {
+    /// The id of device `index`.
+    pub fn id(&self, index: u64) -> String {
+        format!("{}{:0width$}{}", self.prefix, index, self.suffix, width = self.width)
+    }
+}
+
+/// A group of devices (tagged `tags.group` in the twin).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// Name.
+    pub name: String,
+    /// Share of the fleet.
+    pub share: f64,
+}
+
+/// The simulated devices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetPlan {
+    /// How many.
+    pub devices: u64,
+    /// Their ids.
+    pub ids: IdPattern,
+    /// Processes the fleet is split over.
+    pub shards: u32,
+    /// Time over which devices connect.
+    pub connect_ramp: Duration,
+    /// The version every device starts on.
+    pub initial_version: String,
+    /// Groups, in file order; devices are assigned to groups in index order.
+    pub groups: Vec<Group>,
+}
+
+/// A package the scenario can release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackagePlan {
+    /// Version.
+    pub version: String,
+    /// Payload bytes.
+    pub size: u64,
+    /// Whether the announced sha256 is wrong on purpose.
+    pub corrupt: bool,
+}
+
+/// Which devices an event is aimed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every device.
+    All,
+    /// A group by name.
+    Group(String),
+    /// Devices whose twin matches a query `WHERE` clause.
+    Where(String),
+}
+
+/// A duration, fixed or drawn per device from a distribution with the scenario's seed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DurationDist {
+    /// Always the same.
+    Fixed(Duration),
+    /// Uniform between two bounds.
+    Uniform {
+        /// Lower bound.
+        min: Duration,
+        /// Upper bound.
+        max: Duration,
+    },
+    /// Exponential with a mean.
+    Exponential {
+        /// The mean.
+        mean: Duration,
+    },
+}
+
+/// What an event does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Release a package to the targeted devices (an update notice by C2D, ack `full`).
+    Release {
+        /// Package version.
+        version: String,
+        /// Message time to live (the hub default when absent).
+        ttl: Option<Duration>,
+        /// Who gets the notice.
+        target: Target,
+    },
+    /// Switch a share of the targeted devices off (power cut), each for a drawn duration.
+    Offline {
+        /// Who may go offline.
+        target: Target,
+        /// Share of them.
+        share: f64,
+        /// How long each stays off.
+        duration: DurationDist,
+    },
+    /// Drop TCP connections without an MQTT DISCONNECT, `count` times `interval` apart.
+    LinkFlap {
+        /// Who.
+        target: Target,
+        /// Share of them.
+        share: f64,
+        /// How many flaps.
+        count: u32,
+        /// Time between flaps.
+        interval: Duration,
+    },
+    /// Switch FTP fault knobs on.
+    FtpFault {
+        /// Bytes per second.
+        rate_limit: Option<u64>,
+        /// Drop data connections after this many bytes.
+        drop_after: Option<u64>,
+        /// Share of logins refused.
+        refuse_logins: Option<f64>,
+        /// How long (until the end when absent).
+        lasting: Option<Duration>,
+    },
+    /// Send plain C2D messages (for example past the queue limit).
+    Send {
+        /// Who.
+        target: Target,
+        /// Messages per device.
+        count: u32,
+        /// Body text.
+        body: String,
+        /// Time to live.
+        ttl: Option<Duration>,
+    },
+}
+
+/// One timeline entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// From the start of the run.
+    pub at: Duration,
+    /// What happens.
+    pub action: Action,
+}
+
+/// A phased rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutPlan {
+    /// The version rolled out.
+    pub version: String,
+    /// When the first phase starts.
+    pub at: Duration,
+    /// Share of a phase that must install before the next starts.
+    pub success_share: f64,
+    /// Longest wait per phase.
+    pub phase_timeout: Duration,
+    /// `(name, WHERE clause)` in order.
+    pub phases: Vec<(String, String)>,
+}
+
+/// Latency bounds (end to end: release sent → installed version reported).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyBounds {
+    /// Median.
+    pub p50: Option<Duration>,
+    /// 90th percentile.
+    pub p90: Option<Duration>,
+    /// 99th percentile.
+    pub p99: Option<Duration>,
+    /// Maximum.
+    pub max: Option<Duration>,
+}
+
+/// Feedback tallies that must hold exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedbackTallies {
+    /// `Success`.
+    pub success: Option<u64>,
+    /// `Expired`.
+    pub expired: Option<u64>,
+    /// `Rejected`.
+    pub rejected: Option<u64>,
+    /// `DeliveryCountExceeded`.
+    pub delivery_count_exceeded: Option<u64>,
+    /// `Purged`.
+    pub purged: Option<u64>,
+}
+
+/// What must hold at the end of the run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Expectations {
+    /// Every targeted device installed within this time of its release.
+    pub all_installed_within: Option<Duration>,
+    /// The version every device ends on.
+    pub final_version: Option<String>,
+    /// No device installs a version twice.
+    pub no_duplicate_installs: bool,
+    /// Expired messages.
+    pub expired: Option<u64>,
+    /// Devices ending `failed` / `rolled-back`.
+    pub failed: Option<u64>,
+    /// Latency bounds.
+    pub latency: LatencyBounds,
+    /// Feedback tallies.
+    pub feedback: FeedbackTallies,
+    /// Sends refused because a queue was full.
+    pub queue_full_rejections: Option<u64>,
+}
+
+/// A validated scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScenarioPlan {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Seed for every random choice.
+    pub seed: u64,
+    /// Hard stop.
+    pub time_limit: Duration,
+    /// The hub.
+    pub hub: HubPlan,
+    /// The fleet.
+    pub fleet: FleetPlan,
+    /// Packages.
+    pub packages: Vec<PackagePlan>,
+    /// Timeline, sorted by time (file order among equal times).
+    pub events: Vec<Event>,
+    /// Phased rollout.
+    pub rollout: Option<RolloutPlan>,
+    /// Expectations.
+    pub expect: Expectations,
+}
+
+/// Defaults for keys a file may leave out.
+const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
+const DEFAULT_ID_PATTERN: &str = "device-{n}";
+const DEFAULT_INITIAL_VERSION: &str = "1.0.0";
+const DEFAULT_PACKAGE_SIZE: u64 = 64 * 1024;
+const MAX_DEVICES: u64 = 1_000_000;
+const ACTIONS: &str = "release, offline, link-flap, ftp-fault, send";
+
+/// Validation context: the file name for error messages.
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ScenarioError {
+        ScenarioError { file: self.file.to_string(), key: key.into(), message: message.into() }
+    }
+
+    fn duration(&self, key: &str, text: &str) -> Result<Duration, ScenarioError> {
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            self.err(
+                key,
+                format!(
+                    "'{text}' is not a duration ({e}); write it like \"500ms\", \"30s\", \"5m\" or \"1h\""
+                ),
+            )
+        })
+    }
+
+    fn opt_duration(&self, key: &str, text: &Option<String>) -> Result<Option<Duration>, ScenarioError> {
+        text.as_deref().map(|t| self.duration(key, t)).transpose()
+    }
+
+    fn size(&self, key: &str, text: &str) -> Result<u64, ScenarioError> {
+        parse_size(text).ok_or_else(|| {
+            self.err(
+                key,
+                format!("'{text}' is not a size; write bytes (\"1000\") or \"64KiB\", \"1MiB\", \"2GiB\""),
+            )
+        })
+    }
+
+    fn share(&self, key: &str, value: f64) -> Result<f64, ScenarioError> {
+        if value > 0.0 && value <= 1.0 {
+            Ok(value)
+        } else {
+            Err(self.err(key, format!("{value} is not a share; use a number greater than 0 and at most 1")))
+        }
+    }
+}
+
+/// Parses `"64KiB"`, `"1MiB"`, `"2GiB"`, `"10kB"` or plain bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1_000_000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1_000_000_000,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Validates `raw` (read from `file`, whose stem names the scenario by default).
+pub fn plan(file: &str, raw: RawScenario) -> Result<ScenarioPlan, ScenarioError> {
+    let cx = Ctx { file };
+    let stem = std::path::Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
+    let fleet = fleet(&cx, raw.fleet)?;
+    let packages = packages(&cx, raw.packages)?;
+    let known = |v: &str| v == fleet.initial_version || packages.iter().any(|p| p.version == v);
+    let mut events = Vec::with_capacity(raw.events.len());
+    for (i, e) in raw.events.into_iter().enumerate() {
+        events.push(event(&cx, i, e, &fleet, &packages)?);
+    }
+    events.sort_by_key(|e| e.at);
+    let rollout = raw.rollout.map(|r| rollout(&cx, r, &packages)).transpose()?;
+    let expect = expect(&cx, raw.expect)?;
+    if let Some(v) = &expect.final_version
+        && !known(v)
+    {
+        return Err(cx.err(
+            "expect.final_version",
+            format!("'{v}' is neither fleet.initial_version nor a [[package]] version"),
+        ));
+    }
+    Ok(ScenarioPlan {
+        name: raw.name.unwrap_or_else(|| stem.to_string()),
+        description: raw.description.unwrap_or_default(),
+        seed: raw.seed.unwrap_or(1),
+        time_limit: cx.opt_duration("time_limit", &raw.time_limit)?.unwrap_or(DEFAULT_TIME_LIMIT),
+        hub: hub(&cx, raw.hub)?,
+        fleet,
+        packages,
+        events,
+        rollout,
+        expect,
+    })
+}
+
+fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
+    match raw.mode.as_deref().unwrap_or("embedded") {
+        "embedded" => {
+            for (key, v) in [
+                ("hub.connection_string", &raw.connection_string),
+                ("hub.ca_file", &raw.ca_file),
+                ("hub.http_url", &raw.http_url),
+            ] {
+                if v.is_some() {
+                    return Err(cx.err(
+                        key,
+                        "only an external hub takes this key; set hub.mode = \"external\" or remove it",
+                    ));
+                }
+            }
+            Ok(HubPlan::Embedded {
+                feedback_interval: cx
+                    .opt_duration("hub.feedback_interval", &raw.feedback_interval)?
+                    .unwrap_or(Duration::from_secs(15)),
+                c2d_default_ttl: cx
+                    .opt_duration("hub.c2d_default_ttl", &raw.c2d_default_ttl)?
+                    .unwrap_or(Duration::from_secs(3600)),
+            })
+        }
+        "external" => {
+            let need =
+                |key: &str, v: Option<String>| v.ok_or_else(|| cx.err(key, "an external hub needs this key"));
+            Ok(HubPlan::External {
+                connection_string: need("hub.connection_string", raw.connection_string)?,
+                ca_file: need("hub.ca_file", raw.ca_file)?,
+                http_url: need("hub.http_url", raw.http_url)?,
+            })
+        }
+        other => {
+            Err(cx.err("hub.mode", format!("'{other}' is not a hub mode; use \"embedded\" or \"external\"")))
+        }
+    }
+}
+
+fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
+    if raw.devices == 0 || raw.devices > MAX_DEVICES {
+        return Err(cx.err("fleet.devices", format!("{} devices; use 1 to {MAX_DEVICES}", raw.devices)));
+    }
+    let pattern = raw.id_pattern.unwrap_or_else(|| DEFAULT_ID_PATTERN.to_string());
+    let Some((prefix, suffix)) = pattern.split_once("{n}").filter(|(_, s)| !s.contains("{n}")) else {
+        return Err(cx.err(
+            "fleet.id_pattern",
+            format!("'{pattern}' must contain exactly one {{n}}, as in \"fridge-{{n}}\""),
+        ));
+    };
+    let ids = IdPattern {
+        prefix: prefix.into(),
+        suffix: suffix.into(),
+        width: (raw.devices - 1).to_string().len(),
+    };
+    for sample in [ids.id(0), ids.id(raw.devices - 1)] {
+        iothub_emulator::hub::validate_device_id(&sample).map_err(|e| {
+            cx.err(
+                "fleet.id_pattern",
+                format!("it makes ids like '{sample}', which IoT Hub refuses: {}", e.message),
+            )
+        })?;
+    }
+    let shards = raw.shards.unwrap_or(1);
+    if shards == 0 || u64::from(shards) > raw.devices {
+        return Err(cx.err("fleet.shards", format!("{shards} shards; use 1 to the number of devices")));
+    }
+    let mut groups = Vec::new();
+    let mut total = 0.0;
+    for (i, g) in raw.groups.into_iter().enumerate() {
+        let share = cx.share(&format!("fleet.group[{i}].share"), g.share)?;
+        if groups.iter().any(|x: &Group| x.name == g.name) {
+            return Err(
+                cx.err(format!("fleet.group[{i}].name"), format!("group '{}' is defined twice", g.name))
+            );
+        }
+        total += share;
+        groups.push(Group { name: g.name, share });
+    }
+    if total > 1.0 + 1e-9 {
+        return Err(
+            cx.err("fleet.group", format!("group shares add up to {total}; they may add up to at most 1"))
+        );
+    }
+    Ok(FleetPlan {
+        devices: raw.devices,
+        ids,
+        shards,
+        connect_ramp: cx.opt_duration("fleet.connect_ramp", &raw.connect_ramp)?.unwrap_or_default(),
+        initial_version: raw.initial_version.unwrap_or_else(|| DEFAULT_INITIAL_VERSION.to_string()),
+        groups,
+    })
+}
+
+fn packages(cx: &Ctx<'_>, raw: Vec<RawPackage>) -> Result<Vec<PackagePlan>, ScenarioError> {
+    let mut out: Vec<PackagePlan> = Vec::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        if out.iter().any(|x| x.version == p.version) {
+            return Err(
+                cx.err(format!("package[{i}].version"), format!("version '{}' is defined twice", p.version))
+            );
+        }
+        let size = match &p.size {
+            Some(s) => cx.size(&format!("package[{i}].size"), s)?,
+            None => DEFAULT_PACKAGE_SIZE,
+        };
+        out.push(PackagePlan { version: p.version, size, corrupt: p.corrupt });
+    }
+    Ok(out)
+}
+
+fn target(cx: &Ctx<'_>, key: &str, raw: &Option<String>, fleet: &FleetPlan) -> Result<Target, ScenarioError> {
+    match raw.as_deref().map(str::trim) {
+        None | Some("all") => Ok(Target::All),
+        Some(t) if fleet.groups.iter().any(|g| g.name == t) => Ok(Target::Group(t.to_string())),
+        Some(t) if t.contains(['=', '<', '>']) || t.to_ascii_uppercase().contains("IS_DEFINED") => {
+            let query = format!("SELECT * FROM devices WHERE {t}");
+            iothub_emulator::query::Query::parse(&query)
+                .map_err(|e| cx.err(key, format!("'{t}' is not a valid WHERE clause: {e}")))?;
+            Ok(Target::Where(t.to_string()))
+        }
+        Some(t) => {
+            let groups: Vec<&str> = fleet.groups.iter().map(|g| g.name.as_str()).collect();
+            Err(cx
+                .err(key, format!("'{t}' is not \"all\", a group ({}) or a WHERE clause", groups.join(", "))))
+        }
+    }
+}
+
+/// Keys each action takes; any other key set on the event is an error.
+fn allowed_keys(action: &str) -> &'static [&'static str] {
+    match action {
+        "release" => &["version", "ttl", "target"],
+        "offline" => &["target", "share", "duration"],
+        "link-flap" => &["target", "share", "count", "interval"],
+        "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "lasting"],
+        "send" => &["target", "count", "body", "ttl"],
+        _ => &[],
+    }
+}
+
+fn set_keys(e: &RawEvent) -> Vec<&'static str> {
+    let present = [
+        ("version", e.version.is_some()),
+        ("ttl", e.ttl.is_some()),
+        ("target", e.target.is_some()),
+        ("share", e.share.is_some()),
+        ("duration", e.duration.is_some()),
+        ("count", e.count.is_some()),
+        ("interval", e.interval.is_some()),
+        ("rate_limit", e.rate_limit.is_some()),
+        ("drop_after", e.drop_after.is_some()),
+        ("refuse_logins", e.refuse_logins.is_some()),
+        ("lasting", e.lasting.is_some()),
+        ("body", e.body.is_some()),
+    ];
+    present.into_iter().filter(|(_, set)| *set).map(|(k, _)| k).collect()
+}
+
+fn event(
+    cx: &Ctx<'_>,
+    i: usize,
+    e: RawEvent,
+    fleet: &FleetPlan,
+    packages: &[PackagePlan],
+) -> Result<Event, ScenarioError> {
+    let key = |k: &str| format!("event[{i}].{k}");
+    let at = cx.duration(&key("at"), &e.at)?;
+    let allowed = allowed_keys(&e.action);
+    if allowed.is_empty() {
+        return Err(cx.err(key("action"), format!("'{}' is not an action; use one of {ACTIONS}", e.action)));
+    }
+    if let Some(extra) = set_keys(&e).into_iter().find(|k| !allowed.contains(k)) {
+        return Err(cx.err(
+            key(extra),
+            format!("action '{}' does not take {extra}; it takes {}", e.action, allowed.join(", ")),
+        ));
+    }
+    let need = |k: &str, present: bool| {
+        if present { Ok(()) } else { Err(cx.err(key(k), format!("action '{}' needs {k}", e.action))) }
+    };
+    let tgt = target(cx, &key("target"), &e.target, fleet)?;
+    let action = match e.action.as_str() {
+        "release" => {
+            need("version", e.version.is_some())?;
+            let version = e.version.unwrap_or_default();
+            if !packages.iter().any(|p| p.version == version) {
+                let known: Vec<&str> = packages.iter().map(|p| p.version.as_str()).collect();
+                return Err(cx.err(
+                    key("version"),
+                    format!("no [[package]] has version '{version}' (known: {})", known.join(", ")),
+                ));
+            }
+            Action::Release { version, ttl: cx.opt_duration(&key("ttl"), &e.ttl)?, target: tgt }
+        }
+        "offline" => {
+            need("share", e.share.is_some())?;
+            need("duration", e.duration.is_some())?;
+            let duration = match e.duration {
+                Some(d) => duration_dist(cx, &key("duration"), d)?,
+                None => DurationDist::Fixed(Duration::ZERO),
+            };
+            Action::Offline { target: tgt, share: cx.share(&key("share"), e.share.unwrap_or(0.0))?, duration }
+        }
+        "link-flap" => Action::LinkFlap {
+            target: tgt,
+            share: cx.share(&key("share"), e.share.unwrap_or(1.0))?,
+            count: e.count.unwrap_or(1).max(1),
+            interval: cx.opt_duration(&key("interval"), &e.interval)?.unwrap_or(Duration::from_secs(1)),
+        },
+        "ftp-fault" => {
+            let refuse = e.refuse_logins.map(|r| cx.share(&key("refuse_logins"), r)).transpose()?;
+            let fault = Action::FtpFault {
+                rate_limit: e.rate_limit.as_deref().map(|s| cx.size(&key("rate_limit"), s)).transpose()?,
+                drop_after: e.drop_after.as_deref().map(|s| cx.size(&key("drop_after"), s)).transpose()?,
+                refuse_logins: refuse,
+                lasting: cx.opt_duration(&key("lasting"), &e.lasting)?,
+            };
+            if let Action::FtpFault { rate_limit: None, drop_after: None, refuse_logins: None, .. } = fault {
+                return Err(cx.err(
+                    key("action"),
+                    "an ftp-fault needs at least one of rate_limit, drop_after, refuse_logins",
+                ));
+            }
+            fault
+        }
+        _ => Action::Send {
+            target: tgt,
+            count: e.count.unwrap_or(1).max(1),
+            body: e.body.unwrap_or_else(|| "update available".to_string()),
+            ttl: cx.opt_duration(&key("ttl"), &e.ttl)?,
+        },
+    };
+    Ok(Event { at, action })
+}
+
+fn duration_dist(cx: &Ctx<'_>, key: &str, raw: RawDuration) -> Result<DurationDist, ScenarioError> {
+    match raw {
+        RawDuration::Fixed(s) => Ok(DurationDist::Fixed(cx.duration(key, &s)?)),
+        RawDuration::Drawn(RawDistribution { distribution, min, max, mean }) => match distribution.as_str() {
+            "uniform" => {
+                let (Some(lo), Some(hi), None) = (min, max, &mean) else {
+                    return Err(cx.err(key, "a uniform distribution takes min and max (and no mean)"));
+                };
+                let (lo, hi) =
+                    (cx.duration(&format!("{key}.min"), &lo)?, cx.duration(&format!("{key}.max"), &hi)?);
+                if lo > hi {
+                    return Err(cx.err(key, "min is greater than max"));
+                }
+                Ok(DurationDist::Uniform { min: lo, max: hi })
+            }
+            "exponential" => match (mean, min, max) {
+                (Some(m), None, None) => {
+                    Ok(DurationDist::Exponential { mean: cx.duration(&format!("{key}.mean"), &m)? })
+                }
+                _ => Err(cx.err(key, "an exponential distribution takes mean only")),
+            },
+            other => Err(cx.err(
+                format!("{key}.distribution"),
+                format!("'{other}' is not a distribution; use \"uniform\" or \"exponential\""),
+            )),
+        },
+    }
+}
+
+fn rollout(cx: &Ctx<'_>, raw: RawRollout, packages: &[PackagePlan]) -> Result<RolloutPlan, ScenarioError> {
+    if !packages.iter().any(|p| p.version == raw.version) {
+        return Err(cx.err("rollout.version", format!("no [[package]] has version '{}'", raw.version)));
+    }
+    if raw.phases.is_empty() {
+        return Err(cx.err("rollout.phase", "a rollout needs at least one [[rollout.phase]]"));
+    }
+    let mut phases = Vec::new();
+    for (i, p) in raw.phases.into_iter().enumerate() {
+        iothub_emulator::query::Query::parse(&format!("SELECT * FROM devices WHERE {}", p.condition))
+            .map_err(|e| {
+                cx.err(format!("rollout.phase[{i}].where"), format!("not a valid WHERE clause: {e}"))
+            })?;
+        phases.push((p.name, p.condition));
+    }
+    Ok(RolloutPlan {
+        version: raw.version,
+        at: cx.opt_duration("rollout.at", &raw.at)?.unwrap_or_default(),
+        success_share: cx.share("rollout.success_share", raw.success_share.unwrap_or(0.95))?,
+        phase_timeout: cx
+            .opt_duration("rollout.phase_timeout", &raw.phase_timeout)?
+            .unwrap_or(Duration::from_secs(300)),
+        phases,
+    })
+}
+
+fn expect(cx: &Ctx<'_>, raw: RawExpect) -> Result<Expectations, ScenarioError> {
+    let latency = match raw.latency {
+        None => LatencyBounds::default(),
+        Some(l) => LatencyBounds {
+            p50: cx.opt_duration("expect.latency.p50", &l.p50)?,
+            p90: cx.opt_duration("expect.latency.p90", &l.p90)?,
+            p99: cx.opt_duration("expect.latency.p99", &l.p99)?,
+            max: cx.opt_duration("expect.latency.max", &l.max)?,
+        },
+    };
+    let feedback = raw
+        .feedback
+        .map(|f| FeedbackTallies {
+            success: f.success,
+            expired: f.expired,
+            rejected: f.rejected,
+            delivery_count_exceeded: f.delivery_count_exceeded,
+            purged: f.purged,
+        })
+        .unwrap_or_default();
+    Ok(Expectations {
+        all_installed_within: cx.opt_duration("expect.all_installed_within", &raw.all_installed_within)?,
+        final_version: raw.final_version,
+        no_duplicate_installs: raw.no_duplicate_installs.unwrap_or(false),
+        expired: raw.expired,
+        failed: raw.failed,
+        latency,
+        feedback,
+        queue_full_rejections: raw.queue_full_rejections,
+    })
+}
