@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn oversized_and_malformed_frames_are_errors() {
-        let mut big = vec![0, 1, 0, 0, 2, 0, 0, 0];
+        let mut big = vec![0, 2, 0, 0, 2, 0, 0, 0];
         assert!(matches!(parse_frame(&mut big, 65536), Err(FrameError::Size { .. })));
         let mut doff = vec![0, 0, 0, 8, 1, 0, 0, 0];
         assert_eq!(parse_frame(&mut doff, 65536), Err(FrameError::Doff(1)));

@@ -11,6 +11,8 @@
 //! (uamqp, empty initial response), `ANONYMOUS` and `PLAIN`, and a bare AMQP header (rhea).
 
 pub mod connection;
+#[cfg(test)]
+mod connection_tests;
 pub mod frame;
 pub mod message;
 pub mod server;

@@ -479,7 +479,7 @@ mod tests {
     #[test]
     fn decodes_the_short_compound_forms() {
         // list8 with two elements: smalluint 5 and str8 "ab".
-        let mut b: &[u8] = &[0xc0, 0x06, 0x02, 0x52, 0x05, 0xa1, 0x02, b'a', b'b'];
+        let mut b: &[u8] = &[0xc0, 0x07, 0x02, 0x52, 0x05, 0xa1, 0x02, b'a', b'b'];
         assert_eq!(Value::decode(&mut b).unwrap(), Value::List(vec![Value::Uint(5), Value::str("ab")]));
         // map8 with one pair.
         let mut b: &[u8] = &[0xc1, 0x05, 0x02, 0xa3, 0x01, b'k', 0x41];
