@@ -173,6 +173,17 @@ impl Peer {
         assert_eq!(cbs_status(&out), 200);
     }
 
+    /// An authorized connection with a C2D sender link, and device `device` registered.
+    fn sender(device: &str) -> Self {
+        let mut p = Self::new();
+        p.create_device(device);
+        p.open();
+        p.cbs_links();
+        p.authorize();
+        p.attach(C2D, true, "/messages/devicebound");
+        p
+    }
+
     fn create_device(&self, id: &str) {
         self.hub.put_device(id, DeviceInput::default(), None).unwrap();
     }
@@ -372,12 +383,7 @@ fn a_forged_token_gets_401_and_later_sends_are_refused() {
 
 #[test]
 fn sends_are_queued_with_every_property_then_accepted() {
-    let mut p = Peer::new();
-    p.create_device("dev%1");
-    p.open();
-    p.cbs_links();
-    p.authorize();
-    p.attach(C2D, true, "/messages/devicebound");
+    let mut p = Peer::sender("dev%1");
     let mut m = c2d("dev%251", "m1");
     m.properties.correlation_id = Some(Value::Ulong(5));
     m.properties.content_type = Some("application/json".into());
@@ -396,12 +402,7 @@ fn sends_are_queued_with_every_property_then_accepted() {
 
 #[test]
 fn hub_errors_become_iot_hub_conditions_and_the_link_keeps_working() {
-    let mut p = Peer::new();
-    p.create_device("full");
-    p.open();
-    p.cbs_links();
-    p.authorize();
-    p.attach(C2D, true, "/messages/devicebound");
+    let mut p = Peer::sender("full");
     assert_eq!(outcome(&p.transfer(C2D, &c2d("missing", "x"))), Err("amqp:not-found".into()));
     for i in 0..50 {
         assert_eq!(outcome(&p.transfer(C2D, &c2d("full", &format!("m{i}")))), Ok(()), "message {i}");
@@ -451,12 +452,7 @@ fn an_expired_token_stops_sends_until_a_new_one_is_put() {
 
 #[test]
 fn a_delivery_split_over_several_frames_is_reassembled() {
-    let mut p = Peer::new();
-    p.create_device("d");
-    p.open();
-    p.cbs_links();
-    p.authorize();
-    p.attach(C2D, true, "/messages/devicebound");
+    let mut p = Peer::sender("d");
     let mut m = c2d("d", "split");
     m.body = Body::Data(vec![7; 3000]);
     let bytes = m.encode();
@@ -482,12 +478,7 @@ fn a_delivery_split_over_several_frames_is_reassembled() {
 
 #[test]
 fn feedback_flows_to_a_credited_link_and_is_completed_on_accept() {
-    let mut p = Peer::new();
-    p.create_device("d");
-    p.open();
-    p.cbs_links();
-    p.authorize();
-    p.attach(C2D, true, "/messages/devicebound");
+    let mut p = Peer::sender("d");
     p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
     assert!(p.conn.wants_feedback());
     assert_eq!(outcome(&p.transfer(C2D, &c2d("d", "fb-1"))), Ok(()));
@@ -515,12 +506,7 @@ fn feedback_flows_to_a_credited_link_and_is_completed_on_accept() {
 
 #[test]
 fn unsettled_feedback_is_returned_to_the_hub_when_the_connection_drops() {
-    let mut p = Peer::new();
-    p.create_device("d");
-    p.open();
-    p.cbs_links();
-    p.authorize();
-    p.attach(C2D, true, "/messages/devicebound");
+    let mut p = Peer::sender("d");
     p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
     p.transfer(C2D, &c2d("d", "fb-2"));
     let d = p.hub.receive_c2d("d", 60_000).unwrap().unwrap();

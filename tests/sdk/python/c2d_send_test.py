@@ -10,64 +10,22 @@ hub's CA and REQUESTS_CA_BUNDLE makes requests trust it. Prints one line per che
 """
 
 import base64
-import faulthandler
 import hashlib
 import hmac
-import os
 import sys
-import threading
 import time
-import traceback
 import urllib.parse
 import uuid
 
 import requests
 from azure.iot.hub import IoTHubRegistryManager
 
+from common import CheckFailed, check, check_equal, env, main
+
 SCRIPT = "c2d_send_test"
 WATCHDOG_S = 90
 REQUEST_TIMEOUT_S = 15
 DEVICE_API_VERSION = "2020-09-30"
-
-_checks_passed = 0
-
-
-class CheckFailed(Exception):
-    """A check did not hold; the message says which and why."""
-
-
-def check(what, ok, detail=None):
-    """Records one passed check (one output line) or raises CheckFailed."""
-    global _checks_passed
-    if not ok:
-        raise CheckFailed(what if detail is None else f"{what}: {detail}")
-    _checks_passed += 1
-    print(f"ok - {what}", flush=True)
-
-
-def check_equal(what, actual, expected):
-    check(what, actual == expected, f"expected {expected!r}, got {actual!r}")
-
-
-def env(name):
-    value = os.environ.get(name)
-    if not value:
-        raise CheckFailed(f"environment variable {name} is required (set by the Rust SDK test harness)")
-    return value
-
-
-def start_watchdog():
-    """Bounds the whole run: prints a failure and every thread's stack, then exits 1."""
-
-    def expire():
-        print(f"FAIL - watchdog: script exceeded {WATCHDOG_S} s overall", flush=True)
-        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-    timer = threading.Timer(WATCHDOG_S, expire)
-    timer.daemon = True
-    timer.start()
 
 
 def device_sas(host, device_id, key, ttl_s=3600):
@@ -145,20 +103,5 @@ def run():
     rm.delete_device(device_id)
 
 
-def main():
-    start_watchdog()
-    try:
-        run()
-    except CheckFailed as err:
-        print(f"FAIL - {err}", flush=True)
-        return 1
-    except Exception as err:  # an SDK call failed where success was expected
-        print(f"FAIL - unexpected {type(err).__name__}: {err}", flush=True)
-        print(traceback.format_exc(), end="", flush=True)
-        return 1
-    print(f"{SCRIPT}: all {_checks_passed} checks passed", flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SCRIPT, run, WATCHDOG_S))
