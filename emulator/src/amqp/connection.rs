@@ -183,10 +183,16 @@ impl Connection {
 
     /// True when a feedback link has credit and the connection is authorized: the driver then
     /// wakes on the hub's notifier and at [`Hub::feedback_next_due`] and calls [`Connection::pump`].
+    /// False while every feedback link is out of credit, session window or unsettled room, so a
+    /// driver never spins on a batch it could not take.
     pub fn wants_feedback(&self) -> bool {
         self.authorized()
             && self.sessions.values().any(|s| {
-                s.links.values().any(|l| l.address == Address::Feedback && l.credit > 0 && !l.peer_sends)
+                s.remote_incoming_window > 0
+                    && s.unsettled.len() < MAX_UNSETTLED_FEEDBACK
+                    && s.links
+                        .values()
+                        .any(|l| l.address == Address::Feedback && l.credit > 0 && !l.peer_sends)
             })
     }
 

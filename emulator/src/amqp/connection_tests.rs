@@ -533,3 +533,43 @@ fn close_is_answered_and_garbage_closes_with_a_decode_error() {
     assert_eq!(p.conn.close_reason().unwrap().condition, "amqp:decode-error");
     assert_eq!(out[0].channel, 0);
 }
+
+#[test]
+fn feedback_waits_for_credit_and_a_released_batch_is_redelivered() {
+    let mut p = Peer::sender("d");
+    p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
+    // The client lowers its credit to one batch.
+    let flow = |credit: u32, count: u32| {
+        list(
+            code::FLOW,
+            vec![
+                Value::Uint(0),
+                Value::Uint(5000),
+                Value::Uint(0),
+                Value::Uint(5000),
+                Value::Uint(FEEDBACK),
+                Value::Uint(count),
+                Value::Uint(credit),
+            ],
+        )
+    };
+    p.send(flow(1, 0));
+    p.transfer(C2D, &c2d("d", "r-1"));
+    p.transfer(C2D, &c2d("d", "r-2"));
+    for _ in 0..2 {
+        let d = p.hub.receive_c2d("d", 60_000).unwrap().unwrap();
+        p.hub.settle_c2d("d", d.lock_token, Settlement::Complete).unwrap();
+        p.clock.advance(p.hub.config().feedback_batch_interval_ms);
+    }
+    p.conn.pump();
+    let sent: Vec<Out> =
+        parse_all(p.conn.take_output()).into_iter().filter(|f| f.code == code::TRANSFER).collect();
+    assert_eq!(sent.len(), 1, "one credit, one batch");
+    assert!(!p.conn.wants_feedback(), "no credit left: the driver must not wake for feedback");
+    // Released: the batch goes back to the hub; with new credit both batches come (again).
+    let id = sent[0].fields.get(1).clone();
+    let released = list(code::RELEASED, vec![]);
+    p.send(list(code::DISPOSITION, vec![Value::Bool(true), id, Value::Null, Value::Bool(true), released]));
+    let out = p.send(flow(5, 1));
+    assert_eq!(out.iter().filter(|f| f.code == code::TRANSFER).count(), 2);
+}
