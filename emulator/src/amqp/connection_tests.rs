@@ -95,18 +95,7 @@ impl Peer {
         ));
         if !peer_sends {
             // Grant credit like every client's receiver does.
-            self.send(list(
-                code::FLOW,
-                vec![
-                    Value::Uint(0),
-                    Value::Uint(5000),
-                    Value::Uint(0),
-                    Value::Uint(5000),
-                    Value::Uint(handle),
-                    Value::Uint(0),
-                    Value::Uint(100),
-                ],
-            ));
+            self.send(link_flow(handle, 0, 100));
         }
         out
     }
@@ -187,6 +176,12 @@ impl Peer {
     fn create_device(&self, id: &str) {
         self.hub.put_device(id, DeviceInput::default(), None).unwrap();
     }
+}
+
+/// The flow a receiving client sends: session windows of 5000, then the link's count and credit.
+fn link_flow(handle: u32, delivery_count: u32, credit: u32) -> Value {
+    let fields = [0, 5000, 0, 5000, handle, delivery_count, credit];
+    list(code::FLOW, fields.into_iter().map(Value::Uint).collect())
 }
 
 fn parse_all(mut bytes: Vec<u8>) -> Vec<Out> {
@@ -539,20 +534,7 @@ fn feedback_waits_for_credit_and_a_released_batch_is_redelivered() {
     let mut p = Peer::sender("d");
     p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
     // The client lowers its credit to one batch.
-    let flow = |credit: u32, count: u32| {
-        list(
-            code::FLOW,
-            vec![
-                Value::Uint(0),
-                Value::Uint(5000),
-                Value::Uint(0),
-                Value::Uint(5000),
-                Value::Uint(FEEDBACK),
-                Value::Uint(count),
-                Value::Uint(credit),
-            ],
-        )
-    };
+    let flow = |credit: u32, count: u32| link_flow(FEEDBACK, count, credit);
     p.send(flow(1, 0));
     p.transfer(C2D, &c2d("d", "r-1"));
     p.transfer(C2D, &c2d("d", "r-2"));
