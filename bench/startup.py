@@ -32,11 +32,17 @@ def wait_http(url, deadline):
 
 def time_emulator(binary, data_dir):
     t0 = time.monotonic()
-    p = subprocess.Popen([binary, "--https-port", "0", "--http-port", "0", "--data-dir", data_dir],
+    p = subprocess.Popen([binary, "--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--mqtt-port", "0",
+                          "--data-dir", data_dir],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        lines = [p.stdout.readline() for _ in range(2)]
-        url = lines[1].strip() + "/health"
+        lines = []
+        while not lines or not lines[-1].startswith("IOTHUB_CONNECTION_STRING="):
+            line = p.stdout.readline()
+            if not line:
+                raise SystemExit(f"emulator exited after printing {lines}")
+            lines.append(line)
+        url = next(l for l in lines if l.startswith("http://")).strip() + "/health"
         if not wait_http(url, t0 + 10):
             raise SystemExit(f"emulator never became healthy: {lines}")
         return (time.monotonic() - t0) * 1000

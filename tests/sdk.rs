@@ -12,3 +12,18 @@ async fn python_service_sdk_registry_and_twins() {
 async fn node_device_http_receive_complete_reject_abandon() {
     run_sdk_script(Sdk::Node, "device_http_test.js").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_service_sdk_send_c2d_over_amqp() {
+    run_sdk_script(Sdk::Python, "c2d_send_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_service_sdk_send_c2d_and_feedback_over_amqp() {
+    run_sdk_script(Sdk::Node, "service_c2d_test.js").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_release_step_lists_sends_and_collects_feedback_for_25_devices() {
+    run_sdk_script(Sdk::Node, "release_test.js").await.unwrap();
+}

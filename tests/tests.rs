@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary, one module per area, a shared harness in `lib.rs`.
 
+mod amqp;
 mod auth;
 mod c2d;
 mod registry;

@@ -1,10 +1,11 @@
 //! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
-//! its protocol front ends ([`http`]), local TLS ([`tls`]) and the server that ties them to bound
+//! its protocol front ends ([`http`], [`amqp`]), local TLS ([`tls`]) and the server that ties them to bound
 //! listeners ([`server`]).
 //!
 //! The binary `iothub-emulator` is a thin wrapper: it parses flags, binds sockets and calls
 //! [`server::serve`].
 
+pub mod amqp;
 pub mod c2d;
 pub mod clock;
 pub mod error;

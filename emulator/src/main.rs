@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
-use iothub_emulator::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, SAS_DEFAULT_SKEW_SECS};
+use iothub_emulator::limits::{
+    DEFAULT_AMQP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, SAS_DEFAULT_SKEW_SECS,
+};
 use iothub_emulator::server::{self, ListenConfig, RunningHub};
 
 /// A local Azure IoT Hub emulator: registry, SAS auth, C2D queues and twins over IoT Hub's own
@@ -35,6 +37,10 @@ struct Args {
     /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     http_port: u16,
+
+    /// AMQP-over-TLS port: the service SDKs' C2D sends and feedback (they dial 5671). 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT", default_value_t = DEFAULT_AMQP_PORT)]
+    amqp_port: u16,
 
     /// The iothubowner primary key (base64). Defaults to the published development key.
     #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true)]
@@ -72,11 +78,17 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         feedback_batch_interval_ms: args.feedback_interval_ms,
         ..HubConfig::default()
     };
-    let listen = ListenConfig { bind: args.bind, https_port: args.https_port, http_port: args.http_port };
+    let listen = ListenConfig {
+        bind: args.bind,
+        https_port: args.https_port,
+        http_port: args.http_port,
+        amqp_port: args.amqp_port,
+    };
     let running = RunningHub::start(config, &listen, &args.data_dir).await?;
     let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
     println!("https://{}:{}", args.hostname, running.https_addr.port());
     println!("http://{}", running.http_addr);
+    println!("amqps://{}:{}", args.hostname, running.amqp_addr.port());
     println!("CA certificate: {}", ca_path.display());
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");

@@ -1,6 +1,6 @@
 //! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
-//! (TLS, IoT Hub's REST API) and the plain HTTP port (the same API plus health, CA download and
-//! telemetry read-out).
+//! (TLS, IoT Hub's REST API), the plain HTTP port (the same API plus health, CA download and
+//! telemetry read-out) and the AMQP port (TLS, the service SDKs' C2D and feedback).
 //!
 //! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
 //! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{self, HttpContext, Port};
 use crate::hub::{Hub, HubConfig};
-use crate::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
+use crate::limits::{DEFAULT_AMQP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
@@ -44,6 +44,8 @@ pub struct ListenConfig {
     pub https_port: u16,
     /// Plain HTTP: health, CA, telemetry read-out and the REST API without TLS.
     pub http_port: u16,
+    /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
+    pub amqp_port: u16,
 }
 
 impl Default for ListenConfig {
@@ -52,6 +54,7 @@ impl Default for ListenConfig {
             bind: IpAddr::from([127, 0, 0, 1]),
             https_port: DEFAULT_HTTPS_PORT,
             http_port: DEFAULT_HTTP_PORT,
+            amqp_port: DEFAULT_AMQP_PORT,
         }
     }
 }
@@ -63,6 +66,8 @@ pub struct Listeners {
     pub https: TcpListener,
     /// Plain HTTP: the same API plus the emulator's endpoints.
     pub http: TcpListener,
+    /// AMQP over TLS: the service endpoint.
+    pub amqp: TcpListener,
 }
 
 impl Listeners {
@@ -71,6 +76,7 @@ impl Listeners {
         Ok(Self {
             https: bind_one(cfg.bind, cfg.https_port, "HTTPS", "--https-port")?,
             http: bind_one(cfg.bind, cfg.http_port, "plain HTTP", "--http-port")?,
+            amqp: bind_one(cfg.bind, cfg.amqp_port, "AMQP", "--amqp-port")?,
         })
     }
 }
@@ -124,6 +130,8 @@ pub struct RunningHub {
     pub https_addr: SocketAddr,
     /// The plain HTTP listener's address.
     pub http_addr: SocketAddr,
+    /// The AMQP listener's address.
+    pub amqp_addr: SocketAddr,
     /// The CA certificate file clients must trust.
     pub ca_path: PathBuf,
     /// The CA certificate in PEM.
@@ -144,6 +152,7 @@ impl RunningHub {
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let amqp_addr = listeners.amqp.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let hub = Hub::new(config);
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -166,6 +175,7 @@ impl RunningHub {
             hub,
             https_addr,
             http_addr,
+            amqp_addr,
             ca_path: certs.ca_path.clone(),
             ca_pem: certs.ca_pem,
             shutdown,
@@ -205,7 +215,8 @@ pub async fn serve(
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
-    let ctx = HttpContext::new(hub, certs.ca_pem.clone());
+    let amqp_tls = TlsAcceptor::from(certs.server_config(&[])?);
+    let ctx = HttpContext::new(hub.clone(), certs.ca_pem.clone());
     let tracker = TaskTracker::new();
     let loops = [
         tokio::spawn(accept_loop(
@@ -221,6 +232,13 @@ pub async fn serve(
             None,
             ctx.clone(),
             Port::Plain,
+            shutdown.clone(),
+            tracker.clone(),
+        )),
+        tokio::spawn(crate::amqp::server::accept_loop(
+            listeners.amqp,
+            amqp_tls,
+            hub,
             shutdown.clone(),
             tracker.clone(),
         )),

@@ -16,7 +16,15 @@ fn temp_dir() -> std::path::PathBuf {
     d
 }
 
-/// Starts the binary and reads its four startup lines (bounded by a deadline).
+/// Flags that move every listener to a free port, so tests never collide on fixed ports.
+const FREE_PORTS: [&str; 6] = ["--https-port", "0", "--http-port", "0", "--amqp-port", "0"];
+
+/// [`FREE_PORTS`] without `flag` and its value (clap refuses a flag given twice).
+fn free_ports_except(flag: &str) -> Vec<&'static str> {
+    FREE_PORTS.chunks(2).filter(|pair| pair[0] != flag).flatten().copied().collect()
+}
+
+/// Starts the binary and reads its startup lines up to the connection string (bounded by a deadline).
 fn start(args: &[&str], envs: &[(&str, &str)]) -> (Child, Vec<String>) {
     let mut cmd = Command::new(BIN);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -35,7 +43,7 @@ fn start(args: &[&str], envs: &[(&str, &str)]) -> (Child, Vec<String>) {
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut lines = Vec::new();
-    while lines.len() < 4 {
+    while !lines.last().is_some_and(|l: &String| l.starts_with("IOTHUB_CONNECTION_STRING=")) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => lines.push(l),
@@ -46,6 +54,11 @@ fn start(args: &[&str], envs: &[(&str, &str)]) -> (Child, Vec<String>) {
         }
     }
     (child, lines)
+}
+
+/// The startup line beginning with `prefix`.
+fn line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no '{prefix}' line in {lines:?}"))
 }
 
 fn terminate(mut child: Child) -> std::process::ExitStatus {
@@ -85,18 +98,18 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
         ],
         &[("IOTHUB_EMULATOR_BIND", "127.0.0.1"), ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1")],
     );
-    assert!(lines[0].starts_with("https://MyHub.Test:"), "{lines:?}");
-    assert!(lines[1].starts_with("http://127.0.0.1:"), "{lines:?}");
-    let ca_path = lines[2].strip_prefix("CA certificate: ").unwrap();
+    let https = line(&lines, "https://MyHub.Test:");
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    line(&lines, "amqps://MyHub.Test:");
+    let ca_path = line(&lines, "CA certificate: ").strip_prefix("CA certificate: ").unwrap();
     assert!(ca_path.starts_with(dir.canonicalize().unwrap().to_str().unwrap()), "{ca_path}");
     assert_eq!(
-        lines[3],
-        format!(
+        lines.last().unwrap(),
+        &format!(
             "IOTHUB_CONNECTION_STRING=HostName=MyHub.Test;SharedAccessKeyName=iothubowner;SharedAccessKey={key}"
         )
     );
-    let http = lines[1].clone();
-    let https_port: u16 = lines[0].rsplit(':').next().unwrap().parse().unwrap();
+    let https_port: u16 = https.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(reqwest::get(format!("{http}/health")).await.unwrap().status(), 200);
 
     // --owner-key and --hostname: a token signed with the custom key for MyHub.Test works.
@@ -140,7 +153,8 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
     let port = taken.local_addr().unwrap().port().to_string();
     let dir = temp_dir();
     let out = Command::new(BIN)
-        .args(["--https-port", "0", "--http-port", &port, "--data-dir", dir.to_str().unwrap()])
+        .args(free_ports_except("--http-port"))
+        .args(["--http-port", &port, "--data-dir", dir.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());

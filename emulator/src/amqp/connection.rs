@@ -1,0 +1,826 @@
+//! The sans-IO AMQP 1.0 connection of the service endpoint: protocol headers (SASL or bare),
+//! SASL, open/begin/attach/flow/transfer/disposition/detach/end/close, and the link bookkeeping
+//! (credit, session windows, multi-frame deliveries, unsettled feedback).
+//!
+//! [`Connection::receive`] takes bytes from the socket and [`Connection::take_output`] hands back
+//! the bytes to write; nothing here touches a socket, reads a wall clock or spawns a task, so every
+//! behaviour is unit-tested by feeding frames. What a complete delivery *means* (CBS put-token,
+//! C2D send, feedback batches) lives in `service.rs`, which calls the [`Hub`].
+//!
+//! Owned state: one [`Connection`] per socket owns its sessions and links; the hub owns every
+//! message. Feedback batches handed to a link stay locked in the hub until the peer settles them;
+//! a detach, end, close or dropped connection abandons them so they are redelivered.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::frame::{
+    self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, Fields, Frame, FrameError, SASL_HEADER, code, list,
+};
+use super::message::Message;
+use super::service::{self, Address, Outcome};
+use super::types::Value;
+use super::{
+    LINK_CREDIT, MAX_FRAME_BYTES, MAX_LINKS_PER_SESSION, MAX_MESSAGE_BYTES, MAX_PENDING_REPLIES,
+    MAX_SESSIONS, MAX_UNSETTLED_FEEDBACK, SESSION_WINDOW,
+};
+use crate::c2d::LockToken;
+use crate::hub::Hub;
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first protocol header.
+    Header,
+    /// SASL header exchanged; waiting for sasl-init.
+    Sasl,
+    /// SASL done; waiting for the AMQP header.
+    AmqpHeader,
+    /// Waiting for the peer's open.
+    Open,
+    /// Open: sessions and links may come and go.
+    Opened,
+    /// Closed (by either side); the driver flushes the output and drops the socket.
+    Closed,
+}
+
+/// A protocol violation: closes the connection with this AMQP error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnError {
+    /// The AMQP error condition.
+    pub condition: &'static str,
+    /// What was wrong.
+    pub description: String,
+}
+
+impl ConnError {
+    fn new(condition: &'static str, description: impl Into<String>) -> Self {
+        Self { condition, description: description.into() }
+    }
+}
+
+impl From<FrameError> for ConnError {
+    fn from(e: FrameError) -> Self {
+        let condition = match e {
+            FrameError::Size { .. } => "amqp:connection:framing-error",
+            _ => "amqp:decode-error",
+        };
+        Self::new(condition, e.to_string())
+    }
+}
+
+impl From<super::types::DecodeError> for ConnError {
+    fn from(e: super::types::DecodeError) -> Self {
+        Self::new("amqp:decode-error", e.to_string())
+    }
+}
+
+/// A delivery being received over several transfer frames.
+#[derive(Debug)]
+struct Partial {
+    delivery_id: u32,
+    settled: bool,
+    bytes: Vec<u8>,
+    /// Past [`MAX_MESSAGE_BYTES`]: the rest is discarded and the delivery rejected.
+    oversized: bool,
+}
+
+/// One attached link. Local handles equal the peer's handles (unique per session).
+#[derive(Debug)]
+struct Link {
+    name: String,
+    address: Address,
+    /// True when the peer sends on this link (we are the receiver).
+    peer_sends: bool,
+    /// The sender's delivery-count as we know it.
+    delivery_count: u32,
+    /// Receiver links: credit left of what we granted. Sender links: credit the peer gave.
+    credit: u32,
+    /// Sender links: the peer asked to settle on send (snd-settle-mode `settled`).
+    presettled: bool,
+    partial: Option<Partial>,
+    /// CBS reply links: replies waiting for credit.
+    pending: VecDeque<Message>,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    next_outgoing_id: u32,
+    next_incoming_id: u32,
+    /// Transfers we may still receive before re-announcing our window.
+    incoming_window: u32,
+    /// Transfers the peer is ready to receive from us.
+    remote_incoming_window: u32,
+    next_delivery_id: u32,
+    links: BTreeMap<u32, Link>,
+    /// Feedback deliveries awaiting the peer's disposition: delivery id → (handle, lock).
+    unsettled: BTreeMap<u32, (u32, LockToken)>,
+}
+
+/// One AMQP connection of the service endpoint.
+#[derive(Debug)]
+pub struct Connection {
+    hub: Hub,
+    phase: Phase,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    peer_max_frame: u32,
+    peer_idle_timeout_ms: Option<u32>,
+    sessions: BTreeMap<u16, Session>,
+    /// `se` of the newest accepted CBS token (or SASL PLAIN password): sends are allowed
+    /// until it (plus the hub's clock skew) passes.
+    auth_expiry_secs: Option<u64>,
+    /// Why the connection closed, when we closed it over an error.
+    close_reason: Option<ConnError>,
+}
+
+impl Connection {
+    /// A connection waiting for its protocol header.
+    pub fn new(hub: Hub) -> Self {
+        Self {
+            hub,
+            phase: Phase::Header,
+            input: Vec::new(),
+            output: Vec::new(),
+            peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
+            peer_idle_timeout_ms: None,
+            sessions: BTreeMap::new(),
+            auth_expiry_secs: None,
+            close_reason: None,
+        }
+    }
+
+    /// Feeds bytes read from the socket; replies accumulate in the output.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.input.extend_from_slice(bytes);
+        if let Err(e) = self.process() {
+            self.fail(e);
+        }
+    }
+
+    /// Bytes to write to the socket (drained).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// True once the connection is closed; flush the output, then drop the socket.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// The error we closed the connection with, if any.
+    pub fn close_reason(&self) -> Option<&ConnError> {
+        self.close_reason.as_ref()
+    }
+
+    /// The peer's idle-time-out: send a frame at least this often (the driver sends heartbeats at
+    /// half of it).
+    pub fn peer_idle_timeout_ms(&self) -> Option<u32> {
+        self.peer_idle_timeout_ms
+    }
+
+    /// True when a feedback link has credit and the connection is authorized: the driver then
+    /// wakes on the hub's notifier and at [`Hub::feedback_next_due`] and calls [`Connection::pump`].
+    /// False while every feedback link is out of credit, session window or unsettled room, so a
+    /// driver never spins on a batch it could not take.
+    pub fn wants_feedback(&self) -> bool {
+        self.authorized()
+            && self.sessions.values().any(|s| {
+                s.remote_incoming_window > 0
+                    && s.unsettled.len() < MAX_UNSETTLED_FEEDBACK
+                    && s.links
+                        .values()
+                        .any(|l| l.address == Address::Feedback && l.credit > 0 && !l.peer_sends)
+            })
+    }
+
+    /// Sends whatever our sender links can send now (CBS replies, feedback batches).
+    pub fn pump(&mut self) {
+        if self.phase != Phase::Opened {
+            return;
+        }
+        let authorized = self.authorized();
+        let channels: Vec<u16> = self.sessions.keys().copied().collect();
+        for ch in channels {
+            let handles: Vec<u32> = self.sessions[&ch].links.keys().copied().collect();
+            for h in handles {
+                self.pump_link(ch, h, authorized);
+            }
+        }
+    }
+
+    /// Closes the connection because the server is shutting down.
+    pub fn shut_down(&mut self) {
+        if matches!(self.phase, Phase::Open | Phase::Opened) {
+            let err = frame::error("amqp:connection:forced", "the emulator is shutting down");
+            self.write(0, &list(code::CLOSE, vec![err]), &[]);
+        }
+        self.release_all();
+        self.phase = Phase::Closed;
+    }
+
+    /// Whether a CBS token currently authorizes service operations on this connection.
+    pub fn authorized(&self) -> bool {
+        let now_secs = self.hub.now() / 1000;
+        self.auth_expiry_secs.is_some_and(|se| se.saturating_add(self.hub.config().sas_skew_secs) >= now_secs)
+    }
+
+    /// Why sends are refused right now, or `None` when they are allowed.
+    pub(super) fn unauthorized_reason(&self) -> Option<String> {
+        match self.auth_expiry_secs {
+            None => Some("no valid token: put a SAS token with ServiceConnect on $cbs first".into()),
+            Some(se) if !self.authorized() => {
+                Some(format!("the CBS token expired (se={se}); put a new token on $cbs"))
+            }
+            Some(_) => None,
+        }
+    }
+
+    pub(super) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub(super) fn grant(&mut self, expiry_secs: u64) {
+        self.auth_expiry_secs = Some(expiry_secs);
+    }
+
+    fn fail(&mut self, e: ConnError) {
+        tracing::info!(condition = e.condition, "closing an AMQP connection: {}", e.description);
+        if matches!(self.phase, Phase::Open | Phase::Opened) {
+            let err = frame::error(e.condition, &e.description);
+            self.write(0, &list(code::CLOSE, vec![err]), &[]);
+        }
+        self.release_all();
+        self.close_reason = Some(e);
+        self.phase = Phase::Closed;
+    }
+
+    fn write(&mut self, channel: u16, body: &Value, payload: &[u8]) {
+        let kind = if self.phase == Phase::Sasl { FRAME_SASL } else { FRAME_AMQP };
+        frame::write_frame(&mut self.output, kind, channel, body, payload);
+    }
+
+    fn process(&mut self) -> Result<(), ConnError> {
+        loop {
+            match self.phase {
+                Phase::Closed => return Ok(()),
+                Phase::Header | Phase::AmqpHeader => {
+                    if self.input.len() < 8 {
+                        return Ok(());
+                    }
+                    let header: Vec<u8> = self.input.drain(..8).collect();
+                    self.on_header(&header)?;
+                }
+                Phase::Sasl | Phase::Open | Phase::Opened => {
+                    let Some(f) = frame::parse_frame(&mut self.input, MAX_FRAME_BYTES)? else {
+                        return Ok(());
+                    };
+                    self.on_frame(f)?;
+                }
+            }
+        }
+    }
+
+    fn on_header(&mut self, header: &[u8]) -> Result<(), ConnError> {
+        match (self.phase, header) {
+            (Phase::Header, h) if h == SASL_HEADER => {
+                self.output.extend_from_slice(&SASL_HEADER);
+                self.phase = Phase::Sasl;
+                let mechanisms = Value::Array(["MSSBCBS", "ANONYMOUS", "PLAIN"].map(Value::sym).to_vec());
+                self.write(0, &list(code::SASL_MECHANISMS, vec![mechanisms]), &[]);
+                Ok(())
+            }
+            (Phase::Header | Phase::AmqpHeader, h) if h == AMQP_HEADER => {
+                self.output.extend_from_slice(&AMQP_HEADER);
+                self.phase = Phase::Open;
+                Ok(())
+            }
+            (_, h) => {
+                // Part 2.2: answer with the header we support, then close the socket.
+                self.output.extend_from_slice(&AMQP_HEADER);
+                Err(ConnError::new(
+                    "amqp:not-implemented",
+                    format!("unsupported protocol header {h:02x?}; use AMQP 1.0 with or without SASL"),
+                ))
+            }
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<(), ConnError> {
+        let Some(body) = f.body else {
+            return Ok(()); // heartbeat
+        };
+        let (c, fields) = frame::described_list(&body)?;
+        if self.phase == Phase::Sasl {
+            return self.on_sasl(c, &fields);
+        }
+        if self.phase == Phase::Open && c != code::OPEN {
+            return Err(ConnError::new("amqp:not-allowed", "the first frame must be open"));
+        }
+        match c {
+            code::OPEN => self.on_open(&fields),
+            code::BEGIN => self.on_begin(f.channel, &fields),
+            code::ATTACH => self.on_attach(f.channel, &fields),
+            code::FLOW => self.on_flow(f.channel, &fields),
+            code::TRANSFER => self.on_transfer(f.channel, &fields, f.payload),
+            code::DISPOSITION => self.on_disposition(f.channel, &fields),
+            code::DETACH => self.on_detach(f.channel, &fields),
+            code::END => self.on_end(f.channel),
+            code::CLOSE => {
+                self.write(0, &list(code::CLOSE, vec![]), &[]);
+                self.release_all();
+                self.phase = Phase::Closed;
+                Ok(())
+            }
+            other => {
+                Err(ConnError::new("amqp:not-implemented", format!("unexpected performative 0x{other:x}")))
+            }
+        }
+    }
+
+    fn on_sasl(&mut self, c: u64, fields: &Fields) -> Result<(), ConnError> {
+        if c != code::SASL_INIT {
+            return Err(ConnError::new("amqp:not-allowed", format!("expected sasl-init, got 0x{c:x}")));
+        }
+        let mechanism = fields.str(0).unwrap_or_default().to_owned();
+        let ok = match mechanism.as_str() {
+            // MSSBCBS (uamqp, empty initial response) and ANONYMOUS defer auth to CBS put-token.
+            "MSSBCBS" | "ANONYMOUS" => true,
+            // PLAIN: `{policy}@sas.root.{hub}` / the SAS token as the password (reference §1.4).
+            "PLAIN" => match fields.get(1) {
+                Value::Binary(b) => service::sasl_plain(self, b),
+                _ => false,
+            },
+            _ => false,
+        };
+        let outcome = Value::Ubyte(if ok { 0 } else { 1 });
+        self.write(0, &list(code::SASL_OUTCOME, vec![outcome]), &[]);
+        if ok {
+            self.phase = Phase::AmqpHeader;
+            Ok(())
+        } else {
+            Err(ConnError::new("amqp:unauthorized-access", format!("SASL {mechanism:?} refused")))
+        }
+    }
+
+    fn on_open(&mut self, f: &Fields) -> Result<(), ConnError> {
+        if self.phase != Phase::Open {
+            return Err(ConnError::new("amqp:not-allowed", "open received twice"));
+        }
+        self.peer_max_frame = f.u32(2).unwrap_or(u32::MAX).max(frame::MIN_MAX_FRAME_SIZE);
+        self.peer_idle_timeout_ms = f.u32(4).filter(|&ms| ms > 0);
+        self.phase = Phase::Opened;
+        let reply = list(
+            code::OPEN,
+            vec![
+                Value::str(&format!("iothub-emulator-{}", self.hub.hostname())),
+                Value::str(self.hub.hostname()),
+                Value::Uint(MAX_FRAME_BYTES),
+                Value::Ushort(MAX_SESSIONS as u16 - 1),
+            ],
+        );
+        self.write(0, &reply, &[]);
+        Ok(())
+    }
+
+    fn on_begin(&mut self, channel: u16, f: &Fields) -> Result<(), ConnError> {
+        if self.sessions.contains_key(&channel) {
+            return Err(ConnError::new(
+                "amqp:not-allowed",
+                format!("channel {channel} already has a session"),
+            ));
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            return Err(ConnError::new("amqp:resource-limit-exceeded", "too many sessions"));
+        }
+        let session = Session {
+            next_incoming_id: f.u32(1).unwrap_or(0),
+            incoming_window: SESSION_WINDOW,
+            remote_incoming_window: f.u32(2).unwrap_or(0),
+            ..Session::default()
+        };
+        self.sessions.insert(channel, session);
+        let reply = list(
+            code::BEGIN,
+            vec![
+                Value::Ushort(channel),
+                Value::Uint(0),
+                Value::Uint(SESSION_WINDOW),
+                Value::Uint(SESSION_WINDOW),
+                Value::Uint(MAX_LINKS_PER_SESSION - 1),
+            ],
+        );
+        self.write(channel, &reply, &[]);
+        Ok(())
+    }
+
+    fn session(&mut self, channel: u16) -> Result<&mut Session, ConnError> {
+        self.sessions
+            .get_mut(&channel)
+            .ok_or_else(|| ConnError::new("amqp:not-found", format!("no session on channel {channel}")))
+    }
+
+    fn on_attach(&mut self, channel: u16, f: &Fields) -> Result<(), ConnError> {
+        let name = f.str(0).unwrap_or_default().to_owned();
+        let handle =
+            f.u32(1).ok_or_else(|| ConnError::new("amqp:decode-error", "attach without a handle"))?;
+        let peer_sends = !f.bool_or(2, false);
+        let (source, target) = (f.get(5).clone(), f.get(6).clone());
+        let terminus = if peer_sends { &target } else { &source };
+        let raw = frame::terminus_address(terminus).unwrap_or_default().to_owned();
+        let address =
+            Address::classify(&raw).filter(|a| a.peer_sends() == Some(peer_sends) || *a == Address::Cbs);
+        let session = self.session(channel)?;
+        if session.links.contains_key(&handle) || session.links.len() >= MAX_LINKS_PER_SESSION as usize {
+            return Err(ConnError::new(
+                "amqp:session:handle-in-use",
+                format!("handle {handle} in use or too many links"),
+            ));
+        }
+        // The reply echoes source and target (uamqp detaches without them) and asks for
+        // rcv-settle-mode first (uamqp never settles under second): sdk-wire-notes §3.
+        let snd_settle = f.get(3).clone();
+        let (reply_source, reply_target) = match address {
+            Some(_) => (source, target),
+            None if peer_sends => (source, Value::Null),
+            None => (Value::Null, target),
+        };
+        let reply = list(
+            code::ATTACH,
+            vec![
+                Value::str(&name),
+                Value::Uint(handle),
+                Value::Bool(peer_sends),
+                snd_settle.clone(),
+                Value::Ubyte(0),
+                reply_source,
+                reply_target,
+                Value::Null,
+                Value::Null,
+                if peer_sends { Value::Null } else { Value::Uint(0) },
+                Value::Ulong(MAX_MESSAGE_BYTES as u64),
+            ],
+        );
+        self.write(channel, &reply, &[]);
+        let Some(address) = address else {
+            tracing::info!(link = %name, address = %raw, "refusing an AMQP link to an unknown node");
+            let err = frame::error(
+                "amqp:not-found",
+                &format!(
+                    "no node {raw:?} here; this endpoint serves $cbs, /messages/devicebound, /messages/serviceBound/feedback and /messages/serviceBound/filenotifications"
+                ),
+            );
+            self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(true), err]), &[]);
+            return Ok(());
+        };
+        let link = Link {
+            name,
+            address,
+            peer_sends,
+            delivery_count: f.u32(9).unwrap_or(0),
+            credit: 0,
+            presettled: snd_settle.as_u64() == Some(1),
+            partial: None,
+            pending: VecDeque::new(),
+        };
+        self.session(channel)?.links.insert(handle, link);
+        if peer_sends {
+            self.grant_credit(channel, handle);
+        }
+        Ok(())
+    }
+
+    /// Tops a receiving link's credit up to [`LINK_CREDIT`] and tells the peer.
+    fn grant_credit(&mut self, channel: u16, handle: u32) {
+        let Some(session) = self.sessions.get_mut(&channel) else { return };
+        let Some(link) = session.links.get_mut(&handle) else { return };
+        link.credit = LINK_CREDIT;
+        let delivery_count = link.delivery_count;
+        let body = flow_body(session, Some((handle, delivery_count, LINK_CREDIT)));
+        self.write(channel, &body, &[]);
+    }
+
+    fn on_flow(&mut self, channel: u16, f: &Fields) -> Result<(), ConnError> {
+        let session = self.session(channel)?;
+        let next_incoming = f.u32(0).unwrap_or(0);
+        let window = f.u32(1).unwrap_or(0);
+        session.remote_incoming_window =
+            next_incoming.wrapping_add(window).wrapping_sub(session.next_outgoing_id);
+        let mut echo = f.bool_or(9, false);
+        if let Some(handle) = f.u32(4) {
+            let link = session.links.get_mut(&handle).ok_or_else(|| {
+                ConnError::new("amqp:session:unattached-handle", format!("flow for unknown handle {handle}"))
+            })?;
+            if !link.peer_sends {
+                let peer_count = f.u32(5).unwrap_or(link.delivery_count);
+                let credit = f.u32(6).unwrap_or(0);
+                link.credit = peer_count.wrapping_add(credit).wrapping_sub(link.delivery_count);
+                if f.bool_or(8, false) && link.pending.is_empty() && link.address != Address::Feedback {
+                    // Drain: nothing to send, so use the credit up.
+                    link.delivery_count = link.delivery_count.wrapping_add(link.credit);
+                    link.credit = 0;
+                    echo = true;
+                }
+            }
+            if echo {
+                let (count, credit) = (link.delivery_count, link.credit);
+                let body = flow_body(session, Some((handle, count, credit)));
+                self.write(channel, &body, &[]);
+            }
+        } else if echo {
+            let body = flow_body(session, None);
+            self.write(channel, &body, &[]);
+        }
+        self.pump();
+        Ok(())
+    }
+
+    fn on_transfer(&mut self, channel: u16, f: &Fields, payload: Vec<u8>) -> Result<(), ConnError> {
+        let handle =
+            f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "transfer without a handle"))?;
+        let session = self.session(channel)?;
+        session.next_incoming_id = session.next_incoming_id.wrapping_add(1);
+        session.incoming_window = session.incoming_window.saturating_sub(1);
+        if session.incoming_window < SESSION_WINDOW / 2 {
+            session.incoming_window = SESSION_WINDOW;
+            let body = flow_body(session, None);
+            self.write(channel, &body, &[]);
+        }
+        let session = self.session(channel)?;
+        let link = session.links.get_mut(&handle).filter(|l| l.peer_sends).ok_or_else(|| {
+            ConnError::new(
+                "amqp:session:unattached-handle",
+                format!("transfer on handle {handle}, which is not a receiving link"),
+            )
+        })?;
+        let partial = match link.partial.take() {
+            Some(p) => p,
+            None => {
+                if link.credit == 0 {
+                    return Err(ConnError::new(
+                        "amqp:link:transfer-limit-exceeded",
+                        format!("transfer on link {:?} without credit", link.name),
+                    ));
+                }
+                let delivery_id = f.u32(1).ok_or_else(|| {
+                    ConnError::new("amqp:decode-error", "first transfer frame without delivery-id")
+                })?;
+                Partial { delivery_id, settled: false, bytes: Vec::new(), oversized: false }
+            }
+        };
+        let mut partial = partial;
+        partial.settled |= f.bool_or(4, false);
+        if partial.bytes.len() + payload.len() > MAX_MESSAGE_BYTES {
+            partial.oversized = true;
+            partial.bytes = Vec::new();
+        } else if !partial.oversized {
+            partial.bytes.extend_from_slice(&payload);
+        }
+        if f.bool_or(9, false) {
+            return Ok(()); // aborted: the delivery is forgotten
+        }
+        if f.bool_or(5, false) {
+            link.partial = Some(partial);
+            return Ok(());
+        }
+        link.credit -= 1;
+        link.delivery_count = link.delivery_count.wrapping_add(1);
+        let address = link.address;
+        if link.credit < LINK_CREDIT / 2 {
+            self.grant_credit(channel, handle);
+        }
+        let outcome = if partial.oversized {
+            Outcome::Rejected(
+                "amqp:link:message-size-exceeded",
+                format!("the message is larger than the {MAX_MESSAGE_BYTES} bytes this link accepts"),
+            )
+        } else {
+            match Message::decode(&partial.bytes) {
+                Err(e) => Outcome::Rejected("amqp:decode-error", format!("the message does not decode: {e}")),
+                Ok(m) => match address {
+                    Address::Cbs => {
+                        let (outcome, reply) = service::put_token(self, &m);
+                        self.queue_reply(channel, reply);
+                        outcome
+                    }
+                    Address::DeviceBound => service::send_c2d(self, &m),
+                    _ => Outcome::Rejected("amqp:not-allowed", "this link does not accept messages".into()),
+                },
+            }
+        };
+        if !partial.settled {
+            let state = match &outcome {
+                Outcome::Accepted => frame::accepted(),
+                Outcome::Rejected(condition, description) => frame::rejected(condition, description),
+            };
+            let body = list(
+                code::DISPOSITION,
+                vec![
+                    Value::Bool(true),
+                    Value::Uint(partial.delivery_id),
+                    Value::Null,
+                    Value::Bool(true),
+                    state,
+                ],
+            );
+            self.write(channel, &body, &[]);
+        }
+        self.pump();
+        Ok(())
+    }
+
+    /// Queues a CBS reply on the session's `$cbs` sender link (bounded).
+    fn queue_reply(&mut self, channel: u16, reply: Message) {
+        let Some(session) = self.sessions.get_mut(&channel) else { return };
+        let link = session.links.values_mut().find(|l| l.address == Address::Cbs && !l.peer_sends);
+        match link {
+            Some(link) if link.pending.len() < MAX_PENDING_REPLIES => link.pending.push_back(reply),
+            Some(_) => {
+                tracing::warn!("dropping a CBS reply: the client grants no credit on its $cbs receiver")
+            }
+            None => tracing::info!("a CBS request arrived with no $cbs receiver link to answer on"),
+        }
+    }
+
+    fn pump_link(&mut self, channel: u16, handle: u32, authorized: bool) {
+        loop {
+            let Some(session) = self.sessions.get_mut(&channel) else { return };
+            let unsettled = session.unsettled.len();
+            let Some(link) = session.links.get_mut(&handle) else { return };
+            if link.peer_sends || link.credit == 0 || session.remote_incoming_window == 0 {
+                return;
+            }
+            let (message, lock) = match link.address {
+                Address::Cbs => match link.pending.pop_front() {
+                    Some(m) => (m, None),
+                    None => return,
+                },
+                Address::Feedback if authorized && unsettled < MAX_UNSETTLED_FEEDBACK => {
+                    match self.hub.receive_feedback() {
+                        Some(d) => (service::feedback_message(&d), Some(d.lock_token)),
+                        None => return,
+                    }
+                }
+                _ => return,
+            };
+            let presettled = lock.is_none() || link.presettled;
+            if let (Some(token), true) = (lock, link.presettled) {
+                // The peer asked for settled deliveries: hand-off is the completion.
+                let _ = self.hub.settle_feedback(token, false);
+            }
+            self.send_delivery(channel, handle, &message.encode(), presettled, lock);
+        }
+    }
+
+    /// Sends one delivery on a sender link, split into frames that fit the peer's max-frame-size.
+    fn send_delivery(
+        &mut self,
+        channel: u16,
+        handle: u32,
+        payload: &[u8],
+        settled: bool,
+        lock: Option<LockToken>,
+    ) {
+        let peer_max = self.peer_max_frame as usize;
+        let Some(session) = self.sessions.get_mut(&channel) else { return };
+        let delivery_id = session.next_delivery_id;
+        session.next_delivery_id = delivery_id.wrapping_add(1);
+        if let (false, Some(token)) = (settled, lock) {
+            session.unsettled.insert(delivery_id, (handle, token));
+        }
+        if let Some(link) = session.links.get_mut(&handle) {
+            link.credit -= 1;
+            link.delivery_count = link.delivery_count.wrapping_add(1);
+        }
+        let tag = Value::Binary(delivery_id.to_be_bytes().to_vec());
+        let perf = |more: bool| {
+            list(
+                code::TRANSFER,
+                vec![
+                    Value::Uint(handle),
+                    Value::Uint(delivery_id),
+                    tag.clone(),
+                    Value::Uint(0),
+                    Value::Bool(settled),
+                    Value::Bool(more),
+                ],
+            )
+        };
+        // Room for the payload in one frame: header, the performative (at most this long), slack.
+        let room = peer_max.saturating_sub(8 + perf(true).to_bytes().len() + 8).max(1);
+        let mut chunks: Vec<&[u8]> = payload.chunks(room).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        let mut frames = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            frames.push((perf(i < last), chunk));
+        }
+        let n = frames.len() as u32;
+        for (body, chunk) in frames {
+            frame::write_frame(&mut self.output, FRAME_AMQP, channel, &body, chunk);
+        }
+        if let Some(session) = self.sessions.get_mut(&channel) {
+            session.next_outgoing_id = session.next_outgoing_id.wrapping_add(n);
+            session.remote_incoming_window = session.remote_incoming_window.saturating_sub(n);
+        }
+    }
+
+    fn on_disposition(&mut self, channel: u16, f: &Fields) -> Result<(), ConnError> {
+        if !f.bool_or(0, false) {
+            return Ok(()); // from a sender: we settle everything we receive at once
+        }
+        let first =
+            f.u32(1).ok_or_else(|| ConnError::new("amqp:decode-error", "disposition without first"))?;
+        let last = f.u32(2).unwrap_or(first).max(first);
+        let settled = f.bool_or(3, false);
+        let state = f.get(4).clone();
+        let abandon = matches!(state.as_described(), Some((code::RELEASED | code::MODIFIED, _)));
+        let session = self
+            .sessions
+            .get_mut(&channel)
+            .ok_or_else(|| ConnError::new("amqp:not-found", format!("no session on channel {channel}")))?;
+        let ids: Vec<u32> = session.unsettled.range(first..=last).map(|(id, _)| *id).collect();
+        let mut settled_ids = Vec::new();
+        for id in ids {
+            if let Some((_, token)) = session.unsettled.remove(&id) {
+                if let Err(e) = self.hub.settle_feedback(token, abandon) {
+                    tracing::info!("settling a feedback batch: {e}");
+                }
+                settled_ids.push(id);
+            }
+        }
+        if !settled && !settled_ids.is_empty() {
+            let body = list(
+                code::DISPOSITION,
+                vec![Value::Bool(false), Value::Uint(first), Value::Uint(last), Value::Bool(true), state],
+            );
+            self.write(channel, &body, &[]);
+        }
+        self.pump();
+        Ok(())
+    }
+
+    fn on_detach(&mut self, channel: u16, f: &Fields) -> Result<(), ConnError> {
+        let handle =
+            f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "detach without a handle"))?;
+        let closed = f.bool_or(1, false);
+        let session = self.session(channel)?;
+        session.links.remove(&handle);
+        let tokens: Vec<u32> =
+            session.unsettled.iter().filter(|(_, (h, _))| *h == handle).map(|(id, _)| *id).collect();
+        let locks: Vec<LockToken> =
+            tokens.iter().filter_map(|id| session.unsettled.remove(id)).map(|(_, t)| t).collect();
+        self.abandon(locks);
+        self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(closed)]), &[]);
+        Ok(())
+    }
+
+    fn on_end(&mut self, channel: u16) -> Result<(), ConnError> {
+        let session = self
+            .sessions
+            .remove(&channel)
+            .ok_or_else(|| ConnError::new("amqp:not-found", format!("end for unknown channel {channel}")))?;
+        self.abandon(session.unsettled.into_values().map(|(_, t)| t).collect());
+        self.write(channel, &list(code::END, vec![]), &[]);
+        Ok(())
+    }
+
+    fn abandon(&self, locks: Vec<LockToken>) {
+        for token in locks {
+            let _ = self.hub.settle_feedback(token, true);
+        }
+    }
+
+    /// Returns every unsettled feedback batch to the hub (connection going away).
+    fn release_all(&mut self) {
+        let locks: Vec<LockToken> = std::mem::take(&mut self.sessions)
+            .into_values()
+            .flat_map(|s| s.unsettled.into_values().map(|(_, t)| t))
+            .collect();
+        self.abandon(locks);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
+/// A flow for the session, plus the link state when `link` is given (handle, count, credit).
+fn flow_body(session: &Session, link: Option<(u32, u32, u32)>) -> Value {
+    let mut fields = vec![
+        Value::Uint(session.next_incoming_id),
+        Value::Uint(session.incoming_window),
+        Value::Uint(session.next_outgoing_id),
+        Value::Uint(SESSION_WINDOW),
+    ];
+    if let Some((handle, count, credit)) = link {
+        fields.extend([Value::Uint(handle), Value::Uint(count), Value::Uint(credit)]);
+    }
+    list(code::FLOW, fields)
+}

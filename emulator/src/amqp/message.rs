@@ -1,0 +1,345 @@
+//! AMQP messages (part 3.2): the sections of a transfer payload, decoded into [`Message`] and
+//! encoded back, plus the translation of a service's C2D message into the hub's [`C2dMessage`].
+
+use bytes::Bytes;
+
+use super::frame::{Fields, code, list};
+use super::types::{DecodeError, Value};
+use crate::c2d::{AckMode, C2dMessage};
+
+/// The body of a message.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Body {
+    /// No body section at all.
+    #[default]
+    Empty,
+    /// One or more `data` sections, concatenated.
+    Data(Vec<u8>),
+    /// An `amqp-value` section.
+    Value(Value),
+    /// `amqp-sequence` sections.
+    Sequence(Vec<Value>),
+}
+
+/// The `properties` section (part 3.2.4); absent fields are `None`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Properties {
+    /// `message-id` (ulong, uuid, binary or string), kept with its AMQP type.
+    pub message_id: Option<Value>,
+    /// `user-id`.
+    pub user_id: Option<Vec<u8>>,
+    /// `to`.
+    pub to: Option<String>,
+    /// `reply-to`.
+    pub reply_to: Option<String>,
+    /// `correlation-id`, kept with its AMQP type.
+    pub correlation_id: Option<Value>,
+    /// `content-type`.
+    pub content_type: Option<String>,
+    /// `content-encoding`.
+    pub content_encoding: Option<String>,
+    /// `absolute-expiry-time`, ms since the epoch.
+    pub absolute_expiry_time: Option<i64>,
+    /// `creation-time`, ms since the epoch.
+    pub creation_time: Option<i64>,
+}
+
+/// A message as the endpoint sees it. Header, annotations and footer are skipped on input and
+/// not written on output, except the message annotations the hub stamps.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Message {
+    /// The properties section.
+    pub properties: Properties,
+    /// Application properties, keys as strings, in wire order.
+    pub application_properties: Vec<(String, Value)>,
+    /// Message annotations (written only).
+    pub message_annotations: Vec<(Value, Value)>,
+    /// The body.
+    pub body: Body,
+}
+
+fn opt_value(v: &Value) -> Option<Value> {
+    (!v.is_null()).then(|| v.clone())
+}
+
+fn opt_string(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_owned)
+}
+
+fn opt_time(v: &Value) -> Option<i64> {
+    match v {
+        Value::Timestamp(t) => Some(*t),
+        _ => None,
+    }
+}
+
+impl Message {
+    /// Decodes the sections of a transfer payload.
+    pub fn decode(mut buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut m = Message::default();
+        while !buf.is_empty() {
+            let section = Value::decode(&mut buf)?;
+            let Some((c, v)) = section.as_described() else {
+                return Err(DecodeError::Shape("a message section is not a described value".into()));
+            };
+            match c {
+                code::PROPERTIES => m.properties = decode_properties(v)?,
+                code::APPLICATION_PROPERTIES => {
+                    let Value::Map(pairs) = v else {
+                        return Err(DecodeError::Shape("application-properties is not a map".into()));
+                    };
+                    for (k, v) in pairs {
+                        let key = k.as_str().ok_or_else(|| {
+                            DecodeError::Shape("an application-properties key is not a string".into())
+                        })?;
+                        m.application_properties.push((key.to_owned(), v.clone()));
+                    }
+                }
+                code::DATA => {
+                    let Value::Binary(b) = v else {
+                        return Err(DecodeError::Shape("a data section is not binary".into()));
+                    };
+                    match &mut m.body {
+                        Body::Data(all) => all.extend_from_slice(b),
+                        body => *body = Body::Data(b.clone()),
+                    }
+                }
+                code::AMQP_VALUE => m.body = Body::Value(v.clone()),
+                code::AMQP_SEQUENCE => {
+                    let Value::List(items) = v else {
+                        return Err(DecodeError::Shape("an amqp-sequence section is not a list".into()));
+                    };
+                    match &mut m.body {
+                        Body::Sequence(all) => all.extend(items.iter().cloned()),
+                        body => *body = Body::Sequence(items.clone()),
+                    }
+                }
+                code::HEADER | code::DELIVERY_ANNOTATIONS | code::MESSAGE_ANNOTATIONS | code::FOOTER => {}
+                other => return Err(DecodeError::Shape(format!("unknown message section 0x{other:x}"))),
+            }
+        }
+        Ok(m)
+    }
+
+    /// Encodes the message's sections.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if !self.message_annotations.is_empty() {
+            Value::described(code::MESSAGE_ANNOTATIONS, Value::Map(self.message_annotations.clone()))
+                .encode(&mut out);
+        }
+        let p = &self.properties;
+        let s = |v: &Option<String>| v.as_ref().map_or(Value::Null, |s| Value::str(s));
+        let sym = |v: &Option<String>| v.as_ref().map_or(Value::Null, |s| Value::sym(s));
+        let t = |v: &Option<i64>| v.map_or(Value::Null, Value::Timestamp);
+        list(
+            code::PROPERTIES,
+            vec![
+                p.message_id.clone().unwrap_or(Value::Null),
+                p.user_id.clone().map_or(Value::Null, Value::Binary),
+                s(&p.to),
+                Value::Null,
+                s(&p.reply_to),
+                p.correlation_id.clone().unwrap_or(Value::Null),
+                sym(&p.content_type),
+                sym(&p.content_encoding),
+                t(&p.absolute_expiry_time),
+                t(&p.creation_time),
+            ],
+        )
+        .encode(&mut out);
+        if !self.application_properties.is_empty() {
+            let pairs = self.application_properties.iter().map(|(k, v)| (Value::str(k), v.clone())).collect();
+            Value::described(code::APPLICATION_PROPERTIES, Value::Map(pairs)).encode(&mut out);
+        }
+        match &self.body {
+            Body::Empty => {}
+            Body::Data(b) => Value::described(code::DATA, Value::Binary(b.clone())).encode(&mut out),
+            Body::Value(v) => Value::described(code::AMQP_VALUE, v.clone()).encode(&mut out),
+            Body::Sequence(items) => {
+                Value::described(code::AMQP_SEQUENCE, Value::List(items.clone())).encode(&mut out)
+            }
+        }
+        out
+    }
+
+    /// Application property `name` as text.
+    pub fn app_str(&self, name: &str) -> Option<&str> {
+        self.application_properties.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_str())
+    }
+}
+
+fn decode_properties(v: &Value) -> Result<Properties, DecodeError> {
+    let Value::List(items) = v else {
+        return Err(DecodeError::Shape("the properties section is not a list".into()));
+    };
+    let f = Fields(items.clone());
+    Ok(Properties {
+        message_id: opt_value(f.get(0)),
+        user_id: match f.get(1) {
+            Value::Binary(b) => Some(b.clone()),
+            other => other.as_str().map(|s| s.as_bytes().to_vec()),
+        },
+        to: opt_string(f.get(2)),
+        reply_to: opt_string(f.get(4)),
+        correlation_id: opt_value(f.get(5)),
+        content_type: opt_string(f.get(6)),
+        content_encoding: opt_string(f.get(7)),
+        absolute_expiry_time: opt_time(f.get(8)),
+        creation_time: opt_time(f.get(9)),
+    })
+}
+
+/// Why a service's message cannot become a C2D message (`com.microsoft:argument-error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum C2dFormatError {
+    /// `to` is missing or not `/devices/{id}/messages/devicebound`.
+    #[error("properties.to must be /devices/{{deviceId}}/messages/devicebound, got {0:?}")]
+    To(Option<String>),
+    /// `iothub-ack` is not none/positive/negative/full.
+    #[error("iothub-ack must be none, positive, negative or full, got {0:?}")]
+    Ack(String),
+    /// The body is not data (or a string/binary amqp-value).
+    #[error("the body must be one or more data sections")]
+    Body,
+}
+
+/// The device id named by a C2D `to` address (`/devices/{url-encoded id}/messages/devicebound`,
+/// `devicebound` in any case).
+pub fn device_from_to(to: &str) -> Option<String> {
+    let rest = to.strip_prefix("/devices/")?;
+    let (encoded, tail) = rest.split_once('/')?;
+    if !tail.eq_ignore_ascii_case("messages/devicebound") || encoded.is_empty() {
+        return None;
+    }
+    percent_encoding::percent_decode_str(encoded).decode_utf8().ok().map(|s| s.into_owned())
+}
+
+fn app_value_text(v: &Value) -> String {
+    match v {
+        Value::Bool(b) => b.to_string(),
+        Value::Timestamp(t) => t.to_string(),
+        Value::Double(d) => d.to_string(),
+        Value::Float(f) => f.to_string(),
+        v => v.to_id_string().unwrap_or_default(),
+    }
+}
+
+/// Turns a service's C2D message into the hub's form, with the device it is for.
+pub fn to_c2d(m: &Message) -> Result<(String, C2dMessage), C2dFormatError> {
+    let to = m.properties.to.clone();
+    let device = to.as_deref().and_then(device_from_to).ok_or(C2dFormatError::To(to))?;
+    let mut ack = AckMode::None;
+    let mut properties = Vec::new();
+    for (k, v) in &m.application_properties {
+        if k == "iothub-ack" {
+            let text = app_value_text(v);
+            ack = AckMode::parse(&text).ok_or(C2dFormatError::Ack(text))?;
+        } else {
+            properties.push((k.clone(), app_value_text(v)));
+        }
+    }
+    let body = match &m.body {
+        Body::Data(b) => Bytes::from(b.clone()),
+        Body::Empty => Bytes::new(),
+        Body::Value(Value::Binary(b)) => Bytes::from(b.clone()),
+        Body::Value(Value::String(s)) => Bytes::from(s.clone().into_bytes()),
+        _ => return Err(C2dFormatError::Body),
+    };
+    let p = &m.properties;
+    let msg = C2dMessage {
+        message_id: p.message_id.as_ref().and_then(Value::to_id_string),
+        correlation_id: p.correlation_id.as_ref().and_then(Value::to_id_string),
+        user_id: p.user_id.as_ref().map(|u| String::from_utf8_lossy(u).into_owned()),
+        content_type: p.content_type.clone(),
+        content_encoding: p.content_encoding.clone(),
+        ack,
+        expiry: p.absolute_expiry_time.and_then(|t| u64::try_from(t).ok()),
+        properties,
+        body,
+    };
+    Ok((device, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_round_trips() {
+        let m = Message {
+            properties: Properties {
+                message_id: Some(Value::Ulong(0)),
+                to: Some("/devices/a/messages/devicebound".into()),
+                correlation_id: Some(Value::str("c")),
+                content_type: Some("application/json".into()),
+                absolute_expiry_time: Some(1_000),
+                ..Default::default()
+            },
+            application_properties: vec![("status-code".into(), Value::Int(200))],
+            message_annotations: vec![],
+            body: Body::Data(b"hello".to_vec()),
+        };
+        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn data_sections_concatenate() {
+        let mut bytes = Value::described(code::DATA, Value::Binary(b"ab".to_vec())).to_bytes();
+        Value::described(code::DATA, Value::Binary(b"cd".to_vec())).encode(&mut bytes);
+        assert_eq!(Message::decode(&bytes).unwrap().body, Body::Data(b"abcd".to_vec()));
+    }
+
+    #[test]
+    fn to_addresses() {
+        assert_eq!(device_from_to("/devices/a%2Fb%20c/messages/devicebound").as_deref(), Some("a/b c"));
+        assert_eq!(device_from_to("/devices/d1/messages/deviceBound").as_deref(), Some("d1"));
+        assert_eq!(device_from_to("/devices//messages/devicebound"), None);
+        assert_eq!(device_from_to("/devices/d1/messages/events"), None);
+        assert_eq!(device_from_to("d1"), None);
+    }
+
+    #[test]
+    fn c2d_translation_keeps_every_field() {
+        let m = Message {
+            properties: Properties {
+                message_id: Some(Value::Uuid(uuid::Uuid::nil().into_bytes())),
+                to: Some("/devices/dev%201/messages/devicebound".into()),
+                correlation_id: Some(Value::str("corr")),
+                content_type: Some("text/plain".into()),
+                content_encoding: Some("utf-8".into()),
+                absolute_expiry_time: Some(5_000),
+                ..Default::default()
+            },
+            application_properties: vec![
+                ("iothub-ack".into(), Value::str("full")),
+                ("k".into(), Value::str("v")),
+                ("n".into(), Value::Int(3)),
+            ],
+            message_annotations: vec![],
+            body: Body::Data(b"payload".to_vec()),
+        };
+        let (device, c2d) = to_c2d(&m).unwrap();
+        assert_eq!(device, "dev 1");
+        assert_eq!(c2d.message_id.as_deref(), Some("00000000-0000-0000-0000-000000000000"));
+        assert_eq!(c2d.correlation_id.as_deref(), Some("corr"));
+        assert_eq!(c2d.ack, AckMode::Full);
+        assert_eq!(c2d.expiry, Some(5_000));
+        assert_eq!(c2d.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(c2d.content_encoding.as_deref(), Some("utf-8"));
+        assert_eq!(c2d.properties, vec![("k".into(), "v".into()), ("n".into(), "3".into())]);
+        assert_eq!(&c2d.body[..], b"payload");
+    }
+
+    #[test]
+    fn bad_c2d_messages_say_why() {
+        let mut m = Message::default();
+        assert!(matches!(to_c2d(&m), Err(C2dFormatError::To(None))));
+        m.properties.to = Some("/devices/d/messages/devicebound".into());
+        m.application_properties.push(("iothub-ack".into(), Value::str("sometimes")));
+        assert_eq!(to_c2d(&m).unwrap_err(), C2dFormatError::Ack("sometimes".into()));
+        m.application_properties.clear();
+        m.body = Body::Sequence(vec![]);
+        assert_eq!(to_c2d(&m).unwrap_err(), C2dFormatError::Body);
+    }
+}
