@@ -154,7 +154,43 @@ impl Installer {
                         download_attempts: machine.attempts(),
                     };
                 }
-                action => self.perform(action, release, &tmp, previous.as_deref()).await,
+                Action::Download { resume_from } => self.download(release, &tmp, resume_from).await,
+                Action::Wait(d) => {
+                    tokio::time::sleep(d).await;
+                    Event::WaitOver
+                }
+                Action::Verify => {
+                    let path = tmp.clone();
+                    let r = tokio::task::spawn_blocking(move || package::sha256_file(&path)).await;
+                    match r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        Ok((sha256, size)) => Event::Verified { size, sha256 },
+                        Err(e) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
+                    }
+                }
+                Action::DiscardDownload => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    Event::Cleaned
+                }
+                Action::Unpack => {
+                    let (archive, releases, version) =
+                        (tmp.clone(), self.root.join("releases"), release.version.clone());
+                    let r =
+                        tokio::task::spawn_blocking(move || unpack_release(&archive, &releases, &version))
+                            .await;
+                    Event::Unpacked(r.unwrap_or_else(|e| Err(e.to_string())))
+                }
+                Action::SelfTest(cmd) => Event::SelfTested(self.self_test(&cmd, &release.version).await),
+                Action::Switch => {
+                    let r = switch_current(&self.root, &release.version);
+                    if r.is_ok() {
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        prune_releases(&self.root, &release.version, previous.as_deref());
+                    }
+                    Event::Switched(r)
+                }
+                Action::Rollback => {
+                    Event::RolledBack(rollback(&self.root, &release.version, previous.as_deref()))
+                }
             };
             pending.extend(machine.on(event));
         }
@@ -167,56 +203,18 @@ impl Installer {
         }
     }
 
-    async fn perform(&self, action: Action, release: &Release, tmp: &Path, previous: Option<&Path>) -> Event {
-        match action {
-            Action::Download { resume_from } => {
-                if let Some(dir) = tmp.parent()
-                    && let Err(e) = tokio::fs::create_dir_all(dir).await
-                {
-                    return Event::DownloadFailed { bytes: 0, error: format!("{}: {e}", dir.display()) };
-                }
-                match self.source.download(&release.file, tmp, resume_from).await {
-                    Ok(bytes) => Event::Downloaded { bytes },
-                    Err((bytes, e)) => {
-                        tracing::debug!(device = %self.source.device_id, "download attempt failed: {e}");
-                        Event::DownloadFailed { bytes, error: e.to_string() }
-                    }
-                }
+    async fn download(&self, release: &Release, tmp: &Path, resume_from: u64) -> Event {
+        if let Some(dir) = tmp.parent()
+            && let Err(e) = tokio::fs::create_dir_all(dir).await
+        {
+            return Event::DownloadFailed { bytes: 0, error: format!("{}: {e}", dir.display()) };
+        }
+        match self.source.download(&release.file, tmp, resume_from).await {
+            Ok(bytes) => Event::Downloaded { bytes },
+            Err((bytes, e)) => {
+                tracing::debug!(device = %self.source.device_id, "download attempt failed: {e}");
+                Event::DownloadFailed { bytes, error: e.to_string() }
             }
-            Action::Wait(d) => {
-                tokio::time::sleep(d).await;
-                Event::WaitOver
-            }
-            Action::Verify => {
-                let path = tmp.to_path_buf();
-                match tokio::task::spawn_blocking(move || package::sha256_file(&path)).await {
-                    Ok(Ok((sha256, size))) => Event::Verified { size, sha256 },
-                    Ok(Err(e)) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
-                    Err(e) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
-                }
-            }
-            Action::DiscardDownload => {
-                let _ = tokio::fs::remove_file(tmp).await;
-                Event::Cleaned
-            }
-            Action::Unpack => {
-                let (archive, releases, version) =
-                    (tmp.to_path_buf(), self.root.join("releases"), release.version.clone());
-                let r =
-                    tokio::task::spawn_blocking(move || unpack_release(&archive, &releases, &version)).await;
-                Event::Unpacked(r.unwrap_or_else(|e| Err(e.to_string())))
-            }
-            Action::SelfTest(cmd) => Event::SelfTested(self.self_test(&cmd, &release.version).await),
-            Action::Switch => {
-                let r = switch_current(&self.root, &release.version);
-                if r.is_ok() {
-                    let _ = tokio::fs::remove_file(tmp).await;
-                    prune_releases(&self.root, &release.version, previous);
-                }
-                Event::Switched(r)
-            }
-            Action::Rollback => Event::RolledBack(rollback(&self.root, &release.version, previous)),
-            Action::Report { .. } | Action::Done(_) => Event::WaitOver,
         }
     }
 
