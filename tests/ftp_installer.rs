@@ -8,7 +8,7 @@ use std::time::Duration;
 use iothub_emulator::HubConfig;
 use iothub_emulator::ftp::{FaultSettings, FtpConfig};
 use iothub_emulator::server::{ListenConfig, RunningHub};
-use iothub_emulator_tests::{TestHub, unique};
+use iothub_emulator_tests::{TestHub, incompressible, unique};
 use simulated_devices::InstallReport;
 use simulated_devices::install::{Credentials, FtpSource, InstallState, Installer, RetryPolicy};
 use simulated_devices::package::{self, Manifest, Release};
@@ -44,16 +44,7 @@ fn app(root: &Path, version: &str, self_test: Option<&str>, size: usize) -> (Pat
     let dir = root.join(unique("app-src"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.txt"), format!("version={version}\n")).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
-    let blob: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(dir.join("blob.bin"), blob).unwrap();
+    std::fs::write(dir.join("blob.bin"), incompressible(size)).unwrap();
     let manifest =
         Manifest { name: "fridge".into(), version: version.into(), self_test: self_test.map(Into::into) };
     (dir, manifest)
@@ -72,6 +63,15 @@ async fn install(d: &Device, release: &Release) -> (simulated_devices::InstallOu
 
 fn states(reports: &[InstallReport]) -> Vec<&'static str> {
     reports.iter().map(|r| r.state.as_str()).collect()
+}
+
+/// A hub, and a device that installed version "1" (published as latest).
+async fn hub_with_device_on_v1() -> (TestHub, Device) {
+    let hub = TestHub::start().await.unwrap();
+    let d = device(&hub).await;
+    let v1 = publish(&hub, "1", None, 1000);
+    assert_eq!(install(&d, &v1).await.0.state, InstallState::Installed);
+    (hub, d)
 }
 
 fn set_faults(hub: &TestHub, settings: FaultSettings) {
@@ -109,11 +109,7 @@ async fn installs_latest_then_upgrades_keeping_the_previous_release() {
 
 #[tokio::test]
 async fn corrupted_package_fails_and_previous_version_stays_current() {
-    let hub = TestHub::start().await.unwrap();
-    let d = device(&hub).await;
-    let v1 = publish(&hub, "1", None, 1000);
-    assert_eq!(install(&d, &v1).await.0.state, InstallState::Installed);
-
+    let (hub, d) = hub_with_device_on_v1().await;
     let v2 = publish(&hub, "2", None, 5000);
     let path = hub.running.packages_dir.join(&v2.file);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -132,10 +128,7 @@ async fn corrupted_package_fails_and_previous_version_stays_current() {
 
 #[tokio::test]
 async fn failed_self_test_rolls_back() {
-    let hub = TestHub::start().await.unwrap();
-    let d = device(&hub).await;
-    let v1 = publish(&hub, "1", None, 100);
-    assert_eq!(install(&d, &v1).await.0.state, InstallState::Installed);
+    let (hub, d) = hub_with_device_on_v1().await;
     let v2 = publish(&hub, "2", Some("echo fridge too warm >&2; exit 3"), 100);
     let (out, reports) = install(&d, &v2).await;
     assert_eq!(out.state, InstallState::RolledBack, "{out:?}");
@@ -188,10 +181,8 @@ async fn refused_logins_are_retried_until_one_succeeds() {
 
 #[tokio::test]
 async fn already_installed_version_is_not_downloaded_again() {
-    let hub = TestHub::start().await.unwrap();
-    let d = device(&hub).await;
-    let v1 = publish(&hub, "1", None, 100);
-    assert_eq!(install(&d, &v1).await.0.state, InstallState::Installed);
+    let (hub, d) = hub_with_device_on_v1().await;
+    let v1 = d.installer.latest().await.unwrap();
     // Any FTP use would now fail: the second install must not need the server.
     set_faults(&hub, FaultSettings { refuse_login_ppm: 1_000_000, ..FaultSettings::default() });
     let (out, reports) = install(&d, &v1).await;

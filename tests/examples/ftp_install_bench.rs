@@ -2,8 +2,9 @@
 //! everything in one process on loopback (hub on port 0). Prints one JSON line: wall time,
 //! installs per second, aggregate MB/s, install latency percentiles and peak RSS.
 //!
-//! `cargo run --release -p iothub-emulator-tests --example ftp_install_bench -- [devices] [package_kib]`
-//! (defaults 200 devices, 256 KiB).
+//! `cargo run --release -p iothub-emulator-tests --example ftp_install_bench -- [devices]
+//! [package_kib] [max_sessions]` (defaults 200 devices, 256 KiB, a session cap of `devices`; a
+//! lower cap makes devices meet `421` and retry with backoff).
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use iothub_emulator::ftp::FtpConfig;
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use iothub_emulator::{HubConfig, hub::DeviceInput};
-use iothub_emulator_tests::unique;
+use iothub_emulator_tests::{incompressible, unique};
 use simulated_devices::install::{Credentials, FtpSource, InstallState, Installer, RetryPolicy};
 use simulated_devices::package::{self, Manifest};
 
@@ -20,23 +21,15 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let devices: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
     let package_kib: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(256);
+    let max_sessions: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(devices.max(1));
     let dir = std::env::temp_dir().join(unique("ftp-bench"));
     let listen = ListenConfig { https_port: 0, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
-    let ftp = FtpConfig { max_sessions: devices.max(1), ..FtpConfig::new(dir.join("packages")) };
+    let ftp = FtpConfig { max_sessions, ..FtpConfig::new(dir.join("packages")) };
     let hub = RunningHub::start_with_ftp(HubConfig::default(), &listen, &dir, ftp).await?;
 
     let src = dir.join("app");
     std::fs::create_dir_all(&src)?;
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    let blob: Vec<u8> = (0..package_kib * 1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(src.join("blob.bin"), blob)?;
+    std::fs::write(src.join("blob.bin"), incompressible(package_kib * 1024))?;
     let manifest = Manifest { name: "bench".into(), version: "1".into(), self_test: None };
     let release = package::publish(&src, Some(&manifest), &hub.packages_dir)?;
 
@@ -96,6 +89,7 @@ async fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "devices": devices,
+            "ftp_max_sessions": max_sessions,
             "package_bytes": release.size,
             "wall_s": wall.as_secs_f64(),
             "installs_per_s": devices as f64 / wall.as_secs_f64(),
