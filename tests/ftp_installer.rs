@@ -10,7 +10,9 @@ use iothub_emulator::ftp::{FaultSettings, FtpConfig};
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use iothub_emulator_tests::{TestHub, incompressible, unique};
 use simulated_devices::InstallReport;
-use simulated_devices::install::{Credentials, FtpSource, InstallState, Installer, RetryPolicy};
+use simulated_devices::install::{
+    Credentials, FtpSource, InstallState, Installer, RetryPolicy, tls_trusting,
+};
 use simulated_devices::package::{self, Manifest, Release};
 use tokio::io::AsyncReadExt;
 
@@ -35,6 +37,7 @@ async fn device(hub: &TestHub) -> Device {
         device_id: id,
         credentials: Credentials::Key { hostname: hub.hostname(), key },
         step_timeout: Duration::from_secs(10),
+        tls: None,
     };
     Device { installer: Installer::new(dir.clone(), source).with_retry(FAST_RETRY), dir }
 }
@@ -104,6 +107,28 @@ async fn installs_latest_then_upgrades_keeping_the_previous_release() {
     assert_eq!(install(&d, &v3).await.0.state, InstallState::Installed);
     assert!(!d.dir.join("releases/1.0.0").exists(), "releases older than the previous are pruned");
     assert!(d.dir.join("releases/2.0.0").exists());
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn installs_over_explicit_ftps_trusting_the_hub_ca() {
+    let hub = TestHub::start().await.unwrap();
+    let mut d = device(&hub).await;
+    let v1 = publish(&hub, "1", None, 50_000);
+    let tls = tls_trusting(&hub.running.ca_pem).unwrap();
+    let mut source = d.installer.source().clone();
+    source.tls = Some((tls.clone(), hub.hostname()));
+    d.installer = Installer::new(d.dir.clone(), source.clone()).with_retry(FAST_RETRY);
+    let (out, _) = install(&d, &v1).await;
+    assert_eq!(out.state, InstallState::Installed, "{out:?}");
+    assert_eq!(out.download_attempts, 1);
+    // A certificate for another name is refused: the client really verifies.
+    source.tls = Some((tls, "not-the-hub.example".into()));
+    let other = Installer::new(hub.data_dir.join("other"), source)
+        .with_retry(RetryPolicy { max_attempts: 1, ..FAST_RETRY });
+    let out = other.install(&v1, |_| {}).await;
+    assert_eq!(out.state, InstallState::Failed);
+    assert!(out.reason.as_deref().unwrap().contains("AUTH TLS"), "{out:?}");
     hub.stop().await.unwrap();
 }
 
@@ -203,6 +228,7 @@ async fn wrong_credentials_fail_after_the_retry_budget() {
         device_id: id.clone(),
         credentials: Credentials::Token("SharedAccessSignature sr=x&sig=y&se=1".into()),
         step_timeout: Duration::from_secs(5),
+        tls: None,
     };
     let retry = RetryPolicy { max_attempts: 2, ..FAST_RETRY };
     let installer = Installer::new(hub.data_dir.join(&id), source).with_retry(retry);

@@ -3,8 +3,9 @@
 //! installs per second, aggregate MB/s, install latency percentiles and peak RSS.
 //!
 //! `cargo run --release -p iothub-emulator-tests --example ftp_install_bench -- [devices]
-//! [package_kib] [max_sessions]` (defaults 200 devices, 256 KiB, a session cap of `devices`; a
-//! lower cap makes devices meet `421` and retry with backoff).
+//! [package_kib] [max_sessions] [ftps]` (defaults 200 devices, 256 KiB, a session cap of
+//! `devices`, plain FTP; a lower cap makes devices meet `421` and retry with backoff; `ftps`
+//! upgrades every session with `AUTH TLS`).
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,9 @@ use iothub_emulator::ftp::FtpConfig;
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use iothub_emulator::{HubConfig, hub::DeviceInput};
 use iothub_emulator_tests::{incompressible, unique};
-use simulated_devices::install::{Credentials, FtpSource, InstallState, Installer, RetryPolicy};
+use simulated_devices::install::{
+    Credentials, FtpSource, InstallState, Installer, RetryPolicy, tls_trusting,
+};
 use simulated_devices::package::{self, Manifest};
 
 #[tokio::main]
@@ -22,6 +25,7 @@ async fn main() -> Result<()> {
     let devices: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
     let package_kib: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(256);
     let max_sessions: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(devices.max(1));
+    let ftps = args.next().is_some_and(|a| a == "ftps");
     let dir = std::env::temp_dir().join(unique("ftp-bench"));
     let listen = ListenConfig { https_port: 0, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
     let ftp = FtpConfig { max_sessions, ..FtpConfig::new(dir.join("packages")) };
@@ -33,6 +37,7 @@ async fn main() -> Result<()> {
     let manifest = Manifest { name: "bench".into(), version: "1".into(), self_test: None };
     let release = package::publish(&src, Some(&manifest), &hub.packages_dir)?;
 
+    let tls = ftps.then(|| tls_trusting(&hub.ca_pem)).transpose().map_err(anyhow::Error::msg)?;
     let ftp_addr = hub.ftp_addr.context("FTP is off")?.to_string();
     let mut installers = Vec::with_capacity(devices);
     for i in 0..devices {
@@ -46,6 +51,7 @@ async fn main() -> Result<()> {
             device_id: id.clone(),
             credentials: Credentials::Key { hostname: hub.hub.hostname().to_string(), key },
             step_timeout: Duration::from_secs(30),
+            tls: tls.clone().map(|c| (c, hub.hub.hostname().to_string())),
         };
         let retry = RetryPolicy { max_attempts: 20, ..RetryPolicy::default() };
         installers.push(Installer::new(dir.join("devices").join(&id), source).with_retry(retry));
@@ -90,6 +96,7 @@ async fn main() -> Result<()> {
         serde_json::json!({
             "devices": devices,
             "ftp_max_sessions": max_sessions,
+            "ftps": ftps,
             "package_bytes": release.size,
             "wall_s": wall.as_secs_f64(),
             "installs_per_s": devices as f64 / wall.as_secs_f64(),

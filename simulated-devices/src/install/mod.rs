@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use ftp::{Credentials, FtpError, FtpSource};
+pub use ftp::{Credentials, FtpError, FtpSource, tls_trusting};
 pub use machine::{Action, Event, InstallMachine, InstallState, RetryPolicy};
 
 use crate::package::{self, LATEST_FILE, Release};
@@ -101,6 +101,11 @@ impl Installer {
     pub fn with_self_test_timeout(mut self, timeout: Duration) -> Self {
         self.self_test_timeout = timeout;
         self
+    }
+
+    /// Where packages come from.
+    pub fn source(&self) -> &FtpSource {
+        &self.source
     }
 
     /// The device directory.
