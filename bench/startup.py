@@ -32,7 +32,8 @@ def wait_http(url, deadline):
 
 def time_emulator(binary, data_dir):
     t0 = time.monotonic()
-    p = subprocess.Popen([binary, "--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--mqtt-port", "0",
+    p = subprocess.Popen([binary, "--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--ftp-port", "0",
+                          "--mqtt-port", "0",
                           "--data-dir", data_dir],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -56,7 +56,7 @@ impl TestHub {
     /// Like [`TestHub::start`] with a custom hub configuration.
     pub async fn start_with(config: HubConfig) -> Result<Self> {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let listen = ListenConfig { bind: ip, https_port: 0, http_port: 0, amqp_port: 0 };
+        let listen = ListenConfig { bind: ip, https_port: 0, http_port: 0, amqp_port: 0, ftp_port: Some(0) };
         let data_dir = scratch_dir();
         let running = RunningHub::start(config, &listen, &data_dir).await?;
         let client = client_for(&running.ca_pem)?;
@@ -73,7 +73,8 @@ impl TestHub {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (base + n / 250) as u8 % 255, (2 + n % 250) as u8));
             let config = HubConfig { hostname: ip.to_string(), ..HubConfig::default() };
-            let listen = ListenConfig { bind: ip, http_port: 0, ..ListenConfig::default() };
+            let listen =
+                ListenConfig { bind: ip, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
             let data_dir = scratch_dir();
             match RunningHub::start(config, &listen, &data_dir).await {
                 Ok(running) => {
@@ -258,4 +259,18 @@ async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
     }
     println!("{stdout}");
     Ok(())
+}
+
+/// `len` pseudo-random bytes (xorshift, fixed seed): file content that gzip cannot shrink, for
+/// packages whose size must be predictable.
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ len as u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

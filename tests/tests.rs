@@ -3,6 +3,7 @@
 mod amqp;
 mod auth;
 mod c2d;
+mod ftp_installer;
 mod registry;
 mod sdk;
 mod startup;

@@ -87,3 +87,14 @@ pub const DEFAULT_MQTT_PORT: u16 = 8883;
 pub const DEFAULT_AMQP_PORT: u16 = 5671;
 /// Plain HTTP (health, CA download, admin, registry for curl). An emulator choice.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+/// FTP package server port. An emulator choice (IoT Hub has no FTP server): 2121 needs no root.
+pub const DEFAULT_FTP_PORT: u16 = 2121;
+/// Ports the FTP server may use for passive data connections (IANA's dynamic range, libunftp's
+/// default).
+pub const FTP_DEFAULT_PASSIVE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Concurrent FTP sessions at most. Each session holds a control socket and, while downloading, a
+/// data socket and a passive listener; 1,000 sessions keep the hub well under a 20,000-fd limit.
+pub const FTP_DEFAULT_MAX_SESSIONS: usize = 1000;
+/// An FTP session idle this long is closed (libunftp's default is 600 s; devices reconnect).
+pub const FTP_IDLE_TIMEOUT_SECS: u64 = 120;

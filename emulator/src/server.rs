@@ -1,6 +1,7 @@
 //! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
 //! (TLS, IoT Hub's REST API), the plain HTTP port (the same API plus health, CA download and
-//! telemetry read-out) and the AMQP port (TLS, the service SDKs' C2D and feedback).
+//! telemetry read-out), the AMQP port (TLS, the service SDKs' C2D and feedback) and the FTP package
+//! server ([`crate::ftp`]).
 //!
 //! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
 //! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
@@ -23,15 +24,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::ftp::{self, FtpConfig, FtpFaults};
 use crate::http::{self, HttpContext, Port};
 use crate::hub::{Hub, HubConfig};
-use crate::limits::{DEFAULT_AMQP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
+use crate::limits::{DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`). The std
+/// default of 128 drops SYNs when a fleet connects at once, and clients then wait seconds for
+/// the retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Pause after an accept failure caused by file-descriptor exhaustion.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -46,6 +52,8 @@ pub struct ListenConfig {
     pub http_port: u16,
     /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
     pub amqp_port: u16,
+    /// The FTP package server (`None`: off).
+    pub ftp_port: Option<u16>,
 }
 
 impl Default for ListenConfig {
@@ -55,6 +63,7 @@ impl Default for ListenConfig {
             https_port: DEFAULT_HTTPS_PORT,
             http_port: DEFAULT_HTTP_PORT,
             amqp_port: DEFAULT_AMQP_PORT,
+            ftp_port: Some(DEFAULT_FTP_PORT),
         }
     }
 }
@@ -68,6 +77,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// AMQP over TLS: the service endpoint.
     pub amqp: TcpListener,
+    /// The FTP package server, if on.
+    pub ftp: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -77,6 +88,7 @@ impl Listeners {
             https: bind_one(cfg.bind, cfg.https_port, "HTTPS", "--https-port")?,
             http: bind_one(cfg.bind, cfg.http_port, "plain HTTP", "--http-port")?,
             amqp: bind_one(cfg.bind, cfg.amqp_port, "AMQP", "--amqp-port")?,
+            ftp: cfg.ftp_port.map(|p| bind_one(cfg.bind, p, "FTP", "--ftp-port")).transpose()?,
         })
     }
 }
@@ -90,9 +102,12 @@ pub fn bind_one(
 ) -> Result<TcpListener, ServerError> {
     let addr = SocketAddr::new(ip, port);
     let bind = || -> io::Result<TcpListener> {
-        let std = std::net::TcpListener::bind(addr)?;
-        std.set_nonblocking(true)?;
-        TcpListener::from_std(std)
+        let socket =
+            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
     };
     bind().map_err(|source| ServerError::Bind { what, addr, flag, source })
 }
@@ -116,6 +131,9 @@ pub enum ServerError {
         /// The cause.
         source: io::Error,
     },
+    /// The FTP server's settings are unusable.
+    #[error(transparent)]
+    Ftp(#[from] ftp::Error),
     /// The server task failed.
     #[error("the server task failed: {0}")]
     Task(String),
@@ -132,6 +150,12 @@ pub struct RunningHub {
     pub http_addr: SocketAddr,
     /// The AMQP listener's address.
     pub amqp_addr: SocketAddr,
+    /// The FTP package server's address, if on.
+    pub ftp_addr: Option<SocketAddr>,
+    /// The directory the FTP server serves.
+    pub packages_dir: PathBuf,
+    /// The FTP fault knobs (also at `PUT /emulator/ftp/faults`).
+    pub ftp_faults: Arc<FtpFaults>,
     /// The CA certificate file clients must trust.
     pub ca_path: PathBuf,
     /// The CA certificate in PEM.
@@ -142,24 +166,43 @@ pub struct RunningHub {
 
 impl RunningHub {
     /// Prepares certificates under `<data_dir>/certs`, binds `listen` and serves a new hub with
-    /// `config` until [`RunningHub::stop`]. Returns once every listener accepts.
+    /// `config` until [`RunningHub::stop`]; FTP serves `<data_dir>/packages` with default
+    /// settings. Returns once every listener accepts.
     pub async fn start(
         config: HubConfig,
         listen: &ListenConfig,
         data_dir: &Path,
     ) -> Result<Self, ServerError> {
+        Self::start_with_ftp(config, listen, data_dir, FtpConfig::new(data_dir.join("packages"))).await
+    }
+
+    /// Like [`RunningHub::start`] with the FTP package server's settings.
+    pub async fn start_with_ftp(
+        config: HubConfig,
+        listen: &ListenConfig,
+        data_dir: &Path,
+        ftp: FtpConfig,
+    ) -> Result<Self, ServerError> {
         let certs = HubCertificates::load_or_create(&data_dir.join("certs"), &config.hostname)?;
+        ftp::prepare(&ftp)?;
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let amqp_addr = listeners.amqp.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let ftp_addr = listeners
+            .ftp
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(|e| ServerError::Task(e.to_string()))?;
+        let (packages_dir, ftp_faults) = (ftp.packages_dir.clone(), ftp.faults.clone());
         let hub = Hub::new(config);
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = {
             let (hub, certs, shutdown) = (hub.clone(), certs.clone(), shutdown.clone());
             tokio::spawn(async move {
-                serve(hub, &certs, listeners, shutdown, move || {
+                serve(hub, &certs, listeners, ftp, shutdown, move || {
                     let _ = ready_tx.send(());
                 })
                 .await
@@ -176,6 +219,9 @@ impl RunningHub {
             https_addr,
             http_addr,
             amqp_addr,
+            ftp_addr,
+            packages_dir,
+            ftp_faults,
             ca_path: certs.ca_path.clone(),
             ca_pem: certs.ca_pem,
             shutdown,
@@ -206,18 +252,24 @@ impl RunningHub {
 }
 
 /// Serves `hub` on `listeners` until `shutdown` is cancelled, then waits (up to a grace period)
-/// for open connections to finish. `on_ready` runs once every accept loop is running.
+/// for open connections to finish. `ftp` configures the FTP package server (when
+/// `listeners.ftp` is bound). `on_ready` runs once every accept loop is running.
 pub async fn serve(
     hub: Hub,
     certs: &HubCertificates,
     listeners: Listeners,
+    ftp: FtpConfig,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
     let amqp_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let ctx = HttpContext::new(hub.clone(), certs.ca_pem.clone());
+    let ctx = HttpContext::with_ftp_faults(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone());
     let tracker = TaskTracker::new();
+    let ftps = certs.server_config(&[])?;
+    let ftp_loop = listeners.ftp.map(|l| {
+        tokio::spawn(ftp::serve(l, hub.clone(), ftp, Some(ftps), shutdown.clone(), tracker.clone()))
+    });
     let loops = [
         tokio::spawn(accept_loop(
             listeners.https,
@@ -238,11 +290,13 @@ pub async fn serve(
         tokio::spawn(crate::amqp::server::accept_loop(
             listeners.amqp,
             amqp_tls,
-            hub,
+            hub.clone(),
             shutdown.clone(),
             tracker.clone(),
         )),
-    ];
+    ]
+    .into_iter()
+    .chain(ftp_loop);
     ctx.ready.store(true, Ordering::Release);
     on_ready();
     for l in loops {

@@ -17,7 +17,8 @@ fn temp_dir() -> std::path::PathBuf {
 }
 
 /// Flags that move every listener to a free port, so tests never collide on fixed ports.
-const FREE_PORTS: [&str; 6] = ["--https-port", "0", "--http-port", "0", "--amqp-port", "0"];
+const FREE_PORTS: [&str; 8] =
+    ["--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--ftp-port", "0"];
 
 /// [`FREE_PORTS`] without `flag` and its value (clap refuses a flag given twice).
 fn free_ports_except(flag: &str) -> Vec<&'static str> {

@@ -389,7 +389,7 @@ fn compound(code: u8, count: usize, body: &mut &[u8]) -> Result<Value, DecodeErr
             Ok(Value::List(items))
         }
         0xc1 | 0xd1 => {
-            if count % 2 != 0 {
+            if !count.is_multiple_of(2) {
                 return Err(DecodeError::Shape(format!("a map with an odd element count ({count})")));
             }
             let mut pairs = Vec::with_capacity(cap / 2);
