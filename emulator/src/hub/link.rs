@@ -154,6 +154,8 @@ impl Hub {
             }
             Ok(())
         });
+        // A method call may be waiting (connect timeout) for this device to subscribe.
+        self.shared.changed.notify_waiters();
     }
 
     /// Records device activity (any packet from it).
@@ -234,5 +236,71 @@ impl Hub {
                 ),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{DeviceInput, HubConfig};
+
+    fn hub_with(id: &str) -> Hub {
+        let hub = Hub::new(HubConfig::default());
+        hub.put_device(id, DeviceInput::default(), None).unwrap();
+        hub
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn methods_need_an_online_subscribed_device_and_time_out() {
+        let hub = hub_with("d1");
+        let call = |hub: Hub| async move {
+            hub.invoke_method("d1", "m", Bytes::new(), Duration::ZERO, Duration::from_secs(5)).await
+        };
+        assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline);
+        let mut link = hub.attach_link("d1", false).unwrap();
+        assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline, "not subscribed");
+        hub.save_session("d1", link.conn_id, subscriptions::METHODS);
+        let pending = tokio::spawn(call(hub.clone()));
+        let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
+        assert_eq!(m.name, "m");
+        drop(m);
+        assert_eq!(
+            pending.await.unwrap().unwrap_err().code,
+            ErrorCode::DeviceNotOnline,
+            "connection dropped the call"
+        );
+        let pending = tokio::spawn(call(hub.clone()));
+        let _held = link.events.recv().await;
+        assert_eq!(pending.await.unwrap().unwrap_err().code, ErrorCode::GatewayTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_timeout_waits_for_the_device() {
+        let hub = hub_with("d1");
+        let h = hub.clone();
+        let pending = tokio::spawn(async move {
+            h.invoke_method("d1", "m", Bytes::new(), Duration::from_secs(30), Duration::from_secs(5)).await
+        });
+        tokio::task::yield_now().await;
+        let mut link = hub.attach_link("d1", false).unwrap();
+        hub.save_session("d1", link.conn_id, subscriptions::METHODS);
+        let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
+        m.reply.send(MethodReply { status: 200, payload: Bytes::from_static(b"1") }).unwrap();
+        assert_eq!(pending.await.unwrap().unwrap().status, 200);
+    }
+
+    #[test]
+    fn detach_keeps_or_clears_the_session_and_deleting_kicks() {
+        let hub = hub_with("d1");
+        let a = hub.attach_link("d1", false).unwrap();
+        hub.save_session("d1", a.conn_id, subscriptions::C2D);
+        hub.detach_link("d1", a.conn_id, true);
+        let b = hub.attach_link("d1", false).unwrap();
+        assert_eq!(b.session, subscriptions::C2D);
+        hub.detach_link("d1", b.conn_id, false);
+        let c = hub.attach_link("d1", false).unwrap();
+        assert_eq!(c.session, 0);
+        hub.delete_device("d1", None).unwrap();
+        assert!(c.kick.is_cancelled());
     }
 }

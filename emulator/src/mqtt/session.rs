@@ -412,3 +412,359 @@ fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Byte
         body,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rumqttc::mqttbytes::v4::{Subscribe, Unsubscribe};
+
+    use super::*;
+    use crate::c2d::C2dMessage;
+    use crate::clock::ManualClock;
+    use crate::hub::link::MethodCall;
+    use crate::hub::{DeviceInput, HubConfig};
+    use crate::sas::make_token;
+
+    const START_MS: u64 = 1_700_000_000_000;
+
+    struct Fixture {
+        hub: Hub,
+        clock: ManualClock,
+        key: String,
+    }
+
+    fn fixture(id: &str) -> Fixture {
+        let clock = ManualClock::new(START_MS);
+        let hub = Hub::with_clock(HubConfig::default(), Arc::new(clock.clone()));
+        hub.put_device(id, DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key(id).unwrap().unwrap();
+        Fixture { hub, clock, key }
+    }
+
+    fn connect_packet(f: &Fixture, id: &str, clean: bool) -> Connect {
+        let token =
+            make_token(&format!("localhost/devices/{id}"), &f.key, None, START_MS / 1000 + 3600).unwrap();
+        let mut c = Connect::new(id);
+        c.clean_session = clean;
+        c.keep_alive = 60;
+        c.set_login(format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=x"), token);
+        c
+    }
+
+    fn connect(f: &Fixture, id: &str, clean: bool) -> (Accepted, Vec<Packet>) {
+        let mut a = accept_connect(&f.hub, &connect_packet(f, id, clean)).unwrap();
+        let mut out = Vec::new();
+        a.session.start(&f.hub, &mut out);
+        (a, out)
+    }
+
+    fn send(f: &Fixture, id: &str, mid: &str) {
+        let msg = C2dMessage {
+            message_id: Some(mid.into()),
+            properties: vec![("k".into(), "v".into())],
+            body: Bytes::from(format!("body of {mid}")),
+            ..Default::default()
+        };
+        f.hub.send_c2d(id, msg).unwrap();
+    }
+
+    fn subscribe(s: &mut Session, hub: &Hub, filters: &[&str]) -> Vec<Packet> {
+        let mut sub = Subscribe::new(filters[0], QoS::AtLeastOnce);
+        for f in &filters[1..] {
+            sub.add(f.to_string(), QoS::ExactlyOnce);
+        }
+        sub.pkid = 7;
+        let mut out = Vec::new();
+        s.handle_packet(hub, Packet::Subscribe(sub), &mut out).unwrap();
+        out
+    }
+
+    fn publishes(out: &[Packet]) -> Vec<&Publish> {
+        out.iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p) } else { None }).collect()
+    }
+
+    fn pending(f: &Fixture, id: &str) -> u64 {
+        f.hub.get_device(id).unwrap()["cloudToDeviceMessageCount"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn refusals_get_the_right_connack_codes() {
+        let f = fixture("d1");
+        let mut forged = connect_packet(&f, "d1", false);
+        let other_key = crate::sas::generate_key();
+        let token = make_token("localhost/devices/d1", &other_key, None, START_MS / 1000 + 3600).unwrap();
+        forged.set_login("localhost/d1/?api-version=2021-04-12", token.clone());
+        assert_eq!(accept_connect(&f.hub, &forged).unwrap_err().code, ConnectReturnCode::NotAuthorized);
+
+        let mut bad_user = connect_packet(&f, "d1", false);
+        bad_user.login.as_mut().unwrap().username = "localhost/other/?api-version=1".into();
+        assert_eq!(
+            accept_connect(&f.hub, &bad_user).unwrap_err().code,
+            ConnectReturnCode::BadUserNamePassword
+        );
+
+        let mut no_login = connect_packet(&f, "d1", false);
+        no_login.login = None;
+        assert_eq!(
+            accept_connect(&f.hub, &no_login).unwrap_err().code,
+            ConnectReturnCode::BadUserNamePassword
+        );
+
+        let mut bad_id = connect_packet(&f, "d1", false);
+        bad_id.client_id = "d1/module".into();
+        assert_eq!(accept_connect(&f.hub, &bad_id).unwrap_err().code, ConnectReturnCode::BadClientId);
+
+        let mut v5 = connect_packet(&f, "d1", false);
+        v5.protocol = rumqttc::mqttbytes::Protocol::V5;
+        assert_eq!(accept_connect(&f.hub, &v5).unwrap_err().code, ConnectReturnCode::RefusedProtocolVersion);
+
+        f.clock.advance(3 * 3600 * 1000);
+        let expired = connect_packet(&f, "d1", false);
+        assert_eq!(accept_connect(&f.hub, &expired).unwrap_err().code, ConnectReturnCode::NotAuthorized);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+
+    #[test]
+    fn offline_c2d_arrives_completes_on_puback_and_unacked_is_redelivered() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        s.close(&f.hub);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+
+        send(&f, "d1", "m1");
+        send(&f, "d1", "m2");
+        let (a, out) = connect(&f, "d1", false);
+        assert_eq!(a.connack, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, true)));
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Connected");
+        let mut s = a.session;
+        let got = publishes(&out);
+        assert_eq!(got.len(), 2, "both offline messages arrive without a new SUBSCRIBE");
+        assert_eq!(got[0].qos, QoS::AtLeastOnce);
+        assert_eq!(&got[0].payload[..], b"body of m1");
+        assert!(got[0].topic.starts_with("devices/d1/messages/devicebound/%24.mid=m1&"), "{}", got[0].topic);
+        assert!(got[0].topic.ends_with("iothub-ack=none&k=v"), "{}", got[0].topic);
+        let p1 = got[0].pkid;
+        assert_ne!(p1, got[1].pkid);
+
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(p1)), &mut out).unwrap();
+        assert_eq!(pending(&f, "d1"), 1, "the PUBACK completed m1");
+        s.close(&f.hub);
+
+        let (a, out) = connect(&f, "d1", false);
+        let got = publishes(&out);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].payload[..], b"body of m2", "m2 was never PUBACKed: redelivered");
+        let mut out2 = Vec::new();
+        let mut s = a.session;
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out2).unwrap();
+        assert_eq!(pending(&f, "d1"), 0);
+    }
+
+    #[test]
+    fn clean_session_keeps_nothing() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        s.close(&f.hub);
+        send(&f, "d1", "m1");
+        let (a, out) = connect(&f, "d1", true);
+        assert_eq!(a.connack, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+        assert!(publishes(&out).is_empty(), "no subscription survives clean_session=1");
+        a.session.close(&f.hub);
+        let (a, out) = connect(&f, "d1", false);
+        assert!(publishes(&out).is_empty(), "the clean session's end left nothing behind");
+        assert_eq!(a.session.subscriptions(), 0);
+    }
+
+    #[test]
+    fn subscriptions_to_other_devices_fail_and_qos2_is_granted_1() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let out = subscribe(
+            &mut s,
+            &f.hub,
+            &["devices/d2/messages/devicebound/#", "$iothub/twin/res/#", "$iothub/methods/POST/#"],
+        );
+        let Packet::SubAck(ack) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(ack.pkid, 7);
+        assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            ]
+        );
+        assert_eq!(s.subscriptions(), subscriptions::TWIN_RESPONSES | subscriptions::METHODS);
+        let mut out = Vec::new();
+        let unsub = Unsubscribe { pkid: 8, topics: vec!["$iothub/methods/POST/#".into()] };
+        s.handle_packet(&f.hub, Packet::Unsubscribe(unsub), &mut out).unwrap();
+        assert_eq!(out, vec![Packet::UnsubAck(UnsubAck { pkid: 8 })]);
+        assert_eq!(s.subscriptions(), subscriptions::TWIN_RESPONSES);
+    }
+
+    #[test]
+    fn forbidden_publishes_close_the_connection() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut out = Vec::new();
+        let other = Publish::new("devices/d2/messages/events/", QoS::AtLeastOnce, "x");
+        assert!(matches!(s.handle_packet(&f.hub, Packet::Publish(other), &mut out), Err(Close::Topic(_))));
+        let qos2 = Publish::new("devices/d1/messages/events/", QoS::ExactlyOnce, "x");
+        assert!(matches!(s.handle_packet(&f.hub, Packet::Publish(qos2), &mut out), Err(Close::QoS2)));
+        let big = Publish::new(
+            "devices/d1/messages/events/",
+            QoS::AtMostOnce,
+            vec![0u8; D2C_MAX_MESSAGE_BYTES + 1],
+        );
+        assert!(matches!(
+            s.handle_packet(&f.hub, Packet::Publish(big), &mut out),
+            Err(Close::TooLarge { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn telemetry_is_recorded_with_properties_and_acked() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut p = Publish::new(
+            "devices/d1/messages/events/%24.mid=m9&%24.ct=application%2Fjson&temp=21",
+            QoS::AtLeastOnce,
+            "{}",
+        );
+        p.pkid = 3;
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::Publish(p), &mut out).unwrap();
+        assert_eq!(out, vec![Packet::PubAck(PubAck::new(3))]);
+        let got = f.hub.read_telemetry(Some("d1"), 0, 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].system_properties,
+            vec![("message-id".into(), "m9".into()), ("content-type".into(), "application/json".into())]
+        );
+        assert_eq!(got[0].properties, vec![("temp".to_string(), "21".to_string())]);
+    }
+
+    #[test]
+    fn twin_get_and_reported_patch_answer_without_a_subscription() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut out = Vec::new();
+        let patch = Publish::new(
+            "$iothub/twin/PATCH/properties/reported/?$rid=p1",
+            QoS::AtMostOnce,
+            r#"{"fw":"1.2"}"#,
+        );
+        s.handle_packet(&f.hub, Packet::Publish(patch), &mut out).unwrap();
+        let get = Publish::new("$iothub/twin/GET/?$rid=g1", QoS::AtLeastOnce, " ");
+        s.handle_packet(&f.hub, Packet::Publish(get), &mut out).unwrap();
+        let bad =
+            Publish::new("$iothub/twin/PATCH/properties/reported/?$rid=p2", QoS::AtMostOnce, "not json");
+        s.handle_packet(&f.hub, Packet::Publish(bad), &mut out).unwrap();
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/twin/res/204/?$rid=p1&$version=2");
+        assert_eq!(got[1].topic, "$iothub/twin/res/200/?$rid=g1");
+        let twin: Value = serde_json::from_slice(&got[1].payload).unwrap();
+        assert_eq!(twin["reported"]["fw"], "1.2");
+        assert!(twin["desired"]["$version"].is_u64(), "{twin}");
+        assert_eq!(got[2].topic, "$iothub/twin/res/400/?$rid=p2");
+        let err: Value = serde_json::from_slice(&got[2].payload).unwrap();
+        assert_eq!(err["errorCode"], 400004);
+    }
+
+    #[test]
+    fn desired_patches_and_methods_reach_subscribed_sessions() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut link = a.link;
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::DesiredPatch(Box::new(json!({"a": 1, "$version": 2}))), &mut out);
+        assert!(out.is_empty(), "not subscribed to desired");
+        subscribe(&mut s, &f.hub, &["$iothub/twin/PATCH/properties/desired/#", "$iothub/methods/POST/#"]);
+
+        f.hub.update_twin("d1", &json!({"properties": {"desired": {"a": 1}}}), None, false).unwrap();
+        let event = link.events.try_recv().expect("the hub queued the desired patch");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, event, &mut out);
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
+        let body: Value = serde_json::from_slice(&got[0].payload).unwrap();
+        assert_eq!(body, json!({"a": 1, "$version": 2}));
+
+        let (reply, mut rx) = oneshot::channel();
+        let call = MethodCall { name: "reboot".into(), payload: Bytes::from_static(b"{\"delay\":1}"), reply };
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::Method(Box::new(call)), &mut out);
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/methods/POST/reboot/?$rid=1");
+        assert_eq!(&got[0].payload[..], b"{\"delay\":1}");
+        let res = Publish::new("$iothub/methods/res/201/?$rid=1", QoS::AtMostOnce, r#"{"ok":true}"#);
+        s.handle_packet(&f.hub, Packet::Publish(res), &mut Vec::new()).unwrap();
+        let reply = rx.try_recv().unwrap();
+        assert_eq!(reply.status, 201);
+        assert_eq!(&reply.payload[..], br#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn inflight_window_is_bounded_and_lapsed_locks_are_redelivered() {
+        let f = fixture("d1");
+        for i in 0..MQTT_C2D_INFLIGHT_WINDOW + 2 {
+            send(&f, "d1", &format!("m{i}"));
+        }
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let out = subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        let got = publishes(&out);
+        assert_eq!(got.len(), MQTT_C2D_INFLIGHT_WINDOW);
+        assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW);
+        let first = got[0].pkid;
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(first)), &mut out).unwrap();
+        assert_eq!(publishes(&out).len(), 1, "one PUBACK frees one slot");
+
+        f.clock.advance(C2D_LOCK_TIMEOUT_MS + 1);
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PingReq, &mut out).unwrap();
+        assert_eq!(out[0], Packet::PingResp);
+        assert!(publishes(&out).is_empty(), "the window is still full of unacknowledged deliveries");
+        let mut out = Vec::new();
+        let second = got[1].pkid;
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(second)), &mut out).unwrap();
+        let again = publishes(&out);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            &again[0].payload[..],
+            b"body of m1",
+            "m1's lock lapsed: its PUBACK came too late, it is redelivered"
+        );
+        assert_eq!(pending(&f, "d1"), (MQTT_C2D_INFLIGHT_WINDOW + 1) as u64);
+    }
+
+    #[test]
+    fn a_new_connection_kicks_the_old_one() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        assert!(!a.link.kick.is_cancelled());
+        let (b, _) = connect(&f, "d1", false);
+        assert!(a.link.kick.is_cancelled());
+        a.session.close(&f.hub);
+        assert_eq!(
+            f.hub.get_device("d1").unwrap()["connectionState"],
+            "Connected",
+            "the old close must not detach the new one"
+        );
+        b.session.close(&f.hub);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+}
