@@ -167,6 +167,15 @@ impl Hub {
         });
     }
 
+    /// Wakes the current connection of `device_id` (if any) to pull C2D: used when a replaced
+    /// connection released messages the new one could not see yet.
+    pub fn wake_c2d(&self, device_id: &str) {
+        let _ = self.with_device(device_id, |d| {
+            Hub::poke_c2d(d);
+            Ok(())
+        });
+    }
+
     /// Wakes the connection of `d` (if any) because a C2D message was queued.
     pub(super) fn poke_c2d(d: &Device) {
         if let Some(link) = &d.link {

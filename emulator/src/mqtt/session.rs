@@ -269,6 +269,9 @@ impl Session {
             let _ = hub.settle_c2d(&self.device_id, *token, Settlement::Release);
         }
         hub.detach_link(&self.device_id, self.conn_id, !self.clean);
+        if !self.inflight.is_empty() {
+            hub.wake_c2d(&self.device_id);
+        }
     }
 
     fn on_publish(&mut self, hub: &Hub, p: Publish, out: &mut Vec<Packet>) -> Result<(), Close> {
@@ -749,6 +752,22 @@ mod tests {
             "m1's lock lapsed: its PUBACK came too late, it is redelivered"
         );
         assert_eq!(pending(&f, "d1"), (MQTT_C2D_INFLIGHT_WINDOW + 1) as u64);
+    }
+
+    #[test]
+    fn messages_released_by_a_replaced_connection_wake_the_new_one() {
+        let f = fixture("d1");
+        send(&f, "d1", "m1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut old = a.session;
+        assert_eq!(publishes(&subscribe(&mut old, &f.hub, &["devices/d1/messages/devicebound/#"])).len(), 1);
+        let (mut b, out) = connect(&f, "d1", false);
+        assert!(publishes(&out).is_empty(), "m1 is still locked by the old connection");
+        old.close(&f.hub);
+        let event = b.link.events.try_recv().expect("the release woke the new connection");
+        let mut out = Vec::new();
+        b.session.handle_event(&f.hub, event, &mut out);
+        assert_eq!(&publishes(&out)[0].payload[..], b"body of m1");
     }
 
     #[test]
