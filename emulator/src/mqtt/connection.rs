@@ -237,3 +237,17 @@ where
         }
     }
 }
+#[cfg(test)]
+mod tests {
+    /// Each idle connection costs one boxed `serve` future; keep it from growing unnoticed (the
+    /// per-connection budget is a few KiB, measured by `examples/mqtt_idle.rs`).
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let hub = crate::hub::Hub::new(Default::default());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), Default::default());
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 2560, "the plain MQTT connection future grew to {size} bytes");
+    }
+}
