@@ -233,7 +233,7 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
     let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let ctx = HttpContext::new(hub.clone(), certs.ca_pem.clone());
+    let ctx = HttpContext::with_shutdown(hub.clone(), certs.ca_pem.clone(), shutdown.clone());
     let tracker = TaskTracker::new();
     let mut loops = vec![
         tokio::spawn(accept_loop(

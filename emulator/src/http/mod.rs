@@ -9,6 +9,7 @@ mod admin;
 mod device_api;
 pub mod router;
 mod service_api;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -42,12 +43,23 @@ pub struct HttpContext {
     pub ca_pem: String,
     /// Set once every listener accepts; `/health` answers 200 only then.
     pub ready: AtomicBool,
+    /// Cancelled when the hub shuts down (for connections upgraded to WebSocket).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl HttpContext {
     /// A context for `hub`, not yet ready.
     pub fn new(hub: Hub, ca_pem: String) -> Arc<Self> {
-        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false) })
+        Self::with_shutdown(hub, ca_pem, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// Like [`HttpContext::new`], with the hub's shutdown token for upgraded connections.
+    pub fn with_shutdown(
+        hub: Hub,
+        ca_pem: String,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), shutdown })
     }
 
     /// Whether every listener accepts.
@@ -116,6 +128,13 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    if websocket::is_upgrade(&req) {
+        let e = match websocket::upgrade(&ctx, req) {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        return Ok(error_response(&Method::GET, websocket::WEBSOCKET_PATH, &e));
+    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
