@@ -12,69 +12,23 @@ invokes a direct method, which the device answers. Last, a second client uses MQ
 """
 
 import base64
-import faulthandler
 import hashlib
 import hmac
-import json
-import os
 import queue
 import sys
-import threading
 import time
-import traceback
 import urllib.parse
 import uuid
 
 import requests
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
-from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
+
+from common import REQUEST_TIMEOUT_S, CheckFailed, check, check_equal, env, registry_manager, run_main
 
 SCRIPT = "device_mqtt_test"
 WATCHDOG_S = 120
-REQUEST_TIMEOUT_S = 15
 RECEIVE_S = 20
-
-_checks_passed = 0
-
-
-class CheckFailed(Exception):
-    """A check did not hold; the message says which and why."""
-
-
-def check(what, ok, detail=None):
-    """Records one passed check (one output line) or raises CheckFailed."""
-    global _checks_passed
-    if not ok:
-        raise CheckFailed(what if detail is None else f"{what}: {detail}")
-    _checks_passed += 1
-    print(f"ok - {what}", flush=True)
-
-
-def check_equal(what, actual, expected):
-    check(what, actual == expected, f"expected {expected!r}, got {actual!r}")
-
-
-def env(name):
-    value = os.environ.get(name)
-    if not value:
-        raise CheckFailed(f"environment variable {name} is required (set by the Rust SDK test harness)")
-    return value
-
-
-def start_watchdog():
-    """Bounds the whole run: prints a failure and every thread's stack, then exits 1."""
-
-    def expire():
-        print(f"FAIL - watchdog: script exceeded {WATCHDOG_S} s overall", flush=True)
-        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-    timer = threading.Timer(WATCHDOG_S, expire)
-    timer.daemon = True
-    timer.start()
-
 
 def parse_connection_string(cs):
     return dict(part.split("=", 1) for part in cs.split(";") if part)
@@ -101,13 +55,6 @@ def send_c2d(hub, device_id, message_id, body, properties):
     url = f"https://{hub['HostName']}/devices/{urllib.parse.quote(device_id)}/messages/deviceBound?api-version=2021-04-12"
     response = requests.post(url, data=body.encode(), headers=headers, timeout=REQUEST_TIMEOUT_S)
     check_equal(f"C2D send {message_id} while the device is offline: HTTP status", response.status_code, 204)
-
-
-def registry_manager(connection_string):
-    manager = IoTHubRegistryManager.from_connection_string(connection_string)
-    manager.protocol.config.retry_policy.retries = 0
-    manager.protocol.config.connection.timeout = REQUEST_TIMEOUT_S
-    return manager
 
 
 def take(q, what):
@@ -233,23 +180,5 @@ def run():
     rm.delete_device(device_id)
 
 
-def main():
-    start_watchdog()
-    try:
-        run()
-    except CheckFailed as err:
-        print(f"FAIL - {err}", flush=True)
-        return 1
-    except Exception as err:  # an SDK call failed where success was expected
-        response = getattr(err, "response", None)
-        status = getattr(response, "status_code", None)
-        body = getattr(response, "text", "")[:300] if response is not None else ""
-        print(f"FAIL - unexpected {type(err).__name__}: {err} (HTTP {status}) {body}", flush=True)
-        print(traceback.format_exc(), end="", flush=True)
-        return 1
-    print(f"{SCRIPT}: all {_checks_passed} checks passed", flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(SCRIPT, WATCHDOG_S, run))
