@@ -309,7 +309,12 @@ mod tests {
         hub.detach_link("d1", b.conn_id, false);
         let c = hub.attach_link("d1", false).unwrap();
         assert_eq!(c.session, 0);
+        let disable = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
+        hub.put_device("d1", disable, Some(crate::hub::IfMatch::Any)).unwrap();
+        assert!(c.kick.is_cancelled(), "disabling the device closes its connection");
+        assert_eq!(hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+        let d = hub.attach_link("d1", false).unwrap();
         hub.delete_device("d1", None).unwrap();
-        assert!(c.kick.is_cancelled());
+        assert!(d.kick.is_cancelled());
     }
 }
