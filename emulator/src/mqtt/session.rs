@@ -63,7 +63,7 @@ pub enum Close {
 pub struct Accepted {
     /// The session, ready for packets.
     pub session: Session,
-    /// Hub events and the kick token for the driver.
+    /// Hub events (and the kick) for the driver.
     pub link: Attached,
     /// The CONNACK to send.
     pub connack: Packet,
@@ -774,9 +774,9 @@ mod tests {
     fn a_new_connection_kicks_the_old_one() {
         let f = fixture("d1");
         let (a, _) = connect(&f, "d1", false);
-        assert!(!a.link.kick.is_cancelled());
+        assert!(!a.link.events.is_kicked());
         let (b, _) = connect(&f, "d1", false);
-        assert!(a.link.kick.is_cancelled());
+        assert!(a.link.events.is_kicked());
         a.session.close(&f.hub);
         assert_eq!(
             f.hub.get_device("d1").unwrap()["connectionState"],
