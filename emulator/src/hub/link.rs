@@ -321,7 +321,7 @@ mod tests {
             hub.invoke_method("d1", "m", Bytes::new(), Duration::ZERO, Duration::from_secs(5)).await
         };
         assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline);
-        let mut link = hub.attach_link("d1", false).unwrap();
+        let link = hub.attach_link("d1", false).unwrap();
         assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline, "not subscribed");
         hub.save_session("d1", link.conn_id, subscriptions::METHODS);
         let pending = tokio::spawn(call(hub.clone()));
@@ -346,7 +346,7 @@ mod tests {
             h.invoke_method("d1", "m", Bytes::new(), Duration::from_secs(30), Duration::from_secs(5)).await
         });
         tokio::task::yield_now().await;
-        let mut link = hub.attach_link("d1", false).unwrap();
+        let link = hub.attach_link("d1", false).unwrap();
         hub.save_session("d1", link.conn_id, subscriptions::METHODS);
         let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
         m.reply.send(MethodReply { status: 200, payload: Bytes::from_static(b"1") }).unwrap();

@@ -690,7 +690,7 @@ mod tests {
         let f = fixture("d1");
         let (a, _) = connect(&f, "d1", false);
         let mut s = a.session;
-        let mut link = a.link;
+        let link = a.link;
         let mut out = Vec::new();
         s.handle_event(&f.hub, LinkEvent::DesiredPatch(Box::new(json!({"a": 1, "$version": 2}))), &mut out);
         assert!(out.is_empty(), "not subscribed to desired");
