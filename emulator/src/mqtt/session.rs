@@ -106,7 +106,7 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     };
     let expected = format!("{}/{id}/", hub.hostname());
     let user_ok = login.username.get(..expected.len()).is_some_and(|p| p.eq_ignore_ascii_case(&expected))
-        && login.username[expected.len()..].is_empty_or_query();
+        && login.username.get(expected.len()..).is_some_and(|rest| rest.is_empty() || rest.starts_with('?'));
     if !user_ok {
         return Err(refuse(
             BadUserNamePassword,
@@ -132,16 +132,6 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
         keep_alive_secs,
         token_expiry_secs: auth.expiry_secs.saturating_add(hub.config().sas_skew_secs),
     })
-}
-
-trait QueryTail {
-    fn is_empty_or_query(&self) -> bool;
-}
-
-impl QueryTail for str {
-    fn is_empty_or_query(&self) -> bool {
-        self.is_empty() || self.starts_with('?')
-    }
 }
 
 /// One connected device's session.
