@@ -155,6 +155,9 @@ where
         body,
     };
     let result = match (&req.route, port) {
+        (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
+            admin::wait_telemetry(&ctx, &req).await
+        }
         (Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings, Port::Plain) => {
             admin::handle(&ctx, &req)
         }
