@@ -27,3 +27,13 @@ async fn node_service_sdk_send_c2d_and_feedback_over_amqp() {
 async fn node_release_step_lists_sends_and_collects_feedback_for_25_devices() {
     run_sdk_script(Sdk::Node, "release_test.js").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_device_mqtt_offline_c2d_twin_methods() {
+    run_sdk_script(Sdk::Python, "device_mqtt_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_device_mqtt_offline_c2d_dropped_socket_twin_methods() {
+    run_sdk_script(Sdk::Node, "device_mqtt_test.js").await.unwrap();
+}

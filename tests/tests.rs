@@ -4,6 +4,7 @@ mod amqp;
 mod auth;
 mod c2d;
 mod ftp_installer;
+mod mqtt;
 mod registry;
 mod sdk;
 mod startup;

@@ -11,8 +11,8 @@ use clap::Parser;
 use iothub_emulator::ftp::{self, FtpConfig};
 use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
 use iothub_emulator::limits::{
-    DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, FTP_DEFAULT_MAX_SESSIONS,
-    SAS_DEFAULT_SKEW_SECS,
+    DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
+    FTP_DEFAULT_MAX_SESSIONS, SAS_DEFAULT_SKEW_SECS,
 };
 use iothub_emulator::server::{self, ListenConfig, RunningHub};
 
@@ -40,6 +40,14 @@ struct Args {
     /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     http_port: u16,
+
+    /// MQTT over TLS port for devices (the SDKs dial 8883). 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PORT", default_value_t = DEFAULT_MQTT_PORT)]
+    mqtt_port: u16,
+
+    /// MQTT over plain TCP port for load tests on loopback (IoT Hub has none). Off unless given; 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_PORT")]
+    mqtt_plain_port: Option<u16>,
 
     /// AMQP-over-TLS port: the service SDKs' C2D sends and feedback (they dial 5671). 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT", default_value_t = DEFAULT_AMQP_PORT)]
@@ -107,6 +115,8 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         https_port: args.https_port,
         http_port: args.http_port,
         amqp_port: args.amqp_port,
+        mqtt_port: args.mqtt_port,
+        mqtt_plain_port: args.mqtt_plain_port,
         ftp_port: (!args.no_ftp).then_some(args.ftp_port),
     };
     let ftp = FtpConfig {
@@ -118,6 +128,10 @@ async fn run(args: Args, started: Instant) -> Result<()> {
     let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
     println!("https://{}:{}", args.hostname, running.https_addr.port());
     println!("http://{}", running.http_addr);
+    println!("mqtts://{}:{}", args.hostname, running.mqtt_addr.port());
+    if let Some(plain) = running.mqtt_plain_addr {
+        println!("mqtt://{plain}");
+    }
     println!("amqps://{}:{}", args.hostname, running.amqp_addr.port());
     if let Some(ftp) = running.ftp_addr {
         println!("ftp://{ftp}");

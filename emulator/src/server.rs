@@ -1,7 +1,7 @@
 //! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
 //! (TLS, IoT Hub's REST API), the plain HTTP port (the same API plus health, CA download and
-//! telemetry read-out), the AMQP port (TLS, the service SDKs' C2D and feedback) and the FTP package
-//! server ([`crate::ftp`]).
+//! telemetry read-out), the MQTT device endpoint (TLS, plus an optional plain-TCP port for load tests),
+//! the AMQP port (TLS, the service SDKs' C2D and feedback) and the FTP package server ([`crate::ftp`]).
 //!
 //! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
 //! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 use crate::ftp::{self, FtpConfig, FtpFaults};
 use crate::http::{self, HttpContext, Port};
 use crate::hub::{Hub, HubConfig};
-use crate::limits::{DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
+use crate::limits::{
+    DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
+};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
@@ -50,6 +52,10 @@ pub struct ListenConfig {
     pub https_port: u16,
     /// Plain HTTP: health, CA, telemetry read-out and the REST API without TLS.
     pub http_port: u16,
+    /// MQTT over TLS (the SDKs dial 8883).
+    pub mqtt_port: u16,
+    /// MQTT over plain TCP, for load tests on loopback; off when `None`.
+    pub mqtt_plain_port: Option<u16>,
     /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
     pub amqp_port: u16,
     /// The FTP package server (`None`: off).
@@ -62,8 +68,26 @@ impl Default for ListenConfig {
             bind: IpAddr::from([127, 0, 0, 1]),
             https_port: DEFAULT_HTTPS_PORT,
             http_port: DEFAULT_HTTP_PORT,
+            mqtt_port: DEFAULT_MQTT_PORT,
+            mqtt_plain_port: None,
             amqp_port: DEFAULT_AMQP_PORT,
             ftp_port: Some(DEFAULT_FTP_PORT),
+        }
+    }
+}
+
+impl ListenConfig {
+    /// Every listener on `bind` with a port the OS picks, the plain MQTT listener and the FTP server
+    /// included: what tests, examples and benches use so that parallel hubs never collide.
+    pub fn ephemeral(bind: IpAddr) -> Self {
+        Self {
+            bind,
+            https_port: 0,
+            http_port: 0,
+            amqp_port: 0,
+            ftp_port: Some(0),
+            mqtt_port: 0,
+            mqtt_plain_port: Some(0),
         }
     }
 }
@@ -75,6 +99,10 @@ pub struct Listeners {
     pub https: TcpListener,
     /// Plain HTTP: the same API plus the emulator's endpoints.
     pub http: TcpListener,
+    /// MQTT over TLS.
+    pub mqtt: TcpListener,
+    /// MQTT over plain TCP, if enabled.
+    pub mqtt_plain: Option<TcpListener>,
     /// AMQP over TLS: the service endpoint.
     pub amqp: TcpListener,
     /// The FTP package server, if on.
@@ -87,6 +115,11 @@ impl Listeners {
         Ok(Self {
             https: bind_one(cfg.bind, cfg.https_port, "HTTPS", "--https-port")?,
             http: bind_one(cfg.bind, cfg.http_port, "plain HTTP", "--http-port")?,
+            mqtt: bind_one(cfg.bind, cfg.mqtt_port, "MQTT", "--mqtt-port")?,
+            mqtt_plain: cfg
+                .mqtt_plain_port
+                .map(|p| bind_one(cfg.bind, p, "plain MQTT", "--mqtt-plain-port"))
+                .transpose()?,
             amqp: bind_one(cfg.bind, cfg.amqp_port, "AMQP", "--amqp-port")?,
             ftp: cfg.ftp_port.map(|p| bind_one(cfg.bind, p, "FTP", "--ftp-port")).transpose()?,
         })
@@ -148,6 +181,10 @@ pub struct RunningHub {
     pub https_addr: SocketAddr,
     /// The plain HTTP listener's address.
     pub http_addr: SocketAddr,
+    /// The MQTT-over-TLS listener's address.
+    pub mqtt_addr: SocketAddr,
+    /// The plain MQTT listener's address, if enabled.
+    pub mqtt_plain_addr: Option<SocketAddr>,
     /// The AMQP listener's address.
     pub amqp_addr: SocketAddr,
     /// The FTP package server's address, if on.
@@ -188,6 +225,11 @@ impl RunningHub {
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let mqtt_addr = listeners.mqtt.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let mqtt_plain_addr = match &listeners.mqtt_plain {
+            Some(l) => Some(l.local_addr().map_err(|e| ServerError::Task(e.to_string()))?),
+            None => None,
+        };
         let amqp_addr = listeners.amqp.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let ftp_addr = listeners
             .ftp
@@ -218,6 +260,8 @@ impl RunningHub {
             hub,
             https_addr,
             http_addr,
+            mqtt_addr,
+            mqtt_plain_addr,
             amqp_addr,
             ftp_addr,
             packages_dir,
@@ -264,13 +308,15 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
     let amqp_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let ctx = HttpContext::with_ftp_faults(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone());
+    let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
+    let ctx =
+        HttpContext::with_shutdown(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone(), shutdown.clone());
     let tracker = TaskTracker::new();
     let ftps = certs.server_config(&[])?;
     let ftp_loop = listeners.ftp.map(|l| {
         tokio::spawn(ftp::serve(l, hub.clone(), ftp, Some(ftps), shutdown.clone(), tracker.clone()))
     });
-    let loops = [
+    let mut loops = vec![
         tokio::spawn(accept_loop(
             listeners.https,
             Some(tls),
@@ -294,9 +340,24 @@ pub async fn serve(
             shutdown.clone(),
             tracker.clone(),
         )),
-    ]
-    .into_iter()
-    .chain(ftp_loop);
+        tokio::spawn(crate::mqtt::accept_loop(
+            listeners.mqtt,
+            Some(mqtt_tls),
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )),
+    ];
+    if let Some(plain) = listeners.mqtt_plain {
+        loops.push(tokio::spawn(crate::mqtt::accept_loop(
+            plain,
+            None,
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )));
+    }
+    loops.extend(ftp_loop);
     ctx.ready.store(true, Ordering::Release);
     on_ready();
     for l in loops {

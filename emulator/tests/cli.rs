@@ -17,8 +17,8 @@ fn temp_dir() -> std::path::PathBuf {
 }
 
 /// Flags that move every listener to a free port, so tests never collide on fixed ports.
-const FREE_PORTS: [&str; 8] =
-    ["--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--ftp-port", "0"];
+const FREE_PORTS: [&str; 10] =
+    ["--https-port", "0", "--http-port", "0", "--amqp-port", "0", "--ftp-port", "0", "--mqtt-port", "0"];
 
 /// [`FREE_PORTS`] without `flag` and its value (clap refuses a flag given twice).
 fn free_ports_except(flag: &str) -> Vec<&'static str> {
@@ -82,26 +82,24 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
 async fn flags_reach_the_server_and_sigterm_stops_it() {
     let dir = temp_dir();
     let key = "bXkgb3duIGtleSBmb3IgdGVzdHMsIDMyIGJ5dGVzIQ==";
-    let (child, lines) = start(
-        &[
-            "--https-port",
-            "0",
-            "--http-port",
-            "0",
-            "--hostname",
-            "MyHub.Test",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--owner-key",
-            key,
-            "--sas-skew-secs",
-            "0",
-        ],
-        &[("IOTHUB_EMULATOR_BIND", "127.0.0.1"), ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1")],
-    );
+    let mut args = FREE_PORTS.to_vec();
+    args.extend([
+        "--hostname",
+        "MyHub.Test",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--owner-key",
+        key,
+        "--sas-skew-secs",
+        "0",
+    ]);
+    let (child, lines) =
+        start(&args, &[("IOTHUB_EMULATOR_BIND", "127.0.0.1"), ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1")]);
     let https = line(&lines, "https://MyHub.Test:");
     let http = line(&lines, "http://127.0.0.1:").to_string();
     line(&lines, "amqps://MyHub.Test:");
+    line(&lines, "mqtts://MyHub.Test:");
+    line(&lines, "ftp://127.0.0.1:");
     let ca_path = line(&lines, "CA certificate: ").strip_prefix("CA certificate: ").unwrap();
     assert!(ca_path.starts_with(dir.canonicalize().unwrap().to_str().unwrap()), "{ca_path}");
     assert_eq!(

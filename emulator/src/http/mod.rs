@@ -9,6 +9,7 @@ mod admin;
 mod device_api;
 pub mod router;
 mod service_api;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct HttpContext {
     pub ready: AtomicBool,
     /// The FTP server's fault knobs (`/emulator/ftp/faults`).
     pub ftp_faults: Arc<FtpFaults>,
+    /// Cancelled when the hub shuts down (for connections upgraded to WebSocket).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl HttpContext {
@@ -55,7 +58,17 @@ impl HttpContext {
 
     /// A context for `hub` whose admin API drives `ftp_faults`.
     pub fn with_ftp_faults(hub: Hub, ca_pem: String, ftp_faults: Arc<FtpFaults>) -> Arc<Self> {
-        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), ftp_faults })
+        Self::with_shutdown(hub, ca_pem, ftp_faults, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// Like [`HttpContext::with_ftp_faults`], with the hub's shutdown token for upgraded connections.
+    pub fn with_shutdown(
+        hub: Hub,
+        ca_pem: String,
+        ftp_faults: Arc<FtpFaults>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), ftp_faults, shutdown })
     }
 
     /// Whether every listener accepts.
@@ -124,6 +137,13 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    if websocket::is_upgrade(&req) {
+        let e = match websocket::upgrade(&ctx, req) {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        return Ok(error_response(&Method::GET, websocket::WEBSOCKET_PATH, &e));
+    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
@@ -144,6 +164,9 @@ where
         body,
     };
     let result = match (&req.route, port) {
+        (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
+            admin::wait_telemetry(&ctx, &req).await
+        }
         (
             Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
             Port::Plain,
@@ -158,6 +181,9 @@ where
             device_api::handle(&ctx.hub, &req)
         }
         (Route::DeviceEvents(_), _) => device_api::handle(&ctx.hub, &req),
+        (Route::TwinMethods(_), _) if req.method == Method::POST => {
+            service_api::invoke_method(&ctx.hub, &req).await
+        }
         _ => service_api::handle(&ctx.hub, &req),
     };
     Ok(result.unwrap_or_else(|e| error_response(&req.method, &path, &e)))

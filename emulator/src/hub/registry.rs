@@ -256,6 +256,11 @@ impl Hub {
                     if status != d.status {
                         d.status = status;
                         d.status_updated = now;
+                        // A disabled device loses its open connection (dropping the link kicks it).
+                        if status == Status::Disabled && d.link.take().is_some() {
+                            d.connected = false;
+                            d.connection_state_updated = now;
+                        }
                     }
                     d.status_reason = input.status_reason;
                     d.auth_type = auth_type;
@@ -312,6 +317,8 @@ impl Hub {
             last_activity: 0,
             twin: Twin::new(now),
             c2d: DeviceQueue::default(),
+            link: None,
+            session: 0,
         })
     }
 
@@ -542,6 +549,9 @@ impl Hub {
             Ok((twin_json(d, n), notice))
         });
         self.emit_feedback(fb);
+        if let Ok((_, Some(patch))) = &r {
+            self.notify_desired(id, patch.clone());
+        }
         r
     }
 

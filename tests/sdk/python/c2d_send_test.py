@@ -20,7 +20,7 @@ import uuid
 import requests
 from azure.iot.hub import IoTHubRegistryManager
 
-from common import CheckFailed, check, check_equal, env, main
+from common import CheckFailed, check, check_equal, env, run_main
 
 SCRIPT = "c2d_send_test"
 WATCHDOG_S = 90
@@ -104,4 +104,4 @@ def run():
 
 
 if __name__ == "__main__":
-    sys.exit(main(SCRIPT, run, WATCHDOG_S))
+    sys.exit(run_main(SCRIPT, WATCHDOG_S, run))

@@ -1,8 +1,8 @@
 """Shared helpers for the Python SDK test scripts run by the Rust harness (tests/sdk/python/*.py).
 
 Owns the harness contract: environment variables, one output line per check, a whole-run watchdog, and
-exit status 1 on the first failure (with the failing check, or the unexpected exception and its HTTP
-response when it has one). Everything else in the scripts goes through the unmodified SDKs.
+exit 1 on the first failure (with the SDK's HTTP status and body when a call raised). The scripts import
+it as `common` (Python puts the script's own folder on sys.path).
 """
 
 import faulthandler
@@ -10,6 +10,11 @@ import os
 import sys
 import threading
 import traceback
+
+from azure.iot.hub import IoTHubRegistryManager
+
+# Per-request bound (msrest's default is 100 s: msrest/universal_http/__init__.py ClientConnection).
+REQUEST_TIMEOUT_S = 15
 
 _checks_passed = 0
 
@@ -52,8 +57,20 @@ def start_watchdog(seconds):
     timer.start()
 
 
-def main(script, run, watchdog_s):
-    """Runs `run()` under the watchdog; returns the process exit status (0 when every check passed)."""
+def registry_manager(connection_string):
+    """The SDK client, with msrest's silent retries off and a per-request timeout.
+
+    msrest retries 408 and most 5xx three times with backoff (msrest/universal_http/requests.py:341-352);
+    the harness wants a failing call to fail once, visibly. Both knobs are public configuration.
+    """
+    manager = IoTHubRegistryManager.from_connection_string(connection_string)
+    manager.protocol.config.retry_policy.retries = 0
+    manager.protocol.config.connection.timeout = REQUEST_TIMEOUT_S
+    return manager
+
+
+def run_main(script, watchdog_s, run):
+    """Runs `run()` under the watchdog; returns the process exit code (0 when every check passed)."""
     start_watchdog(watchdog_s)
     try:
         run()

@@ -11,28 +11,13 @@ is trusted through REQUESTS_CA_BUNDLE). Prints one line per check; exits 1 on th
 import base64
 import sys
 
-from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
-from common import CheckFailed, check, check_equal, env, main
+from common import CheckFailed, check, check_equal, env, registry_manager, run_main
 
 SCRIPT = "registry_test"
 WATCHDOG_S = 90
-# Per-request bound (msrest's default is 100 s: msrest/universal_http/__init__.py ClientConnection).
-REQUEST_TIMEOUT_S = 15
-
-
-def registry_manager(connection_string):
-    """The SDK client, with msrest's silent retries off and a per-request timeout.
-
-    msrest retries 408 and most 5xx three times with backoff (msrest/universal_http/requests.py:341-352);
-    the harness wants a failing call to fail once, visibly. Both knobs are public configuration.
-    """
-    manager = IoTHubRegistryManager.from_connection_string(connection_string)
-    manager.protocol.config.retry_policy.retries = 0
-    manager.protocol.config.connection.timeout = REQUEST_TIMEOUT_S
-    return manager
 
 
 def expect_http_error(what, call, status, code):
@@ -191,4 +176,4 @@ def run():
 
 
 if __name__ == "__main__":
-    sys.exit(main(SCRIPT, run, WATCHDOG_S))
+    sys.exit(run_main(SCRIPT, WATCHDOG_S, run))
