@@ -56,7 +56,8 @@ impl TestHub {
     /// Like [`TestHub::start`] with a custom hub configuration.
     pub async fn start_with(config: HubConfig) -> Result<Self> {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let listen = ListenConfig { bind: ip, https_port: 0, http_port: 0 };
+        let listen =
+            ListenConfig { bind: ip, https_port: 0, http_port: 0, mqtt_port: 0, mqtt_plain_port: Some(0) };
         let data_dir = scratch_dir();
         let running = RunningHub::start(config, &listen, &data_dir).await?;
         let client = client_for(&running.ca_pem)?;

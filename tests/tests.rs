@@ -2,6 +2,7 @@
 
 mod auth;
 mod c2d;
+mod mqtt;
 mod registry;
 mod sdk;
 mod startup;

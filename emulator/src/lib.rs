@@ -1,5 +1,5 @@
 //! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
-//! its protocol front ends ([`http`]), local TLS ([`tls`]) and the server that ties them to bound
+//! its protocol front ends ([`http`], [`mqtt`]), local TLS ([`tls`]) and the server that ties them to bound
 //! listeners ([`server`]).
 //!
 //! The binary `iothub-emulator` is a thin wrapper: it parses flags, binds sockets and calls
@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod mqtt;
 pub mod query;
 pub mod sas;
 pub mod server;

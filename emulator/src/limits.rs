@@ -87,3 +87,29 @@ pub const DEFAULT_MQTT_PORT: u16 = 8883;
 pub const DEFAULT_AMQP_PORT: u16 = 5671;
 /// Plain HTTP (health, CA download, admin, registry for curl). An emulator choice.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+/// MQTT: the hub closes a connection after 1.5 × the client's keep-alive without traffic, but
+/// never waits longer than this (reference §4.2): 1767 s.
+pub const MQTT_MAX_KEEP_ALIVE_WAIT_SECS: u64 = 1767;
+
+/// MQTT: C2D messages delivered to one connection and not yet PUBACKed. Not a documented IoT Hub
+/// number: a bound on per-connection state (the queue itself holds at most 50).
+pub const MQTT_C2D_INFLIGHT_WINDOW: usize = 8;
+
+/// MQTT: largest packet the hub reads. D2C messages are at most 256 KB; the rest is topic and
+/// headers.
+pub const MQTT_MAX_PACKET_BYTES: usize = D2C_MAX_MESSAGE_BYTES + 16 * 1024;
+
+/// MQTT: a connection must send CONNECT within this many seconds of opening.
+pub const MQTT_CONNECT_TIMEOUT_SECS: u64 = 10;
+
+/// Direct methods (reference §2.7): response timeout default and range, connect timeout maximum.
+pub const METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 30;
+/// See [`METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS`].
+pub const METHOD_MIN_RESPONSE_TIMEOUT_SECS: u64 = 5;
+/// See [`METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS`].
+pub const METHOD_MAX_RESPONSE_TIMEOUT_SECS: u64 = 300;
+/// See [`METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS`].
+pub const METHOD_MAX_CONNECT_TIMEOUT_SECS: u64 = 300;
+/// Direct-method payloads: at most 128 KB each way.
+pub const METHOD_MAX_PAYLOAD_BYTES: usize = 128 * 1024;

@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
-use iothub_emulator::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, SAS_DEFAULT_SKEW_SECS};
+use iothub_emulator::limits::{
+    DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT, SAS_DEFAULT_SKEW_SECS,
+};
 use iothub_emulator::server::{self, ListenConfig, RunningHub};
 
 /// A local Azure IoT Hub emulator: registry, SAS auth, C2D queues and twins over IoT Hub's own
@@ -35,6 +37,14 @@ struct Args {
     /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     http_port: u16,
+
+    /// MQTT over TLS port for devices (the SDKs dial 8883). 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PORT", default_value_t = DEFAULT_MQTT_PORT)]
+    mqtt_port: u16,
+
+    /// MQTT over plain TCP port for load tests on loopback (IoT Hub has none). Off unless given; 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_PORT")]
+    mqtt_plain_port: Option<u16>,
 
     /// The iothubowner primary key (base64). Defaults to the published development key.
     #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true)]
@@ -72,11 +82,21 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         feedback_batch_interval_ms: args.feedback_interval_ms,
         ..HubConfig::default()
     };
-    let listen = ListenConfig { bind: args.bind, https_port: args.https_port, http_port: args.http_port };
+    let listen = ListenConfig {
+        bind: args.bind,
+        https_port: args.https_port,
+        http_port: args.http_port,
+        mqtt_port: args.mqtt_port,
+        mqtt_plain_port: args.mqtt_plain_port,
+    };
     let running = RunningHub::start(config, &listen, &args.data_dir).await?;
     let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
     println!("https://{}:{}", args.hostname, running.https_addr.port());
     println!("http://{}", running.http_addr);
+    println!("mqtts://{}:{}", args.hostname, running.mqtt_addr.port());
+    if let Some(plain) = running.mqtt_plain_addr {
+        println!("mqtt://{plain}");
+    }
     println!("CA certificate: {}", ca_path.display());
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");

@@ -1,6 +1,7 @@
 //! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
 //! (TLS, IoT Hub's REST API) and the plain HTTP port (the same API plus health, CA download and
-//! telemetry read-out).
+//! telemetry read-out), and the MQTT device endpoint (TLS, plus an optional plain-TCP port for load
+//! tests).
 //!
 //! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
 //! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{self, HttpContext, Port};
 use crate::hub::{Hub, HubConfig};
-use crate::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT};
+use crate::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
@@ -44,6 +45,10 @@ pub struct ListenConfig {
     pub https_port: u16,
     /// Plain HTTP: health, CA, telemetry read-out and the REST API without TLS.
     pub http_port: u16,
+    /// MQTT over TLS (the SDKs dial 8883).
+    pub mqtt_port: u16,
+    /// MQTT over plain TCP, for load tests on loopback; off when `None`.
+    pub mqtt_plain_port: Option<u16>,
 }
 
 impl Default for ListenConfig {
@@ -52,6 +57,8 @@ impl Default for ListenConfig {
             bind: IpAddr::from([127, 0, 0, 1]),
             https_port: DEFAULT_HTTPS_PORT,
             http_port: DEFAULT_HTTP_PORT,
+            mqtt_port: DEFAULT_MQTT_PORT,
+            mqtt_plain_port: None,
         }
     }
 }
@@ -63,6 +70,10 @@ pub struct Listeners {
     pub https: TcpListener,
     /// Plain HTTP: the same API plus the emulator's endpoints.
     pub http: TcpListener,
+    /// MQTT over TLS.
+    pub mqtt: TcpListener,
+    /// MQTT over plain TCP, if enabled.
+    pub mqtt_plain: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -71,6 +82,11 @@ impl Listeners {
         Ok(Self {
             https: bind_one(cfg.bind, cfg.https_port, "HTTPS", "--https-port")?,
             http: bind_one(cfg.bind, cfg.http_port, "plain HTTP", "--http-port")?,
+            mqtt: bind_one(cfg.bind, cfg.mqtt_port, "MQTT", "--mqtt-port")?,
+            mqtt_plain: cfg
+                .mqtt_plain_port
+                .map(|p| bind_one(cfg.bind, p, "plain MQTT", "--mqtt-plain-port"))
+                .transpose()?,
         })
     }
 }
@@ -124,6 +140,10 @@ pub struct RunningHub {
     pub https_addr: SocketAddr,
     /// The plain HTTP listener's address.
     pub http_addr: SocketAddr,
+    /// The MQTT-over-TLS listener's address.
+    pub mqtt_addr: SocketAddr,
+    /// The plain MQTT listener's address, if enabled.
+    pub mqtt_plain_addr: Option<SocketAddr>,
     /// The CA certificate file clients must trust.
     pub ca_path: PathBuf,
     /// The CA certificate in PEM.
@@ -144,6 +164,11 @@ impl RunningHub {
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let mqtt_addr = listeners.mqtt.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let mqtt_plain_addr = match &listeners.mqtt_plain {
+            Some(l) => Some(l.local_addr().map_err(|e| ServerError::Task(e.to_string()))?),
+            None => None,
+        };
         let hub = Hub::new(config);
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -166,6 +191,8 @@ impl RunningHub {
             hub,
             https_addr,
             http_addr,
+            mqtt_addr,
+            mqtt_plain_addr,
             ca_path: certs.ca_path.clone(),
             ca_pem: certs.ca_pem,
             shutdown,
@@ -205,9 +232,10 @@ pub async fn serve(
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
-    let ctx = HttpContext::new(hub, certs.ca_pem.clone());
+    let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
+    let ctx = HttpContext::new(hub.clone(), certs.ca_pem.clone());
     let tracker = TaskTracker::new();
-    let loops = [
+    let mut loops = vec![
         tokio::spawn(accept_loop(
             listeners.https,
             Some(tls),
@@ -224,7 +252,23 @@ pub async fn serve(
             shutdown.clone(),
             tracker.clone(),
         )),
+        tokio::spawn(crate::mqtt::accept_loop(
+            listeners.mqtt,
+            Some(mqtt_tls),
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )),
     ];
+    if let Some(plain) = listeners.mqtt_plain {
+        loops.push(tokio::spawn(crate::mqtt::accept_loop(
+            plain,
+            None,
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )));
+    }
     ctx.ready.store(true, Ordering::Release);
     on_ready();
     for l in loops {

@@ -148,6 +148,9 @@ where
             device_api::handle(&ctx.hub, &req)
         }
         (Route::DeviceEvents(_), _) => device_api::handle(&ctx.hub, &req),
+        (Route::TwinMethods(_), _) if req.method == Method::POST => {
+            service_api::invoke_method(&ctx.hub, &req).await
+        }
         _ => service_api::handle(&ctx.hub, &req),
     };
     Ok(result.unwrap_or_else(|e| error_response(&req.method, &path, &e)))

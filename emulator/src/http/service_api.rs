@@ -86,13 +86,6 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
             let (twin, _desired_patch) = hub.update_twin(id, &req.json()?, if_match, m == Method::PUT)?;
             Ok(json_response(StatusCode::OK, &twin))
         }
-        Route::TwinMethods(id) => {
-            hub.get_device(id)?;
-            Err(HubError::new(
-                ErrorCode::DeviceNotOnline,
-                format!("device '{id}' is not connected to receive direct methods"),
-            ))
-        }
         Route::DeviceCommands(id) => {
             let purged = hub.purge_c2d(id)?;
             let body = json!({ "totalMessagesPurged": purged, "deviceId": id, "moduleId": null });
@@ -113,6 +106,67 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
         }
         _ => Err(method_not_allowed(req)),
     }
+}
+
+/// `POST /twins/{id}/methods` (reference §2.7): forwards the call to the device's connection and
+/// answers `200 {"status","payload"}` with what the device returned.
+pub async fn invoke_method(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
+    use crate::limits::*;
+    let Route::TwinMethods(id) = &req.route else { return Err(method_not_allowed(req)) };
+    hub.authenticate_service(req.token()?, SERVICE)?;
+    let body = req.json()?;
+    let name = body
+        .get("methodName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| HubError::invalid("methodName is required (a non-empty string)"))?;
+    if let Some(bad) = name.chars().find(|c| !c.is_ascii_graphic() || "$()<>@,;:\\\"/[]?={}".contains(*c)) {
+        return Err(HubError::invalid(format!(
+            "methodName '{name}' contains {bad:?}, which IoT Hub does not allow"
+        )));
+    }
+    let secs = |key: &str, default: u64, range: std::ops::RangeInclusive<u64>| -> Result<u64, HubError> {
+        match body.get(key).filter(|v| !v.is_null()) {
+            None => Ok(default),
+            Some(v) => v.as_u64().filter(|n| range.contains(n)).ok_or_else(|| {
+                HubError::invalid(format!(
+                    "{key} must be an integer from {} to {} seconds, not {v}",
+                    range.start(),
+                    range.end()
+                ))
+            }),
+        }
+    };
+    let response = secs(
+        "responseTimeoutInSeconds",
+        METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS,
+        METHOD_MIN_RESPONSE_TIMEOUT_SECS..=METHOD_MAX_RESPONSE_TIMEOUT_SECS,
+    )?;
+    let connect = secs("connectTimeoutInSeconds", 0, 0..=METHOD_MAX_CONNECT_TIMEOUT_SECS)?;
+    let payload = serde_json::to_vec(body.get("payload").unwrap_or(&Value::Null)).unwrap_or_default();
+    if payload.len() > METHOD_MAX_PAYLOAD_BYTES {
+        return Err(HubError::new(
+            ErrorCode::MessageTooLarge,
+            format!("the method payload is {} bytes; at most {METHOD_MAX_PAYLOAD_BYTES}", payload.len()),
+        ));
+    }
+    hub.get_device(id)?;
+    let reply = hub
+        .invoke_method(
+            id,
+            name,
+            Bytes::from(payload),
+            std::time::Duration::from_secs(connect),
+            std::time::Duration::from_secs(response),
+        )
+        .await?;
+    let payload = if reply.payload.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&reply.payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&reply.payload).into_owned()))
+    };
+    Ok(json_response(StatusCode::OK, &json!({ "status": reply.status, "payload": payload })))
 }
 
 fn query(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {

@@ -119,6 +119,10 @@ pub struct Device {
     pub twin: Twin,
     /// The cloud-to-device queue.
     pub c2d: DeviceQueue,
+    /// The open device connection, if any (see `hub::link`).
+    pub link: Option<crate::hub::link::Link>,
+    /// The MQTT session kept under clean_session=0: a bitset of `hub::link::subscriptions`.
+    pub session: u8,
 }
 
 impl Device {

@@ -48,6 +48,9 @@ impl Hub {
             let mut out = Vec::new();
             let r = d.c2d.send(msg, now, &self.config().c2d, &mut out);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            if r.is_ok() {
+                Hub::poke_c2d(d);
+            }
             r.map_err(|e| send_error(device_id, e))
         });
         self.emit_feedback(fb);

@@ -11,6 +11,7 @@
 
 mod auth;
 mod device;
+pub mod link;
 pub mod messaging;
 mod registry;
 mod telemetry;
@@ -28,6 +29,7 @@ use crate::sas::{Policy, default_policies};
 
 pub use auth::{Authenticated, Principal};
 pub use device::{AuthType, Device, Status, validate_device_id};
+pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
 pub use registry::{BulkResult, DeviceInput, IfMatch, QueryPage, RegistryStats};
 pub use telemetry::{D2cMessage, TelemetryLog};

@@ -301,6 +301,8 @@ impl Hub {
             last_activity: 0,
             twin: Twin::new(now),
             c2d: DeviceQueue::default(),
+            link: None,
+            session: 0,
         })
     }
 
@@ -528,6 +530,9 @@ impl Hub {
             Ok((twin_json(d, n), notice))
         });
         self.emit_feedback(fb);
+        if let Ok((_, Some(patch))) = &r {
+            self.notify_desired(id, patch.clone());
+        }
         r
     }
 

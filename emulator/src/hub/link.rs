@@ -1,0 +1,315 @@
+//! The connection registry: for each device with an open device connection (MQTT today), a
+//! [`Link`] to the task serving it, and the device's persisted MQTT session (its subscriptions).
+//!
+//! A link lives in the device's [`Device::link`] field, so it is owned by the registry shard like
+//! everything else about the device and costs nothing for devices that are not connected. It holds
+//! a connection id, a bounded channel of [`LinkEvent`]s into the connection task and a kick token.
+//! One connection per device: attaching a new link drops the old one, and dropping a link cancels
+//! its kick token, which closes that connection (IoT Hub's `400027
+//! ConnectionForcefullyClosedOnNewConnection`). Deleting the device drops its link the same way.
+//!
+//! Events never block the hub: they are `try_send`s. A C2D wake-up that finds the channel full is
+//! dropped safely (the connection pulls from the queue after every event it handles); a desired
+//! patch or method request that finds it full is logged and dropped, or refused, respectively.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorCode, HubError};
+
+use super::{Device, Hub};
+
+/// Events queued per connection before the hub starts dropping wake-ups.
+pub const LINK_CHANNEL_CAPACITY: usize = 16;
+
+/// Bits of [`Device::session`]: the subscriptions a device's MQTT session holds.
+pub mod subscriptions {
+    /// `devices/{id}/messages/devicebound/#`.
+    pub const C2D: u8 = 1;
+    /// `$iothub/twin/res/#`.
+    pub const TWIN_RESPONSES: u8 = 2;
+    /// `$iothub/twin/PATCH/properties/desired/#`.
+    pub const DESIRED: u8 = 4;
+    /// `$iothub/methods/POST/#`.
+    pub const METHODS: u8 = 8;
+}
+
+/// What the hub tells a connected device's connection task.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A C2D message was queued for the device.
+    C2dAvailable,
+    /// The service patched desired properties; the value carries `$version`.
+    DesiredPatch(Box<Value>),
+    /// A direct method call waiting for the device's answer.
+    Method(Box<MethodCall>),
+}
+
+/// One direct-method invocation on its way to a device.
+#[derive(Debug)]
+pub struct MethodCall {
+    /// The method name.
+    pub name: String,
+    /// The request payload (JSON text).
+    pub payload: Bytes,
+    /// Where the device's `(status, payload)` goes.
+    pub reply: oneshot::Sender<MethodReply>,
+}
+
+/// A device's answer to a direct method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodReply {
+    /// The status the device chose.
+    pub status: i32,
+    /// The payload it sent (JSON text, possibly empty).
+    pub payload: Bytes,
+}
+
+/// The hub's handle on one open device connection.
+#[derive(Debug)]
+pub struct Link {
+    /// Tells this connection apart from a newer one of the same device.
+    pub conn_id: u64,
+    /// Events into the connection task.
+    pub events: mpsc::Sender<LinkEvent>,
+    /// Cancelled when the link is dropped: the connection must close.
+    pub kick: CancellationToken,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.kick.cancel();
+    }
+}
+
+/// What a connection gets when it attaches.
+#[derive(Debug)]
+pub struct Attached {
+    /// Its connection id (pass it back to [`Hub::detach_link`]).
+    pub conn_id: u64,
+    /// Hub events for it.
+    pub events: mpsc::Receiver<LinkEvent>,
+    /// Cancelled when another connection takes over or the device is deleted.
+    pub kick: CancellationToken,
+    /// Subscriptions kept from an earlier session (0 under clean session).
+    pub session: u8,
+}
+
+impl Hub {
+    /// Registers a new connection for `device_id` (closing any older one), marks the device
+    /// connected and returns the persisted session, cleared first when `clean_session`.
+    pub fn attach_link(&self, device_id: &str, clean_session: bool) -> Result<Attached, HubError> {
+        let now = self.now();
+        let conn_id = self.next_counter();
+        let (tx, rx) = mpsc::channel(LINK_CHANNEL_CAPACITY);
+        let kick = CancellationToken::new();
+        let link = Link { conn_id, events: tx, kick: kick.clone() };
+        let session = self.with_device(device_id, |d| {
+            if clean_session {
+                d.session = 0;
+            }
+            if d.link.replace(link).is_some() {
+                tracing::info!(
+                    device = device_id,
+                    code = 400027,
+                    "ConnectionForcefullyClosedOnNewConnection: a new connection replaced the old one"
+                );
+            }
+            d.connected = true;
+            d.connection_state_updated = now;
+            d.last_activity = now;
+            Ok(d.session)
+        })?;
+        self.shared.changed.notify_waiters();
+        Ok(Attached { conn_id, events: rx, kick, session })
+    }
+
+    /// Unregisters connection `conn_id` of `device_id` if it is still the current one. With
+    /// `keep_session == false` (clean session) the persisted subscriptions are dropped too.
+    pub fn detach_link(&self, device_id: &str, conn_id: u64, keep_session: bool) {
+        let now = self.now();
+        let _ = self.with_device(device_id, |d| {
+            if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
+                d.link = None;
+                d.connected = false;
+                d.connection_state_updated = now;
+                if !keep_session {
+                    d.session = 0;
+                }
+            }
+            Ok(())
+        });
+    }
+
+    /// Stores the subscriptions of connection `conn_id` so the next session of the device finds
+    /// them (the connection calls this after every SUBSCRIBE/UNSUBSCRIBE).
+    pub fn save_session(&self, device_id: &str, conn_id: u64, session: u8) {
+        let _ = self.with_device(device_id, |d| {
+            if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
+                d.session = session;
+            }
+            Ok(())
+        });
+        // A method call may be waiting (connect timeout) for this device to subscribe.
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Records device activity (any packet from it).
+    pub fn touch_device(&self, device_id: &str) {
+        let now = self.now();
+        let _ = self.with_device(device_id, |d| {
+            d.last_activity = now;
+            Ok(())
+        });
+    }
+
+    /// Wakes the current connection of `device_id` (if any) to pull C2D: used when a replaced
+    /// connection released messages the new one could not see yet.
+    pub fn wake_c2d(&self, device_id: &str) {
+        let _ = self.with_device(device_id, |d| {
+            Hub::poke_c2d(d);
+            Ok(())
+        });
+    }
+
+    /// Wakes the connection of `d` (if any) because a C2D message was queued.
+    pub(super) fn poke_c2d(d: &Device) {
+        if let Some(link) = &d.link {
+            let _ = link.events.try_send(LinkEvent::C2dAvailable);
+        }
+    }
+
+    /// Sends `patch` (with `$version`) to the device if it is connected and subscribed to desired
+    /// property updates. Like IoT Hub, a device that is offline only sees it in its next GET.
+    pub fn notify_desired(&self, device_id: &str, patch: Value) {
+        let _ = self.with_device(device_id, |d| {
+            if d.session & subscriptions::DESIRED == 0 {
+                return Ok(());
+            }
+            if let Some(link) = &d.link
+                && link.events.try_send(LinkEvent::DesiredPatch(Box::new(patch))).is_err()
+            {
+                tracing::warn!(device = device_id, "connection busy; a desired-properties patch was dropped");
+            }
+            Ok(())
+        });
+    }
+
+    /// Whether `device_id` is connected and subscribed to direct methods.
+    fn method_link(&self, device_id: &str) -> Result<Option<mpsc::Sender<LinkEvent>>, HubError> {
+        self.with_device(device_id, |d| {
+            Ok(d.link.as_ref().filter(|_| d.session & subscriptions::METHODS != 0).map(|l| l.events.clone()))
+        })
+    }
+
+    /// Invokes direct method `name` on `device_id` (reference §2.7): waits up to `connect` for the
+    /// device to be online and subscribed (404103 `DeviceNotOnline` otherwise), then up to
+    /// `response` for its answer (504101 `GatewayTimeout` otherwise).
+    pub async fn invoke_method(
+        &self,
+        device_id: &str,
+        name: &str,
+        payload: Bytes,
+        connect: Duration,
+        response: Duration,
+    ) -> Result<MethodReply, HubError> {
+        let offline =
+            || HubError::new(ErrorCode::DeviceNotOnline, format!("device '{device_id}' is not online"));
+        let deadline = tokio::time::Instant::now() + connect;
+        let events = loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(tx) = self.method_link(device_id)? {
+                break tx;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(offline());
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        let call = MethodCall { name: name.to_string(), payload, reply };
+        events.try_send(LinkEvent::Method(Box::new(call))).map_err(|_| offline())?;
+        match tokio::time::timeout(response, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(offline()),
+            Err(_) => Err(HubError::new(
+                ErrorCode::GatewayTimeout,
+                format!(
+                    "device '{device_id}' did not answer method '{name}' within {} s",
+                    response.as_secs()
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{DeviceInput, HubConfig};
+
+    fn hub_with(id: &str) -> Hub {
+        let hub = Hub::new(HubConfig::default());
+        hub.put_device(id, DeviceInput::default(), None).unwrap();
+        hub
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn methods_need_an_online_subscribed_device_and_time_out() {
+        let hub = hub_with("d1");
+        let call = |hub: Hub| async move {
+            hub.invoke_method("d1", "m", Bytes::new(), Duration::ZERO, Duration::from_secs(5)).await
+        };
+        assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline);
+        let mut link = hub.attach_link("d1", false).unwrap();
+        assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline, "not subscribed");
+        hub.save_session("d1", link.conn_id, subscriptions::METHODS);
+        let pending = tokio::spawn(call(hub.clone()));
+        let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
+        assert_eq!(m.name, "m");
+        drop(m);
+        assert_eq!(
+            pending.await.unwrap().unwrap_err().code,
+            ErrorCode::DeviceNotOnline,
+            "connection dropped the call"
+        );
+        let pending = tokio::spawn(call(hub.clone()));
+        let _held = link.events.recv().await;
+        assert_eq!(pending.await.unwrap().unwrap_err().code, ErrorCode::GatewayTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_timeout_waits_for_the_device() {
+        let hub = hub_with("d1");
+        let h = hub.clone();
+        let pending = tokio::spawn(async move {
+            h.invoke_method("d1", "m", Bytes::new(), Duration::from_secs(30), Duration::from_secs(5)).await
+        });
+        tokio::task::yield_now().await;
+        let mut link = hub.attach_link("d1", false).unwrap();
+        hub.save_session("d1", link.conn_id, subscriptions::METHODS);
+        let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
+        m.reply.send(MethodReply { status: 200, payload: Bytes::from_static(b"1") }).unwrap();
+        assert_eq!(pending.await.unwrap().unwrap().status, 200);
+    }
+
+    #[test]
+    fn detach_keeps_or_clears_the_session_and_deleting_kicks() {
+        let hub = hub_with("d1");
+        let a = hub.attach_link("d1", false).unwrap();
+        hub.save_session("d1", a.conn_id, subscriptions::C2D);
+        hub.detach_link("d1", a.conn_id, true);
+        let b = hub.attach_link("d1", false).unwrap();
+        assert_eq!(b.session, subscriptions::C2D);
+        hub.detach_link("d1", b.conn_id, false);
+        let c = hub.attach_link("d1", false).unwrap();
+        assert_eq!(c.session, 0);
+        hub.delete_device("d1", None).unwrap();
+        assert!(c.kick.is_cancelled());
+    }
+}

@@ -1,0 +1,239 @@
+//! The socket side of one MQTT connection: frames packets with the `rumqttc` v4 codec, runs the
+//! CONNECT exchange, then feeds packets and hub link events to the [`Session`] and writes what it
+//! returns. Owns the connection's buffers and its single deadline (keep-alive or token expiry,
+//! whichever comes first); closes when the device disconnects, breaks the contract, goes silent,
+//! its token expires, a newer connection of the same device takes over, or the hub shuts down.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::Error as CodecError;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::limits::{MQTT_CONNECT_TIMEOUT_SECS, MQTT_MAX_PACKET_BYTES};
+
+use super::session::{Close, Session, accept_connect};
+
+/// Read-buffer capacity kept while idle; grown on demand for large packets and shrunk back.
+const IDLE_BUFFER_BYTES: usize = 256;
+/// Buffers larger than this are replaced by small ones once empty.
+const SHRINK_ABOVE_BYTES: usize = 16 * 1024;
+
+/// Why reading the next packet failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("the peer closed the connection")]
+    Eof,
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed packet: {0}")]
+    Codec(CodecError),
+}
+
+/// Takes one complete packet out of `buf`, if it holds one. `Ok(None)` means "read more".
+fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
+    match Packet::read(buf, MQTT_MAX_PACKET_BYTES) {
+        Ok(p) => Ok(Some(p)),
+        Err(CodecError::InsufficientBytes(n)) => {
+            buf.reserve(n.max(IDLE_BUFFER_BYTES));
+            Ok(None)
+        }
+        Err(e) => Err(ReadError::Codec(e)),
+    }
+}
+
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<(), ReadError> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(IDLE_BUFFER_BYTES);
+    }
+    match stream.read_buf(buf).await? {
+        0 => Err(ReadError::Eof),
+        _ => Ok(()),
+    }
+}
+
+async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<Packet, ReadError> {
+    loop {
+        if let Some(p) = take_packet(buf)? {
+            return Ok(p);
+        }
+        fill(stream, buf).await?;
+    }
+}
+
+async fn write_packets<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    packets: &mut Vec<Packet>,
+) -> std::io::Result<()> {
+    if packets.is_empty() {
+        return Ok(());
+    }
+    for p in packets.drain(..) {
+        p.write(buf, usize::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    stream.write_all(buf).await?;
+    stream.flush().await?;
+    buf.clear();
+    if buf.capacity() > SHRINK_ABOVE_BYTES {
+        *buf = BytesMut::new();
+    }
+    Ok(())
+}
+
+/// Serves one MQTT connection until it ends.
+pub async fn serve<S>(hub: Hub, mut stream: S, peer: SocketAddr, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
+    let mut wbuf = BytesMut::new();
+    let first = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(MQTT_CONNECT_TIMEOUT_SECS), read_packet(&mut stream, &mut rbuf)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let connect = match first {
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(other)) => {
+            tracing::info!(%peer, "MQTT: the first packet must be CONNECT, got {other:?}; closing");
+            return;
+        }
+        Ok(Err(ReadError::Codec(
+            e @ (CodecError::InvalidProtocol | CodecError::InvalidProtocolLevel(_)),
+        ))) => {
+            tracing::info!(%peer, "MQTT CONNECT refused (unacceptable protocol version): {e}");
+            let mut out =
+                vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))];
+            let _ = write_packets(&mut stream, &mut wbuf, &mut out).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "MQTT connection ended before CONNECT: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "MQTT: no CONNECT within {MQTT_CONNECT_TIMEOUT_SECS} s; closing");
+            return;
+        }
+    };
+    let accepted = match accept_connect(&hub, &connect) {
+        Ok(a) => a,
+        Err(refused) => {
+            tracing::info!(%peer, client_id = %connect.client_id, code = ?refused.code, "MQTT CONNECT refused: {}", refused.reason);
+            let mut out = vec![Packet::ConnAck(ConnAck::new(refused.code, false))];
+            let _ = write_packets(&mut stream, &mut wbuf, &mut out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    tracing::debug!(%peer, device = %connect.client_id, clean = connect.clean_session, "MQTT device connected");
+    let mut session = accepted.session;
+    let mut link = accepted.link;
+    let keep_alive = Duration::from_secs(accepted.keep_alive_secs);
+    let token_left_ms = (accepted.token_expiry_secs * 1000).saturating_sub(hub.now());
+    let token_deadline = Instant::now() + Duration::from_millis(token_left_ms);
+    let mut out = vec![accepted.connack];
+    session.start(&hub, &mut out);
+    let ended = run(
+        &hub,
+        &mut session,
+        &mut stream,
+        &mut link,
+        &mut out,
+        Deadlines { keep_alive, token_deadline },
+        &shutdown,
+        (&mut rbuf, &mut wbuf),
+    )
+    .await;
+    match &ended {
+        Ended::Closed(Close::ClientDisconnect) => {
+            tracing::debug!(%peer, device = %session.device_id(), "MQTT device disconnected")
+        }
+        Ended::Closed(reason) => {
+            tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {reason}")
+        }
+        other => tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {other}"),
+    }
+    session.close(&hub);
+}
+
+struct Deadlines {
+    keep_alive: Duration,
+    token_deadline: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    Closed(Close),
+    #[error("{0}")]
+    Read(ReadError),
+    #[error("write failed: {0}")]
+    Write(std::io::Error),
+    #[error("404104 DeviceConnectionClosedRemotely: no packet within 1.5 × the keep-alive")]
+    KeepAlive,
+    #[error("401003 IotHubUnauthorized: the device's SAS token expired")]
+    TokenExpired,
+    #[error("400027 ConnectionForcefullyClosedOnNewConnection (or the device was deleted)")]
+    Kicked,
+    #[error("the hub is shutting down")]
+    Shutdown,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<S>(
+    hub: &Hub,
+    session: &mut Session,
+    stream: &mut S,
+    link: &mut crate::hub::link::Attached,
+    out: &mut Vec<Packet>,
+    deadlines: Deadlines,
+    shutdown: &CancellationToken,
+    (rbuf, wbuf): (&mut BytesMut, &mut BytesMut),
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline_for = |last: Instant| (last + deadlines.keep_alive).min(deadlines.token_deadline);
+    let sleep = tokio::time::sleep_until(deadline_for(Instant::now()));
+    tokio::pin!(sleep);
+    loop {
+        loop {
+            match take_packet(rbuf) {
+                Ok(Some(p)) => {
+                    if let Err(close) = session.handle_packet(hub, p, out) {
+                        let _ = write_packets(stream, wbuf, out).await;
+                        return Ended::Closed(close);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Ended::Read(e),
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE_BYTES {
+            *rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
+        }
+        if let Err(e) = write_packets(stream, wbuf, out).await {
+            return Ended::Write(e);
+        }
+        tokio::select! {
+            r = fill(stream, rbuf) => {
+                if let Err(e) = r {
+                    return Ended::Read(e);
+                }
+                sleep.as_mut().reset(deadline_for(Instant::now()));
+            }
+            Some(event) = link.events.recv() => session.handle_event(hub, event, out),
+            _ = &mut sleep => {
+                return if Instant::now() >= deadlines.token_deadline { Ended::TokenExpired } else { Ended::KeepAlive };
+            }
+            _ = link.kick.cancelled() => return Ended::Kicked,
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The MQTT device endpoint: IoT Hub's MQTT 3.1.1 contract for devices (reference §4), on TLS
+//! (`--mqtt-port`, 8883) and optionally on plain TCP for load tests (`--mqtt-plain-port`).
+//!
+//! Layers: [`topics`] (the topic contract and property bags, pure functions), [`session`] (the
+//! sans-IO session state machine: packets and hub events in, packets out) and [`connection`] (the
+//! only code that touches a socket: framing with the `rumqttc` v4 codec, the keep-alive and token
+//! deadline, and the hub's link events). State about the device stays in the [`crate::hub::Hub`];
+//! a connection holds only its session and two small buffers, and no timer or task exists for a
+//! device that is not connected.
+
+pub mod connection;
+pub mod session;
+pub mod topics;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::Hub;
+use crate::server::accept_connections;
+
+/// A TLS handshake that takes longer than this is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts MQTT connections on `listener` (TLS when `tls` is set) until `shutdown`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    hub: Hub,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let name = if tls.is_some() { "mqtts" } else { "mqtt" };
+    let sd = shutdown.clone();
+    accept_connections(listener, name, shutdown, tracker, move |stream, peer| {
+        let (tls, hub, sd) = (tls.clone(), hub.clone(), sd.clone());
+        async move {
+            match tls {
+                None => connection::serve(hub, stream, peer, sd).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => connection::serve(hub, s, peer, sd).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "MQTT TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,789 @@
+//! One device's MQTT session as a socket-free state machine: CONNECT admission, then every decoded
+//! packet and every hub event in, packets to write out.
+//!
+//! The session owns only per-connection facts: the device id, the subscription bits (mirrored into
+//! the hub's persisted session), the C2D in-flight window (packet id → lock token) and direct-method
+//! calls awaiting an answer. Everything else is hub state reached through [`Hub`] calls, which are
+//! synchronous and short, so the whole machine is driven and tested without sockets or timers.
+//!
+//! C2D (reference §4.5): messages are taken from the hub's queue with a lock of
+//! [`C2D_LOCK_TIMEOUT_MS`] (IoT Hub's fixed minute) and published at QoS 1; the PUBACK completes
+//! the message, closing the connection releases every unacknowledged one back to the queue. If a
+//! lock lapses while the connection stays open without a PUBACK, the message becomes visible again
+//! and is published anew (new packet id) at the next pull — after the next packet or hub event, a
+//! PINGREQ at the latest — which is IoT Hub's "redelivered after a minute". A late PUBACK for the
+//! old packet id then finds its lock lost and is ignored; the new delivery still needs its own.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::c2d::LockToken;
+use crate::error::HubError;
+use crate::hub::link::{Attached, LinkEvent, MethodReply, subscriptions};
+use crate::hub::messaging::Settlement;
+use crate::hub::{D2cMessage, Hub};
+use crate::limits::{
+    C2D_LOCK_TIMEOUT_MS, D2C_MAX_MESSAGE_BYTES, MQTT_C2D_INFLIGHT_WINDOW, MQTT_MAX_KEEP_ALIVE_WAIT_SECS,
+};
+
+use super::topics::{self, DeviceTopic, TopicError};
+
+/// Why a connection ends.
+#[derive(Debug, thiserror::Error)]
+pub enum Close {
+    /// The device sent DISCONNECT.
+    #[error("the device disconnected")]
+    ClientDisconnect,
+    /// A publish to a topic the device may not use.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// QoS 2 is not supported: IoT Hub closes the connection.
+    #[error("QoS 2 is not supported by IoT Hub; closing the connection")]
+    QoS2,
+    /// A D2C message above IoT Hub's size limit.
+    #[error("the message is {size} bytes; D2C messages are at most {D2C_MAX_MESSAGE_BYTES}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+    },
+    /// A packet a client must not send (a second CONNECT, a SUBACK, …).
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+}
+
+/// A CONNECT the hub accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The session, ready for packets.
+    pub session: Session,
+    /// Hub events and the kick token for the driver.
+    pub link: Attached,
+    /// The CONNACK to send.
+    pub connack: Packet,
+    /// Seconds of silence after which the connection is closed.
+    pub keep_alive_secs: u64,
+    /// When the device's token expires (seconds since the epoch, skew included).
+    pub token_expiry_secs: u64,
+}
+
+/// A refused CONNECT: the CONNACK code to send before closing, and why (logged once).
+#[derive(Debug)]
+pub struct Refused {
+    /// The CONNACK return code.
+    pub code: ConnectReturnCode,
+    /// What was wrong.
+    pub reason: String,
+}
+
+fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refused {
+    Refused { code, reason: reason.into() }
+}
+
+/// Checks a CONNECT (reference §4.2): protocol 3.1.1, client id = device id, username
+/// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device. On success the
+/// device's connection is registered with the hub (closing an older one).
+pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
+    use ConnectReturnCode::*;
+    if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        return Err(refuse(RefusedProtocolVersion, "only MQTT 3.1.1 (protocol level 4) is supported"));
+    }
+    let id = c.client_id.as_str();
+    if id.is_empty() || id.contains('/') || crate::hub::validate_device_id(id).is_err() {
+        return Err(refuse(
+            BadClientId,
+            format!("client id '{id}' is not a device id (modules are not supported)"),
+        ));
+    }
+    let Some(login) = &c.login else {
+        return Err(refuse(BadUserNamePassword, "username and password (a SAS token) are required"));
+    };
+    let expected = format!("{}/{id}/", hub.hostname());
+    let user_ok = login.username.get(..expected.len()).is_some_and(|p| p.eq_ignore_ascii_case(&expected))
+        && login.username[expected.len()..].is_empty_or_query();
+    if !user_ok {
+        return Err(refuse(
+            BadUserNamePassword,
+            format!("username '{}' must be '{expected}?api-version=…'", login.username),
+        ));
+    }
+    let auth = hub
+        .authenticate_device(&login.password, id)
+        .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+    let link = hub
+        .attach_link(id, c.clean_session)
+        .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+    let session_present = !c.clean_session && link.session != 0;
+    let keep_alive_secs = match c.keep_alive {
+        0 => MQTT_MAX_KEEP_ALIVE_WAIT_SECS,
+        k => (u64::from(k) * 3).div_ceil(2).min(MQTT_MAX_KEEP_ALIVE_WAIT_SECS),
+    };
+    let session = Session::new(id.to_string(), link.conn_id, c.clean_session, link.session);
+    Ok(Accepted {
+        session,
+        link,
+        connack: Packet::ConnAck(ConnAck::new(Success, session_present)),
+        keep_alive_secs,
+        token_expiry_secs: auth.expiry_secs.saturating_add(hub.config().sas_skew_secs),
+    })
+}
+
+trait QueryTail {
+    fn is_empty_or_query(&self) -> bool;
+}
+
+impl QueryTail for str {
+    fn is_empty_or_query(&self) -> bool {
+        self.is_empty() || self.starts_with('?')
+    }
+}
+
+/// One connected device's session.
+#[derive(Debug)]
+pub struct Session {
+    device_id: String,
+    conn_id: u64,
+    clean: bool,
+    subs: u8,
+    /// C2D publishes awaiting PUBACK, oldest first (at most [`MQTT_C2D_INFLIGHT_WINDOW`]).
+    inflight: VecDeque<(u16, LockToken)>,
+    last_pkid: u16,
+    /// Direct-method calls sent to the device, by request id.
+    methods: Vec<(String, oneshot::Sender<MethodReply>)>,
+    last_rid: u64,
+}
+
+impl Session {
+    fn new(device_id: String, conn_id: u64, clean: bool, subs: u8) -> Self {
+        Self {
+            device_id,
+            conn_id,
+            clean,
+            subs,
+            inflight: VecDeque::new(),
+            last_pkid: 0,
+            methods: Vec::new(),
+            last_rid: 0,
+        }
+    }
+
+    /// The device this session serves.
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// The subscription bits (`hub::link::subscriptions`).
+    pub fn subscriptions(&self) -> u8 {
+        self.subs
+    }
+
+    /// C2D deliveries awaiting PUBACK.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Starts the session: delivers queued C2D if a kept subscription asks for it.
+    pub fn start(&mut self, hub: &Hub, out: &mut Vec<Packet>) {
+        self.pump_c2d(hub, out);
+    }
+
+    /// Handles one packet from the device.
+    pub fn handle_packet(&mut self, hub: &Hub, packet: Packet, out: &mut Vec<Packet>) -> Result<(), Close> {
+        hub.touch_device(&self.device_id);
+        match packet {
+            Packet::Publish(p) => self.on_publish(hub, p, out)?,
+            Packet::PubAck(ack) => self.on_puback(hub, ack.pkid),
+            Packet::Subscribe(s) => {
+                let codes = s
+                    .filters
+                    .iter()
+                    .map(|f| match topics::parse_subscription(&self.device_id, &f.path) {
+                        Some(bit) => {
+                            self.subs |= bit;
+                            SubscribeReasonCode::Success(match f.qos {
+                                QoS::AtMostOnce => QoS::AtMostOnce,
+                                _ => QoS::AtLeastOnce,
+                            })
+                        }
+                        None => {
+                            tracing::info!(device = %self.device_id, filter = %f.path, "subscription refused");
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                hub.save_session(&self.device_id, self.conn_id, self.subs);
+                out.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
+            }
+            Packet::Unsubscribe(u) => {
+                for f in &u.topics {
+                    if let Some(bit) = topics::parse_subscription(&self.device_id, f) {
+                        self.subs &= !bit;
+                    }
+                }
+                hub.save_session(&self.device_id, self.conn_id, self.subs);
+                out.push(Packet::UnsubAck(UnsubAck { pkid: u.pkid }));
+            }
+            Packet::PingReq => out.push(Packet::PingResp),
+            Packet::Disconnect => return Err(Close::ClientDisconnect),
+            Packet::Connect(_) => return Err(Close::Protocol("a second CONNECT on one connection")),
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => return Err(Close::QoS2),
+            _ => return Err(Close::Protocol("a packet only a server sends")),
+        }
+        self.pump_c2d(hub, out);
+        Ok(())
+    }
+
+    /// Handles one hub event for this connection.
+    pub fn handle_event(&mut self, hub: &Hub, event: LinkEvent, out: &mut Vec<Packet>) {
+        match event {
+            LinkEvent::C2dAvailable => {}
+            LinkEvent::DesiredPatch(patch) if self.subs & subscriptions::DESIRED != 0 => {
+                let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
+                let body = serde_json::to_vec(&patch).unwrap_or_default();
+                out.push(publish0(topics::desired_patch_topic(version), body.into()));
+            }
+            LinkEvent::DesiredPatch(_) => {}
+            LinkEvent::Method(call) if self.subs & subscriptions::METHODS != 0 => {
+                self.last_rid += 1;
+                let rid = self.last_rid.to_string();
+                out.push(publish0(topics::method_request_topic(&call.name, &rid), call.payload));
+                self.methods.retain(|(_, tx)| !tx.is_closed());
+                self.methods.push((rid, call.reply));
+            }
+            // Dropping the reply sender tells the caller the device is not listening.
+            LinkEvent::Method(_) => {}
+        }
+        self.pump_c2d(hub, out);
+    }
+
+    /// Ends the session: unacknowledged C2D messages go back to the queue, pending method calls
+    /// fail, and the hub forgets the connection (and the subscriptions under clean session).
+    pub fn close(self, hub: &Hub) {
+        for (_, token) in &self.inflight {
+            let _ = hub.settle_c2d(&self.device_id, *token, Settlement::Release);
+        }
+        hub.detach_link(&self.device_id, self.conn_id, !self.clean);
+        if !self.inflight.is_empty() {
+            hub.wake_c2d(&self.device_id);
+        }
+    }
+
+    fn on_publish(&mut self, hub: &Hub, p: Publish, out: &mut Vec<Packet>) -> Result<(), Close> {
+        if p.qos == QoS::ExactlyOnce {
+            return Err(Close::QoS2);
+        }
+        let topic = topics::parse_publish_topic(&self.device_id, &p.topic)?;
+        if p.qos == QoS::AtLeastOnce {
+            out.push(Packet::PubAck(PubAck::new(p.pkid)));
+        }
+        match topic {
+            DeviceTopic::Telemetry(bag) => {
+                if p.payload.len() > D2C_MAX_MESSAGE_BYTES {
+                    return Err(Close::TooLarge { size: p.payload.len() });
+                }
+                hub.record_telemetry(telemetry(&self.device_id, bag, p.retain, p.payload));
+            }
+            DeviceTopic::TwinGet { rid } => match hub.device_twin_properties(&self.device_id) {
+                Ok(twin) => out.push(publish0(
+                    topics::twin_response_topic(200, &rid, None),
+                    serde_json::to_vec(&twin).unwrap_or_default().into(),
+                )),
+                Err(e) => out.push(twin_error(&rid, &e)),
+            },
+            DeviceTopic::TwinPatchReported { rid } => {
+                let result = serde_json::from_slice::<Value>(&p.payload)
+                    .map_err(|e| HubError::invalid(format!("the reported patch is not JSON: {e}")))
+                    .and_then(|patch| hub.patch_reported(&self.device_id, &patch));
+                match result {
+                    Ok(v) => {
+                        out.push(publish0(topics::twin_response_topic(204, &rid, Some(v)), Bytes::new()))
+                    }
+                    Err(e) => out.push(twin_error(&rid, &e)),
+                }
+            }
+            DeviceTopic::MethodResponse { status, rid } => {
+                match self.methods.iter().position(|(r, _)| *r == rid) {
+                    Some(i) => {
+                        let (_, tx) = self.methods.swap_remove(i);
+                        let _ = tx.send(MethodReply { status, payload: p.payload });
+                    }
+                    None => {
+                        tracing::info!(device = %self.device_id, rid, "method response for no pending call")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_puback(&mut self, hub: &Hub, pkid: u16) {
+        let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) else {
+            tracing::debug!(device = %self.device_id, pkid, "PUBACK for no in-flight message");
+            return;
+        };
+        if let Some((_, token)) = self.inflight.remove(i)
+            && let Err(e) = hub.settle_c2d(&self.device_id, token, Settlement::Complete)
+        {
+            tracing::info!(device = %self.device_id, pkid, "late PUBACK: {}", e.message);
+        }
+    }
+
+    /// Publishes queued C2D messages while the device is subscribed and the window has room.
+    fn pump_c2d(&mut self, hub: &Hub, out: &mut Vec<Packet>) {
+        while self.subs & subscriptions::C2D != 0 && self.inflight.len() < MQTT_C2D_INFLIGHT_WINDOW {
+            let delivery = match hub.receive_c2d(&self.device_id, C2D_LOCK_TIMEOUT_MS) {
+                Ok(Some(d)) => d,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(device = %self.device_id, "C2D receive failed: {}", e.message);
+                    return;
+                }
+            };
+            let pkid = self.next_pkid();
+            let mut publish = Publish::from_bytes(
+                topics::c2d_topic(&self.device_id, &delivery),
+                QoS::AtLeastOnce,
+                delivery.message.body.clone(),
+            );
+            publish.pkid = pkid;
+            out.push(Packet::Publish(publish));
+            self.inflight.push_back((pkid, delivery.lock_token));
+        }
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.iter().any(|(p, _)| *p == self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+}
+
+fn publish0(topic: String, payload: Bytes) -> Packet {
+    Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, payload))
+}
+
+fn twin_error(rid: &str, e: &HubError) -> Packet {
+    let status = e.code.http_status();
+    let body = json!({ "errorCode": e.code.number(), "message": e.message });
+    publish0(
+        topics::twin_response_topic(status, rid, None),
+        serde_json::to_vec(&body).unwrap_or_default().into(),
+    )
+}
+
+/// A telemetry PUBLISH as a D2C message: `$.`-keys become system properties under their AMQP
+/// names, the rest application properties (`mqtt-retain` added for RETAIN, as IoT Hub does).
+fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Bytes) -> D2cMessage {
+    let mut system = Vec::new();
+    let mut properties = Vec::new();
+    for (k, v) in bag {
+        let v = v.unwrap_or_default();
+        match k.strip_prefix("$.") {
+            Some(sys) => {
+                let name = match sys {
+                    "mid" => "message-id",
+                    "cid" => "correlation-id",
+                    "uid" => "user-id",
+                    "ct" => "content-type",
+                    "ce" => "content-encoding",
+                    "exp" => "absolute-expiry-time",
+                    other => other,
+                };
+                system.push((name.to_string(), v));
+            }
+            None => properties.push((k, v)),
+        }
+    }
+    if retain {
+        properties.push(("mqtt-retain".into(), "true".into()));
+    }
+    D2cMessage {
+        sequence: 0,
+        device_id: device_id.to_string(),
+        enqueued_at: 0,
+        system_properties: system,
+        properties,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rumqttc::mqttbytes::v4::{Subscribe, Unsubscribe};
+
+    use super::*;
+    use crate::c2d::C2dMessage;
+    use crate::clock::ManualClock;
+    use crate::hub::link::MethodCall;
+    use crate::hub::{DeviceInput, HubConfig};
+    use crate::sas::make_token;
+
+    const START_MS: u64 = 1_700_000_000_000;
+
+    struct Fixture {
+        hub: Hub,
+        clock: ManualClock,
+        key: String,
+    }
+
+    fn fixture(id: &str) -> Fixture {
+        let clock = ManualClock::new(START_MS);
+        let hub = Hub::with_clock(HubConfig::default(), Arc::new(clock.clone()));
+        hub.put_device(id, DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key(id).unwrap().unwrap();
+        Fixture { hub, clock, key }
+    }
+
+    fn connect_packet(f: &Fixture, id: &str, clean: bool) -> Connect {
+        let token =
+            make_token(&format!("localhost/devices/{id}"), &f.key, None, START_MS / 1000 + 3600).unwrap();
+        let mut c = Connect::new(id);
+        c.clean_session = clean;
+        c.keep_alive = 60;
+        c.set_login(format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=x"), token);
+        c
+    }
+
+    fn connect(f: &Fixture, id: &str, clean: bool) -> (Accepted, Vec<Packet>) {
+        let mut a = accept_connect(&f.hub, &connect_packet(f, id, clean)).unwrap();
+        let mut out = Vec::new();
+        a.session.start(&f.hub, &mut out);
+        (a, out)
+    }
+
+    fn send(f: &Fixture, id: &str, mid: &str) {
+        let msg = C2dMessage {
+            message_id: Some(mid.into()),
+            properties: vec![("k".into(), "v".into())],
+            body: Bytes::from(format!("body of {mid}")),
+            ..Default::default()
+        };
+        f.hub.send_c2d(id, msg).unwrap();
+    }
+
+    fn subscribe(s: &mut Session, hub: &Hub, filters: &[&str]) -> Vec<Packet> {
+        let mut sub = Subscribe::new(filters[0], QoS::AtLeastOnce);
+        for f in &filters[1..] {
+            sub.add(f.to_string(), QoS::ExactlyOnce);
+        }
+        sub.pkid = 7;
+        let mut out = Vec::new();
+        s.handle_packet(hub, Packet::Subscribe(sub), &mut out).unwrap();
+        out
+    }
+
+    fn publishes(out: &[Packet]) -> Vec<&Publish> {
+        out.iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p) } else { None }).collect()
+    }
+
+    fn pending(f: &Fixture, id: &str) -> u64 {
+        f.hub.get_device(id).unwrap()["cloudToDeviceMessageCount"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn refusals_get_the_right_connack_codes() {
+        let f = fixture("d1");
+        let mut forged = connect_packet(&f, "d1", false);
+        let other_key = crate::sas::generate_key();
+        let token = make_token("localhost/devices/d1", &other_key, None, START_MS / 1000 + 3600).unwrap();
+        forged.set_login("localhost/d1/?api-version=2021-04-12", token.clone());
+        assert_eq!(accept_connect(&f.hub, &forged).unwrap_err().code, ConnectReturnCode::NotAuthorized);
+
+        let mut bad_user = connect_packet(&f, "d1", false);
+        bad_user.login.as_mut().unwrap().username = "localhost/other/?api-version=1".into();
+        assert_eq!(
+            accept_connect(&f.hub, &bad_user).unwrap_err().code,
+            ConnectReturnCode::BadUserNamePassword
+        );
+
+        let mut no_login = connect_packet(&f, "d1", false);
+        no_login.login = None;
+        assert_eq!(
+            accept_connect(&f.hub, &no_login).unwrap_err().code,
+            ConnectReturnCode::BadUserNamePassword
+        );
+
+        let mut bad_id = connect_packet(&f, "d1", false);
+        bad_id.client_id = "d1/module".into();
+        assert_eq!(accept_connect(&f.hub, &bad_id).unwrap_err().code, ConnectReturnCode::BadClientId);
+
+        let mut v5 = connect_packet(&f, "d1", false);
+        v5.protocol = rumqttc::mqttbytes::Protocol::V5;
+        assert_eq!(accept_connect(&f.hub, &v5).unwrap_err().code, ConnectReturnCode::RefusedProtocolVersion);
+
+        f.clock.advance(3 * 3600 * 1000);
+        let expired = connect_packet(&f, "d1", false);
+        assert_eq!(accept_connect(&f.hub, &expired).unwrap_err().code, ConnectReturnCode::NotAuthorized);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+
+    #[test]
+    fn offline_c2d_arrives_completes_on_puback_and_unacked_is_redelivered() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        s.close(&f.hub);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+
+        send(&f, "d1", "m1");
+        send(&f, "d1", "m2");
+        let (a, out) = connect(&f, "d1", false);
+        assert_eq!(a.connack, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, true)));
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Connected");
+        let mut s = a.session;
+        let got = publishes(&out);
+        assert_eq!(got.len(), 2, "both offline messages arrive without a new SUBSCRIBE");
+        assert_eq!(got[0].qos, QoS::AtLeastOnce);
+        assert_eq!(&got[0].payload[..], b"body of m1");
+        assert!(got[0].topic.starts_with("devices/d1/messages/devicebound/%24.mid=m1&"), "{}", got[0].topic);
+        assert!(got[0].topic.ends_with("iothub-ack=none&k=v"), "{}", got[0].topic);
+        let p1 = got[0].pkid;
+        assert_ne!(p1, got[1].pkid);
+
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(p1)), &mut out).unwrap();
+        assert_eq!(pending(&f, "d1"), 1, "the PUBACK completed m1");
+        s.close(&f.hub);
+
+        let (a, out) = connect(&f, "d1", false);
+        let got = publishes(&out);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].payload[..], b"body of m2", "m2 was never PUBACKed: redelivered");
+        let mut out2 = Vec::new();
+        let mut s = a.session;
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out2).unwrap();
+        assert_eq!(pending(&f, "d1"), 0);
+    }
+
+    #[test]
+    fn clean_session_keeps_nothing() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        s.close(&f.hub);
+        send(&f, "d1", "m1");
+        let (a, out) = connect(&f, "d1", true);
+        assert_eq!(a.connack, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+        assert!(publishes(&out).is_empty(), "no subscription survives clean_session=1");
+        a.session.close(&f.hub);
+        let (a, out) = connect(&f, "d1", false);
+        assert!(publishes(&out).is_empty(), "the clean session's end left nothing behind");
+        assert_eq!(a.session.subscriptions(), 0);
+    }
+
+    #[test]
+    fn subscriptions_to_other_devices_fail_and_qos2_is_granted_1() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let out = subscribe(
+            &mut s,
+            &f.hub,
+            &["devices/d2/messages/devicebound/#", "$iothub/twin/res/#", "$iothub/methods/POST/#"],
+        );
+        let Packet::SubAck(ack) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(ack.pkid, 7);
+        assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            ]
+        );
+        assert_eq!(s.subscriptions(), subscriptions::TWIN_RESPONSES | subscriptions::METHODS);
+        let mut out = Vec::new();
+        let unsub = Unsubscribe { pkid: 8, topics: vec!["$iothub/methods/POST/#".into()] };
+        s.handle_packet(&f.hub, Packet::Unsubscribe(unsub), &mut out).unwrap();
+        assert_eq!(out, vec![Packet::UnsubAck(UnsubAck { pkid: 8 })]);
+        assert_eq!(s.subscriptions(), subscriptions::TWIN_RESPONSES);
+    }
+
+    #[test]
+    fn forbidden_publishes_close_the_connection() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut out = Vec::new();
+        let other = Publish::new("devices/d2/messages/events/", QoS::AtLeastOnce, "x");
+        assert!(matches!(s.handle_packet(&f.hub, Packet::Publish(other), &mut out), Err(Close::Topic(_))));
+        let qos2 = Publish::new("devices/d1/messages/events/", QoS::ExactlyOnce, "x");
+        assert!(matches!(s.handle_packet(&f.hub, Packet::Publish(qos2), &mut out), Err(Close::QoS2)));
+        let big = Publish::new(
+            "devices/d1/messages/events/",
+            QoS::AtMostOnce,
+            vec![0u8; D2C_MAX_MESSAGE_BYTES + 1],
+        );
+        assert!(matches!(
+            s.handle_packet(&f.hub, Packet::Publish(big), &mut out),
+            Err(Close::TooLarge { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn telemetry_is_recorded_with_properties_and_acked() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut p = Publish::new(
+            "devices/d1/messages/events/%24.mid=m9&%24.ct=application%2Fjson&temp=21",
+            QoS::AtLeastOnce,
+            "{}",
+        );
+        p.pkid = 3;
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::Publish(p), &mut out).unwrap();
+        assert_eq!(out, vec![Packet::PubAck(PubAck::new(3))]);
+        let got = f.hub.read_telemetry(Some("d1"), 0, 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].system_properties,
+            vec![("message-id".into(), "m9".into()), ("content-type".into(), "application/json".into())]
+        );
+        assert_eq!(got[0].properties, vec![("temp".to_string(), "21".to_string())]);
+    }
+
+    #[test]
+    fn twin_get_and_reported_patch_answer_without_a_subscription() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut out = Vec::new();
+        let patch = Publish::new(
+            "$iothub/twin/PATCH/properties/reported/?$rid=p1",
+            QoS::AtMostOnce,
+            r#"{"fw":"1.2"}"#,
+        );
+        s.handle_packet(&f.hub, Packet::Publish(patch), &mut out).unwrap();
+        let get = Publish::new("$iothub/twin/GET/?$rid=g1", QoS::AtLeastOnce, " ");
+        s.handle_packet(&f.hub, Packet::Publish(get), &mut out).unwrap();
+        let bad =
+            Publish::new("$iothub/twin/PATCH/properties/reported/?$rid=p2", QoS::AtMostOnce, "not json");
+        s.handle_packet(&f.hub, Packet::Publish(bad), &mut out).unwrap();
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/twin/res/204/?$rid=p1&$version=2");
+        assert_eq!(got[1].topic, "$iothub/twin/res/200/?$rid=g1");
+        let twin: Value = serde_json::from_slice(&got[1].payload).unwrap();
+        assert_eq!(twin["reported"]["fw"], "1.2");
+        assert!(twin["desired"]["$version"].is_u64(), "{twin}");
+        assert_eq!(got[2].topic, "$iothub/twin/res/400/?$rid=p2");
+        let err: Value = serde_json::from_slice(&got[2].payload).unwrap();
+        assert_eq!(err["errorCode"], 400004);
+    }
+
+    #[test]
+    fn desired_patches_and_methods_reach_subscribed_sessions() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let mut link = a.link;
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::DesiredPatch(Box::new(json!({"a": 1, "$version": 2}))), &mut out);
+        assert!(out.is_empty(), "not subscribed to desired");
+        subscribe(&mut s, &f.hub, &["$iothub/twin/PATCH/properties/desired/#", "$iothub/methods/POST/#"]);
+
+        f.hub.update_twin("d1", &json!({"properties": {"desired": {"a": 1}}}), None, false).unwrap();
+        let event = link.events.try_recv().expect("the hub queued the desired patch");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, event, &mut out);
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
+        let body: Value = serde_json::from_slice(&got[0].payload).unwrap();
+        assert_eq!(body, json!({"a": 1, "$version": 2}));
+
+        let (reply, mut rx) = oneshot::channel();
+        let call = MethodCall { name: "reboot".into(), payload: Bytes::from_static(b"{\"delay\":1}"), reply };
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::Method(Box::new(call)), &mut out);
+        let got = publishes(&out);
+        assert_eq!(got[0].topic, "$iothub/methods/POST/reboot/?$rid=1");
+        assert_eq!(&got[0].payload[..], b"{\"delay\":1}");
+        let res = Publish::new("$iothub/methods/res/201/?$rid=1", QoS::AtMostOnce, r#"{"ok":true}"#);
+        s.handle_packet(&f.hub, Packet::Publish(res), &mut Vec::new()).unwrap();
+        let reply = rx.try_recv().unwrap();
+        assert_eq!(reply.status, 201);
+        assert_eq!(&reply.payload[..], br#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn inflight_window_is_bounded_and_lapsed_locks_are_redelivered() {
+        let f = fixture("d1");
+        for i in 0..MQTT_C2D_INFLIGHT_WINDOW + 2 {
+            send(&f, "d1", &format!("m{i}"));
+        }
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        let out = subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        let got = publishes(&out);
+        assert_eq!(got.len(), MQTT_C2D_INFLIGHT_WINDOW);
+        assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW);
+        let first = got[0].pkid;
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(first)), &mut out).unwrap();
+        assert_eq!(publishes(&out).len(), 1, "one PUBACK frees one slot");
+
+        f.clock.advance(C2D_LOCK_TIMEOUT_MS + 1);
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PingReq, &mut out).unwrap();
+        assert_eq!(out[0], Packet::PingResp);
+        assert!(publishes(&out).is_empty(), "the window is still full of unacknowledged deliveries");
+        let mut out = Vec::new();
+        let second = got[1].pkid;
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(second)), &mut out).unwrap();
+        let again = publishes(&out);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            &again[0].payload[..],
+            b"body of m1",
+            "m1's lock lapsed: its PUBACK came too late, it is redelivered"
+        );
+        assert_eq!(pending(&f, "d1"), (MQTT_C2D_INFLIGHT_WINDOW + 1) as u64);
+    }
+
+    #[test]
+    fn messages_released_by_a_replaced_connection_wake_the_new_one() {
+        let f = fixture("d1");
+        send(&f, "d1", "m1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut old = a.session;
+        assert_eq!(publishes(&subscribe(&mut old, &f.hub, &["devices/d1/messages/devicebound/#"])).len(), 1);
+        let (mut b, out) = connect(&f, "d1", false);
+        assert!(publishes(&out).is_empty(), "m1 is still locked by the old connection");
+        old.close(&f.hub);
+        let event = b.link.events.try_recv().expect("the release woke the new connection");
+        let mut out = Vec::new();
+        b.session.handle_event(&f.hub, event, &mut out);
+        assert_eq!(&publishes(&out)[0].payload[..], b"body of m1");
+    }
+
+    #[test]
+    fn a_new_connection_kicks_the_old_one() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        assert!(!a.link.kick.is_cancelled());
+        let (b, _) = connect(&f, "d1", false);
+        assert!(a.link.kick.is_cancelled());
+        a.session.close(&f.hub);
+        assert_eq!(
+            f.hub.get_device("d1").unwrap()["connectionState"],
+            "Connected",
+            "the old close must not detach the new one"
+        );
+        b.session.close(&f.hub);
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+}
