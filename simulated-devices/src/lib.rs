@@ -4,5 +4,7 @@
 //! IoT Hub [`service_client`] they and the scenario runner share.
 
 pub mod agent;
+pub mod fleet;
 pub mod notice;
+pub mod release;
 pub mod service_client;

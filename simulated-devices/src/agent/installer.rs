@@ -1,5 +1,5 @@
 //! The seam between the agent and the on-disk installer: the agent decides *what* to install and
-//! reports; an [`Installer`] does the work in the device's data directory (download, verify,
+//! reports; an [`InstallBackend`] does the work in the device's data directory (download, verify,
 //! unpack, switch) and says which version is active.
 
 use std::future::Future;
@@ -22,7 +22,7 @@ pub struct DeviceContext {
 }
 
 /// Installs packages for one device at a time. One value serves the whole fleet.
-pub trait Installer: Send + Sync + 'static {
+pub trait InstallBackend: Send + Sync + 'static {
     /// The version active in `data_dir`, if any.
     fn current_version(&self, device: &DeviceContext) -> Option<String>;
 

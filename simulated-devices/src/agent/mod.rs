@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::core::{Action, AgentCore, InstallOutcome};
-pub use self::installer::{DeviceContext, Installer};
+pub use self::installer::{DeviceContext, InstallBackend};
 use crate::notice::{InstallState, UpdateNotice};
 
 /// The file holding the C2D command being worked on, so it survives a power cut.
@@ -104,7 +104,7 @@ type Job = Pin<Box<dyn Future<Output = JobResult> + Send>>;
 
 /// Runs one agent until `shutdown`, following the power switch (`true` = on). Installs take a
 /// permit from `installs` first, which caps concurrent downloads across the fleet.
-pub async fn run<I: Installer>(
+pub async fn run<I: InstallBackend>(
     cfg: Arc<AgentConfig>,
     installer: Arc<I>,
     installs: Arc<Semaphore>,
@@ -142,7 +142,7 @@ enum Outgoing {
     Ack(Publish),
 }
 
-impl<I: Installer> Session<'_, I> {
+impl<I: InstallBackend> Session<'_, I> {
     async fn run(self, power: &mut watch::Receiver<bool>, shutdown: &CancellationToken) -> SessionEnd {
         let id = &self.cfg.device_id;
         let ctx = DeviceContext {
