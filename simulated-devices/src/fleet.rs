@@ -149,7 +149,7 @@ pub enum Registration {
     Seeded,
     /// Each agent checks the registry on start and registers itself if it is missing (the
     /// client needs a policy with registryWrite). An existing device keeps its key.
-    SelfRegister(ServiceClient),
+    SelfRegister(Box<ServiceClient>),
 }
 
 /// Everything the fleet needs to start its agents.
