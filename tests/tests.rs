@@ -4,5 +4,6 @@ mod auth;
 mod c2d;
 mod mqtt;
 mod registry;
+mod release;
 mod sdk;
 mod startup;
