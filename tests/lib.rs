@@ -56,8 +56,14 @@ impl TestHub {
     /// Like [`TestHub::start`] with a custom hub configuration.
     pub async fn start_with(config: HubConfig) -> Result<Self> {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let listen =
-            ListenConfig { bind: ip, https_port: 0, http_port: 0, mqtt_port: 0, mqtt_plain_port: Some(0) };
+        let listen = ListenConfig {
+            bind: ip,
+            https_port: 0,
+            http_port: 0,
+            mqtt_port: 0,
+            mqtt_plain_port: Some(0),
+            ftp_port: Some(0),
+        };
         let data_dir = scratch_dir();
         let running = RunningHub::start(config, &listen, &data_dir).await?;
         let client = client_for(&running.ca_pem)?;
@@ -74,7 +80,8 @@ impl TestHub {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (base + n / 250) as u8 % 255, (2 + n % 250) as u8));
             let config = HubConfig { hostname: ip.to_string(), ..HubConfig::default() };
-            let listen = ListenConfig { bind: ip, http_port: 0, ..ListenConfig::default() };
+            let listen =
+                ListenConfig { bind: ip, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
             let data_dir = scratch_dir();
             match RunningHub::start(config, &listen, &data_dir).await {
                 Ok(running) => {

@@ -40,6 +40,7 @@ async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedbac
         url: "ftp://h/app-2.0.0.tar.gz".into(),
         sha256: "ab".into(),
         size: 1,
+        name: None,
     };
     let opts = ReleaseOptions {
         timeout: Duration::from_secs(30),
@@ -101,8 +102,13 @@ async fn release_with_a_where_filter_only_targets_matching_devices_and_reports_u
     let prefix = unique("flt");
     let ids = fleet::device_ids(&format!("{prefix}-{{n}}").parse()?, 5, Shard::default());
     fleet::seed(&svc, "c2VlZC1mb3ItdGhlLXJlbGVhc2UtdGVzdA==", &ids, 1).await?;
-    let notice =
-        UpdateNotice { version: "3.0.0".into(), url: "ftp://h/x".into(), sha256: "00".into(), size: 1 };
+    let notice = UpdateNotice {
+        version: "3.0.0".into(),
+        url: "ftp://h/x".into(),
+        sha256: "00".into(),
+        size: 1,
+        name: None,
+    };
     let opts = ReleaseOptions {
         where_clause: Some(format!("deviceId IN ['{}', '{}']", ids[1], ids[3])),
         timeout: Duration::from_millis(300),

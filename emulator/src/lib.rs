@@ -1,6 +1,6 @@
 //! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
-//! its protocol front ends ([`http`], [`mqtt`]), local TLS ([`tls`]) and the server that ties them to bound
-//! listeners ([`server`]).
+//! its protocol front ends ([`http`], [`mqtt`]), the FTP package server for simulated devices
+//! ([`ftp`]), local TLS ([`tls`]) and the server that ties them to bound listeners ([`server`]).
 //!
 //! The binary `iothub-emulator` is a thin wrapper: it parses flags, binds sockets and calls
 //! [`server::serve`].
@@ -8,6 +8,7 @@
 pub mod c2d;
 pub mod clock;
 pub mod error;
+pub mod ftp;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -113,3 +113,14 @@ pub const METHOD_MAX_RESPONSE_TIMEOUT_SECS: u64 = 300;
 pub const METHOD_MAX_CONNECT_TIMEOUT_SECS: u64 = 300;
 /// Direct-method payloads: at most 128 KB each way.
 pub const METHOD_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// FTP package server port. An emulator choice (IoT Hub has no FTP server): 2121 needs no root.
+pub const DEFAULT_FTP_PORT: u16 = 2121;
+/// Ports the FTP server may use for passive data connections (IANA's dynamic range, libunftp's
+/// default).
+pub const FTP_DEFAULT_PASSIVE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Concurrent FTP sessions at most. Each session holds a control socket and, while downloading, a
+/// data socket and a passive listener; 1,000 sessions keep the hub well under a 20,000-fd limit.
+pub const FTP_DEFAULT_MAX_SESSIONS: usize = 1000;
+/// An FTP session idle this long is closed (libunftp's default is 600 s; devices reconnect).
+pub const FTP_IDLE_TIMEOUT_SECS: u64 = 120;

@@ -2,14 +2,17 @@
 //! until Ctrl-C or SIGTERM. Everything else lives in the library.
 
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use iothub_emulator::ftp::{self, FtpConfig};
 use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
 use iothub_emulator::limits::{
-    DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT, SAS_DEFAULT_SKEW_SECS,
+    DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT, FTP_DEFAULT_MAX_SESSIONS,
+    SAS_DEFAULT_SKEW_SECS,
 };
 use iothub_emulator::server::{self, ListenConfig, RunningHub};
 
@@ -22,7 +25,7 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost")]
     hostname: String,
 
-    /// Where the emulator keeps its certificates (`certs/`).
+    /// Where the emulator keeps its certificates (`certs/`) and, by default, FTP packages (`packages/`).
     #[arg(long, env = "IOTHUB_EMULATOR_DATA_DIR", default_value = "./.iothub-emulator")]
     data_dir: PathBuf,
 
@@ -46,6 +49,26 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_PORT")]
     mqtt_plain_port: Option<u16>,
 
+    /// FTP package server port (devices download packages here). 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_FTP_PORT", default_value_t = DEFAULT_FTP_PORT)]
+    ftp_port: u16,
+
+    /// Turns the FTP package server off.
+    #[arg(long, env = "IOTHUB_EMULATOR_NO_FTP")]
+    no_ftp: bool,
+
+    /// Ports the FTP server may use for passive data connections, LOW-HIGH.
+    #[arg(long, env = "IOTHUB_EMULATOR_FTP_PASSIVE_PORTS", default_value = "49152-65535", value_parser = ftp::parse_port_range)]
+    ftp_passive_ports: RangeInclusive<u16>,
+
+    /// Concurrent FTP sessions at most; more are refused with 421 (devices retry).
+    #[arg(long, env = "IOTHUB_EMULATOR_FTP_MAX_SESSIONS", default_value_t = FTP_DEFAULT_MAX_SESSIONS)]
+    ftp_max_sessions: usize,
+
+    /// The directory the FTP server serves (read-only): packages and latest.json. Default: <data-dir>/packages.
+    #[arg(long, env = "IOTHUB_EMULATOR_PACKAGES_DIR")]
+    packages_dir: Option<PathBuf>,
+
     /// The iothubowner primary key (base64). Defaults to the published development key.
     #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true)]
     owner_key: String,
@@ -64,7 +87,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libunftp=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -88,14 +112,24 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         http_port: args.http_port,
         mqtt_port: args.mqtt_port,
         mqtt_plain_port: args.mqtt_plain_port,
+        ftp_port: (!args.no_ftp).then_some(args.ftp_port),
     };
-    let running = RunningHub::start(config, &listen, &args.data_dir).await?;
+    let ftp = FtpConfig {
+        passive_ports: args.ftp_passive_ports.clone(),
+        max_sessions: args.ftp_max_sessions,
+        ..FtpConfig::new(args.packages_dir.clone().unwrap_or_else(|| args.data_dir.join("packages")))
+    };
+    let running = RunningHub::start_with_ftp(config, &listen, &args.data_dir, ftp).await?;
     let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
     println!("https://{}:{}", args.hostname, running.https_addr.port());
     println!("http://{}", running.http_addr);
     println!("mqtts://{}:{}", args.hostname, running.mqtt_addr.port());
     if let Some(plain) = running.mqtt_plain_addr {
         println!("mqtt://{plain}");
+    }
+    if let Some(ftp) = running.ftp_addr {
+        println!("ftp://{ftp}");
+        println!("FTP packages directory: {}", running.packages_dir.display());
     }
     println!("CA certificate: {}", ca_path.display());
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());

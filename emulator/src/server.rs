@@ -1,7 +1,7 @@
 //! Runs the hub's front ends on already-bound listeners until a shutdown signal: the HTTPS port
-//! (TLS, IoT Hub's REST API) and the plain HTTP port (the same API plus health, CA download and
-//! telemetry read-out), and the MQTT device endpoint (TLS, plus an optional plain-TCP port for load
-//! tests).
+//! (TLS, IoT Hub's REST API), the plain HTTP port (the same API plus health, CA download and
+//! telemetry read-out), the MQTT device endpoint (TLS, plus an optional plain-TCP port for load
+//! tests) and the FTP package server ([`crate::ftp`]).
 //!
 //! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
 //! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
@@ -24,9 +24,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::ftp::{self, FtpConfig, FtpFaults};
 use crate::http::{self, HttpContext, Port};
 use crate::hub::{Hub, HubConfig};
-use crate::limits::{DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT};
+use crate::limits::{DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT};
 use crate::tls::{HubCertificates, TlsError};
 
 /// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
@@ -49,6 +50,8 @@ pub struct ListenConfig {
     pub mqtt_port: u16,
     /// MQTT over plain TCP, for load tests on loopback; off when `None`.
     pub mqtt_plain_port: Option<u16>,
+    /// The FTP package server (`None`: off).
+    pub ftp_port: Option<u16>,
 }
 
 impl Default for ListenConfig {
@@ -59,6 +62,7 @@ impl Default for ListenConfig {
             http_port: DEFAULT_HTTP_PORT,
             mqtt_port: DEFAULT_MQTT_PORT,
             mqtt_plain_port: None,
+            ftp_port: Some(DEFAULT_FTP_PORT),
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Listeners {
     pub mqtt: TcpListener,
     /// MQTT over plain TCP, if enabled.
     pub mqtt_plain: Option<TcpListener>,
+    /// The FTP package server, if on.
+    pub ftp: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -87,6 +93,7 @@ impl Listeners {
                 .mqtt_plain_port
                 .map(|p| bind_one(cfg.bind, p, "plain MQTT", "--mqtt-plain-port"))
                 .transpose()?,
+            ftp: cfg.ftp_port.map(|p| bind_one(cfg.bind, p, "FTP", "--ftp-port")).transpose()?,
         })
     }
 }
@@ -126,6 +133,9 @@ pub enum ServerError {
         /// The cause.
         source: io::Error,
     },
+    /// The FTP server's settings are unusable.
+    #[error(transparent)]
+    Ftp(#[from] ftp::Error),
     /// The server task failed.
     #[error("the server task failed: {0}")]
     Task(String),
@@ -144,6 +154,12 @@ pub struct RunningHub {
     pub mqtt_addr: SocketAddr,
     /// The plain MQTT listener's address, if enabled.
     pub mqtt_plain_addr: Option<SocketAddr>,
+    /// The FTP package server's address, if on.
+    pub ftp_addr: Option<SocketAddr>,
+    /// The directory the FTP server serves.
+    pub packages_dir: PathBuf,
+    /// The FTP fault knobs (also at `PUT /emulator/ftp/faults`).
+    pub ftp_faults: Arc<FtpFaults>,
     /// The CA certificate file clients must trust.
     pub ca_path: PathBuf,
     /// The CA certificate in PEM.
@@ -154,13 +170,25 @@ pub struct RunningHub {
 
 impl RunningHub {
     /// Prepares certificates under `<data_dir>/certs`, binds `listen` and serves a new hub with
-    /// `config` until [`RunningHub::stop`]. Returns once every listener accepts.
+    /// `config` until [`RunningHub::stop`]; FTP serves `<data_dir>/packages` with default
+    /// settings. Returns once every listener accepts.
     pub async fn start(
         config: HubConfig,
         listen: &ListenConfig,
         data_dir: &Path,
     ) -> Result<Self, ServerError> {
+        Self::start_with_ftp(config, listen, data_dir, FtpConfig::new(data_dir.join("packages"))).await
+    }
+
+    /// Like [`RunningHub::start`] with the FTP package server's settings.
+    pub async fn start_with_ftp(
+        config: HubConfig,
+        listen: &ListenConfig,
+        data_dir: &Path,
+        ftp: FtpConfig,
+    ) -> Result<Self, ServerError> {
         let certs = HubCertificates::load_or_create(&data_dir.join("certs"), &config.hostname)?;
+        ftp::prepare(&ftp)?;
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
         let http_addr = listeners.http.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
@@ -169,13 +197,20 @@ impl RunningHub {
             Some(l) => Some(l.local_addr().map_err(|e| ServerError::Task(e.to_string()))?),
             None => None,
         };
+        let ftp_addr = listeners
+            .ftp
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(|e| ServerError::Task(e.to_string()))?;
+        let (packages_dir, ftp_faults) = (ftp.packages_dir.clone(), ftp.faults.clone());
         let hub = Hub::new(config);
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = {
             let (hub, certs, shutdown) = (hub.clone(), certs.clone(), shutdown.clone());
             tokio::spawn(async move {
-                serve(hub, &certs, listeners, shutdown, move || {
+                serve(hub, &certs, listeners, ftp, shutdown, move || {
                     let _ = ready_tx.send(());
                 })
                 .await
@@ -193,6 +228,9 @@ impl RunningHub {
             http_addr,
             mqtt_addr,
             mqtt_plain_addr,
+            ftp_addr,
+            packages_dir,
+            ftp_faults,
             ca_path: certs.ca_path.clone(),
             ca_pem: certs.ca_pem,
             shutdown,
@@ -223,18 +261,24 @@ impl RunningHub {
 }
 
 /// Serves `hub` on `listeners` until `shutdown` is cancelled, then waits (up to a grace period)
-/// for open connections to finish. `on_ready` runs once every accept loop is running.
+/// for open connections to finish. `ftp` configures the FTP package server (when
+/// `listeners.ftp` is bound). `on_ready` runs once every accept loop is running.
 pub async fn serve(
     hub: Hub,
     certs: &HubCertificates,
     listeners: Listeners,
+    ftp: FtpConfig,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
     let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let ctx = HttpContext::new(hub.clone(), certs.ca_pem.clone());
+    let ctx = HttpContext::with_ftp_faults(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone());
     let tracker = TaskTracker::new();
+    let ftps = certs.server_config(&[])?;
+    let ftp_loop = listeners.ftp.map(|l| {
+        tokio::spawn(ftp::serve(l, hub.clone(), ftp, Some(ftps), shutdown.clone(), tracker.clone()))
+    });
     let mut loops = vec![
         tokio::spawn(accept_loop(
             listeners.https,
@@ -269,6 +313,7 @@ pub async fn serve(
             tracker.clone(),
         )));
     }
+    loops.extend(ftp_loop);
     ctx.ready.store(true, Ordering::Release);
     on_ready();
     for l in loops {

@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::install::InstallState;
+use crate::package::Release;
+
 /// An update notice: the JSON body of a C2D message naming one package. `latest.json` on the FTP
 /// server has the same fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,6 +19,46 @@ pub struct UpdateNotice {
     pub sha256: String,
     /// The package's size in bytes.
     pub size: u64,
+    /// The application's name (optional; taken from the file name when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl UpdateNotice {
+    /// The notice for `release` as served by the FTP server at `ftp_addr` (`host:port`).
+    pub fn for_release(release: &Release, ftp_addr: &str) -> Self {
+        Self {
+            version: release.version.clone(),
+            url: format!("ftp://{ftp_addr}/{}", release.file.trim_start_matches('/')),
+            sha256: release.sha256.clone(),
+            size: release.size,
+            name: Some(release.name.clone()),
+        }
+    }
+
+    /// Where the package is: the server (`host:port`, port 21 if the URL has none; `None` for
+    /// a URL that is only a path) and the path on it.
+    pub fn location(&self) -> (Option<String>, String) {
+        let Some(rest) = self.url.strip_prefix("ftp://").or_else(|| self.url.strip_prefix("ftps://")) else {
+            return (None, self.url.trim_start_matches('/').to_string());
+        };
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        let addr = if host.contains(':') { host.to_string() } else { format!("{host}:21") };
+        (Some(addr), path.to_string())
+    }
+
+    /// The release the installer fetches and checks.
+    pub fn to_release(&self) -> Release {
+        let (_, file) = self.location();
+        let name = self.name.clone().unwrap_or_else(|| {
+            let base = file.rsplit('/').next().unwrap_or(&file);
+            let stem = base.strip_suffix(".tar.gz").unwrap_or(base);
+            let suffix = format!("-{}", self.version);
+            stem.strip_suffix(&suffix).unwrap_or(stem).to_string()
+        });
+        Release { name, version: self.version.clone(), file, sha256: self.sha256.clone(), size: self.size }
+    }
 }
 
 /// What a C2D message asks an agent to do.
@@ -35,46 +78,6 @@ impl Command {
             Ok(n) if !n.version.is_empty() => Self::Install(n),
             _ => Self::CheckLatest,
         }
-    }
-}
-
-/// The `installState` an agent reports (twin reported property and telemetry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum InstallState {
-    /// Fetching the package.
-    Downloading,
-    /// Checking size and SHA-256.
-    Verifying,
-    /// Unpacking, running the self-test, switching `current`.
-    Installing,
-    /// The new version is active.
-    Installed,
-    /// A check failed before anything was switched; the previous version stays active.
-    Failed,
-    /// The new version was switched in, then failed its self-test and was switched back.
-    RolledBack,
-    /// The notice named the version already active: nothing was done.
-    AlreadyInstalled,
-}
-
-impl InstallState {
-    /// The wire name (`already-installed`, …).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Downloading => "downloading",
-            Self::Verifying => "verifying",
-            Self::Installing => "installing",
-            Self::Installed => "installed",
-            Self::Failed => "failed",
-            Self::RolledBack => "rolled-back",
-            Self::AlreadyInstalled => "already-installed",
-        }
-    }
-
-    /// True for states that end an install attempt.
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Installed | Self::Failed | Self::RolledBack | Self::AlreadyInstalled)
     }
 }
 
@@ -111,6 +114,24 @@ mod tests {
     }
 
     #[test]
+    fn notices_and_releases_convert_both_ways() {
+        let r = Release {
+            name: "app".into(),
+            version: "2.0.0".into(),
+            file: "app-2.0.0.tar.gz".into(),
+            sha256: "ab".into(),
+            size: 7,
+        };
+        let n = UpdateNotice::for_release(&r, "127.0.0.1:2121");
+        assert_eq!(n.url, "ftp://127.0.0.1:2121/app-2.0.0.tar.gz");
+        assert_eq!(n.location(), (Some("127.0.0.1:2121".into()), "app-2.0.0.tar.gz".into()));
+        assert_eq!(n.to_release(), r);
+        let bare = UpdateNotice { url: "ftp://pkg.local/app-2.0.0.tar.gz".into(), name: None, ..n };
+        assert_eq!(bare.location().0.as_deref(), Some("pkg.local:21"));
+        assert_eq!(bare.to_release(), r);
+    }
+
+    #[test]
     fn anything_else_checks_latest() {
         for body in [
             &b"new firmware available"[..],
@@ -123,33 +144,9 @@ mod tests {
     }
 
     #[test]
-    fn states_use_the_documented_names() {
-        let names: Vec<_> = [
-            InstallState::Downloading,
-            InstallState::Verifying,
-            InstallState::Installing,
-            InstallState::Installed,
-            InstallState::Failed,
-            InstallState::RolledBack,
-            InstallState::AlreadyInstalled,
-        ]
-        .iter()
-        .map(|s| {
+    fn states_serialize_with_their_wire_names() {
+        for s in [InstallState::Downloading, InstallState::RolledBack, InstallState::AlreadyInstalled] {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
-            s.as_str()
-        })
-        .collect();
-        assert_eq!(
-            names,
-            [
-                "downloading",
-                "verifying",
-                "installing",
-                "installed",
-                "failed",
-                "rolled-back",
-                "already-installed"
-            ]
-        );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
-//! `/emulator/telemetry` (recorded D2C messages) and `/emulator/connection-strings`.
+//! `/emulator/telemetry` (recorded D2C messages), `/emulator/connection-strings` and
+//! `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them, PUT replaces them).
 //! None of these exist in IoT Hub; they are for tests, tools and containers.
 
 use bytes::Bytes;
@@ -7,12 +8,18 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::error::HubError;
+use crate::ftp::FaultSettings;
 
 use super::router::Route;
 use super::{HttpContext, HttpResponse, Req, empty, json_response, method_not_allowed, set_header};
 
 /// Handles an emulator endpoint.
 pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
+    if req.route == Route::FtpFaults && req.method == Method::PUT {
+        let settings = FaultSettings::from_json(&req.json()?).map_err(|e| HubError::invalid(e.0))?;
+        ctx.ftp_faults.set(settings);
+        return Ok(json_response(StatusCode::OK, &settings.to_json()));
+    }
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
     }
@@ -49,6 +56,7 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
                 .collect();
             Ok(json_response(StatusCode::OK, &Value::Object(map)))
         }
+        Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),
         _ => Ok(empty(StatusCode::NOT_FOUND)),
     }
 }

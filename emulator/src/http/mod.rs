@@ -20,6 +20,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::error::{ErrorCode, HubError};
+use crate::ftp::FtpFaults;
 use crate::hub::Hub;
 use router::Route;
 
@@ -42,12 +43,19 @@ pub struct HttpContext {
     pub ca_pem: String,
     /// Set once every listener accepts; `/health` answers 200 only then.
     pub ready: AtomicBool,
+    /// The FTP server's fault knobs (`/emulator/ftp/faults`).
+    pub ftp_faults: Arc<FtpFaults>,
 }
 
 impl HttpContext {
     /// A context for `hub`, not yet ready.
     pub fn new(hub: Hub, ca_pem: String) -> Arc<Self> {
-        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false) })
+        Self::with_ftp_faults(hub, ca_pem, Arc::new(FtpFaults::new()))
+    }
+
+    /// A context for `hub` whose admin API drives `ftp_faults`.
+    pub fn with_ftp_faults(hub: Hub, ca_pem: String, ftp_faults: Arc<FtpFaults>) -> Arc<Self> {
+        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), ftp_faults })
     }
 
     /// Whether every listener accepts.
@@ -136,12 +144,14 @@ where
         body,
     };
     let result = match (&req.route, port) {
-        (Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings, Port::Plain) => {
-            admin::handle(&ctx, &req)
-        }
-        (Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings, Port::Https) => {
-            Err(not_found(&path))
-        }
+        (
+            Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
+            Port::Plain,
+        ) => admin::handle(&ctx, &req),
+        (
+            Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
+            Port::Https,
+        ) => Err(not_found(&path)),
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
             if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
         {

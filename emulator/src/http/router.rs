@@ -17,6 +17,8 @@ pub enum Route {
     Telemetry,
     /// `/emulator/connection-strings` (plain port): the policies' connection strings.
     ConnectionStrings,
+    /// `/emulator/ftp/faults` (plain port): the FTP server's fault knobs (GET, PUT).
+    FtpFaults,
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -74,6 +76,7 @@ pub fn route(path: &str) -> Route {
         [c] if eq(c, "ca.pem") => Route::CaPem,
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
         [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,
+        [e, f, x] if eq(e, "emulator") && eq(f, "ftp") && eq(x, "faults") => Route::FtpFaults,
         [d] if eq(d, "devices") => Route::Devices,
         [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
         [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
@@ -146,5 +149,6 @@ mod tests {
         assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(route("/health"), Route::Health);
+        assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
     }
 }

@@ -32,13 +32,28 @@ pub enum Action {
 
 /// How an install attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InstallOutcome {
+pub enum InstallResult {
     /// The version is active.
     Installed,
     /// A check failed before the switch; the previous version stays active.
     Failed(String),
     /// The version was switched in, failed its self-test and was switched back.
     RolledBack(String),
+    /// The installer found the version already active (the core's idea of the active version
+    /// was stale).
+    AlreadyInstalled,
+}
+
+impl From<&crate::install::InstallOutcome> for InstallResult {
+    fn from(o: &crate::install::InstallOutcome) -> Self {
+        let reason = || o.reason.clone().unwrap_or_else(|| "no reason given".into());
+        match o.state {
+            InstallState::Installed => Self::Installed,
+            InstallState::AlreadyInstalled => Self::AlreadyInstalled,
+            InstallState::RolledBack => Self::RolledBack(reason()),
+            _ => Self::Failed(reason()),
+        }
+    }
 }
 
 /// One agent's state machine.
@@ -145,16 +160,20 @@ impl AgentCore {
     }
 
     /// The running install ended.
-    pub fn on_install_done(&mut self, outcome: InstallOutcome, now: Millis) -> Vec<Action> {
+    pub fn on_install_done(&mut self, outcome: InstallResult, now: Millis) -> Vec<Action> {
         let target = self.busy.take().flatten();
         let mut out = match outcome {
-            InstallOutcome::Installed => {
+            InstallResult::Installed => {
                 self.app_version = target.clone();
                 self.installs += 1;
                 self.transition(InstallState::Installed, target, None, now)
             }
-            InstallOutcome::Failed(r) => self.transition(InstallState::Failed, target, Some(r), now),
-            InstallOutcome::RolledBack(r) => self.transition(InstallState::RolledBack, target, Some(r), now),
+            InstallResult::Failed(r) => self.transition(InstallState::Failed, target, Some(r), now),
+            InstallResult::RolledBack(r) => self.transition(InstallState::RolledBack, target, Some(r), now),
+            InstallResult::AlreadyInstalled => {
+                self.app_version = target.clone();
+                self.transition(InstallState::AlreadyInstalled, target, None, now)
+            }
         };
         out.extend(self.next(now));
         out
@@ -248,7 +267,7 @@ mod tests {
         for s in [InstallState::Downloading, InstallState::Verifying, InstallState::Installing] {
             all.extend(a.on_progress(s, 1000));
         }
-        all.extend(a.on_install_done(InstallOutcome::Installed, 1000));
+        all.extend(a.on_install_done(InstallResult::Installed, 1000));
         let (twin, events) = reports(&all);
         assert_eq!(events, ["downloading", "verifying", "installing", "installed"]);
         assert_eq!(twin.last().unwrap(), &json!({"appVersion": "2.0.0", "installState": "installed"}));
@@ -286,7 +305,7 @@ mod tests {
         assert_eq!(a.on_c2d(&notice("2.0.0"), 1000).len(), 1);
         assert!(a.on_c2d(&notice("2.0.0"), 1000).is_empty());
         assert!(a.on_c2d(&notice("3.0.0"), 1000).is_empty());
-        let out = a.on_install_done(InstallOutcome::Installed, 1000);
+        let out = a.on_install_done(InstallResult::Installed, 1000);
         assert!(matches!(out.last(), Some(Action::Install(n)) if n.version == "3.0.0"), "{out:?}");
     }
 
@@ -294,7 +313,7 @@ mod tests {
     fn a_failed_check_keeps_the_old_version_and_says_why() {
         let mut a = AgentCore::new("d1".into(), Some("1.0.0".into()));
         a.on_c2d(&notice("2.0.0"), 1000);
-        let out = a.on_install_done(InstallOutcome::Failed("sha256 mismatch".into()), 1000);
+        let out = a.on_install_done(InstallResult::Failed("sha256 mismatch".into()), 1000);
         let (twin, events) = reports(&out);
         assert_eq!(events, ["failed"]);
         assert_eq!(twin[0], json!({"appVersion": "1.0.0", "installState": "failed"}));

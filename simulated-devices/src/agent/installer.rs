@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::core::InstallOutcome;
+use super::core::InstallResult;
 use crate::notice::{InstallState, UpdateNotice};
 
 /// Who is installing: the device and where its files live.
@@ -40,5 +40,5 @@ pub trait InstallBackend: Send + Sync + 'static {
         device: &DeviceContext,
         notice: &UpdateNotice,
         progress: UnboundedSender<InstallState>,
-    ) -> impl Future<Output = InstallOutcome> + Send;
+    ) -> impl Future<Output = InstallResult> + Send;
 }

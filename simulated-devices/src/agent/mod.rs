@@ -14,6 +14,7 @@
 
 pub mod contract;
 pub mod core;
+pub mod ftp_backend;
 pub mod installer;
 
 use std::collections::VecDeque;
@@ -32,7 +33,8 @@ use rumqttc::{
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::core::{Action, AgentCore, InstallOutcome};
+use self::core::{Action, AgentCore, InstallResult};
+pub use self::ftp_backend::FtpBackend;
 pub use self::installer::{DeviceContext, InstallBackend};
 use crate::notice::{InstallState, UpdateNotice};
 
@@ -97,7 +99,7 @@ enum SessionEnd {
 /// The background work an agent can have running: a `latest.json` read or an install.
 enum JobResult {
     Latest(Result<UpdateNotice, String>),
-    Installed(InstallOutcome),
+    Installed(InstallResult),
 }
 
 type Job = Pin<Box<dyn Future<Output = JobResult> + Send>>;
@@ -205,7 +207,7 @@ impl<I: InstallBackend> Session<'_, I> {
                     match r {
                         JobResult::Latest(latest) => core.on_latest(latest, now()),
                         JobResult::Installed(outcome) => {
-                            if outcome == InstallOutcome::Installed {
+                            if outcome == InstallResult::Installed {
                                 self.status.installs.fetch_add(1, Ordering::Relaxed);
                             }
                             core.on_install_done(outcome, now())
@@ -302,7 +304,7 @@ impl<I: InstallBackend> Session<'_, I> {
         let (installer, installs, ctx) = (self.installer.clone(), self.installs.clone(), ctx.clone());
         Box::pin(async move {
             let Ok(_permit) = installs.acquire_owned().await else {
-                return JobResult::Installed(InstallOutcome::Failed("the fleet is shutting down".into()));
+                return JobResult::Installed(InstallResult::Failed("the fleet is shutting down".into()));
             };
             JobResult::Installed(installer.install(&ctx, &notice, progress).await)
         })
