@@ -2,6 +2,7 @@
 
 mod auth;
 mod c2d;
+mod fleet;
 mod mqtt;
 mod registry;
 mod release;

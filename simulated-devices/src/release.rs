@@ -186,7 +186,8 @@ pub async fn notify_devices(
     Ok(summary)
 }
 
-/// Polls the twins until `expected` devices report `appVersion` = `version` or `deadline`.
+/// Polls the twins until `expected` devices report `appVersion` = `version` with a final
+/// `installState`, or `deadline`.
 /// Returns the count and, if all reported, the time it took.
 async fn wait_installed(
     service: &ServiceClient,
@@ -196,7 +197,10 @@ async fn wait_installed(
     deadline: Instant,
     started: Instant,
 ) -> Result<(usize, Option<u64>), ServiceError> {
-    let mut cond = format!("properties.reported.appVersion = '{}'", version.replace('\'', "''"));
+    let mut cond = format!(
+        "properties.reported.appVersion = '{}' AND properties.reported.installState IN ['installed', 'already-installed']",
+        version.replace('\'', "''")
+    );
     if let Some(w) = opts.where_clause.as_deref().filter(|w| !w.trim().is_empty()) {
         cond = format!("({w}) AND {cond}");
     }

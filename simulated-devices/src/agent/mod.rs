@@ -204,7 +204,12 @@ impl<I: InstallBackend> Session<'_, I> {
                 Some(state) = progress_rx.recv() => core.on_progress(state, now()),
                 r = async { job.as_mut().expect("guarded by the select condition").await }, if job.is_some() => {
                     job = None;
-                    match r {
+                    // Report the transitions the job sent before it ended, in order, first.
+                    let mut reports = Vec::new();
+                    while let Ok(state) = progress_rx.try_recv() {
+                        reports.extend(core.on_progress(state, now()));
+                    }
+                    reports.extend(match r {
                         JobResult::Latest(latest) => core.on_latest(latest, now()),
                         JobResult::Installed(outcome) => {
                             if outcome == InstallResult::Installed {
@@ -212,7 +217,8 @@ impl<I: InstallBackend> Session<'_, I> {
                             }
                             core.on_install_done(outcome, now())
                         }
-                    }
+                    });
+                    reports
                 }
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
