@@ -19,7 +19,8 @@ use simulated_devices::service_client::{C2dSend, ServiceClient};
 const FLEET_KEY: &str = "ZmxlZXQta2V5LWZvci10aGUtZTJlLXRlc3Rz";
 const POLL: Duration = Duration::from_millis(50);
 
-fn service(hub: &TestHub) -> Result<ServiceClient> {
+/// A service client for `hub`'s owner policy over HTTPS.
+pub(crate) fn service(hub: &TestHub) -> Result<ServiceClient> {
     Ok(ServiceClient::new(
         &hub.running.owner_connection_string(),
         &hub.https_url(),

@@ -12,18 +12,11 @@ use iothub_emulator_tests::{TestHub, unique};
 use simulated_devices::fleet::{self, IdPattern, Shard};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::release::{ReleaseOptions, notify_devices};
-use simulated_devices::service_client::ServiceClient;
+
+use crate::fleet::service;
 
 /// More than one query page (IoT Hub pages at 1,000).
 const DEVICES: u64 = 1_050;
-
-fn service(hub: &TestHub) -> Result<ServiceClient> {
-    Ok(ServiceClient::new(
-        &hub.running.owner_connection_string(),
-        &hub.https_url(),
-        Some(&hub.running.ca_pem),
-    )?)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedback() -> Result<()> {

@@ -151,6 +151,36 @@ pub async fn notify_devices(
     }
 
     let deadline = started + opts.timeout;
+    let installs = async {
+        match opts.wait_installed {
+            true => {
+                wait_installed(service, &notice.version, ids.len(), opts, deadline, started).await.map(Some)
+            }
+            false => Ok(None),
+        }
+    };
+    let (feedback, installs) = tokio::join!(
+        collect_feedback(service, &mut outstanding, &mut summary, opts, deadline, started),
+        installs
+    );
+    feedback?;
+    if let Some((installed, at)) = installs? {
+        summary.installed = Some(installed);
+        summary.last_install_ms = at;
+    }
+    Ok(summary)
+}
+
+/// Receives feedback until every message in `outstanding` is final or `deadline`, counting the
+/// outcomes into `summary` and completing every batch received.
+async fn collect_feedback(
+    service: &ServiceClient,
+    outstanding: &mut HashMap<String, bool>,
+    summary: &mut ReleaseSummary,
+    opts: &ReleaseOptions,
+    deadline: Instant,
+    started: Instant,
+) -> Result<(), ServiceError> {
     let mut finals = 0;
     while finals < outstanding.len() && Instant::now() < deadline {
         let Some(batch) = service.receive_feedback().await? else {
@@ -176,14 +206,7 @@ pub async fn notify_devices(
         service.complete_feedback(&batch.lock_token).await?;
     }
     summary.not_final = outstanding.len() - finals;
-
-    if opts.wait_installed {
-        let (installed, at) =
-            wait_installed(service, &notice.version, ids.len(), opts, deadline, started).await?;
-        summary.installed = Some(installed);
-        summary.last_install_ms = at;
-    }
-    Ok(summary)
+    Ok(())
 }
 
 /// Polls the twins until `expected` devices report `appVersion` = `version` with a final
