@@ -42,17 +42,25 @@ fn fleet_config(
     ids: Vec<String>,
     data_root: &Path,
     registration: Registration,
+    tls: bool,
 ) -> Result<FleetConfig> {
-    let mqtt = hub.running.mqtt_plain_addr.context("the test hub has a plain MQTT listener")?;
+    // TLS goes to the hub's host name (its certificate's name); plain TCP to the loopback address.
+    let (mqtt_host, mqtt_port, tls) = if tls {
+        let config = simulated_devices::agent::tls_config(&hub.running.ca_pem).map_err(anyhow::Error::msg)?;
+        (hub.hostname(), hub.running.mqtt_addr.port(), Some(config))
+    } else {
+        let plain = hub.running.mqtt_plain_addr.context("the test hub has a plain MQTT listener")?;
+        (plain.ip().to_string(), plain.port(), None)
+    };
     Ok(FleetConfig {
         device_ids: ids,
         fleet_key: FLEET_KEY.into(),
         registration,
         data_root: data_root.to_path_buf(),
         hub_host: hub.hostname(),
-        mqtt_host: mqtt.ip().to_string(),
-        mqtt_port: mqtt.port(),
-        tls: None,
+        mqtt_host,
+        mqtt_port,
+        tls,
         keep_alive: Duration::from_secs(60),
         ramp_per_sec: 0,
         max_concurrent_installs: 50,
@@ -110,9 +118,11 @@ async fn release_while_30_percent_are_off_ends_with_every_device_on_v2_installed
         Shard::default(),
     );
     fleet::seed(&svc, FLEET_KEY, &ids, 4).await?;
-    let fleet =
-        Fleet::start(fleet_config(&hub, ids.clone(), work.path(), Registration::Seeded)?, backend(&hub)?)
-            .await;
+    let fleet = Fleet::start(
+        fleet_config(&hub, ids.clone(), work.path(), Registration::Seeded, false)?,
+        backend(&hub)?,
+    )
+    .await;
     ensure!(
         fleet.wait_connected(N, POLL, Duration::from_secs(20)).await,
         "only {} of {N} connected",
@@ -175,7 +185,8 @@ async fn release_while_30_percent_are_off_ends_with_every_device_on_v2_installed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn self_registered_agents_read_latest_skip_the_active_version_and_fail_a_bad_checksum() -> Result<()> {
+async fn self_registered_agents_over_tls_read_latest_skip_the_active_version_and_fail_a_bad_checksum()
+-> Result<()> {
     let hub = TestHub::start().await?;
     let work = tempfile::tempdir()?;
     let svc = service(&hub)?;
@@ -183,7 +194,7 @@ async fn self_registered_agents_read_latest_skip_the_active_version_and_fail_a_b
         fleet::device_ids(&format!("{}-{{n}}", unique("self")).parse::<IdPattern>()?, 2, Shard::default());
     let registration = Registration::SelfRegister(Box::new(svc.clone()));
     let fleet =
-        Fleet::start(fleet_config(&hub, ids.clone(), work.path(), registration)?, backend(&hub)?).await;
+        Fleet::start(fleet_config(&hub, ids.clone(), work.path(), registration, true)?, backend(&hub)?).await;
     ensure!(fleet.wait_connected(2, POLL, Duration::from_secs(20)).await, "agents did not connect");
     ensure!(svc.get_device(&ids[0]).await?.is_some(), "the agent registered itself");
     let release = publish(&hub, work.path(), "2.0.0")?;
