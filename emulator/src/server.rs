@@ -273,7 +273,8 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
     let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let ctx = HttpContext::with_ftp_faults(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone());
+    let ctx =
+        HttpContext::with_parts(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone(), shutdown.clone());
     let tracker = TaskTracker::new();
     let ftps = certs.server_config(&[])?;
     let ftp_loop = listeners.ftp.map(|l| {

@@ -9,6 +9,7 @@ mod admin;
 mod device_api;
 pub mod router;
 mod service_api;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,17 +46,38 @@ pub struct HttpContext {
     pub ready: AtomicBool,
     /// The FTP server's fault knobs (`/emulator/ftp/faults`).
     pub ftp_faults: Arc<FtpFaults>,
+    /// Cancelled when the hub shuts down (for connections upgraded to WebSocket).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl HttpContext {
     /// A context for `hub`, not yet ready.
     pub fn new(hub: Hub, ca_pem: String) -> Arc<Self> {
-        Self::with_ftp_faults(hub, ca_pem, Arc::new(FtpFaults::new()))
+        Self::with_parts(hub, ca_pem, Arc::new(FtpFaults::new()), tokio_util::sync::CancellationToken::new())
     }
 
     /// A context for `hub` whose admin API drives `ftp_faults`.
     pub fn with_ftp_faults(hub: Hub, ca_pem: String, ftp_faults: Arc<FtpFaults>) -> Arc<Self> {
-        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), ftp_faults })
+        Self::with_parts(hub, ca_pem, ftp_faults, tokio_util::sync::CancellationToken::new())
+    }
+
+    /// Like [`HttpContext::new`], with the hub's shutdown token for upgraded connections.
+    pub fn with_shutdown(
+        hub: Hub,
+        ca_pem: String,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<Self> {
+        Self::with_parts(hub, ca_pem, Arc::new(FtpFaults::new()), shutdown)
+    }
+
+    /// A context with the FTP fault knobs and the hub's shutdown token.
+    pub fn with_parts(
+        hub: Hub,
+        ca_pem: String,
+        ftp_faults: Arc<FtpFaults>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self { hub, ca_pem, ready: AtomicBool::new(false), ftp_faults, shutdown })
     }
 
     /// Whether every listener accepts.
@@ -124,6 +146,13 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    if websocket::is_upgrade(&req) {
+        let e = match websocket::upgrade(&ctx, req) {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        return Ok(error_response(&Method::GET, websocket::WEBSOCKET_PATH, &e));
+    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {

@@ -3,21 +3,24 @@
 //!
 //! A link lives in the device's [`Device::link`] field, so it is owned by the registry shard like
 //! everything else about the device and costs nothing for devices that are not connected. It holds
-//! a connection id, a bounded channel of [`LinkEvent`]s into the connection task and a kick token.
-//! One connection per device: attaching a new link drops the old one, and dropping a link cancels
-//! its kick token, which closes that connection (IoT Hub's `400027
-//! ConnectionForcefullyClosedOnNewConnection`). Deleting the device drops its link the same way.
+//! a connection id and a small shared mailbox ([`LinkShared`]: a bounded queue of [`LinkEvent`]s, a
+//! `Notify` and a kicked flag, about a hundred bytes, chosen over an mpsc channel plus a
+//! cancellation token which cost over a KiB per connection). One connection per device: attaching
+//! a new link drops the old one, and dropping a link kicks its connection (IoT Hub's `400027
+//! ConnectionForcefullyClosedOnNewConnection`). Deleting or disabling the device drops it too.
 //!
-//! Events never block the hub: they are `try_send`s. A C2D wake-up that finds the channel full is
-//! dropped safely (the connection pulls from the queue after every event it handles); a desired
-//! patch or method request that finds it full is logged and dropped, or refused, respectively.
+//! Events never block the hub. A C2D wake-up that finds the mailbox full is dropped safely (the
+//! connection pulls from the queue after every event it handles); a desired patch or method
+//! request that finds it full is logged and dropped, or refused, respectively.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, oneshot};
 
 use crate::error::{ErrorCode, HubError};
 
@@ -69,20 +72,75 @@ pub struct MethodReply {
     pub payload: Bytes,
 }
 
+/// The mailbox between the hub and one connection task.
+#[derive(Debug, Default)]
+pub struct LinkShared {
+    queue: Mutex<VecDeque<LinkEvent>>,
+    notify: Notify,
+    kicked: AtomicBool,
+}
+
+impl LinkShared {
+    /// Queues `event` unless [`LINK_CHANNEL_CAPACITY`] events are already waiting.
+    fn push(&self, event: LinkEvent) -> Result<(), LinkEvent> {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= LINK_CHANNEL_CAPACITY {
+                return Err(event);
+            }
+            q.push_back(event);
+        }
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// The connection task's end of its mailbox.
+#[derive(Debug)]
+pub struct LinkReceiver(Arc<LinkShared>);
+
+impl LinkReceiver {
+    /// The next event, waiting for one; `None` once the connection has been kicked. Cancel-safe.
+    pub async fn recv(&self) -> Option<LinkEvent> {
+        loop {
+            if self.is_kicked() {
+                return None;
+            }
+            if let Some(e) = self.try_recv() {
+                return Some(e);
+            }
+            self.0.notify.notified().await;
+        }
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&self) -> Option<LinkEvent> {
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    /// Whether a newer connection, or deleting or disabling the device, closed this one.
+    pub fn is_kicked(&self) -> bool {
+        self.0.kicked.load(Ordering::Acquire)
+    }
+}
+
 /// The hub's handle on one open device connection.
 #[derive(Debug)]
 pub struct Link {
     /// Tells this connection apart from a newer one of the same device.
     pub conn_id: u64,
-    /// Events into the connection task.
-    pub events: mpsc::Sender<LinkEvent>,
-    /// Cancelled when the link is dropped: the connection must close.
-    pub kick: CancellationToken,
+    /// The connection's mailbox.
+    pub shared: Arc<LinkShared>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.kick.cancel();
+        self.shared.kick();
     }
 }
 
@@ -91,10 +149,8 @@ impl Drop for Link {
 pub struct Attached {
     /// Its connection id (pass it back to [`Hub::detach_link`]).
     pub conn_id: u64,
-    /// Hub events for it.
-    pub events: mpsc::Receiver<LinkEvent>,
-    /// Cancelled when another connection takes over or the device is deleted.
-    pub kick: CancellationToken,
+    /// Hub events for it, and whether it was kicked.
+    pub events: LinkReceiver,
     /// Subscriptions kept from an earlier session (0 under clean session).
     pub session: u8,
 }
@@ -105,9 +161,8 @@ impl Hub {
     pub fn attach_link(&self, device_id: &str, clean_session: bool) -> Result<Attached, HubError> {
         let now = self.now();
         let conn_id = self.next_counter();
-        let (tx, rx) = mpsc::channel(LINK_CHANNEL_CAPACITY);
-        let kick = CancellationToken::new();
-        let link = Link { conn_id, events: tx, kick: kick.clone() };
+        let shared = Arc::new(LinkShared::default());
+        let link = Link { conn_id, shared: shared.clone() };
         let session = self.with_device(device_id, |d| {
             if clean_session {
                 d.session = 0;
@@ -125,7 +180,7 @@ impl Hub {
             Ok(d.session)
         })?;
         self.shared.changed.notify_waiters();
-        Ok(Attached { conn_id, events: rx, kick, session })
+        Ok(Attached { conn_id, events: LinkReceiver(shared), session })
     }
 
     /// Unregisters connection `conn_id` of `device_id` if it is still the current one. With
@@ -179,7 +234,7 @@ impl Hub {
     /// Wakes the connection of `d` (if any) because a C2D message was queued.
     pub(super) fn poke_c2d(d: &Device) {
         if let Some(link) = &d.link {
-            let _ = link.events.try_send(LinkEvent::C2dAvailable);
+            let _ = link.shared.push(LinkEvent::C2dAvailable);
         }
     }
 
@@ -191,7 +246,7 @@ impl Hub {
                 return Ok(());
             }
             if let Some(link) = &d.link
-                && link.events.try_send(LinkEvent::DesiredPatch(Box::new(patch))).is_err()
+                && link.shared.push(LinkEvent::DesiredPatch(Box::new(patch))).is_err()
             {
                 tracing::warn!(device = device_id, "connection busy; a desired-properties patch was dropped");
             }
@@ -200,9 +255,9 @@ impl Hub {
     }
 
     /// Whether `device_id` is connected and subscribed to direct methods.
-    fn method_link(&self, device_id: &str) -> Result<Option<mpsc::Sender<LinkEvent>>, HubError> {
+    fn method_link(&self, device_id: &str) -> Result<Option<Arc<LinkShared>>, HubError> {
         self.with_device(device_id, |d| {
-            Ok(d.link.as_ref().filter(|_| d.session & subscriptions::METHODS != 0).map(|l| l.events.clone()))
+            Ok(d.link.as_ref().filter(|_| d.session & subscriptions::METHODS != 0).map(|l| l.shared.clone()))
         })
     }
 
@@ -233,7 +288,7 @@ impl Hub {
         };
         let (reply, rx) = oneshot::channel();
         let call = MethodCall { name: name.to_string(), payload, reply };
-        events.try_send(LinkEvent::Method(Box::new(call))).map_err(|_| offline())?;
+        events.push(LinkEvent::Method(Box::new(call))).map_err(|_| offline())?;
         match tokio::time::timeout(response, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(offline()),
@@ -266,7 +321,7 @@ mod tests {
             hub.invoke_method("d1", "m", Bytes::new(), Duration::ZERO, Duration::from_secs(5)).await
         };
         assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline);
-        let mut link = hub.attach_link("d1", false).unwrap();
+        let link = hub.attach_link("d1", false).unwrap();
         assert_eq!(call(hub.clone()).await.unwrap_err().code, ErrorCode::DeviceNotOnline, "not subscribed");
         hub.save_session("d1", link.conn_id, subscriptions::METHODS);
         let pending = tokio::spawn(call(hub.clone()));
@@ -291,7 +346,7 @@ mod tests {
             h.invoke_method("d1", "m", Bytes::new(), Duration::from_secs(30), Duration::from_secs(5)).await
         });
         tokio::task::yield_now().await;
-        let mut link = hub.attach_link("d1", false).unwrap();
+        let link = hub.attach_link("d1", false).unwrap();
         hub.save_session("d1", link.conn_id, subscriptions::METHODS);
         let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
         m.reply.send(MethodReply { status: 200, payload: Bytes::from_static(b"1") }).unwrap();
@@ -309,7 +364,12 @@ mod tests {
         hub.detach_link("d1", b.conn_id, false);
         let c = hub.attach_link("d1", false).unwrap();
         assert_eq!(c.session, 0);
+        let disable = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
+        hub.put_device("d1", disable, Some(crate::hub::IfMatch::Any)).unwrap();
+        assert!(c.events.is_kicked(), "disabling the device closes its connection");
+        assert_eq!(hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+        let d = hub.attach_link("d1", false).unwrap();
         hub.delete_device("d1", None).unwrap();
-        assert!(c.kick.is_cancelled());
+        assert!(d.events.is_kicked());
     }
 }

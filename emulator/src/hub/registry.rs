@@ -245,6 +245,11 @@ impl Hub {
                     if status != d.status {
                         d.status = status;
                         d.status_updated = now;
+                        // A disabled device loses its open connection (dropping the link kicks it).
+                        if status == Status::Disabled && d.link.take().is_some() {
+                            d.connected = false;
+                            d.connection_state_updated = now;
+                        }
                     }
                     d.status_reason = input.status_reason;
                     d.auth_type = auth_type;

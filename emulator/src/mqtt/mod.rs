@@ -12,9 +12,12 @@ pub mod connection;
 pub mod session;
 pub mod topics;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,20 +38,30 @@ pub async fn accept_loop(
 ) {
     let name = if tls.is_some() { "mqtts" } else { "mqtt" };
     let sd = shutdown.clone();
-    accept_connections(listener, name, shutdown, tracker, move |stream, peer| {
-        let (tls, hub, sd) = (tls.clone(), hub.clone(), sd.clone());
-        async move {
-            match tls {
-                None => connection::serve(hub, stream, peer, sd).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => connection::serve(hub, s, peer, sd).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "MQTT TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
-                    }
-                }
-            }
+    // Each connection's task holds only a box sized for its own protocol: an idle plain connection
+    // does not carry the TLS variant's state, nor a TLS connection its finished handshake's.
+    accept_connections(listener, name, shutdown, tracker, move |stream, peer| -> ConnectionFuture {
+        let (hub, sd) = (hub.clone(), sd.clone());
+        match tls.clone() {
+            None => Box::pin(connection::serve(hub, stream, peer, sd)),
+            Some(acceptor) => Box::pin(serve_tls(acceptor, hub, stream, peer, sd)),
         }
     })
     .await;
+}
+
+type ConnectionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    hub: Hub,
+    stream: TcpStream,
+    peer: SocketAddr,
+    sd: CancellationToken,
+) {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Box::pin(connection::serve(hub, s, peer, sd)).await,
+        Ok(Err(e)) => tracing::debug!(%peer, "MQTT TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+    }
 }

@@ -63,7 +63,7 @@ pub enum Close {
 pub struct Accepted {
     /// The session, ready for packets.
     pub session: Session,
-    /// Hub events and the kick token for the driver.
+    /// Hub events (and the kick) for the driver.
     pub link: Attached,
     /// The CONNACK to send.
     pub connack: Packet,
@@ -106,7 +106,7 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     };
     let expected = format!("{}/{id}/", hub.hostname());
     let user_ok = login.username.get(..expected.len()).is_some_and(|p| p.eq_ignore_ascii_case(&expected))
-        && login.username[expected.len()..].is_empty_or_query();
+        && login.username.get(expected.len()..).is_some_and(|rest| rest.is_empty() || rest.starts_with('?'));
     if !user_ok {
         return Err(refuse(
             BadUserNamePassword,
@@ -132,16 +132,6 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
         keep_alive_secs,
         token_expiry_secs: auth.expiry_secs.saturating_add(hub.config().sas_skew_secs),
     })
-}
-
-trait QueryTail {
-    fn is_empty_or_query(&self) -> bool;
-}
-
-impl QueryTail for str {
-    fn is_empty_or_query(&self) -> bool {
-        self.is_empty() || self.starts_with('?')
-    }
 }
 
 /// One connected device's session.
@@ -690,7 +680,7 @@ mod tests {
         let f = fixture("d1");
         let (a, _) = connect(&f, "d1", false);
         let mut s = a.session;
-        let mut link = a.link;
+        let link = a.link;
         let mut out = Vec::new();
         s.handle_event(&f.hub, LinkEvent::DesiredPatch(Box::new(json!({"a": 1, "$version": 2}))), &mut out);
         assert!(out.is_empty(), "not subscribed to desired");
@@ -774,9 +764,9 @@ mod tests {
     fn a_new_connection_kicks_the_old_one() {
         let f = fixture("d1");
         let (a, _) = connect(&f, "d1", false);
-        assert!(!a.link.kick.is_cancelled());
+        assert!(!a.link.events.is_kicked());
         let (b, _) = connect(&f, "d1", false);
-        assert!(a.link.kick.is_cancelled());
+        assert!(a.link.events.is_kicked());
         a.session.close(&f.hub);
         assert_eq!(
             f.hub.get_device("d1").unwrap()["connectionState"],

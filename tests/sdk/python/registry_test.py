@@ -9,72 +9,15 @@ is trusted through REQUESTS_CA_BUNDLE). Prints one line per check; exits 1 on th
 """
 
 import base64
-import faulthandler
-import os
 import sys
-import threading
-import traceback
 
-from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.models import QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
+from common import CheckFailed, check, check_equal, env, registry_manager, run_main
+
 SCRIPT = "registry_test"
 WATCHDOG_S = 90
-# Per-request bound (msrest's default is 100 s: msrest/universal_http/__init__.py ClientConnection).
-REQUEST_TIMEOUT_S = 15
-
-_checks_passed = 0
-
-
-class CheckFailed(Exception):
-    """A check did not hold; the message says which and why."""
-
-
-def check(what, ok, detail=None):
-    """Records one passed check (one output line) or raises CheckFailed."""
-    global _checks_passed
-    if not ok:
-        raise CheckFailed(what if detail is None else f"{what}: {detail}")
-    _checks_passed += 1
-    print(f"ok - {what}", flush=True)
-
-
-def check_equal(what, actual, expected):
-    check(what, actual == expected, f"expected {expected!r}, got {actual!r}")
-
-
-def env(name):
-    value = os.environ.get(name)
-    if not value:
-        raise CheckFailed(f"environment variable {name} is required (set by the Rust SDK test harness)")
-    return value
-
-
-def start_watchdog():
-    """Bounds the whole run: prints a failure and every thread's stack, then exits 1."""
-
-    def expire():
-        print(f"FAIL - watchdog: script exceeded {WATCHDOG_S} s overall", flush=True)
-        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-    timer = threading.Timer(WATCHDOG_S, expire)
-    timer.daemon = True
-    timer.start()
-
-
-def registry_manager(connection_string):
-    """The SDK client, with msrest's silent retries off and a per-request timeout.
-
-    msrest retries 408 and most 5xx three times with backoff (msrest/universal_http/requests.py:341-352);
-    the harness wants a failing call to fail once, visibly. Both knobs are public configuration.
-    """
-    manager = IoTHubRegistryManager.from_connection_string(connection_string)
-    manager.protocol.config.retry_policy.retries = 0
-    manager.protocol.config.connection.timeout = REQUEST_TIMEOUT_S
-    return manager
 
 
 def expect_http_error(what, call, status, code):
@@ -232,23 +175,5 @@ def run():
     check_delete(rm, device_id)
 
 
-def main():
-    start_watchdog()
-    try:
-        run()
-    except CheckFailed as err:
-        print(f"FAIL - {err}", flush=True)
-        return 1
-    except Exception as err:  # an SDK call failed where success was expected
-        response = getattr(err, "response", None)
-        status = getattr(response, "status_code", None)
-        body = getattr(response, "text", "")[:300] if response is not None else ""
-        print(f"FAIL - unexpected {type(err).__name__}: {err} (HTTP {status}) {body}", flush=True)
-        print(traceback.format_exc(), end="", flush=True)
-        return 1
-    print(f"{SCRIPT}: all {_checks_passed} checks passed", flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(SCRIPT, WATCHDOG_S, run))

@@ -1,0 +1,136 @@
+//! WebSocket upgrades on the HTTPS port: `GET /$iothub/websocket` with `Upgrade: websocket` is handed
+//! to the protocol named by the client's `Sec-WebSocket-Protocol` (reference §4.1, wire notes §0).
+//!
+//! The hook is generic: [`SUBPROTOCOLS`] maps a subprotocol to the byte-stream server that speaks it
+//! (MQTT today, `mqtt`; AMQP's `AMQPWSB10` can join the table). The upgraded socket's binary
+//! WebSocket messages are pumped through an in-memory duplex pipe, so protocol servers see a plain
+//! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorCode, HubError};
+use crate::hub::Hub;
+
+use super::{HttpContext, HttpResponse};
+
+/// IoT Hub's WebSocket path for device protocols.
+pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
+
+/// Buffer of the in-memory pipe between the WebSocket and the protocol server.
+const PIPE_BYTES: usize = 16 * 1024;
+
+type ProtocolFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, CancellationToken) -> ProtocolFuture;
+
+/// Subprotocols served over WebSocket, and the server for each.
+pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] =
+    &[("mqtt", |hub, io, peer, shutdown| Box::pin(crate::mqtt::connection::serve(hub, io, peer, shutdown)))];
+
+/// Whether `req` asks for a WebSocket upgrade on [`WEBSOCKET_PATH`].
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.uri().path().eq_ignore_ascii_case(WEBSOCKET_PATH)
+        && req
+            .headers()
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Answers `101 Switching Protocols` and serves the upgraded connection in the background, or
+/// explains in IoT Hub's error shape why it cannot.
+pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpResponse, HubError> {
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .ok_or_else(|| HubError::invalid("a WebSocket upgrade needs a Sec-WebSocket-Key header"))?;
+    let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some((name, server)) = offered
+        .split(',')
+        .map(str::trim)
+        .find_map(|o| SUBPROTOCOLS.iter().find(|(name, _)| name.eq_ignore_ascii_case(o)).copied())
+    else {
+        let known: Vec<&str> = SUBPROTOCOLS.iter().map(|(n, _)| *n).collect();
+        return Err(HubError::new(
+            ErrorCode::ArgumentInvalid,
+            format!(
+                "Sec-WebSocket-Protocol '{offered}' names no supported subprotocol (use one of {known:?})"
+            ),
+        ));
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (hub, shutdown) = (ctx.hub.clone(), ctx.shutdown.clone());
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => return tracing::debug!("WebSocket upgrade failed: {e}"),
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        let peer = SocketAddr::from(([0, 0, 0, 0], 0));
+        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours));
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert("sec-websocket-protocol", HeaderValue::from_static(name));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        headers.insert("sec-websocket-accept", v);
+    }
+    Ok(resp)
+}
+
+/// Moves bytes between the WebSocket (binary messages) and the protocol server's pipe until either
+/// side closes.
+async fn pump<S>(ws: WebSocketStream<S>, pipe: DuplexStream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(pipe);
+    let inbound = async {
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(Message::Binary(b)) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; PIPE_BYTES];
+        while let Ok(n @ 1..) = rd.read(&mut buf).await {
+            if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        _ = inbound => {}
+        _ = outbound => {}
+    }
+}
