@@ -267,3 +267,17 @@ async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
     println!("{stdout}");
     Ok(())
 }
+
+/// `len` pseudo-random bytes (xorshift, fixed seed): file content that gzip cannot shrink, for
+/// packages whose size must be predictable.
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ len as u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

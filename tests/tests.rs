@@ -3,6 +3,7 @@
 mod auth;
 mod c2d;
 mod fleet;
+mod ftp_installer;
 mod mqtt;
 mod registry;
 mod release;

@@ -34,6 +34,10 @@ use crate::tls::{HubCertificates, TlsError};
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`). The std
+/// default of 128 drops SYNs when a fleet connects at once, and clients then wait seconds for
+/// the retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Pause after an accept failure caused by file-descriptor exhaustion.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -107,9 +111,12 @@ pub fn bind_one(
 ) -> Result<TcpListener, ServerError> {
     let addr = SocketAddr::new(ip, port);
     let bind = || -> io::Result<TcpListener> {
-        let std = std::net::TcpListener::bind(addr)?;
-        std.set_nonblocking(true)?;
-        TcpListener::from_std(std)
+        let socket =
+            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
     };
     bind().map_err(|source| ServerError::Bind { what, addr, flag, source })
 }

@@ -40,7 +40,8 @@ impl Authenticator for DeviceAuthenticator {
         match self.hub.authenticate_device(token, username) {
             Ok(_) => Ok(Principal { username: username.to_string() }),
             Err(e) => {
-                tracing::info!(device = username, ip = %creds.source_ip, "FTP login refused: {e}");
+                // libunftp logs the refusal (with the peer); this adds the hub's reason.
+                tracing::debug!(device = username, ip = %creds.source_ip, "FTP login refused: {e}");
                 Err(AuthenticationError::new(e.to_string()))
             }
         }

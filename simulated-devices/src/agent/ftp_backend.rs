@@ -1,6 +1,7 @@
 //! The agent's real install backend: [`crate::install::Installer`] downloading from the hub's FTP
 //! package server, logged in as the device (user = device id, password = its SAS token).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -20,6 +21,8 @@ pub struct FtpBackend {
     pub step_timeout: Duration,
     /// How failed downloads are retried.
     pub retry: RetryPolicy,
+    /// Explicit FTPS (TLS settings and the name on the server's certificate); `None`: plain FTP.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
 }
 
 impl FtpBackend {
@@ -29,6 +32,7 @@ impl FtpBackend {
             ftp_addr: ftp_addr.into(),
             step_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            tls: None,
         }
     }
 
@@ -38,6 +42,7 @@ impl FtpBackend {
             device_id: device.device_id.clone(),
             credentials: Credentials::Token(device.sas_token.clone()),
             step_timeout: self.step_timeout,
+            tls: self.tls.clone(),
         };
         Installer::new(device.data_dir.clone(), source).with_retry(self.retry)
     }

@@ -365,21 +365,9 @@ pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
-/// A rustls client configuration trusting `ca_pem` (the emulator's CA), for MQTT over TLS.
-pub fn tls_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("bad CA PEM: {e}"))?;
-        roots.add(cert).map_err(|e| format!("bad CA certificate: {e}"))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
+/// A rustls client configuration trusting `ca_pem` (the emulator's CA), for MQTT over TLS (the
+/// installer's FTPS uses the same).
+pub use crate::install::ftp::tls_trusting as tls_config;
 
 /// The data directory of `device_id` under `root` (one directory per device).
 pub fn data_dir(root: &Path, device_id: &str) -> PathBuf {

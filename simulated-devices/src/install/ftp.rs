@@ -1,11 +1,15 @@
 //! The FTP side of the installer (suppaftp, async on tokio): one session per attempt, with a
 //! timeout on every step (connect, greeting, login, each command, each read of the data
-//! connection), binary mode, and `REST` to resume a partial download.
+//! connection), binary mode, and `REST` to resume a partial download. With a TLS configuration
+//! the session upgrades to explicit FTPS (`AUTH TLS`, `PROT P`) before logging in, so the SAS
+//! token never crosses the wire in clear.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use suppaftp::tokio::AsyncFtpStream;
+use std::sync::Arc;
+
+use suppaftp::tokio::{AsyncRustlsConnector, AsyncRustlsFtpStream as AsyncFtpStream};
 use suppaftp::types::FileType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -41,6 +45,28 @@ pub struct FtpSource {
     pub credentials: Credentials,
     /// Timeout of every FTP step.
     pub step_timeout: Duration,
+    /// Explicit FTPS: the TLS client settings (see [`tls_trusting`]) and the name the server's
+    /// certificate must carry. `None`: plain FTP.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+/// A TLS client configuration trusting only the CA in `ca_pem` (the hub's `ca.pem`).
+pub fn tls_trusting(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the CA PEM cannot be read: {e}"))?;
+        roots.add(cert).map_err(|e| format!("the CA certificate is not usable: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the CA PEM holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// Why one FTP attempt failed.
@@ -81,6 +107,10 @@ impl FtpSource {
     async fn session(&self) -> Result<AsyncFtpStream, FtpError> {
         let t = self.step_timeout;
         let mut ftp = step("connect", t, AsyncFtpStream::connect(self.addr.as_str())).await?;
+        if let Some((config, server_name)) = &self.tls {
+            let connector = AsyncRustlsConnector::from(tokio_rustls::TlsConnector::from(config.clone()));
+            ftp = step("AUTH TLS", t, ftp.into_secure(connector, server_name)).await?;
+        }
         let password = self.password()?;
         step("login", t, ftp.login(self.device_id.as_str(), password.as_str())).await?;
         step("TYPE I", t, ftp.transfer_type(FileType::Binary)).await?;

@@ -173,13 +173,31 @@ pub struct InstallMachine {
     attempts: u32,
     rng: u64,
     reason: Option<String>,
+    /// Bytes of an earlier partial download to keep on the first attempt.
+    partial: u64,
 }
 
 impl InstallMachine {
     /// Installs `target` on a device whose `current` version is `current`. `seed` drives the
     /// backoff jitter.
     pub fn new(target: Release, current: Option<String>, policy: RetryPolicy, seed: u64) -> Self {
-        Self { target, current, policy, phase: Phase::Idle, attempts: 0, rng: seed | 1, reason: None }
+        Self {
+            target,
+            current,
+            policy,
+            phase: Phase::Idle,
+            attempts: 0,
+            rng: seed | 1,
+            reason: None,
+            partial: 0,
+        }
+    }
+
+    /// Resumes a download an earlier run left with `bytes` bytes (a device restarted
+    /// mid-download). A partial file longer than the package is ignored.
+    pub fn with_partial_download(mut self, bytes: u64) -> Self {
+        self.partial = if bytes <= self.target.size { bytes } else { 0 };
+        self
     }
 
     /// The release being installed.
@@ -215,7 +233,7 @@ impl InstallMachine {
         }
         self.attempts = 1;
         self.phase = Phase::Downloading;
-        vec![report(InstallState::Downloading, None), Action::Download { resume_from: 0 }]
+        vec![report(InstallState::Downloading, None), Action::Download { resume_from: self.partial }]
     }
 
     /// Feeds an event; returns the next actions. Events that do not fit the current phase are
@@ -384,6 +402,14 @@ mod tests {
         assert_eq!(a.last(), Some(&Action::Done(InstallState::Installed)));
         assert_eq!(m.outcome(), Some(InstallState::Installed));
         assert!(m.on(Event::WaitOver).is_empty(), "events after the end are ignored");
+    }
+
+    #[test]
+    fn a_partial_download_from_an_earlier_run_is_resumed() {
+        let mut m = machine().with_partial_download(60);
+        assert_eq!(m.start()[1], Action::Download { resume_from: 60 });
+        let mut m = machine().with_partial_download(101);
+        assert_eq!(m.start()[1], Action::Download { resume_from: 0 });
     }
 
     #[test]

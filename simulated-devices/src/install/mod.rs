@@ -3,7 +3,7 @@
 //!
 //! Layout under the device's root directory:
 //! - `downloads/<file>.part`: the package being fetched (kept across dropped connections and
-//!   resumed with `REST`);
+//!   restarts, and resumed with `REST`);
 //! - `releases/<version>/`: unpacked releases (the new one is unpacked into
 //!   `releases/.<version>.partial` and renamed when complete);
 //! - `current`: a symlink to `releases/<version>`, replaced by renaming a new symlink over it, so
@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use ftp::{Credentials, FtpError, FtpSource};
+pub use ftp::{Credentials, FtpError, FtpSource, tls_trusting};
 pub use machine::{Action, Event, InstallMachine, InstallState, RetryPolicy};
 
 use crate::package::{self, LATEST_FILE, Release};
@@ -103,6 +103,11 @@ impl Installer {
         self
     }
 
+    /// Where packages come from.
+    pub fn source(&self) -> &FtpSource {
+        &self.source
+    }
+
     /// The device directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -131,9 +136,11 @@ impl Installer {
         release: &Release,
         mut on_report: impl FnMut(InstallReport),
     ) -> InstallOutcome {
-        let mut machine = InstallMachine::new(release.clone(), self.current_version(), self.retry, self.seed);
         let previous = std::fs::read_link(self.current_link()).ok();
         let tmp = self.root.join("downloads").join(format!("{}.part", release.file));
+        let partial = tokio::fs::metadata(&tmp).await.map(|m| m.len()).unwrap_or(0);
+        let mut machine = InstallMachine::new(release.clone(), self.current_version(), self.retry, self.seed)
+            .with_partial_download(partial);
         let mut pending: VecDeque<Action> = machine.start().into();
         while let Some(action) = pending.pop_front() {
             let event = match action {
@@ -154,7 +161,43 @@ impl Installer {
                         download_attempts: machine.attempts(),
                     };
                 }
-                action => self.perform(action, release, &tmp, previous.as_deref()).await,
+                Action::Download { resume_from } => self.download(release, &tmp, resume_from).await,
+                Action::Wait(d) => {
+                    tokio::time::sleep(d).await;
+                    Event::WaitOver
+                }
+                Action::Verify => {
+                    let path = tmp.clone();
+                    let r = tokio::task::spawn_blocking(move || package::sha256_file(&path)).await;
+                    match r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        Ok((sha256, size)) => Event::Verified { size, sha256 },
+                        Err(e) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
+                    }
+                }
+                Action::DiscardDownload => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    Event::Cleaned
+                }
+                Action::Unpack => {
+                    let (archive, releases, version) =
+                        (tmp.clone(), self.root.join("releases"), release.version.clone());
+                    let r =
+                        tokio::task::spawn_blocking(move || unpack_release(&archive, &releases, &version))
+                            .await;
+                    Event::Unpacked(r.unwrap_or_else(|e| Err(e.to_string())))
+                }
+                Action::SelfTest(cmd) => Event::SelfTested(self.self_test(&cmd, &release.version).await),
+                Action::Switch => {
+                    let r = switch_current(&self.root, &release.version);
+                    if r.is_ok() {
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        prune_releases(&self.root, &release.version, previous.as_deref());
+                    }
+                    Event::Switched(r)
+                }
+                Action::Rollback => {
+                    Event::RolledBack(rollback(&self.root, &release.version, previous.as_deref()))
+                }
             };
             pending.extend(machine.on(event));
         }
@@ -167,56 +210,18 @@ impl Installer {
         }
     }
 
-    async fn perform(&self, action: Action, release: &Release, tmp: &Path, previous: Option<&Path>) -> Event {
-        match action {
-            Action::Download { resume_from } => {
-                if let Some(dir) = tmp.parent()
-                    && let Err(e) = tokio::fs::create_dir_all(dir).await
-                {
-                    return Event::DownloadFailed { bytes: 0, error: format!("{}: {e}", dir.display()) };
-                }
-                match self.source.download(&release.file, tmp, resume_from).await {
-                    Ok(bytes) => Event::Downloaded { bytes },
-                    Err((bytes, e)) => {
-                        tracing::debug!(device = %self.source.device_id, "download attempt failed: {e}");
-                        Event::DownloadFailed { bytes, error: e.to_string() }
-                    }
-                }
+    async fn download(&self, release: &Release, tmp: &Path, resume_from: u64) -> Event {
+        if let Some(dir) = tmp.parent()
+            && let Err(e) = tokio::fs::create_dir_all(dir).await
+        {
+            return Event::DownloadFailed { bytes: 0, error: format!("{}: {e}", dir.display()) };
+        }
+        match self.source.download(&release.file, tmp, resume_from).await {
+            Ok(bytes) => Event::Downloaded { bytes },
+            Err((bytes, e)) => {
+                tracing::debug!(device = %self.source.device_id, "download attempt failed: {e}");
+                Event::DownloadFailed { bytes, error: e.to_string() }
             }
-            Action::Wait(d) => {
-                tokio::time::sleep(d).await;
-                Event::WaitOver
-            }
-            Action::Verify => {
-                let path = tmp.to_path_buf();
-                match tokio::task::spawn_blocking(move || package::sha256_file(&path)).await {
-                    Ok(Ok((sha256, size))) => Event::Verified { size, sha256 },
-                    Ok(Err(e)) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
-                    Err(e) => Event::Verified { size: 0, sha256: format!("unreadable ({e})") },
-                }
-            }
-            Action::DiscardDownload => {
-                let _ = tokio::fs::remove_file(tmp).await;
-                Event::Cleaned
-            }
-            Action::Unpack => {
-                let (archive, releases, version) =
-                    (tmp.to_path_buf(), self.root.join("releases"), release.version.clone());
-                let r =
-                    tokio::task::spawn_blocking(move || unpack_release(&archive, &releases, &version)).await;
-                Event::Unpacked(r.unwrap_or_else(|e| Err(e.to_string())))
-            }
-            Action::SelfTest(cmd) => Event::SelfTested(self.self_test(&cmd, &release.version).await),
-            Action::Switch => {
-                let r = switch_current(&self.root, &release.version);
-                if r.is_ok() {
-                    let _ = tokio::fs::remove_file(tmp).await;
-                    prune_releases(&self.root, &release.version, previous);
-                }
-                Event::Switched(r)
-            }
-            Action::Rollback => Event::RolledBack(rollback(&self.root, &release.version, previous)),
-            Action::Report { .. } | Action::Done(_) => Event::WaitOver,
         }
     }
 
@@ -312,5 +317,69 @@ fn prune_releases(root: &Path, current: &str, previous: Option<&Path>) {
             continue;
         }
         let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn release_dir(root: &Path, version: &str) {
+        let dir = root.join("releases").join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(package::MANIFEST_FILE), format!(r#"{{"name":"a","version":"{version}"}}"#))
+            .unwrap();
+    }
+
+    fn current(root: &Path) -> PathBuf {
+        std::fs::read_link(root.join("current")).unwrap()
+    }
+
+    #[test]
+    fn switch_replaces_current_even_over_a_leftover_temporary_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        release_dir(root, "1");
+        release_dir(root, "2");
+        switch_current(root, "1").unwrap();
+        // A crash between creating the new link and renaming it leaves `.current.new` behind.
+        std::os::unix::fs::symlink("releases/1", root.join(".current.new")).unwrap();
+        switch_current(root, "2").unwrap();
+        assert_eq!(current(root), Path::new("releases/2"));
+        assert!(!root.join(".current.new").exists());
+        assert_eq!(package::read_manifest(&root.join("current")).unwrap().version, "2");
+    }
+
+    #[test]
+    fn rollback_restores_the_previous_release_and_removes_the_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        release_dir(root, "1");
+        release_dir(root, "2");
+        switch_current(root, "2").unwrap();
+        rollback(root, "2", Some(Path::new("releases/1"))).unwrap();
+        assert_eq!(current(root), Path::new("releases/1"));
+        assert!(!root.join("releases/2").exists());
+        // Without a previous release, `current` goes away rather than pointing at a bad one.
+        release_dir(root, "3");
+        switch_current(root, "3").unwrap();
+        rollback(root, "3", None).unwrap();
+        assert!(std::fs::symlink_metadata(root.join("current")).is_err());
+    }
+
+    #[test]
+    fn prune_keeps_current_and_previous() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for v in ["1", "2", "3"] {
+            release_dir(root, v);
+        }
+        prune_releases(root, "3", Some(Path::new("releases/2")));
+        let mut left: Vec<_> = std::fs::read_dir(root.join("releases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["2", "3"]);
     }
 }

@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// The FTP package server, host:port.
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_FTP_ADDR", default_value = "127.0.0.1:2121")]
     ftp_addr: String,
+    /// Download over explicit FTPS (AUTH TLS) trusting --ca-file, so SAS tokens are not sent in clear.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_FTPS")]
+    ftps: bool,
     /// Agents started per second (the connection ramp); 0 starts all at once.
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_RAMP_PER_SEC", default_value_t = 500)]
     ramp_per_sec: u32,
@@ -157,14 +160,16 @@ pub async fn run(a: RunArgs) -> Result<()> {
         "self" => Registration::SelfRegister(Box::new(service)),
         _ => Registration::Seeded,
     };
-    let tls = if a.mqtt_plain {
-        None
-    } else {
-        let pem = a.service.ca_pem()?.with_context(|| {
-            format!("MQTT over TLS needs --ca-file ({} not found)", a.service.ca_file.display())
-        })?;
-        Some(tls_config(&pem).map_err(anyhow::Error::msg)?)
+    let ca = || {
+        a.service
+            .ca_pem()?
+            .with_context(|| format!("TLS needs --ca-file ({} not found)", a.service.ca_file.display()))
     };
+    let mut backend = FtpBackend::new(a.ftp_addr.clone());
+    if a.ftps {
+        backend.tls = Some((tls_config(&ca()?).map_err(anyhow::Error::msg)?, hub_host.clone()));
+    }
+    let tls = if a.mqtt_plain { None } else { Some(tls_config(&ca()?).map_err(anyhow::Error::msg)?) };
     let n = ids.len();
     let cfg = FleetConfig {
         device_ids: ids,
@@ -184,7 +189,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(iothub_emulator::server::shutdown_on_signal(shutdown.clone()));
     let started = Instant::now();
-    let fleet = Fleet::start(cfg, Arc::new(FtpBackend::new(a.ftp_addr.clone()))).await;
+    let fleet = Fleet::start(cfg, Arc::new(backend)).await;
     eprintln!("started {n} agents (shard {}) in {:.1} s", a.shard, started.elapsed().as_secs_f64());
     let mut all_connected_reported = false;
     let mut tick = tokio::time::interval(Duration::from_secs(a.status_secs.max(1)));
