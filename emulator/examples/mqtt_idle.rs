@@ -65,6 +65,7 @@ async fn hub_side(n: usize) -> Result<()> {
         http_port: 0,
         mqtt_port: 0,
         mqtt_plain_port: Some(0),
+        ftp_port: None,
     };
     let running = RunningHub::start(HubConfig::default(), &listen, &data_dir).await?;
     let hub = running.hub.clone();
