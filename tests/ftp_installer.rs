@@ -242,7 +242,13 @@ async fn wrong_credentials_fail_after_the_retry_budget() {
 #[tokio::test]
 async fn sessions_over_the_cap_get_421() {
     let dir = std::env::temp_dir().join(unique("iothub-ftp-cap"));
-    let listen = ListenConfig { https_port: 0, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
+    let listen = ListenConfig {
+        https_port: 0,
+        http_port: 0,
+        mqtt_port: 0,
+        ftp_port: Some(0),
+        ..ListenConfig::default()
+    };
     let ftp = FtpConfig { max_sessions: 1, ..FtpConfig::new(dir.join("packages")) };
     let running = RunningHub::start_with_ftp(HubConfig::default(), &listen, &dir, ftp).await.unwrap();
     let addr = running.ftp_addr.unwrap();

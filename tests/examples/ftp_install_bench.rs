@@ -27,7 +27,13 @@ async fn main() -> Result<()> {
     let max_sessions: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(devices.max(1));
     let ftps = args.next().is_some_and(|a| a == "ftps");
     let dir = std::env::temp_dir().join(unique("ftp-bench"));
-    let listen = ListenConfig { https_port: 0, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
+    let listen = ListenConfig {
+        https_port: 0,
+        http_port: 0,
+        mqtt_port: 0,
+        ftp_port: Some(0),
+        ..ListenConfig::default()
+    };
     let ftp = FtpConfig { max_sessions, ..FtpConfig::new(dir.join("packages")) };
     let hub = RunningHub::start_with_ftp(HubConfig::default(), &listen, &dir, ftp).await?;
 
