@@ -251,3 +251,80 @@ async fn self_registered_agents_over_tls_read_latest_skip_the_active_version_and
     fleet.stop().await;
     hub.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_mid_download_resumes_from_the_saved_command_and_installs_once() -> Result<()> {
+    use iothub_emulator::ftp::FaultSettings;
+    let hub = TestHub::start().await?;
+    let work = tempfile::tempdir()?;
+    let svc = service(&hub)?;
+    let ids =
+        fleet::device_ids(&format!("{}-{{n}}", unique("cut")).parse::<IdPattern>()?, 1, Shard::default());
+    fleet::seed(&svc, FLEET_KEY, &ids, 1).await?;
+    let fleet = Fleet::start(
+        fleet_config(&hub, ids.clone(), work.path(), Registration::Seeded, false)?,
+        backend(&hub)?,
+    )
+    .await;
+    ensure!(fleet.wait_connected(1, POLL, Duration::from_secs(20)).await, "the agent did not connect");
+
+    // A package that does not compress (so it stays ~48 KB) served at 16 KB/s: ~3 s to download.
+    let src = work.path().join("src-cut");
+    std::fs::create_dir_all(&src)?;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..48 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("firmware.bin"), noise)?;
+    let manifest = Manifest { name: "fridge".into(), version: "2.0.0".into(), self_test: None };
+    let release = package::publish(&src, Some(&manifest), &hub.running.packages_dir)?;
+    hub.running
+        .ftp_faults
+        .set(FaultSettings { bytes_per_second: Some(16 * 1024), ..FaultSettings::default() });
+
+    let notice = UpdateNotice::for_release(&release, &hub.running.ftp_addr.context("ftp")?.to_string());
+    let msg = C2dSend {
+        body: serde_json::to_vec(&notice)?,
+        message_id: unique("m"),
+        ack: "none",
+        content_type: None,
+    };
+    svc.send_c2d(&ids[0], &msg).await?;
+    eventually("the download to start", Duration::from_secs(20), || async {
+        Ok(reported(&svc.get_twin(&ids[0]).await?, "installState") == "downloading")
+    })
+    .await?;
+
+    // Power cut: the message was already completed at the hub (PUBACK), so only the command saved
+    // on disk can bring the install back.
+    fleet.set_power(0, false);
+    eventually("the agent to go offline", Duration::from_secs(10), || async { Ok(fleet.connected() == 0) })
+        .await?;
+    let dir = simulated_devices::agent::data_dir(work.path(), &ids[0]);
+    ensure!(dir.join("pending-c2d").exists(), "the command was saved before the PUBACK");
+    ensure!(std::fs::symlink_metadata(dir.join("current")).is_err(), "nothing was switched in yet");
+    ensure!(hub.running.hub.receive_c2d(&ids[0], 1_000)?.is_none(), "the hub no longer holds the message");
+
+    hub.running.ftp_faults.set(FaultSettings::default());
+    fleet.set_power(0, true);
+    eventually("the install to finish after power-on", Duration::from_secs(20), || async {
+        let twin = svc.get_twin(&ids[0]).await?;
+        Ok(reported(&twin, "appVersion") == "2.0.0" && reported(&twin, "installState") == "installed")
+    })
+    .await?;
+    ensure!(fleet.installs(0) == 1, "installed {} times", fleet.installs(0));
+    let installed =
+        install_events(&hub, &ids[0]).into_iter().filter(|e| e["installState"] == "installed").count();
+    ensure!(installed == 1, "{installed} installed events");
+    eventually("the saved command to be cleared", Duration::from_secs(5), || async {
+        Ok(!dir.join("pending-c2d").exists())
+    })
+    .await?;
+    fleet.stop().await;
+    hub.stop().await
+}
