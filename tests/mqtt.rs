@@ -317,12 +317,14 @@ async fn telemetry_twins_desired_notifications_and_direct_methods() -> Result<()
     let dev = Device::create(&hub, "mqtt-twin").await?;
     let (mut c, _) = dev.connect(false).await?;
 
+    // A long-polling reader started before the device sends gets the message as soon as it lands.
+    let url = format!("{}/emulator/telemetry?deviceId={}&after=0&waitMs=10000", hub.http_url(), dev.id);
+    let reader = tokio::spawn(hub.client.get(url).send());
     let topic =
         format!("devices/{}/messages/events/%24.mid=t1&%24.ct=application%2Fjson&room=kitchen", dev.id);
     c.publish(&topic, QoS::AtLeastOnce, br#"{"t":21.5}"#).await?;
     assert_eq!(c.expect().await?, Packet::PubAck(PubAck::new(9)));
-    let url = format!("{}/emulator/telemetry?deviceId={}", hub.http_url(), dev.id);
-    let seen: Value = hub.client.get(url).send().await?.json().await?;
+    let seen: Value = reader.await??.json().await?;
     assert_eq!(seen[0]["properties"]["room"], "kitchen", "{seen}");
     assert_eq!(seen[0]["systemProperties"]["message-id"], "t1", "{seen}");
 

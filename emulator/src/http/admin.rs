@@ -1,6 +1,7 @@
 //! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
-//! `/emulator/telemetry` (recorded D2C messages), `/emulator/connection-strings` and
-//! `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them, PUT replaces them).
+//! `/emulator/telemetry` (recorded D2C messages; `waitMs` long-polls for new ones),
+//! `/emulator/connection-strings` and `/emulator/ftp/faults` (the FTP server's fault knobs: GET
+//! reads them, PUT replaces them).
 //! None of these exist in IoT Hub; they are for tests, tools and containers.
 
 use bytes::Bytes;
@@ -59,4 +60,28 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),
         _ => Ok(empty(StatusCode::NOT_FOUND)),
     }
+}
+
+/// Longest `waitMs` a telemetry read may ask for.
+pub const TELEMETRY_MAX_WAIT_MS: u64 = 30_000;
+
+/// `GET /emulator/telemetry?deviceId=&after=&waitMs=`: like the plain read, but when nothing newer
+/// than `after` is recorded yet, waits up to `waitMs` (at most [`TELEMETRY_MAX_WAIT_MS`]) for it.
+pub async fn wait_telemetry(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
+    let wait_ms = req.param("waitMs").and_then(|w| w.parse().ok()).unwrap_or(0).min(TELEMETRY_MAX_WAIT_MS);
+    let device = req.param("deviceId");
+    let after = req.param("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        let notified = ctx.hub.notifier().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !ctx.hub.read_telemetry(device.as_deref(), after, 1).is_empty() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break;
+        }
+    }
+    handle(ctx, req)
 }

@@ -173,6 +173,9 @@ where
         body,
     };
     let result = match (&req.route, port) {
+        (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
+            admin::wait_telemetry(&ctx, &req).await
+        }
         (
             Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
             Port::Plain,

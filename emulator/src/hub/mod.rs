@@ -88,7 +88,8 @@ struct Shared {
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
-    /// Woken whenever a feedback record or a C2D message is queued, for long-poll style readers.
+    /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
+    /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
     changed: tokio::sync::Notify,
 }
 
@@ -161,7 +162,8 @@ impl Hub {
         self.shared.device_count.load(Ordering::Relaxed)
     }
 
-    /// Notified (with `notify_waiters`) whenever a C2D message or a feedback record is queued.
+    /// Notified (with `notify_waiters`) whenever a C2D message, a feedback record or telemetry is
+    /// queued, or a device connects or changes its subscriptions.
     /// To wait without missing a wake-up: create `notifier().notified()`, pin it, call
     /// `enable()`, check the hub, then await it.
     pub fn notifier(&self) -> &tokio::sync::Notify {

@@ -89,14 +89,18 @@ impl TelemetryLog {
 }
 
 impl Hub {
-    /// Records a D2C message from `msg.device_id`; returns its sequence number.
+    /// Records a D2C message from `msg.device_id` and wakes long-polling readers; returns its
+    /// sequence number.
     pub fn record_telemetry(&self, msg: D2cMessage) -> u64 {
         let now = self.now();
         let _ = self.with_device(&msg.device_id, |d| {
             d.last_activity = now;
             Ok(())
         });
-        self.telemetry_log().push(D2cMessage { enqueued_at: now, ..msg })
+        let sequence = self.telemetry_log().push(D2cMessage { enqueued_at: now, ..msg });
+        // Wakes `/emulator/telemetry?waitMs=` readers.
+        self.shared.changed.notify_waiters();
+        sequence
     }
 
     /// Up to `limit` recorded messages with a sequence number above `after`, optionally only
