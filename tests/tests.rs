@@ -3,8 +3,10 @@
 mod amqp;
 mod auth;
 mod c2d;
+mod fleet;
 mod ftp_installer;
 mod mqtt;
 mod registry;
+mod release;
 mod sdk;
 mod startup;

@@ -1,12 +1,18 @@
 //! Simulated devices for the emulator's fleet bench: the application package format
-//! ([`package`]), device SAS tokens ([`sas`]) and the installer that downloads a release from the
-//! hub's FTP package server, verifies it, unpacks it and switches to it atomically ([`install`]).
-//!
-//! The agent that keeps an MQTT connection and reacts to C2D update notices builds on these.
+//! ([`package`]), device SAS tokens ([`sas`]), the installer that downloads a release from the
+//! hub's FTP package server, verifies it, unpacks it and switches to it atomically ([`install`]),
+//! the device [`agent`] (one device's app: MQTT session, C2D-driven installs, twin and telemetry
+//! reports), the [`fleet`] that runs thousands of agents in one process, the [`release`] pipeline
+//! step, and the small IoT Hub [`service_client`] they and the scenario runner share.
 
+pub mod agent;
+pub mod fleet;
 pub mod install;
+pub mod notice;
 pub mod package;
+pub mod release;
 pub mod sas;
+pub mod service_client;
 
 pub use install::{InstallOutcome, InstallReport, InstallState, Installer};
 pub use package::{Manifest, Release};

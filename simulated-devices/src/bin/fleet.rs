@@ -1,11 +1,20 @@
-//! `fleet`: tools for the simulated device fleet. Today: building application packages and
-//! publishing them into the hub's FTP packages directory. Everything lives in the library.
+//! `fleet`: the simulated device fleet's command line. `run` starts N agents (this process's
+//! shard of the fleet), `release` is the pipeline step (publish a package, notify every device,
+//! collect feedback, print a summary), `package` builds and publishes packages. Everything else
+//! lives in the library.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use simulated_devices::package::{self, Manifest};
+
+#[path = "fleet/run.rs"]
+mod run;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
 
 /// Tools for the simulated device fleet.
 #[derive(Debug, Parser)]
@@ -22,6 +31,10 @@ enum Command {
         #[command(subcommand)]
         command: PackageCommand,
     },
+    /// Runs this process's shard of the fleet until Ctrl-C or SIGTERM.
+    Run(run::RunArgs),
+    /// Publishes a package, sends every (selected) device an update notice and prints a summary.
+    Release(run::ReleaseArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,7 +58,7 @@ enum PackageCommand {
 }
 
 #[derive(Debug, clap::Args)]
-struct Source {
+pub struct Source {
     /// The folder holding the application's files (and, unless --name/--version are given, manifest.json).
     dir: PathBuf,
     /// Application name (overrides manifest.json; needs --version).
@@ -60,7 +73,7 @@ struct Source {
 }
 
 impl Source {
-    fn manifest(&self) -> Option<Manifest> {
+    pub fn manifest(&self) -> Option<Manifest> {
         Some(Manifest {
             name: self.name.clone()?,
             version: self.version.clone()?,
@@ -77,7 +90,11 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let Command::Package { command } = args.command;
+    let command = match args.command {
+        Command::Package { command } => command,
+        Command::Run(a) => return runtime()?.block_on(run::run(a)),
+        Command::Release(a) => return runtime()?.block_on(run::release(a)),
+    };
     let release = match command {
         PackageCommand::Build { source, out } => {
             let (_, path, release) = package::build_package(&source.dir, source.manifest().as_ref(), &out)

@@ -11,7 +11,8 @@ use std::time::Duration;
 use crate::package::{Manifest, Release};
 
 /// The states an install reports (to the twin's `installState` and as D2C events).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum InstallState {
     /// Fetching the package from the FTP server (retries included).
     Downloading,

@@ -1,0 +1,81 @@
+//! IoT Hub's MQTT contract as a device sees it (reference §4): client id, username, SAS password,
+//! and the topics the agent publishes and subscribes to.
+
+use iothub_emulator::sas::{SasError, make_token};
+
+/// The api-version the agent puts in its username (the documented MQTT example's).
+pub const MQTT_API_VERSION: &str = "2021-04-12";
+/// The product string in the username, like the SDKs' `DeviceClientType`.
+const CLIENT_TYPE: &str = "iothub-emulator-simulated-device%2F0.1";
+
+/// The MQTT username: `{hub}/{id}/?api-version=…&DeviceClientType=…`.
+pub fn username(hub_host: &str, device_id: &str) -> String {
+    format!("{hub_host}/{device_id}/?api-version={MQTT_API_VERSION}&DeviceClientType={CLIENT_TYPE}")
+}
+
+/// The MQTT password: a device SAS token for `{hub}/devices/{id}`, expiring at `expiry_secs`.
+/// The same token is the device's FTP password.
+pub fn password(
+    hub_host: &str,
+    device_id: &str,
+    key_b64: &str,
+    expiry_secs: u64,
+) -> Result<String, SasError> {
+    make_token(&format!("{hub_host}/devices/{device_id}"), key_b64, None, expiry_secs)
+}
+
+/// The C2D subscription filter.
+pub fn c2d_filter(device_id: &str) -> String {
+    format!("devices/{device_id}/messages/devicebound/#")
+}
+
+/// True if `topic` is a C2D delivery for `device_id` (`devices/{id}/messages/devicebound/…`;
+/// older hubs wrote `deviceBound`).
+pub fn is_c2d_topic(device_id: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix("devices/")
+        .and_then(|t| t.strip_prefix(device_id))
+        .and_then(|t| t.strip_prefix("/messages/"))
+        .is_some_and(|t| t.get(..12).is_some_and(|w| w.eq_ignore_ascii_case("devicebound/")))
+}
+
+/// Twin responses (the agent subscribes so the hub can answer its PATCHes).
+pub const TWIN_RESPONSE_FILTER: &str = "$iothub/twin/res/#";
+
+/// The topic for a reported-properties patch with request id `rid`.
+pub fn twin_patch_topic(rid: u64) -> String {
+    format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}")
+}
+
+/// The telemetry topic, with the property bag that marks the body as UTF-8 JSON.
+pub fn telemetry_topic(device_id: &str) -> String {
+    format!("devices/{device_id}/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_follows_the_documented_form() {
+        let u = username("hub.local", "dev-1");
+        assert!(u.starts_with("hub.local/dev-1/?api-version=2021-04-12&DeviceClientType="), "{u}");
+    }
+
+    #[test]
+    fn recognises_c2d_topics_of_this_device_only() {
+        assert!(is_c2d_topic("d1", "devices/d1/messages/devicebound/%24.mid=1&iothub-ack=full"));
+        assert!(is_c2d_topic("d1", "devices/d1/messages/deviceBound/"));
+        assert!(!is_c2d_topic("d1", "devices/d12/messages/devicebound/"));
+        assert!(!is_c2d_topic("d1", "$iothub/twin/res/204/?$rid=1"));
+        assert!(!is_c2d_topic("d1", "devices/d1/messages/events/"));
+    }
+
+    #[test]
+    fn password_is_a_device_token_for_the_device_resource() {
+        let key = iothub_emulator::hub::DEFAULT_OWNER_KEY;
+        let t = password("hub.local", "d1", key, 1_000).unwrap();
+        assert!(t.starts_with("SharedAccessSignature sr=hub.local%2Fdevices%2Fd1&sig="), "{t}");
+        assert!(t.ends_with("&se=1000"), "{t}");
+    }
+}

@@ -1,0 +1,248 @@
+//! The `run` and `release` subcommands: flags (each with an `IOTHUB_EMULATOR_*` twin), their
+//! validation, and the calls into the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use iothub_emulator::hub::DEFAULT_OWNER_KEY;
+use simulated_devices::agent::{FtpBackend, tls_config};
+use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard};
+use simulated_devices::notice::UpdateNotice;
+use simulated_devices::package;
+use simulated_devices::release::{ReleaseOptions, notify_devices};
+use simulated_devices::service_client::ServiceClient;
+use tokio_util::sync::CancellationToken;
+
+use super::Source;
+
+/// The emulator's well-known owner connection string (host `localhost`).
+fn default_connection_string() -> String {
+    format!("HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey={DEFAULT_OWNER_KEY}")
+}
+
+/// How to reach the hub's service API.
+#[derive(Debug, clap::Args)]
+pub struct ServiceArgs {
+    /// Service connection string (a policy with registry read/write and service connect).
+    /// Default: the emulator's well-known iothubowner string for host `localhost`.
+    #[arg(long, env = "IOTHUB_EMULATOR_CONNECTION_STRING")]
+    connection_string: Option<String>,
+    /// Where REST calls go: the emulator's HTTPS (`https://localhost:443`) or plain HTTP port.
+    #[arg(long, env = "IOTHUB_EMULATOR_SERVICE_ENDPOINT", default_value = "http://127.0.0.1:8080")]
+    service_endpoint: String,
+    /// The hub's CA certificate (PEM), trusted for HTTPS and MQTT over TLS.
+    #[arg(long, env = "IOTHUB_EMULATOR_CA_FILE", default_value = "./.iothub-emulator/certs/ca.pem")]
+    ca_file: PathBuf,
+}
+
+impl ServiceArgs {
+    fn ca_pem(&self) -> Result<Option<String>> {
+        match std::fs::read_to_string(&self.ca_file) {
+            Ok(pem) => Ok(Some(pem)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading --ca-file {}", self.ca_file.display())),
+        }
+    }
+
+    fn client(&self) -> Result<ServiceClient> {
+        let cs = self.connection_string.clone().unwrap_or_else(default_connection_string);
+        Ok(ServiceClient::new(&cs, &self.service_endpoint, self.ca_pem()?.as_deref())?)
+    }
+}
+
+/// `fleet run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Devices in the whole fleet (all shards together).
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_COUNT", default_value_t = 100)]
+    count: u64,
+    /// Device ids: `{n}` is the device's index, `{n:0W}` zero-pads it to W digits.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_ID_PATTERN", default_value = "fridge-{n:05}")]
+    id_pattern: String,
+    /// The slice this process runs, `i/n`: devices whose index k has k % n == i.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_SHARD", default_value = "0/1")]
+    shard: String,
+    /// The secret every device key derives from (HMAC-SHA256 of the device id).
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_KEY", default_value = DEFAULT_OWNER_KEY)]
+    fleet_key: String,
+    /// How devices get identities: `seed` registers this shard in bulk first (POST /devices);
+    /// `self` makes each agent register itself if missing; `none` assumes they exist.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_REGISTRATION", default_value = "seed", value_parser = ["seed", "self", "none"])]
+    registration: String,
+    /// Per-device data directories (releases, `current`) go under here.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_DATA_DIR", default_value = "./.fleet")]
+    data_dir: PathBuf,
+    /// MQTT host.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_MQTT_HOST", default_value = "127.0.0.1")]
+    mqtt_host: String,
+    /// MQTT port: 8883 is TLS; with --mqtt-plain, the emulator's --mqtt-plain-port.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_MQTT_PORT", default_value_t = 8883)]
+    mqtt_port: u16,
+    /// Connect without TLS (the emulator's plain listener; use it for large fleets).
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_MQTT_PLAIN")]
+    mqtt_plain: bool,
+    /// The FTP package server, host:port.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_FTP_ADDR", default_value = "127.0.0.1:2121")]
+    ftp_addr: String,
+    /// Download over explicit FTPS (AUTH TLS) trusting --ca-file, so SAS tokens are not sent in clear.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_FTPS")]
+    ftps: bool,
+    /// Agents started per second (the connection ramp); 0 starts all at once.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_RAMP_PER_SEC", default_value_t = 500)]
+    ramp_per_sec: u32,
+    /// Installs (FTP sessions) at once across this process.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_MAX_CONCURRENT_INSTALLS", default_value_t = 200)]
+    max_concurrent_installs: usize,
+    /// MQTT keep-alive in seconds.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_KEEP_ALIVE_SECS", default_value_t = 240)]
+    keep_alive_secs: u64,
+    /// Seconds between status lines.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_STATUS_SECS", default_value_t = 5)]
+    status_secs: u64,
+}
+
+/// `fleet release`.
+#[derive(Debug, clap::Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    #[command(flatten)]
+    source: Source,
+    /// The hub's FTP packages directory (the emulator's --packages-dir).
+    #[arg(long, env = "IOTHUB_EMULATOR_PACKAGES_DIR", default_value = "./.iothub-emulator/packages")]
+    packages_dir: PathBuf,
+    /// The FTP server as devices reach it (host:port), for the notice's URL.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_FTP_ADDR", default_value = "127.0.0.1:2121")]
+    ftp_addr: String,
+    /// Only devices matching this query condition, e.g. "tags.site = 'lab'".
+    #[arg(long = "where", env = "IOTHUB_EMULATOR_RELEASE_WHERE")]
+    where_clause: Option<String>,
+    /// How long to wait for feedback (and installs) in seconds.
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_TIMEOUT_SECS", default_value_t = 300)]
+    timeout_secs: u64,
+    /// Also wait until every targeted twin reports the new appVersion.
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_WAIT_INSTALLED")]
+    wait_installed: bool,
+    /// Print the summary as JSON.
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_JSON")]
+    json: bool,
+}
+
+/// Resident memory of this process in bytes (Linux `/proc/self/status`), if known.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the fleet until a signal.
+pub async fn run(a: RunArgs) -> Result<()> {
+    let shard: Shard = a.shard.parse()?;
+    let pattern: IdPattern = a.id_pattern.parse()?;
+    let ids = fleet::device_ids(&pattern, a.count, shard);
+    if ids.is_empty() {
+        bail!("shard {} of a {}-device fleet has no devices", a.shard, a.count);
+    }
+    let service = a.service.client()?;
+    let hub_host = service.hub_host().to_string();
+    let registration = match a.registration.as_str() {
+        "seed" => {
+            let t = Instant::now();
+            fleet::seed(&service, &a.fleet_key, &ids, 8).await?;
+            eprintln!("seeded {} devices in {:.1} s", ids.len(), t.elapsed().as_secs_f64());
+            Registration::Seeded
+        }
+        "self" => Registration::SelfRegister(Box::new(service)),
+        _ => Registration::Seeded,
+    };
+    let ca = || {
+        a.service
+            .ca_pem()?
+            .with_context(|| format!("TLS needs --ca-file ({} not found)", a.service.ca_file.display()))
+    };
+    let mut backend = FtpBackend::new(a.ftp_addr.clone());
+    if a.ftps {
+        backend.tls = Some((tls_config(&ca()?).map_err(anyhow::Error::msg)?, hub_host.clone()));
+    }
+    let tls = if a.mqtt_plain { None } else { Some(tls_config(&ca()?).map_err(anyhow::Error::msg)?) };
+    let n = ids.len();
+    let cfg = FleetConfig {
+        device_ids: ids,
+        fleet_key: a.fleet_key.clone(),
+        registration,
+        data_root: a.data_dir.clone(),
+        hub_host,
+        mqtt_host: a.mqtt_host.clone(),
+        mqtt_port: a.mqtt_port,
+        tls,
+        keep_alive: Duration::from_secs(a.keep_alive_secs),
+        ramp_per_sec: a.ramp_per_sec,
+        max_concurrent_installs: a.max_concurrent_installs,
+        backoff_min: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(iothub_emulator::server::shutdown_on_signal(shutdown.clone()));
+    let started = Instant::now();
+    let fleet = Fleet::start(cfg, Arc::new(backend)).await;
+    eprintln!("started {n} agents (shard {}) in {:.1} s", a.shard, started.elapsed().as_secs_f64());
+    let mut all_connected_reported = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(a.status_secs.max(1)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let connected = fleet.connected();
+        let installs: u64 = (0..n).map(|i| u64::from(fleet.installs(i))).sum();
+        let rss = rss_bytes().unwrap_or(0);
+        eprintln!(
+            "connected {connected}/{n}, installs {installs}, RSS {:.1} MiB ({:.1} KiB per agent)",
+            rss as f64 / 1048576.0,
+            rss as f64 / 1024.0 / n as f64
+        );
+        if connected == n && !all_connected_reported {
+            all_connected_reported = true;
+            eprintln!("all {n} connected after {:.1} s", started.elapsed().as_secs_f64());
+        }
+    }
+    fleet.stop().await;
+    Ok(())
+}
+
+/// Publishes the package, notifies the devices and prints the summary. Exits non-zero when some
+/// notice did not end completed (or, with --wait-installed, some device did not install).
+pub async fn release(a: ReleaseArgs) -> Result<()> {
+    let service = a.service.client()?;
+    let release = package::publish(&a.source.dir, a.source.manifest().as_ref(), &a.packages_dir)
+        .with_context(|| {
+            format!("publishing {} into {}", a.source.dir.display(), a.packages_dir.display())
+        })?;
+    eprintln!(
+        "published {} {} ({} bytes, sha256 {})",
+        release.file, release.version, release.size, release.sha256
+    );
+    let notice = UpdateNotice::for_release(&release, &a.ftp_addr);
+    let opts = ReleaseOptions {
+        where_clause: a.where_clause.clone(),
+        timeout: Duration::from_secs(a.timeout_secs),
+        wait_installed: a.wait_installed,
+        ..ReleaseOptions::default()
+    };
+    let summary = notify_devices(&service, &notice, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{summary}");
+    }
+    let installed_ok = !a.wait_installed || summary.installed == Some(summary.targeted);
+    if summary.completed != summary.targeted || !installed_ok {
+        bail!("not every device took the release");
+    }
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! The fleet: N agents in one process. It owns the device-id list (pattern and shard), the
+//! per-device keys and data directories, the connection ramp, the cap on concurrent installs, and
+//! one power switch per agent that the bench or the scenario runner flips programmatically.
+//!
+//! Cost per agent: one tokio task (parked on its power switch while off), one `watch` channel,
+//! an [`AgentStatus`] of three atomics, and while connected one MQTT event loop (buffers sized in
+//! [`crate::agent`]). No thread and no timer per agent.
+//!
+//! Identities: every device key is `derive_key(fleet_key, device_id)` (HMAC-SHA256, like DPS group
+//! enrollment), so any process holding the fleet key can compute a device's key without asking
+//! the hub. Devices are either seeded in bulk ([`seed`], `POST /devices` 100 at a time) or each
+//! agent registers itself on first start ([`Registration::SelfRegister`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use iothub_emulator::sas::policy::derive_key;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{self, AgentConfig, AgentStatus, InstallBackend};
+use crate::service_client::{BULK_MAX_DEVICES, DeviceIdentity, ServiceClient, ServiceError};
+
+/// Errors in fleet settings.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// `--shard` is not `i/n` with `0 <= i < n`.
+    #[error("--shard '{0}' is not valid; use i/n with 0 <= i < n, e.g. 0/4")]
+    BadShard(String),
+    /// The device-id pattern has no `{n}` placeholder.
+    #[error(
+        "--id-pattern '{0}' is not valid; it needs {{n}} or {{n:0W}} (W = zero-padded width), e.g. fridge-{{n:05}}"
+    )]
+    BadPattern(String),
+    /// Seeding the registry failed.
+    #[error("seeding the registry: {0}")]
+    Seed(#[from] ServiceError),
+}
+
+/// Which slice of the fleet this process runs: devices whose index `k` has `k % count == index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's shard, `0..count`.
+    pub index: u32,
+    /// How many shards split the fleet.
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = FleetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || FleetError::BadShard(s.to_string());
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) =
+            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+/// A device-id pattern: text with one `{n}` (the device index) or `{n:0W}` (zero-padded to W).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdPattern {
+    prefix: String,
+    width: usize,
+    suffix: String,
+}
+
+impl std::str::FromStr for IdPattern {
+    type Err = FleetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || FleetError::BadPattern(s.to_string());
+        let start = s.find("{n").ok_or_else(bad)?;
+        let end = start + s[start..].find('}').ok_or_else(bad)?;
+        let width = match &s[start + 2..end] {
+            "" => 0,
+            spec => {
+                spec.strip_prefix(":0").and_then(|w| w.parse().ok()).filter(|w| *w <= 20).ok_or_else(bad)?
+            }
+        };
+        Ok(Self { prefix: s[..start].to_string(), width, suffix: s[end + 1..].to_string() })
+    }
+}
+
+impl IdPattern {
+    /// The id of device `n`.
+    pub fn id(&self, n: u64) -> String {
+        format!("{}{:0w$}{}", self.prefix, n, self.suffix, w = self.width)
+    }
+}
+
+/// The ids this shard runs out of a fleet of `count` devices.
+pub fn device_ids(pattern: &IdPattern, count: u64, shard: Shard) -> Vec<String> {
+    (0..count)
+        .filter(|k| k % u64::from(shard.count) == u64::from(shard.index))
+        .map(|k| pattern.id(k))
+        .collect()
+}
+
+/// The key of `device_id` in a fleet whose secret is `fleet_key`.
+pub fn device_key(fleet_key: &str, device_id: &str) -> String {
+    derive_key(fleet_key, &format!("simulated-device/{device_id}"))
+}
+
+/// Registers `ids` in bulk (`POST /devices`, [`BULK_MAX_DEVICES`] per call, `concurrency` calls at
+/// once) with their derived keys. Idempotent.
+pub async fn seed(
+    service: &ServiceClient,
+    fleet_key: &str,
+    ids: &[String],
+    concurrency: usize,
+) -> Result<(), FleetError> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(BULK_MAX_DEVICES) {
+        let batch: Vec<DeviceIdentity> = chunk
+            .iter()
+            .map(|id| DeviceIdentity { device_id: id.clone(), primary_key: device_key(fleet_key, id) })
+            .collect();
+        let (service, permit) = (service.clone(), sem.clone().acquire_owned().await);
+        tasks.spawn(async move {
+            let _permit = permit;
+            service.bulk_upsert(&batch).await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| ServiceError::Protocol { op: "bulk registry", reason: e.to_string() })??;
+    }
+    Ok(())
+}
+
+/// How agents get their identity.
+#[derive(Debug, Clone)]
+pub enum Registration {
+    /// The registry already holds every device with its derived key ([`seed`]).
+    Seeded,
+    /// Each agent checks the registry on start and registers itself if it is missing (the
+    /// client needs a policy with registryWrite). An existing device keeps its key.
+    SelfRegister(Box<ServiceClient>),
+}
+
+/// Everything the fleet needs to start its agents.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The devices this process runs.
+    pub device_ids: Vec<String>,
+    /// The fleet secret every device key derives from.
+    pub fleet_key: String,
+    /// How agents get their identity.
+    pub registration: Registration,
+    /// Per-device data directories live under here.
+    pub data_root: PathBuf,
+    /// The hub's host name (SAS audience, MQTT username).
+    pub hub_host: String,
+    /// MQTT host.
+    pub mqtt_host: String,
+    /// MQTT port.
+    pub mqtt_port: u16,
+    /// TLS for MQTT (`None`: the emulator's plain listener).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Agents started per second (the connection ramp); 0 starts all at once.
+    pub ramp_per_sec: u32,
+    /// Installs (and FTP sessions) running at once across the fleet.
+    pub max_concurrent_installs: usize,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+struct AgentHandle {
+    device_id: String,
+    power: watch::Sender<bool>,
+    status: Arc<AgentStatus>,
+}
+
+/// A running fleet. Stop it with [`Fleet::stop`].
+pub struct Fleet {
+    agents: Vec<AgentHandle>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Fleet {
+    /// Starts every agent (powered on), following the ramp. Returns once all are started; they
+    /// connect in the background.
+    pub async fn start<I: InstallBackend>(cfg: FleetConfig, backend: Arc<I>) -> Self {
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let installs = Arc::new(Semaphore::new(cfg.max_concurrent_installs.max(1)));
+        let mut agents = Vec::with_capacity(cfg.device_ids.len());
+        let ramp_gap = (cfg.ramp_per_sec > 0).then(|| Duration::from_secs(1) / cfg.ramp_per_sec);
+        let started = tokio::time::Instant::now();
+        for (i, device_id) in cfg.device_ids.iter().enumerate() {
+            if let Some(gap) = ramp_gap {
+                tokio::time::sleep_until(started + gap * i as u32).await;
+            }
+            let (power, power_rx) = watch::channel(true);
+            let status = Arc::new(AgentStatus::default());
+            let agent_cfg = AgentConfig {
+                device_id: device_id.clone(),
+                device_key: device_key(&cfg.fleet_key, device_id),
+                hub_host: cfg.hub_host.clone(),
+                mqtt_host: cfg.mqtt_host.clone(),
+                mqtt_port: cfg.mqtt_port,
+                tls: cfg.tls.clone(),
+                keep_alive: cfg.keep_alive,
+                data_dir: agent::data_dir(&cfg.data_root, device_id),
+                backoff_min: cfg.backoff_min,
+                backoff_max: cfg.backoff_max,
+            };
+            let (backend, installs, st, sd) =
+                (backend.clone(), installs.clone(), status.clone(), shutdown.clone());
+            let registration = cfg.registration.clone();
+            tracker.spawn(async move {
+                let Some(agent_cfg) = register(agent_cfg, &registration, &sd).await else { return };
+                if let Err(e) = tokio::fs::create_dir_all(&agent_cfg.data_dir).await {
+                    tracing::error!(device = %agent_cfg.device_id, "cannot create {}: {e}", agent_cfg.data_dir.display());
+                    return;
+                }
+                agent::run(Arc::new(agent_cfg), backend, installs, power_rx, st, sd).await;
+            });
+            agents.push(AgentHandle { device_id: device_id.clone(), power, status });
+        }
+        tracker.close();
+        Self { agents, shutdown, tracker }
+    }
+
+    /// How many agents the fleet runs.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// True when the fleet runs no agent.
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// The device id of agent `index`.
+    pub fn device_id(&self, index: usize) -> Option<&str> {
+        self.agents.get(index).map(|a| a.device_id.as_str())
+    }
+
+    /// Switches agent `index` off (its socket closes without DISCONNECT and any install stops,
+    /// like a power cut) or back on (it boots from what is on disk and reconnects).
+    pub fn set_power(&self, index: usize, on: bool) {
+        if let Some(a) = self.agents.get(index) {
+            a.power.send_replace(on);
+        }
+    }
+
+    /// How many agents have an MQTT session up.
+    pub fn connected(&self) -> usize {
+        self.agents.iter().filter(|a| a.status.connected.load(Ordering::Relaxed)).count()
+    }
+
+    /// Installs completed by agent `index` since the fleet started.
+    pub fn installs(&self, index: usize) -> u32 {
+        self.agents.get(index).map_or(0, |a| a.status.installs.load(Ordering::Relaxed))
+    }
+
+    /// Waits until `connected() >= n`, polling every `poll`, up to `timeout`. True if reached.
+    pub async fn wait_connected(&self, n: usize, poll: Duration, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.connected() >= n {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Stops every agent and waits for their tasks.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.wait().await;
+    }
+}
+
+/// Applies `registration` to `cfg`: with self-registration, creates the device if missing or
+/// adopts the key the registry holds. `None` if the agent must not run (shutdown, or the registry
+/// refused).
+async fn register(
+    mut cfg: AgentConfig,
+    registration: &Registration,
+    shutdown: &CancellationToken,
+) -> Option<AgentConfig> {
+    let Registration::SelfRegister(service) = registration else { return Some(cfg) };
+    let id = cfg.device_id.clone();
+    let work = async {
+        match service.get_device(&id).await? {
+            Some(existing) => Ok(existing),
+            None => service.create_device(&id, &cfg.device_key).await,
+        }
+    };
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = work => r,
+    };
+    match result {
+        Ok(identity) => {
+            cfg.device_key = identity.primary_key;
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(device = %id, "cannot register: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_the_fleet_without_overlap() {
+        let p: IdPattern = "fridge-{n:03}".parse().unwrap();
+        let all: Vec<String> =
+            (0..3).flat_map(|i| device_ids(&p, 10, Shard { index: i, count: 3 })).collect();
+        assert_eq!(all.len(), 10);
+        let mut sorted = all.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 10);
+        assert_eq!(device_ids(&p, 10, "1/3".parse().unwrap()), ["fridge-001", "fridge-004", "fridge-007"]);
+    }
+
+    #[test]
+    fn shard_syntax() {
+        assert_eq!("2/4".parse::<Shard>().unwrap(), Shard { index: 2, count: 4 });
+        for bad in ["4/4", "1/0", "x/2", "1", "-1/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn id_patterns() {
+        assert_eq!("dev{n}".parse::<IdPattern>().unwrap().id(7), "dev7");
+        assert_eq!("a-{n:04}-b".parse::<IdPattern>().unwrap().id(42), "a-0042-b");
+        for bad in ["nothing", "{n:4}", "{n", "{n:0x}"] {
+            assert!(bad.parse::<IdPattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_keys_are_stable_distinct_and_valid() {
+        let k = device_key("c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "d1");
+        assert_eq!(k, device_key("c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "d1"));
+        assert_ne!(k, device_key("c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "d2"));
+        assert!(iothub_emulator::sas::decode_key(&k).is_ok());
+    }
+}

@@ -1,0 +1,361 @@
+//! A small IoT Hub *service* client over the REST API: what the release command, the fleet's bulk
+//! seeding, self-registering agents and the scenario runner need, and nothing more.
+//!
+//! It owns no state beyond an HTTP connection pool and the policy credentials; every call signs a
+//! fresh SAS token with [`iothub_emulator::sas`]. Operations: device get/create and bulk create
+//! (`POST /devices`, at most 100 per call), a query that follows `x-ms-continuation` to the end,
+//! C2D send through the emulator's REST extension (`POST /devices/{id}/messages/deviceBound`),
+//! and feedback receive/complete (`/messages/serviceBound/feedback`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use iothub_emulator::sas::{ConnectionString, SasError, url_encode};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The REST api-version the client sends (the Node and Python service SDKs' version).
+pub const API_VERSION: &str = "2021-04-12";
+/// How long each signed token lives.
+const TOKEN_LIFETIME_SECS: u64 = 3600;
+/// IoT Hub's limit on devices per bulk registry call (reference §2.6).
+pub const BULK_MAX_DEVICES: usize = 100;
+/// Page size asked for on queries (IoT Hub's default page is 1,000).
+const QUERY_PAGE_SIZE: usize = 1000;
+/// Every REST call gives up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors from the service client.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The connection string is not a usable service (policy) connection string.
+    #[error("bad service connection string: {0}")]
+    ConnectionString(#[from] SasError),
+    /// The request could not be sent or its response not read.
+    #[error("{op}: request failed: {source}")]
+    Transport {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        source: reqwest::Error,
+    },
+    /// The hub answered with an error status.
+    #[error("{op}: the hub answered {status}: {body}")]
+    Status {
+        /// The operation.
+        op: &'static str,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The response body (IoT Hub's error JSON).
+        body: String,
+    },
+    /// The hub answered with a body this client cannot read.
+    #[error("{op}: unexpected response: {reason}")]
+    Protocol {
+        /// The operation.
+        op: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The CA certificate given to trust could not be used.
+    #[error("cannot use the CA certificate: {0}")]
+    Ca(String),
+}
+
+/// A C2D message to send.
+#[derive(Debug, Clone, Default)]
+pub struct C2dSend {
+    /// The body.
+    pub body: Vec<u8>,
+    /// `iothub-messageid`: needed to correlate feedback.
+    pub message_id: String,
+    /// `iothub-ack`: `none`, `positive`, `negative` or `full`.
+    pub ack: &'static str,
+    /// The content type (`application/json` for update notices).
+    pub content_type: Option<String>,
+}
+
+/// One feedback record (reference §3.4).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// The `iothub-messageid` of the C2D message this record is about.
+    pub original_message_id: String,
+    /// `Success`, `Expired`, `DeliveryCountExceeded`, `Rejected` or `Purged`.
+    pub status_code: String,
+    /// The device the message was for.
+    pub device_id: String,
+}
+
+/// One received feedback batch, to be completed with [`ServiceClient::complete_feedback`].
+#[derive(Debug, Clone)]
+pub struct FeedbackBatch {
+    /// The lock token (the response's `ETag`, quotes stripped).
+    pub lock_token: String,
+    /// The records in the batch.
+    pub records: Vec<FeedbackRecord>,
+}
+
+/// A device identity as the client needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    /// The device id.
+    pub device_id: String,
+    /// Its primary symmetric key (base64).
+    pub primary_key: String,
+}
+
+/// An IoT Hub service client for one hub and one shared access policy.
+#[derive(Debug, Clone)]
+pub struct ServiceClient {
+    http: reqwest::Client,
+    /// Where requests go: `https://host:port` or `http://host:port` (no trailing slash).
+    endpoint: String,
+    /// The policy credentials; `HostName` is the SAS audience.
+    credentials: ConnectionString,
+}
+
+impl ServiceClient {
+    /// A client for the policy in `connection_string`, sending requests to `endpoint` (e.g.
+    /// `https://localhost:443`; the emulator's plain HTTP port works too). `ca_pem` is added to
+    /// the trusted roots (the emulator's CA).
+    pub fn new(connection_string: &str, endpoint: &str, ca_pem: Option<&str>) -> Result<Self, ServiceError> {
+        let credentials = ConnectionString::parse(connection_string)?;
+        if credentials.shared_access_key_name.is_none() || credentials.device_id.is_some() {
+            return Err(ServiceError::ConnectionString(SasError::MissingKey("SharedAccessKeyName")));
+        }
+        let mut builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+        if let Some(pem) = ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+                .map_err(|e| ServiceError::Ca(e.to_string()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| ServiceError::Ca(e.to_string()))?;
+        Ok(Self { http, endpoint: endpoint.trim_end_matches('/').to_string(), credentials })
+    }
+
+    /// The hub's host name (the SAS audience, and the MQTT username's first part).
+    pub fn hub_host(&self) -> &str {
+        &self.credentials.host_name
+    }
+
+    fn token(&self) -> Result<String, ServiceError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Ok(self.credentials.token(now + TOKEN_LIFETIME_SECS)?)
+    }
+
+    fn request(&self, method: Method, path: &str) -> Result<RequestBuilder, ServiceError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.endpoint);
+        Ok(self.http.request(method, url).header("authorization", self.token()?))
+    }
+
+    /// Sends `req` and turns a non-success status into [`ServiceError::Status`].
+    async fn send(op: &'static str, req: RequestBuilder) -> Result<Response, ServiceError> {
+        let resp = req.send().await.map_err(|source| ServiceError::Transport { op, source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        Err(ServiceError::Status { op, status, body })
+    }
+
+    async fn json(op: &'static str, resp: Response) -> Result<Value, ServiceError> {
+        resp.json().await.map_err(|e| ServiceError::Protocol { op, reason: e.to_string() })
+    }
+
+    /// The device's identity, or `None` when it is not registered.
+    pub async fn get_device(&self, device_id: &str) -> Result<Option<DeviceIdentity>, ServiceError> {
+        const OP: &str = "get device";
+        let req = self.request(Method::GET, &format!("/devices/{}", url_encode(device_id)))?;
+        match Self::send(OP, req).await {
+            Ok(resp) => identity_from_json(OP, &Self::json(OP, resp).await?).map(Some),
+            Err(ServiceError::Status { status: StatusCode::NOT_FOUND, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers `device_id` with `primary_key` (create only: 409 if it exists).
+    pub async fn create_device(
+        &self,
+        device_id: &str,
+        primary_key: &str,
+    ) -> Result<DeviceIdentity, ServiceError> {
+        const OP: &str = "create device";
+        let body = json!({
+            "deviceId": device_id,
+            "authentication": {"type": "sas", "symmetricKey": {"primaryKey": primary_key, "secondaryKey": primary_key}},
+        });
+        let req = self.request(Method::PUT, &format!("/devices/{}", url_encode(device_id)))?.json(&body);
+        identity_from_json(OP, &Self::json(OP, Self::send(OP, req).await?).await?)
+    }
+
+    /// Creates up to [`BULK_MAX_DEVICES`] devices in one `POST /devices` call with
+    /// `importMode: createOrUpdate`: devices that already exist get the given key, so seeding is
+    /// idempotent.
+    pub async fn bulk_upsert(&self, devices: &[DeviceIdentity]) -> Result<(), ServiceError> {
+        const OP: &str = "bulk registry";
+        if devices.is_empty() {
+            return Ok(());
+        }
+        if devices.len() > BULK_MAX_DEVICES {
+            return Err(ServiceError::Protocol {
+                op: OP,
+                reason: format!("{} devices in one call; the limit is {BULK_MAX_DEVICES}", devices.len()),
+            });
+        }
+        let body: Vec<Value> = devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "id": d.device_id,
+                    "importMode": "createOrUpdate",
+                    "status": "enabled",
+                    "authentication": {"type": "sas", "symmetricKey": {"primaryKey": d.primary_key, "secondaryKey": d.primary_key}},
+                })
+            })
+            .collect();
+        let req = self.request(Method::POST, "/devices")?.json(&body);
+        let resp = match Self::send(OP, req).await {
+            Ok(resp) => resp,
+            Err(ServiceError::Status { status: StatusCode::BAD_REQUEST, body, .. }) => {
+                return Err(ServiceError::Protocol { op: OP, reason: body });
+            }
+            Err(e) => return Err(e),
+        };
+        let result = Self::json(OP, resp).await?;
+        if result.get("isSuccessful").and_then(Value::as_bool) == Some(false) {
+            return Err(ServiceError::Protocol { op: OP, reason: result["errors"].to_string() });
+        }
+        Ok(())
+    }
+
+    /// Runs `query` (e.g. `SELECT * FROM devices WHERE …`) and returns every item of every page,
+    /// following `x-ms-continuation` until the hub stops sending one.
+    pub async fn query_all(&self, query: &str) -> Result<Vec<Value>, ServiceError> {
+        const OP: &str = "query";
+        let mut items = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let mut req = self
+                .request(Method::POST, "/devices/query")?
+                .header("x-ms-max-item-count", QUERY_PAGE_SIZE.to_string())
+                .json(&json!({ "query": query }));
+            if let Some(c) = &continuation {
+                req = req.header("x-ms-continuation", c);
+            }
+            let resp = Self::send(OP, req).await?;
+            continuation = resp
+                .headers()
+                .get("x-ms-continuation")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_string);
+            match Self::json(OP, resp).await? {
+                Value::Array(page) => items.extend(page),
+                other => {
+                    return Err(ServiceError::Protocol {
+                        op: OP,
+                        reason: format!("not a JSON array: {other}"),
+                    });
+                }
+            }
+            if continuation.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+
+    /// The ids of every device matching `where_clause` (all devices when `None`).
+    pub async fn device_ids(&self, where_clause: Option<&str>) -> Result<Vec<String>, ServiceError> {
+        let query = match where_clause {
+            Some(w) if !w.trim().is_empty() => format!("SELECT * FROM devices WHERE {w}"),
+            _ => "SELECT * FROM devices".to_string(),
+        };
+        let items = self.query_all(&query).await?;
+        items
+            .iter()
+            .map(|t| {
+                t.get("deviceId").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                    ServiceError::Protocol { op: "query", reason: format!("an item has no deviceId: {t}") }
+                })
+            })
+            .collect()
+    }
+
+    /// Sends a C2D message to `device_id` through the REST extension.
+    pub async fn send_c2d(&self, device_id: &str, msg: &C2dSend) -> Result<(), ServiceError> {
+        let mut req = self
+            .request(Method::POST, &format!("/devices/{}/messages/deviceBound", url_encode(device_id)))?
+            .header("iothub-messageid", &msg.message_id)
+            .header("iothub-ack", msg.ack)
+            .body(msg.body.clone());
+        if let Some(ct) = &msg.content_type {
+            req = req.header("iothub-contenttype", ct);
+        }
+        Self::send("send C2D", req).await.map(drop)
+    }
+
+    /// Receives one feedback batch, or `None` when there is none (204).
+    pub async fn receive_feedback(&self) -> Result<Option<FeedbackBatch>, ServiceError> {
+        const OP: &str = "receive feedback";
+        let resp = Self::send(OP, self.request(Method::GET, "/messages/serviceBound/feedback")?).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let lock_token = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_matches('"').to_string())
+            .ok_or_else(|| ServiceError::Protocol { op: OP, reason: "no ETag (lock token)".into() })?;
+        let records: Vec<FeedbackRecord> =
+            resp.json().await.map_err(|e| ServiceError::Protocol { op: OP, reason: e.to_string() })?;
+        Ok(Some(FeedbackBatch { lock_token, records }))
+    }
+
+    /// Completes (deletes) a received feedback batch.
+    pub async fn complete_feedback(&self, lock_token: &str) -> Result<(), ServiceError> {
+        let path = format!("/messages/serviceBound/feedback/{}", url_encode(lock_token));
+        Self::send("complete feedback", self.request(Method::DELETE, &path)?).await.map(drop)
+    }
+
+    /// The device's twin JSON.
+    pub async fn get_twin(&self, device_id: &str) -> Result<Value, ServiceError> {
+        const OP: &str = "get twin";
+        let req = self.request(Method::GET, &format!("/twins/{}", url_encode(device_id)))?;
+        Self::json(OP, Self::send(OP, req).await?).await
+    }
+}
+
+fn identity_from_json(op: &'static str, v: &Value) -> Result<DeviceIdentity, ServiceError> {
+    let device_id = v.get("deviceId").and_then(Value::as_str);
+    let key = v.pointer("/authentication/symmetricKey/primaryKey").and_then(Value::as_str);
+    match (device_id, key) {
+        (Some(d), Some(k)) => Ok(DeviceIdentity { device_id: d.to_string(), primary_key: k.to_string() }),
+        _ => Err(ServiceError::Protocol { op, reason: format!("no deviceId or primary key in {v}") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_device_connection_strings() {
+        let cs = "HostName=h;DeviceId=d;SharedAccessKey=SG9zdGVkIGxvY2FsbHk6IGlvdGh1Yi1lbXVsYXRvciE=";
+        assert!(matches!(
+            ServiceClient::new(cs, "http://127.0.0.1:1", None),
+            Err(ServiceError::ConnectionString(_))
+        ));
+    }
+
+    #[test]
+    fn reads_identity_json() {
+        let v = json!({"deviceId": "d1", "authentication": {"symmetricKey": {"primaryKey": "k"}}});
+        let id = identity_from_json("t", &v).unwrap();
+        assert_eq!(id, DeviceIdentity { device_id: "d1".into(), primary_key: "k".into() });
+        assert!(identity_from_json("t", &json!({"deviceId": "d1"})).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The release command's service side against a real hub: the device query pages past 1,000,
+//! every selected device gets an update notice with `iothub-ack: full`, and the summary counts
+//! what the feedback says. Devices settle their messages directly on the hub here, so every
+//! outcome (completed, rejected, purged) is exercised deterministically.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use iothub_emulator::HubConfig;
+use iothub_emulator::c2d::Settlement;
+use iothub_emulator_tests::{TestHub, unique};
+use simulated_devices::fleet::{self, IdPattern, Shard};
+use simulated_devices::notice::UpdateNotice;
+use simulated_devices::release::{ReleaseOptions, notify_devices};
+
+use crate::fleet::service;
+
+/// More than one query page (IoT Hub pages at 1,000).
+const DEVICES: u64 = 1_050;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedback() -> Result<()> {
+    let hub =
+        TestHub::start_with(HubConfig { feedback_batch_interval_ms: 50, ..HubConfig::default() }).await?;
+    let svc = service(&hub)?;
+    let pattern: IdPattern = format!("{}-{{n:04}}", unique("rel")).parse()?;
+    let ids = fleet::device_ids(&pattern, DEVICES, Shard::default());
+    fleet::seed(&svc, "c2VlZC1mb3ItdGhlLXJlbGVhc2UtdGVzdA==", &ids, 4).await?;
+    ensure!(svc.device_ids(None).await?.len() == DEVICES as usize, "seeding registered every device");
+
+    let notice = UpdateNotice {
+        version: "2.0.0".into(),
+        url: "ftp://h/app-2.0.0.tar.gz".into(),
+        sha256: "ab".into(),
+        size: 1,
+        name: None,
+    };
+    let opts = ReleaseOptions {
+        timeout: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let run = {
+        let (svc, notice) = (svc.clone(), notice.clone());
+        tokio::spawn(async move { notify_devices(&svc, &notice, &opts).await })
+    };
+
+    // Settle each device's notice as it arrives: a third complete, a third reject, a third purged.
+    let h = &hub.running.hub;
+    let mut pending: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() {
+        ensure!(tokio::time::Instant::now() < deadline, "{} notices never arrived", pending.len());
+        let mut left = Vec::new();
+        for (k, id) in pending {
+            if k % 3 == 2 {
+                if h.purge_c2d(id)? == 0 {
+                    left.push((k, id));
+                }
+                continue;
+            }
+            match h.receive_c2d(id, 60_000)? {
+                Some(d) => {
+                    let body: UpdateNotice =
+                        serde_json::from_slice(&d.message.body).context("the body is a notice")?;
+                    ensure!(body == notice, "device {id} got {body:?}");
+                    ensure!(d.message.ack == iothub_emulator::c2d::AckMode::Full, "ack full is asked for");
+                    let how = if k % 3 == 0 { Settlement::Complete } else { Settlement::Reject };
+                    h.settle_c2d(id, d.lock_token, how)?;
+                }
+                None => left.push((k, id)),
+            }
+        }
+        pending = left;
+        tokio::task::yield_now().await;
+    }
+
+    let summary = run.await??;
+    let third = DEVICES as usize / 3;
+    ensure!(summary.targeted == DEVICES as usize && summary.sent == DEVICES as usize, "{summary}");
+    ensure!(
+        summary.completed == third && summary.rejected == third && summary.dead_lettered == third,
+        "{summary}"
+    );
+    ensure!(summary.expired == 0 && summary.not_final == 0 && summary.send_failed == 0, "{summary}");
+    hub.stop().await
+}
+
+#[tokio::test]
+async fn release_with_a_where_filter_only_targets_matching_devices_and_reports_unsettled_ones() -> Result<()>
+{
+    let hub =
+        TestHub::start_with(HubConfig { feedback_batch_interval_ms: 50, ..HubConfig::default() }).await?;
+    let svc = service(&hub)?;
+    let prefix = unique("flt");
+    let ids = fleet::device_ids(&format!("{prefix}-{{n}}").parse()?, 5, Shard::default());
+    fleet::seed(&svc, "c2VlZC1mb3ItdGhlLXJlbGVhc2UtdGVzdA==", &ids, 1).await?;
+    let notice = UpdateNotice {
+        version: "3.0.0".into(),
+        url: "ftp://h/x".into(),
+        sha256: "00".into(),
+        size: 1,
+        name: None,
+    };
+    let opts = ReleaseOptions {
+        where_clause: Some(format!("deviceId IN ['{}', '{}']", ids[1], ids[3])),
+        timeout: Duration::from_millis(300),
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let summary = notify_devices(&svc, &notice, &opts).await?;
+    ensure!(
+        summary.targeted == 2 && summary.sent == 2 && summary.not_final == 2 && summary.completed == 0,
+        "{summary}"
+    );
+    for (k, id) in ids.iter().enumerate() {
+        let queued = hub.running.hub.receive_c2d(id, 1_000)?.is_some();
+        ensure!(queued == (k == 1 || k == 3), "device {k} queued={queued}");
+    }
+    hub.stop().await
+}
