@@ -126,6 +126,8 @@ mod tests {
         assert_eq!(n.url, "ftp://127.0.0.1:2121/app-2.0.0.tar.gz");
         assert_eq!(n.location(), (Some("127.0.0.1:2121".into()), "app-2.0.0.tar.gz".into()));
         assert_eq!(n.to_release(), r);
+        let relative = UpdateNotice { url: "/pkgs/app-2.0.0.tar.gz".into(), ..n.clone() };
+        assert_eq!(relative.location(), (None, "pkgs/app-2.0.0.tar.gz".into()));
         let bare = UpdateNotice { url: "ftp://pkg.local/app-2.0.0.tar.gz".into(), name: None, ..n };
         assert_eq!(bare.location().0.as_deref(), Some("pkg.local:21"));
         assert_eq!(bare.to_release(), r);

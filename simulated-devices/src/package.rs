@@ -51,34 +51,6 @@ pub struct Release {
     pub size: u64,
 }
 
-impl Release {
-    /// Reads a C2D update notice: JSON with `version`, `url` (`ftp://host:port/path`, or a path on
-    /// the package server), `sha256` and `size` (and optionally `name`). `None` when the body is
-    /// not one (the seed's plain-text notices): the device then reads `latest.json`.
-    pub fn from_notice(body: &[u8]) -> Option<Release> {
-        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-        let url = v.get("url")?.as_str()?;
-        let file = match url.strip_prefix("ftp://") {
-            Some(rest) => rest.split_once('/')?.1,
-            None => url.trim_start_matches('/'),
-        };
-        if file.is_empty() {
-            return None;
-        }
-        let sha256 = v.get("sha256")?.as_str()?;
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        Some(Release {
-            name: v.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string(),
-            version: v.get("version")?.as_str()?.to_string(),
-            file: file.to_string(),
-            sha256: sha256.to_ascii_lowercase(),
-            size: v.get("size")?.as_u64()?,
-        })
-    }
-}
-
 /// Errors building, publishing or reading packages.
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
@@ -336,25 +308,6 @@ mod tests {
         let (m, _, _) = build_package(&src, None, &tmp.path().join("out")).unwrap();
         assert_eq!(m.version, "1.0");
         assert_eq!(m.self_test, None);
-    }
-
-    #[test]
-    fn update_notices() {
-        let sha = "AB".repeat(32);
-        let body = format!(
-            r#"{{"version":"2","url":"ftp://10.0.0.1:2121/fridge-2.tar.gz","sha256":"{sha}","size":12}}"#
-        );
-        let r = Release::from_notice(body.as_bytes()).unwrap();
-        assert_eq!((r.version.as_str(), r.file.as_str(), r.size), ("2", "fridge-2.tar.gz", 12));
-        assert_eq!(r.sha256, "ab".repeat(32));
-        let body = format!(r#"{{"version":"2","url":"/pkgs/a.tar.gz","sha256":"{sha}","size":1}}"#);
-        assert_eq!(Release::from_notice(body.as_bytes()).unwrap().file, "pkgs/a.tar.gz");
-        assert_eq!(Release::from_notice(b"new version available"), None);
-        assert_eq!(Release::from_notice(br#"{"version":"2","url":"a","sha256":"zz","size":1}"#), None);
-        assert_eq!(
-            Release::from_notice(br#"{"version":"2","url":"ftp://host","sha256":"x","size":1}"#),
-            None
-        );
     }
 
     #[test]
