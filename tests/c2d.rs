@@ -262,6 +262,6 @@ async fn device_http_telemetry_is_recorded() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["body"], "{\"t\":21}");
     assert_eq!(items[0]["properties"]["temp"], "21");
-    assert_eq!(items[0]["systemProperties"]["messageid"], "t1");
+    assert_eq!(items[0]["systemProperties"]["message-id"], "t1", "the same name MQTT telemetry uses");
     hub.stop().await.unwrap();
 }

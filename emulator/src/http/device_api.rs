@@ -101,7 +101,7 @@ fn single_message(id: &str, req: &Req) -> Result<D2cMessage, HubError> {
         } else if let Some(sys) = name.strip_prefix("iothub-")
             && sys != "to"
         {
-            system.push((sys.to_string(), v.to_string()));
+            system.push((system_property_name(sys).to_string(), v.to_string()));
         }
     }
     Ok(D2cMessage {
@@ -112,6 +112,22 @@ fn single_message(id: &str, req: &Req) -> Result<D2cMessage, HubError> {
         properties,
         body: req.body.clone(),
     })
+}
+
+/// The AMQP name of a D2C system property sent as an `iothub-<suffix>` header, so telemetry read
+/// back names properties the same way whichever protocol the device used (MQTT maps `$.mid` etc.
+/// to the same names).
+fn system_property_name(suffix: &str) -> &str {
+    match suffix {
+        "messageid" => "message-id",
+        "correlationid" => "correlation-id",
+        "userid" => "user-id",
+        "contenttype" => "content-type",
+        "contentencoding" => "content-encoding",
+        "expiry" => "absolute-expiry-time",
+        "creationtimeutc" => "creation-time",
+        other => other,
+    }
 }
 
 fn batch_messages(id: &str, req: &Req) -> Result<Vec<D2cMessage>, HubError> {
