@@ -153,7 +153,8 @@ pub struct ServiceConn {
     /// Sent, unsettled C2D deliveries: delivery id → tag.
     in_flight: HashMap<u32, u64>,
     next_tag: u64,
-    incoming: Option<Incoming>,
+    /// Deliveries being received, by link handle (deliveries on different links may interleave).
+    incoming: HashMap<u32, Incoming>,
 }
 
 fn terminus(code: u64, address: &str) -> Value {
@@ -187,7 +188,7 @@ impl ServiceConn {
             queued: VecDeque::new(),
             in_flight: HashMap::new(),
             next_tag: 0,
-            incoming: None,
+            incoming: HashMap::new(),
         };
         let container = format!("fleet-release-{}", uuid::Uuid::new_v4().simple());
         let open =
@@ -279,10 +280,10 @@ impl ServiceConn {
 
     /// Queues a C2D message for `device_id`; returns the tag its [`Event::Settled`] carries.
     pub fn send_c2d(&mut self, device_id: &str, msg: &C2dSend) -> u64 {
-        let mut application_properties = vec![("iothub-ack".to_owned(), Value::str(msg.ack))];
-        if msg.ack.is_empty() {
-            application_properties.clear();
-        }
+        let application_properties = match msg.ack {
+            "" => vec![],
+            ack => vec![("iothub-ack".to_owned(), Value::str(ack))],
+        };
         let m = Message {
             properties: Properties {
                 message_id: Some(Value::str(&msg.message_id)),
@@ -462,10 +463,11 @@ impl ServiceConn {
             self.incoming_window = WINDOW;
             self.flow(None);
         }
-        let mut d = match self.incoming.take() {
+        let handle = f.u32(0).unwrap_or(u32::MAX);
+        let mut d = match self.incoming.remove(&handle) {
             Some(d) => d,
             None => Incoming {
-                handle: f.u32(0).unwrap_or(u32::MAX),
+                handle,
                 delivery_id: f
                     .u32(1)
                     .ok_or_else(|| AmqpError::Protocol("a transfer without delivery-id".into()))?,
@@ -479,7 +481,7 @@ impl ServiceConn {
             return Err(AmqpError::Protocol("an incoming message larger than 1 MiB".into()));
         }
         if f.bool_or(5, false) {
-            self.incoming = Some(d);
+            self.incoming.insert(handle, d);
             return Ok(());
         }
         let m = Message::decode(&d.bytes)?;
@@ -628,8 +630,10 @@ async fn drive(
     let mut buf = vec![0u8; 16 * 1024];
     let result = loop {
         // Hand buffered batches to waiting callers; accept each one handed over.
-        while let (Some(_), Some(_)) = (ready.front(), waiters.front()) {
-            let (Some((id, records)), Some(w)) = (ready.pop_front(), waiters.pop_front()) else { break };
+        while !ready.is_empty()
+            && let Some(w) = waiters.pop_front()
+            && let Some((id, records)) = ready.pop_front()
+        {
             match w.send(records) {
                 Ok(()) => conn.accept(id),
                 Err(records) => ready.push_front((id, records)),
