@@ -230,16 +230,8 @@ impl ServiceConn {
     }
 
     fn flow(&mut self, link: Option<(u32, u32, u32)>) {
-        let mut fields = vec![
-            Value::Uint(self.next_incoming_id),
-            Value::Uint(self.incoming_window),
-            Value::Uint(self.next_outgoing_id),
-            Value::Uint(WINDOW),
-        ];
-        if let Some((handle, count, credit)) = link {
-            fields.extend([Value::Uint(handle), Value::Uint(count), Value::Uint(credit)]);
-        }
-        self.write(&list(code::FLOW, fields), &[]);
+        let state = [self.next_incoming_id, self.incoming_window, self.next_outgoing_id, WINDOW];
+        self.write(&frame::flow(state, link), &[]);
     }
 
     /// Gives a receiver link `credit` (replacing what it had).
@@ -741,6 +733,13 @@ mod tests {
         c
     }
 
+    /// A transfer performative from the hub.
+    fn transfer(handle: u32, delivery_id: u32, settled: bool, more: bool) -> Value {
+        let id = Value::Uint(delivery_id);
+        let fields = [Value::Uint(handle), id, Value::Binary(vec![0]), Value::Uint(0)];
+        list(code::TRANSFER, [fields.to_vec(), vec![Value::Bool(settled), Value::Bool(more)]].concat())
+    }
+
     fn credit(handle: u32, n: u32) -> Vec<u8> {
         let f = vec![
             Value::Uint(0),
@@ -812,18 +811,8 @@ mod tests {
             ],
             ..Message::default()
         };
-        let t = list(
-            code::TRANSFER,
-            vec![
-                Value::Uint(CBS_IN),
-                Value::Uint(0),
-                Value::Binary(vec![0]),
-                Value::Uint(0),
-                Value::Bool(true),
-            ],
-        );
         assert_eq!(
-            c.input(&server_frame(t, &reply.encode())).unwrap(),
+            c.input(&server_frame(transfer(CBS_IN, 0, true, false), &reply.encode())).unwrap(),
             [Event::CbsReply { status: 401, description: "no".into() }]
         );
 
@@ -831,21 +820,8 @@ mod tests {
         let fb = Message { body: Body::Data(body.to_vec()), ..Message::default() };
         let bytes = fb.encode();
         let (one, two) = bytes.split_at(10);
-        let t = |more: bool| {
-            list(
-                code::TRANSFER,
-                vec![
-                    Value::Uint(FEEDBACK),
-                    Value::Uint(1),
-                    Value::Binary(vec![1]),
-                    Value::Uint(0),
-                    Value::Bool(false),
-                    Value::Bool(more),
-                ],
-            )
-        };
-        assert!(c.input(&server_frame(t(true), one)).unwrap().is_empty());
-        let ev = c.input(&server_frame(t(false), two)).unwrap();
+        assert!(c.input(&server_frame(transfer(FEEDBACK, 1, false, true), one)).unwrap().is_empty());
+        let ev = c.input(&server_frame(transfer(FEEDBACK, 1, false, false), two)).unwrap();
         let record = FeedbackRecord {
             original_message_id: "m1".into(),
             status_code: "Success".into(),
