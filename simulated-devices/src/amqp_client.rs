@@ -137,6 +137,8 @@ pub struct ServiceConn {
     input: Vec<u8>,
     header_seen: bool,
     peer_max_frame: u32,
+    /// The hub's idle-time-out (ms): we must send a frame at least this often.
+    peer_idle_timeout_ms: Option<u32>,
     /// Session: next transfer id we send, next we expect, and our remaining incoming window.
     next_outgoing_id: u32,
     next_incoming_id: u32,
@@ -177,6 +179,7 @@ impl ServiceConn {
             input: Vec::new(),
             header_seen: false,
             peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
+            peer_idle_timeout_ms: None,
             next_outgoing_id: 0,
             next_incoming_id: 0,
             incoming_window: WINDOW,
@@ -342,6 +345,16 @@ impl ServiceConn {
         }
     }
 
+    /// How often to send a heartbeat (half the hub's idle-time-out), if the hub announced one.
+    pub fn heartbeat_interval(&self) -> Option<Duration> {
+        self.peer_idle_timeout_ms.map(|ms| Duration::from_millis(u64::from(ms / 2).max(1)))
+    }
+
+    /// Queues an empty frame (a heartbeat).
+    pub fn heartbeat(&mut self) {
+        self.output.extend_from_slice(&frame::HEARTBEAT);
+    }
+
     /// C2D messages queued for credit or awaiting their outcome.
     pub fn unsettled(&self) -> usize {
         self.in_flight.len() + self.queued.iter().filter(|(h, _, _)| *h == C2D).count()
@@ -396,7 +409,10 @@ impl ServiceConn {
             AmqpError::Closed { what, condition, description }
         };
         match c {
-            code::OPEN => self.peer_max_frame = f.u32(2).unwrap_or(u32::MAX).max(frame::MIN_MAX_FRAME_SIZE),
+            code::OPEN => {
+                self.peer_max_frame = f.u32(2).unwrap_or(u32::MAX).max(frame::MIN_MAX_FRAME_SIZE);
+                self.peer_idle_timeout_ms = f.u32(4).filter(|&ms| ms > 0);
+            }
             code::BEGIN => self.next_incoming_id = f.u32(1).unwrap_or(0),
             code::ATTACH => {}
             code::FLOW => {
@@ -620,6 +636,10 @@ async fn drive(
     let mut ready: VecDeque<(u32, Vec<FeedbackRecord>)> = VecDeque::new();
     let mut waiters: VecDeque<oneshot::Sender<Vec<FeedbackRecord>>> = VecDeque::new();
     let mut buf = vec![0u8; 16 * 1024];
+    // A heartbeat timer only when the hub announced an idle-time-out (IoT Hub does; the emulator
+    // does not); otherwise a timer that never fires.
+    let beat = conn.heartbeat_interval().unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let result = loop {
         // Hand buffered batches to waiting callers; accept each one handed over.
         while !ready.is_empty()
@@ -640,6 +660,7 @@ async fn drive(
             break Err(AmqpError::Io(e.to_string()));
         }
         tokio::select! {
+            _ = heartbeat.tick() => conn.heartbeat(),
             n = stream.read(&mut buf) => {
                 let n = match n {
                     Ok(0) => break Err(AmqpError::Io("the hub closed the connection".into())),
@@ -794,6 +815,26 @@ mod tests {
         let ev = c.input(&disposition(id_a, frame::accepted())).unwrap();
         assert_eq!(ev, [Event::Settled { tag: a, result: Ok(()) }]);
         assert_eq!(c.unsettled(), 0);
+    }
+
+    #[test]
+    fn heartbeats_follow_the_hubs_idle_time_out() {
+        assert_eq!(opened().heartbeat_interval(), None, "the emulator announces none");
+        let mut c = ServiceConn::new("hub.local");
+        let open = vec![
+            Value::str("h"),
+            Value::str("h"),
+            Value::Uint(65536),
+            Value::Ushort(0),
+            Value::Uint(240_000),
+        ];
+        let mut input = AMQP_HEADER.to_vec();
+        input.extend(server_frame(list(code::OPEN, open), &[]));
+        c.input(&input).unwrap();
+        assert_eq!(c.heartbeat_interval(), Some(Duration::from_secs(120)));
+        c.take_output();
+        c.heartbeat();
+        assert_eq!(c.take_output(), frame::HEARTBEAT);
     }
 
     #[test]
