@@ -41,6 +41,8 @@ const FEEDBACK_BUFFER: u32 = 8;
 const COMMAND_QUEUE: usize = 256;
 /// Handshake and put-token must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A send's outcome must arrive within this (like the REST client's request timeout).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors from the AMQP service client, in IoT Hub's AMQP terms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -604,13 +606,16 @@ impl AmqpService {
         Ok(Self { commands: tx })
     }
 
-    /// Sends a C2D message to `device_id` and waits for the hub's outcome. Calls from several
-    /// tasks are pipelined on the one connection.
+    /// Sends a C2D message to `device_id` and waits for the hub's outcome (at most
+    /// 30 s). Calls from several tasks are pipelined on the one connection.
     pub async fn send_c2d(&self, device_id: &str, msg: &C2dSend) -> Result<(), AmqpError> {
         let (done, rx) = oneshot::channel();
         let cmd = Command::Send { device_id: device_id.to_owned(), msg: msg.clone(), done };
         self.commands.send(cmd).await.map_err(|_| AmqpError::Gone)?;
-        rx.await.map_err(|_| AmqpError::Gone)?
+        match tokio::time::timeout(SEND_TIMEOUT, rx).await {
+            Ok(outcome) => outcome.map_err(|_| AmqpError::Gone)?,
+            Err(_) => Err(AmqpError::Io(format!("no outcome for the send within {SEND_TIMEOUT:?}"))),
+        }
     }
 
     /// The next feedback batch (accepted once returned), or `None` if none came within `wait`.
