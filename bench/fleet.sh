@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fleet benchmark: a hub, N simulated devices in one `fleet` process (plain MQTT listener, real FTP
-# downloads), then `fleet release` of a new version to every device. Prints the fleet's status
+# downloads), then `fleet release` of a new version to every device (over AMQP). Prints the fleet's status
 # lines (connected, installs, RSS and RSS per agent) and the release summary (time to the last
 # feedback and to the last install reported in the twins).
 #
@@ -23,6 +23,7 @@ for _ in $(seq 100); do grep -q '^ftp://' "$work/hub.out" 2>/dev/null && break; 
 http=$(grep '^http://' "$work/hub.out")
 mqtt=$(grep '^mqtt://' "$work/hub.out"); mqtt_port=${mqtt##*:}
 ftp=$(grep '^ftp://' "$work/hub.out"); ftp=${ftp#ftp://}
+amqp=$(grep '^amqps://' "$work/hub.out"); amqp_port=${amqp##*:}
 common=(--service-endpoint "$http" --ca-file "$work/hub/certs/ca.pem")
 
 "$bin/fleet" run "${common[@]}" --count "$n" --mqtt-plain --mqtt-port "$mqtt_port" --ftp-addr "$ftp" \
@@ -34,6 +35,6 @@ grep '^connected' "$work/fleet.err" | tail -1
 
 mkdir -p "$work/app" && echo "fridge app 2.0.0" >"$work/app/app.txt"
 "$bin/fleet" release "${common[@]}" --packages-dir "$work/hub/packages" --ftp-addr "$ftp" \
-    --name fridge --version 2.0.0 --timeout-secs 600 --wait-installed "$work/app"
+    --amqp-addr "127.0.0.1:$amqp_port" --name fridge --version 2.0.0 --timeout-secs 600 --wait-installed "$work/app"
 sleep 6
 grep '^connected' "$work/fleet.err" | tail -1

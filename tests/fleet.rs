@@ -10,6 +10,7 @@ use iothub_emulator::HubConfig;
 use iothub_emulator_tests::{TestHub, unique};
 use serde_json::Value;
 use simulated_devices::agent::FtpBackend;
+use simulated_devices::amqp_client::AmqpEndpoint;
 use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package::{self, Manifest, Release};
@@ -26,6 +27,15 @@ pub(crate) fn service(hub: &TestHub) -> Result<ServiceClient> {
         &hub.https_url(),
         Some(&hub.running.ca_pem),
     )?)
+}
+
+/// `hub`'s AMQP service endpoint, for releases sent the way a pipeline's service SDK sends them.
+pub(crate) fn amqp_endpoint(hub: &TestHub) -> AmqpEndpoint {
+    AmqpEndpoint {
+        addr: hub.running.amqp_addr,
+        server_name: hub.running.hub.hostname().to_string(),
+        ca_pem: hub.running.ca_pem.clone(),
+    }
 }
 
 /// Builds the package for `version` into the hub's FTP directory and points `latest.json` at it.
@@ -145,6 +155,7 @@ async fn release_while_30_percent_are_off_ends_with_every_device_on_v2_installed
         timeout: Duration::from_secs(40),
         poll_interval: POLL,
         wait_installed: true,
+        amqp: Some(amqp_endpoint(&hub)),
         ..Default::default()
     };
     let run = {

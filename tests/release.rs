@@ -1,7 +1,8 @@
 //! The release command's service side against a real hub: the device query pages past 1,000,
-//! every selected device gets an update notice with `iothub-ack: full`, and the summary counts
-//! what the feedback says. Devices settle their messages directly on the hub here, so every
-//! outcome (completed, rejected, purged) is exercised deterministically.
+//! every selected device gets an update notice with `iothub-ack: full` over AMQP (one case over
+//! REST), and the summary counts what the feedback says. Devices settle their messages directly on
+//! the hub here, so every outcome (completed, rejected, purged) is exercised deterministically.
+//! The AMQP client's error mapping is checked against the hub too.
 
 use std::time::Duration;
 
@@ -9,17 +10,19 @@ use anyhow::{Context, Result, ensure};
 use iothub_emulator::HubConfig;
 use iothub_emulator::c2d::Settlement;
 use iothub_emulator_tests::{TestHub, unique};
+use simulated_devices::amqp_client::{AmqpError, AmqpService};
 use simulated_devices::fleet::{self, IdPattern, Shard};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::release::{ReleaseOptions, notify_devices};
+use simulated_devices::service_client::C2dSend;
 
-use crate::fleet::service;
+use crate::fleet::{amqp_endpoint, service};
 
 /// More than one query page (IoT Hub pages at 1,000).
 const DEVICES: u64 = 1_050;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedback() -> Result<()> {
+async fn release_over_amqp_reaches_every_device_past_one_query_page_and_counts_the_feedback() -> Result<()> {
     let hub =
         TestHub::start_with(HubConfig { feedback_batch_interval_ms: 50, ..HubConfig::default() }).await?;
     let svc = service(&hub)?;
@@ -38,6 +41,7 @@ async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedbac
     let opts = ReleaseOptions {
         timeout: Duration::from_secs(30),
         poll_interval: Duration::from_millis(50),
+        amqp: Some(amqp_endpoint(&hub)),
         ..Default::default()
     };
     let run = {
@@ -87,8 +91,8 @@ async fn release_reaches_every_device_past_one_query_page_and_counts_the_feedbac
 }
 
 #[tokio::test]
-async fn release_with_a_where_filter_only_targets_matching_devices_and_reports_unsettled_ones() -> Result<()>
-{
+async fn release_over_rest_with_a_where_filter_only_targets_matching_devices_and_reports_unsettled_ones()
+-> Result<()> {
     let hub =
         TestHub::start_with(HubConfig { feedback_batch_interval_ms: 50, ..HubConfig::default() }).await?;
     let svc = service(&hub)?;
@@ -116,6 +120,42 @@ async fn release_with_a_where_filter_only_targets_matching_devices_and_reports_u
     for (k, id) in ids.iter().enumerate() {
         let queued = hub.running.hub.receive_c2d(id, 1_000)?.is_some();
         ensure!(queued == (k == 1 || k == 3), "device {k} queued={queued}");
+    }
+    hub.stop().await
+}
+
+#[tokio::test]
+async fn amqp_client_reports_a_missing_device_as_not_found_and_keeps_the_connection() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let svc = service(&hub)?;
+    let ids = fleet::device_ids(&format!("{}-{{n}}", unique("amq")).parse()?, 1, Shard::default());
+    fleet::seed(&svc, "c2VlZC1mb3ItdGhlLXJlbGVhc2UtdGVzdA==", &ids, 1).await?;
+    let amqp = AmqpService::connect(&amqp_endpoint(&hub), svc.hub_host(), &svc.token()?).await?;
+    let msg = |id: &str| C2dSend {
+        body: b"hello".to_vec(),
+        message_id: id.into(),
+        ack: "full",
+        content_type: None,
+    };
+    let ghost = unique("ghost");
+    match amqp.send_c2d(&ghost, &msg("m-ghost")).await {
+        Err(AmqpError::Rejected { condition, description }) => {
+            ensure!(condition == "amqp:not-found", "{condition}: {description}");
+            ensure!(description.contains("DeviceNotFound"), "{description}");
+        }
+        other => anyhow::bail!("a send to a missing device gave {other:?}"),
+    }
+    // The same connection still sends.
+    amqp.send_c2d(&ids[0], &msg("m-ok")).await?;
+    let d = hub.running.hub.receive_c2d(&ids[0], 60_000)?.context("the message is queued")?;
+    ensure!(d.message.message_id.as_deref() == Some("m-ok") && &d.message.body[..] == b"hello");
+    ensure!(d.message.ack == iothub_emulator::c2d::AckMode::Full);
+
+    // A refused token is reported with the CBS status.
+    let bad = "SharedAccessSignature sr=localhost&sig=bad&se=9999999999&skn=iothubowner";
+    match AmqpService::connect(&amqp_endpoint(&hub), svc.hub_host(), bad).await {
+        Err(AmqpError::Cbs { status, .. }) => ensure!(status == 401, "status {status}"),
+        other => anyhow::bail!("a bad token gave {other:?}"),
     }
     hub.stop().await
 }

@@ -3,9 +3,11 @@
 //! hub's FTP package server, verifies it, unpacks it and switches to it atomically ([`install`]),
 //! the device [`agent`] (one device's app: MQTT session, C2D-driven installs, twin and telemetry
 //! reports), the [`fleet`] that runs thousands of agents in one process, the [`release`] pipeline
-//! step, and the small IoT Hub [`service_client`] they and the scenario runner share.
+//! step, the small IoT Hub [`service_client`] they and the scenario runner share, and the AMQP
+//! [`amqp_client`] the release command sends through.
 
 pub mod agent;
+pub mod amqp_client;
 pub mod fleet;
 pub mod install;
 pub mod notice;

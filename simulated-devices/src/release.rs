@@ -12,8 +12,9 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::amqp_client::{AmqpEndpoint, AmqpService};
 use crate::notice::UpdateNotice;
-use crate::service_client::{C2dSend, ServiceClient, ServiceError};
+use crate::service_client::{C2dSend, FeedbackRecord, ServiceClient, ServiceError};
 
 /// How a release run behaves.
 #[derive(Debug, Clone)]
@@ -28,6 +29,9 @@ pub struct ReleaseOptions {
     pub poll_interval: Duration,
     /// Also wait until every targeted twin reports `appVersion` = the released version.
     pub wait_installed: bool,
+    /// Send the notices and read feedback over AMQP at this endpoint (what a pipeline's service
+    /// SDK does); `None` uses the REST extension and HTTP feedback.
+    pub amqp: Option<AmqpEndpoint>,
 }
 
 impl Default for ReleaseOptions {
@@ -38,6 +42,7 @@ impl Default for ReleaseOptions {
             send_concurrency: 32,
             poll_interval: Duration::from_millis(500),
             wait_installed: false,
+            amqp: None,
         }
     }
 }
@@ -101,6 +106,39 @@ impl fmt::Display for ReleaseSummary {
     }
 }
 
+/// The protocol notices and feedback go through.
+#[derive(Debug, Clone)]
+enum Via {
+    Rest(ServiceClient),
+    Amqp(AmqpService),
+}
+
+impl Via {
+    async fn send(&self, device_id: &str, msg: &C2dSend) -> Result<(), ServiceError> {
+        match self {
+            Self::Rest(s) => s.send_c2d(device_id, msg).await,
+            Self::Amqp(a) => Ok(a.send_c2d(device_id, msg).await?),
+        }
+    }
+
+    /// The next feedback batch, already completed; `None` after waiting up to `wait` for one.
+    async fn feedback(&self, wait: Duration) -> Result<Option<Vec<FeedbackRecord>>, ServiceError> {
+        match self {
+            Self::Rest(s) => match s.receive_feedback().await? {
+                Some(batch) => {
+                    s.complete_feedback(&batch.lock_token).await?;
+                    Ok(Some(batch.records))
+                }
+                None => {
+                    tokio::time::sleep(wait).await;
+                    Ok(None)
+                }
+            },
+            Self::Amqp(a) => Ok(a.receive_feedback(wait).await?),
+        }
+    }
+}
+
 /// Sends `notice` to every selected device and collects the outcome.
 pub async fn notify_devices(
     service: &ServiceClient,
@@ -113,6 +151,12 @@ pub async fn notify_devices(
     let body = serde_json::to_vec(notice)
         .map_err(|e| ServiceError::Protocol { op: "notice", reason: e.to_string() })?;
     let run = uuid::Uuid::new_v4().simple().to_string();
+    let via = match &opts.amqp {
+        Some(endpoint) => {
+            Via::Amqp(AmqpService::connect(endpoint, service.hub_host(), &service.token()?).await?)
+        }
+        None => Via::Rest(service.clone()),
+    };
     let started = Instant::now();
 
     // message id -> final yet?
@@ -126,10 +170,10 @@ pub async fn notify_devices(
             ack: "full",
             content_type: Some("application/json".into()),
         };
-        let (service, id, permit) = (service.clone(), id.clone(), sem.clone().acquire_owned().await);
+        let (via, id, permit) = (via.clone(), id.clone(), sem.clone().acquire_owned().await);
         sends.spawn(async move {
             let _permit = permit;
-            let r = service.send_c2d(&id, &msg).await;
+            let r = via.send(&id, &msg).await;
             (id, msg.message_id, r)
         });
     }
@@ -160,7 +204,7 @@ pub async fn notify_devices(
         }
     };
     let (feedback, installs) = tokio::join!(
-        collect_feedback(service, &mut outstanding, &mut summary, opts, deadline, started),
+        collect_feedback(&via, &mut outstanding, &mut summary, opts, deadline, started),
         installs
     );
     feedback?;
@@ -172,9 +216,9 @@ pub async fn notify_devices(
 }
 
 /// Receives feedback until every message in `outstanding` is final or `deadline`, counting the
-/// outcomes into `summary` and completing every batch received.
+/// outcomes into `summary` (every batch received is completed).
 async fn collect_feedback(
-    service: &ServiceClient,
+    via: &Via,
     outstanding: &mut HashMap<String, bool>,
     summary: &mut ReleaseSummary,
     opts: &ReleaseOptions,
@@ -183,12 +227,9 @@ async fn collect_feedback(
 ) -> Result<(), ServiceError> {
     let mut finals = 0;
     while finals < outstanding.len() && Instant::now() < deadline {
-        let Some(batch) = service.receive_feedback().await? else {
-            tokio::time::sleep(opts.poll_interval.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
-            continue;
-        };
-        for rec in &batch.records {
+        let wait = opts.poll_interval.min(deadline.saturating_duration_since(Instant::now()));
+        let Some(records) = via.feedback(wait).await? else { continue };
+        for rec in &records {
             let Some(done) = outstanding.get_mut(&rec.original_message_id) else { continue };
             if *done {
                 continue;
@@ -203,7 +244,6 @@ async fn collect_feedback(
                 _ => summary.dead_lettered += 1,
             }
         }
-        service.complete_feedback(&batch.lock_token).await?;
     }
     summary.not_final = outstanding.len() - finals;
     Ok(())

@@ -60,6 +60,9 @@ pub enum ServiceError {
     /// The CA certificate given to trust could not be used.
     #[error("cannot use the CA certificate: {0}")]
     Ca(String),
+    /// An AMQP operation failed (see [`crate::amqp_client`]).
+    #[error(transparent)]
+    Amqp(#[from] crate::amqp_client::AmqpError),
 }
 
 /// A C2D message to send.
@@ -139,7 +142,8 @@ impl ServiceClient {
         &self.credentials.host_name
     }
 
-    fn token(&self) -> Result<String, ServiceError> {
+    /// A fresh service SAS token for the policy (also what AMQP's CBS put-token carries).
+    pub fn token(&self) -> Result<String, ServiceError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Ok(self.credentials.token(now + TOKEN_LIFETIME_SECS)?)
     }

@@ -813,14 +813,6 @@ impl Drop for Connection {
 
 /// A flow for the session, plus the link state when `link` is given (handle, count, credit).
 fn flow_body(session: &Session, link: Option<(u32, u32, u32)>) -> Value {
-    let mut fields = vec![
-        Value::Uint(session.next_incoming_id),
-        Value::Uint(session.incoming_window),
-        Value::Uint(session.next_outgoing_id),
-        Value::Uint(SESSION_WINDOW),
-    ];
-    if let Some((handle, count, credit)) = link {
-        fields.extend([Value::Uint(handle), Value::Uint(count), Value::Uint(credit)]);
-    }
-    list(code::FLOW, fields)
+    let state = [session.next_incoming_id, session.incoming_window, session.next_outgoing_id, SESSION_WINDOW];
+    frame::flow(state, link)
 }

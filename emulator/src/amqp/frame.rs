@@ -192,6 +192,17 @@ pub fn rejected(condition: &str, description: &str) -> Value {
     list(code::REJECTED, vec![error(condition, description)])
 }
 
+/// A flow performative: the session's state (next-incoming-id, incoming-window,
+/// next-outgoing-id, outgoing-window), plus a link's (handle, delivery-count, link-credit) when
+/// given. Shared by the endpoint and the service client in `simulated-devices`.
+pub fn flow(session: [u32; 4], link: Option<(u32, u32, u32)>) -> Value {
+    let mut fields: Vec<Value> = session.into_iter().map(Value::Uint).collect();
+    if let Some((handle, count, credit)) = link {
+        fields.extend([Value::Uint(handle), Value::Uint(count), Value::Uint(credit)]);
+    }
+    list(code::FLOW, fields)
+}
+
 /// The address of a source or target terminus, if it has one.
 pub fn terminus_address(v: &Value) -> Option<&str> {
     match v.as_described() {

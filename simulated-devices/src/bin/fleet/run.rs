@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use iothub_emulator::hub::DEFAULT_OWNER_KEY;
 use simulated_devices::agent::{FtpBackend, tls_config};
+use simulated_devices::amqp_client::AmqpEndpoint;
 use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package;
@@ -130,6 +131,17 @@ pub struct ReleaseArgs {
     /// Print the summary as JSON.
     #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_JSON")]
     json: bool,
+    /// How notices are sent and feedback read: `amqp` (the service SDKs' protocol, TLS trusting
+    /// --ca-file) or `rest` (the emulator's HTTP extension, for hubs without AMQP).
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_VIA", default_value = "amqp", value_parser = ["amqp", "rest"])]
+    via: String,
+    /// The hub's AMQP port (host:port) for --via amqp; the TLS name checked is the connection
+    /// string's HostName.
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_AMQP_ADDR", default_value = "127.0.0.1:5671")]
+    amqp_addr: String,
+    /// Notices in flight at once.
+    #[arg(long, env = "IOTHUB_EMULATOR_RELEASE_SEND_CONCURRENCY", default_value_t = 64)]
+    send_concurrency: usize,
 }
 
 /// Resident memory of this process in bytes (Linux `/proc/self/status`), if known.
@@ -228,10 +240,26 @@ pub async fn release(a: ReleaseArgs) -> Result<()> {
         release.file, release.version, release.size, release.sha256
     );
     let notice = UpdateNotice::for_release(&release, &a.ftp_addr);
+    let amqp = match a.via.as_str() {
+        "amqp" => {
+            let addr = tokio::net::lookup_host(&a.amqp_addr)
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .with_context(|| format!("--amqp-addr {} does not resolve", a.amqp_addr))?;
+            let ca_pem = a.service.ca_pem()?.with_context(|| {
+                format!("AMQP needs --ca-file ({} not found); or use --via rest", a.service.ca_file.display())
+            })?;
+            Some(AmqpEndpoint { addr, server_name: service.hub_host().to_string(), ca_pem })
+        }
+        _ => None,
+    };
     let opts = ReleaseOptions {
         where_clause: a.where_clause.clone(),
         timeout: Duration::from_secs(a.timeout_secs),
         wait_installed: a.wait_installed,
+        send_concurrency: a.send_concurrency,
+        amqp,
         ..ReleaseOptions::default()
     };
     let summary = notify_devices(&service, &notice, &opts).await?;
