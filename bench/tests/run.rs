@@ -58,28 +58,26 @@ fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
     p
 }
 
+/// A small fast scenario `name` with `devices` devices and one 16 KiB package 2.0.0 (corrupt when
+/// asked) released at 1 s, feedback every 500 ms; `rest` adds events and expectations.
+fn small(dir: &Path, name: &str, devices: u32, corrupt: bool, rest: &str) -> PathBuf {
+    let head = format!(
+        "name = \"{name}\"\nseed = 5\ntime_limit = \"60s\"\n[hub]\nfeedback_interval = \"500ms\"\n\
+         [fleet]\ndevices = {devices}\n[[package]]\nversion = \"2.0.0\"\nsize = \"16KiB\"\ncorrupt = {corrupt}\n\
+         [[event]]\nat = \"1s\"\naction = \"release\"\nversion = \"2.0.0\"\n"
+    );
+    write(dir, &format!("{name}.toml"), &format!("{head}{rest}"))
+}
+
 #[test]
 fn a_corrupt_package_fails_every_install_and_the_run_names_each_unmet_expectation() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(
+    let file = small(
         dir.path(),
-        "corrupt.toml",
+        "corrupt",
+        3,
+        true,
         r#"
-name = "corrupt"
-seed = 5
-time_limit = "60s"
-[hub]
-feedback_interval = "500ms"
-[fleet]
-devices = 3
-[[package]]
-version = "2.0.0"
-size = "16KiB"
-corrupt = true
-[[event]]
-at = "1s"
-action = "release"
-version = "2.0.0"
 [expect]
 final_version = "2.0.0"
 failed = 0
@@ -102,29 +100,17 @@ success = 3
 #[test]
 fn devices_switched_off_during_a_release_install_once_after_power_on() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(
+    let file = small(
         dir.path(),
-        "offline.toml",
+        "offline",
+        6,
+        false,
         r#"
-name = "offline"
-seed = 9
-time_limit = "60s"
-[hub]
-feedback_interval = "500ms"
-[fleet]
-devices = 6
-[[package]]
-version = "2.0.0"
-size = "16KiB"
 [[event]]
 at = "500ms"
 action = "offline"
 share = 0.5
 duration = { distribution = "uniform", min = "1s", max = "2s" }
-[[event]]
-at = "1s"
-action = "release"
-version = "2.0.0"
 [expect]
 final_version = "2.0.0"
 no_duplicate_installs = true
