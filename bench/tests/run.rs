@@ -59,12 +59,12 @@ fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
 }
 
 /// A small fast scenario `name` with `devices` devices and one 16 KiB package 2.0.0 (corrupt when
-/// asked) released at 1 s, feedback every 500 ms; `rest` adds events and expectations.
-fn small(dir: &Path, name: &str, devices: u32, corrupt: bool, rest: &str) -> PathBuf {
+/// asked) released to `target` at 1 s, feedback every 500 ms; `rest` adds events and expectations.
+fn small(dir: &Path, name: &str, devices: u32, corrupt: bool, target: &str, rest: &str) -> PathBuf {
     let head = format!(
         "name = \"{name}\"\nseed = 5\ntime_limit = \"60s\"\n[hub]\nfeedback_interval = \"500ms\"\n\
          [fleet]\ndevices = {devices}\n[[package]]\nversion = \"2.0.0\"\nsize = \"16KiB\"\ncorrupt = {corrupt}\n\
-         [[event]]\nat = \"1s\"\naction = \"release\"\nversion = \"2.0.0\"\n"
+         [[event]]\nat = \"1s\"\naction = \"release\"\nversion = \"2.0.0\"\ntarget = \"{target}\"\n"
     );
     write(dir, &format!("{name}.toml"), &format!("{head}{rest}"))
 }
@@ -77,6 +77,7 @@ fn a_corrupt_package_fails_every_install_and_the_run_names_each_unmet_expectatio
         "corrupt",
         3,
         true,
+        "all",
         r#"
 [expect]
 final_version = "2.0.0"
@@ -105,6 +106,7 @@ fn devices_switched_off_during_a_release_install_once_after_power_on() {
         "offline",
         6,
         false,
+        "all",
         r#"
 [[event]]
 at = "500ms"
@@ -149,4 +151,22 @@ action = "link-flap"
     let all = text(&o);
     assert!(!o.status.success());
     assert!(all.contains("event[0].action: 'link-flap' is not supported yet by `testbench run`"), "{all}");
+}
+
+#[test]
+fn a_where_target_releases_to_the_matching_devices_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let rest = "[expect]\nfinal_version = \"2.0.0\"\n[expect.feedback]\nsuccess = 1\n";
+    let file = small(dir.path(), "where", 2, false, "deviceId = 'device-1'", rest);
+    let out = dir.path().join("out");
+    let o = run(&file, &out, &[]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(
+        all.contains("unmet: expect.final_version: 1 of 2 devices are not on 2.0.0 (first: device-0)"),
+        "{all}"
+    );
+    let r = report(&out);
+    assert_eq!(r["releases"][0]["targeted"], 1, "{r}");
+    assert_eq!(r["unmet"].as_array().unwrap().len(), 1, "{r}");
 }
