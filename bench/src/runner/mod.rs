@@ -32,6 +32,8 @@ use metrics::{DeviceTimes, Observed, ReleaseRecord};
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
+/// How often a progress line is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// The fleet secret device keys derive from (only this process uses it).
 const FLEET_KEY: &str = "dGVzdGJlbmNoLXNjZW5hcmlvLXJ1bm5lci1rZXk=";
 /// The application name of every package the runner builds.
@@ -304,8 +306,13 @@ impl Run {
         let mut next = 0;
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
         let limit = self.plan.time_limit;
+        let mut progress_at = PROGRESS_EVERY;
         loop {
             let now = self.t0.elapsed();
+            if now >= progress_at {
+                progress_at += PROGRESS_EVERY;
+                self.progress(fleet);
+            }
             while next < events.len() && events[next].at <= now {
                 self.execute(&events[next].action, events[next].at, fleet, svc, &mut power_on).await?;
                 next += 1;
@@ -502,6 +509,21 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// Logs connected devices and how far each release got.
+    fn progress(&mut self, fleet: &Fleet) {
+        let releases: Vec<String> = self
+            .obs
+            .releases
+            .iter()
+            .map(|r| {
+                let reported = r.devices.iter().filter(|(_, t)| t.reported.is_some()).count();
+                format!("{} reported by {reported}/{}", r.version, r.devices.len())
+            })
+            .collect();
+        let line = format!("connected {}/{}; {}", fleet.connected(), self.ids.len(), releases.join("; "));
+        self.say(line);
     }
 
     /// Every targeted device is final and every acked message has its feedback.
