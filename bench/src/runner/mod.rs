@@ -522,7 +522,11 @@ impl Run {
                 format!("{} reported by {reported}/{}", r.version, r.devices.len())
             })
             .collect();
-        let line = format!("connected {}/{}; {}", fleet.connected(), self.ids.len(), releases.join("; "));
+        let mut line = format!("connected {}/{}", fleet.connected(), self.ids.len());
+        for r in releases {
+            line.push_str("; ");
+            line.push_str(&r);
+        }
         self.say(line);
     }
 
