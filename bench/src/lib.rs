@@ -1,4 +1,5 @@
-//! The test bench of the IoT Hub emulator: scenario files ([`scenario`]) and, as they land, the
-//! scenario runner, metrics and reports.
+//! The test bench of the IoT Hub emulator: scenario files ([`scenario`]) and the scenario runner
+//! with its metrics ([`runner`]).
 
+pub mod runner;
 pub mod scenario;

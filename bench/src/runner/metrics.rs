@@ -1,0 +1,473 @@
+//! What a run observed and the verdict on it: per-device timings of every release (sent,
+//! delivered, installed, reported, in hub milliseconds), feedback tallies, end-to-end latency
+//! percentiles (hdrhistogram), the evaluation of `[expect]` and `report.json`. Pure data: the
+//! runner ([`super`]) fills it in; nothing here touches a socket.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use crate::scenario::plan::{Expectations, FeedbackTallies};
+
+/// Timings of one release at one device, in hub milliseconds (Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceTimes {
+    /// The hub accepted the notice.
+    pub sent: Option<u64>,
+    /// The device's first install event for the version (it took the notice).
+    pub delivered: Option<u64>,
+    /// The device's `installed` event.
+    pub installed: Option<u64>,
+    /// The runner saw the twin report the version.
+    pub reported: Option<u64>,
+}
+
+/// One release's bookkeeping.
+#[derive(Debug, Clone)]
+pub struct ReleaseRecord {
+    /// The version released.
+    pub version: String,
+    /// Seconds from the start of the run.
+    pub at: Duration,
+    /// Targeted device indices, each with its timings.
+    pub devices: Vec<(usize, DeviceTimes)>,
+    /// Notices the hub refused.
+    pub send_failed: u64,
+}
+
+/// Counts of feedback records by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// `Success`.
+    pub success: u64,
+    /// `Expired`.
+    pub expired: u64,
+    /// `Rejected`.
+    pub rejected: u64,
+    /// `DeliveryCountExceeded`.
+    pub delivery_count_exceeded: u64,
+    /// `Purged`.
+    pub purged: u64,
+}
+
+impl Tally {
+    /// Counts one record with IoT Hub's `statusCode`.
+    pub fn add(&mut self, status_code: &str) {
+        match status_code {
+            "Success" => self.success += 1,
+            "Expired" => self.expired += 1,
+            "Rejected" => self.rejected += 1,
+            "DeliveryCountExceeded" => self.delivery_count_exceeded += 1,
+            "Purged" => self.purged += 1,
+            _ => {}
+        }
+    }
+
+    /// Records of any status.
+    pub fn total(&self) -> u64 {
+        self.success + self.expired + self.rejected + self.delivery_count_exceeded + self.purged
+    }
+}
+
+/// Everything a run observed.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// Scenario name.
+    pub scenario: String,
+    /// Device ids by index.
+    pub device_ids: Vec<String>,
+    /// The version each device's twin reports at the end (the initial version when none).
+    pub final_versions: Vec<String>,
+    /// The last install state each device reported, if any.
+    pub final_states: Vec<Option<String>>,
+    /// `installed` events per (device index, version).
+    pub installs: HashMap<(usize, String), u32>,
+    /// Releases in timeline order.
+    pub releases: Vec<ReleaseRecord>,
+    /// Feedback records received.
+    pub feedback: Tally,
+    /// Sends refused because the device queue was full.
+    pub queue_full_rejections: u64,
+    /// Messages sent with `ack: full` (notices and plain sends).
+    pub acked_sends: u64,
+    /// The run hit `time_limit` before settling.
+    pub timed_out: bool,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// p50/p90/p99/max of one latency, in milliseconds, with the sample count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(samples: impl Iterator<Item = u64>) -> Self {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 24 * 3_600_000, 3).expect("valid histogram bounds");
+        for s in samples {
+            h.saturating_record(s.max(1));
+        }
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({"count": self.count, "p50Ms": self.p50, "p90Ms": self.p90, "p99Ms": self.p99, "maxMs": self.max})
+    }
+}
+
+/// Latencies by stage over every release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latencies {
+    /// Sent → delivered.
+    pub delivery: Percentiles,
+    /// Delivered → installed.
+    pub install: Percentiles,
+    /// Sent → reported (end to end).
+    pub end_to_end: Percentiles,
+}
+
+impl Observed {
+    fn stage(
+        &self,
+        from: fn(&DeviceTimes) -> Option<u64>,
+        to: fn(&DeviceTimes) -> Option<u64>,
+    ) -> Percentiles {
+        Percentiles::of(self.releases.iter().flat_map(|r| r.devices.iter()).filter_map(|(_, t)| {
+            let (a, b) = (from(t)?, to(t)?);
+            Some(b.saturating_sub(a))
+        }))
+    }
+
+    /// Latency percentiles per stage.
+    pub fn latencies(&self) -> Latencies {
+        Latencies {
+            delivery: self.stage(|t| t.sent, |t| t.delivered),
+            install: self.stage(|t| t.delivered, |t| t.installed),
+            end_to_end: self.stage(|t| t.sent, |t| t.reported),
+        }
+    }
+
+    /// Devices that installed a version more than once: (id, version, times).
+    pub fn duplicate_installs(&self) -> Vec<(String, String, u32)> {
+        let mut d: Vec<_> = self
+            .installs
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|((i, v), n)| (self.device_ids[*i].clone(), v.clone(), *n))
+            .collect();
+        d.sort();
+        d
+    }
+
+    /// Devices whose last install state is `failed` or `rolled-back`.
+    pub fn failed_devices(&self) -> u64 {
+        self.final_states.iter().filter(|s| matches!(s.as_deref(), Some("failed" | "rolled-back"))).count()
+            as u64
+    }
+
+    /// Every unmet expectation, each naming its key.
+    pub fn unmet(&self, expect: &Expectations) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.timed_out {
+            out.push("time_limit: the run did not settle before the time limit".to_string());
+        }
+        if let Some(v) = &expect.final_version {
+            let off: Vec<&str> = self
+                .final_versions
+                .iter()
+                .zip(&self.device_ids)
+                .filter(|(fv, _)| *fv != v)
+                .map(|(_, id)| id.as_str())
+                .collect();
+            if !off.is_empty() {
+                out.push(format!(
+                    "expect.final_version: {} of {} devices are not on {v} (first: {})",
+                    off.len(),
+                    self.device_ids.len(),
+                    off[..off.len().min(3)].join(", ")
+                ));
+            }
+        }
+        if let Some(within) = expect.all_installed_within {
+            let limit = within.as_millis() as u64;
+            let late = self
+                .releases
+                .iter()
+                .flat_map(|r| r.devices.iter())
+                .filter(|(_, t)| match (t.sent, t.reported) {
+                    (Some(s), Some(r)) => r.saturating_sub(s) > limit,
+                    _ => true,
+                })
+                .count();
+            let total: usize = self.releases.iter().map(|r| r.devices.len()).sum();
+            if late > 0 {
+                out.push(format!(
+                    "expect.all_installed_within: {late} of {total} targeted devices did not report the release within {}",
+                    humantime::format_duration(within)
+                ));
+            }
+        }
+        if expect.no_duplicate_installs {
+            let dups = self.duplicate_installs();
+            if let Some((id, v, n)) = dups.first() {
+                out.push(format!(
+                    "expect.no_duplicate_installs: {} devices installed a version more than once (first: {id} installed {v} {n} times)",
+                    dups.len()
+                ));
+            }
+        }
+        let mut exact = |key: &str, want: Option<u64>, got: u64| {
+            if let Some(w) = want
+                && w != got
+            {
+                out.push(format!("{key}: expected {w}, got {got}"));
+            }
+        };
+        exact("expect.expired", expect.expired, self.feedback.expired);
+        exact("expect.failed", expect.failed, self.failed_devices());
+        exact("expect.queue_full_rejections", expect.queue_full_rejections, self.queue_full_rejections);
+        let FeedbackTallies { success, expired, rejected, delivery_count_exceeded, purged } =
+            &expect.feedback;
+        exact("expect.feedback.success", *success, self.feedback.success);
+        exact("expect.feedback.expired", *expired, self.feedback.expired);
+        exact("expect.feedback.rejected", *rejected, self.feedback.rejected);
+        exact(
+            "expect.feedback.delivery_count_exceeded",
+            *delivery_count_exceeded,
+            self.feedback.delivery_count_exceeded,
+        );
+        exact("expect.feedback.purged", *purged, self.feedback.purged);
+        let e2e = self.latencies().end_to_end;
+        let l = &expect.latency;
+        for (key, bound, got) in [
+            ("p50", l.p50, e2e.p50),
+            ("p90", l.p90, e2e.p90),
+            ("p99", l.p99, e2e.p99),
+            ("max", l.max, e2e.max),
+        ] {
+            if let Some(b) = bound
+                && got > b.as_millis() as u64
+            {
+                out.push(format!(
+                    "expect.latency.{key}: end-to-end {key} is {got} ms, above {} ms",
+                    b.as_millis()
+                ));
+            }
+        }
+        out
+    }
+
+    /// `report.json`: the summary, latencies, feedback, the verdict and per-device timings.
+    pub fn report_json(&self, unmet: &[String]) -> Value {
+        let lat = self.latencies();
+        let times = |t: &DeviceTimes| json!({"sentMs": t.sent, "deliveredMs": t.delivered, "installedMs": t.installed, "reportedMs": t.reported});
+        let releases: Vec<Value> = self
+            .releases
+            .iter()
+            .map(|r| {
+                let devices: serde_json::Map<String, Value> =
+                    r.devices.iter().map(|(i, t)| (self.device_ids[*i].clone(), times(t))).collect();
+                json!({
+                    "version": r.version,
+                    "atMs": r.at.as_millis() as u64,
+                    "targeted": r.devices.len(),
+                    "sendFailed": r.send_failed,
+                    "delivered": r.devices.iter().filter(|(_, t)| t.delivered.is_some()).count(),
+                    "installed": r.devices.iter().filter(|(_, t)| t.installed.is_some()).count(),
+                    "reported": r.devices.iter().filter(|(_, t)| t.reported.is_some()).count(),
+                    "devices": devices,
+                })
+            })
+            .collect();
+        let dups: Vec<Value> = self
+            .duplicate_installs()
+            .into_iter()
+            .map(|(id, v, n)| json!({"deviceId": id, "version": v, "installs": n}))
+            .collect();
+        json!({
+            "scenario": self.scenario,
+            "passed": unmet.is_empty(),
+            "unmet": unmet,
+            "timedOut": self.timed_out,
+            "elapsedMs": self.elapsed.as_millis() as u64,
+            "devices": self.device_ids.len(),
+            "latency": {
+                "delivery": lat.delivery.to_json(),
+                "install": lat.install.to_json(),
+                "endToEnd": lat.end_to_end.to_json(),
+            },
+            "feedback": {
+                "success": self.feedback.success,
+                "expired": self.feedback.expired,
+                "rejected": self.feedback.rejected,
+                "deliveryCountExceeded": self.feedback.delivery_count_exceeded,
+                "purged": self.feedback.purged,
+            },
+            "queueFullRejections": self.queue_full_rejections,
+            "failedDevices": self.failed_devices(),
+            "duplicateInstalls": dups,
+            "releases": releases,
+        })
+    }
+
+    /// The terminal summary, one fact per line.
+    pub fn summary_lines(&self, unmet: &[String]) -> Vec<String> {
+        let lat = self.latencies();
+        let row = |name: &str, p: Percentiles| {
+            format!("  {name:<12} {:>6} {:>8} {:>8} {:>8} {:>8}", p.count, p.p50, p.p90, p.p99, p.max)
+        };
+        let mut lines = vec![
+            format!(
+                "scenario {}: {} devices, {:.1} s{}",
+                self.scenario,
+                self.device_ids.len(),
+                self.elapsed.as_secs_f64(),
+                if self.timed_out { " (time limit reached)" } else { "" }
+            ),
+            format!("  {:<12} {:>6} {:>8} {:>8} {:>8} {:>8}", "latency ms", "n", "p50", "p90", "p99", "max"),
+            row("delivery", lat.delivery),
+            row("install", lat.install),
+            row("end-to-end", lat.end_to_end),
+        ];
+        for r in &self.releases {
+            let n = |f: fn(&DeviceTimes) -> bool| r.devices.iter().filter(|(_, t)| f(t)).count();
+            lines.push(format!(
+                "  release {} at {:?}: targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
+                r.version,
+                r.at,
+                r.devices.len(),
+                n(|t| t.sent.is_some()),
+                n(|t| t.delivered.is_some()),
+                n(|t| t.installed.is_some()),
+                n(|t| t.reported.is_some()),
+                r.send_failed
+            ));
+        }
+        let f = self.feedback;
+        lines.push(format!(
+            "  feedback: success {}, expired {}, rejected {}, delivery count exceeded {}, purged {}; queue full {}",
+            f.success, f.expired, f.rejected, f.delivery_count_exceeded, f.purged, self.queue_full_rejections
+        ));
+        if unmet.is_empty() {
+            lines.push("verdict: every expectation met".to_string());
+        } else {
+            lines.extend(unmet.iter().map(|u| format!("unmet: {u}")));
+        }
+        lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observed() -> Observed {
+        let t = |s, d, i, r| DeviceTimes {
+            sent: Some(s),
+            delivered: Some(d),
+            installed: Some(i),
+            reported: Some(r),
+        };
+        Observed {
+            scenario: "t".into(),
+            device_ids: vec!["a".into(), "b".into(), "c".into()],
+            final_versions: vec!["2.0.0".into(), "2.0.0".into(), "1.0.0".into()],
+            final_states: vec![Some("installed".into()), Some("installed".into()), Some("failed".into())],
+            installs: [((0, "2.0.0".to_string()), 1), ((1, "2.0.0".to_string()), 2)].into_iter().collect(),
+            releases: vec![ReleaseRecord {
+                version: "2.0.0".into(),
+                at: Duration::from_secs(5),
+                devices: vec![
+                    (0, t(1000, 1100, 1500, 1600)),
+                    (1, t(1000, 1200, 1800, 3000)),
+                    (2, DeviceTimes { sent: Some(1000), ..Default::default() }),
+                ],
+                send_failed: 0,
+            }],
+            feedback: Tally { success: 2, expired: 1, ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn percentiles_come_from_the_recorded_stages() {
+        let lat = observed().latencies();
+        assert_eq!(lat.end_to_end.count, 2);
+        assert_eq!(lat.end_to_end.p50, 600);
+        assert!((1999..=2001).contains(&lat.end_to_end.max), "{:?}", lat.end_to_end);
+        assert_eq!(lat.delivery.count, 2);
+        assert_eq!(lat.install.p50, 400);
+    }
+
+    #[test]
+    fn every_unmet_expectation_is_named() {
+        let expect = Expectations {
+            final_version: Some("2.0.0".into()),
+            all_installed_within: Some(Duration::from_secs(1)),
+            no_duplicate_installs: true,
+            expired: Some(0),
+            failed: Some(0),
+            feedback: FeedbackTallies { success: Some(3), ..Default::default() },
+            ..Default::default()
+        };
+        let unmet = observed().unmet(&expect);
+        let keys: Vec<&str> = unmet.iter().map(|u| u.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "expect.final_version",
+                "expect.all_installed_within",
+                "expect.no_duplicate_installs",
+                "expect.expired",
+                "expect.failed",
+                "expect.feedback.success"
+            ]
+        );
+        assert_eq!(unmet[0], "expect.final_version: 1 of 3 devices are not on 2.0.0 (first: c)");
+        assert!(unmet[1].contains("2 of 3 targeted devices"), "{}", unmet[1]);
+        assert!(unmet[2].contains("b installed 2.0.0 2 times"), "{}", unmet[2]);
+    }
+
+    #[test]
+    fn met_expectations_leave_nothing_unmet() {
+        let expect = Expectations {
+            all_installed_within: Some(Duration::from_secs(3)),
+            expired: Some(1),
+            failed: Some(1),
+            feedback: FeedbackTallies { success: Some(2), expired: Some(1), ..Default::default() },
+            ..Default::default()
+        };
+        let o = Observed {
+            releases: vec![ReleaseRecord {
+                devices: observed().releases[0].devices[..2].to_vec(),
+                ..observed().releases[0].clone()
+            }],
+            ..observed()
+        };
+        assert_eq!(o.unmet(&expect), Vec::<String>::new());
+        let report = o.report_json(&[]);
+        assert_eq!(report["passed"], true);
+        assert_eq!(report["releases"][0]["reported"], 2);
+    }
+}

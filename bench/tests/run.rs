@@ -1,0 +1,172 @@
+//! `testbench run` end to end: the real binary starts a hub, FTP server and fleet in its process,
+//! plays a scenario and exits 0 or names each unmet expectation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn scenarios() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+/// Runs `testbench run <file> <args>` with `--out` in `out`.
+fn run(file: &Path, out: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_testbench"))
+        .arg("run")
+        .arg(file)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("testbench runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn report(out: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json written"))
+        .expect("report.json is JSON")
+}
+
+#[test]
+fn quickstart_scaled_to_10_devices_passes_and_writes_report_json() {
+    let out = tempfile::tempdir().unwrap();
+    let o = run(&scenarios().join("quickstart.toml"), out.path(), &["--devices", "10"]);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("verdict: every expectation met"), "{all}");
+    let r = report(out.path());
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!(r["devices"], 10);
+    assert_eq!(r["feedback"]["success"], 10, "{r}");
+    assert_eq!(r["releases"][0]["reported"], 10, "{r}");
+    assert_eq!(r["latency"]["endToEnd"]["count"], 10, "{r}");
+    let (p50, max) = (
+        r["latency"]["endToEnd"]["p50Ms"].as_u64().unwrap(),
+        r["latency"]["endToEnd"]["maxMs"].as_u64().unwrap(),
+    );
+    assert!(p50 >= 1 && p50 <= max, "{r}");
+    assert!(!out.path().join("work").exists(), "the work directory is removed");
+}
+
+fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+/// A small fast scenario `name` with `devices` devices and one 16 KiB package 2.0.0 (corrupt when
+/// asked) released to `target` at 1 s, feedback every 500 ms; `rest` adds events and expectations.
+fn small(dir: &Path, name: &str, devices: u32, corrupt: bool, target: &str, rest: &str) -> PathBuf {
+    let head = format!(
+        "name = \"{name}\"\nseed = 5\ntime_limit = \"60s\"\n[hub]\nfeedback_interval = \"500ms\"\n\
+         [fleet]\ndevices = {devices}\n[[package]]\nversion = \"2.0.0\"\nsize = \"16KiB\"\ncorrupt = {corrupt}\n\
+         [[event]]\nat = \"1s\"\naction = \"release\"\nversion = \"2.0.0\"\ntarget = \"{target}\"\n"
+    );
+    write(dir, &format!("{name}.toml"), &format!("{head}{rest}"))
+}
+
+#[test]
+fn a_corrupt_package_fails_every_install_and_the_run_names_each_unmet_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small(
+        dir.path(),
+        "corrupt",
+        3,
+        true,
+        "all",
+        r#"
+[expect]
+final_version = "2.0.0"
+failed = 0
+[expect.feedback]
+success = 3
+"#,
+    );
+    let out = dir.path().join("out");
+    let o = run(&file, &out, &[]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(all.contains("unmet: expect.final_version: 3 of 3 devices are not on 2.0.0"), "{all}");
+    assert!(all.contains("unmet: expect.failed: expected 0, got 3"), "{all}");
+    assert!(!all.contains("expect.feedback.success"), "the notices were delivered: {all}");
+    let r = report(&out);
+    assert_eq!(r["passed"], false);
+    assert_eq!(r["unmet"].as_array().unwrap().len(), 2, "{r}");
+}
+
+#[test]
+fn devices_switched_off_during_a_release_install_once_after_power_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small(
+        dir.path(),
+        "offline",
+        6,
+        false,
+        "all",
+        r#"
+[[event]]
+at = "500ms"
+action = "offline"
+share = 0.5
+duration = { distribution = "uniform", min = "1s", max = "2s" }
+[expect]
+final_version = "2.0.0"
+no_duplicate_installs = true
+failed = 0
+[expect.feedback]
+success = 6
+"#,
+    );
+    let out = dir.path().join("out");
+    let o = run(&file, &out, &[]);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("offline: 3 of 6 devices switched off"), "{all}");
+    let r = report(&out);
+    let e2e = &r["latency"]["endToEnd"];
+    assert_eq!(e2e["count"], 6, "{r}");
+    // The switched-off half came back 0.5-1.5 s after the release: they set the maximum.
+    assert!(e2e["maxMs"].as_u64().unwrap() >= 500, "{r}");
+}
+
+#[test]
+fn features_not_built_yet_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "flap.toml",
+        r#"
+[fleet]
+devices = 2
+[[event]]
+at = "1s"
+action = "link-flap"
+"#,
+    );
+    let o = run(&file, &dir.path().join("out"), &[]);
+    let all = text(&o);
+    assert!(!o.status.success());
+    assert!(all.contains("event[0].action: 'link-flap' is not supported yet by `testbench run`"), "{all}");
+}
+
+#[test]
+fn a_where_target_releases_to_the_matching_devices_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let rest = "[expect]\nfinal_version = \"2.0.0\"\n[expect.feedback]\nsuccess = 1\n";
+    let file = small(dir.path(), "where", 2, false, "deviceId = 'device-1'", rest);
+    let out = dir.path().join("out");
+    let o = run(&file, &out, &[]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(
+        all.contains("unmet: expect.final_version: 1 of 2 devices are not on 2.0.0 (first: device-0)"),
+        "{all}"
+    );
+    let r = report(&out);
+    assert_eq!(r["releases"][0]["targeted"], 1, "{r}");
+    assert_eq!(r["unmet"].as_array().unwrap().len(), 1, "{r}");
+}
