@@ -1,6 +1,8 @@
 //! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
 //! its protocol front ends ([`http`], [`mqtt`], [`amqp`]), the FTP package server for simulated devices
 //! ([`ftp`]), local TLS ([`tls`]) and the server that ties them to bound listeners ([`server`]).
+//! [`healthcheck`] is the client side of `/health` for container health checks; with the
+//! `testcontainers` feature, `testcontainers` runs the hub image in tests.
 //!
 //! The binary `iothub-emulator` is a thin wrapper: it parses flags, binds sockets and calls
 //! [`server::serve`].
@@ -10,6 +12,7 @@ pub mod c2d;
 pub mod clock;
 pub mod error;
 pub mod ftp;
+pub mod healthcheck;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -1,10 +1,12 @@
 //! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
-//! until Ctrl-C or SIGTERM. Everything else lives in the library.
+//! until Ctrl-C or SIGTERM. `iothub-emulator healthcheck` instead asks a running hub's `/health`
+//! (for container health checks). Everything else lives in the library.
 
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -21,6 +23,9 @@ use iothub_emulator::server::{self, ListenConfig, RunningHub};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// The hub's host name: HostName in connection strings, SAS audiences and a certificate SAN.
     #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost")]
     hostname: String,
@@ -30,7 +35,7 @@ struct Args {
     data_dir: PathBuf,
 
     /// Address every listener binds (use 0.0.0.0 in containers).
-    #[arg(long, env = "IOTHUB_EMULATOR_BIND", default_value = "127.0.0.1")]
+    #[arg(long, env = "IOTHUB_EMULATOR_BIND", default_value = "127.0.0.1", global = true)]
     bind: IpAddr,
 
     /// HTTPS port: IoT Hub's REST API for services and devices (the SDKs dial 443). 0 picks a free one.
@@ -38,7 +43,7 @@ struct Args {
     https_port: u16,
 
     /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
-    #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
+    #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT, global = true)]
     http_port: u16,
 
     /// MQTT over TLS port for devices (the SDKs dial 8883). 0 picks a free one.
@@ -86,9 +91,24 @@ struct Args {
     feedback_interval_ms: u64,
 }
 
-fn main() -> Result<()> {
+/// What to do instead of running a hub.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Asks the hub at --bind (loopback when 0.0.0.0) and --http-port for GET /health: exits 0 when
+    /// it answers healthy, 1 with a one-line reason otherwise (a container HEALTHCHECK).
+    Healthcheck {
+        /// How long the whole check may take, in milliseconds.
+        #[arg(long, env = "IOTHUB_EMULATOR_HEALTHCHECK_TIMEOUT_MS", default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> Result<ExitCode> {
     let started = Instant::now();
     let args = Args::parse();
+    if let Some(Command::Healthcheck { timeout_ms }) = args.command {
+        return Ok(healthcheck(args.bind, args.http_port, timeout_ms));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -99,7 +119,24 @@ fn main() -> Result<()> {
     iothub_emulator::sas::decode_key(&args.owner_key)
         .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run(args, started))
+    runtime.block_on(run(args, started))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `iothub-emulator healthcheck`: 0 when healthy, 1 and one line on stderr otherwise.
+fn healthcheck(bind: IpAddr, http_port: u16, timeout_ms: u64) -> ExitCode {
+    use iothub_emulator::healthcheck::{probe, probe_addr};
+    let addr = probe_addr(bind, http_port);
+    match probe(addr, Duration::from_millis(timeout_ms.max(1))) {
+        Ok(()) => {
+            println!("healthy: http://{addr}/health");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(args: Args, started: Instant) -> Result<()> {

@@ -161,3 +161,64 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
     assert!(err.contains("plain HTTP") && err.contains("--http-port"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `iothub-emulator healthcheck` with `args` and `envs`; returns (exit code, stdout, stderr).
+fn healthcheck(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("healthcheck")
+        .args(args)
+        .env_remove("IOTHUB_EMULATOR_HTTP_PORT")
+        .env_remove("IOTHUB_EMULATOR_BIND");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn healthcheck_exits_0_for_a_healthy_hub_and_1_with_a_reason_otherwise() {
+    let dir = temp_dir();
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--data-dir", dir.to_str().unwrap()]);
+    let (child, lines) = start(&args, &[]);
+    let http = line(&lines, "http://127.0.0.1:");
+    let port = http.rsplit(':').next().unwrap().to_string();
+
+    let (code, stdout, stderr) = healthcheck(&["--http-port", &port], &[]);
+    assert_eq!(code, Some(0), "stdout {stdout} stderr {stderr}");
+    assert!(stdout.contains("healthy"), "{stdout}");
+    // The env twin (what a container's ENV sets) and the flag before the subcommand work too.
+    assert_eq!(healthcheck(&[], &[("IOTHUB_EMULATOR_HTTP_PORT", &port)]).0, Some(0));
+    let out = Command::new(BIN).args(["--http-port", &port, "healthcheck"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A hub bound to 0.0.0.0 is probed on loopback.
+    assert_eq!(healthcheck(&["--http-port", &port, "--bind", "0.0.0.0"], &[]).0, Some(0));
+    let status = terminate(child);
+    assert!(status.success());
+
+    // The hub is gone: nothing listens on its port any more.
+    let (code, stdout, stderr) = healthcheck(&["--http-port", &port], &[]);
+    assert_eq!(code, Some(1), "stdout {stdout} stderr {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("unhealthy: cannot connect to 127.0.0.1:") && stderr.contains(&port),
+        "{stderr}"
+    );
+
+    // Something that is not the hub listens: it reads the request and closes without an answer.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port().to_string();
+    let acceptor = std::thread::spawn(move || {
+        let (stream, _) = other.accept().unwrap();
+        let mut request = String::new();
+        let mut reader = BufReader::new(stream);
+        while reader.read_line(&mut request).unwrap() > 0 && !request.ends_with("\r\n\r\n") {}
+    });
+    let (code, _, stderr) = healthcheck(&["--http-port", &other_port], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("closed without an answer"), "{stderr}");
+    acceptor.join().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
