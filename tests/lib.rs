@@ -228,21 +228,30 @@ pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
 }
 
 async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
+    let ca = hub.running.ca_path.display().to_string();
+    let env = [
+        ("IOTHUB_CONNECTION_STRING", hub.running.owner_connection_string()),
+        ("IOTHUB_HOSTNAME", hub.hostname()),
+        ("IOTHUB_HTTP_URL", hub.http_url()),
+        ("IOTHUB_CA_FILE", ca.clone()),
+        ("REQUESTS_CA_BUNDLE", ca.clone()),
+        ("SSL_CERT_FILE", ca.clone()),
+        ("NODE_EXTRA_CA_CERTS", ca),
+    ];
+    run_script_with_env(sdk, script, &env).await
+}
+
+/// Runs the official-SDK script `script` with `env` (plus a unique `TEST_DEVICE_PREFIX`) and fails
+/// with its output unless it exits 0 within 180 s. The caller provides the hub.
+pub async fn run_script_with_env(sdk: Sdk, script: &str, env: &[(&str, String)]) -> Result<()> {
     let (program, path) = match sdk {
         Sdk::Python => ("python3", format!("tests/sdk/python/{script}")),
         Sdk::Node => ("node", format!("tests/sdk/node/{script}")),
     };
-    let ca = hub.running.ca_path.display().to_string();
     let child = tokio::process::Command::new(program)
         .arg(&path)
         .current_dir(repo_root())
-        .env("IOTHUB_CONNECTION_STRING", hub.running.owner_connection_string())
-        .env("IOTHUB_HOSTNAME", hub.hostname())
-        .env("IOTHUB_HTTP_URL", hub.http_url())
-        .env("IOTHUB_CA_FILE", &ca)
-        .env("REQUESTS_CA_BUNDLE", &ca)
-        .env("SSL_CERT_FILE", &ca)
-        .env("NODE_EXTRA_CA_CERTS", &ca)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("TEST_DEVICE_PREFIX", unique("sdk"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -259,6 +268,37 @@ async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
     }
     println!("{stdout}");
     Ok(())
+}
+
+/// Why `sdk` cannot run here (not installed), if so.
+pub fn sdk_unavailable(sdk: Sdk) -> Option<String> {
+    sdk_missing(sdk)
+}
+
+/// Whether the container tests must run (CI sets `IOTHUB_CONTAINER_TESTS=required`); otherwise a
+/// missing Docker or image skips them with a message.
+pub fn container_tests_required() -> bool {
+    std::env::var("IOTHUB_CONTAINER_TESTS").is_ok_and(|v| v == "required")
+}
+
+/// Why containers of `image` cannot be started here (no Docker daemon, or the image was never
+/// built), if so.
+pub fn container_unavailable(image: &str) -> Option<String> {
+    let docker = |args: &[&str]| {
+        std::process::Command::new("docker").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).output()
+    };
+    match docker(&["info"]) {
+        Err(e) => return Some(format!("the docker CLI cannot run: {e}")),
+        Ok(out) if !out.status.success() => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Some(format!("docker info failed (is dockerd running?): {}", err.trim()));
+        }
+        Ok(_) => {}
+    }
+    match docker(&["image", "inspect", image]) {
+        Ok(out) if out.status.success() => None,
+        _ => Some(format!("the image {image} does not exist (build it with docker/build.sh)")),
+    }
 }
 
 /// `len` pseudo-random bytes (xorshift, fixed seed): file content that gzip cannot shrink, for

@@ -3,6 +3,7 @@
 mod amqp;
 mod auth;
 mod c2d;
+mod containers;
 mod fleet;
 mod ftp_installer;
 mod mqtt;

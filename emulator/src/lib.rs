@@ -20,6 +20,8 @@ pub mod mqtt;
 pub mod query;
 pub mod sas;
 pub mod server;
+#[cfg(feature = "testcontainers")]
+pub mod testcontainers;
 pub mod tls;
 
 pub use error::{ErrorCode, HubError};

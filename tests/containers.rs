@@ -1,0 +1,195 @@
+//! The hub image (`iothub-emulator:dev`, built by `docker/build.sh`) started with the crate's
+//! testcontainers module: a Rust MQTT client over TLS and the official Node device MQTT SDK reach
+//! it through the published ports, and C2D messages sent through the service side arrive.
+//!
+//! Skipped with a message when Docker or the image is missing, unless
+//! `IOTHUB_CONTAINER_TESTS=required` (CI), which turns a skip into a failure.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use iothub_emulator::testcontainers::{IMAGE_NAME, IMAGE_TAG, IotHubEmulator, IotHubEmulatorContainer};
+use iothub_emulator_tests::{
+    Sdk, container_tests_required, container_unavailable, run_script_with_env, sdk_tests_required,
+    sdk_unavailable, unique,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use simulated_devices::amqp_client::{AmqpEndpoint, AmqpService};
+use simulated_devices::service_client::C2dSend;
+
+/// How long a test waits for the MQTT events it expects.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Whether the container tests can run here; otherwise prints why `test` is skipped and returns
+/// false, or panics when they are required.
+fn can_run(test: &str) -> bool {
+    let image = format!("{IMAGE_NAME}:{IMAGE_TAG}");
+    match container_unavailable(&image) {
+        None => true,
+        Some(why) if container_tests_required() => panic!("IOTHUB_CONTAINER_TESTS=required but {why}"),
+        Some(why) => {
+            eprintln!("skipped {test}: {why} (IOTHUB_CONTAINER_TESTS=required makes this a failure)");
+            false
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The `SharedAccessKey` of a device connection string.
+fn key_of(cs: &str) -> Result<String> {
+    cs.split(';')
+        .find_map(|part| part.strip_prefix("SharedAccessKey="))
+        .map(str::to_string)
+        .with_context(|| format!("no SharedAccessKey in {cs}"))
+}
+
+/// A device MQTT client (rumqttc, the fleet agent's client) over TLS to the container's mapped
+/// MQTT port, trusting the container's CA.
+fn mqtt_client(
+    hub: &IotHubEmulatorContainer,
+    id: &str,
+    key: &str,
+) -> Result<(AsyncClient, rumqttc::EventLoop)> {
+    let tls = simulated_devices::agent::tls_config(hub.ca_pem()).map_err(anyhow::Error::msg)?;
+    let token = simulated_devices::sas::device_token(hub.hostname(), id, key, now_secs() + 3600)?;
+    let mut options = MqttOptions::new(id, hub.host(), hub.mqtt_port());
+    options
+        .set_credentials(format!("{}/{id}/?api-version=2021-04-12", hub.hostname()), token)
+        .set_keep_alive(Duration::from_secs(60))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    Ok(AsyncClient::new(options, 10))
+}
+
+/// Polls `eventloop` until `want` picks something out of an incoming packet (bounded by [`WAIT`]).
+async fn wait_for<T>(
+    eventloop: &mut rumqttc::EventLoop,
+    what: &str,
+    mut want: impl FnMut(&Packet) -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, eventloop.poll())
+            .await
+            .with_context(|| format!("no {what} within {WAIT:?}"))?
+            .with_context(|| format!("MQTT connection failed while waiting for {what}"))?;
+        if let Event::Incoming(packet) = event {
+            if let Some(found) = want(&packet) {
+                return Ok(found);
+            }
+        }
+    }
+}
+
+async fn c2d_reaches_a_rust_mqtt_client() -> Result<()> {
+    let id = unique("ctr");
+    let hub = IotHubEmulator::default().device(&id).run().await?;
+    let key = key_of(&hub.device_connection_string(&id).await?)?;
+
+    let (client, mut eventloop) = mqtt_client(&hub, &id, &key)?;
+    wait_for(&mut eventloop, "CONNACK", |p| match p {
+        Packet::ConnAck(ack) if ack.code == rumqttc::ConnectReturnCode::Success => Some(()),
+        _ => None,
+    })
+    .await?;
+    client.subscribe(format!("devices/{id}/messages/devicebound/#"), QoS::AtLeastOnce).await?;
+    wait_for(&mut eventloop, "SUBACK", |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
+
+    // The service side the way a service SDK sends C2D: AMQP over TLS on the mapped 5671 port.
+    let endpoint = AmqpEndpoint {
+        addr: tokio::net::lookup_host((hub.host(), hub.amqp_port()))
+            .await?
+            .next()
+            .context("the Docker host does not resolve")?,
+        server_name: hub.hostname().to_string(),
+        ca_pem: hub.ca_pem().to_string(),
+    };
+    let service = AmqpService::connect(&endpoint, hub.hostname(), &hub.owner_token()).await?;
+    let message_id = unique("msg");
+    let body = format!("hello container {message_id}");
+    let send = C2dSend {
+        body: body.clone().into_bytes(),
+        message_id: message_id.clone(),
+        ack: "none",
+        content_type: None,
+    };
+    service.send_c2d(&id, &send).await?;
+
+    let publish = wait_for(&mut eventloop, "the C2D PUBLISH", |p| match p {
+        Packet::Publish(p) if p.topic.starts_with(&format!("devices/{id}/messages/devicebound/")) => {
+            Some(p.clone())
+        }
+        _ => None,
+    })
+    .await?;
+    assert_eq!(publish.payload, body.as_bytes());
+    assert!(publish.topic.contains(&format!("%24.mid={message_id}")), "{}", publish.topic);
+
+    // rumqttc PUBACKs it; the hub then completes the message and the device's queue is empty.
+    let deadline = Instant::now() + WAIT;
+    let http = reqwest::Client::new();
+    loop {
+        let device: serde_json::Value = http
+            .get(format!("{}/devices/{id}?api-version=2021-04-12", hub.http_url()))
+            .header("authorization", hub.owner_token())
+            .send()
+            .await?
+            .json()
+            .await?;
+        if device["cloudToDeviceMessageCount"] == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the C2D message was not completed after the PUBACK: {device}");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await;
+    }
+    client.disconnect().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_container_registers_a_device_and_delivers_c2d_to_a_rust_mqtt_client() {
+    if !can_run("hub_container_registers_a_device_and_delivers_c2d_to_a_rust_mqtt_client") {
+        return;
+    }
+    c2d_reaches_a_rust_mqtt_client().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_container_with_the_node_device_mqtt_sdk_on_the_mapped_port() {
+    let test = "hub_container_with_the_node_device_mqtt_sdk_on_the_mapped_port";
+    if !can_run(test) {
+        return;
+    }
+    if let Some(why) = sdk_unavailable(Sdk::Node) {
+        if sdk_tests_required() || container_tests_required() {
+            panic!("the container SDK test is required but {why}");
+        }
+        eprintln!("skipped {test}: {why}");
+        return;
+    }
+    let id = unique("ctr-node");
+    let hub = IotHubEmulator::default().device(&id).run().await.unwrap();
+    let device_cs = hub.device_connection_string(&id).await.unwrap();
+    let ca_file = std::env::temp_dir().join(format!("{}.pem", unique("container-ca")));
+    std::fs::write(&ca_file, hub.ca_pem()).unwrap();
+    let ca = ca_file.display().to_string();
+    let env = [
+        ("IOTHUB_CONNECTION_STRING", hub.service_connection_string()),
+        ("IOTHUB_HOSTNAME", hub.hostname().to_string()),
+        ("IOTHUB_HTTP_URL", hub.http_url()),
+        // The SDK dials GatewayHostName (the mapped port); HostName stays the hub's.
+        (
+            "IOTHUB_DEVICE_CONNECTION_STRING",
+            format!("{device_cs};GatewayHostName={}:{}", hub.host(), hub.mqtt_port()),
+        ),
+        ("NODE_EXTRA_CA_CERTS", ca),
+    ];
+    let result = run_script_with_env(Sdk::Node, "container_device_mqtt_test.js", &env).await;
+    let _ = std::fs::remove_file(&ca_file);
+    result.unwrap();
+}
