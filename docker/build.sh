@@ -4,8 +4,8 @@
 #   iothub-emulator-fleet:<tag>  fleet + testbench + scenarios/ (docker/fleet.Dockerfile)
 #
 # Usage: docker/build.sh [--profile release|dev] [--no-build] [--tag TAG]
-#   --profile  the cargo profile of the binaries put in the images (default: release). `dev` reuses
-#              what `cargo test` already built (target/debug), which is what CI does.
+#   --profile  the cargo profile of the binaries put in the images (default: release). `dev` builds
+#              what `cargo test --workspace` builds (target/debug), so CI compiles once for both.
 #   --no-build do not run cargo; use the binaries already in the profile's target directory.
 #   --tag      the image tag (default: dev).
 #
@@ -52,8 +52,15 @@ stage="$target_dir/docker"
 started=$SECONDS
 
 if [[ $build == 1 ]]; then
-    echo "== cargo build --profile $profile (iothub-emulator, fleet, testbench)"
-    cargo build --profile "$profile" -p iothub-emulator -p simulated-devices -p testbench --bins
+    if [[ $profile == dev ]]; then
+        # Exactly what `cargo test --workspace` builds (same targets, so the same features), so the
+        # test run after this reuses every artifact instead of rebuilding with another feature set.
+        echo "== cargo build --workspace --all-targets (dev profile, as cargo test builds it)"
+        cargo build --workspace --all-targets
+    else
+        echo "== cargo build --profile $profile (iothub-emulator, fleet, testbench)"
+        cargo build --profile "$profile" -p iothub-emulator -p simulated-devices -p testbench --bins
+    fi
 fi
 for bin in iothub-emulator fleet testbench; do
     [[ -x "$bin_dir/$bin" ]] || { echo "docker/build.sh: $bin_dir/$bin is missing; run without --no-build" >&2; exit 1; }
