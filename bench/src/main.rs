@@ -56,13 +56,13 @@ struct ExternalArgs {
     #[arg(long, env = "IOTHUB_EMULATOR_PACKAGES_DIR")]
     packages_dir: Option<String>,
     /// The external hub's AMQP (TLS) port [default: 5671].
-    #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT")]
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_AMQP_PORT")]
     hub_amqp_port: Option<u16>,
     /// The external hub's MQTT (TLS) port [default: 8883].
-    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PORT")]
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_MQTT_PORT")]
     hub_mqtt_port: Option<u16>,
     /// The external hub's FTP port [default: 2121].
-    #[arg(long, env = "IOTHUB_EMULATOR_FTP_PORT")]
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_FTP_PORT")]
     hub_ftp_port: Option<u16>,
     /// The devices are run by `fleet run --shard i/n` processes elsewhere: wait for them to
     /// connect instead of starting agents (as `fleet.mode = "external"`).

@@ -52,27 +52,35 @@ fn hub_flags(hub: &RunningHub) -> Vec<String> {
     ]
 }
 
+/// `testbench run FILE --out OUT ARGS` without any external-hub settings from the environment.
+async fn testbench(file: &Path, out: &Path, args: &[String]) -> (std::process::ExitStatus, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_testbench"));
+    cmd.arg("run").arg(file).arg("--out").arg(out).args(args).kill_on_drop(true);
+    for var in [
+        "CONNECTION_STRING",
+        "CA_FILE",
+        "HTTP_URL",
+        "PACKAGES_DIR",
+        "HUB_AMQP_PORT",
+        "HUB_MQTT_PORT",
+        "HUB_FTP_PORT",
+        "FLEET_EXTERNAL",
+    ] {
+        cmd.env_remove(format!("IOTHUB_EMULATOR_{var}"));
+    }
+    let o = cmd.output().await.expect("testbench runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    eprintln!("{text}");
+    (o.status, text)
+}
+
 /// Runs the binary on quickstart at [`DEVICES`] devices with `extra` flags; returns its output and
 /// the report.
 async fn run_testbench(out: &Path, extra: &[String]) -> (String, Value) {
-    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_testbench"))
-        .arg("run")
-        .arg(quickstart())
-        .arg("--devices")
-        .arg(DEVICES.to_string())
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .env_remove("IOTHUB_EMULATOR_CONNECTION_STRING")
-        .env_remove("IOTHUB_EMULATOR_CA_FILE")
-        .env_remove("IOTHUB_EMULATOR_FLEET_EXTERNAL")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("testbench runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    eprintln!("{text}");
-    assert!(o.status.success(), "{text}");
+    let mut args = vec!["--devices".to_string(), DEVICES.to_string()];
+    args.extend_from_slice(extra);
+    let (status, text) = testbench(&quickstart(), out, &args).await;
+    assert!(status.success(), "{text}");
     let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
         .expect("report.json is JSON");
     (text, report)
@@ -149,4 +157,46 @@ async fn quickstart_passes_with_a_fleet_run_by_two_other_shards() {
         f.stop().await;
     }
     hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_fleet_that_never_connects_fails_the_run_naming_fleet_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(&dir.path().join("hub")).await;
+    let file = dir.path().join("lonely.toml");
+    std::fs::write(
+        &file,
+        "time_limit = \"1s\"\n[fleet]\ndevices = 3\nid_pattern = \"lonely-{n}\"\nmode = \"external\"\n",
+    )
+    .unwrap();
+    let (status, text) = testbench(&file, &dir.path().join("out"), &hub_flags(&hub)).await;
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains(
+            "fleet.mode: only 0 of the 3 devices (lonely-0 .. lonely-2) were connected within time_limit"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("--id-pattern 'lonely-{n:01}'"), "{text}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn offline_events_are_refused_with_an_external_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("off.toml");
+    std::fs::write(
+        &file,
+        "[fleet]\ndevices = 2\n[[event]]\nat = \"1s\"\naction = \"offline\"\nshare = 0.5\nduration = \"1s\"\n",
+    )
+    .unwrap();
+    let flags: Vec<String> =
+        ["--hub-connection-string", "HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5"]
+            .into_iter()
+            .chain(["--hub-ca", "ca.pem", "--hub-http-url", "http://h:8080", "--fleet-external"])
+            .map(String::from)
+            .collect();
+    let (status, text) = testbench(&file, &dir.path().join("out"), &flags).await;
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("event[0].action: 'offline' switches devices"), "{text}");
 }

@@ -114,9 +114,9 @@ impl HubOverrides {
                     ("--hub-ca", "CA_FILE", self.ca_file.is_some()),
                     ("--hub-http-url", "HTTP_URL", self.http_url.is_some()),
                     ("--packages-dir", "PACKAGES_DIR", self.packages_dir.is_some()),
-                    ("--hub-amqp-port", "AMQP_PORT", self.amqp_port.is_some()),
-                    ("--hub-mqtt-port", "MQTT_PORT", self.mqtt_port.is_some()),
-                    ("--hub-ftp-port", "FTP_PORT", self.ftp_port.is_some()),
+                    ("--hub-amqp-port", "HUB_AMQP_PORT", self.amqp_port.is_some()),
+                    ("--hub-mqtt-port", "HUB_MQTT_PORT", self.mqtt_port.is_some()),
+                    ("--hub-ftp-port", "HUB_FTP_PORT", self.ftp_port.is_some()),
                 ] {
                     if set {
                         return Err(format!(
@@ -584,5 +584,76 @@ pub async fn wait_for_fleet(
             log(format!("external fleet: {connected}/{n} devices connected"));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::parse_str;
+
+    const EVENTS: &str = "[fleet]\ndevices = 4\n[[event]]\nat = \"1s\"\naction = \"offline\"\nshare = 0.5\n\
+                          duration = \"2s\"\n[[event]]\nat = \"2s\"\naction = \"ftp-fault\"\nrate_limit = \"1KiB\"\n";
+
+    fn external(cs: &str) -> HubOverrides {
+        HubOverrides {
+            connection_string: Some(cs.into()),
+            ca_file: Some("ca.pem".into()),
+            http_url: Some("http://hub:8080".into()),
+            ..HubOverrides::default()
+        }
+    }
+
+    #[test]
+    fn the_connection_string_flag_makes_any_scenario_external() {
+        let mut plan =
+            parse_str("t.toml", "[hub]\nfeedback_interval = \"1s\"\n[fleet]\ndevices = 2\n").unwrap();
+        let o = HubOverrides {
+            packages_dir: Some("/data/packages".into()),
+            ftp_port: Some(2122),
+            ..external("cs")
+        };
+        o.apply(&mut plan).unwrap();
+        let HubPlan::External { connection_string, packages_dir, amqp_port, ftp_port, .. } = &plan.hub else {
+            panic!("still embedded")
+        };
+        assert_eq!(
+            (connection_string.as_str(), packages_dir.as_deref(), *amqp_port, *ftp_port),
+            ("cs", Some("/data/packages"), 5671, 2122)
+        );
+        assert!(!plan.fleet.external);
+        HubOverrides { fleet_external: true, ..HubOverrides::default() }.apply(&mut plan).unwrap();
+        assert!(plan.fleet.external);
+    }
+
+    #[test]
+    fn hub_flags_without_an_external_hub_are_errors_naming_the_flag() {
+        let mut plan = parse_str("t.toml", "[fleet]\ndevices = 2\n").unwrap();
+        let e = HubOverrides { connection_string: Some("cs".into()), ..HubOverrides::default() }
+            .apply(&mut plan)
+            .unwrap_err();
+        assert!(e.starts_with("--hub-ca: required"), "{e}");
+        let e = HubOverrides { mqtt_port: Some(1), ..HubOverrides::default() }.apply(&mut plan).unwrap_err();
+        assert!(
+            e.starts_with("--hub-mqtt-port (or IOTHUB_EMULATOR_HUB_MQTT_PORT): only for an external hub"),
+            "{e}"
+        );
+        let e = HubOverrides { amqp_port: Some(0), ..external("cs") }.apply(&mut plan).unwrap_err();
+        assert!(e.starts_with("--hub-amqp-port: 0 is not a port"), "{e}");
+    }
+
+    #[test]
+    fn each_mode_refuses_what_it_cannot_do_naming_the_key() {
+        let mut plan = parse_str("t.toml", EVENTS).unwrap();
+        assert!(check_modes(&plan).is_ok(), "embedded hub and fleet can do both");
+        plan.fleet.external = true;
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("fleet.mode: an external fleet needs an external hub"), "{e}");
+        external("cs").apply(&mut plan).unwrap();
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("event[0].action: 'offline' switches devices"), "{e}");
+        plan.fleet.external = false;
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("event[1].action: 'ftp-fault' needs the embedded hub"), "{e}");
     }
 }
