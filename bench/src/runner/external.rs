@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::Value;
 use simulated_devices::amqp_client::{AmqpEndpoint, AmqpError, AmqpService};
 use simulated_devices::service_client::{C2dSend, ServiceClient};
@@ -28,6 +29,8 @@ use crate::scenario::plan::{
 const TELEMETRY_WAIT_MS: u64 = 1000;
 /// Telemetry messages asked for per read (the admin endpoint's own cap is 10,000).
 const TELEMETRY_PAGE: usize = 1000;
+/// C2D sends in flight at once on the AMQP connection (the hub's link credit paces them too).
+const SEND_WINDOW: usize = 64;
 /// How long one AMQP feedback receive waits.
 const FEEDBACK_WAIT: Duration = Duration::from_secs(1);
 /// Batches buffered between a background reader and the runner's tick.
@@ -298,10 +301,16 @@ impl ExternalHub {
         &self.ftp_addr
     }
 
+    /// Sends every message over the one AMQP connection, up to [`SEND_WINDOW`] in flight, handed
+    /// to the connection in order; the outcomes come back in the same order.
+    pub async fn send_all(&self, msgs: Vec<Outgoing<'_>>) -> Vec<Sent> {
+        futures_util::stream::iter(msgs).map(|m| self.send(m)).buffered(SEND_WINDOW).collect().await
+    }
+
     /// Sends over AMQP; the hub's accept time is this machine's clock at the settlement.
-    pub async fn send(&mut self, m: Outgoing<'_>) -> Sent {
+    async fn send(&self, m: Outgoing<'_>) -> Sent {
         let msg = C2dSend {
-            body: m.body,
+            body: m.body.to_vec(),
             message_id: format!("{}.{}", m.message_id, self.nonce),
             ack: "full",
             content_type: Some(m.content_type.to_string()),

@@ -62,9 +62,9 @@ pub struct Outgoing<'a> {
     /// The device.
     pub device_id: &'a str,
     /// `iothub-messageid`, which feedback records name.
-    pub message_id: &'a str,
-    /// The body.
-    pub body: Vec<u8>,
+    pub message_id: String,
+    /// The body (shared by every message of a release).
+    pub body: &'a [u8],
     /// Time to live (the hub's default when `None`).
     pub ttl: Option<Duration>,
     /// The content type.
@@ -178,26 +178,31 @@ impl HubSide {
         }
     }
 
-    /// Sends one message with `iothub-ack: full`.
-    pub async fn send(&mut self, m: Outgoing<'_>) -> Sent {
+    /// Sends every message with `iothub-ack: full`, in order; one outcome per message. An
+    /// external hub gets them pipelined on its AMQP connection.
+    pub async fn send_all(&mut self, msgs: Vec<Outgoing<'_>>) -> Vec<Sent> {
         match self {
             Self::Embedded { hub, .. } => {
                 let hub = &hub.hub;
-                let msg = C2dMessage {
-                    message_id: Some(m.message_id.to_string()),
-                    content_type: Some(m.content_type.to_string()),
-                    ack: AckMode::Full,
-                    expiry: m.ttl.map(|t| hub.now() + t.as_millis() as u64),
-                    body: m.body.into(),
-                    ..C2dMessage::default()
-                };
-                match hub.send_c2d(m.device_id, msg) {
-                    Ok(_) => Sent::Accepted(hub.now()),
-                    Err(e) if e.code == ErrorCode::DeviceMaximumQueueDepthExceeded => Sent::QueueFull,
-                    Err(_) => Sent::Refused,
-                }
+                msgs.into_iter()
+                    .map(|m| {
+                        let msg = C2dMessage {
+                            message_id: Some(m.message_id.to_string()),
+                            content_type: Some(m.content_type.to_string()),
+                            ack: AckMode::Full,
+                            expiry: m.ttl.map(|t| hub.now() + t.as_millis() as u64),
+                            body: m.body.to_vec().into(),
+                            ..C2dMessage::default()
+                        };
+                        match hub.send_c2d(m.device_id, msg) {
+                            Ok(_) => Sent::Accepted(hub.now()),
+                            Err(e) if e.code == ErrorCode::DeviceMaximumQueueDepthExceeded => Sent::QueueFull,
+                            Err(_) => Sent::Refused,
+                        }
+                    })
+                    .collect()
             }
-            Self::External(x) => x.send(m).await,
+            Self::External(x) => x.send_all(msgs).await,
         }
     }
 

@@ -366,9 +366,10 @@ impl Run {
                 let mut record =
                     ReleaseRecord { version: version.clone(), at, devices: Vec::new(), send_failed: 0 };
                 let mut tracking = Tracking { pos: HashMap::new(), terminal: Vec::new() };
-                for &i in &targets {
-                    let message_id = format!("release-{version}-{r}-{}", self.ids[i]);
-                    let sent = self.send(i, &message_id, body.clone(), *ttl, "application/json").await;
+                let msgs =
+                    targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
+                let outcomes = self.send_all(msgs, &body, *ttl, "application/json").await;
+                for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
                     tracking.pos.insert(i, record.devices.len());
                     tracking.terminal.push(sent.is_none());
                     if sent.is_none() {
@@ -400,16 +401,14 @@ impl Run {
             }
             Action::Send { target, count, body, ttl } => {
                 let targets = self.targets(target, svc).await?;
-                let (mut ok, mut refused) = (0, 0);
-                for &i in &targets {
-                    for m in 0..*count {
-                        let id = format!("send-{}-{m}-{}", at.as_millis(), self.ids[i]);
-                        match self.send(i, &id, body.as_bytes().to_vec(), *ttl, "text/plain").await {
-                            Some(_) => ok += 1,
-                            None => refused += 1,
-                        }
-                    }
-                }
+                let msgs = targets
+                    .iter()
+                    .flat_map(|&i| (0..*count).map(move |m| (i, m)))
+                    .map(|(i, m)| (i, format!("send-{}-{m}-{}", at.as_millis(), self.ids[i])))
+                    .collect();
+                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await;
+                let ok = outcomes.iter().filter(|(_, sent)| sent.is_some()).count();
+                let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
             }
             Action::LinkFlap { .. } | Action::FtpFault { .. } => {
@@ -419,27 +418,35 @@ impl Run {
         Ok(())
     }
 
-    /// Queues one message with `ack: full`; the hub time it was accepted, `None` when refused.
-    async fn send(
+    /// Queues `(device index, message id)` messages with `ack: full`, in order; returns each
+    /// message id with the hub time it was accepted, `None` when refused.
+    async fn send_all(
         &mut self,
-        i: usize,
-        message_id: &str,
-        body: Vec<u8>,
+        msgs: Vec<(usize, String)>,
+        body: &[u8],
         ttl: Option<Duration>,
         content_type: &str,
-    ) -> Option<u64> {
-        let m = Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type };
-        match self.hub.send(m).await {
-            Sent::Accepted(at) => {
-                self.obs.acked_sends += 1;
-                Some(at)
-            }
-            Sent::QueueFull => {
-                self.obs.queue_full_rejections += 1;
-                None
-            }
-            Sent::Refused => None,
-        }
+    ) -> Vec<(String, Option<u64>)> {
+        let ids: Vec<String> = msgs.iter().map(|(_, id)| id.clone()).collect();
+        let out: Vec<Outgoing<'_>> = msgs
+            .into_iter()
+            .map(|(i, message_id)| Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type })
+            .collect();
+        let outcomes = self.hub.send_all(out).await;
+        ids.into_iter()
+            .zip(outcomes)
+            .map(|(id, sent)| match sent {
+                Sent::Accepted(at) => {
+                    self.obs.acked_sends += 1;
+                    (id, Some(at))
+                }
+                Sent::QueueFull => {
+                    self.obs.queue_full_rejections += 1;
+                    (id, None)
+                }
+                Sent::Refused => (id, None),
+            })
+            .collect()
     }
 
     /// The latest release of `version` that targeted device `i`: (release, position).
