@@ -76,6 +76,7 @@ fn fleet_config(
         max_concurrent_installs: 50,
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
+        initial_version: None,
     })
 }
 
@@ -212,7 +213,7 @@ async fn self_registered_agents_over_tls_read_latest_skip_the_active_version_and
     let send = |id: &str, body: Vec<u8>| {
         let (svc, id) = (svc.clone(), id.to_string());
         async move {
-            let msg = C2dSend { body, message_id: unique("m"), ack: "none", content_type: None };
+            let msg = C2dSend { body, message_id: unique("m"), ack: "none", ..C2dSend::default() };
             svc.send_c2d(&id, &msg).await
         }
     };
@@ -303,7 +304,7 @@ async fn a_power_cut_mid_download_resumes_from_the_saved_command_and_installs_on
         body: serde_json::to_vec(&notice)?,
         message_id: unique("m"),
         ack: "none",
-        content_type: None,
+        ..C2dSend::default()
     };
     svc.send_c2d(&ids[0], &msg).await?;
     eventually("the download to start", Duration::from_secs(20), || async {

@@ -135,7 +135,7 @@ async fn amqp_client_reports_a_missing_device_as_not_found_and_keeps_the_connect
         body: b"hello".to_vec(),
         message_id: id.into(),
         ack: "full",
-        content_type: None,
+        ..C2dSend::default()
     };
     let ghost = unique("ghost");
     match amqp.send_c2d(&ghost, &msg("m-ghost")).await {

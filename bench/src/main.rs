@@ -23,8 +23,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Runs a scenario with an embedded hub, FTP server and fleet; exits non-zero naming every
-    /// unmet expectation.
+    /// Runs a scenario with an embedded hub, FTP server and fleet (or against an external hub and
+    /// fleet); exits non-zero naming every unmet expectation.
     Run {
         /// The scenario file (TOML).
         file: PathBuf,
@@ -34,7 +34,60 @@ enum Command {
         /// Where `report.json` goes [default: ./testbench-report/<scenario>].
         #[arg(long, env = "IOTHUB_EMULATOR_OUT")]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        external: ExternalArgs,
     },
+}
+
+/// Pointing a run at a hub (and fleet) running elsewhere; each flag overrides the scenario.
+#[derive(Debug, clap::Args)]
+struct ExternalArgs {
+    /// Drive an external hub with this `iothubowner` connection string (any scenario; replaces
+    /// `[hub]`). MQTT, AMQP and FTP are dialed at its HostName.
+    #[arg(long, env = "IOTHUB_EMULATOR_CONNECTION_STRING")]
+    hub_connection_string: Option<String>,
+    /// The external hub's CA certificate (PEM), trusted for MQTT, AMQP and REST.
+    #[arg(long, env = "IOTHUB_EMULATOR_CA_FILE")]
+    hub_ca: Option<String>,
+    /// The external hub's plain HTTP base URL (REST API, /health, /emulator/telemetry).
+    #[arg(long, env = "IOTHUB_EMULATOR_HTTP_URL")]
+    hub_http_url: Option<String>,
+    /// The external hub's FTP packages directory (the emulator's --packages-dir, shared).
+    #[arg(long, env = "IOTHUB_EMULATOR_PACKAGES_DIR")]
+    packages_dir: Option<String>,
+    /// The external hub's AMQP (TLS) port [default: 5671].
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_AMQP_PORT")]
+    hub_amqp_port: Option<u16>,
+    /// The external hub's MQTT (TLS) port [default: 8883].
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_MQTT_PORT")]
+    hub_mqtt_port: Option<u16>,
+    /// The external hub's FTP port [default: 2121].
+    #[arg(long, env = "IOTHUB_EMULATOR_HUB_FTP_PORT")]
+    hub_ftp_port: Option<u16>,
+    /// The devices are run by `fleet run --shard i/n` processes elsewhere: wait for them to
+    /// connect instead of starting agents (as `fleet.mode = "external"`).
+    #[arg(
+        long,
+        env = "IOTHUB_EMULATOR_FLEET_EXTERNAL",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    fleet_external: bool,
+}
+
+impl ExternalArgs {
+    fn overrides(self) -> testbench::runner::external::HubOverrides {
+        testbench::runner::external::HubOverrides {
+            connection_string: self.hub_connection_string,
+            ca_file: self.hub_ca,
+            http_url: self.hub_http_url,
+            packages_dir: self.packages_dir,
+            amqp_port: self.hub_amqp_port,
+            mqtt_port: self.hub_mqtt_port,
+            ftp_port: self.hub_ftp_port,
+            fleet_external: self.fleet_external,
+        }
+    }
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {
@@ -58,12 +111,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-async fn run(file: PathBuf, devices: Option<u64>, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn run(
+    file: PathBuf,
+    devices: Option<u64>,
+    out: Option<PathBuf>,
+    external: ExternalArgs,
+) -> anyhow::Result<ExitCode> {
     let mut plan = testbench::scenario::load(&file)?;
     if let Some(n) = devices {
         anyhow::ensure!(n > 0, "--devices: use at least 1");
         testbench::runner::scale_devices(&mut plan, n);
     }
+    external.overrides().apply(&mut plan).map_err(anyhow::Error::msg)?;
     testbench::runner::check_supported(&plan)?;
     let out = out.unwrap_or_else(|| PathBuf::from("testbench-report").join(&plan.name));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -85,9 +144,9 @@ async fn run(file: PathBuf, devices: Option<u64>, out: Option<PathBuf>) -> anyho
 fn main() -> anyhow::Result<ExitCode> {
     match Args::parse().command {
         Command::Validate { files } => Ok(validate(&files)),
-        Command::Run { file, devices, out } => {
+        Command::Run { file, devices, out, external } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(file, devices, out))
+            rt.block_on(run(file, devices, out, external))
         }
     }
 }

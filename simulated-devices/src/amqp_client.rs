@@ -286,6 +286,7 @@ impl ServiceConn {
                 message_id: Some(Value::str(&msg.message_id)),
                 to: Some(format!("/devices/{}/messages/devicebound", url_encode(device_id))),
                 content_type: msg.content_type.clone(),
+                absolute_expiry_time: msg.expiry_ms.and_then(|t| i64::try_from(t).ok()),
                 ..Properties::default()
             },
             application_properties,
@@ -785,7 +786,7 @@ mod tests {
     }
 
     fn notice(id: &str) -> C2dSend {
-        C2dSend { body: b"{}".to_vec(), message_id: id.into(), ack: "full", content_type: None }
+        C2dSend { body: b"{}".to_vec(), message_id: id.into(), ack: "full", ..C2dSend::default() }
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub struct FleetConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// The version every agent runs before its first install (`None`: no version reported
+    /// until one installs).
+    pub initial_version: Option<String>,
 }
 
 struct AgentHandle {
@@ -206,6 +209,7 @@ impl Fleet {
         let mut agents = Vec::with_capacity(cfg.device_ids.len());
         let ramp_gap = (cfg.ramp_per_sec > 0).then(|| Duration::from_secs(1) / cfg.ramp_per_sec);
         let started = tokio::time::Instant::now();
+        let initial_version: Option<Arc<str>> = cfg.initial_version.as_deref().map(Arc::from);
         for (i, device_id) in cfg.device_ids.iter().enumerate() {
             if let Some(gap) = ramp_gap {
                 tokio::time::sleep_until(started + gap * i as u32).await;
@@ -223,6 +227,7 @@ impl Fleet {
                 data_dir: agent::data_dir(&cfg.data_root, device_id),
                 backoff_min: cfg.backoff_min,
                 backoff_max: cfg.backoff_max,
+                initial_version: initial_version.clone(),
             };
             let (backend, installs, st, sd) =
                 (backend.clone(), installs.clone(), status.clone(), shutdown.clone());

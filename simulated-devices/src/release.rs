@@ -169,6 +169,7 @@ pub async fn notify_devices(
             message_id: format!("release-{}-{run}-{id}", notice.version),
             ack: "full",
             content_type: Some("application/json".into()),
+            expiry_ms: None,
         };
         let (via, id, permit) = (via.clone(), id.clone(), sem.clone().acquire_owned().await);
         sends.spawn(async move {

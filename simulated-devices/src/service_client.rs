@@ -76,6 +76,8 @@ pub struct C2dSend {
     pub ack: &'static str,
     /// The content type (`application/json` for update notices).
     pub content_type: Option<String>,
+    /// When the message expires (Unix milliseconds); `None`: the hub's default time to live.
+    pub expiry_ms: Option<u64>,
 }
 
 /// One feedback record (reference §3.4).
@@ -297,6 +299,9 @@ impl ServiceClient {
             .body(msg.body.clone());
         if let Some(ct) = &msg.content_type {
             req = req.header("iothub-contenttype", ct);
+        }
+        if let Some(at) = msg.expiry_ms {
+            req = req.header("iothub-expiry", iothub_emulator::clock::iso8601(at));
         }
         Self::send("send C2D", req).await.map(drop)
     }

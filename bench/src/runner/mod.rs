@@ -1,10 +1,13 @@
-//! The scenario runner (embedded mode): starts a hub with its FTP package server and the
-//! simulated fleet in this process, builds the scenario's packages, plays the timeline
-//! (`release`, `offline`, `send`) deterministically under the seed, observes the hub (install
-//! telemetry, feedback, twins) into [`metrics::Observed`] and stops once every targeted device is
-//! final or `time_limit` passes. It owns the run's hub, fleet and work directory; the hub's state
-//! stays owned by the [`iothub_emulator::Hub`].
+//! The scenario runner: starts a hub with its FTP package server and the simulated fleet in this
+//! process (embedded mode), or drives a hub and fleet running elsewhere ([`external`]); builds the
+//! scenario's packages, plays the timeline (`release`, `offline`, `send`) deterministically under
+//! the seed, observes the hub (install telemetry, feedback, twins) into [`metrics::Observed`] and
+//! stops once every targeted device is final or `time_limit` passes. It owns the run's work
+//! directory and its [`hub_side::HubSide`] / [`hub_side::FleetSide`]; the hub's state stays owned
+//! by the hub.
 
+pub mod external;
+pub mod hub_side;
 pub mod metrics;
 
 use std::cmp::Reverse;
@@ -15,19 +18,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iothub_emulator::HubConfig;
-use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
+use iothub_emulator::c2d::QueueConfig;
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
-use simulated_devices::agent::FtpBackend;
-use simulated_devices::fleet::{self, Fleet, FleetConfig, Registration};
+use simulated_devices::fleet::{self, Fleet};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package::{self, Manifest, Release};
 use simulated_devices::service_client::ServiceClient;
 use tokio::time::Instant;
 
 use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target};
+use external::ExternalHub;
+use hub_side::{FleetSide, HubSide, Outgoing, Sent};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
 
 /// How often the runner looks at the hub and the timeline.
@@ -50,7 +53,15 @@ pub enum RunError {
         /// The feature.
         what: String,
     },
-    /// Starting the hub, seeding the registry or building a package failed.
+    /// The scenario asks for something its hub or fleet mode cannot do.
+    #[error("{key}: {why}")]
+    Mode {
+        /// The scenario key.
+        key: String,
+        /// Why, and what would work.
+        why: String,
+    },
+    /// Starting or reaching the hub, seeding the registry or building a package failed.
     #[error("{0}")]
     Setup(String),
 }
@@ -71,9 +82,7 @@ pub struct Outcome {
 /// Refuses the scenario features this runner does not implement, naming the key.
 pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
     let unsupported = |key: String, what: &str| Err(RunError::Unsupported { key, what: what.to_string() });
-    if let HubPlan::External { .. } = plan.hub {
-        return unsupported("hub.mode".into(), "an external hub");
-    }
+    external::check_modes(plan)?;
     if plan.rollout.is_some() {
         return unsupported("rollout".into(), "a phased rollout");
     }
@@ -124,14 +133,13 @@ struct Tracking {
 /// The run in progress.
 struct Run {
     plan: ScenarioPlan,
-    hub: RunningHub,
+    hub: HubSide,
     ids: Vec<String>,
     index: HashMap<String, usize>,
     releases: HashMap<String, Release>,
     tracking: Vec<Tracking>,
     by_message: HashMap<String, (usize, usize)>,
     obs: Observed,
-    telemetry_after: u64,
     rng: StdRng,
     log: Box<dyn FnMut(String) + Send>,
     t0: Instant,
@@ -145,20 +153,26 @@ pub async fn run(
     log: impl FnMut(String) + Send + 'static,
 ) -> Result<Outcome, RunError> {
     check_supported(&plan)?;
-    let HubPlan::Embedded { feedback_interval, c2d_default_ttl } = plan.hub else {
-        unreachable!("check_supported refuses external hubs")
-    };
     let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir).map_err(|e| setup("work directory")(e.to_string()))?;
-    let config = HubConfig {
-        feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
-        c2d: QueueConfig { default_ttl_ms: c2d_default_ttl.as_millis() as u64, ..QueueConfig::default() },
-        ..HubConfig::default()
+    let hub = match plan.hub {
+        HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
+            let config = HubConfig {
+                feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
+                c2d: QueueConfig {
+                    default_ttl_ms: c2d_default_ttl.as_millis() as u64,
+                    ..QueueConfig::default()
+                },
+                ..HubConfig::default()
+            };
+            let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
+                .await
+                .map_err(|e| setup("starting the hub")(e.to_string()))?;
+            HubSide::Embedded { hub: Box::new(hub), telemetry_after: 0 }
+        }
+        HubPlan::External { .. } => HubSide::External(Box::new(ExternalHub::connect(&plan.hub).await?)),
     };
-    let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
-        .await
-        .map_err(|e| setup("starting the hub")(e.to_string()))?;
     let result = run_with_hub(plan, hub, work_dir, Box::new(log)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
@@ -166,44 +180,37 @@ pub async fn run(
 
 async fn run_with_hub(
     plan: ScenarioPlan,
-    hub: RunningHub,
+    hub: HubSide,
     work_dir: &Path,
-    log: Box<dyn FnMut(String) + Send>,
+    mut log: Box<dyn FnMut(String) + Send>,
 ) -> Result<Outcome, RunError> {
     let n = plan.fleet.devices;
     let ids: Vec<String> = (0..n).map(|i| plan.fleet.ids.id(i)).collect();
-    let svc = ServiceClient::new(
-        &hub.owner_connection_string(),
-        &format!("https://127.0.0.1:{}", hub.https_addr.port()),
-        Some(&hub.ca_pem),
-    )
-    .map_err(|e| setup("service client")(e.to_string()))?;
-    fleet::seed(&svc, FLEET_KEY, &ids, 4).await.map_err(|e| setup("seeding the registry")(e.to_string()))?;
+    let index: HashMap<String, usize> = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
+    let svc = hub.service_client()?;
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    let releases = build_packages(&plan, &hub.packages_dir, work_dir, &mut rng)?;
-    let plain =
-        hub.mqtt_plain_addr.ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
-    let ftp = hub.ftp_addr.ok_or_else(|| RunError::Setup("the hub serves no FTP".into()))?;
-    let ramp = plan.fleet.connect_ramp.as_secs_f64();
-    let cfg = FleetConfig {
-        device_ids: ids.clone(),
-        fleet_key: FLEET_KEY.into(),
-        registration: Registration::Seeded,
-        data_root: work_dir.join("devices"),
-        hub_host: hub.hub.hostname().to_string(),
-        mqtt_host: plain.ip().to_string(),
-        mqtt_port: plain.port(),
-        tls: None,
-        keep_alive: Duration::from_secs(60),
-        ramp_per_sec: if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 },
-        max_concurrent_installs: 50,
-        backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(2),
+    let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
+    let fleet = if plan.fleet.external {
+        external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
+        FleetSide::External(svc.clone())
+    } else {
+        fleet::seed(&svc, FLEET_KEY, &ids, 4)
+            .await
+            .map_err(|e| setup("seeding the registry")(e.to_string()))?;
+        let ramp = plan.fleet.connect_ramp.as_secs_f64();
+        let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+        let (cfg, backend) = hub.fleet_config(
+            ids.clone(),
+            FLEET_KEY,
+            work_dir.join("devices"),
+            ramp_per_sec,
+            &plan.fleet.initial_version,
+        )?;
+        FleetSide::InProcess(Fleet::start(cfg, Arc::new(backend)).await)
     };
-    let fleet = Fleet::start(cfg, Arc::new(FtpBackend::new(ftp.to_string()))).await;
     let initial = plan.fleet.initial_version.clone();
     let mut run = Run {
-        index: ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect(),
+        index,
         obs: Observed {
             scenario: plan.name.clone(),
             device_ids: ids.clone(),
@@ -217,14 +224,13 @@ async fn run_with_hub(
         releases,
         tracking: Vec::new(),
         by_message: HashMap::new(),
-        telemetry_after: 0,
         rng,
         log,
         t0: Instant::now(),
     };
     let outcome = run.play(&fleet, &svc).await;
     fleet.stop().await;
-    let _ = run.hub.stop().await;
+    run.hub.stop().await;
     outcome
 }
 
@@ -301,7 +307,7 @@ impl Run {
         })
     }
 
-    async fn play(&mut self, fleet: &Fleet, svc: &ServiceClient) -> Result<Outcome, RunError> {
+    async fn play(&mut self, fleet: &FleetSide, svc: &ServiceClient) -> Result<Outcome, RunError> {
         let events = self.plan.events.clone();
         let mut next = 0;
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
@@ -311,7 +317,7 @@ impl Run {
             let now = self.t0.elapsed();
             if now >= progress_at {
                 progress_at += PROGRESS_EVERY;
-                self.progress(fleet);
+                self.progress(fleet).await?;
             }
             while next < events.len() && events[next].at <= now {
                 self.execute(&events[next].action, events[next].at, fleet, svc, &mut power_on).await?;
@@ -323,7 +329,7 @@ impl Run {
                 power_on.pop();
                 fleet.set_power(i, true);
             }
-            self.observe();
+            self.observe().await?;
             if next == events.len() && power_on.is_empty() && self.settled() {
                 break;
             }
@@ -334,7 +340,7 @@ impl Run {
             tokio::time::sleep(TICK).await;
         }
         self.obs.elapsed = self.t0.elapsed();
-        self.final_twins();
+        self.final_twins().await?;
         let unmet = self.obs.unmet(&self.plan.expect);
         Ok(Outcome { observed: self.obs.clone(), unmet })
     }
@@ -343,7 +349,7 @@ impl Run {
         &mut self,
         action: &Action,
         at: Duration,
-        fleet: &Fleet,
+        fleet: &FleetSide,
         svc: &ServiceClient,
         power_on: &mut BinaryHeap<Reverse<(Duration, usize)>>,
     ) -> Result<(), RunError> {
@@ -351,18 +357,19 @@ impl Run {
             Action::Release { version, ttl, target } => {
                 let targets = self.targets(target, svc).await?;
                 let release = self.releases[version].clone();
-                package::write_latest(&self.hub.packages_dir, &release)
+                package::write_latest(self.hub.packages_dir(), &release)
                     .map_err(|e| setup("latest.json")(e.to_string()))?;
-                let ftp = self.hub.ftp_addr.map(|a| a.to_string()).unwrap_or_default();
+                let ftp = self.hub.ftp_addr();
                 let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
                     .map_err(|e| setup("notice")(e.to_string()))?;
                 let r = self.obs.releases.len();
                 let mut record =
                     ReleaseRecord { version: version.clone(), at, devices: Vec::new(), send_failed: 0 };
                 let mut tracking = Tracking { pos: HashMap::new(), terminal: Vec::new() };
-                for &i in &targets {
-                    let message_id = format!("release-{version}-{r}-{}", self.ids[i]);
-                    let sent = self.send(i, &message_id, body.clone(), *ttl, "application/json");
+                let msgs =
+                    targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
+                let outcomes = self.send_all(msgs, &body, *ttl, "application/json").await;
+                for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
                     tracking.pos.insert(i, record.devices.len());
                     tracking.terminal.push(sent.is_none());
                     if sent.is_none() {
@@ -394,16 +401,14 @@ impl Run {
             }
             Action::Send { target, count, body, ttl } => {
                 let targets = self.targets(target, svc).await?;
-                let (mut ok, mut refused) = (0, 0);
-                for &i in &targets {
-                    for m in 0..*count {
-                        let id = format!("send-{}-{m}-{}", at.as_millis(), self.ids[i]);
-                        match self.send(i, &id, body.as_bytes().to_vec(), *ttl, "text/plain") {
-                            Some(_) => ok += 1,
-                            None => refused += 1,
-                        }
-                    }
-                }
+                let msgs = targets
+                    .iter()
+                    .flat_map(|&i| (0..*count).map(move |m| (i, m)))
+                    .map(|(i, m)| (i, format!("send-{}-{m}-{}", at.as_millis(), self.ids[i])))
+                    .collect();
+                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await;
+                let ok = outcomes.iter().filter(|(_, sent)| sent.is_some()).count();
+                let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
             }
             Action::LinkFlap { .. } | Action::FtpFault { .. } => {
@@ -413,36 +418,35 @@ impl Run {
         Ok(())
     }
 
-    /// Queues one message with `ack: full`; the hub time it was accepted, `None` when refused.
-    fn send(
+    /// Queues `(device index, message id)` messages with `ack: full`, in order; returns each
+    /// message id with the hub time it was accepted, `None` when refused.
+    async fn send_all(
         &mut self,
-        i: usize,
-        message_id: &str,
-        body: Vec<u8>,
+        msgs: Vec<(usize, String)>,
+        body: &[u8],
         ttl: Option<Duration>,
-        ct: &str,
-    ) -> Option<u64> {
-        let hub = &self.hub.hub;
-        let msg = C2dMessage {
-            message_id: Some(message_id.to_string()),
-            content_type: Some(ct.to_string()),
-            ack: AckMode::Full,
-            expiry: ttl.map(|t| hub.now() + t.as_millis() as u64),
-            body: body.into(),
-            ..C2dMessage::default()
-        };
-        match hub.send_c2d(&self.ids[i], msg) {
-            Ok(_) => {
-                self.obs.acked_sends += 1;
-                Some(hub.now())
-            }
-            Err(e) => {
-                if e.code == iothub_emulator::ErrorCode::DeviceMaximumQueueDepthExceeded {
-                    self.obs.queue_full_rejections += 1;
+        content_type: &str,
+    ) -> Vec<(String, Option<u64>)> {
+        let ids: Vec<String> = msgs.iter().map(|(_, id)| id.clone()).collect();
+        let out: Vec<Outgoing<'_>> = msgs
+            .into_iter()
+            .map(|(i, message_id)| Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type })
+            .collect();
+        let outcomes = self.hub.send_all(out).await;
+        ids.into_iter()
+            .zip(outcomes)
+            .map(|(id, sent)| match sent {
+                Sent::Accepted(at) => {
+                    self.obs.acked_sends += 1;
+                    (id, Some(at))
                 }
-                None
-            }
-        }
+                Sent::QueueFull => {
+                    self.obs.queue_full_rejections += 1;
+                    (id, None)
+                }
+                Sent::Refused => (id, None),
+            })
+            .collect()
     }
 
     /// The latest release of `version` that targeted device `i`: (release, position).
@@ -453,66 +457,66 @@ impl Run {
             .find_map(|r| self.tracking[r].pos.get(&i).map(|&p| (r, p)))
     }
 
-    fn observe(&mut self) {
-        let hub = self.hub.hub.clone();
-        loop {
-            let batch = hub.read_telemetry(None, self.telemetry_after, 1000);
-            let Some(last) = batch.last() else { break };
-            self.telemetry_after = last.sequence;
-            for m in &batch {
-                let Some(&i) = self.index.get(&m.device_id) else { continue };
-                let Ok(v) = serde_json::from_slice::<Value>(&m.body) else { continue };
-                if v["event"] != "installState" {
-                    continue;
+    async fn observe(&mut self) -> Result<(), RunError> {
+        for m in self.hub.telemetry().await? {
+            let Some(&i) = self.index.get(&m.device_id) else { continue };
+            let v = &m.body;
+            if v["event"] != "installState" {
+                continue;
+            }
+            let state = v["installState"].as_str().unwrap_or_default().to_string();
+            self.obs.final_states[i] = Some(state.clone());
+            let Some(version) = v["targetVersion"].as_str() else { continue };
+            if state == "installed" {
+                *self.obs.installs.entry((i, version.to_string())).or_default() += 1;
+            }
+            let Some((r, p)) = self.slot(i, version) else { continue };
+            let t = &mut self.obs.releases[r].devices[p].1;
+            t.delivered.get_or_insert(m.enqueued_at);
+            match state.as_str() {
+                "installed" => {
+                    t.installed.get_or_insert(m.enqueued_at);
                 }
-                let state = v["installState"].as_str().unwrap_or_default().to_string();
-                self.obs.final_states[i] = Some(state.clone());
-                let Some(version) = v["targetVersion"].as_str() else { continue };
-                if state == "installed" {
-                    *self.obs.installs.entry((i, version.to_string())).or_default() += 1;
-                }
-                let Some((r, p)) = self.slot(i, version) else { continue };
-                let t = &mut self.obs.releases[r].devices[p].1;
-                t.delivered.get_or_insert(m.enqueued_at);
-                match state.as_str() {
-                    "installed" => {
-                        t.installed.get_or_insert(m.enqueued_at);
-                    }
-                    "failed" | "rolled-back" | "already-installed" => self.tracking[r].terminal[p] = true,
-                    _ => {}
-                }
+                "failed" | "rolled-back" | "already-installed" => self.tracking[r].terminal[p] = true,
+                _ => {}
             }
         }
-        while let Some(d) = hub.receive_feedback() {
-            let records: Vec<Value> = serde_json::from_slice(&d.message.body).unwrap_or_default();
-            for rec in &records {
-                let status = rec["statusCode"].as_str().unwrap_or_default();
-                self.obs.feedback.add(status);
-                if status != "Success"
-                    && let Some(&(r, p)) =
-                        rec["originalMessageId"].as_str().and_then(|m| self.by_message.get(m))
-                {
-                    self.tracking[r].terminal[p] = true;
-                }
-            }
-            let _ = hub.settle_feedback(d.lock_token, false);
-        }
-        for (r, rel) in self.obs.releases.iter_mut().enumerate() {
-            for (p, (i, t)) in rel.devices.iter_mut().enumerate() {
-                if t.installed.is_some() && t.reported.is_none() && !self.tracking[r].terminal[p] {
-                    let twin = hub.get_twin(&self.ids[*i]).unwrap_or_default();
-                    if twin.pointer("/properties/reported/appVersion").and_then(Value::as_str)
-                        == Some(rel.version.as_str())
-                    {
-                        t.reported = Some(hub.now());
-                    }
-                }
+        for rec in self.hub.feedback().await? {
+            self.obs.feedback.add(&rec.status);
+            if rec.status != "Success"
+                && let Some(&(r, p)) = self.by_message.get(&rec.original_message_id)
+            {
+                self.tracking[r].terminal[p] = true;
             }
         }
+        for r in 0..self.obs.releases.len() {
+            let rel = &self.obs.releases[r];
+            let waiting: Vec<(usize, &str)> = rel
+                .devices
+                .iter()
+                .enumerate()
+                .filter(|(p, (_, t))| {
+                    t.installed.is_some() && t.reported.is_none() && !self.tracking[r].terminal[*p]
+                })
+                .map(|(p, (i, _))| (p, self.ids[*i].as_str()))
+                .collect();
+            if waiting.is_empty() {
+                continue;
+            }
+            let ids: Vec<&str> = waiting.iter().map(|(_, id)| *id).collect();
+            let reporting = self.hub.reporting(&rel.version, &ids).await?;
+            let now = self.hub.now();
+            let done: Vec<usize> =
+                waiting.iter().filter(|(_, id)| reporting.contains(*id)).map(|(p, _)| *p).collect();
+            for p in done {
+                self.obs.releases[r].devices[p].1.reported = Some(now);
+            }
+        }
+        Ok(())
     }
 
     /// Logs connected devices and how far each release got.
-    fn progress(&mut self, fleet: &Fleet) {
+    async fn progress(&mut self, fleet: &FleetSide) -> Result<(), RunError> {
         let releases: Vec<String> = self
             .obs
             .releases
@@ -522,12 +526,13 @@ impl Run {
                 format!("{} reported by {reported}/{}", r.version, r.devices.len())
             })
             .collect();
-        let mut line = format!("connected {}/{}", fleet.connected(), self.ids.len());
+        let mut line = format!("connected {}/{}", fleet.connected(&self.index).await?, self.ids.len());
         for r in releases {
             line.push_str("; ");
             line.push_str(&r);
         }
         self.say(line);
+        Ok(())
     }
 
     /// Every targeted device is final and every acked message has its feedback.
@@ -538,12 +543,13 @@ impl Run {
         devices_final && self.obs.feedback.total() >= self.obs.acked_sends
     }
 
-    fn final_twins(&mut self) {
+    async fn final_twins(&mut self) -> Result<(), RunError> {
+        let versions = self.hub.app_versions(&self.ids).await?;
         for (i, id) in self.ids.iter().enumerate() {
-            let twin = self.hub.hub.get_twin(id).unwrap_or_default();
-            if let Some(v) = twin.pointer("/properties/reported/appVersion").and_then(Value::as_str) {
-                self.obs.final_versions[i] = v.to_string();
+            if let Some(v) = versions.get(id) {
+                self.obs.final_versions[i] = v.clone();
             }
         }
+        Ok(())
     }
 }

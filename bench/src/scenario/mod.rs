@@ -164,6 +164,28 @@ mod tests {
     }
 
     #[test]
+    fn external_hub_and_fleet_keys() {
+        const EXT: &str = "[hub]\nmode = \"external\"\nconnection_string = \"HostName=hub;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5\"\nca_file = \"ca.pem\"\nhttp_url = \"http://hub:8080\"\n";
+        let p = parse_str("t.toml", &format!("{EXT}packages_dir = \"/data/packages\"\nftp_port = 2122\n[fleet]\ndevices = 100\nid_pattern = \"fridge-{{n}}\"\nmode = \"external\"\n")).unwrap();
+        let HubPlan::External { packages_dir, amqp_port, mqtt_port, ftp_port, .. } = &p.hub else {
+            panic!("not external: {:?}", p.hub)
+        };
+        assert_eq!(packages_dir.as_deref(), Some("/data/packages"));
+        assert_eq!((*amqp_port, *mqtt_port, *ftp_port), (5671, 8883, 2122));
+        assert!(p.fleet.external);
+        assert_eq!(p.fleet.ids.fleet_run_pattern(), "fridge-{n:02}");
+        assert_eq!(err(&format!("{EXT}mqtt_port = 0\n[fleet]\ndevices = 1\n")).key, "hub.mqtt_port");
+        assert_eq!(
+            err(&format!("{EXT}feedback_interval = \"1s\"\n[fleet]\ndevices = 1\n")).key,
+            "hub.feedback_interval"
+        );
+        assert_eq!(err("[hub]\npackages_dir = \"p\"\n[fleet]\ndevices = 1\n").key, "hub.packages_dir");
+        let e = err("[fleet]\ndevices = 1\nmode = \"cloud\"\n");
+        assert_eq!((e.key.as_str(), e.message.contains("\"external\"")), ("fleet.mode", true));
+        assert!(!parse_str("t.toml", MINIMAL).unwrap().fleet.external);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(plan::parse_size("64KiB"), Some(65536));
         assert_eq!(plan::parse_size("10kB"), Some(10_000));

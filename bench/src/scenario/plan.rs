@@ -38,6 +38,14 @@ pub enum HubPlan {
         ca_file: String,
         /// The plain HTTP base URL.
         http_url: String,
+        /// The hub's FTP packages directory as the runner reaches it (required to run).
+        packages_dir: Option<String>,
+        /// AMQP (TLS) port on the connection string's host.
+        amqp_port: u16,
+        /// MQTT (TLS) port on that host.
+        mqtt_port: u16,
+        /// FTP port on that host.
+        ftp_port: u16,
     },
 }
 
@@ -53,6 +61,11 @@ impl IdPattern {
     /// The id of device `index`.
     pub fn id(&self, index: u64) -> String {
         format!("{}{:0width$}{}", self.prefix, index, self.suffix, width = self.width)
+    }
+
+    /// The same ids as `fleet run --id-pattern` writes them (`fridge-{n:02}`).
+    pub fn fleet_run_pattern(&self) -> String {
+        format!("{}{{n:0{}}}{}", self.prefix, self.width, self.suffix)
     }
 }
 
@@ -74,6 +87,9 @@ pub struct FleetPlan {
     pub ids: IdPattern,
     /// Processes the fleet is split over.
     pub shards: u32,
+    /// The devices are run by `fleet run` processes elsewhere (`fleet.mode = "external"`): the
+    /// runner waits for them instead of starting agents.
+    pub external: bool,
     /// Time over which devices connect.
     pub connect_ramp: Duration,
     /// The version every device starts on.
@@ -283,6 +299,12 @@ const DEFAULT_ID_PATTERN: &str = "device-{n}";
 const DEFAULT_INITIAL_VERSION: &str = "1.0.0";
 const DEFAULT_PACKAGE_SIZE: u64 = 64 * 1024;
 const MAX_DEVICES: u64 = 1_000_000;
+/// An external hub's ports on its host name (the ports every IoT Hub SDK dials).
+pub const DEFAULT_AMQP_PORT: u16 = 5671;
+/// See [`DEFAULT_AMQP_PORT`].
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// The emulator's FTP package server port.
+pub const DEFAULT_FTP_PORT: u16 = 2121;
 const ACTIONS: &str = "release, offline, link-flap, ftp-fault, send";
 
 /// Validation context: the file name for error messages.
@@ -386,12 +408,16 @@ pub fn plan(file: &str, raw: RawScenario) -> Result<ScenarioPlan, ScenarioError>
 fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
     match raw.mode.as_deref().unwrap_or("embedded") {
         "embedded" => {
-            for (key, v) in [
-                ("hub.connection_string", &raw.connection_string),
-                ("hub.ca_file", &raw.ca_file),
-                ("hub.http_url", &raw.http_url),
+            for (key, set) in [
+                ("hub.connection_string", raw.connection_string.is_some()),
+                ("hub.ca_file", raw.ca_file.is_some()),
+                ("hub.http_url", raw.http_url.is_some()),
+                ("hub.packages_dir", raw.packages_dir.is_some()),
+                ("hub.amqp_port", raw.amqp_port.is_some()),
+                ("hub.mqtt_port", raw.mqtt_port.is_some()),
+                ("hub.ftp_port", raw.ftp_port.is_some()),
             ] {
-                if v.is_some() {
+                if set {
                     return Err(cx.err(
                         key,
                         "only an external hub takes this key; set hub.mode = \"external\" or remove it",
@@ -410,10 +436,30 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
         "external" => {
             let need =
                 |key: &str, v: Option<String>| v.ok_or_else(|| cx.err(key, "an external hub needs this key"));
+            for (key, set) in [
+                ("hub.feedback_interval", raw.feedback_interval.is_some()),
+                ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
+            ] {
+                if set {
+                    return Err(cx.err(
+                        key,
+                        "only an embedded hub takes this key (an external hub has its own settings); remove it",
+                    ));
+                }
+            }
+            let port = |key: &str, v: Option<u16>, default: u16| match v {
+                Some(0) => Err(cx.err(key, "0 is not a port; use 1 to 65535")),
+                Some(p) => Ok(p),
+                None => Ok(default),
+            };
             Ok(HubPlan::External {
                 connection_string: need("hub.connection_string", raw.connection_string)?,
                 ca_file: need("hub.ca_file", raw.ca_file)?,
                 http_url: need("hub.http_url", raw.http_url)?,
+                packages_dir: raw.packages_dir,
+                amqp_port: port("hub.amqp_port", raw.amqp_port, DEFAULT_AMQP_PORT)?,
+                mqtt_port: port("hub.mqtt_port", raw.mqtt_port, DEFAULT_MQTT_PORT)?,
+                ftp_port: port("hub.ftp_port", raw.ftp_port, DEFAULT_FTP_PORT)?,
             })
         }
         other => {
@@ -446,6 +492,16 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
             )
         })?;
     }
+    let external = match raw.mode.as_deref().unwrap_or("embedded") {
+        "embedded" => false,
+        "external" => true,
+        other => {
+            return Err(cx.err(
+                "fleet.mode",
+                format!("'{other}' is not a fleet mode; use \"embedded\" or \"external\""),
+            ));
+        }
+    };
     let shards = raw.shards.unwrap_or(1);
     if shards == 0 || u64::from(shards) > raw.devices {
         return Err(cx.err("fleet.shards", format!("{shards} shards; use 1 to the number of devices")));
@@ -471,6 +527,7 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
         devices: raw.devices,
         ids,
         shards,
+        external,
         connect_ramp: cx.opt_duration("fleet.connect_ramp", &raw.connect_ramp)?.unwrap_or_default(),
         initial_version: raw.initial_version.unwrap_or_else(|| DEFAULT_INITIAL_VERSION.to_string()),
         groups,

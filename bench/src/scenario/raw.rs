@@ -47,6 +47,14 @@ pub struct RawHub {
     pub ca_file: Option<String>,
     /// External hub: the plain HTTP base URL (health, telemetry).
     pub http_url: Option<String>,
+    /// External hub: its FTP packages directory as this machine sees it (a shared volume).
+    pub packages_dir: Option<String>,
+    /// External hub: the AMQP (TLS) port, 5671 by default.
+    pub amqp_port: Option<u16>,
+    /// External hub: the MQTT (TLS) port, 8883 by default.
+    pub mqtt_port: Option<u16>,
+    /// External hub: the FTP port, 2121 by default.
+    pub ftp_port: Option<u16>,
     /// Feedback batch interval (`"15s"`, the IoT Hub default).
     pub feedback_interval: Option<String>,
     /// Default C2D time to live (`"1h"`).
@@ -57,6 +65,8 @@ pub struct RawHub {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleet {
+    /// `embedded` (default: the runner runs the agents) or `external` (`fleet run` processes do).
+    pub mode: Option<String>,
     /// Number of devices.
     pub devices: u64,
     /// Device id pattern with one `{n}` (zero-padded to the width of the largest index).

@@ -77,6 +77,9 @@ pub struct AgentConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// The version the device runs before its first install (nothing on disk yet): reported as
+    /// `appVersion` like a factory image. `None` reports no version until an install.
+    pub initial_version: Option<Arc<str>>,
 }
 
 /// What the fleet can see of a running agent (shared, lock-free).
@@ -152,7 +155,9 @@ impl<I: InstallBackend> Session<'_, I> {
             data_dir: self.cfg.data_dir.clone(),
             sas_token: self.fresh_token(),
         };
-        let mut core = AgentCore::new(id.clone(), self.installer.current_version(&ctx));
+        let on_disk = self.installer.current_version(&ctx);
+        let version = on_disk.or_else(|| self.cfg.initial_version.as_deref().map(str::to_string));
+        let mut core = AgentCore::new(id.clone(), version);
         let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(&ctx.sas_token), REQUEST_CAPACITY);
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let mut job: Option<Job> = None;

@@ -61,9 +61,15 @@ pub struct RunArgs {
     /// Devices in the whole fleet (all shards together).
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_COUNT", default_value_t = 100)]
     count: u64,
-    /// Device ids: `{n}` is the device's index, `{n:0W}` zero-pads it to W digits.
+    /// Device ids: `{n}` is the device's index, `{n:0W}` zero-pads it to W digits. To run a
+    /// scenario's devices, use its `fleet.id_pattern` with `{n:0W}`, W = the digits of
+    /// `fleet.devices - 1` (e.g. `fridge-{n:02}` for 100 devices).
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_ID_PATTERN", default_value = "fridge-{n:05}")]
     id_pattern: String,
+    /// The version a device reports (`appVersion`) before its first install, like a factory image;
+    /// a scenario's `fleet.initial_version`. Without it a fresh device reports no version.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_INITIAL_VERSION")]
+    initial_version: Option<String>,
     /// The slice this process runs, `i/n`: devices whose index k has k % n == i.
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_SHARD", default_value = "0/1")]
     shard: String,
@@ -197,6 +203,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         max_concurrent_installs: a.max_concurrent_installs,
         backoff_min: Duration::from_millis(500),
         backoff_max: Duration::from_secs(30),
+        initial_version: a.initial_version.clone(),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(iothub_emulator::server::shutdown_on_signal(shutdown.clone()));

@@ -1,0 +1,668 @@
+//! External mode: a hub the runner did not start, reached only over the wire, and a fleet run by
+//! `fleet run --shard i/n` processes elsewhere. [`ExternalHub`] owns the connections: REST (registry,
+//! twins, queries) at `hub.http_url`, one AMQP connection (C2D sends and feedback, like a service
+//! SDK) at the connection string's `HostName`, and a long-poll of the emulator's
+//! `GET /emulator/telemetry?waitMs=` admin endpoint; two background tasks feed bounded channels
+//! that the runner drains each tick. This module also holds the mode rules
+//! ([`check_modes`]), the command-line overrides ([`HubOverrides`]) and the wait for an external
+//! fleet ([`wait_for_fleet`]).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use simulated_devices::amqp_client::{AmqpEndpoint, AmqpError, AmqpService};
+use simulated_devices::service_client::{C2dSend, ServiceClient};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::RunError;
+use super::hub_side::{Feedback, Outgoing, Sent, Telemetry, unix_ms};
+use crate::scenario::plan::{
+    Action, DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_MQTT_PORT, HubPlan, ScenarioPlan,
+};
+
+/// How long one telemetry long-poll waits on the hub.
+const TELEMETRY_WAIT_MS: u64 = 1000;
+/// Telemetry messages asked for per read (the admin endpoint's own cap is 10,000).
+const TELEMETRY_PAGE: usize = 1000;
+/// C2D sends in flight at once on the AMQP connection (the hub's link credit paces them too).
+const SEND_WINDOW: usize = 64;
+/// How long one AMQP feedback receive waits.
+const FEEDBACK_WAIT: Duration = Duration::from_secs(1);
+/// Batches buffered between a background reader and the runner's tick.
+const CHANNEL_BATCHES: usize = 64;
+/// Consecutive failed telemetry reads before the run fails.
+const TELEMETRY_RETRIES: u32 = 5;
+/// Pause after a failed telemetry read.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often the hub's health and the external fleet's connections are polled.
+const POLL: Duration = Duration::from_millis(250);
+/// Longest wait for an external hub's `/health` to answer 200.
+const HEALTH_WAIT: Duration = Duration::from_secs(60);
+/// Device ids per `deviceId IN [...]` twin query.
+const IDS_PER_QUERY: usize = 500;
+/// How often the wait for an external fleet logs its progress.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Command-line settings that point a scenario at an external hub or fleet; each overrides the
+/// file's `[hub]` / `[fleet]` key of the same meaning.
+#[derive(Debug, Clone, Default)]
+pub struct HubOverrides {
+    /// `--hub-connection-string`: switches any scenario to an external hub.
+    pub connection_string: Option<String>,
+    /// `--hub-ca`.
+    pub ca_file: Option<String>,
+    /// `--hub-http-url`.
+    pub http_url: Option<String>,
+    /// `--packages-dir`.
+    pub packages_dir: Option<String>,
+    /// `--hub-amqp-port`.
+    pub amqp_port: Option<u16>,
+    /// `--hub-mqtt-port`.
+    pub mqtt_port: Option<u16>,
+    /// `--hub-ftp-port`.
+    pub ftp_port: Option<u16>,
+    /// `--fleet-external`.
+    pub fleet_external: bool,
+}
+
+impl HubOverrides {
+    /// Applies the overrides to `plan`. `--hub-connection-string` makes the hub external (the
+    /// file's `[hub]` is replaced, `--hub-ca` and `--hub-http-url` become required); the other hub
+    /// flags only change an external hub. Errors name the flag and what is allowed.
+    pub fn apply(&self, plan: &mut ScenarioPlan) -> Result<(), String> {
+        if let Some(cs) = &self.connection_string {
+            let need = |flag: &str, v: &Option<String>| {
+                v.clone().ok_or_else(|| format!("{flag}: required with --hub-connection-string"))
+            };
+            plan.hub = HubPlan::External {
+                connection_string: cs.clone(),
+                ca_file: need("--hub-ca", &self.ca_file)?,
+                http_url: need("--hub-http-url", &self.http_url)?,
+                packages_dir: None,
+                amqp_port: DEFAULT_AMQP_PORT,
+                mqtt_port: DEFAULT_MQTT_PORT,
+                ftp_port: DEFAULT_FTP_PORT,
+            };
+        }
+        match &mut plan.hub {
+            HubPlan::External { ca_file, http_url, packages_dir, amqp_port, mqtt_port, ftp_port, .. } => {
+                let port = |flag: &str, v: Option<u16>, slot: &mut u16| match v {
+                    Some(0) => Err(format!("{flag}: 0 is not a port; use 1 to 65535")),
+                    Some(p) => {
+                        *slot = p;
+                        Ok(())
+                    }
+                    None => Ok(()),
+                };
+                port("--hub-amqp-port", self.amqp_port, amqp_port)?;
+                port("--hub-mqtt-port", self.mqtt_port, mqtt_port)?;
+                port("--hub-ftp-port", self.ftp_port, ftp_port)?;
+                if let Some(v) = &self.ca_file {
+                    *ca_file = v.clone();
+                }
+                if let Some(v) = &self.http_url {
+                    *http_url = v.clone();
+                }
+                if let Some(v) = &self.packages_dir {
+                    *packages_dir = Some(v.clone());
+                }
+            }
+            HubPlan::Embedded { .. } => {
+                for (flag, env, set) in [
+                    ("--hub-ca", "CA_FILE", self.ca_file.is_some()),
+                    ("--hub-http-url", "HTTP_URL", self.http_url.is_some()),
+                    ("--packages-dir", "PACKAGES_DIR", self.packages_dir.is_some()),
+                    ("--hub-amqp-port", "HUB_AMQP_PORT", self.amqp_port.is_some()),
+                    ("--hub-mqtt-port", "HUB_MQTT_PORT", self.mqtt_port.is_some()),
+                    ("--hub-ftp-port", "HUB_FTP_PORT", self.ftp_port.is_some()),
+                ] {
+                    if set {
+                        return Err(format!(
+                            "{flag} (or IOTHUB_EMULATOR_{env}): only for an external hub; also give \
+                             --hub-connection-string (or set hub.mode = \"external\" in the scenario), \
+                             or leave it out"
+                        ));
+                    }
+                }
+            }
+        }
+        if self.fleet_external {
+            plan.fleet.external = true;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses what a mode cannot do, naming the key: events that switch devices (`offline`,
+/// `link-flap`) with an external fleet, `ftp-fault` with an external hub, and an external fleet
+/// with the embedded hub (whose ports only this process knows).
+pub fn check_modes(plan: &ScenarioPlan) -> Result<(), RunError> {
+    let external_hub = matches!(plan.hub, HubPlan::External { .. });
+    if plan.fleet.external && !external_hub {
+        return Err(RunError::Mode {
+            key: "fleet.mode".into(),
+            why: "an external fleet needs an external hub (hub.mode = \"external\" or \
+                  --hub-connection-string): fleet run processes cannot reach the runner's embedded hub"
+                .into(),
+        });
+    }
+    for (i, e) in plan.events.iter().enumerate() {
+        let key = format!("event[{i}].action");
+        match e.action {
+            Action::Offline { .. } | Action::LinkFlap { .. } if plan.fleet.external => {
+                let name = if matches!(e.action, Action::Offline { .. }) { "offline" } else { "link-flap" };
+                return Err(RunError::Mode {
+                    key,
+                    why: format!(
+                        "'{name}' switches devices, which an external fleet (fleet.mode = \"external\", \
+                         --fleet-external) does not let the runner do; run the fleet in the runner"
+                    ),
+                });
+            }
+            Action::FtpFault { .. } if external_hub => {
+                return Err(RunError::Mode {
+                    key,
+                    why: "'ftp-fault' needs the embedded hub's FTP server; an external hub \
+                          (hub.mode = \"external\", --hub-connection-string) cannot be faulted from here"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn setup(what: impl std::fmt::Display) -> RunError {
+    RunError::Setup(what.to_string())
+}
+
+/// A hub reached over the wire. Dropping it stops its background readers.
+pub struct ExternalHub {
+    svc: ServiceClient,
+    amqp: AmqpService,
+    host: String,
+    ca_pem: String,
+    mqtt_port: u16,
+    packages_dir: PathBuf,
+    ftp_addr: String,
+    /// Appended to every message id this run sends (`<id>.<nonce>`), so feedback about an earlier
+    /// run's messages on the same hub is told apart and ignored.
+    nonce: String,
+    telemetry: mpsc::Receiver<Result<Vec<Telemetry>, String>>,
+    feedback: mpsc::Receiver<Result<Vec<Feedback>, String>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ExternalHub {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl ExternalHub {
+    /// Connects to the hub `plan.hub` names: reads the CA, waits (bounded) for `/health`, checks
+    /// the packages directory, opens the AMQP connection (the host name resolved once) and starts
+    /// reading telemetry after the newest message already recorded.
+    pub async fn connect(plan: &HubPlan) -> Result<Self, RunError> {
+        let HubPlan::External {
+            connection_string,
+            ca_file,
+            http_url,
+            packages_dir,
+            amqp_port,
+            mqtt_port,
+            ftp_port,
+        } = plan
+        else {
+            return Err(setup("not an external hub"));
+        };
+        let ca_pem = std::fs::read_to_string(ca_file)
+            .map_err(|e| setup(format!("hub.ca_file (--hub-ca) {ca_file}: cannot read it: {e}")))?;
+        let packages_dir = packages_dir.as_deref().map(PathBuf::from).ok_or_else(|| {
+            setup(
+                "hub.packages_dir (--packages-dir): required with an external hub: the hub's FTP \
+                 packages directory (the emulator's --packages-dir) on a shared disk or volume",
+            )
+        })?;
+        if !packages_dir.is_dir() {
+            return Err(setup(format!(
+                "hub.packages_dir (--packages-dir) {}: not a directory",
+                packages_dir.display()
+            )));
+        }
+        let http_url = http_url.trim_end_matches('/').to_string();
+        let svc = ServiceClient::new(connection_string, &http_url, Some(&ca_pem))
+            .map_err(|e| setup(format!("hub.connection_string (--hub-connection-string): {e}")))?;
+        let host = svc.hub_host().to_string();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(TELEMETRY_WAIT_MS) + Duration::from_secs(30))
+            .build()
+            .map_err(setup)?;
+        wait_healthy(&http, &http_url).await?;
+        let amqp = connect_amqp(&host, *amqp_port, &ca_pem, &svc).await?;
+        let after = newest_sequence(&http, &http_url).await?;
+        let nonce = format!("{:x}", unix_ms());
+        let (ttx, telemetry) = mpsc::channel(CHANNEL_BATCHES);
+        let (ftx, feedback) = mpsc::channel(CHANNEL_BATCHES);
+        let tasks = vec![
+            tokio::spawn(read_telemetry(http, http_url, after, ttx)),
+            tokio::spawn(read_feedback(amqp.clone(), nonce.clone(), ftx)),
+        ];
+        Ok(Self {
+            svc,
+            amqp,
+            ftp_addr: format!("{host}:{ftp_port}"),
+            host,
+            ca_pem,
+            mqtt_port: *mqtt_port,
+            packages_dir,
+            nonce,
+            telemetry,
+            feedback,
+            tasks,
+        })
+    }
+
+    /// The REST service client (registry, twins, queries over `hub.http_url`).
+    pub fn service(&self) -> &ServiceClient {
+        &self.svc
+    }
+
+    /// The hub's host name (connection string `HostName`): MQTT, AMQP and FTP are dialed there.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The hub's CA (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The MQTT (TLS) port.
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_port
+    }
+
+    /// The shared packages directory.
+    pub fn packages_dir(&self) -> &Path {
+        &self.packages_dir
+    }
+
+    /// `host:port` of the FTP server.
+    pub fn ftp_addr(&self) -> &str {
+        &self.ftp_addr
+    }
+
+    /// Sends every message over the one AMQP connection, up to [`SEND_WINDOW`] in flight, handed
+    /// to the connection in order; the outcomes come back in the same order.
+    pub async fn send_all(&self, msgs: Vec<Outgoing<'_>>) -> Vec<Sent> {
+        futures_util::stream::iter(msgs).map(|m| self.send(m)).buffered(SEND_WINDOW).collect().await
+    }
+
+    /// Sends over AMQP; the hub's accept time is this machine's clock at the settlement.
+    async fn send(&self, m: Outgoing<'_>) -> Sent {
+        let msg = C2dSend {
+            body: m.body.to_vec(),
+            message_id: format!("{}.{}", m.message_id, self.nonce),
+            ack: "full",
+            content_type: Some(m.content_type.to_string()),
+            expiry_ms: m.ttl.map(|t| unix_ms() + t.as_millis() as u64),
+        };
+        match self.amqp.send_c2d(m.device_id, &msg).await {
+            Ok(()) => Sent::Accepted(unix_ms()),
+            Err(AmqpError::Rejected { condition, description })
+                if condition == "amqp:resource-limit-exceeded"
+                    || description.contains("DeviceMaximumQueueDepthExceeded") =>
+            {
+                Sent::QueueFull
+            }
+            Err(_) => Sent::Refused,
+        }
+    }
+
+    /// Telemetry the background reader collected since the last call.
+    pub fn telemetry(&mut self) -> Result<Vec<Telemetry>, RunError> {
+        drain(&mut self.telemetry, "reading the hub's telemetry (hub.http_url /emulator/telemetry)")
+    }
+
+    /// Feedback about this run's messages collected since the last call.
+    pub fn feedback(&mut self) -> Result<Vec<Feedback>, RunError> {
+        drain(&mut self.feedback, "receiving feedback over AMQP")
+    }
+
+    /// Which of `ids` report `appVersion` = `version` (twin queries, [`IDS_PER_QUERY`] ids each).
+    pub async fn reporting(&self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let list: Vec<String> = chunk.iter().map(|id| quote(id)).collect();
+            let cond = format!(
+                "deviceId IN [{}] AND properties.reported.appVersion = {}",
+                list.join(", "),
+                quote(version)
+            );
+            let found =
+                self.svc.device_ids(Some(&cond)).await.map_err(|e| setup(format!("twin query: {e}")))?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    /// Every device's reported `appVersion` (one query over all twins).
+    pub async fn app_versions(&self) -> Result<HashMap<String, String>, RunError> {
+        let items = self
+            .svc
+            .query_all("SELECT deviceId, properties.reported.appVersion AS v FROM devices")
+            .await
+            .map_err(|e| setup(format!("twin query: {e}")))?;
+        Ok(items
+            .iter()
+            .filter_map(|t| Some((t["deviceId"].as_str()?.to_string(), t["v"].as_str()?.to_string())))
+            .collect())
+    }
+
+    /// Stops the background readers (dropping the last AMQP handle closes the connection).
+    pub fn close(self) {}
+}
+
+/// A query string literal.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn drain<T>(rx: &mut mpsc::Receiver<Result<Vec<T>, String>>, what: &str) -> Result<Vec<T>, RunError> {
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(Ok(batch)) => out.extend(batch),
+            Ok(Err(e)) => return Err(setup(format!("{what}: {e}"))),
+            Err(mpsc::error::TryRecvError::Empty) => return Ok(out),
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                return Err(setup(format!("{what}: the reader stopped")));
+            }
+        }
+    }
+}
+
+/// Polls `GET {http_url}/health` until it answers 200, for at most [`HEALTH_WAIT`] (a hub
+/// container may still be starting).
+async fn wait_healthy(http: &reqwest::Client, http_url: &str) -> Result<(), RunError> {
+    let deadline = Instant::now() + HEALTH_WAIT;
+    let url = format!("{http_url}/health");
+    loop {
+        let last = match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("it answered {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(setup(format!(
+                "hub.http_url (--hub-http-url) {url}: no healthy answer within {HEALTH_WAIT:?}: {last}"
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Resolves `host:port` once and opens the AMQP service connection on the first address that
+/// accepts it (names such as `hub` in docker-compose, or `localhost` with IPv4 and IPv6).
+async fn connect_amqp(
+    host: &str,
+    port: u16,
+    ca_pem: &str,
+    svc: &ServiceClient,
+) -> Result<AmqpService, RunError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| {
+            setup(format!("AMQP: {host}:{port} (the connection string's HostName) does not resolve: {e}"))
+        })?
+        .collect();
+    let token = svc.token().map_err(setup)?;
+    let mut last = format!("{host} resolves to no address");
+    for addr in addrs {
+        let endpoint = AmqpEndpoint { addr, server_name: host.to_string(), ca_pem: ca_pem.to_string() };
+        match AmqpService::connect(&endpoint, host, &token).await {
+            Ok(a) => return Ok(a),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(setup(format!("AMQP at {host}:{port} (--hub-amqp-port): {last}")))
+}
+
+/// The sequence number of the newest telemetry message the hub holds (0 when none), so the run
+/// reads only what devices send from now on.
+async fn newest_sequence(http: &reqwest::Client, http_url: &str) -> Result<u64, RunError> {
+    let url = format!("{http_url}/emulator/telemetry?after=0&limit=10000");
+    let items = fetch_items(http, &url).await.map_err(|e| setup(format!("{url}: {e}")))?;
+    Ok(items.iter().filter_map(|m| m["sequenceNumber"].as_u64()).max().unwrap_or(0))
+}
+
+async fn fetch_items(http: &reqwest::Client, url: &str) -> Result<Vec<Value>, String> {
+    let resp = http.get(url).send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("the hub answered {}", resp.status()));
+    }
+    match resp.json::<Value>().await.map_err(|e| e.to_string())? {
+        Value::Array(items) => Ok(items),
+        other => Err(format!("not a JSON array: {other}")),
+    }
+}
+
+/// Long-polls the admin telemetry endpoint after `after`, forwarding JSON bodies; reports an error
+/// after [`TELEMETRY_RETRIES`] failures in a row and stops.
+async fn read_telemetry(
+    http: reqwest::Client,
+    http_url: String,
+    mut after: u64,
+    tx: mpsc::Sender<Result<Vec<Telemetry>, String>>,
+) {
+    let mut failures = 0;
+    loop {
+        let url = format!(
+            "{http_url}/emulator/telemetry?after={after}&limit={TELEMETRY_PAGE}&waitMs={TELEMETRY_WAIT_MS}"
+        );
+        let items = match fetch_items(&http, &url).await {
+            Ok(items) => {
+                failures = 0;
+                items
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= TELEMETRY_RETRIES {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        let mut batch = Vec::with_capacity(items.len());
+        for m in &items {
+            after = after.max(m["sequenceNumber"].as_u64().unwrap_or(after));
+            let (Some(device_id), Some(at), Some(body)) =
+                (m["deviceId"].as_str(), m["enqueuedTimeUtc"].as_str(), m["body"].as_str())
+            else {
+                continue;
+            };
+            if m["bodyEncoding"] != "utf-8" {
+                continue;
+            }
+            let (Some(enqueued_at), Ok(body)) =
+                (iothub_emulator::clock::parse_iso8601(at), serde_json::from_str::<Value>(body))
+            else {
+                continue;
+            };
+            batch.push(Telemetry { device_id: device_id.to_string(), enqueued_at, body });
+        }
+        if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Receives feedback over AMQP, keeping the records about this run's messages (`<id>.<nonce>`,
+/// the suffix removed); stops on the first error, which it forwards.
+async fn read_feedback(amqp: AmqpService, nonce: String, tx: mpsc::Sender<Result<Vec<Feedback>, String>>) {
+    let suffix = format!(".{nonce}");
+    loop {
+        let records = match amqp.receive_feedback(FEEDBACK_WAIT).await {
+            Ok(Some(records)) => records,
+            Ok(None) => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return;
+            }
+        };
+        let batch: Vec<Feedback> = records
+            .into_iter()
+            .filter_map(|r| {
+                let id = r.original_message_id.strip_suffix(&suffix)?;
+                Some(Feedback { status: r.status_code, original_message_id: id.to_string() })
+            })
+            .collect();
+        if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How many of the run's devices (`index`) the registry shows connected.
+pub async fn connected_devices(
+    svc: &ServiceClient,
+    index: &HashMap<String, usize>,
+) -> Result<usize, RunError> {
+    let items = svc
+        .query_all("SELECT deviceId FROM devices WHERE connectionState = 'Connected'")
+        .await
+        .map_err(|e| setup(format!("registry query: {e}")))?;
+    Ok(items.iter().filter(|t| t["deviceId"].as_str().is_some_and(|id| index.contains_key(id))).count())
+}
+
+/// Waits until every one of the run's devices is registered and connected (an external fleet's
+/// `fleet run` processes), polling the registry, for at most `limit`.
+pub async fn wait_for_fleet(
+    svc: &ServiceClient,
+    plan: &ScenarioPlan,
+    index: &HashMap<String, usize>,
+    limit: Duration,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), RunError> {
+    let n = index.len();
+    let ids = &plan.fleet.ids;
+    log(format!(
+        "waiting for an external fleet of {n} devices ({} .. {}), e.g. `fleet run --count {n} --id-pattern '{}' \
+         --initial-version {} --shard i/k` (one per shard)",
+        ids.id(0),
+        ids.id(n as u64 - 1),
+        ids.fleet_run_pattern(),
+        plan.fleet.initial_version
+    ));
+    let started = Instant::now();
+    let mut log_at = started + WAIT_LOG_EVERY;
+    loop {
+        let connected = connected_devices(svc, index).await?;
+        if connected >= n {
+            log(format!(
+                "external fleet: all {n} devices connected after {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(());
+        }
+        if started.elapsed() >= limit {
+            return Err(RunError::Mode {
+                key: "fleet.mode".into(),
+                why: format!(
+                    "only {connected} of the {n} devices ({} .. {}) were connected within time_limit ({limit:?}); \
+                     start them with `fleet run --count {n} --id-pattern '{}'`",
+                    ids.id(0),
+                    ids.id(n as u64 - 1),
+                    ids.fleet_run_pattern()
+                ),
+            });
+        }
+        if Instant::now() >= log_at {
+            log_at += WAIT_LOG_EVERY;
+            log(format!("external fleet: {connected}/{n} devices connected"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::parse_str;
+
+    const EVENTS: &str = "[fleet]\ndevices = 4\n[[event]]\nat = \"1s\"\naction = \"offline\"\nshare = 0.5\n\
+                          duration = \"2s\"\n[[event]]\nat = \"2s\"\naction = \"ftp-fault\"\nrate_limit = \"1KiB\"\n";
+
+    fn external(cs: &str) -> HubOverrides {
+        HubOverrides {
+            connection_string: Some(cs.into()),
+            ca_file: Some("ca.pem".into()),
+            http_url: Some("http://hub:8080".into()),
+            ..HubOverrides::default()
+        }
+    }
+
+    #[test]
+    fn the_connection_string_flag_makes_any_scenario_external() {
+        let mut plan =
+            parse_str("t.toml", "[hub]\nfeedback_interval = \"1s\"\n[fleet]\ndevices = 2\n").unwrap();
+        let o = HubOverrides {
+            packages_dir: Some("/data/packages".into()),
+            ftp_port: Some(2122),
+            ..external("cs")
+        };
+        o.apply(&mut plan).unwrap();
+        let HubPlan::External { connection_string, packages_dir, amqp_port, ftp_port, .. } = &plan.hub else {
+            panic!("still embedded")
+        };
+        assert_eq!(
+            (connection_string.as_str(), packages_dir.as_deref(), *amqp_port, *ftp_port),
+            ("cs", Some("/data/packages"), 5671, 2122)
+        );
+        assert!(!plan.fleet.external);
+        HubOverrides { fleet_external: true, ..HubOverrides::default() }.apply(&mut plan).unwrap();
+        assert!(plan.fleet.external);
+    }
+
+    #[test]
+    fn hub_flags_without_an_external_hub_are_errors_naming_the_flag() {
+        let mut plan = parse_str("t.toml", "[fleet]\ndevices = 2\n").unwrap();
+        let e = HubOverrides { connection_string: Some("cs".into()), ..HubOverrides::default() }
+            .apply(&mut plan)
+            .unwrap_err();
+        assert!(e.starts_with("--hub-ca: required"), "{e}");
+        let e = HubOverrides { mqtt_port: Some(1), ..HubOverrides::default() }.apply(&mut plan).unwrap_err();
+        assert!(
+            e.starts_with("--hub-mqtt-port (or IOTHUB_EMULATOR_HUB_MQTT_PORT): only for an external hub"),
+            "{e}"
+        );
+        let e = HubOverrides { amqp_port: Some(0), ..external("cs") }.apply(&mut plan).unwrap_err();
+        assert!(e.starts_with("--hub-amqp-port: 0 is not a port"), "{e}");
+    }
+
+    #[test]
+    fn each_mode_refuses_what_it_cannot_do_naming_the_key() {
+        let mut plan = parse_str("t.toml", EVENTS).unwrap();
+        assert!(check_modes(&plan).is_ok(), "embedded hub and fleet can do both");
+        plan.fleet.external = true;
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("fleet.mode: an external fleet needs an external hub"), "{e}");
+        external("cs").apply(&mut plan).unwrap();
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("event[0].action: 'offline' switches devices"), "{e}");
+        plan.fleet.external = false;
+        let e = check_modes(&plan).unwrap_err().to_string();
+        assert!(e.starts_with("event[1].action: 'ftp-fault' needs the embedded hub"), "{e}");
+    }
+}
