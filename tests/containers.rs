@@ -115,6 +115,7 @@ async fn c2d_reaches_a_rust_mqtt_client() -> Result<()> {
         message_id: message_id.clone(),
         ack: "none",
         content_type: None,
+        expiry_ms: None,
     };
     service.send_c2d(&id, &send).await?;
 
