@@ -76,10 +76,10 @@ async fn wait_for<T>(
             .await
             .with_context(|| format!("no {what} within {WAIT:?}"))?
             .with_context(|| format!("MQTT connection failed while waiting for {what}"))?;
-        if let Event::Incoming(packet) = event {
-            if let Some(found) = want(&packet) {
-                return Ok(found);
-            }
+        if let Event::Incoming(packet) = event
+            && let Some(found) = want(&packet)
+        {
+            return Ok(found);
         }
     }
 }
