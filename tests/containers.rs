@@ -17,6 +17,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use simulated_devices::amqp_client::{AmqpEndpoint, AmqpService};
 use simulated_devices::service_client::C2dSend;
 
+/// A non-default owner key (base64 of 32 bytes).
+const OWNER_KEY: &str = "Y29udGFpbmVyLXRlc3Qtb3duZXIta2V5LTMyLWJ5dGU=";
+
 /// How long a test waits for the MQTT events it expects.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -86,8 +89,21 @@ async fn wait_for<T>(
 
 async fn c2d_reaches_a_rust_mqtt_client() -> Result<()> {
     let id = unique("ctr");
-    let hub = IotHubEmulator::default().device(&id).run().await?;
-    let key = key_of(&hub.device_connection_string(&id).await?)?;
+    // A host name and owner key of our own: the seeding, the tokens below and the TLS names only
+    // work if both reached the container.
+    let hub = IotHubEmulator::default()
+        .hostname("iothub-under-test")
+        .owner_key(OWNER_KEY)
+        .device(&id)
+        .run()
+        .await?;
+    assert_eq!(
+        hub.service_connection_string(),
+        format!("HostName=iothub-under-test;SharedAccessKeyName=iothubowner;SharedAccessKey={OWNER_KEY}")
+    );
+    let device_cs = hub.device_connection_string(&id).await?;
+    assert!(device_cs.starts_with(&format!("HostName=iothub-under-test;DeviceId={id};")), "{device_cs}");
+    let key = key_of(&device_cs)?;
 
     let (client, mut eventloop) = mqtt_client(&hub, &id, &key)?;
     wait_for(&mut eventloop, "CONNACK", |p| match p {

@@ -18,6 +18,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Prefer `run` to starting the [`Image`] through testcontainers' `AsyncRunner`: without explicit
+//! bindings testcontainers publishes every port the image exposes, the 200 FTP passive ports too.
+//!
 //! This module owns no hub state: everything goes through the container's public ports.
 
 use std::borrow::Cow;
@@ -355,8 +358,8 @@ impl IotHubEmulatorContainer {
     }
 
     /// `host:port` of the FTP package server. Passive data connections go to the address the
-    /// server announces (the container's own IP, ports 50000–50199), which the Docker host
-    /// reaches directly on Linux.
+    /// server announces in `PASV` (the container's own IP, ports 50000–50199), which the Docker
+    /// host reaches directly on Linux; the client must dial that address, not this host.
     pub fn ftp_addr(&self) -> String {
         format!("{}:{}", self.host, self.ftp_port)
     }
