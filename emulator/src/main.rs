@@ -2,6 +2,7 @@
 //! until Ctrl-C or SIGTERM. `iothub-emulator healthcheck` instead asks a running hub's `/health`
 //! (for container health checks). Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -115,6 +116,8 @@ fn main() -> Result<ExitCode> {
                 .unwrap_or_else(|_| "info,libunftp=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: container logs (docker logs, compose) stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     iothub_emulator::sas::decode_key(&args.owner_key)
         .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
