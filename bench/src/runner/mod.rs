@@ -9,6 +9,7 @@
 pub mod external;
 pub mod hub_side;
 pub mod metrics;
+pub mod shards;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -32,6 +33,7 @@ use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target}
 use external::ExternalHub;
 use hub_side::{FleetSide, HubSide, Outgoing, Sent};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
+use shards::ShardedFleet;
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
@@ -190,15 +192,25 @@ async fn run_with_hub(
     let svc = hub.service_client()?;
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
-    let fleet = if plan.fleet.external {
-        external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
-        FleetSide::External(svc.clone())
-    } else {
+    let ramp = plan.fleet.connect_ramp.as_secs_f64();
+    let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    let shards = u64::from(plan.fleet.shards).min(n) as u32;
+    if !plan.fleet.external {
         fleet::seed(&svc, FLEET_KEY, &ids, 4)
             .await
             .map_err(|e| setup("seeding the registry")(e.to_string()))?;
-        let ramp = plan.fleet.connect_ramp.as_secs_f64();
-        let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    }
+    let fleet = if plan.fleet.external {
+        external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
+        FleetSide::External(svc.clone())
+    } else if shards > 1 {
+        let (link, initial) = (hub.link()?, &plan.fleet.initial_version);
+        let work = work_dir.join("shards");
+        let children =
+            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial).await?;
+        log(format!("fleet: {n} devices in {shards} shard processes"));
+        FleetSide::Shards(children, svc.clone())
+    } else {
         let (cfg, backend) = hub.fleet_config(
             ids.clone(),
             FLEET_KEY,
