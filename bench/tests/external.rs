@@ -253,3 +253,38 @@ success = 0
     assert_eq!(twin.pointer("/properties/reported/appVersion"), Some(&Value::from("1.0.0")), "{twin}");
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_processes_reach_an_external_hub_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(&dir.path().join("hub")).await;
+    let file = dir.path().join("sharded.toml");
+    std::fs::write(
+        &file,
+        r#"
+name = "sharded"
+time_limit = "60s"
+[fleet]
+devices = 4
+shards = 2
+id_pattern = "sh-{n}"
+[[package]]
+version = "2.0.0"
+size = "4KiB"
+[[event]]
+at = "500ms"
+action = "release"
+version = "2.0.0"
+[expect]
+final_version = "2.0.0"
+no_duplicate_installs = true
+[expect.feedback]
+success = 4
+"#,
+    )
+    .unwrap();
+    let (status, text) = testbench(&file, &dir.path().join("out"), &hub_flags(&hub)).await;
+    assert!(status.success(), "{text}");
+    assert!(text.contains("fleet: 4 devices in 2 shard processes"), "{text}");
+    hub.stop().await.unwrap();
+}
