@@ -6,12 +6,13 @@
 //! its read positions (telemetry sequence, feedback) and nothing else.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use iothub_emulator::ErrorCode;
-use iothub_emulator::c2d::{AckMode, C2dMessage};
-use iothub_emulator::server::RunningHub;
+use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
+use iothub_emulator::server::{ListenConfig, RunningHub};
+use iothub_emulator::{ErrorCode, HubConfig};
 use serde_json::Value;
 use simulated_devices::agent::{FtpBackend, tls_config};
 use simulated_devices::fleet::{Fleet, FleetConfig, Registration};
@@ -20,6 +21,7 @@ use simulated_devices::service_client::ServiceClient;
 use super::RunError;
 use super::external::ExternalHub;
 use super::shards::{ShardLink, ShardedFleet};
+use crate::scenario::plan::HubPlan;
 
 /// Telemetry messages read from an embedded hub per call.
 const TELEMETRY_BATCH: usize = 1000;
@@ -91,6 +93,29 @@ pub fn unix_ms() -> u64 {
 }
 
 impl HubSide {
+    /// Starts the embedded hub (every listener on a free loopback port, files under
+    /// `<work_dir>/hub`) or connects to the external one.
+    pub async fn start(plan: &HubPlan, work_dir: &Path) -> Result<Self, RunError> {
+        match *plan {
+            HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
+                let config = HubConfig {
+                    feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
+                    c2d: QueueConfig {
+                        default_ttl_ms: c2d_default_ttl.as_millis() as u64,
+                        ..QueueConfig::default()
+                    },
+                    ..HubConfig::default()
+                };
+                let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
+                    .await
+                    .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
+                Ok(Self::Embedded { hub: Box::new(hub), telemetry_after: 0 })
+            }
+            HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
+        }
+    }
+
     /// The embedded hub, for features that need in-process control (FTP faults).
     pub fn embedded(&self) -> Option<&RunningHub> {
         match self {

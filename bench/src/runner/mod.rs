@@ -13,14 +13,10 @@ pub mod shards;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use iothub_emulator::HubConfig;
-use iothub_emulator::c2d::QueueConfig;
-use iothub_emulator::server::{ListenConfig, RunningHub};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simulated_devices::fleet::{self, Fleet};
@@ -29,8 +25,7 @@ use simulated_devices::package::{self, Manifest, Release};
 use simulated_devices::service_client::ServiceClient;
 use tokio::time::Instant;
 
-use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target};
-use external::ExternalHub;
+use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target};
 use hub_side::{FleetSide, HubSide, Outgoing, Sent};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
 use shards::ShardedFleet;
@@ -157,24 +152,7 @@ pub async fn run(
     check_supported(&plan)?;
     let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir).map_err(|e| setup("work directory")(e.to_string()))?;
-    let hub = match plan.hub {
-        HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
-            let config = HubConfig {
-                feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
-                c2d: QueueConfig {
-                    default_ttl_ms: c2d_default_ttl.as_millis() as u64,
-                    ..QueueConfig::default()
-                },
-                ..HubConfig::default()
-            };
-            let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
-            let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
-                .await
-                .map_err(|e| setup("starting the hub")(e.to_string()))?;
-            HubSide::Embedded { hub: Box::new(hub), telemetry_after: 0 }
-        }
-        HubPlan::External { .. } => HubSide::External(Box::new(ExternalHub::connect(&plan.hub).await?)),
-    };
+    let hub = HubSide::start(&plan.hub, work_dir).await?;
     let result = run_with_hub(plan, hub, work_dir, Box::new(log)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
