@@ -484,6 +484,18 @@ async fn read_telemetry(
                 continue;
             }
         };
+        if let Some(first) = items.first().and_then(|m| m["sequenceNumber"].as_u64())
+            && first > after + 1
+        {
+            let lost = first - after - 1;
+            let _ = tx
+                .send(Err(format!(
+                    "{lost} messages left the hub's telemetry buffer before the runner read them, so \
+                     install events are missing (the runner fell behind)"
+                )))
+                .await;
+            return;
+        }
         let mut batch = Vec::with_capacity(items.len());
         for m in &items {
             after = after.max(m["sequenceNumber"].as_u64().unwrap_or(after));
