@@ -283,7 +283,7 @@ impl HubSide {
     }
 
     /// Which of `ids` have a twin reporting `appVersion` = `version`.
-    pub async fn reporting(&self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
+    pub async fn reporting(&mut self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
         match self {
             Self::Embedded { hub, .. } => Ok(ids
                 .iter()
