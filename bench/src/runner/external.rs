@@ -247,8 +247,12 @@ impl ExternalHub {
         let svc = ServiceClient::new(connection_string, &http_url, Some(&ca_pem))
             .map_err(|e| setup(format!("hub.connection_string (--hub-connection-string): {e}")))?;
         let host = svc.hub_host().to_string();
+        // The admin endpoints are on the plain HTTP port; trusting the CA also lets an https URL work.
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())
+            .map_err(|e| setup(format!("hub.ca_file (--hub-ca) {ca_file}: {e}")))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(TELEMETRY_WAIT_MS) + Duration::from_secs(30))
+            .add_root_certificate(ca)
             .build()
             .map_err(setup)?;
         wait_healthy(&http, &http_url).await?;
