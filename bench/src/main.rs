@@ -37,6 +37,9 @@ enum Command {
         #[command(flatten)]
         external: ExternalArgs,
     },
+    /// One shard of a fleet spread over processes (started by `run` for `fleet.shards > 1`).
+    #[command(name = "fleet-shard", hide = true)]
+    FleetShard(testbench::runner::shards::ShardArgs),
 }
 
 /// Pointing a run at a hub (and fleet) running elsewhere; each flag overrides the scenario.
@@ -147,6 +150,11 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run { file, devices, out, external } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(file, devices, out, external))
+        }
+        Command::FleetShard(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(testbench::runner::shards::serve(a)).map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -145,6 +145,16 @@ async fn quickstart_passes_with_a_fleet_run_by_two_other_shards() {
         };
         shards.push(Fleet::start(cfg, Arc::new(FtpBackend::new(ftp.clone()))).await);
     }
+    // `--initial-version`: before any install the shards' twins report the scenario's version.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let twin = svc.get_twin("fridge-19").await.unwrap();
+        if twin.pointer("/properties/reported/appVersion") == Some(&Value::from("1.0.0")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "fridge-19 never reported 1.0.0: {twin}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut flags = hub_flags(&hub);
     flags.push("--fleet-external".into());
     let (text, r) = run_testbench(&dir.path().join("out"), &flags).await;
@@ -199,4 +209,82 @@ async fn offline_events_are_refused_with_an_external_fleet() {
     let (status, text) = testbench(&file, &dir.path().join("out"), &flags).await;
     assert!(!status.success(), "{text}");
     assert!(text.contains("event[0].action: 'offline' switches devices"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_whose_ttl_passes_while_devices_are_off_expires_at_the_external_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(&dir.path().join("hub")).await;
+    let file = dir.path().join("ttl.toml");
+    std::fs::write(
+        &file,
+        r#"
+name = "ttl"
+time_limit = "60s"
+[fleet]
+devices = 2
+id_pattern = "ttl-{n}"
+[[package]]
+version = "2.0.0"
+size = "4KiB"
+[[event]]
+at = "0s"
+action = "offline"
+share = 1
+duration = "3s"
+[[event]]
+at = "500ms"
+action = "release"
+version = "2.0.0"
+ttl = "1s"
+[expect]
+final_version = "1.0.0"
+expired = 2
+[expect.feedback]
+expired = 2
+success = 0
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (status, text) = testbench(&file, &out, &hub_flags(&hub)).await;
+    assert!(status.success(), "{text}");
+    let twin = hub.hub.get_twin("ttl-0").unwrap();
+    assert_eq!(twin.pointer("/properties/reported/appVersion"), Some(&Value::from("1.0.0")), "{twin}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_processes_reach_an_external_hub_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(&dir.path().join("hub")).await;
+    let file = dir.path().join("sharded.toml");
+    std::fs::write(
+        &file,
+        r#"
+name = "sharded"
+time_limit = "60s"
+[fleet]
+devices = 4
+shards = 2
+id_pattern = "sh-{n}"
+[[package]]
+version = "2.0.0"
+size = "4KiB"
+[[event]]
+at = "500ms"
+action = "release"
+version = "2.0.0"
+[expect]
+final_version = "2.0.0"
+no_duplicate_installs = true
+[expect.feedback]
+success = 4
+"#,
+    )
+    .unwrap();
+    let (status, text) = testbench(&file, &dir.path().join("out"), &hub_flags(&hub)).await;
+    assert!(status.success(), "{text}");
+    assert!(text.contains("fleet: 4 devices in 2 shard processes"), "{text}");
+    hub.stop().await.unwrap();
 }

@@ -6,12 +6,13 @@
 //! its read positions (telemetry sequence, feedback) and nothing else.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use iothub_emulator::ErrorCode;
-use iothub_emulator::c2d::{AckMode, C2dMessage};
-use iothub_emulator::server::RunningHub;
+use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
+use iothub_emulator::server::{ListenConfig, RunningHub};
+use iothub_emulator::{ErrorCode, HubConfig};
 use serde_json::Value;
 use simulated_devices::agent::{FtpBackend, tls_config};
 use simulated_devices::fleet::{Fleet, FleetConfig, Registration};
@@ -19,11 +20,13 @@ use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
 use super::external::ExternalHub;
+use super::shards::{ShardLink, ShardedFleet};
+use crate::scenario::plan::HubPlan;
 
 /// Telemetry messages read from an embedded hub per call.
 const TELEMETRY_BATCH: usize = 1000;
 /// Installs (FTP sessions) at once across an in-process fleet.
-const MAX_CONCURRENT_INSTALLS: usize = 50;
+pub(crate) const MAX_CONCURRENT_INSTALLS: usize = 50;
 
 /// One D2C message whose body is JSON.
 #[derive(Debug, Clone)]
@@ -90,6 +93,29 @@ pub fn unix_ms() -> u64 {
 }
 
 impl HubSide {
+    /// Starts the embedded hub (every listener on a free loopback port, files under
+    /// `<work_dir>/hub`) or connects to the external one.
+    pub async fn start(plan: &HubPlan, work_dir: &Path) -> Result<Self, RunError> {
+        match *plan {
+            HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
+                let config = HubConfig {
+                    feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
+                    c2d: QueueConfig {
+                        default_ttl_ms: c2d_default_ttl.as_millis() as u64,
+                        ..QueueConfig::default()
+                    },
+                    ..HubConfig::default()
+                };
+                let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
+                    .await
+                    .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
+                Ok(Self::Embedded { hub: Box::new(hub), telemetry_after: 0 })
+            }
+            HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
+        }
+    }
+
     /// The embedded hub, for features that need in-process control (FTP faults).
     pub fn embedded(&self) -> Option<&RunningHub> {
         match self {
@@ -123,26 +149,19 @@ impl HubSide {
         ramp_per_sec: u32,
         initial_version: &str,
     ) -> Result<(FleetConfig, FtpBackend), RunError> {
-        let (hub_host, mqtt_host, mqtt_port, tls) = match self {
-            Self::Embedded { hub, .. } => {
-                let plain = hub
-                    .mqtt_plain_addr
-                    .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
-                (hub.hub.hostname().to_string(), plain.ip().to_string(), plain.port(), None)
-            }
-            Self::External(x) => {
-                let tls = tls_config(x.ca_pem()).map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))?;
-                (x.host().to_string(), x.host().to_string(), x.mqtt_port(), Some(tls))
-            }
+        let link = self.link()?;
+        let tls = match &link.ca_pem {
+            Some(pem) => Some(tls_config(pem).map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))?),
+            None => None,
         };
         let cfg = FleetConfig {
             device_ids: ids,
             fleet_key: fleet_key.into(),
             registration: Registration::Seeded,
             data_root,
-            hub_host,
-            mqtt_host,
-            mqtt_port,
+            hub_host: link.hub_host,
+            mqtt_host: link.mqtt_host,
+            mqtt_port: link.mqtt_port,
             tls,
             keep_alive: Duration::from_secs(60),
             ramp_per_sec,
@@ -152,6 +171,23 @@ impl HubSide {
             initial_version: Some(initial_version.to_string()),
         };
         Ok((cfg, FtpBackend::new(self.ftp_addr())))
+    }
+
+    /// Where agents connect: the embedded hub's plain MQTT listener, or an external hub's MQTT
+    /// over TLS at its host name; FTP at [`Self::ftp_addr`].
+    pub fn link(&self) -> Result<ShardLink, RunError> {
+        let (hub_host, mqtt_host, mqtt_port, ca_pem) = match self {
+            Self::Embedded { hub, .. } => {
+                let plain = hub
+                    .mqtt_plain_addr
+                    .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
+                (hub.hub.hostname().to_string(), plain.ip().to_string(), plain.port(), None)
+            }
+            Self::External(x) => {
+                (x.host().to_string(), x.host().to_string(), x.mqtt_port(), Some(x.ca_pem().to_string()))
+            }
+        };
+        Ok(ShardLink { hub_host, mqtt_host, mqtt_port, ca_pem, ftp_addr: self.ftp_addr() })
     }
 
     /// The directory the hub's FTP server serves packages from.
@@ -247,7 +283,7 @@ impl HubSide {
     }
 
     /// Which of `ids` have a twin reporting `appVersion` = `version`.
-    pub async fn reporting(&self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
+    pub async fn reporting(&mut self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
         match self {
             Self::Embedded { hub, .. } => Ok(ids
                 .iter()
@@ -294,14 +330,19 @@ pub enum FleetSide {
     InProcess(Fleet),
     /// `fleet run` processes elsewhere; seen only through the registry (`connectionState`).
     External(ServiceClient),
+    /// Child processes of the runner (`fleet.shards > 1`), switched through their stdin and seen
+    /// through the registry.
+    Shards(ShardedFleet, ServiceClient),
 }
 
 impl FleetSide {
     /// Switches device `index` off or on. An external fleet cannot be switched: the runner
     /// refuses such events before it starts ([`super::external::check_modes`]).
     pub fn set_power(&self, index: usize, on: bool) {
-        if let Self::InProcess(f) = self {
-            f.set_power(index, on);
+        match self {
+            Self::InProcess(f) => f.set_power(index, on),
+            Self::Shards(s, _) => s.set_power(index, on),
+            Self::External(_) => {}
         }
     }
 
@@ -309,7 +350,7 @@ impl FleetSide {
     pub fn in_process(&self) -> Option<&Fleet> {
         match self {
             Self::InProcess(f) => Some(f),
-            Self::External(_) => None,
+            Self::External(_) | Self::Shards(..) => None,
         }
     }
 
@@ -317,14 +358,18 @@ impl FleetSide {
     pub async fn connected(&self, index: &HashMap<String, usize>) -> Result<usize, RunError> {
         match self {
             Self::InProcess(f) => Ok(f.connected()),
-            Self::External(svc) => super::external::connected_devices(svc, index).await,
+            Self::External(svc) | Self::Shards(_, svc) => {
+                super::external::connected_devices(svc, index).await
+            }
         }
     }
 
     /// Stops in-process agents; an external fleet keeps running.
     pub async fn stop(self) {
-        if let Self::InProcess(f) = self {
-            f.stop().await;
+        match self {
+            Self::InProcess(f) => f.stop().await,
+            Self::Shards(s, _) => s.stop().await,
+            Self::External(_) => {}
         }
     }
 }

@@ -9,17 +9,14 @@
 pub mod external;
 pub mod hub_side;
 pub mod metrics;
+pub mod shards;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use iothub_emulator::HubConfig;
-use iothub_emulator::c2d::QueueConfig;
-use iothub_emulator::server::{ListenConfig, RunningHub};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simulated_devices::fleet::{self, Fleet};
@@ -28,10 +25,10 @@ use simulated_devices::package::{self, Manifest, Release};
 use simulated_devices::service_client::ServiceClient;
 use tokio::time::Instant;
 
-use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target};
-use external::ExternalHub;
+use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target};
 use hub_side::{FleetSide, HubSide, Outgoing, Sent};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
+use shards::ShardedFleet;
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
@@ -155,24 +152,7 @@ pub async fn run(
     check_supported(&plan)?;
     let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir).map_err(|e| setup("work directory")(e.to_string()))?;
-    let hub = match plan.hub {
-        HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
-            let config = HubConfig {
-                feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
-                c2d: QueueConfig {
-                    default_ttl_ms: c2d_default_ttl.as_millis() as u64,
-                    ..QueueConfig::default()
-                },
-                ..HubConfig::default()
-            };
-            let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
-            let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
-                .await
-                .map_err(|e| setup("starting the hub")(e.to_string()))?;
-            HubSide::Embedded { hub: Box::new(hub), telemetry_after: 0 }
-        }
-        HubPlan::External { .. } => HubSide::External(Box::new(ExternalHub::connect(&plan.hub).await?)),
-    };
+    let hub = HubSide::start(&plan.hub, work_dir).await?;
     let result = run_with_hub(plan, hub, work_dir, Box::new(log)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
@@ -190,15 +170,25 @@ async fn run_with_hub(
     let svc = hub.service_client()?;
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
-    let fleet = if plan.fleet.external {
-        external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
-        FleetSide::External(svc.clone())
-    } else {
+    let ramp = plan.fleet.connect_ramp.as_secs_f64();
+    let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    let shards = u64::from(plan.fleet.shards).min(n) as u32;
+    if !plan.fleet.external {
         fleet::seed(&svc, FLEET_KEY, &ids, 4)
             .await
             .map_err(|e| setup("seeding the registry")(e.to_string()))?;
-        let ramp = plan.fleet.connect_ramp.as_secs_f64();
-        let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    }
+    let fleet = if plan.fleet.external {
+        external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
+        FleetSide::External(svc.clone())
+    } else if shards > 1 {
+        let (link, initial) = (hub.link()?, &plan.fleet.initial_version);
+        let work = work_dir.join("shards");
+        let children =
+            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial).await?;
+        log(format!("fleet: {n} devices in {shards} shard processes"));
+        FleetSide::Shards(children, svc.clone())
+    } else {
         let (cfg, backend) = hub.fleet_config(
             ids.clone(),
             FLEET_KEY,
