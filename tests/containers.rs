@@ -210,3 +210,88 @@ async fn hub_container_with_the_node_device_mqtt_sdk_on_the_mapped_port() {
     let _ = std::fs::remove_file(&ca_file);
     result.unwrap();
 }
+
+/// Removes a container started with the docker CLI, also when the test fails.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "--force", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// What the README suggests for clients that dial fixed ports: put them in a container on the hub's
+/// network. A `fleet run` container reaches the hub by its container name (REST seeding, MQTT over
+/// TLS to the unmapped 8883 with `HostName=<name>`), and the device shows up connected.
+async fn a_fleet_container_reaches_the_hub_by_name() -> Result<()> {
+    let network = unique("iot-net");
+    let name = unique("hub");
+    let hub = IotHubEmulator::default().network(&network).container_name(&name).hostname(&name).run().await?;
+    let ca_file = std::env::temp_dir().join(format!("{}.pem", unique("container-ca")));
+    std::fs::write(&ca_file, hub.ca_pem())?;
+    let prefix = unique("net");
+    let out = std::process::Command::new("docker")
+        .args(["run", "--detach", "--network", &network])
+        .arg("--volume")
+        .arg(format!("{}:/ca.pem:ro", ca_file.display()))
+        .arg(format!("{IMAGE_NAME}-fleet:{IMAGE_TAG}"))
+        .args(["fleet", "run", "--count", "1", "--ca-file", "/ca.pem"])
+        .arg(format!("--id-pattern={prefix}-{{n}}"))
+        .arg(format!("--connection-string={}", hub.service_connection_string()))
+        .arg(format!("--service-endpoint=http://{name}:8080"))
+        .arg(format!("--mqtt-host={name}"))
+        .arg(format!("--ftp-addr={name}:2121"))
+        .output()?;
+    if !out.status.success() {
+        bail!("docker run of the fleet image failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let fleet = RemoveOnDrop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let id = format!("{prefix}-0");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    let result = loop {
+        let resp = http
+            .get(format!("{}/devices/{id}?api-version=2021-04-12", hub.http_url()))
+            .header("authorization", hub.owner_token())
+            .send()
+            .await?;
+        let device: serde_json::Value =
+            if resp.status() == 200 { resp.json().await? } else { serde_json::Value::Null };
+        if device["connectionState"] == "Connected" {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            let logs = std::process::Command::new("docker").args(["logs", &fleet.0]).output()?;
+            break Err(anyhow::anyhow!(
+                "{id} not connected within {WAIT:?} (registry: {device}); fleet container says:\n{}{}",
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(fleet);
+    let _ = std::fs::remove_file(&ca_file);
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_container_on_the_hub_network_connects_by_the_hub_container_name() {
+    let test = "a_fleet_container_on_the_hub_network_connects_by_the_hub_container_name";
+    if !can_run(test) {
+        return;
+    }
+    let fleet_image = format!("{IMAGE_NAME}-fleet:{IMAGE_TAG}");
+    if let Some(why) = container_unavailable(&fleet_image) {
+        if container_tests_required() {
+            panic!("IOTHUB_CONTAINER_TESTS=required but {why}");
+        }
+        eprintln!("skipped {test}: {why}");
+        return;
+    }
+    a_fleet_container_reaches_the_hub_by_name().await.unwrap();
+}
