@@ -295,3 +295,14 @@ async fn a_fleet_container_on_the_hub_network_connects_by_the_hub_container_name
     }
     a_fleet_container_reaches_the_hub_by_name().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_an_error_that_says_how_to_build_it() {
+    if !can_run("a_missing_image_is_an_error_that_says_how_to_build_it") {
+        return;
+    }
+    let tag = unique("no-such-tag");
+    let err = IotHubEmulator::default().tag(&tag).run().await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&format!("{IMAGE_NAME}:{tag}")) && text.contains("docker/build.sh"), "{text}");
+}

@@ -73,7 +73,7 @@ pub enum Error {
     Config(String),
     /// Docker refused or the hub never got ready (a missing image shows up here: build it with
     /// `docker/build.sh`).
-    #[error("starting {image}: {source}")]
+    #[error("starting {image} (a local image: build it with docker/build.sh): {source}")]
     Start {
         /// `name:tag`.
         image: String,
