@@ -11,11 +11,12 @@
 #
 # Why dynamic binaries plus the libraries they load, not `-C target-feature=+crt-static`: a static
 # glibc build needs `--target x86_64-unknown-linux-gnu`, a second full build of every dependency
-# into its own directory (minutes on two cores, on every CI run), whereas copying the loader and
-# the four libraries `ldd` lists reuses the binaries cargo already built, in any profile. It is also
-# the more robust choice for name lookups: a static glibc still dlopen()s NSS modules for
+# into its own directory (minutes on two cores, on every CI run), whereas copying what `ldd` lists
+# (the loader, libc, libm, libgcc_s) reuses the binaries cargo already built, in any profile. It
+# is also the more robust choice for name lookups: a static glibc still dlopen()s NSS modules for
 # getaddrinfo (and warns so at link time), while the dynamic binary resolves compose service names
-# such as `hub` through the glibc it was linked against, copied unchanged into the image.
+# such as `hub` through the glibc it was linked against, copied unchanged into the image (the
+# compose smoke test and tests/containers.rs depend on that lookup).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
