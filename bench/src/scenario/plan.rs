@@ -154,6 +154,8 @@ pub enum Action {
         count: u32,
         /// Time between flaps.
         interval: Duration,
+        /// Whether running FTP downloads are cut too.
+        ftp: bool,
     },
     /// Switch FTP fault knobs on.
     FtpFault {
@@ -517,7 +519,7 @@ fn allowed_keys(action: &str) -> &'static [&'static str] {
     match action {
         "release" => &["version", "ttl", "target"],
         "offline" => &["target", "share", "duration"],
-        "link-flap" => &["target", "share", "count", "interval"],
+        "link-flap" => &["target", "share", "count", "interval", "ftp"],
         "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "lasting"],
         "send" => &["target", "count", "body", "ttl"],
         _ => &[],
@@ -533,6 +535,7 @@ fn set_keys(e: &RawEvent) -> Vec<&'static str> {
         ("duration", e.duration.is_some()),
         ("count", e.count.is_some()),
         ("interval", e.interval.is_some()),
+        ("ftp", e.ftp.is_some()),
         ("rate_limit", e.rate_limit.is_some()),
         ("drop_after", e.drop_after.is_some()),
         ("refuse_logins", e.refuse_logins.is_some()),
@@ -592,6 +595,7 @@ fn event(
             share: cx.share(&key("share"), e.share.unwrap_or(1.0))?,
             count: e.count.unwrap_or(1).max(1),
             interval: cx.opt_duration(&key("interval"), &e.interval)?.unwrap_or(Duration::from_secs(1)),
+            ftp: e.ftp.unwrap_or(true),
         },
         "ftp-fault" => {
             let refuse = e.refuse_logins.map(|r| cx.share(&key("refuse_logins"), r)).transpose()?;

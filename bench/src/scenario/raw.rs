@@ -117,6 +117,8 @@ pub struct RawEvent {
     pub count: Option<u32>,
     /// link-flap: time between flaps.
     pub interval: Option<String>,
+    /// link-flap: also cut the devices' FTP connections (default true).
+    pub ftp: Option<bool>,
     /// ftp-fault: bytes per second (`"64KiB"`).
     pub rate_limit: Option<String>,
     /// ftp-fault: drop data connections after this many bytes.
