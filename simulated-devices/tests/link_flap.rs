@@ -31,9 +31,10 @@ struct Setup {
 async fn start(devices: usize) -> Setup {
     let work = tempfile::tempdir().unwrap();
     let config = HubConfig { feedback_batch_interval_ms: 100, ..HubConfig::default() };
-    let hub = RunningHub::start(config, &ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST)), work.path())
-        .await
-        .unwrap();
+    let hub =
+        RunningHub::start(config, &ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST)), work.path())
+            .await
+            .unwrap();
     let ids: Vec<String> = (0..devices).map(|i| format!("flap-{i}")).collect();
     let svc = ServiceClient::new(
         &hub.owner_connection_string(),
@@ -139,8 +140,10 @@ async fn a_notice_whose_puback_was_lost_is_redelivered_once_and_installed_once()
     s.notify(0, &release, "notice-0");
     s.notify(1, &release, "notice-1");
 
-    eventually("both devices to install", Duration::from_secs(20), || fleet.installs(0) + fleet.installs(1) == 2)
-        .await;
+    eventually("both devices to install", Duration::from_secs(20), || {
+        fleet.installs(0) + fleet.installs(1) == 2
+    })
+    .await;
     eventually("device 0 to reconnect", Duration::from_secs(10), || fleet.connected() == 2).await;
     assert_eq!(fleet.link_drops(0), 1, "device 0's link dropped once");
     assert_eq!(fleet.link_drops(1), 0);

@@ -48,7 +48,11 @@ pub fn group_ranges(groups: &[Group], n: usize) -> Vec<(&str, Range<usize>)> {
 
 /// Writes `tags.group` into the twin of every device in a group (bulk `updateTwin`, 100 devices
 /// per request).
-pub(super) async fn tag_groups(svc: &ServiceClient, groups: &[Group], ids: &[String]) -> Result<(), RunError> {
+pub(super) async fn tag_groups(
+    svc: &ServiceClient,
+    groups: &[Group],
+    ids: &[String],
+) -> Result<(), RunError> {
     let tagged: Vec<(String, Value)> = group_ranges(groups, ids.len())
         .into_iter()
         .flat_map(|(name, range)| ids[range].iter().map(move |id| (id.clone(), json!({"group": name}))))
@@ -247,11 +251,7 @@ fn needed(share: f64, n: usize) -> u64 {
 impl Run {
     /// Advances the rollout: starts the first phase at `rollout.at`, checks the running phase's
     /// gate and starts the next one as soon as it is met.
-    pub(super) async fn step_rollout(
-        &mut self,
-        svc: &ServiceClient,
-        now: Duration,
-    ) -> Result<(), RunError> {
+    pub(super) async fn step_rollout(&mut self, svc: &ServiceClient, now: Duration) -> Result<(), RunError> {
         loop {
             let Some(rollout) = &self.obs.rollout else { return Ok(()) };
             if rollout.done() || now < rollout.at {
@@ -276,7 +276,12 @@ impl Run {
                         .into_iter()
                         .filter(|d| !earlier.contains(d))
                         .collect();
-                    self.say(format!("rollout phase {} ({}): {} devices", phase.name, phase.condition, targets.len()));
+                    self.say(format!(
+                        "rollout phase {} ({}): {} devices",
+                        phase.name,
+                        phase.condition,
+                        targets.len()
+                    ));
                     let r = self.notify(&version, None, &targets, now)?;
                     let p = &mut self.rollout_mut().phases[i];
                     p.release = Some(r);
