@@ -531,6 +531,20 @@ mod tests {
     }
 
     #[test]
+    fn seen_ids_remember_the_last_few_message_ids() {
+        let mut seen = SeenIds::default();
+        assert!(!seen.contains("m0"));
+        for i in 0..SEEN_IDS {
+            seen.insert(&format!("m{i}"));
+        }
+        assert!((0..SEEN_IDS).all(|i| seen.contains(&format!("m{i}"))));
+        assert!(!seen.contains("other"));
+        seen.insert("newest");
+        assert!(seen.contains("newest") && !seen.contains("m0"), "the oldest is forgotten first");
+        assert!(seen.contains("m1"));
+    }
+
+    #[test]
     fn data_dirs_are_per_device_and_path_safe() {
         let root = Path::new("/r");
         assert_eq!(data_dir(root, "dev-1"), Path::new("/r/dev-1"));
