@@ -165,7 +165,7 @@ fn a_gate_met_by_the_canary_releases_to_the_rest_through_the_twin_tags() {
 }
 
 #[test]
-fn an_ftp_fault_refusing_every_login_lifts_after_lasting_and_installs_complete() {
+fn ftp_faults_refusing_every_login_then_every_session_lift_after_lasting_and_installs_complete() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
         dir.path(),
@@ -183,7 +183,12 @@ size = "16KiB"
 at = "500ms"
 action = "ftp-fault"
 refuse_logins = 1.0
-lasting = "2s"
+lasting = "1s"
+[[event]]
+at = "1500ms"
+action = "ftp-fault"
+refuse_sessions = 1.0
+lasting = "1s"
 [[event]]
 at = "1s"
 action = "release"
@@ -198,9 +203,10 @@ failed = 0
     let o = run(&file, &out, &[]);
     let all = text(&o);
     assert!(o.status.success(), "{all}");
-    assert!(all.contains(r#""refuseLoginShare":1.0"#) && all.contains("ftp-fault: cleared"), "{all}");
+    assert!(all.contains(r#""refuseLoginShare":1.0"#) && all.contains(r#""busyShare":1.0"#), "{all}");
+    assert_eq!(all.matches("ftp-fault: cleared").count(), 1, "the second fault replaced the first: {all}");
     let r = report(&out);
-    // Every login was refused until 2.5 s: no device could install before the fault lifted.
+    // Every login, then every session, was refused until 2.5 s: no device could install before.
     let min_install = r["releases"][0]["devices"]
         .as_object()
         .unwrap()

@@ -75,14 +75,17 @@ impl Run {
         rate_limit: Option<u64>,
         drop_after: Option<u64>,
         refuse_logins: Option<f64>,
+        refuse_sessions: Option<f64>,
         lasting: Option<Duration>,
         at: Duration,
     ) {
+        let ppm = |share: Option<f64>| share.map_or(0, |s| (s * 1_000_000.0).round() as u32);
         let settings = FaultSettings {
             bytes_per_second: rate_limit,
             drop_after_bytes: drop_after,
             drop_times: None,
-            refuse_login_ppm: refuse_logins.map_or(0, |s| (s * 1_000_000.0).round() as u32),
+            refuse_login_ppm: ppm(refuse_logins),
+            busy_ppm: ppm(refuse_sessions),
         };
         self.hub.ftp_faults.set(settings);
         self.faults.ftp_clear_at = lasting.map(|l| at + l);

@@ -375,8 +375,8 @@ impl Run {
                 let targets = self.targets(target, svc).await?;
                 self.link_flap(&targets, *share, *count, *interval, *ftp, at);
             }
-            Action::FtpFault { rate_limit, drop_after, refuse_logins, lasting } => {
-                self.ftp_fault(*rate_limit, *drop_after, *refuse_logins, *lasting, at);
+            Action::FtpFault { rate_limit, drop_after, refuse_logins, refuse_sessions, lasting } => {
+                self.ftp_fault(*rate_limit, *drop_after, *refuse_logins, *refuse_sessions, *lasting, at);
             }
         }
         Ok(())

@@ -165,6 +165,8 @@ pub enum Action {
         drop_after: Option<u64>,
         /// Share of logins refused.
         refuse_logins: Option<f64>,
+        /// Share of sessions turned away with `421` (a busy server).
+        refuse_sessions: Option<f64>,
         /// How long (until the end when absent).
         lasting: Option<Duration>,
     },
@@ -520,7 +522,7 @@ fn allowed_keys(action: &str) -> &'static [&'static str] {
         "release" => &["version", "ttl", "target"],
         "offline" => &["target", "share", "duration"],
         "link-flap" => &["target", "share", "count", "interval", "ftp"],
-        "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "lasting"],
+        "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "refuse_sessions", "lasting"],
         "send" => &["target", "count", "body", "ttl"],
         _ => &[],
     }
@@ -539,6 +541,7 @@ fn set_keys(e: &RawEvent) -> Vec<&'static str> {
         ("rate_limit", e.rate_limit.is_some()),
         ("drop_after", e.drop_after.is_some()),
         ("refuse_logins", e.refuse_logins.is_some()),
+        ("refuse_sessions", e.refuse_sessions.is_some()),
         ("lasting", e.lasting.is_some()),
         ("body", e.body.is_some()),
     ];
@@ -599,16 +602,25 @@ fn event(
         },
         "ftp-fault" => {
             let refuse = e.refuse_logins.map(|r| cx.share(&key("refuse_logins"), r)).transpose()?;
+            let busy = e.refuse_sessions.map(|r| cx.share(&key("refuse_sessions"), r)).transpose()?;
             let fault = Action::FtpFault {
                 rate_limit: e.rate_limit.as_deref().map(|s| cx.size(&key("rate_limit"), s)).transpose()?,
                 drop_after: e.drop_after.as_deref().map(|s| cx.size(&key("drop_after"), s)).transpose()?,
                 refuse_logins: refuse,
+                refuse_sessions: busy,
                 lasting: cx.opt_duration(&key("lasting"), &e.lasting)?,
             };
-            if let Action::FtpFault { rate_limit: None, drop_after: None, refuse_logins: None, .. } = fault {
+            if let Action::FtpFault {
+                rate_limit: None,
+                drop_after: None,
+                refuse_logins: None,
+                refuse_sessions: None,
+                ..
+            } = fault
+            {
                 return Err(cx.err(
                     key("action"),
-                    "an ftp-fault needs at least one of rate_limit, drop_after, refuse_logins",
+                    "an ftp-fault needs at least one of rate_limit, drop_after, refuse_logins, refuse_sessions",
                 ));
             }
             fault

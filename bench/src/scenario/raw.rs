@@ -125,6 +125,8 @@ pub struct RawEvent {
     pub drop_after: Option<String>,
     /// ftp-fault: share of logins refused.
     pub refuse_logins: Option<f64>,
+    /// ftp-fault: share of FTP sessions turned away with `421` at connect.
+    pub refuse_sessions: Option<f64>,
     /// ftp-fault: how long the fault lasts (until the end when absent).
     pub lasting: Option<String>,
     /// send: the message body (plain text).
