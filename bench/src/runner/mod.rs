@@ -2,8 +2,9 @@
 //! simulated fleet in this process, builds the scenario's packages, plays the timeline
 //! (`release`, `offline`, `send`; the faults in [`events`]; the phased rollout in [`rollout`])
 //! deterministically under the seed, observes the hub (install telemetry, feedback, twins) into
-//! [`metrics::Observed`] and stops once every targeted device is final or `time_limit` passes. It owns the run's hub, fleet and work directory; the hub's state
-//! stays owned by the [`iothub_emulator::Hub`].
+//! [`metrics::Observed`] and stops once every targeted device is final or `time_limit` passes.
+//! It owns the run's hub, fleet and work directory; the hub's state stays owned by the
+//! [`iothub_emulator::Hub`].
 
 pub mod events;
 pub mod metrics;

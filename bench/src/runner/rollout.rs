@@ -360,6 +360,23 @@ mod tests {
     }
 
     #[test]
+    fn scaled_counts_match_the_group_and_offline_sizes_they_stand_for() {
+        // ttl-expiry's shape: the 20% group "sleepy" stays offline past the TTL, so `expired` is
+        // that group's size and `success` the other releases' notices.
+        let text = "[fleet]\ndevices = 200\n[[fleet.group]]\nname = \"sleepy\"\nshare = 0.2\n\
+                    [expect]\nexpired = 40\n[expect.feedback]\nsuccess = 360\n";
+        for n in 1..=60u64 {
+            let mut plan = crate::scenario::parse_str("t.toml", text).unwrap();
+            super::super::scale_devices(&mut plan, n);
+            let sleepy = group_range(&plan.fleet.groups, "sleepy", n as usize).len() as u64;
+            assert_eq!(plan.expect.expired, Some(sleepy), "{n} devices");
+            assert_eq!(plan.expect.feedback.success, Some(2 * n - sleepy), "{n} devices");
+            // An offline share of 0.2 of the whole fleet picks as many devices.
+            assert_eq!(super::super::events::share_of(n as usize, 0.2) as u64, sleepy, "{n} devices");
+        }
+    }
+
+    #[test]
     fn the_gate_needs_the_rounded_up_share() {
         assert_eq!(needed(0.95, 20), 19);
         assert_eq!(needed(0.95, 1), 1);
