@@ -292,7 +292,8 @@ async fn fault_admin_api_reads_validates_and_writes() {
             bytes_per_second: Some(50000),
             drop_after_bytes: Some(10),
             drop_times: Some(2),
-            refuse_login_ppm: 0
+            refuse_login_ppm: 0,
+            busy_ppm: 0,
         }
     );
     let https = hub.client.get(format!("{}/emulator/ftp/faults", hub.https_url())).send().await.unwrap();

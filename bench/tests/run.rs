@@ -134,26 +134,6 @@ success = 6
 }
 
 #[test]
-fn features_not_built_yet_are_refused_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = write(
-        dir.path(),
-        "flap.toml",
-        r#"
-[fleet]
-devices = 2
-[[event]]
-at = "1s"
-action = "link-flap"
-"#,
-    );
-    let o = run(&file, &dir.path().join("out"), &[]);
-    let all = text(&o);
-    assert!(!o.status.success());
-    assert!(all.contains("event[0].action: 'link-flap' is not supported yet by `testbench run`"), "{all}");
-}
-
-#[test]
 fn a_where_target_releases_to_the_matching_devices_only() {
     let dir = tempfile::tempdir().unwrap();
     let rest = "[expect]\nfinal_version = \"2.0.0\"\n[expect.feedback]\nsuccess = 1\n";

@@ -2,8 +2,11 @@
 //! per-device keys and data directories, the connection ramp, the cap on concurrent installs, and
 //! one power switch per agent that the bench or the scenario runner flips programmatically.
 //!
+//! Besides power, the switch carries link faults ([`Fleet::flap_link`]): the agent drops its MQTT
+//! socket without DISCONNECT (and optionally its FTP connections) and reconnects by itself.
+//!
 //! Cost per agent: one tokio task (parked on its power switch while off), one `watch` channel,
-//! an [`AgentStatus`] of three atomics, and while connected one MQTT event loop (buffers sized in
+//! an [`AgentStatus`] of five atomics, and while connected one MQTT event loop (buffers sized in
 //! [`crate::agent`]). No thread and no timer per agent.
 //!
 //! Identities: every device key is `derive_key(fleet_key, device_id)` (HMAC-SHA256, like DPS group
@@ -21,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{self, AgentConfig, AgentStatus, InstallBackend};
+use crate::agent::{self, AgentConfig, AgentStatus, InstallBackend, Switch};
 use crate::service_client::{BULK_MAX_DEVICES, DeviceIdentity, ServiceClient, ServiceError};
 
 /// Errors in fleet settings.
@@ -188,7 +191,7 @@ pub struct FleetConfig {
 
 struct AgentHandle {
     device_id: String,
-    power: watch::Sender<bool>,
+    power: watch::Sender<Switch>,
     status: Arc<AgentStatus>,
 }
 
@@ -214,7 +217,7 @@ impl Fleet {
             if let Some(gap) = ramp_gap {
                 tokio::time::sleep_until(started + gap * i as u32).await;
             }
-            let (power, power_rx) = watch::channel(true);
+            let (power, power_rx) = watch::channel(Switch::on());
             let status = Arc::new(AgentStatus::default());
             let agent_cfg = AgentConfig {
                 device_id: device_id.clone(),
@@ -265,8 +268,42 @@ impl Fleet {
     /// like a power cut) or back on (it boots from what is on disk and reconnects).
     pub fn set_power(&self, index: usize, on: bool) {
         if let Some(a) = self.agents.get(index) {
-            a.power.send_replace(on);
+            a.power.send_modify(|s| s.on = on);
         }
+    }
+
+    /// Drops agent `index`'s network link: its MQTT socket closes without DISCONNECT (messages
+    /// delivered but not yet acknowledged go back to the hub's queue) and, with `ftp`, a running
+    /// download's FTP connections close too. The agent keeps its state and running install and
+    /// reconnects after its normal backoff. Ignored while the agent is off.
+    pub fn flap_link(&self, index: usize, ftp: bool) {
+        if let Some(a) = self.agents.get(index) {
+            a.power.send_modify(|s| {
+                s.link_drops = s.link_drops.wrapping_add(1);
+                if ftp {
+                    s.ftp_cuts = s.ftp_cuts.wrapping_add(1);
+                }
+            });
+        }
+    }
+
+    /// Drops agent `index`'s MQTT link when the next new C2D message arrives, after the agent
+    /// saved and acted on it but before its PUBACK goes out: the worst moment, which makes the
+    /// hub deliver the message again. Deterministic, for tests of redelivery.
+    pub fn drop_link_before_next_ack(&self, index: usize) {
+        if let Some(a) = self.agents.get(index) {
+            a.power.send_modify(|s| s.drops_before_ack = s.drops_before_ack.wrapping_add(1));
+        }
+    }
+
+    /// C2D messages agent `index` received again after having saved them (redeliveries).
+    pub fn duplicate_deliveries(&self, index: usize) -> u32 {
+        self.agents.get(index).map_or(0, |a| a.status.duplicate_deliveries.load(Ordering::Relaxed))
+    }
+
+    /// Link drops agent `index` carried out (a link was up when asked).
+    pub fn link_drops(&self, index: usize) -> u32 {
+        self.agents.get(index).map_or(0, |a| a.status.link_drops.load(Ordering::Relaxed))
     }
 
     /// How many agents have an MQTT session up.

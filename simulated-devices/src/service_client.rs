@@ -222,17 +222,41 @@ impl ServiceClient {
                 })
             })
             .collect();
-        let req = self.request(Method::POST, "/devices")?.json(&body);
-        let resp = match Self::send(OP, req).await {
+        self.bulk(OP, &body).await
+    }
+
+    /// Merges `tags` into each device's twin in bulk (`POST /devices`, `importMode: updateTwin`),
+    /// [`BULK_MAX_DEVICES`] at most per call: `(device id, tags object)`.
+    pub async fn bulk_update_tags(&self, devices: &[(String, Value)]) -> Result<(), ServiceError> {
+        const OP: &str = "bulk twin tags";
+        if devices.is_empty() {
+            return Ok(());
+        }
+        if devices.len() > BULK_MAX_DEVICES {
+            return Err(ServiceError::Protocol {
+                op: OP,
+                reason: format!("{} devices in one call; the limit is {BULK_MAX_DEVICES}", devices.len()),
+            });
+        }
+        let body: Vec<Value> = devices
+            .iter()
+            .map(|(id, tags)| json!({"id": id, "importMode": "updateTwin", "tags": tags}))
+            .collect();
+        self.bulk(OP, &body).await
+    }
+
+    async fn bulk(&self, op: &'static str, body: &[Value]) -> Result<(), ServiceError> {
+        let req = self.request(Method::POST, "/devices")?.json(body);
+        let resp = match Self::send(op, req).await {
             Ok(resp) => resp,
             Err(ServiceError::Status { status: StatusCode::BAD_REQUEST, body, .. }) => {
-                return Err(ServiceError::Protocol { op: OP, reason: body });
+                return Err(ServiceError::Protocol { op, reason: body });
             }
             Err(e) => return Err(e),
         };
-        let result = Self::json(OP, resp).await?;
+        let result = Self::json(op, resp).await?;
         if result.get("isSuccessful").and_then(Value::as_bool) == Some(false) {
-            return Err(ServiceError::Protocol { op: OP, reason: result["errors"].to_string() });
+            return Err(ServiceError::Protocol { op, reason: result["errors"].to_string() });
         }
         Ok(())
     }

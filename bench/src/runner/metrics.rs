@@ -9,6 +9,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use super::rollout::RolloutRecord;
 use crate::scenario::plan::{Expectations, FeedbackTallies};
 
 /// Timings of one release at one device, in hub milliseconds (Unix epoch).
@@ -92,6 +93,13 @@ pub struct Observed {
     pub queue_full_rejections: u64,
     /// Messages sent with `ack: full` (notices and plain sends).
     pub acked_sends: u64,
+    /// Link drops the runner requested (`link-flap` events), summed over devices and rounds.
+    pub link_flaps: u64,
+    /// Devices that received a C2D message they had already saved (the hub redelivered it), with
+    /// how many times: (device index, duplicates).
+    pub duplicate_deliveries: Vec<(usize, u32)>,
+    /// The phased rollout, if the scenario has one.
+    pub rollout: Option<RolloutRecord>,
     /// The run hit `time_limit` before settling.
     pub timed_out: bool,
     /// Wall time of the run.
@@ -180,6 +188,17 @@ impl Observed {
         d
     }
 
+    /// Messages delivered (completed by the device: `Success` feedback) per message the hub
+    /// accepted; `None` before anything was sent.
+    pub fn delivery_ratio(&self) -> Option<f64> {
+        (self.acked_sends > 0).then(|| self.feedback.success as f64 / self.acked_sends as f64)
+    }
+
+    /// Duplicate deliveries over all devices.
+    pub fn duplicate_delivery_count(&self) -> u64 {
+        self.duplicate_deliveries.iter().map(|(_, n)| u64::from(*n)).sum()
+    }
+
     /// Devices whose last install state is `failed` or `rolled-back`.
     pub fn failed_devices(&self) -> u64 {
         self.final_states.iter().filter(|s| matches!(s.as_deref(), Some("failed" | "rolled-back"))).count()
@@ -191,6 +210,9 @@ impl Observed {
         let mut out = Vec::new();
         if self.timed_out {
             out.push("time_limit: the run did not settle before the time limit".to_string());
+        }
+        if let Some(u) = self.rollout.as_ref().and_then(RolloutRecord::unmet) {
+            out.push(u);
         }
         if let Some(v) = &expect.final_version {
             let off: Vec<&str> = self
@@ -325,6 +347,23 @@ impl Observed {
                 "purged": self.feedback.purged,
             },
             "queueFullRejections": self.queue_full_rejections,
+            "messages": {
+                "sent": self.acked_sends,
+                "delivered": self.feedback.success,
+                "deliveryRatio": self.delivery_ratio(),
+                "expired": self.feedback.expired,
+                "rejected": self.feedback.rejected,
+                "deadLettered": self.feedback.delivery_count_exceeded,
+                "purged": self.feedback.purged,
+                "refusedQueueFull": self.queue_full_rejections,
+                "duplicateDeliveries": self.duplicate_delivery_count(),
+                "duplicateDeliveryDevices": self.duplicate_deliveries.iter()
+                    .map(|(i, n)| json!({"deviceId": self.device_ids[*i], "duplicates": n}))
+                    .collect::<Vec<_>>(),
+            },
+            "linkFlaps": self.link_flaps,
+            "duplicateInstallCount": self.duplicate_installs().iter().map(|(_, _, n)| u64::from(*n) - 1).sum::<u64>(),
+            "rollout": self.rollout.as_ref().map(RolloutRecord::to_json),
             "failedDevices": self.failed_devices(),
             "duplicateInstalls": dups,
             "releases": releases,
@@ -353,9 +392,9 @@ impl Observed {
         for r in &self.releases {
             let n = |f: fn(&DeviceTimes) -> bool| r.devices.iter().filter(|(_, t)| f(t)).count();
             lines.push(format!(
-                "  release {} at {:?}: targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
+                "  release {} at {:.1} s: targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
                 r.version,
-                r.at,
+                r.at.as_secs_f64(),
                 r.devices.len(),
                 n(|t| t.sent.is_some()),
                 n(|t| t.delivered.is_some()),
@@ -364,10 +403,26 @@ impl Observed {
                 r.send_failed
             ));
         }
+        if let Some(r) = &self.rollout {
+            lines.extend(r.summary_lines());
+        }
         let f = self.feedback;
         lines.push(format!(
             "  feedback: success {}, expired {}, rejected {}, delivery count exceeded {}, purged {}; queue full {}",
             f.success, f.expired, f.rejected, f.delivery_count_exceeded, f.purged, self.queue_full_rejections
+        ));
+        let ratio = self.delivery_ratio().map_or("-".to_string(), |r| format!("{:.3}", r));
+        let dup_installs: u32 = self.duplicate_installs().iter().map(|(_, _, n)| n - 1).sum();
+        lines.push(format!(
+            "  messages: sent {}, delivered {} (ratio {ratio}), dead-lettered {}, rejected {}, expired {}; duplicate deliveries {}, duplicate installs {}; link drops {}",
+            self.acked_sends,
+            f.success,
+            f.delivery_count_exceeded,
+            f.rejected,
+            f.expired,
+            self.duplicate_delivery_count(),
+            dup_installs,
+            self.link_flaps
         ));
         if unmet.is_empty() {
             lines.push("verdict: every expectation met".to_string());

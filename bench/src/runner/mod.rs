@@ -1,14 +1,16 @@
 //! The scenario runner: starts a hub with its FTP package server and the simulated fleet in this
 //! process (embedded mode), or drives a hub and fleet running elsewhere ([`external`]); builds the
-//! scenario's packages, plays the timeline (`release`, `offline`, `send`) deterministically under
-//! the seed, observes the hub (install telemetry, feedback, twins) into [`metrics::Observed`] and
-//! stops once every targeted device is final or `time_limit` passes. It owns the run's work
-//! directory and its [`hub_side::HubSide`] / [`hub_side::FleetSide`]; the hub's state stays owned
-//! by the hub.
+//! scenario's packages, plays the timeline (`release`, `offline`, `send`; the faults in
+//! [`events`]; the phased rollout in [`rollout`]) deterministically under the seed, observes the
+//! hub (install telemetry, feedback, twins) into [`metrics::Observed`] and stops once every
+//! targeted device is final or `time_limit` passes. It owns the run's work directory and its
+//! [`hub_side::HubSide`] / [`hub_side::FleetSide`]; the hub's state stays owned by the hub.
 
+pub mod events;
 pub mod external;
 pub mod hub_side;
 pub mod metrics;
+pub mod rollout;
 pub mod shards;
 
 use std::cmp::Reverse;
@@ -80,14 +82,14 @@ pub struct Outcome {
 pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
     let unsupported = |key: String, what: &str| Err(RunError::Unsupported { key, what: what.to_string() });
     external::check_modes(plan)?;
-    if plan.rollout.is_some() {
-        return unsupported("rollout".into(), "a phased rollout");
-    }
-    for (i, e) in plan.events.iter().enumerate() {
-        match e.action {
-            Action::LinkFlap { .. } => return unsupported(format!("event[{i}].action"), "'link-flap'"),
-            Action::FtpFault { .. } => return unsupported(format!("event[{i}].action"), "'ftp-fault'"),
-            Action::Release { .. } | Action::Offline { .. } | Action::Send { .. } => {}
+    if plan.fleet.shards > 1 {
+        for (i, e) in plan.events.iter().enumerate() {
+            if let Action::LinkFlap { .. } = e.action {
+                return unsupported(
+                    format!("event[{i}].action"),
+                    "'link-flap' with fleet.shards > 1 (shard processes can only be switched off and on)",
+                );
+            }
         }
     }
     Ok(())
@@ -95,12 +97,14 @@ pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
 
 /// Resizes the fleet to `devices` and scales the absolute counts in `[expect]` (feedback
 /// tallies, expired, failed, queue-full refusals) by the same factor, rounded: a scaled-down run
-/// of a scenario keeps its meaning.
+/// of a scenario keeps its meaning. A count is scaled as a share of the fleet (`count / devices`
+/// times the new size, rounded), the same rounding `offline` shares and group sizes use, so a
+/// count that is a share of the fleet stays exactly that share.
 pub fn scale_devices(plan: &mut ScenarioPlan, devices: u64) {
-    let factor = devices as f64 / plan.fleet.devices as f64;
+    let before = plan.fleet.devices as f64;
     let scale = |v: &mut Option<u64>| {
         if let Some(n) = v {
-            *n = (*n as f64 * factor).round() as u64;
+            *n = (devices as f64 * (*n as f64 / before)).round() as u64;
         }
     };
     plan.fleet.devices = devices;
@@ -140,6 +144,8 @@ struct Run {
     rng: StdRng,
     log: Box<dyn FnMut(String) + Send>,
     t0: Instant,
+    /// Link flaps still to come and the FTP fault's end.
+    faults: events::Faults,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
@@ -198,6 +204,8 @@ async fn run_with_hub(
         )?;
         FleetSide::InProcess(Fleet::start(cfg, Arc::new(backend)).await)
     };
+    // After the fleet is up: an external fleet registers its devices itself.
+    rollout::tag_groups(&svc, &plan.fleet.groups, &ids).await?;
     let initial = plan.fleet.initial_version.clone();
     let mut run = Run {
         index,
@@ -206,6 +214,7 @@ async fn run_with_hub(
             device_ids: ids.clone(),
             final_versions: vec![initial; ids.len()],
             final_states: vec![None; ids.len()],
+            rollout: plan.rollout.as_ref().map(rollout::RolloutRecord::new),
             ..Observed::default()
         },
         plan,
@@ -217,6 +226,7 @@ async fn run_with_hub(
         rng,
         log,
         t0: Instant::now(),
+        faults: events::Faults::default(),
     };
     let outcome = run.play(&fleet, &svc).await;
     fleet.stop().await;
@@ -274,19 +284,7 @@ impl Run {
         let n = self.ids.len();
         Ok(match target {
             Target::All => (0..n).collect(),
-            Target::Group(name) => {
-                let mut start = 0.0;
-                let mut range = 0..0;
-                for g in &self.plan.fleet.groups {
-                    let end = start + g.share;
-                    if &g.name == name {
-                        range =
-                            (start * n as f64).floor() as usize..((end * n as f64).floor() as usize).min(n);
-                    }
-                    start = end;
-                }
-                range.collect()
-            }
+            Target::Group(name) => rollout::group_range(&self.plan.fleet.groups, name, n).collect(),
             Target::Where(clause) => {
                 let ids =
                     svc.device_ids(Some(clause)).await.map_err(|e| setup("target query")(e.to_string()))?;
@@ -319,7 +317,9 @@ impl Run {
                 power_on.pop();
                 fleet.set_power(i, true);
             }
+            self.fire_faults(fleet, now);
             self.observe().await?;
+            self.step_rollout(svc, now).await?;
             if next == events.len() && power_on.is_empty() && self.settled() {
                 break;
             }
@@ -330,6 +330,7 @@ impl Run {
             tokio::time::sleep(TICK).await;
         }
         self.obs.elapsed = self.t0.elapsed();
+        self.collect_fleet_counts(fleet);
         self.final_twins().await?;
         let unmet = self.obs.unmet(&self.plan.expect);
         Ok(Outcome { observed: self.obs.clone(), unmet })
@@ -346,33 +347,7 @@ impl Run {
         match action {
             Action::Release { version, ttl, target } => {
                 let targets = self.targets(target, svc).await?;
-                let release = self.releases[version].clone();
-                package::write_latest(self.hub.packages_dir(), &release)
-                    .map_err(|e| setup("latest.json")(e.to_string()))?;
-                let ftp = self.hub.ftp_addr();
-                let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
-                    .map_err(|e| setup("notice")(e.to_string()))?;
-                let r = self.obs.releases.len();
-                let mut record =
-                    ReleaseRecord { version: version.clone(), at, devices: Vec::new(), send_failed: 0 };
-                let mut tracking = Tracking { pos: HashMap::new(), terminal: Vec::new() };
-                let msgs =
-                    targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
-                let outcomes = self.send_all(msgs, &body, *ttl, "application/json").await;
-                for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
-                    tracking.pos.insert(i, record.devices.len());
-                    tracking.terminal.push(sent.is_none());
-                    if sent.is_none() {
-                        record.send_failed += 1;
-                    } else {
-                        self.by_message.insert(message_id, (r, record.devices.len()));
-                    }
-                    record.devices.push((i, DeviceTimes { sent, ..DeviceTimes::default() }));
-                }
-                let failed = record.send_failed;
-                self.obs.releases.push(record);
-                self.tracking.push(tracking);
-                self.say(format!("release {version} to {} devices ({failed} refused)", targets.len()));
+                self.notify(version, *ttl, &targets, at).await?;
             }
             Action::Offline { target, share, duration } => {
                 let targets = self.targets(target, svc).await?;
@@ -401,11 +376,53 @@ impl Run {
                 let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
             }
-            Action::LinkFlap { .. } | Action::FtpFault { .. } => {
-                unreachable!("check_supported refuses link-flap and ftp-fault")
+            Action::LinkFlap { target, share, count, interval, ftp } => {
+                let targets = self.targets(target, svc).await?;
+                self.link_flap(&targets, *share, *count, *interval, *ftp, at);
+            }
+            Action::FtpFault { rate_limit, drop_after, refuse_logins, refuse_sessions, lasting } => {
+                self.ftp_fault(*rate_limit, *drop_after, *refuse_logins, *refuse_sessions, *lasting, at);
             }
         }
         Ok(())
+    }
+
+    /// Releases `version` to `targets`: writes `latest.json` and sends each an update notice
+    /// (ack `full`, `ttl` as the expiry when given). Returns the release's index.
+    async fn notify(
+        &mut self,
+        version: &str,
+        ttl: Option<Duration>,
+        targets: &[usize],
+        at: Duration,
+    ) -> Result<usize, RunError> {
+        let release = self.releases[version].clone();
+        package::write_latest(self.hub.packages_dir(), &release)
+            .map_err(|e| setup("latest.json")(e.to_string()))?;
+        let ftp = self.hub.ftp_addr();
+        let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
+            .map_err(|e| setup("notice")(e.to_string()))?;
+        let r = self.obs.releases.len();
+        let mut record =
+            ReleaseRecord { version: version.to_string(), at, devices: Vec::new(), send_failed: 0 };
+        let mut tracking = Tracking { pos: HashMap::new(), terminal: Vec::new() };
+        let msgs = targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
+        let outcomes = self.send_all(msgs, &body, ttl, "application/json").await;
+        for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
+            tracking.pos.insert(i, record.devices.len());
+            tracking.terminal.push(sent.is_none());
+            if sent.is_none() {
+                record.send_failed += 1;
+            } else {
+                self.by_message.insert(message_id, (r, record.devices.len()));
+            }
+            record.devices.push((i, DeviceTimes { sent, ..DeviceTimes::default() }));
+        }
+        let failed = record.send_failed;
+        self.obs.releases.push(record);
+        self.tracking.push(tracking);
+        self.say(format!("release {version} to {} devices ({failed} refused)", targets.len()));
+        Ok(r)
     }
 
     /// Queues `(device index, message id)` messages with `ack: full`, in order; returns each
@@ -530,7 +547,10 @@ impl Run {
         let devices_final = self.obs.releases.iter().zip(&self.tracking).all(|(rel, tr)| {
             rel.devices.iter().zip(&tr.terminal).all(|((_, t), done)| *done || t.reported.is_some())
         });
-        devices_final && self.obs.feedback.total() >= self.obs.acked_sends
+        devices_final
+            && self.obs.feedback.total() >= self.obs.acked_sends
+            && self.faults.flaps_done()
+            && self.rollout_done()
     }
 
     async fn final_twins(&mut self) -> Result<(), RunError> {

@@ -124,6 +124,20 @@ mod tests {
         assert_eq!(e.key, "event[0].target");
         let e = err(&format!("{base}[[event]]\nat = \"1s\"\naction = \"ftp-fault\"\n"));
         assert!(e.message.contains("at least one"), "{e}");
+        let p = parse_str(
+            "t.toml",
+            &format!(
+                "{base}[[event]]\nat = \"1s\"\naction = \"ftp-fault\"\nrefuse_sessions = 0.5\n\
+                 [[event]]\nat = \"2s\"\naction = \"link-flap\"\nftp = false\ncount = 2\n"
+            ),
+        )
+        .unwrap();
+        assert!(matches!(p.events[0].action, Action::FtpFault { refuse_sessions: Some(s), .. } if s == 0.5));
+        assert!(matches!(p.events[1].action, Action::LinkFlap { ftp: false, count: 2, .. }));
+        let e = err(&format!("{base}[[event]]\nat = \"1s\"\naction = \"ftp-fault\"\nrefuse_sessions = 2\n"));
+        assert_eq!(e.key, "event[0].refuse_sessions");
+        let e = err(&format!("{base}[[event]]\nat = \"1s\"\naction = \"send\"\nftp = true\n"));
+        assert_eq!(e.key, "event[0].ftp");
     }
 
     #[test]

@@ -170,6 +170,8 @@ pub enum Action {
         count: u32,
         /// Time between flaps.
         interval: Duration,
+        /// Whether running FTP downloads are cut too.
+        ftp: bool,
     },
     /// Switch FTP fault knobs on.
     FtpFault {
@@ -179,6 +181,8 @@ pub enum Action {
         drop_after: Option<u64>,
         /// Share of logins refused.
         refuse_logins: Option<f64>,
+        /// Share of sessions turned away with `421` (a busy server).
+        refuse_sessions: Option<f64>,
         /// How long (until the end when absent).
         lasting: Option<Duration>,
     },
@@ -574,8 +578,8 @@ fn allowed_keys(action: &str) -> &'static [&'static str] {
     match action {
         "release" => &["version", "ttl", "target"],
         "offline" => &["target", "share", "duration"],
-        "link-flap" => &["target", "share", "count", "interval"],
-        "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "lasting"],
+        "link-flap" => &["target", "share", "count", "interval", "ftp"],
+        "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "refuse_sessions", "lasting"],
         "send" => &["target", "count", "body", "ttl"],
         _ => &[],
     }
@@ -590,9 +594,11 @@ fn set_keys(e: &RawEvent) -> Vec<&'static str> {
         ("duration", e.duration.is_some()),
         ("count", e.count.is_some()),
         ("interval", e.interval.is_some()),
+        ("ftp", e.ftp.is_some()),
         ("rate_limit", e.rate_limit.is_some()),
         ("drop_after", e.drop_after.is_some()),
         ("refuse_logins", e.refuse_logins.is_some()),
+        ("refuse_sessions", e.refuse_sessions.is_some()),
         ("lasting", e.lasting.is_some()),
         ("body", e.body.is_some()),
     ];
@@ -649,19 +655,29 @@ fn event(
             share: cx.share(&key("share"), e.share.unwrap_or(1.0))?,
             count: e.count.unwrap_or(1).max(1),
             interval: cx.opt_duration(&key("interval"), &e.interval)?.unwrap_or(Duration::from_secs(1)),
+            ftp: e.ftp.unwrap_or(true),
         },
         "ftp-fault" => {
             let refuse = e.refuse_logins.map(|r| cx.share(&key("refuse_logins"), r)).transpose()?;
+            let busy = e.refuse_sessions.map(|r| cx.share(&key("refuse_sessions"), r)).transpose()?;
             let fault = Action::FtpFault {
                 rate_limit: e.rate_limit.as_deref().map(|s| cx.size(&key("rate_limit"), s)).transpose()?,
                 drop_after: e.drop_after.as_deref().map(|s| cx.size(&key("drop_after"), s)).transpose()?,
                 refuse_logins: refuse,
+                refuse_sessions: busy,
                 lasting: cx.opt_duration(&key("lasting"), &e.lasting)?,
             };
-            if let Action::FtpFault { rate_limit: None, drop_after: None, refuse_logins: None, .. } = fault {
+            if let Action::FtpFault {
+                rate_limit: None,
+                drop_after: None,
+                refuse_logins: None,
+                refuse_sessions: None,
+                ..
+            } = fault
+            {
                 return Err(cx.err(
                     key("action"),
-                    "an ftp-fault needs at least one of rate_limit, drop_after, refuse_logins",
+                    "an ftp-fault needs at least one of rate_limit, drop_after, refuse_logins, refuse_sessions",
                 ));
             }
             fault

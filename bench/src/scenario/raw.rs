@@ -127,12 +127,16 @@ pub struct RawEvent {
     pub count: Option<u32>,
     /// link-flap: time between flaps.
     pub interval: Option<String>,
+    /// link-flap: also cut the devices' FTP connections (default true).
+    pub ftp: Option<bool>,
     /// ftp-fault: bytes per second (`"64KiB"`).
     pub rate_limit: Option<String>,
     /// ftp-fault: drop data connections after this many bytes.
     pub drop_after: Option<String>,
     /// ftp-fault: share of logins refused.
     pub refuse_logins: Option<f64>,
+    /// ftp-fault: share of FTP sessions turned away with `421` at connect.
+    pub refuse_sessions: Option<f64>,
     /// ftp-fault: how long the fault lasts (until the end when absent).
     pub lasting: Option<String>,
     /// send: the message body (plain text).

@@ -1,9 +1,9 @@
 //! The FTP server's fault knobs, switchable at runtime (`PUT /emulator/ftp/faults` on the plain
-//! HTTP port): a bandwidth limit per download, a data connection cut after N bytes, and a share of
-//! logins refused. Owned by [`FtpFaults`]; the FTP sessions read it, the admin API writes it.
+//! HTTP port): a bandwidth limit per download, a data connection cut after N bytes, a share of
+//! logins refused, and a share of sessions turned away at connect with `421` (a busy server). Owned by [`FtpFaults`]; the FTP sessions read it, the admin API writes it.
 //!
-//! Everything is deterministic so tests can rely on it: refused logins are spread evenly (a share
-//! of 0.5 refuses the 1st, 3rd, 5th … login), and a cut happens after exactly N bytes of a
+//! Everything is deterministic so tests can rely on it: refused logins and sessions are spread
+//! evenly (a share of 0.5 refuses the 1st, 3rd, 5th … login), and a cut happens after exactly N bytes of a
 //! transfer, counted from where the transfer starts (so a client resuming with `REST` always makes
 //! progress).
 
@@ -33,6 +33,8 @@ pub struct FaultSettings {
     pub drop_times: Option<u64>,
     /// Share of logins refused with `530`, in parts per million (0 = none, 1,000,000 = all).
     pub refuse_login_ppm: u32,
+    /// Share of new sessions answered `421` and closed before the greeting, in parts per million.
+    pub busy_ppm: u32,
 }
 
 /// Why a fault settings document was refused.
@@ -42,14 +44,16 @@ pub struct FaultsError(pub String);
 
 impl FaultSettings {
     /// Reads the admin API's JSON: `{"bytesPerSecond": n|null, "dropAfterBytes": n|null,
-    /// "dropTimes": n|null, "refuseLoginShare": 0.0..=1.0}`. Missing fields are off.
+    /// "dropTimes": n|null, "refuseLoginShare": 0.0..=1.0, "busyShare": 0.0..=1.0}`. Missing
+    /// fields are off.
     pub fn from_json(v: &Value) -> Result<Self, FaultsError> {
         let obj = v.as_object().ok_or_else(|| FaultsError("the body must be a JSON object".into()))?;
         for key in obj.keys() {
-            if !["bytesPerSecond", "dropAfterBytes", "dropTimes", "refuseLoginShare"].contains(&key.as_str())
+            if !["bytesPerSecond", "dropAfterBytes", "dropTimes", "refuseLoginShare", "busyShare"]
+                .contains(&key.as_str())
             {
                 return Err(FaultsError(format!(
-                    "unknown field '{key}'; allowed: bytesPerSecond, dropAfterBytes, dropTimes, refuseLoginShare"
+                    "unknown field '{key}'; allowed: bytesPerSecond, dropAfterBytes, dropTimes, refuseLoginShare, busyShare"
                 )));
             }
         }
@@ -62,22 +66,19 @@ impl FaultSettings {
                 },
             }
         };
-        let share = match obj.get("refuseLoginShare") {
-            None | Some(Value::Null) => 0.0,
+        let share = |key: &str| match obj.get(key) {
+            None | Some(Value::Null) => Ok(0.0),
             Some(v) => match v.as_f64() {
-                Some(s) if (0.0..=1.0).contains(&s) => s,
-                _ => {
-                    return Err(FaultsError(format!(
-                        "'refuseLoginShare' must be a number in 0..=1, got {v}"
-                    )));
-                }
+                Some(s) if (0.0..=1.0).contains(&s) => Ok(s),
+                _ => Err(FaultsError(format!("'{key}' must be a number in 0..=1, got {v}"))),
             },
         };
         Ok(Self {
             bytes_per_second: count("bytesPerSecond", 1)?,
             drop_after_bytes: count("dropAfterBytes", 0)?,
             drop_times: count("dropTimes", 1)?,
-            refuse_login_ppm: (share * PPM as f64).round() as u32,
+            refuse_login_ppm: (share("refuseLoginShare")? * PPM as f64).round() as u32,
+            busy_ppm: (share("busyShare")? * PPM as f64).round() as u32,
         })
     }
 
@@ -88,6 +89,7 @@ impl FaultSettings {
             "dropAfterBytes": self.drop_after_bytes,
             "dropTimes": self.drop_times,
             "refuseLoginShare": f64::from(self.refuse_login_ppm) / PPM as f64,
+            "busyShare": f64::from(self.busy_ppm) / PPM as f64,
         })
     }
 }
@@ -98,6 +100,8 @@ pub struct FtpFaults {
     settings: Mutex<FaultSettings>,
     /// Logins seen since the settings last changed (drives the even spread of refusals).
     logins: AtomicU64,
+    /// Sessions seen since the settings last changed (drives the even spread of `421`s).
+    sessions: AtomicU64,
     /// Downloads cut since the settings last changed (for `drop_times`).
     drops: AtomicU64,
 }
@@ -117,6 +121,7 @@ impl FtpFaults {
     pub fn set(&self, settings: FaultSettings) {
         *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
         self.logins.store(0, Ordering::SeqCst);
+        self.sessions.store(0, Ordering::SeqCst);
         self.drops.store(0, Ordering::SeqCst);
         tracing::info!(faults = %settings.to_json(), "FTP fault settings changed");
     }
@@ -125,12 +130,12 @@ impl FtpFaults {
     /// `ceil((n+1)·share) > ceil(n·share)`, so refusals are spread evenly and the first login is
     /// refused whenever the share is above zero.
     pub fn refuse_next_login(&self) -> bool {
-        let ppm = u64::from(self.settings().refuse_login_ppm);
-        if ppm == 0 {
-            return false;
-        }
-        let n = self.logins.fetch_add(1, Ordering::SeqCst);
-        ((n + 1) * ppm).div_ceil(PPM) > (n * ppm).div_ceil(PPM)
+        spread(self.settings().refuse_login_ppm, &self.logins)
+    }
+
+    /// Whether the next session is turned away with `421`, spread like login refusals.
+    pub fn refuse_next_session(&self) -> bool {
+        spread(self.settings().busy_ppm, &self.sessions)
     }
 
     /// Wraps a download's reader with the faults in force when it starts.
@@ -156,6 +161,17 @@ impl FtpFaults {
             scratch: vec![0; SCRATCH_BYTES],
         })
     }
+}
+
+/// Counts one more event on `seen` and says whether it is refused at `ppm`: the n-th (from 0) is
+/// when `ceil((n+1)·share) > ceil(n·share)`.
+fn spread(ppm: u32, seen: &AtomicU64) -> bool {
+    let ppm = u64::from(ppm);
+    if ppm == 0 {
+        return false;
+    }
+    let n = seen.fetch_add(1, Ordering::SeqCst);
+    ((n + 1) * ppm).div_ceil(PPM) > (n * ppm).div_ceil(PPM)
 }
 
 /// A download reader that enforces a rate and cuts the transfer after a byte count.
@@ -231,7 +247,12 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_validation() {
-        let s = FaultSettings::from_json(&json!({"bytesPerSecond": 1000, "refuseLoginShare": 0.25})).unwrap();
+        let s = FaultSettings::from_json(
+            &json!({"bytesPerSecond": 1000, "refuseLoginShare": 0.25, "busyShare": 0.5}),
+        )
+        .unwrap();
+        assert_eq!(s.busy_ppm, 500_000);
+        assert!(FaultSettings::from_json(&json!({"busyShare": -0.1})).is_err());
         assert_eq!(s.bytes_per_second, Some(1000));
         assert_eq!(s.refuse_login_ppm, 250_000);
         assert_eq!(s.drop_after_bytes, None);
@@ -253,6 +274,11 @@ mod tests {
         assert!((0..10).all(|_| f.refuse_next_login()));
         f.set(FaultSettings { refuse_login_ppm: 300_000, ..FaultSettings::default() });
         assert_eq!((0..10).filter(|_| f.refuse_next_login()).count(), 3);
+        assert!(!f.refuse_next_session(), "sessions have their own share");
+        f.set(FaultSettings { busy_ppm: 500_000, ..FaultSettings::default() });
+        let got: Vec<bool> = (0..4).map(|_| f.refuse_next_session()).collect();
+        assert_eq!(got, [true, false, true, false]);
+        assert!(!f.refuse_next_login());
     }
 
     #[tokio::test]

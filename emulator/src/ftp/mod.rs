@@ -127,6 +127,12 @@ pub async fn serve(
         let (config, authenticator, tls, sd, at_cap) =
             (config.clone(), authenticator.clone(), tls.clone(), sd.clone(), at_cap.clone());
         async move {
+            if config.faults.refuse_next_session() {
+                drop(permit);
+                let reply = "421 Service not available (fault injection: busyShare); try again later\r\n";
+                write_and_close(stream, reply).await;
+                return;
+            }
             let Ok(_permit) = permit else {
                 if !at_cap.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -172,8 +178,12 @@ pub async fn serve(
 }
 
 /// Answers a session over the cap with `421` and closes it.
-async fn refuse(mut stream: TcpStream, max: usize) {
-    let reply = format!("421 Too many FTP sessions (at most {max}); try again later\r\n");
+async fn refuse(stream: TcpStream, max: usize) {
+    write_and_close(stream, &format!("421 Too many FTP sessions (at most {max}); try again later\r\n")).await;
+}
+
+/// Writes `reply` and closes the connection, giving up after [`REFUSAL_WRITE_TIMEOUT`].
+async fn write_and_close(mut stream: TcpStream, reply: &str) {
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
         stream.write_all(reply.as_bytes()).await?;
         stream.shutdown().await

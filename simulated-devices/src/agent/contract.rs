@@ -39,6 +39,17 @@ pub fn is_c2d_topic(device_id: &str, topic: &str) -> bool {
         .is_some_and(|t| t.get(..12).is_some_and(|w| w.eq_ignore_ascii_case("devicebound/")))
 }
 
+/// The message id (`$.mid`) in a C2D delivery's topic property bag, percent-decoded; `None` when
+/// the message has none.
+pub fn c2d_message_id(topic: &str) -> Option<String> {
+    let bag = topic.rsplit_once('/')?.1;
+    bag.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        let key = percent_encoding::percent_decode_str(k).decode_utf8().ok()?;
+        (key == "$.mid").then(|| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+    })
+}
+
 /// Twin responses (the agent subscribes so the hub can answer its PATCHes).
 pub const TWIN_RESPONSE_FILTER: &str = "$iothub/twin/res/#";
 
@@ -69,6 +80,14 @@ mod tests {
         assert!(!is_c2d_topic("d1", "devices/d12/messages/devicebound/"));
         assert!(!is_c2d_topic("d1", "$iothub/twin/res/204/?$rid=1"));
         assert!(!is_c2d_topic("d1", "devices/d1/messages/events/"));
+    }
+
+    #[test]
+    fn reads_the_message_id_from_the_property_bag() {
+        let t = "devices/d1/messages/devicebound/%24.mid=release%2F2.0.0&%24.to=%2Fdevices%2Fd1%2Fmessages%2Fdevicebound&iothub-ack=full";
+        assert_eq!(c2d_message_id(t).as_deref(), Some("release/2.0.0"));
+        assert_eq!(c2d_message_id("devices/d1/messages/devicebound/iothub-ack=none"), None);
+        assert_eq!(c2d_message_id("devices/d1/messages/devicebound/"), None);
     }
 
     #[test]

@@ -44,7 +44,9 @@ impl FtpBackend {
             step_timeout: self.step_timeout,
             tls: self.tls.clone(),
         };
-        Installer::new(device.data_dir.clone(), source).with_retry(self.retry)
+        Installer::new(device.data_dir.clone(), source)
+            .with_retry(self.retry)
+            .with_link_cuts(device.ftp_cuts.clone())
     }
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use super::core::InstallResult;
 use crate::notice::{InstallState, UpdateNotice};
@@ -19,6 +20,9 @@ pub struct DeviceContext {
     pub data_dir: PathBuf,
     /// The device's SAS token (the FTP password).
     pub sas_token: String,
+    /// Changes each time the device's link drops with its FTP connections: a running download
+    /// closes them and retries (resuming with `REST`).
+    pub ftp_cuts: watch::Receiver<u32>,
 }
 
 /// Installs packages for one device at a time. One value serves the whole fleet.

@@ -8,9 +8,17 @@
 //! to `<data_dir>/pending-c2d` *before* it is acknowledged (PUBACK completes it at the hub), so a
 //! power cut between the two loses nothing: the next boot resumes the command from disk.
 //!
-//! Power: [`run`] follows a `watch` switch. Off drops the MQTT event loop (the socket closes
-//! without DISCONNECT, like a power cut) and the running install future; on boots a fresh session
-//! with the version found on disk.
+//! Power and link faults: [`run`] follows a `watch` [`Switch`]. Off drops the MQTT event loop (the
+//! socket closes without DISCONNECT, like a power cut) and the running install future; on boots a
+//! fresh session with the version found on disk. A link drop closes only the socket (again no
+//! DISCONNECT) and reconnects after the normal backoff, keeping the running install; it can also
+//! cut the install's FTP connections, and the download resumes with `REST`. Acknowledgements not
+//! yet sent when the link drops are discarded: the hub redelivers those messages.
+//!
+//! Duplicates: the agent remembers the ids of the last [`SEEN_IDS`] C2D messages it saved (as
+//! 64-bit hashes, across power cycles of the process). A message seen again (the hub redelivers
+//! what was never acknowledged) is acknowledged without acting on it again and counted in
+//! [`AgentStatus::duplicate_deliveries`].
 
 pub mod contract;
 pub mod core;
@@ -19,6 +27,7 @@ pub mod installer;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,6 +40,7 @@ use rumqttc::{
     Transport,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::core::{Action, AgentCore, InstallResult};
@@ -53,6 +63,8 @@ const MAX_INCOMING_BYTES: usize = 70 * 1024;
 const MAX_OUTGOING_BYTES: usize = 256 * 1024;
 /// Messages waiting for room in the request channel; beyond this the oldest report is dropped.
 const OUTBOX_CAPACITY: usize = 64;
+/// C2D message ids remembered for duplicate detection.
+pub const SEEN_IDS: usize = 8;
 
 /// How one agent reaches the hub.
 #[derive(Debug, Clone)]
@@ -91,6 +103,59 @@ pub struct AgentStatus {
     pub installs: AtomicU32,
     /// MQTT connection attempts that failed.
     pub connect_failures: AtomicU32,
+    /// C2D messages received again with an id already seen (redeliveries).
+    pub duplicate_deliveries: AtomicU32,
+    /// Link drops carried out (requested through the [`Switch`]).
+    pub link_drops: AtomicU32,
+}
+
+/// What the fleet asks of one agent: power, and link faults as counters that only grow, so the
+/// agent acts once per increase and no request is lost between two looks at the switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switch {
+    /// Powered on.
+    pub on: bool,
+    /// MQTT link drops requested: each closes the socket without DISCONNECT.
+    pub link_drops: u32,
+    /// FTP cuts requested: each closes the running download's FTP connections.
+    pub ftp_cuts: u32,
+    /// Link drops requested for the moment the next new C2D message arrives: it is saved and
+    /// acted on, then the link drops before the PUBACK goes out.
+    pub drops_before_ack: u32,
+}
+
+impl Switch {
+    /// Powered on, no faults requested.
+    pub fn on() -> Self {
+        Self { on: true, ..Self::default() }
+    }
+}
+
+/// The last [`SEEN_IDS`] C2D message ids (hashed) an agent saved.
+#[derive(Debug, Default)]
+pub struct SeenIds {
+    ids: [u64; SEEN_IDS],
+    next: usize,
+}
+
+impl SeenIds {
+    fn hash(id: &str) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        id.hash(&mut h);
+        h.finish() | 1
+    }
+
+    /// True if `id` is among the remembered ones.
+    pub fn contains(&self, id: &str) -> bool {
+        let h = Self::hash(id);
+        self.ids.contains(&h)
+    }
+
+    /// Remembers `id`, forgetting the oldest when full.
+    pub fn insert(&mut self, id: &str) {
+        self.ids[self.next] = Self::hash(id);
+        self.next = (self.next + 1) % SEEN_IDS;
+    }
 }
 
 /// Why a session ended.
@@ -107,25 +172,27 @@ enum JobResult {
 
 type Job = Pin<Box<dyn Future<Output = JobResult> + Send>>;
 
-/// Runs one agent until `shutdown`, following the power switch (`true` = on). Installs take a
-/// permit from `installs` first, which caps concurrent downloads across the fleet.
+/// Runs one agent until `shutdown`, following the [`Switch`] (power and link faults). Installs
+/// take a permit from `installs` first, which caps concurrent downloads across the fleet.
 pub async fn run<I: InstallBackend>(
     cfg: Arc<AgentConfig>,
     installer: Arc<I>,
     installs: Arc<Semaphore>,
-    mut power: watch::Receiver<bool>,
+    mut power: watch::Receiver<Switch>,
     status: Arc<AgentStatus>,
     shutdown: CancellationToken,
 ) {
+    let mut seen = SeenIds::default();
     loop {
-        if !*power.borrow_and_update() {
+        let switch = *power.borrow_and_update();
+        if !switch.on {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = power.changed() => if r.is_err() { return } else { continue },
             }
         }
         let session = Session { cfg: &cfg, installer: &installer, installs: &installs, status: &status };
-        let end = session.run(&mut power, &shutdown).await;
+        let end = session.run(&mut power, switch, &mut seen, &shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
         if matches!(end, SessionEnd::Shutdown) {
             return;
@@ -148,12 +215,20 @@ enum Outgoing {
 }
 
 impl<I: InstallBackend> Session<'_, I> {
-    async fn run(self, power: &mut watch::Receiver<bool>, shutdown: &CancellationToken) -> SessionEnd {
+    async fn run(
+        self,
+        power: &mut watch::Receiver<Switch>,
+        mut applied: Switch,
+        seen: &mut SeenIds,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
         let id = &self.cfg.device_id;
+        let (ftp_cut, ftp_cuts) = watch::channel(0u32);
         let ctx = DeviceContext {
             device_id: id.clone(),
             data_dir: self.cfg.data_dir.clone(),
             sas_token: self.fresh_token(),
+            ftp_cuts,
         };
         let on_disk = self.installer.current_version(&ctx);
         let version = on_disk.or_else(|| self.cfg.initial_version.as_deref().map(str::to_string));
@@ -163,6 +238,10 @@ impl<I: InstallBackend> Session<'_, I> {
         let mut job: Option<Job> = None;
         let mut outbox = VecDeque::new();
         let mut failures = 0u32;
+        // While the link is down: when to reconnect (the install keeps running meanwhile).
+        let mut reconnect_at: Option<Instant> = None;
+        // Link drops armed for the next new C2D message, before its PUBACK.
+        let mut drop_before_ack = 0u32;
         let pending_path = self.cfg.data_dir.join(PENDING_FILE);
         let mut pending_on_disk = false;
         let clock = SystemClock;
@@ -195,14 +274,27 @@ impl<I: InstallBackend> Session<'_, I> {
             flush(&client, &mut outbox);
 
             let now = || clock.now_ms();
+            // Biased: a switch change made before a message arrived is applied before it.
             actions = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 r = power.changed() => {
                     if r.is_err() {
                         return SessionEnd::Shutdown;
                     }
-                    if !*power.borrow_and_update() {
+                    let switch = *power.borrow_and_update();
+                    if !switch.on {
                         return SessionEnd::PowerOff;
+                    }
+                    if switch.ftp_cuts != applied.ftp_cuts {
+                        ftp_cut.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    drop_before_ack =
+                        drop_before_ack.saturating_add(switch.drops_before_ack.wrapping_sub(applied.drops_before_ack));
+                    let drop_now = switch.link_drops != applied.link_drops;
+                    applied = switch;
+                    if drop_now && reconnect_at.is_none() {
+                        reconnect_at = Some(self.lose_link(&mut eventloop, &mut outbox, &mut failures, "link dropped"));
                     }
                     Vec::new()
                 }
@@ -225,7 +317,12 @@ impl<I: InstallBackend> Session<'_, I> {
                     });
                     reports
                 }
-                event = eventloop.poll() => match event {
+                _ = tokio::time::sleep_until(reconnect_at.unwrap_or_else(Instant::now)), if reconnect_at.is_some() => {
+                    reconnect_at = None;
+                    self.refresh_credentials(&mut eventloop);
+                    Vec::new()
+                }
+                event = eventloop.poll(), if reconnect_at.is_none() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         failures = 0;
                         self.status.connected.store(true, Ordering::Relaxed);
@@ -234,14 +331,39 @@ impl<I: InstallBackend> Session<'_, I> {
                         core.on_connected()
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if contract::is_c2d_topic(id, &p.topic) => {
-                        // Save first, then PUBACK (which completes the message at the hub).
-                        match tokio::fs::write(&pending_path, &p.payload).await {
-                            Ok(()) => pending_on_disk = true,
-                            Err(e) => tracing::warn!(device = %id, "cannot save the C2D command: {e}"),
+                        let message_id = contract::c2d_message_id(&p.topic);
+                        if message_id.as_deref().is_some_and(|m| seen.contains(m)) {
+                            // Saved and acted on before; the hub never got the PUBACK.
+                            self.status.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(device = %id, message_id = ?message_id, "duplicate C2D delivery");
+                            push_bounded(&mut outbox, Outgoing::Ack(p));
+                            Vec::new()
+                        } else {
+                            // Save first, then PUBACK (which completes the message at the hub).
+                            match tokio::fs::write(&pending_path, &p.payload).await {
+                                Ok(()) => {
+                                    pending_on_disk = true;
+                                    if let Some(m) = &message_id {
+                                        seen.insert(m);
+                                    }
+                                }
+                                Err(e) => tracing::warn!(device = %id, "cannot save the C2D command: {e}"),
+                            }
+                            let body = p.payload.clone();
+                            let out = core.on_c2d(&body, now());
+                            if drop_before_ack > 0 {
+                                drop_before_ack -= 1;
+                                reconnect_at = Some(self.lose_link(
+                                    &mut eventloop,
+                                    &mut outbox,
+                                    &mut failures,
+                                    "link dropped before the PUBACK",
+                                ));
+                            } else {
+                                push_bounded(&mut outbox, Outgoing::Ack(p));
+                            }
+                            out
                         }
-                        let body = p.payload.clone();
-                        push_bounded(&mut outbox, Outgoing::Ack(p));
-                        core.on_c2d(&body, now())
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         push_bounded(&mut outbox, Outgoing::Ack(p));
@@ -249,22 +371,37 @@ impl<I: InstallBackend> Session<'_, I> {
                     }
                     Ok(_) => Vec::new(),
                     Err(e) => {
-                        self.status.connected.store(false, Ordering::Relaxed);
                         self.status.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        failures = failures.saturating_add(1);
-                        let delay = backoff(self.cfg.backoff_min, self.cfg.backoff_max, failures);
-                        tracing::debug!(device = %id, ?delay, "MQTT connection lost: {e}");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-                            _ = power.changed() => if !*power.borrow_and_update() { return SessionEnd::PowerOff },
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                        self.refresh_credentials(&mut eventloop);
+                        reconnect_at =
+                            Some(self.lose_link(&mut eventloop, &mut outbox, &mut failures, &e.to_string()));
                         Vec::new()
                     }
                 },
             };
         }
+    }
+
+    /// The MQTT link is gone (an error, or a requested drop): closes the socket without
+    /// DISCONNECT, discards acknowledgements not yet sent (the hub redelivers those messages)
+    /// and returns when to reconnect (the backoff).
+    fn lose_link(
+        &self,
+        eventloop: &mut EventLoop,
+        outbox: &mut VecDeque<Outgoing>,
+        failures: &mut u32,
+        why: &str,
+    ) -> Instant {
+        if eventloop.network.is_some() {
+            self.status.link_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        // Drops the socket; unacknowledged publishes are kept for the next session.
+        eventloop.clean();
+        outbox.retain(|o| !matches!(o, Outgoing::Ack(_)));
+        self.status.connected.store(false, Ordering::Relaxed);
+        *failures = failures.saturating_add(1);
+        let delay = backoff(self.cfg.backoff_min, self.cfg.backoff_max, *failures);
+        tracing::debug!(device = %self.cfg.device_id, ?delay, "MQTT connection lost: {why}");
+        Instant::now() + delay
     }
 
     fn fresh_token(&self) -> String {
@@ -396,6 +533,20 @@ mod tests {
                 assert!((full / 2..=full).contains(&d), "attempt {n}: {d} ms not in {}..={full}", full / 2);
             }
         }
+    }
+
+    #[test]
+    fn seen_ids_remember_the_last_few_message_ids() {
+        let mut seen = SeenIds::default();
+        assert!(!seen.contains("m0"));
+        for i in 0..SEEN_IDS {
+            seen.insert(&format!("m{i}"));
+        }
+        assert!((0..SEEN_IDS).all(|i| seen.contains(&format!("m{i}"))));
+        assert!(!seen.contains("other"));
+        seen.insert("newest");
+        assert!(seen.contains("newest") && !seen.contains("m0"), "the oldest is forgotten first");
+        assert!(seen.contains("m1"));
     }
 
     #[test]

@@ -152,6 +152,18 @@ impl FtpSource {
         dest: &Path,
         resume_from: u64,
     ) -> Result<u64, (u64, FtpError)> {
+        self.download_until(remote, dest, resume_from, std::future::pending()).await
+    }
+
+    /// Like [`FtpSource::download`], but when `cut` resolves first the attempt stops there,
+    /// closing its FTP connections (a dropped link), and fails with the size reached.
+    pub async fn download_until(
+        &self,
+        remote: &str,
+        dest: &Path,
+        resume_from: u64,
+        cut: impl Future<Output = ()>,
+    ) -> Result<u64, (u64, FtpError)> {
         let io = |e: std::io::Error| FtpError {
             step: format!("writing {}", dest.display()),
             message: e.to_string(),
@@ -165,7 +177,13 @@ impl FtpSource {
             return Err((0, io(e)));
         }
         let mut written = resume_from;
-        let result = self.download_into(remote, &mut file, &mut written).await;
+        let result = tokio::select! {
+            r = self.download_into(remote, &mut file, &mut written) => r,
+            () = cut => Err(FtpError {
+                step: format!("RETR {remote}"),
+                message: "the network link dropped".into(),
+            }),
+        };
         let flushed = file.flush().await.and(file.sync_data().await).map_err(io);
         match (result, flushed) {
             (Ok(()), Ok(())) => Ok(written),

@@ -59,9 +59,11 @@ impl std::fmt::Display for InstallState {
 /// How downloads are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Download attempts at most (the first one included).
+    /// Failed download attempts in a row that add no byte, at most (the first one included). An
+    /// attempt that keeps more bytes than it started with resets the count, so a link that drops
+    /// again and again delays a download without failing it.
     pub max_attempts: u32,
-    /// Backoff before the second attempt; doubles per attempt.
+    /// Backoff after a failed attempt; doubles per attempt in a row without progress.
     pub base_backoff: Duration,
     /// Largest backoff.
     pub max_backoff: Duration,
@@ -175,6 +177,11 @@ pub struct InstallMachine {
     reason: Option<String>,
     /// Bytes of an earlier partial download to keep on the first attempt.
     partial: u64,
+    /// Where the running download attempt started (its `resume_from`).
+    attempt_from: u64,
+    /// Failed attempts in a row that added no byte: what `max_attempts` limits, so a download
+    /// cut again and again (a flaky link) keeps going as long as each attempt progresses.
+    stalled: u32,
 }
 
 impl InstallMachine {
@@ -190,6 +197,8 @@ impl InstallMachine {
             rng: seed | 1,
             reason: None,
             partial: 0,
+            attempt_from: 0,
+            stalled: 0,
         }
     }
 
@@ -232,6 +241,7 @@ impl InstallMachine {
             return self.finish(InstallState::AlreadyInstalled, None);
         }
         self.attempts = 1;
+        self.attempt_from = self.partial;
         self.phase = Phase::Downloading;
         vec![report(InstallState::Downloading, None), Action::Download { resume_from: self.partial }]
     }
@@ -247,6 +257,7 @@ impl InstallMachine {
             (Phase::Downloading, Event::DownloadFailed { bytes, error }) => self.retry(bytes, error),
             (Phase::Waiting { resume_from }, Event::WaitOver) => {
                 self.attempts += 1;
+                self.attempt_from = resume_from;
                 self.phase = Phase::Downloading;
                 vec![Action::Download { resume_from }]
             }
@@ -306,8 +317,13 @@ impl InstallMachine {
     }
 
     fn retry(&mut self, bytes: u64, error: String) -> Vec<Action> {
-        if self.attempts >= self.policy.max_attempts {
-            let reason = format!("download failed after {} attempts: {error}", self.attempts);
+        let progressed = bytes > self.attempt_from && bytes <= self.target.size;
+        self.stalled = if progressed { 0 } else { self.stalled + 1 };
+        if self.stalled >= self.policy.max_attempts {
+            let reason = format!(
+                "download failed after {} attempts ({} in a row without progress): {error}",
+                self.attempts, self.stalled
+            );
             return self.finish(InstallState::Failed, Some(reason));
         }
         // A file longer than the package can never verify: start over.
@@ -320,7 +336,7 @@ impl InstallMachine {
 
     /// Exponential backoff with equal jitter: half the step fixed, half random.
     fn backoff(&mut self) -> Duration {
-        let exp = self.attempts.saturating_sub(1).min(20);
+        let exp = self.stalled.saturating_sub(1).min(20);
         let step = self.policy.base_backoff.saturating_mul(1 << exp).min(self.policy.max_backoff);
         let half = step / 2;
         let jitter = half.mul_f64((self.next_random() >> 11) as f64 / (1u64 << 53) as f64);
@@ -454,6 +470,26 @@ mod tests {
         // An over-long file restarts from zero.
         m.on(Event::DownloadFailed { bytes: 500, error: "junk".into() });
         assert_eq!(m.on(Event::WaitOver), vec![Action::Download { resume_from: 0 }]);
+    }
+
+    #[test]
+    fn attempts_that_progress_do_not_use_up_the_retries() {
+        let policy = RetryPolicy { max_attempts: 2, ..RetryPolicy::default() };
+        let mut m = InstallMachine::new(release(), None, policy, 7);
+        m.start();
+        for bytes in [10, 20, 30, 40, 50] {
+            let a = m.on(Event::DownloadFailed { bytes, error: "cut".into() });
+            assert!(matches!(a.last(), Some(Action::Wait(_))), "{a:?}");
+            assert_eq!(m.on(Event::WaitOver), vec![Action::Download { resume_from: bytes }]);
+        }
+        assert_eq!(m.attempts(), 6);
+        // Two in a row without a byte more: give up.
+        let a = m.on(Event::DownloadFailed { bytes: 50, error: "cut".into() });
+        assert!(matches!(a.last(), Some(Action::Wait(_))), "{a:?}");
+        m.on(Event::WaitOver);
+        let a = m.on(Event::DownloadFailed { bytes: 50, error: "cut".into() });
+        assert_eq!(a.last(), Some(&Action::Done(InstallState::Failed)), "{a:?}");
+        assert!(m.reason().unwrap().contains("2 in a row without progress"), "{:?}", m.reason());
     }
 
     #[test]

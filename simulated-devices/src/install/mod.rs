@@ -21,6 +21,8 @@ use std::time::{Duration, SystemTime};
 pub use ftp::{Credentials, FtpError, FtpSource, tls_trusting};
 pub use machine::{Action, Event, InstallMachine, InstallState, RetryPolicy};
 
+use tokio::sync::watch;
+
 use crate::package::{self, LATEST_FILE, Release};
 
 /// Longest a self-test may run before it counts as failed.
@@ -73,6 +75,8 @@ pub struct Installer {
     retry: RetryPolicy,
     self_test_timeout: Duration,
     seed: u64,
+    /// Changes when the device's link drops: the running download attempt is cut.
+    link_cuts: Option<watch::Receiver<u32>>,
 }
 
 impl Installer {
@@ -88,12 +92,20 @@ impl Installer {
             retry: RetryPolicy::default(),
             self_test_timeout: DEFAULT_SELF_TEST_TIMEOUT,
             seed,
+            link_cuts: None,
         }
     }
 
     /// Replaces the download retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Cuts the running download attempt (closing its FTP connections) whenever `cuts` changes,
+    /// as a dropped network link would; the attempt counts as failed and is retried.
+    pub fn with_link_cuts(mut self, cuts: watch::Receiver<u32>) -> Self {
+        self.link_cuts = Some(cuts);
         self
     }
 
@@ -216,7 +228,8 @@ impl Installer {
         {
             return Event::DownloadFailed { bytes: 0, error: format!("{}: {e}", dir.display()) };
         }
-        match self.source.download(&release.file, tmp, resume_from).await {
+        let cut = next_cut(self.link_cuts.clone());
+        match self.source.download_until(&release.file, tmp, resume_from, cut).await {
             Ok(bytes) => Event::Downloaded { bytes },
             Err((bytes, e)) => {
                 tracing::debug!(device = %self.source.device_id, "download attempt failed: {e}");
@@ -250,6 +263,17 @@ impl Installer {
             }
         }
     }
+}
+
+/// Resolves at the next change of `cuts`; never without one (or once its sender is gone).
+async fn next_cut(cuts: Option<watch::Receiver<u32>>) {
+    if let Some(mut rx) = cuts {
+        rx.borrow_and_update();
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
 }
 
 /// Unpacks into `releases/.<version>.partial`, then renames it to `releases/<version>`.
