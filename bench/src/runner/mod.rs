@@ -5,7 +5,10 @@
 //! final or `time_limit` passes. It owns the run's hub, fleet and work directory; the hub's state
 //! stays owned by the [`iothub_emulator::Hub`].
 
+pub mod html;
 pub mod metrics;
+pub mod progress;
+pub mod timeseries;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -29,11 +32,11 @@ use tokio::time::Instant;
 
 use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
+use progress::{PROGRESS_EVERY, Progress};
+use timeseries::TimeSeries;
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
-/// How often a progress line is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// The fleet secret device keys derive from (only this process uses it).
 const FLEET_KEY: &str = "dGVzdGJlbmNoLXNjZW5hcmlvLXJ1bm5lci1rZXk=";
 /// The application name of every package the runner builds.
@@ -134,15 +137,17 @@ struct Run {
     telemetry_after: u64,
     rng: StdRng,
     log: Box<dyn FnMut(String) + Send>,
+    progress: Box<dyn FnMut(&Progress) + Send>,
     t0: Instant,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
-/// per timeline step.
+/// per timeline step, `progress` a snapshot every [`PROGRESS_EVERY`].
 pub async fn run(
     plan: ScenarioPlan,
     work_dir: &Path,
     log: impl FnMut(String) + Send + 'static,
+    progress: impl FnMut(&Progress) + Send + 'static,
 ) -> Result<Outcome, RunError> {
     check_supported(&plan)?;
     let HubPlan::Embedded { feedback_interval, c2d_default_ttl } = plan.hub else {
@@ -159,7 +164,7 @@ pub async fn run(
     let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
         .await
         .map_err(|e| setup("starting the hub")(e.to_string()))?;
-    let result = run_with_hub(plan, hub, work_dir, Box::new(log)).await;
+    let result = run_with_hub(plan, hub, work_dir, Box::new(log), Box::new(progress)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
 }
@@ -169,7 +174,9 @@ async fn run_with_hub(
     hub: RunningHub,
     work_dir: &Path,
     log: Box<dyn FnMut(String) + Send>,
+    progress: Box<dyn FnMut(&Progress) + Send>,
 ) -> Result<Outcome, RunError> {
+    let memory_start = crate::memory::current();
     let n = plan.fleet.devices;
     let ids: Vec<String> = (0..n).map(|i| plan.fleet.ids.id(i)).collect();
     let svc = ServiceClient::new(
@@ -207,8 +214,13 @@ async fn run_with_hub(
         obs: Observed {
             scenario: plan.name.clone(),
             device_ids: ids.clone(),
-            final_versions: vec![initial; ids.len()],
+            final_versions: vec![initial.clone(); ids.len()],
             final_states: vec![None; ids.len()],
+            description: plan.description.clone(),
+            hub_start_ms: hub.hub.now(),
+            series: TimeSeries::new(ids.len(), &initial),
+            memory: (memory_start, None),
+            hub_in_process: true,
             ..Observed::default()
         },
         plan,
@@ -220,6 +232,7 @@ async fn run_with_hub(
         telemetry_after: 0,
         rng,
         log,
+        progress,
         t0: Instant::now(),
     };
     let outcome = run.play(&fleet, &svc).await;
@@ -306,12 +319,16 @@ impl Run {
         let mut next = 0;
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
         let limit = self.plan.time_limit;
-        let mut progress_at = PROGRESS_EVERY;
+        let mut progress_at = Duration::ZERO;
         loop {
             let now = self.t0.elapsed();
+            if self.obs.series.due(now) {
+                let rss = crate::memory::current().map(|m| m.rss_kib);
+                self.obs.series.record(now, fleet.connected() as u64, rss);
+            }
             if now >= progress_at {
-                progress_at += PROGRESS_EVERY;
-                self.progress(fleet);
+                progress_at = now + PROGRESS_EVERY;
+                self.progress(&events, next);
             }
             while next < events.len() && events[next].at <= now {
                 self.execute(&events[next].action, events[next].at, fleet, svc, &mut power_on).await?;
@@ -334,6 +351,9 @@ impl Run {
             tokio::time::sleep(TICK).await;
         }
         self.obs.elapsed = self.t0.elapsed();
+        let rss = crate::memory::current().map(|m| m.rss_kib);
+        self.obs.series.record(self.obs.elapsed, fleet.connected() as u64, rss);
+        self.obs.memory.1 = crate::memory::current();
         self.final_twins();
         let unmet = self.obs.unmet(&self.plan.expect);
         Ok(Outcome { observed: self.obs.clone(), unmet })
@@ -385,11 +405,14 @@ impl Run {
                     .map(|j| targets[j])
                     .collect();
                 chosen.sort_unstable();
+                let mut switched_off = Vec::with_capacity(chosen.len());
                 for &i in &chosen {
                     let off_for = draw(duration, &mut self.rng);
                     fleet.set_power(i, false);
                     power_on.push(Reverse((at + off_for, i)));
+                    switched_off.push((i, off_for));
                 }
+                self.obs.offline.record(at, &switched_off);
                 self.say(format!("offline: {} of {} devices switched off", chosen.len(), targets.len()));
             }
             Action::Send { target, count, body, ttl } => {
@@ -470,6 +493,7 @@ impl Run {
                 let Some(version) = v["targetVersion"].as_str() else { continue };
                 if state == "installed" {
                     *self.obs.installs.entry((i, version.to_string())).or_default() += 1;
+                    self.obs.series.installed(i, version);
                 }
                 let Some((r, p)) = self.slot(i, version) else { continue };
                 let t = &mut self.obs.releases[r].devices[p].1;
@@ -511,23 +535,21 @@ impl Run {
         }
     }
 
-    /// Logs connected devices and how far each release got.
-    fn progress(&mut self, fleet: &Fleet) {
-        let releases: Vec<String> = self
-            .obs
-            .releases
-            .iter()
-            .map(|r| {
-                let reported = r.devices.iter().filter(|(_, t)| t.reported.is_some()).count();
-                format!("{} reported by {reported}/{}", r.version, r.devices.len())
-            })
-            .collect();
-        let mut line = format!("connected {}/{}", fleet.connected(), self.ids.len());
-        for r in releases {
-            line.push_str("; ");
-            line.push_str(&r);
-        }
-        self.say(line);
+    /// Hands the progress callback a snapshot (connected devices as of the last sample).
+    fn progress(&mut self, events: &[crate::scenario::plan::Event], next: usize) {
+        let devices = self.obs.releases.iter().flat_map(|r| r.devices.iter());
+        let (targeted, installed) =
+            devices.fold((0, 0), |(n, k), (_, t)| (n + 1, k + usize::from(t.installed.is_some())));
+        let snapshot = Progress {
+            elapsed: self.t0.elapsed(),
+            phase: progress::phase(events, next),
+            devices: self.ids.len(),
+            connected: self.obs.series.connected.last().copied().unwrap_or(0) as usize,
+            targeted,
+            installed,
+            time_limit: self.plan.time_limit,
+        };
+        (self.progress)(&snapshot);
     }
 
     /// Every targeted device is final and every acked message has its feedback.
