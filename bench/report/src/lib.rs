@@ -53,7 +53,8 @@ pub struct ReportData {
     pub summary: Vec<Row>,
     /// Latency percentiles per stage.
     pub latency: Vec<LatencyRow>,
-    /// End-to-end latency percentiles by how long the device was offline.
+    /// End-to-end latency percentiles by how long the device was offline, the "never offline"
+    /// row first; the table is shown when any other row has samples.
     pub latency_by_offline: Vec<LatencyRow>,
     /// Fleet size (the top of the connected-devices plot).
     pub devices: u64,
@@ -187,7 +188,7 @@ pub fn render(data: &ReportData) -> Result<String, Error> {
     }
     h.push_str("</table>\n<h2>Latency (ms)</h2>\n");
     latency_table(&mut h, "stage", &data.latency);
-    if data.latency_by_offline.iter().any(|r| r.count > 0) {
+    if data.latency_by_offline.iter().skip(1).any(|r| r.count > 0) {
         h.push_str("<p>End to end, by how long the device was offline while its update was pending:</p>\n");
         latency_table(&mut h, "offline", &data.latency_by_offline);
     }
@@ -349,6 +350,15 @@ fn share_plot(data: &ReportData, svg: &mut String) -> DrawResult {
     Ok(())
 }
 
+/// True for 1, 2 or 5 times a power of ten (the log axis labels only those).
+fn one_two_five(v: f64) -> bool {
+    if !(v.is_finite() && v > 0.0) {
+        return false;
+    }
+    let m = v / 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].iter().any(|t| (m - t).abs() < 1e-6)
+}
+
 /// "250 ms", "1.5 s", "2 min": a latency tick label.
 fn duration_label(secs: f64) -> String {
     if secs < 1.0 {
@@ -369,7 +379,9 @@ fn cdf_plot(data: &ReportData, svg: &mut String) -> DrawResult {
     let (lo, hi) = if hi > 0.0 {
         let lo = 10f64.powf(lo.log10().floor());
         let hi = 10f64.powf(hi.log10().ceil());
-        (lo, if hi > lo { hi } else { lo * 10.0 })
+        let hi = if hi > lo { hi } else { lo * 10.0 };
+        // A hair wider than the decades so rounding keeps both ends' ticks.
+        (lo * 0.999, hi * 1.001)
     } else {
         (0.001, 1.0)
     };
@@ -383,7 +395,11 @@ fn cdf_plot(data: &ReportData, svg: &mut String) -> DrawResult {
         .configure_mesh()
         .x_desc("latency (log scale)")
         .y_desc("samples at or below (%)")
-        .x_label_formatter(&|v| duration_label(*v))
+        // Up to 9 ticks a decade when few decades; only 1, 2 and 5 get a label.
+        .x_labels(30)
+        .x_label_formatter(&|v| if one_two_five(*v) { duration_label(*v) } else { String::new() })
+        // Those ticks already grid each decade; light lines in between would only crowd it.
+        .light_line_style(WHITE)
         .y_label_formatter(&|v| format!("{v:.0}%"))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
@@ -394,7 +410,9 @@ fn cdf_plot(data: &ReportData, svg: &mut String) -> DrawResult {
             continue;
         }
         let c = COLOURS[k % COLOURS.len()];
-        let pts = s.points.iter().map(|&(ms, f)| ((ms / 1000.0).max(lo), f * 100.0));
+        // The CDF is 0 below the first sample.
+        let first = s.points.first().map(|&(ms, _)| ((ms / 1000.0).max(lo), 0.0));
+        let pts = first.into_iter().chain(s.points.iter().map(|&(ms, f)| ((ms / 1000.0).max(lo), f * 100.0)));
         chart
             .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
             .label(s.name.as_str())
@@ -583,6 +601,8 @@ mod tests {
 
     #[test]
     fn tick_labels_read_as_units() {
+        assert!(one_two_five(0.02) && one_two_five(5.0) && one_two_five(100.0));
+        assert!(!one_two_five(0.03) && !one_two_five(7.0) && !one_two_five(0.0));
         assert_eq!(duration_label(0.25), "250 ms");
         assert_eq!(duration_label(1.5), "1.5 s");
         assert_eq!(duration_label(300.0), "5 min");
