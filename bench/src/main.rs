@@ -103,14 +103,19 @@ async fn run(file: PathBuf, devices: Option<u64>, out: Option<PathBuf>) -> anyho
 /// How often a plain progress line is printed when stdout is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
+/// Before the first release: spinner, elapsed time and the message.
+const IDLE_TEMPLATE: &str = "{spinner} [{elapsed_precise}] {wide_msg}";
+/// Once notices went out: also installed / targeted.
+const BAR_TEMPLATE: &str =
+    "{spinner} [{elapsed_precise}] {bar:25.cyan/blue} {pos}/{len} installed · {wide_msg}";
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).expect("a valid progress template").progress_chars("=> ")
+}
+
 fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} installed · {msg}",
-    )
-    .expect("a valid progress template")
-    .progress_chars("=> ");
-    bar.set_style(style);
+    bar.set_style(bar_style(IDLE_TEMPLATE));
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
@@ -121,6 +126,9 @@ fn progress_renderer(bar: Option<ProgressBar>) -> impl FnMut(&Progress) + Send +
     let mut next_line = PLAIN_PROGRESS_EVERY;
     move |p: &Progress| match &bar {
         Some(b) => {
+            if p.targeted > 0 && b.length() == Some(0) {
+                b.set_style(bar_style(BAR_TEMPLATE));
+            }
             b.set_length(p.targeted as u64);
             b.set_position(p.installed as u64);
             b.set_message(format!("connected {}/{} · {}", p.connected, p.devices, p.phase));

@@ -350,6 +350,12 @@ fn share_plot(data: &ReportData, svg: &mut String) -> DrawResult {
     Ok(())
 }
 
+/// The smallest 1, 2 or 5 times a power of ten at or above `v` (> 0).
+fn nice_above(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * p).find(|&n| n >= v * (1.0 - 1e-9)).unwrap_or(10.0 * p)
+}
+
 /// True for 1, 2 or 5 times a power of ten (the log axis labels only those).
 fn one_two_five(v: f64) -> bool {
     if !(v.is_finite() && v > 0.0) {
@@ -363,7 +369,7 @@ fn one_two_five(v: f64) -> bool {
 fn duration_label(secs: f64) -> String {
     if secs < 1.0 {
         format!("{} ms", (secs * 1000.0).round())
-    } else if secs < 120.0 {
+    } else if secs < 600.0 {
         format!("{} s", (secs * 10.0).round() / 10.0)
     } else {
         format!("{} min", (secs / 6.0).round() / 10.0)
@@ -377,8 +383,8 @@ fn cdf_plot(data: &ReportData, svg: &mut String) -> DrawResult {
     let (lo, hi) =
         xs.filter(|x| x.is_finite() && *x > 0.0).fold((f64::MAX, 0f64), |(a, b), x| (a.min(x), b.max(x)));
     let (lo, hi) = if hi > 0.0 {
-        let lo = 10f64.powf(lo.log10().floor());
-        let hi = 10f64.powf(hi.log10().ceil());
+        // A power of ten on the left (plotters' log ticks start at one); 1, 2 or 5 on the right.
+        let (lo, hi) = (10f64.powf(lo.log10().floor()), nice_above(hi));
         let hi = if hi > lo { hi } else { lo * 10.0 };
         // A hair wider than the decades so rounding keeps both ends' ticks.
         (lo * 0.999, hi * 1.001)
@@ -388,6 +394,7 @@ fn cdf_plot(data: &ReportData, svg: &mut String) -> DrawResult {
     let mut chart = ChartBuilder::on(&root)
         .caption("Latency CDF per stage", (FONT, 22))
         .margin(14)
+        .margin_right(36)
         .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)?;
@@ -605,7 +612,12 @@ mod tests {
         assert!(!one_two_five(0.03) && !one_two_five(7.0) && !one_two_five(0.0));
         assert_eq!(duration_label(0.25), "250 ms");
         assert_eq!(duration_label(1.5), "1.5 s");
-        assert_eq!(duration_label(300.0), "5 min");
+        assert_eq!(duration_label(300.0), "300 s");
+        assert_eq!(duration_label(1200.0), "20 min");
+        assert_eq!(nice_above(0.03), 0.05);
+        assert_eq!(nice_above(294.4), 500.0);
+        assert_eq!(nice_above(1.0), 1.0);
+        assert_eq!(nice_above(0.7), 1.0);
         assert_eq!(count_label(950.0), "950");
         assert_eq!(count_label(2.5), "2.5");
         assert_eq!(time_label(20.0, 90.0), "20");

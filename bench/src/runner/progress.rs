@@ -40,8 +40,8 @@ fn what(action: &Action) -> String {
 }
 
 /// The phase of a timeline whose first `next` events ran: "before the first event (release
-/// 2.0.0 at 5s)", "after release 2.0.0 at 5s (next: offline at 20s)" or "settling (every event
-/// ran; waiting for installs and feedback)".
+/// 2.0.0 at 5s)", "after release 2.0.0 at 5s (next: offline at 20s)" or, once every event ran,
+/// "settling: waiting for installs and feedback".
 pub fn phase(events: &[Event], next: usize) -> String {
     let at = |e: &Event| format!("{}", humantime::format_duration(e.at));
     match (next.checked_sub(1).and_then(|p| events.get(p)), events.get(next)) {
@@ -49,7 +49,7 @@ pub fn phase(events: &[Event], next: usize) -> String {
         (Some(p), Some(n)) => {
             format!("after {} at {} (next: {} at {})", what(&p.action), at(p), what(&n.action), at(n))
         }
-        _ => "settling (every event ran; waiting for installs and feedback)".to_string(),
+        _ => "settling: waiting for installs and feedback".to_string(),
     }
 }
 
