@@ -12,8 +12,11 @@ use serde_json::{Value, json};
 /// The most samples a series holds; when full, every other sample is dropped and the interval
 /// doubles, so a run of any length costs at most this many.
 pub const MAX_SAMPLES: usize = 1000;
-/// The sampling interval a run starts with.
+/// The sampling interval a run of up to 250,000 devices starts with.
 pub const FIRST_INTERVAL: Duration = Duration::from_millis(250);
+/// Bigger fleets start at this much per device: counting connected devices reads one flag per
+/// device (about 14 ms for a million), so a million-device run samples once a second.
+const INTERVAL_PER_DEVICE: Duration = Duration::from_micros(1);
 
 /// Samples over time, columnar (one vector per quantity, same length as `t_ms`).
 #[derive(Debug, Clone)]
@@ -46,7 +49,7 @@ impl TimeSeries {
     /// A series for `devices` devices, all on `initial_version`.
     pub fn new(devices: usize, initial_version: &str) -> Self {
         Self {
-            interval: FIRST_INTERVAL,
+            interval: FIRST_INTERVAL.max(INTERVAL_PER_DEVICE * devices as u32),
             next_at: Duration::ZERO,
             t_ms: Vec::new(),
             connected: Vec::new(),
@@ -221,6 +224,12 @@ mod tests {
         let j = s.to_json();
         assert_eq!(j["onVersion"]["2.0.0"], json!([0, 2, 1]));
         assert_eq!(j["tMs"], json!([0, 250, 500]));
+    }
+
+    #[test]
+    fn big_fleets_sample_less_often() {
+        assert_eq!(TimeSeries::new(1000, "1").interval(), FIRST_INTERVAL);
+        assert_eq!(TimeSeries::new(1_000_000, "1").interval(), Duration::from_secs(1));
     }
 
     #[test]
