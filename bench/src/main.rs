@@ -3,9 +3,12 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use testbench::runner::progress::Progress;
 
 /// The IoT Hub emulator's test bench.
 #[derive(Debug, Parser)]
@@ -31,7 +34,7 @@ enum Command {
         /// Overrides `fleet.devices`; the device counts in `[expect]` scale with it (rounded).
         #[arg(long, env = "IOTHUB_EMULATOR_DEVICES")]
         devices: Option<u64>,
-        /// Where `report.json` goes [default: ./testbench-report/<scenario>].
+        /// Where `report.json` and `report.html` go [default: ./testbench-report/<scenario>].
         #[arg(long, env = "IOTHUB_EMULATOR_OUT")]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -131,17 +134,81 @@ async fn run(
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let expect_name = plan.name.clone();
     println!("running {expect_name}: {} devices", plan.fleet.devices);
-    let outcome = testbench::runner::run(plan, &out.join("work"), |line| println!("{line}")).await?;
+    let tty = std::io::stdout().is_terminal();
+    let bar = tty.then(progress_bar);
+    let log_bar = bar.clone();
+    let log = move |line: String| match &log_bar {
+        Some(b) => b.println(line),
+        None => println!("{line}"),
+    };
+    let outcome =
+        testbench::runner::run(plan, &out.join("work"), log, progress_renderer(bar.clone())).await?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     let report = outcome.observed.report_json(&outcome.unmet);
     let path = out.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    let tty = std::io::stdout().is_terminal();
+    let html = testbench::runner::html::render(&outcome.observed, &outcome.unmet)
+        .context("rendering report.html")?;
+    let html_path = out.join("report.html");
+    std::fs::write(&html_path, html).with_context(|| format!("writing {}", html_path.display()))?;
     for line in outcome.observed.summary_lines(&outcome.unmet) {
         if tty && line.starts_with("unmet:") { println!("\x1b[31m{line}\x1b[0m") } else { println!("{line}") }
     }
     println!("report: {}", path.display());
+    println!("report: {}", html_path.display());
     Ok(if outcome.unmet.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// How often a plain progress line is printed when stdout is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Before the first release: spinner, elapsed time and the message.
+const IDLE_TEMPLATE: &str = "{spinner} [{elapsed_precise}] {wide_msg}";
+/// Once notices went out: also installed / targeted.
+const BAR_TEMPLATE: &str =
+    "{spinner} [{elapsed_precise}] {bar:25.cyan/blue} {pos}/{len} installed · {wide_msg}";
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).expect("a valid progress template").progress_chars("=> ")
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(bar_style(IDLE_TEMPLATE));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Draws the runner's progress: on the bar when there is one, else a plain line every
+/// [`PLAIN_PROGRESS_EVERY`].
+fn progress_renderer(bar: Option<ProgressBar>) -> impl FnMut(&Progress) + Send + 'static {
+    let mut next_line = PLAIN_PROGRESS_EVERY;
+    move |p: &Progress| match &bar {
+        Some(b) => {
+            if p.targeted > 0 && b.length() == Some(0) {
+                b.set_style(bar_style(BAR_TEMPLATE));
+            }
+            b.set_length(p.targeted as u64);
+            b.set_position(p.installed as u64);
+            b.set_message(format!("connected {}/{} · {}", p.connected, p.devices, p.phase));
+        }
+        None if p.elapsed >= next_line => {
+            next_line = p.elapsed + PLAIN_PROGRESS_EVERY;
+            println!(
+                "[{:7.1}s] connected {}/{}; installed {}/{} targeted; {}",
+                p.elapsed.as_secs_f64(),
+                p.connected,
+                p.devices,
+                p.installed,
+                p.targeted,
+                p.phase
+            );
+        }
+        None => {}
+    }
 }
 
 fn main() -> anyhow::Result<ExitCode> {

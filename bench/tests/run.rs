@@ -50,6 +50,21 @@ fn quickstart_scaled_to_10_devices_passes_and_writes_report_json() {
     );
     assert!(p50 >= 1 && p50 <= max, "{r}");
     assert!(!out.path().join("work").exists(), "the work directory is removed");
+    // The time series, memory and the latency breakdown by offline time.
+    let ts = &r["timeSeries"];
+    let samples = ts["tMs"].as_array().unwrap().len();
+    assert!(samples >= 2, "{ts}");
+    assert_eq!(ts["connected"].as_array().unwrap().len(), samples);
+    assert_eq!(ts["onVersion"]["2.0.0"].as_array().unwrap().last().unwrap(), 10, "{ts}");
+    assert_eq!(ts["onVersion"]["1.0.0"][0], 10, "{ts}");
+    assert!(r["memory"]["rssPeakKib"].as_u64().unwrap() >= r["memory"]["rssEndKib"].as_u64().unwrap(), "{r}");
+    assert_eq!(r["latencyByOffline"][0]["offline"], "online");
+    assert_eq!(r["latencyByOffline"][0]["count"], 10, "nobody went offline: {r}");
+    assert_eq!(r["offlineWindows"], serde_json::json!([]));
+    let html = std::fs::read_to_string(out.path().join("report.html")).expect("report.html written");
+    assert_eq!(html.matches("<svg").count(), 3);
+    assert!(html.contains("Verdict: every expectation met"));
+    assert!(all.contains(&format!("report: {}", out.path().join("report.html").display())), "{all}");
 }
 
 fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
@@ -131,6 +146,18 @@ success = 6
     assert_eq!(e2e["count"], 6, "{r}");
     // The switched-off half came back 0.5-1.5 s after the release: they set the maximum.
     assert!(e2e["maxMs"].as_u64().unwrap() >= 500, "{r}");
+    let w = &r["offlineWindows"][0];
+    assert_eq!(w["devices"], 3, "{r}");
+    assert_eq!(w["startMs"], 500, "{r}");
+    let end = w["endMs"].as_u64().unwrap();
+    assert!((1500..=2500).contains(&end), "{r}");
+    // Switched off before the release at 1 s, back 0.5-1.5 s after it: the three land in `<1m`.
+    let by_off = &r["latencyByOffline"];
+    assert_eq!((by_off[0]["count"].as_u64(), by_off[1]["count"].as_u64()), (Some(3), Some(3)), "{r}");
+    assert_eq!(by_off[1]["offline"], "<1m");
+    assert!(by_off[1]["p50Ms"].as_u64().unwrap() >= 500, "{r}");
+    let html = std::fs::read_to_string(out.join("report.html")).expect("report.html written");
+    assert!(html.contains("offline windows (3 devices switched off)"), "the window is shaded");
 }
 
 #[test]

@@ -63,6 +63,7 @@ impl Setup {
             max_concurrent_installs: 10,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
+            initial_version: None,
         };
         let fleet =
             Fleet::start(cfg, Arc::new(FtpBackend::new(self.hub.ftp_addr.unwrap().to_string()))).await;

@@ -1,7 +1,8 @@
 //! What a run observed and the verdict on it: per-device timings of every release (sent,
 //! delivered, installed, reported, in hub milliseconds), feedback tallies, end-to-end latency
-//! percentiles (hdrhistogram), the evaluation of `[expect]` and `report.json`. Pure data: the
-//! runner ([`super`]) fills it in; nothing here touches a socket.
+//! percentiles (hdrhistogram) per stage and, end to end, by how long the device was offline,
+//! the time series ([`super::timeseries`]), memory, the evaluation of `[expect]` and
+//! `report.json`. Pure data: the runner ([`super`]) fills it in; nothing here touches a socket.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,7 +11,14 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use super::rollout::RolloutRecord;
+use super::timeseries::{OfflineLog, TimeSeries};
+use crate::memory::Memory;
 use crate::scenario::plan::{Expectations, FeedbackTallies};
+
+/// End-to-end latency buckets by how long the device was switched off between the notice being
+/// sent and the twin reporting the version: (name, offline below this many ms).
+pub const OFFLINE_BUCKETS: [(&str, u64); 4] =
+    [("online", 1), ("<1m", 60_000), ("1-5m", 300_000), (">5m", u64::MAX)];
 
 /// Timings of one release at one device, in hub milliseconds (Unix epoch).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,6 +112,19 @@ pub struct Observed {
     pub timed_out: bool,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// The scenario's description.
+    pub description: String,
+    /// The hub's clock (ms since the Unix epoch) when the run started: turns [`DeviceTimes`]
+    /// into times since the start.
+    pub hub_start_ms: u64,
+    /// Connected devices, versions and memory over time.
+    pub series: TimeSeries,
+    /// Devices the timeline switched off.
+    pub offline: OfflineLog,
+    /// This process's memory when the run started (hub up, fleet not yet) and when it ended.
+    pub memory: (Option<Memory>, Option<Memory>),
+    /// The hub and the fleet run in this process, so [`Self::memory`] is theirs together.
+    pub hub_in_process: bool,
 }
 
 /// p50/p90/p99/max of one latency, in milliseconds, with the sample count.
@@ -155,25 +176,73 @@ pub struct Latencies {
     pub end_to_end: Percentiles,
 }
 
+/// A stage: from which timestamp to which.
+pub type Stage = (fn(&DeviceTimes) -> Option<u64>, fn(&DeviceTimes) -> Option<u64>);
+
+/// The stages of [`Latencies`] with their report names: delivery, install, end to end.
+pub const STAGES: [(&str, Stage); 3] = [
+    ("delivery", (|t| t.sent, |t| t.delivered)),
+    ("install", (|t| t.delivered, |t| t.installed)),
+    ("end to end", (|t| t.sent, |t| t.reported)),
+];
+
 impl Observed {
-    fn stage(
-        &self,
-        from: fn(&DeviceTimes) -> Option<u64>,
-        to: fn(&DeviceTimes) -> Option<u64>,
-    ) -> Percentiles {
-        Percentiles::of(self.releases.iter().flat_map(|r| r.devices.iter()).filter_map(|(_, t)| {
-            let (a, b) = (from(t)?, to(t)?);
-            Some(b.saturating_sub(a))
-        }))
+    /// Every sample of one stage, in milliseconds, unsorted.
+    pub fn stage_samples(&self, (from, to): Stage) -> Vec<u64> {
+        self.releases
+            .iter()
+            .flat_map(|r| r.devices.iter())
+            .filter_map(|(_, t)| {
+                let (a, b) = (from(t)?, to(t)?);
+                Some(b.saturating_sub(a))
+            })
+            .collect()
+    }
+
+    /// End-to-end percentiles per [`OFFLINE_BUCKETS`] bucket, by how long each device was
+    /// switched off between its notice being sent and its twin reporting the version.
+    pub fn latency_by_offline(&self) -> Vec<(&'static str, Percentiles)> {
+        let index = self.offline.index();
+        let mut buckets: Vec<Vec<u64>> = vec![Vec::new(); OFFLINE_BUCKETS.len()];
+        for (i, t) in self.releases.iter().flat_map(|r| r.devices.iter()) {
+            let (Some(sent), Some(reported)) = (t.sent, t.reported) else { continue };
+            let off = index.offline_ms(
+                *i,
+                sent.saturating_sub(self.hub_start_ms),
+                reported.saturating_sub(self.hub_start_ms),
+            );
+            let b = OFFLINE_BUCKETS
+                .iter()
+                .position(|&(_, below)| off < below)
+                .unwrap_or(OFFLINE_BUCKETS.len() - 1);
+            buckets[b].push(reported.saturating_sub(sent));
+        }
+        OFFLINE_BUCKETS
+            .iter()
+            .zip(buckets)
+            .map(|(&(name, _), v)| (name, Percentiles::of(v.into_iter())))
+            .collect()
+    }
+
+    /// `report.json`'s `memory`.
+    fn memory_json(&self) -> Value {
+        let (start, end) = self.memory;
+        json!({
+            "scope": if self.hub_in_process {
+                "this process: hub, FTP server, fleet and runner share it (embedded mode)"
+            } else {
+                "this process: the runner and its fleet"
+            },
+            "rssStartKib": start.map(|m| m.rss_kib),
+            "rssEndKib": end.map(|m| m.rss_kib),
+            "rssPeakKib": end.map(|m| m.peak_kib),
+        })
     }
 
     /// Latency percentiles per stage.
     pub fn latencies(&self) -> Latencies {
-        Latencies {
-            delivery: self.stage(|t| t.sent, |t| t.delivered),
-            install: self.stage(|t| t.delivered, |t| t.installed),
-            end_to_end: self.stage(|t| t.sent, |t| t.reported),
-        }
+        let p = |k: usize| Percentiles::of(self.stage_samples(STAGES[k].1).into_iter());
+        Latencies { delivery: p(0), install: p(1), end_to_end: p(2) }
     }
 
     /// Devices that installed a version more than once: (id, version, times).
@@ -366,6 +435,15 @@ impl Observed {
             "rollout": self.rollout.as_ref().map(RolloutRecord::to_json),
             "failedDevices": self.failed_devices(),
             "duplicateInstalls": dups,
+            "latencyByOffline": self.latency_by_offline().into_iter().zip(OFFLINE_BUCKETS).map(|((name, p), (_, below))| {
+                let mut v = p.to_json();
+                v["offline"] = json!(name);
+                v["offlineBelowMs"] = if below == u64::MAX { Value::Null } else { json!(below) };
+                v
+            }).collect::<Vec<_>>(),
+            "memory": self.memory_json(),
+            "offlineWindows": self.offline.to_json(),
+            "timeSeries": self.series.to_json(),
             "releases": releases,
         })
     }
@@ -389,6 +467,16 @@ impl Observed {
             row("install", lat.install),
             row("end-to-end", lat.end_to_end),
         ];
+        let by_offline = self.latency_by_offline();
+        if by_offline.iter().skip(1).any(|(_, p)| p.count > 0) {
+            for (name, p) in by_offline {
+                if p.count > 0 {
+                    let name =
+                        if name == "online" { "e2e online".to_string() } else { format!("e2e off{name}") };
+                    lines.push(row(&name, p));
+                }
+            }
+        }
         for r in &self.releases {
             let n = |f: fn(&DeviceTimes) -> bool| r.devices.iter().filter(|(_, t)| f(t)).count();
             lines.push(format!(
@@ -405,6 +493,25 @@ impl Observed {
         }
         if let Some(r) = &self.rollout {
             lines.extend(r.summary_lines());
+        }
+        for (k, w) in self.offline.windows.iter().enumerate() {
+            lines.push(format!(
+                "  offline window {}: {} devices from {:.1} s to {:.1} s",
+                k + 1,
+                w.devices,
+                w.start.as_secs_f64(),
+                w.end.as_secs_f64()
+            ));
+        }
+        let (start, end) = self.memory;
+        if let (Some(start), Some(end)) = (start, end) {
+            lines.push(format!(
+                "  memory (RSS{}): start {:.1} MiB, peak {:.1} MiB, end {:.1} MiB",
+                if self.hub_in_process { " of hub + fleet + runner, one process" } else { "" },
+                start.rss_kib as f64 / 1024.0,
+                end.peak_kib as f64 / 1024.0,
+                end.rss_kib as f64 / 1024.0
+            ));
         }
         let f = self.feedback;
         lines.push(format!(

@@ -8,10 +8,13 @@
 
 pub mod events;
 pub mod external;
+pub mod html;
 pub mod hub_side;
 pub mod metrics;
+pub mod progress;
 pub mod rollout;
 pub mod shards;
+pub mod timeseries;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -30,12 +33,12 @@ use tokio::time::Instant;
 use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target};
 use hub_side::{FleetSide, HubSide, Outgoing, Sent};
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
+use progress::{PROGRESS_EVERY, Progress};
 use shards::ShardedFleet;
+use timeseries::TimeSeries;
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
-/// How often a progress line is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// The fleet secret device keys derive from (only this process uses it).
 const FLEET_KEY: &str = "dGVzdGJlbmNoLXNjZW5hcmlvLXJ1bm5lci1rZXk=";
 /// The application name of every package the runner builds.
@@ -143,23 +146,25 @@ struct Run {
     obs: Observed,
     rng: StdRng,
     log: Box<dyn FnMut(String) + Send>,
+    progress: Box<dyn FnMut(&Progress) + Send>,
     t0: Instant,
     /// Link flaps still to come and the FTP fault's end.
     faults: events::Faults,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
-/// per timeline step.
+/// per timeline step, `progress` a snapshot every [`PROGRESS_EVERY`].
 pub async fn run(
     plan: ScenarioPlan,
     work_dir: &Path,
     log: impl FnMut(String) + Send + 'static,
+    progress: impl FnMut(&Progress) + Send + 'static,
 ) -> Result<Outcome, RunError> {
     check_supported(&plan)?;
     let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir).map_err(|e| setup("work directory")(e.to_string()))?;
     let hub = HubSide::start(&plan.hub, work_dir).await?;
-    let result = run_with_hub(plan, hub, work_dir, Box::new(log)).await;
+    let result = run_with_hub(plan, hub, work_dir, Box::new(log), Box::new(progress)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
 }
@@ -169,7 +174,9 @@ async fn run_with_hub(
     hub: HubSide,
     work_dir: &Path,
     mut log: Box<dyn FnMut(String) + Send>,
+    progress: Box<dyn FnMut(&Progress) + Send>,
 ) -> Result<Outcome, RunError> {
+    let memory_start = crate::memory::current();
     let n = plan.fleet.devices;
     let ids: Vec<String> = (0..n).map(|i| plan.fleet.ids.id(i)).collect();
     let index: HashMap<String, usize> = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
@@ -212,9 +219,14 @@ async fn run_with_hub(
         obs: Observed {
             scenario: plan.name.clone(),
             device_ids: ids.clone(),
-            final_versions: vec![initial; ids.len()],
+            final_versions: vec![initial.clone(); ids.len()],
             final_states: vec![None; ids.len()],
             rollout: plan.rollout.as_ref().map(rollout::RolloutRecord::new),
+            description: plan.description.clone(),
+            hub_start_ms: hub.now(),
+            series: TimeSeries::new(ids.len(), &initial),
+            memory: (memory_start, None),
+            hub_in_process: hub.embedded().is_some() && fleet.in_process().is_some(),
             ..Observed::default()
         },
         plan,
@@ -225,6 +237,7 @@ async fn run_with_hub(
         by_message: HashMap::new(),
         rng,
         log,
+        progress,
         t0: Instant::now(),
         faults: events::Faults::default(),
     };
@@ -300,12 +313,17 @@ impl Run {
         let mut next = 0;
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
         let limit = self.plan.time_limit;
-        let mut progress_at = PROGRESS_EVERY;
+        let mut progress_at = Duration::ZERO;
         loop {
             let now = self.t0.elapsed();
+            if self.obs.series.due(now) {
+                let connected = fleet.connected(&self.index).await? as u64;
+                let rss = crate::memory::current().map(|m| m.rss_kib);
+                self.obs.series.record(now, connected, rss);
+            }
             if now >= progress_at {
-                progress_at += PROGRESS_EVERY;
-                self.progress(fleet).await?;
+                progress_at = now + PROGRESS_EVERY;
+                self.progress(&events, next);
             }
             while next < events.len() && events[next].at <= now {
                 self.execute(&events[next].action, events[next].at, fleet, svc, &mut power_on).await?;
@@ -330,6 +348,10 @@ impl Run {
             tokio::time::sleep(TICK).await;
         }
         self.obs.elapsed = self.t0.elapsed();
+        let connected = fleet.connected(&self.index).await? as u64;
+        let rss = crate::memory::current().map(|m| m.rss_kib);
+        self.obs.series.record(self.obs.elapsed, connected, rss);
+        self.obs.memory.1 = crate::memory::current();
         self.collect_fleet_counts(fleet);
         self.final_twins().await?;
         let unmet = self.obs.unmet(&self.plan.expect);
@@ -357,11 +379,14 @@ impl Run {
                     .map(|j| targets[j])
                     .collect();
                 chosen.sort_unstable();
+                let mut switched_off = Vec::with_capacity(chosen.len());
                 for &i in &chosen {
                     let off_for = draw(duration, &mut self.rng);
                     fleet.set_power(i, false);
                     power_on.push(Reverse((at + off_for, i)));
+                    switched_off.push((i, off_for));
                 }
+                self.obs.offline.record(at, &switched_off);
                 self.say(format!("offline: {} of {} devices switched off", chosen.len(), targets.len()));
             }
             Action::Send { target, count, body, ttl } => {
@@ -476,6 +501,7 @@ impl Run {
             let Some(version) = v["targetVersion"].as_str() else { continue };
             if state == "installed" {
                 *self.obs.installs.entry((i, version.to_string())).or_default() += 1;
+                self.obs.series.installed(i, version);
             }
             let Some((r, p)) = self.slot(i, version) else { continue };
             let t = &mut self.obs.releases[r].devices[p].1;
@@ -522,24 +548,21 @@ impl Run {
         Ok(())
     }
 
-    /// Logs connected devices and how far each release got.
-    async fn progress(&mut self, fleet: &FleetSide) -> Result<(), RunError> {
-        let releases: Vec<String> = self
-            .obs
-            .releases
-            .iter()
-            .map(|r| {
-                let reported = r.devices.iter().filter(|(_, t)| t.reported.is_some()).count();
-                format!("{} reported by {reported}/{}", r.version, r.devices.len())
-            })
-            .collect();
-        let mut line = format!("connected {}/{}", fleet.connected(&self.index).await?, self.ids.len());
-        for r in releases {
-            line.push_str("; ");
-            line.push_str(&r);
-        }
-        self.say(line);
-        Ok(())
+    /// Hands the progress callback a snapshot (connected devices as of the last sample).
+    fn progress(&mut self, events: &[crate::scenario::plan::Event], next: usize) {
+        let devices = self.obs.releases.iter().flat_map(|r| r.devices.iter());
+        let (targeted, installed) =
+            devices.fold((0, 0), |(n, k), (_, t)| (n + 1, k + usize::from(t.installed.is_some())));
+        let snapshot = Progress {
+            elapsed: self.t0.elapsed(),
+            phase: progress::phase(events, next),
+            devices: self.ids.len(),
+            connected: self.obs.series.connected.last().copied().unwrap_or(0) as usize,
+            targeted,
+            installed,
+            time_limit: self.plan.time_limit,
+        };
+        (self.progress)(&snapshot);
     }
 
     /// Every targeted device is final and every acked message has its feedback.
