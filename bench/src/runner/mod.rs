@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use iothub_emulator::clock::parse_iso8601;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simulated_devices::fleet::{self, Fleet};
@@ -504,11 +505,16 @@ impl Run {
                 self.obs.series.installed(i, version);
             }
             let Some((r, p)) = self.slot(i, version) else { continue };
+            // The device's own time of the transition: its events can reach the hub in a burst
+            // (QoS 1 publishes queued behind a download), so the hub's enqueue time would move
+            // "delivered" late and shrink "install". Same host clock as the hub's in every mode
+            // the runner supports; the hub's time is the fallback.
+            let at = v["timestamp"].as_str().and_then(parse_iso8601).unwrap_or(m.enqueued_at);
             let t = &mut self.obs.releases[r].devices[p].1;
-            t.delivered.get_or_insert(m.enqueued_at);
+            t.delivered.get_or_insert(at);
             match state.as_str() {
                 "installed" => {
-                    t.installed.get_or_insert(m.enqueued_at);
+                    t.installed.get_or_insert(at);
                 }
                 "failed" | "rolled-back" | "already-installed" => self.tracking[r].terminal[p] = true,
                 _ => {}
