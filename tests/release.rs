@@ -159,3 +159,63 @@ async fn amqp_client_reports_a_missing_device_as_not_found_and_keeps_the_connect
     }
     hub.stop().await
 }
+
+/// Mints `iothubowner` tokens that expire `lifetime_secs` from when each is made.
+fn short_tokens(hub: &TestHub, lifetime_secs: u64) -> simulated_devices::amqp_client::TokenSource {
+    let key = hub
+        .running
+        .hub
+        .policies()
+        .iter()
+        .find(|p| p.name == "iothubowner")
+        .expect("owner policy")
+        .primary_key
+        .clone();
+    let host = hub.hostname().to_string();
+    std::sync::Arc::new(move || {
+        iothub_emulator::sas::make_token(
+            &host,
+            &key,
+            Some("iothubowner"),
+            iothub_emulator_tests::now_secs() + lifetime_secs,
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
+#[tokio::test]
+async fn amqp_client_renews_its_cbs_token_and_keeps_sending_past_the_first_tokens_expiry() -> Result<()> {
+    // No skew: a token is refused the second after its `se`.
+    let hub = TestHub::start_with(HubConfig { sas_skew_secs: 0, ..HubConfig::default() }).await?;
+    let svc = service(&hub)?;
+    let ids = fleet::device_ids(&format!("{}-{{n}}", unique("renew")).parse()?, 1, Shard::default());
+    fleet::seed(&svc, "c2VlZC1mb3ItdGhlLXJlbGVhc2UtdGVzdA==", &ids, 1).await?;
+    let msg =
+        |id: &str| C2dSend { body: b"hi".to_vec(), message_id: id.into(), ack: "none", ..C2dSend::default() };
+    let source = short_tokens(&hub, 2);
+    let first_expiry = iothub_emulator_tests::now_secs() + 2;
+    let renewing = AmqpService::connect_renewing(
+        &amqp_endpoint(&hub),
+        svc.hub_host(),
+        source.clone(),
+        Duration::from_millis(300),
+    )
+    .await?;
+    let fixed =
+        AmqpService::connect(&amqp_endpoint(&hub), svc.hub_host(), &source().map_err(anyhow::Error::msg)?)
+            .await?;
+    renewing.send_c2d(&ids[0], &msg("before")).await?;
+    fixed.send_c2d(&ids[0], &msg("before-fixed")).await?;
+    // Wait (by the wall clock the hub checks tokens against) until the first tokens have expired.
+    while iothub_emulator_tests::now_secs() <= first_expiry {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    renewing.send_c2d(&ids[0], &msg("after")).await.context("the renewed token authorizes the send")?;
+    match fixed.send_c2d(&ids[0], &msg("after-fixed")).await {
+        Err(AmqpError::Rejected { condition, description }) => {
+            ensure!(condition == "amqp:unauthorized-access", "{condition}: {description}");
+        }
+        other => anyhow::bail!("a send on an expired token gave {other:?}"),
+    }
+    hub.stop().await
+}

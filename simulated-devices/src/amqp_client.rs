@@ -9,7 +9,9 @@
 //! through a bounded command channel. Many C2D sends may be in flight at once (one unsettled
 //! delivery each); the hub's link credit paces them. Feedback credit is granted only while the
 //! driver's buffer of unaccepted batches has room, and a batch is accepted only once handed to
-//! the caller, so nothing accepted is lost.
+//! the caller, so nothing accepted is lost. A connection made with
+//! [`AmqpService::connect_renewing`] puts a fresh token on `$cbs` on a timer, as the service SDKs
+//! do, so it outlives its first token (the hub refuses sends once a connection's token expired).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -43,6 +45,22 @@ const COMMAND_QUEUE: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A send's outcome must arrive within this (like the REST client's request timeout).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often [`AmqpService::connect_renewing`] callers in this crate put a new token: half the
+/// service client's one-hour token lifetime.
+pub const TOKEN_RENEWAL: Duration = Duration::from_secs(30 * 60);
+/// A timer period that never fires in practice.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Mints a fresh service SAS token for the hub (for renewal); an error is logged and the
+/// renewal retried at the next tick.
+pub type TokenSource = std::sync::Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// The token renewal a driver does: `audience`, where tokens come from, and how often.
+struct Renewal {
+    audience: String,
+    source: TokenSource,
+    every: Duration,
+}
 
 /// Errors from the AMQP service client, in IoT Hub's AMQP terms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -569,6 +587,29 @@ impl AmqpService {
     /// Connects over TLS, opens the links and authorizes with a CBS put-token of `token` (a
     /// service SAS token) for `audience` (the hub host name).
     pub async fn connect(endpoint: &AmqpEndpoint, audience: &str, token: &str) -> Result<Self, AmqpError> {
+        Self::open(endpoint, audience, token, None).await
+    }
+
+    /// Like [`connect`](Self::connect) with a token from `source`, then a new token from
+    /// `source` put on `$cbs` every `every` for as long as the connection lives. A refused
+    /// renewal ends the connection with [`AmqpError::Cbs`] (every waiting send gets it).
+    pub async fn connect_renewing(
+        endpoint: &AmqpEndpoint,
+        audience: &str,
+        source: TokenSource,
+        every: Duration,
+    ) -> Result<Self, AmqpError> {
+        let token = source().map_err(|reason| AmqpError::Cbs { status: 0, description: reason })?;
+        let renewal = Renewal { audience: audience.to_string(), source, every };
+        Self::open(endpoint, audience, &token, Some(renewal)).await
+    }
+
+    async fn open(
+        endpoint: &AmqpEndpoint,
+        audience: &str,
+        token: &str,
+        renewal: Option<Renewal>,
+    ) -> Result<Self, AmqpError> {
         let io = |e: std::io::Error| AmqpError::Io(e.to_string());
         let handshake = async {
             let tls = crate::install::ftp::tls_trusting(&endpoint.ca_pem).map_err(AmqpError::Io)?;
@@ -600,7 +641,7 @@ impl AmqpService {
             .map_err(|_| AmqpError::Io("the AMQP handshake timed out".into()))??;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         tokio::spawn(async move {
-            if let Err(e) = drive(stream, conn, rx).await {
+            if let Err(e) = drive(stream, conn, rx, renewal).await {
                 tracing::warn!("AMQP service connection ended: {e}");
             }
         });
@@ -637,6 +678,7 @@ async fn drive(
     mut stream: Stream,
     mut conn: ServiceConn,
     mut rx: mpsc::Receiver<Command>,
+    renewal: Option<Renewal>,
 ) -> Result<(), AmqpError> {
     let mut sends: HashMap<u64, oneshot::Sender<Result<(), AmqpError>>> = HashMap::new();
     let mut ready: VecDeque<(u32, Vec<FeedbackRecord>)> = VecDeque::new();
@@ -644,8 +686,10 @@ async fn drive(
     let mut buf = vec![0u8; 16 * 1024];
     // A heartbeat timer only when the hub announced an idle-time-out (IoT Hub does; the emulator
     // does not); otherwise a timer that never fires.
-    let beat = conn.heartbeat_interval().unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let beat = conn.heartbeat_interval().unwrap_or(NEVER);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    let every = renewal.as_ref().map_or(NEVER, |r| r.every);
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let result = loop {
         // Hand buffered batches to waiting callers; accept each one handed over.
         while !ready.is_empty()
@@ -667,6 +711,12 @@ async fn drive(
         }
         tokio::select! {
             _ = heartbeat.tick() => conn.heartbeat(),
+            _ = renew.tick() => if let Some(r) = &renewal {
+                match (r.source)() {
+                    Ok(token) => conn.put_token(&r.audience, &token),
+                    Err(e) => tracing::warn!("no new CBS token this time, retrying at the next renewal: {e}"),
+                }
+            },
             n = stream.read(&mut buf) => {
                 let n = match n {
                     Ok(0) => break Err(AmqpError::Io("the hub closed the connection".into())),
@@ -677,6 +727,7 @@ async fn drive(
                     Ok(events) => events,
                     Err(e) => break Err(e),
                 };
+                let mut refused = None;
                 for event in events {
                     match event {
                         Event::Settled { tag, result } => {
@@ -689,10 +740,15 @@ async fn drive(
                             tracing::warn!("accepting an unreadable feedback batch: {why}");
                             conn.accept(delivery_id);
                         }
+                        Event::CbsReply { status: 200, .. } => tracing::debug!("CBS token renewed"),
                         Event::CbsReply { status, description } => {
-                            tracing::info!(status, "unexpected CBS reply: {description}");
+                            refused = Some(AmqpError::Cbs { status, description });
                         }
                     }
+                }
+                if let Some(e) = refused {
+                    tracing::warn!("the hub refused a renewed CBS token: {e}");
+                    break Err(e);
                 }
             }
             cmd = rx.recv() => match cmd {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::amqp_client::{AmqpEndpoint, AmqpService};
+use crate::amqp_client::{AmqpEndpoint, AmqpService, TOKEN_RENEWAL, TokenSource};
 use crate::notice::UpdateNotice;
 use crate::service_client::{C2dSend, FeedbackRecord, ServiceClient, ServiceError};
 
@@ -153,7 +153,14 @@ pub async fn notify_devices(
     let run = uuid::Uuid::new_v4().simple().to_string();
     let via = match &opts.amqp {
         Some(endpoint) => {
-            Via::Amqp(AmqpService::connect(endpoint, service.hub_host(), &service.token()?).await?)
+            // Renewed like a service SDK's token, so a release longer than an hour keeps sending.
+            let source: TokenSource = {
+                let service = service.clone();
+                Arc::new(move || service.token().map_err(|e| e.to_string()))
+            };
+            Via::Amqp(
+                AmqpService::connect_renewing(endpoint, service.hub_host(), source, TOKEN_RENEWAL).await?,
+            )
         }
         None => Via::Rest(service.clone()),
     };

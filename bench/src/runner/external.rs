@@ -9,11 +9,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use simulated_devices::amqp_client::{AmqpEndpoint, AmqpError, AmqpService};
+use simulated_devices::amqp_client::{AmqpEndpoint, AmqpError, AmqpService, TOKEN_RENEWAL, TokenSource};
 use simulated_devices::service_client::{C2dSend, ServiceClient};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -450,11 +451,15 @@ async fn connect_amqp(
             setup(format!("AMQP: {host}:{port} (the connection string's HostName) does not resolve: {e}"))
         })?
         .collect();
-    let token = svc.token().map_err(setup)?;
+    svc.token().map_err(setup)?;
+    let source: TokenSource = {
+        let svc = svc.clone();
+        Arc::new(move || svc.token().map_err(|e| e.to_string()))
+    };
     let mut last = format!("{host} resolves to no address");
     for addr in addrs {
         let endpoint = AmqpEndpoint { addr, server_name: host.to_string(), ca_pem: ca_pem.to_string() };
-        match AmqpService::connect(&endpoint, host, &token).await {
+        match AmqpService::connect_renewing(&endpoint, host, source.clone(), TOKEN_RENEWAL).await {
             Ok(a) => return Ok(a),
             Err(e) => last = format!("{addr}: {e}"),
         }
