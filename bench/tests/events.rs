@@ -2,41 +2,11 @@
 //! real binary: the shipped `flaky-network` and `phased-rollout` scenarios scaled down for CI, an
 //! FTP fault that lifts by itself, and a rollout gate that is never met.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use serde_json::Value;
-
-fn scenarios() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
-}
-
-/// Runs `testbench run <file> --out <out> <args>`.
-fn run(file: &Path, out: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_testbench"))
-        .arg("run")
-        .arg(file)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .output()
-        .expect("testbench runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn report(out: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json written"))
-        .expect("report.json is JSON")
-}
-
-fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, toml).unwrap();
-    p
-}
+use common::{report, run, scenarios, text, write};
 
 #[test]
 fn flaky_network_scaled_to_20_devices_passes_with_every_flap_counted() {

@@ -1,35 +1,11 @@
 //! `testbench run` end to end: the real binary starts a hub, FTP server and fleet in its process,
 //! plays a scenario and exits 0 or names each unmet expectation.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use serde_json::Value;
-
-fn scenarios() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
-}
-
-/// Runs `testbench run <file> <args>` with `--out` in `out`.
-fn run(file: &Path, out: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_testbench"))
-        .arg("run")
-        .arg(file)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .output()
-        .expect("testbench runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn report(out: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json written"))
-        .expect("report.json is JSON")
-}
+use common::{report, run, scenarios, text, write};
 
 #[test]
 fn quickstart_scaled_to_10_devices_passes_and_writes_report_json() {
@@ -65,12 +41,6 @@ fn quickstart_scaled_to_10_devices_passes_and_writes_report_json() {
     assert_eq!(html.matches("<svg").count(), 3);
     assert!(html.contains("Verdict: every expectation met"));
     assert!(all.contains(&format!("report: {}", out.path().join("report.html").display())), "{all}");
-}
-
-fn write(dir: &Path, name: &str, toml: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, toml).unwrap();
-    p
 }
 
 /// A small fast scenario `name` with `devices` devices and one 16 KiB package 2.0.0 (corrupt when

@@ -4,44 +4,14 @@
 //! (`offline-fridges`, `ttl-expiry`) are the README's main command and a manual run; `flaky-network`
 //! and `phased-rollout` run scaled down in `events.rs`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use serde_json::Value;
-
-fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name)
-}
-
-fn run(file: &Path, out: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_testbench"))
-        .arg("run")
-        .arg(file)
-        .arg("--out")
-        .arg(out)
-        .env_remove("IOTHUB_EMULATOR_CONNECTION_STRING")
-        .env_remove("IOTHUB_EMULATOR_CA_FILE")
-        .env_remove("IOTHUB_EMULATOR_HTTP_URL")
-        .env_remove("IOTHUB_EMULATOR_PACKAGES_DIR")
-        .env_remove("IOTHUB_EMULATOR_FLEET_EXTERNAL")
-        .env_remove("IOTHUB_EMULATOR_DEVICES")
-        .output()
-        .expect("testbench runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn report(out: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json written"))
-        .expect("report.json is JSON")
-}
+use common::{report, run, scenarios, text};
 
 #[test]
 fn quickstart_as_shipped_passes_and_writes_both_reports() {
     let out = tempfile::tempdir().unwrap();
-    let o = run(&scenario("quickstart.toml"), out.path());
+    let o = run(&scenarios().join("quickstart.toml"), out.path(), &[]);
     let all = text(&o);
     assert!(o.status.success(), "{all}");
     assert!(all.contains("report.html"), "the run says where report.html is: {all}");
@@ -57,7 +27,7 @@ fn quickstart_as_shipped_passes_and_writes_both_reports() {
 #[test]
 fn queue_overflow_as_shipped_refuses_the_51st_message_and_delivers_the_rest() {
     let out = tempfile::tempdir().unwrap();
-    let o = run(&scenario("queue-overflow.toml"), out.path());
+    let o = run(&scenarios().join("queue-overflow.toml"), out.path(), &[]);
     let all = text(&o);
     assert!(o.status.success(), "{all}");
     let r = report(out.path());
