@@ -202,15 +202,6 @@ impl ServiceClient {
     /// idempotent.
     pub async fn bulk_upsert(&self, devices: &[DeviceIdentity]) -> Result<(), ServiceError> {
         const OP: &str = "bulk registry";
-        if devices.is_empty() {
-            return Ok(());
-        }
-        if devices.len() > BULK_MAX_DEVICES {
-            return Err(ServiceError::Protocol {
-                op: OP,
-                reason: format!("{} devices in one call; the limit is {BULK_MAX_DEVICES}", devices.len()),
-            });
-        }
         let body: Vec<Value> = devices
             .iter()
             .map(|d| {
@@ -229,15 +220,6 @@ impl ServiceClient {
     /// [`BULK_MAX_DEVICES`] at most per call: `(device id, tags object)`.
     pub async fn bulk_update_tags(&self, devices: &[(String, Value)]) -> Result<(), ServiceError> {
         const OP: &str = "bulk twin tags";
-        if devices.is_empty() {
-            return Ok(());
-        }
-        if devices.len() > BULK_MAX_DEVICES {
-            return Err(ServiceError::Protocol {
-                op: OP,
-                reason: format!("{} devices in one call; the limit is {BULK_MAX_DEVICES}", devices.len()),
-            });
-        }
         let body: Vec<Value> = devices
             .iter()
             .map(|(id, tags)| json!({"id": id, "importMode": "updateTwin", "tags": tags}))
@@ -245,7 +227,18 @@ impl ServiceClient {
         self.bulk(OP, &body).await
     }
 
+    /// One bulk registry call (`POST /devices`) with `body`'s operations; nothing to do for none,
+    /// refused before sending for more than [`BULK_MAX_DEVICES`].
     async fn bulk(&self, op: &'static str, body: &[Value]) -> Result<(), ServiceError> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        if body.len() > BULK_MAX_DEVICES {
+            return Err(ServiceError::Protocol {
+                op,
+                reason: format!("{} devices in one call; the limit is {BULK_MAX_DEVICES}", body.len()),
+            });
+        }
         let req = self.request(Method::POST, "/devices")?.json(body);
         let resp = match Self::send(op, req).await {
             Ok(resp) => resp,

@@ -72,19 +72,8 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
         },
     ];
     for r in &obs.releases {
-        let n = |f: fn(&super::metrics::DeviceTimes) -> bool| r.devices.iter().filter(|(_, t)| f(t)).count();
-        summary.push(Row {
-            label: format!("release {} at {}", r.version, secs(r.at)),
-            value: format!(
-                "targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
-                r.devices.len(),
-                n(|t| t.sent.is_some()),
-                n(|t| t.delivered.is_some()),
-                n(|t| t.installed.is_some()),
-                n(|t| t.reported.is_some()),
-                r.send_failed
-            ),
-        });
+        summary
+            .push(Row { label: format!("release {} at {}", r.version, secs(r.at)), value: r.stage_counts() });
     }
     let f = obs.feedback;
     summary.push(Row {

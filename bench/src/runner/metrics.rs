@@ -46,6 +46,22 @@ pub struct ReleaseRecord {
     pub send_failed: u64,
 }
 
+impl ReleaseRecord {
+    /// How far the release got: "targeted N, sent N, delivered N, installed N, reported N, refused N".
+    pub fn stage_counts(&self) -> String {
+        let n = |f: fn(&DeviceTimes) -> bool| self.devices.iter().filter(|(_, t)| f(t)).count();
+        format!(
+            "targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
+            self.devices.len(),
+            n(|t| t.sent.is_some()),
+            n(|t| t.delivered.is_some()),
+            n(|t| t.installed.is_some()),
+            n(|t| t.reported.is_some()),
+            self.send_failed
+        )
+    }
+}
+
 /// Counts of feedback records by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -478,17 +494,11 @@ impl Observed {
             }
         }
         for r in &self.releases {
-            let n = |f: fn(&DeviceTimes) -> bool| r.devices.iter().filter(|(_, t)| f(t)).count();
             lines.push(format!(
-                "  release {} at {:.1} s: targeted {}, sent {}, delivered {}, installed {}, reported {}, refused {}",
+                "  release {} at {:.1} s: {}",
                 r.version,
                 r.at.as_secs_f64(),
-                r.devices.len(),
-                n(|t| t.sent.is_some()),
-                n(|t| t.delivered.is_some()),
-                n(|t| t.installed.is_some()),
-                n(|t| t.reported.is_some()),
-                r.send_failed
+                r.stage_counts()
             ));
         }
         if let Some(r) = &self.rollout {
