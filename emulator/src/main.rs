@@ -31,6 +31,11 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost")]
     hostname: String,
 
+    /// Another name the TLS certificate covers (repeatable; the env twin is comma-separated): a DNS
+    /// name or IP address clients dial besides --hostname, localhost, 127.0.0.1 and ::1.
+    #[arg(long = "tls-san", env = "IOTHUB_EMULATOR_TLS_SANS", value_delimiter = ',', value_parser = iothub_emulator::tls::parse_tls_name)]
+    tls_sans: Vec<String>,
+
     /// Where the emulator keeps its certificates (`certs/`) and, by default, FTP packages (`packages/`).
     #[arg(long, env = "IOTHUB_EMULATOR_DATA_DIR", default_value = "./.iothub-emulator")]
     data_dir: PathBuf,
@@ -158,6 +163,7 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         mqtt_port: args.mqtt_port,
         mqtt_plain_port: args.mqtt_plain_port,
         ftp_port: (!args.no_ftp).then_some(args.ftp_port),
+        tls_names: args.tls_sans.clone(),
     };
     let ftp = FtpConfig {
         passive_ports: args.ftp_passive_ports.clone(),

@@ -60,6 +60,9 @@ pub struct ListenConfig {
     pub amqp_port: u16,
     /// The FTP package server (`None`: off).
     pub ftp_port: Option<u16>,
+    /// Names the server certificate covers besides the hub's host name, `localhost`, `127.0.0.1`
+    /// and `::1` (`--tls-san`): DNS names or addresses clients dial.
+    pub tls_names: Vec<String>,
 }
 
 impl Default for ListenConfig {
@@ -72,6 +75,7 @@ impl Default for ListenConfig {
             mqtt_plain_port: None,
             amqp_port: DEFAULT_AMQP_PORT,
             ftp_port: Some(DEFAULT_FTP_PORT),
+            tls_names: Vec::new(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl ListenConfig {
             ftp_port: Some(0),
             mqtt_port: 0,
             mqtt_plain_port: Some(0),
+            tls_names: Vec::new(),
         }
     }
 }
@@ -220,7 +225,8 @@ impl RunningHub {
         data_dir: &Path,
         ftp: FtpConfig,
     ) -> Result<Self, ServerError> {
-        let certs = HubCertificates::load_or_create(&data_dir.join("certs"), &config.hostname)?;
+        let certs =
+            HubCertificates::load_or_create(&data_dir.join("certs"), &config.hostname, &listen.tls_names)?;
         ftp::prepare(&ftp)?;
         let listeners = Listeners::bind(listen)?;
         let https_addr = listeners.https.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;

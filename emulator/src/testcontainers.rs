@@ -35,6 +35,11 @@ use crate::limits::{
     DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
 };
 use crate::sas::{decode_key, make_token};
+use crate::tls::subject_alt_names;
+
+/// The Docker host's address when a started container showed it is not one the certificate names
+/// by default (learnt once per process; see [`IotHubEmulator::run`]).
+static DOCKER_HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The image `docker/build.sh` builds.
 pub const IMAGE_NAME: &str = "iothub-emulator";
@@ -120,6 +125,8 @@ pub struct IotHubEmulator {
     fixed_ports: Vec<(u16, u16)>,
     network: Option<String>,
     container_name: Option<String>,
+    /// Extra certificate names (`--tls-san`), the Docker host's address among them once known.
+    tls_names: Vec<String>,
     /// The flags' env twins, built from the options above (what [`Image::env_vars`] returns).
     env: Vec<(String, String)>,
 }
@@ -134,6 +141,7 @@ impl Default for IotHubEmulator {
             fixed_ports: Vec::new(),
             network: None,
             container_name: None,
+            tls_names: Vec::new(),
             env: Vec::new(),
         };
         image.refresh_env();
@@ -202,22 +210,39 @@ impl IotHubEmulator {
             ("IOTHUB_EMULATOR_HOSTNAME".into(), self.hostname.clone()),
             ("IOTHUB_EMULATOR_OWNER_KEY".into(), self.owner_key.clone()),
         ];
+        if !self.tls_names.is_empty() {
+            self.env.push(("IOTHUB_EMULATOR_TLS_SANS".into(), self.tls_names.join(",")));
+        }
     }
 
     fn descriptor(&self) -> String {
         format!("{IMAGE_NAME}:{}", self.tag)
     }
 
-    /// Starts the container, waits until the hub accepts, downloads its CA and registers the
-    /// seeded devices.
-    pub async fn run(self) -> Result<IotHubEmulatorContainer, Error> {
-        decode_key(&self.owner_key)
-            .map_err(|e| Error::Config(format!("owner_key is not usable: {e} (base64 of 16 to 64 bytes)")))?;
-        if let Some((c, _)) = self.fixed_ports.iter().find(|(c, _)| !PORTS.contains(&c.tcp())) {
-            return Err(Error::Config(format!(
-                "host_port: container port {c} is not one of the hub's ports 443, 8883, 5671, 8080, 2121"
-            )));
+    /// Another name the server certificate covers (a DNS name or address clients dial), besides
+    /// the host name, `localhost`, `127.0.0.1`, `::1` and the Docker host's address, which
+    /// [`run`](Self::run) adds by itself.
+    pub fn tls_san(mut self, name: impl Into<String>) -> Self {
+        self.add_tls_name(&name.into());
+        self
+    }
+
+    fn add_tls_name(&mut self, name: &str) {
+        if !self.covers(name) {
+            self.tls_names.push(name.to_ascii_lowercase());
+            self.refresh_env();
         }
+    }
+
+    /// Whether the certificate the container issues covers `host` (`[::1]` in URL form too).
+    fn covers(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        subject_alt_names(&self.hostname, &self.tls_names).contains(&host)
+    }
+
+    /// Starts the container with these options and returns it with the host its ports are
+    /// published on.
+    async fn start_container(&self) -> Result<(ContainerAsync<Self>, String), Error> {
         let image = self.descriptor();
         let (network, name) = (self.network.clone(), self.container_name.clone());
         let mut request: ContainerRequest<Self> = self.clone().with_startup_timeout(STARTUP_TIMEOUT);
@@ -240,6 +265,36 @@ impl IotHubEmulator {
             .await
             .map_err(|source| Error::Port { port: DEFAULT_HTTP_PORT, source })?
             .to_string();
+        Ok((container, host))
+    }
+
+    /// Starts the container, waits until the hub accepts, downloads its CA and registers the
+    /// seeded devices.
+    pub async fn run(self) -> Result<IotHubEmulatorContainer, Error> {
+        decode_key(&self.owner_key)
+            .map_err(|e| Error::Config(format!("owner_key is not usable: {e} (base64 of 16 to 64 bytes)")))?;
+        if let Some((c, _)) = self.fixed_ports.iter().find(|(c, _)| !PORTS.contains(&c.tcp())) {
+            return Err(Error::Config(format!(
+                "host_port: container port {c} is not one of the hub's ports 443, 8883, 5671, 8080, 2121"
+            )));
+        }
+        // The certificate must cover the address testcontainers reports for the Docker host:
+        // `localhost` usually, but the bridge network's gateway (172.17.0.1) when the tests run in
+        // a container themselves. The first start learns it; a start that finds it uncovered is
+        // replaced by one whose certificate names it, and later starts name it from the outset.
+        let mut options = self;
+        if let Some(host) = DOCKER_HOST.get() {
+            options.add_tls_name(host);
+        }
+        let (container, host) = options.start_container().await?;
+        let (container, host) = if options.covers(&host) {
+            (container, host)
+        } else {
+            let _ = DOCKER_HOST.set(host.clone());
+            options.add_tls_name(&host);
+            container.rm().await.map_err(|source| Error::Start { image: options.descriptor(), source })?;
+            options.start_container().await?
+        };
         let mut mapped = [0u16; 5];
         for (slot, port) in mapped.iter_mut().zip(PORTS) {
             *slot = container
@@ -253,8 +308,8 @@ impl IotHubEmulator {
             .build()
             .map_err(|source| Error::Http { what: "building the HTTP client".into(), source })?;
         let mut hub = IotHubEmulatorContainer {
-            hostname: self.hostname.clone(),
-            owner_key: self.owner_key.clone(),
+            hostname: options.hostname.clone(),
+            owner_key: options.owner_key.clone(),
             host,
             https_port,
             mqtt_port,
@@ -266,7 +321,7 @@ impl IotHubEmulator {
             container,
         };
         hub.ca_pem = hub.fetch_ca().await?;
-        for id in &self.devices {
+        for id in &options.devices {
             hub.register_device(id).await?;
         }
         Ok(hub)
@@ -327,7 +382,9 @@ impl IotHubEmulatorContainer {
         &self.hostname
     }
 
-    /// Where the Docker host publishes the ports (usually `localhost`).
+    /// Where the Docker host publishes the ports: `localhost`, or the bridge network's gateway
+    /// (such as `172.17.0.1`) when this process runs in a container. The hub's certificate
+    /// covers it.
     pub fn host(&self) -> &str {
         &self.host
     }
@@ -495,6 +552,20 @@ mod tests {
         assert_eq!(Image::expose_ports(&image).len(), 5);
         let fixed = image.host_port(8883, 18883).host_port(8883, 28883);
         assert_eq!(fixed.fixed_ports, vec![(8883, 28883)], "the last mapping of a port wins");
+    }
+
+    #[test]
+    fn the_certificate_names_cover_the_docker_host_once_added() {
+        let image = IotHubEmulator::default().hostname("Hub-Under-Test");
+        for host in ["localhost", "127.0.0.1", "[::1]", "::1", "hub-under-test"] {
+            assert!(image.covers(host), "{host}");
+        }
+        assert!(!image.covers("172.17.0.1"));
+        assert!(!image.env.iter().any(|(k, _)| k == "IOTHUB_EMULATOR_TLS_SANS"), "no extra names by default");
+        let image = image.tls_san("172.17.0.1").tls_san("hub.compose").tls_san("localhost");
+        assert!(image.covers("172.17.0.1") && image.covers("HUB.compose"));
+        assert_eq!(image.tls_names, ["172.17.0.1", "hub.compose"], "names already covered are not repeated");
+        assert!(image.env.contains(&("IOTHUB_EMULATOR_TLS_SANS".into(), "172.17.0.1,hub.compose".into())));
     }
 
     #[tokio::test]

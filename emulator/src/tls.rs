@@ -68,8 +68,10 @@ pub struct HubCertificates {
 }
 
 impl HubCertificates {
-    /// Loads or creates the CA and a server certificate for `hostname` under `cert_dir`.
-    pub fn load_or_create(cert_dir: &Path, hostname: &str) -> Result<Self, TlsError> {
+    /// Loads or creates the CA and a server certificate for `hostname` (and `extra_names`, see
+    /// [`subject_alt_names`]) under `cert_dir`. The server certificate is re-issued when the names
+    /// change or it nears expiry; the CA is kept.
+    pub fn load_or_create(cert_dir: &Path, hostname: &str, extra_names: &[String]) -> Result<Self, TlsError> {
         fs::create_dir_all(cert_dir).map_err(|source| io_err(cert_dir, source))?;
         let ca_path = cert_dir.join("ca.pem");
         let ca_key_path = cert_dir.join("ca-key.pem");
@@ -87,7 +89,7 @@ impl HubCertificates {
         };
         let issuer = Issuer::new(ca_params()?, ca_key);
 
-        let sans = subject_alt_names(hostname);
+        let sans = subject_alt_names(hostname, extra_names);
         let server_path = cert_dir.join("server.pem");
         let server_key_path = cert_dir.join("server-key.pem");
         let meta_path = cert_dir.join("server.meta");
@@ -129,15 +131,32 @@ impl HubCertificates {
     }
 }
 
-/// The names the server certificate covers: the hub host name, `localhost`, `127.0.0.1` and `::1`.
-pub fn subject_alt_names(hostname: &str) -> Vec<String> {
+/// The names the server certificate covers: the hub host name, `localhost`, `127.0.0.1`, `::1`,
+/// then `extra_names` (other DNS names or addresses clients dial: a container's published address,
+/// a compose service alias), lower-cased and without repeats.
+pub fn subject_alt_names(hostname: &str, extra_names: &[String]) -> Vec<String> {
     let mut sans = vec![hostname.to_ascii_lowercase()];
-    for extra in ["localhost", "127.0.0.1", "::1"] {
-        if !sans.iter().any(|s| s == extra) {
-            sans.push(extra.to_string());
+    let builtin = ["localhost", "127.0.0.1", "::1"].map(String::from);
+    for name in builtin.iter().chain(extra_names) {
+        let name = name.to_ascii_lowercase();
+        if !sans.contains(&name) {
+            sans.push(name);
         }
     }
     sans
+}
+
+/// Checks that `name` can be a certificate name: an IP address or a DNS name (what `--tls-san`
+/// accepts). Returns it unchanged.
+pub fn parse_tls_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(name.to_string());
+    }
+    match rustls::pki_types::DnsName::try_from(name) {
+        Ok(_) if !name.is_empty() => Ok(name.to_string()),
+        _ => Err(format!("{name:?} is neither an IP address nor a DNS name")),
+    }
 }
 
 fn server_meta_ok(stored: &str, wanted_first_line: &str) -> bool {
@@ -214,21 +233,24 @@ mod tests {
     #[test]
     fn creates_then_reuses_and_reissues_for_new_hostname() {
         let dir = temp_dir("reuse");
-        let first = HubCertificates::load_or_create(&dir, "localhost").unwrap();
-        let again = HubCertificates::load_or_create(&dir, "localhost").unwrap();
+        let first = HubCertificates::load_or_create(&dir, "localhost", &[]).unwrap();
+        let again = HubCertificates::load_or_create(&dir, "localhost", &[]).unwrap();
         assert_eq!(first.ca_pem, again.ca_pem);
         assert_eq!(first.chain_pem, again.chain_pem, "server cert reused for the same host");
-        let other = HubCertificates::load_or_create(&dir, "127.0.0.9").unwrap();
+        let other = HubCertificates::load_or_create(&dir, "127.0.0.9", &[]).unwrap();
         assert_eq!(first.ca_pem, other.ca_pem, "the CA survives a host name change");
         assert_ne!(first.chain_pem, other.chain_pem, "a new server cert for the new host");
         other.server_config(&[]).unwrap();
+        let extra = HubCertificates::load_or_create(&dir, "127.0.0.9", &["172.17.0.1".into()]).unwrap();
+        assert_ne!(other.chain_pem, extra.chain_pem, "a new server cert for a new extra name");
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn server_cert_chains_to_the_ca() {
         let dir = temp_dir("chain");
-        let certs = HubCertificates::load_or_create(&dir, "myhub.local").unwrap();
+        let extra = ["172.17.0.1".to_string(), "Hub.Compose".to_string()];
+        let certs = HubCertificates::load_or_create(&dir, "myhub.local", &extra).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut certs.ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
@@ -240,7 +262,7 @@ mod tests {
             .build()
             .unwrap();
         let now = rustls::pki_types::UnixTime::now();
-        for name in ["myhub.local", "localhost", "127.0.0.1", "::1"] {
+        for name in ["myhub.local", "localhost", "127.0.0.1", "::1", "172.17.0.1", "hub.compose"] {
             let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
             verifier
                 .verify_server_cert(&chain[0], &chain[1..], &server_name, &[], now)
@@ -249,5 +271,17 @@ mod tests {
         let wrong = rustls::pki_types::ServerName::try_from("other.example").unwrap();
         assert!(verifier.verify_server_cert(&chain[0], &chain[1..], &wrong, &[], now).is_err());
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tls_names_are_addresses_or_dns_names() {
+        assert_eq!(parse_tls_name("172.17.0.1").unwrap(), "172.17.0.1");
+        assert_eq!(parse_tls_name("::1").unwrap(), "::1");
+        assert_eq!(parse_tls_name("hub").unwrap(), "hub");
+        assert_eq!(parse_tls_name("my-hub.example.com").unwrap(), "my-hub.example.com");
+        for bad in ["", "two words", "a/b", "-x..y"] {
+            let err = parse_tls_name(bad).unwrap_err();
+            assert!(err.contains("neither an IP address nor a DNS name"), "{bad}: {err}");
+        }
     }
 }

@@ -93,8 +93,14 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
         "--sas-skew-secs",
         "0",
     ]);
-    let (child, lines) =
-        start(&args, &[("IOTHUB_EMULATOR_BIND", "127.0.0.1"), ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1")]);
+    let (child, lines) = start(
+        &args,
+        &[
+            ("IOTHUB_EMULATOR_BIND", "127.0.0.1"),
+            ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1"),
+            ("IOTHUB_EMULATOR_TLS_SANS", "hub.compose,10.1.2.3"),
+        ],
+    );
     let https = line(&lines, "https://MyHub.Test:");
     let http = line(&lines, "http://127.0.0.1:").to_string();
     line(&lines, "amqps://MyHub.Test:");
@@ -131,6 +137,16 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
         .unwrap();
     let resp = tls.get(format!("https://myhub.test:{https_port}/devices")).send().await.unwrap();
     assert_eq!(resp.status(), 401, "TLS handshake succeeded and the API answered");
+    // IOTHUB_EMULATOR_TLS_SANS (--tls-san): the extra names are in the certificate too; others are not.
+    for (name, covered) in [("hub.compose", true), ("other.compose", false)] {
+        let tls = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .resolve(name, format!("127.0.0.1:{https_port}").parse().unwrap())
+            .build()
+            .unwrap();
+        let resp = tls.get(format!("https://{name}:{https_port}/devices")).send().await;
+        assert_eq!(resp.is_ok(), covered, "{name}: {resp:?}");
+    }
 
     let status = terminate(child);
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
@@ -146,6 +162,12 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--owner-key"), "{err}");
+
+    // A certificate name that is neither an address nor a DNS name is refused before anything binds.
+    let out = Command::new(BIN).args(FREE_PORTS).args(["--tls-san", "two words"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-san") && err.contains("neither an IP address nor a DNS name"), "{err}");
 
     // A port that is already taken names the listener and the flag that moves it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
