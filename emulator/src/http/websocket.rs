@@ -1,8 +1,9 @@
 //! WebSocket upgrades on the HTTPS port: `GET /$iothub/websocket` with `Upgrade: websocket` is handed
 //! to the protocol named by the client's `Sec-WebSocket-Protocol` (reference §4.1, wire notes §0).
 //!
-//! The hook is generic: [`SUBPROTOCOLS`] maps a subprotocol to the byte-stream server that speaks it
-//! (MQTT today, `mqtt`; AMQP's `AMQPWSB10` can join the table). The upgraded socket's binary
+//! The hook is generic: [`SUBPROTOCOLS`] maps a subprotocol to the byte-stream server that speaks it:
+//! `mqtt` for devices, `AMQPWSB10` for the service endpoint (the service SDKs' AMQP-over-WebSockets
+//! transports, such as Node's `AmqpWs`, dial the same path). The upgraded socket's binary
 //! WebSocket messages are pumped through an in-memory duplex pipe, so protocol servers see a plain
 //! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners.
 
@@ -39,8 +40,17 @@ type ProtocolFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, CancellationToken) -> ProtocolFuture;
 
 /// Subprotocols served over WebSocket, and the server for each.
-pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] =
-    &[("mqtt", |hub, io, peer, shutdown| Box::pin(crate::mqtt::connection::serve(hub, io, peer, shutdown)))];
+pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] = &[
+    ("mqtt", |hub, io, peer, shutdown| Box::pin(crate::mqtt::connection::serve(hub, io, peer, shutdown))),
+    ("AMQPWSB10", |hub, io, _peer, shutdown| Box::pin(serve_amqp(hub, io, shutdown))),
+];
+
+/// The AMQP service endpoint on an upgraded connection, as on the 5671 listener.
+async fn serve_amqp(hub: Hub, io: DuplexStream, shutdown: CancellationToken) {
+    if let Err(e) = crate::amqp::server::serve_connection(io, hub, shutdown).await {
+        tracing::debug!("AMQP over WebSocket ended: {e}");
+    }
+}
 
 /// Whether `req` asks for a WebSocket upgrade on [`WEBSOCKET_PATH`].
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {

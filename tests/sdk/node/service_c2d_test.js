@@ -5,12 +5,14 @@
 // completes it; the feedback receiver gets a Success record and completes the batch. Negatives: a send
 // to a missing device is rejected with amqp:not-found (DeviceNotFoundError) and the same connection
 // keeps sending; the 51st pending message is rejected with amqp:resource-limit-exceeded; a client whose
-// key is forged fails its CBS put-token (UnauthorizedError) and cannot send.
+// key is forged fails its CBS put-token (UnauthorizedError) and cannot send. The same Client with the
+// AmqpWs transport (AMQP over WebSockets: wss://host:443/$iothub/websocket, subprotocol AMQPWSB10) sends a
+// message the device receives and gets DeviceNotFoundError for a missing device.
 // Run by the Rust harness as `node tests/sdk/node/service_c2d_test.js`.
 'use strict';
 
 const crypto = require('crypto');
-const { Client: ServiceClient, Registry } = require('azure-iothub');
+const { AmqpWs, Client: ServiceClient, Registry } = require('azure-iothub');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Http } = require('azure-iot-device-http');
 const { NoRetry } = require('azure-iot-common');
@@ -54,6 +56,7 @@ async function main() {
   await waitForFeedback(feedback, [sent.messageId, again.messageId], deviceId);
   await checkQueueDepth(service, fullId);
   await checkForgedKey(hub, deviceId);
+  await checkAmqpOverWebSockets(hub, deviceId, device);
 
   await withTimeout(service.close(), SDK_CALL_MS, 'service Client.close');
   await withTimeout(registry.delete(deviceId), SDK_CALL_MS, 'Registry.delete');
@@ -204,6 +207,20 @@ async function checkForgedKey(hub, deviceId) {
   check('a forged key cannot send', sendErr !== null);
   checkEqual('forged key: send refusal', sendErr.amqpError && sendErr.amqpError.name, 'UnauthorizedError');
   await forged.close().catch(() => {});
+}
+
+/** AmqpWs: the WebSocket upgrade on 443, then the same AMQP session (CBS, sender link, outcomes). */
+async function checkAmqpOverWebSockets(hub, deviceId, device) {
+  const ws = ServiceClient.fromConnectionString(hub.connectionString, AmqpWs);
+  ws.setRetryPolicy(new NoRetry());
+  await withTimeout(ws.open(), SDK_CALL_MS, 'AmqpWs Client.open (WebSocket upgrade on 443, CBS put-token)');
+  check('service Client.open over AMQP on WebSockets (AMQPWSB10)', true);
+  const sent = message(`c2d-ws-${crypto.randomBytes(4).toString('hex')}`);
+  const result = await withTimeout(ws.send(deviceId, sent), SDK_CALL_MS, 'AmqpWs Client.send');
+  checkEqual('AmqpWs Client.send result', result && result.result && result.result.constructor.name, 'MessageEnqueued');
+  await checkMissingDevice(ws, hub);
+  await receiveAndComplete(hub, deviceId, device, [sent]);
+  await withTimeout(ws.close(), SDK_CALL_MS, 'AmqpWs Client.close');
 }
 
 main().catch((err) => fail('unexpected error', err));
