@@ -1,6 +1,7 @@
 //! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
 //! until Ctrl-C or SIGTERM. `iothub-emulator healthcheck` instead asks a running hub's `/health`
-//! (for container health checks). Everything else lives in the library.
+//! (for container health checks), and `iothub-emulator token` prints a SAS token for curl users.
+//! Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
@@ -28,7 +29,7 @@ struct Args {
     command: Option<Command>,
 
     /// The hub's host name: HostName in connection strings, SAS audiences and a certificate SAN.
-    #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost")]
+    #[arg(long, env = "IOTHUB_EMULATOR_HOSTNAME", default_value = "localhost", global = true)]
     hostname: String,
 
     /// Another name the TLS certificate covers (repeatable; the env twin is comma-separated): a DNS
@@ -85,7 +86,7 @@ struct Args {
     packages_dir: Option<PathBuf>,
 
     /// The iothubowner primary key (base64). Defaults to the published development key.
-    #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true)]
+    #[arg(long, env = "IOTHUB_EMULATOR_OWNER_KEY", default_value = DEFAULT_OWNER_KEY, hide_default_value = true, global = true)]
     owner_key: String,
 
     /// Seconds of clock skew tolerated on SAS token expiry.
@@ -107,13 +108,37 @@ enum Command {
         #[arg(long, env = "IOTHUB_EMULATOR_HEALTHCHECK_TIMEOUT_MS", default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Prints a SAS token (the `Authorization` header value) for curl and other HTTP clients: for a
+    /// shared access policy of the hub at --hostname with --owner-key (default iothubowner), or
+    /// for a connection string (a device's, say). Needs no running hub.
+    Token {
+        /// The policy: iothubowner, service, device, registryRead or registryReadWrite.
+        #[arg(long, default_value = iothub_emulator::sas::OWNER_POLICY, conflicts_with = "connection_string")]
+        policy: String,
+        /// Sign for this connection string instead (device, module or service).
+        #[arg(long)]
+        connection_string: Option<String>,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_secs: u64,
+    },
 }
 
 fn main() -> Result<ExitCode> {
     let started = Instant::now();
     let args = Args::parse();
-    if let Some(Command::Healthcheck { timeout_ms }) = args.command {
-        return Ok(healthcheck(args.bind, args.http_port, timeout_ms));
+    match &args.command {
+        Some(Command::Healthcheck { timeout_ms }) => {
+            return Ok(healthcheck(args.bind, args.http_port, *timeout_ms));
+        }
+        Some(Command::Token { policy, connection_string, ttl_secs }) => {
+            let expiry =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    + ttl_secs;
+            println!("{}", token(&args, policy, connection_string.as_deref(), expiry)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -129,6 +154,24 @@ fn main() -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run(args, started))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `iothub-emulator token`: a token for `connection_string`, or for `policy` of this hub.
+fn token(args: &Args, policy: &str, connection_string: Option<&str>, expiry: u64) -> Result<String> {
+    use iothub_emulator::sas::{ConnectionString, default_policies, make_token};
+    if let Some(cs) = connection_string {
+        let cs: ConnectionString = cs.parse().context("--connection-string")?;
+        cs.validate().context("--connection-string")?;
+        return cs.token(expiry).context("--connection-string");
+    }
+    iothub_emulator::sas::decode_key(&args.owner_key)
+        .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
+    let policies = default_policies(&args.owner_key);
+    let Some(found) = policies.iter().find(|p| p.name.eq_ignore_ascii_case(policy)) else {
+        let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
+        anyhow::bail!("--policy {policy:?} is not one of this hub's policies: {}", names.join(", "));
+    };
+    Ok(make_token(&args.hostname, &found.primary_key, Some(&found.name), expiry)?)
 }
 
 /// `iothub-emulator healthcheck`: 0 when healthy, 1 and one line on stderr otherwise.

@@ -244,3 +244,80 @@ fn healthcheck_exits_0_for_a_healthy_hub_and_1_with_a_reason_otherwise() {
     acceptor.join().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `iothub-emulator token` with `args`; returns the token it printed.
+fn token(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("token")
+        .args(args)
+        .env_remove("IOTHUB_EMULATOR_HOSTNAME")
+        .env_remove("IOTHUB_EMULATOR_OWNER_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "token {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_policy_and_connection_string_tokens_the_hub_accepts() {
+    let dir = temp_dir();
+    let key = "dG9rZW4gc3ViY29tbWFuZCB0ZXN0IGtleSAzMiBieXRlcw==";
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--hostname", "Token.Hub", "--data-dir", dir.to_str().unwrap(), "--owner-key", key]);
+    let (child, lines) = start(&args, &[]);
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    let client = reqwest::Client::new();
+    let hub = ["--hostname", "Token.Hub", "--owner-key", key];
+
+    // The owner token (the default policy) creates a device.
+    let owner = token(&hub);
+    assert!(
+        owner.starts_with("SharedAccessSignature sr=Token.Hub&sig=") && owner.ends_with("&skn=iothubowner")
+    );
+    let created: serde_json::Value = client
+        .put(format!("{http}/devices/fridge-1"))
+        .header("authorization", &owner)
+        .json(&serde_json::json!({ "deviceId": "fridge-1" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let device_key = created["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+
+    // registryRead (the flag after the subcommand, any case) reads the registry but cannot write it.
+    let read_only = token(&["--policy", "registryread", "--hostname", "Token.Hub", "--owner-key", key]);
+    let get = client.get(format!("{http}/devices/fridge-1")).header("authorization", &read_only);
+    assert_eq!(get.send().await.unwrap().status(), 200);
+    let put = client
+        .put(format!("{http}/devices/fridge-2"))
+        .header("authorization", &read_only)
+        .json(&serde_json::json!({ "deviceId": "fridge-2" }));
+    assert_eq!(put.send().await.unwrap().status(), 401);
+
+    // A device connection string's token receives that device's C2D messages (none yet: 204).
+    let cs = format!("HostName=Token.Hub;DeviceId=fridge-1;SharedAccessKey={device_key}");
+    let device = token(&["--connection-string", &cs, "--ttl-secs", "60"]);
+    assert!(device.starts_with("SharedAccessSignature sr=Token.Hub%2Fdevices%2Ffridge-1&"), "{device}");
+    let receive =
+        client.get(format!("{http}/devices/fridge-1/messages/deviceBound")).header("authorization", &device);
+    assert_eq!(receive.send().await.unwrap().status(), 204);
+    // A token signed with another hub's key is refused.
+    let other = token(&["--hostname", "Token.Hub"]);
+    let refused = client.get(format!("{http}/devices")).header("authorization", other);
+    assert_eq!(refused.send().await.unwrap().status(), 401);
+
+    // Bad input: an unknown policy lists the real ones; a keyless device string says what it lacks.
+    let out = Command::new(BIN).args(["token", "--policy", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"nope\"") && err.contains("registryReadWrite"), "{err}");
+    let out =
+        Command::new(BIN).args(["token", "--connection-string", "HostName=h;DeviceId=d"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SharedAccessKey"), "{out:?}");
+
+    assert!(terminate(child).success());
+    let _ = std::fs::remove_dir_all(dir);
+}
