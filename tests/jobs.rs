@@ -304,3 +304,111 @@ async fn job_errors_use_iot_hub_codes() -> Result<()> {
     schedule(&hub, job("cap-10")).await?;
     hub.stop().await
 }
+
+#[tokio::test]
+async fn a_method_job_past_its_max_execution_time_fails_and_counts_the_call_in_flight() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let group = unique("slow");
+    let dev = Device::create(&hub, "job-slow").await?;
+    set_tags(&hub, &dev.id, json!({ "group": group })).await?;
+    let (mut mqtt, _) = dev.connect(true).await?;
+    mqtt.subscribe(&["$iothub/methods/POST/#"]).await?;
+    let job_id = unique("slow-job");
+    schedule(
+        &hub,
+        json!({
+            "jobId": job_id,
+            "type": "scheduleDeviceMethod",
+            "cloudToDeviceMethod": {"methodName": "hang", "responseTimeoutInSeconds": 300},
+            "queryCondition": format!("tags.group = '{group}'"),
+            "maxExecutionTimeInSeconds": 1,
+        }),
+    )
+    .await?;
+    // The device receives the call and never answers.
+    let req = mqtt.expect_publish().await?;
+    assert!(req.topic.starts_with("$iothub/methods/POST/hang/"), "{}", req.topic);
+    let job = tokio::time::timeout(JOB_WAIT, async {
+        loop {
+            let (_, job) = call(&hub, Method::GET, &format!("/jobs/v2/{job_id}"), None).await?;
+            if job["status"] != "running" {
+                return anyhow::Ok(job);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["failureReason"].as_str().unwrap_or_default().contains("maxExecutionTimeInSeconds"), "{job}");
+    assert_eq!(stats(&job), (1, 0, 1, 0, 0), "{job}");
+    hub.stop().await
+}
+
+#[tokio::test]
+async fn the_hubs_shutdown_stops_unfinished_jobs() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let job_id = unique("at-shutdown");
+    schedule(
+        &hub,
+        json!({
+            "jobId": job_id, "type": "scheduleUpdateTwin", "updateTwin": {"tags": {"a": 1}},
+            "queryCondition": "tags.none = 1", "startTime": iso8601(SystemClock.now_ms() + 3_600_000),
+        }),
+    )
+    .await?;
+    let state = hub.running.hub.clone();
+    hub.stop().await?;
+    let job = tokio::time::timeout(JOB_WAIT, async {
+        loop {
+            let job = state.get_job(&job_id)?;
+            if job["status"] != "scheduled" {
+                return anyhow::Ok(job);
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .context("the job's task did not notice the shutdown")??;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["failureReason"].as_str().unwrap_or_default().contains("shut down"), "{job}");
+    Ok(())
+}
+
+/// A twin job over 10,000 matching devices (ten query pages across every registry shard) among
+/// 12,000, created through the hub's API to keep the setup fast; prints how long the job ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twin_job_walks_ten_thousand_devices_page_by_page() -> Result<()> {
+    use iothub_emulator::hub::DeviceInput;
+    let hub = TestHub::start().await?;
+    let state = hub.running.hub.clone();
+    let group = unique("big");
+    for i in 0..12_000 {
+        let id = format!("{group}-{i}");
+        state.put_device(&id, DeviceInput::default(), None)?;
+        let tag = if i % 6 == 5 { "small" } else { group.as_str() };
+        state.update_twin(&id, &json!({ "tags": { "group": tag } }), None, false)?;
+    }
+    let job_id = unique("big-job");
+    let started = std::time::Instant::now();
+    schedule(
+        &hub,
+        json!({
+            "jobId": job_id, "type": "scheduleUpdateTwin",
+            "updateTwin": {"properties": {"desired": {"fw": "3.0"}}},
+            "queryCondition": format!("tags.group = '{group}'"),
+        }),
+    )
+    .await?;
+    let done = wait_for_status(&hub, &job_id, "completed").await?;
+    println!("twin job over 10,000 of 12,000 devices: {:?} (debug build)", started.elapsed());
+    assert_eq!(stats(&done), (10_000, 10_000, 0, 0, 0), "{done}");
+    let (_, count) = call(
+        &hub,
+        Method::POST,
+        "/devices/query",
+        Some(json!({"query": "SELECT COUNT() AS n FROM devices WHERE properties.desired.fw = '3.0'"})),
+    )
+    .await?;
+    assert_eq!(count[0]["n"], 10_000, "{count}");
+    hub.stop().await
+}
