@@ -6,8 +6,9 @@
 //!
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
-//! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`. Every critical section is short and synchronous: no
-//! lock is ever held across an `.await`, and no two shard locks are held at once.
+//! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
+//! two shard locks are held at once.
 
 mod auth;
 mod device;
