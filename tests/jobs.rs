@@ -412,3 +412,75 @@ async fn a_twin_job_walks_ten_thousand_devices_page_by_page() -> Result<()> {
     assert_eq!(count[0]["n"], 10_000, "{count}");
     hub.stop().await
 }
+
+/// A method job keeps at most 64 calls in flight: 65 connected devices that hold their answers see
+/// 64 requests (the job reports 64 running, 1 pending) until one answers. The devices are in-process
+/// connections on the hub's link API, the same mailbox an MQTT connection reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_job_keeps_at_most_64_calls_in_flight() -> Result<()> {
+    use iothub_emulator::hub::link::subscriptions;
+    use iothub_emulator::hub::{DeviceInput, LinkEvent, MethodCall, MethodReply};
+    let hub = TestHub::start().await?;
+    let state = hub.running.hub.clone();
+    let group = unique("wide");
+    let mut links = Vec::new();
+    for i in 0..65 {
+        let id = format!("{group}-{i}");
+        state.put_device(&id, DeviceInput::default(), None)?;
+        state.update_twin(&id, &json!({ "tags": { "group": group } }), None, false)?;
+        let link = state.attach_link(&id, true)?;
+        state.save_session(&id, link.conn_id, subscriptions::METHODS);
+        links.push(link);
+    }
+    let job_id = unique("wide-job");
+    schedule(
+        &hub,
+        json!({
+            "jobId": job_id, "type": "scheduleDeviceMethod",
+            "cloudToDeviceMethod": {"methodName": "ping", "responseTimeoutInSeconds": 60},
+            "queryCondition": format!("tags.group = '{group}'"),
+        }),
+    )
+    .await?;
+    let mut held: Vec<MethodCall> = Vec::new();
+    let collect = |held: &mut Vec<MethodCall>| {
+        for link in &links {
+            while let Some(event) = link.events.try_recv() {
+                if let LinkEvent::Method(call) = event {
+                    held.push(*call);
+                }
+            }
+        }
+    };
+    let job = tokio::time::timeout(JOB_WAIT, async {
+        loop {
+            collect(&mut held);
+            let job = state.get_job(&job_id)?;
+            if stats(&job).3 == 64 && held.len() == 64 {
+                return anyhow::Ok(job);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("64 calls never came out")??;
+    assert_eq!(stats(&job), (65, 0, 0, 64, 1), "{job}");
+
+    let reply = |call: MethodCall| call.reply.send(MethodReply { status: 200, payload: "{}".into() });
+    let _ = reply(held.remove(0));
+    tokio::time::timeout(JOB_WAIT, async {
+        while held.len() < 64 {
+            collect(&mut held);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the 65th call never came out after one answer")?;
+    for call in held.drain(..) {
+        let _ = reply(call);
+    }
+    let done = wait_for_status(&hub, &job_id, "completed").await?;
+    assert_eq!(stats(&done), (65, 65, 0, 0, 0), "{done}");
+    drop(links);
+    hub.stop().await
+}
