@@ -19,17 +19,17 @@ use tokio::net::TcpStream;
 /// How long a test waits for any one packet before failing.
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Client {
+pub(crate) struct Client {
     stream: TcpStream,
     buf: BytesMut,
 }
 
 impl Client {
-    async fn open(addr: SocketAddr) -> Result<Self> {
+    pub(crate) async fn open(addr: SocketAddr) -> Result<Self> {
         Ok(Self { stream: TcpStream::connect(addr).await?, buf: BytesMut::new() })
     }
 
-    async fn send(&mut self, p: Packet) -> Result<()> {
+    pub(crate) async fn send(&mut self, p: Packet) -> Result<()> {
         let mut out = BytesMut::new();
         p.write(&mut out, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
         self.stream.write_all(&out).await?;
@@ -37,7 +37,7 @@ impl Client {
     }
 
     /// The next packet, or `None` when the hub closed the connection.
-    async fn next(&mut self) -> Result<Option<Packet>> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Packet>> {
         tokio::time::timeout(WAIT, async {
             loop {
                 match Packet::read(&mut self.buf, 1 << 20) {
@@ -54,25 +54,25 @@ impl Client {
         .context("no packet from the hub in time")?
     }
 
-    async fn expect(&mut self) -> Result<Packet> {
+    pub(crate) async fn expect(&mut self) -> Result<Packet> {
         self.next().await?.context("the hub closed the connection")
     }
 
-    async fn expect_publish(&mut self) -> Result<Publish> {
+    pub(crate) async fn expect_publish(&mut self) -> Result<Publish> {
         match self.expect().await? {
             Packet::Publish(p) => Ok(p),
             other => bail!("expected PUBLISH, got {other:?}"),
         }
     }
 
-    async fn expect_closed(&mut self) -> Result<()> {
+    pub(crate) async fn expect_closed(&mut self) -> Result<()> {
         match self.next().await? {
             None => Ok(()),
             Some(p) => bail!("expected the hub to close the connection, got {p:?}"),
         }
     }
 
-    async fn subscribe(&mut self, filters: &[&str]) -> Result<Vec<SubscribeReasonCode>> {
+    pub(crate) async fn subscribe(&mut self, filters: &[&str]) -> Result<Vec<SubscribeReasonCode>> {
         let mut sub = Subscribe::new(filters[0], QoS::AtLeastOnce);
         for f in &filters[1..] {
             sub.add(f.to_string(), QoS::AtLeastOnce);
@@ -85,7 +85,7 @@ impl Client {
         }
     }
 
-    async fn publish(&mut self, topic: &str, qos: QoS, payload: &[u8]) -> Result<()> {
+    pub(crate) async fn publish(&mut self, topic: &str, qos: QoS, payload: &[u8]) -> Result<()> {
         let mut p = Publish::new(topic, qos, payload.to_vec());
         if qos != QoS::AtMostOnce {
             p.pkid = 9;
@@ -94,20 +94,20 @@ impl Client {
     }
 }
 
-struct Device<'a> {
-    hub: &'a TestHub,
-    id: String,
+pub(crate) struct Device<'a> {
+    pub(crate) hub: &'a TestHub,
+    pub(crate) id: String,
     key: String,
 }
 
 impl<'a> Device<'a> {
-    async fn create(hub: &'a TestHub, prefix: &str) -> Result<Self> {
+    pub(crate) async fn create(hub: &'a TestHub, prefix: &str) -> Result<Self> {
         let id = unique(prefix);
         let key = hub.create_device(&id).await?;
         Ok(Self { hub, id, key })
     }
 
-    fn connect_packet(&self, password: &str, clean: bool, keep_alive: u16) -> Connect {
+    pub(crate) fn connect_packet(&self, password: &str, clean: bool, keep_alive: u16) -> Connect {
         let mut c = Connect::new(self.id.clone());
         c.clean_session = clean;
         c.keep_alive = keep_alive;
@@ -117,7 +117,7 @@ impl<'a> Device<'a> {
         c
     }
 
-    async fn connect_with(&self, c: Connect) -> Result<(Client, ConnAck)> {
+    pub(crate) async fn connect_with(&self, c: Connect) -> Result<(Client, ConnAck)> {
         let addr = self.hub.running.mqtt_plain_addr.context("the plain MQTT listener is off")?;
         let mut client = Client::open(addr).await?;
         client.send(Packet::Connect(c)).await?;
@@ -127,7 +127,7 @@ impl<'a> Device<'a> {
         }
     }
 
-    async fn connect(&self, clean: bool) -> Result<(Client, ConnAck)> {
+    pub(crate) async fn connect(&self, clean: bool) -> Result<(Client, ConnAck)> {
         let token = self.hub.device_token(&self.id, &self.key);
         let (client, ack) = self.connect_with(self.connect_packet(&token, clean, 60)).await?;
         if ack.code != ConnectReturnCode::Success {
@@ -136,11 +136,11 @@ impl<'a> Device<'a> {
         Ok((client, ack))
     }
 
-    fn c2d_topic(&self) -> String {
+    pub(crate) fn c2d_topic(&self) -> String {
         format!("devices/{}/messages/devicebound/#", self.id)
     }
 
-    async fn send_c2d(&self, message_id: &str, body: &str) -> Result<()> {
+    pub(crate) async fn send_c2d(&self, message_id: &str, body: &str) -> Result<()> {
         let resp = self
             .hub
             .client
@@ -163,13 +163,18 @@ impl<'a> Device<'a> {
         Ok(())
     }
 
-    async fn registry(&self) -> Result<Value> {
+    pub(crate) async fn registry(&self) -> Result<Value> {
         let url = format!("{}/devices/{}?api-version=2021-04-12", self.hub.https_url(), self.id);
         let resp = self.hub.client.get(url).header("authorization", self.hub.owner_token()).send().await?;
         Ok(resp.json().await?)
     }
 
-    async fn service(&self, method: reqwest::Method, path: &str, body: Value) -> Result<(u16, Value)> {
+    pub(crate) async fn service(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> Result<(u16, Value)> {
         let url = format!("{}/twins/{}{path}?api-version=2021-04-12", self.hub.https_url(), self.id);
         let resp = self
             .hub

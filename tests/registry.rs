@@ -112,7 +112,8 @@ async fn device_crud_etags_and_errors() {
     let (s, h, _) = api.call(reqwest::Method::DELETE, &format!("/devices/{id}"), None, &[]).await;
     assert_eq!((s, error_code(&h).as_str()), (404, "DeviceNotFound"));
 
-    let (s, h, _) = api.call(reqwest::Method::GET, "/jobs/v2/query", None, &[]).await;
+    // Import/export jobs (blob storage) are not emulated; scheduled jobs (/jobs/v2) are.
+    let (s, h, _) = api.call(reqwest::Method::POST, "/jobs/create", Some(json!({})), &[]).await;
     assert_eq!((s, error_code(&h).as_str()), (501, "NotImplemented"));
     hub.stop().await.unwrap();
 }

@@ -37,3 +37,13 @@ async fn python_device_mqtt_offline_c2d_twin_methods() {
 async fn node_device_mqtt_offline_c2d_dropped_socket_twin_methods() {
     run_sdk_script(Sdk::Node, "device_mqtt_test.js").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_job_client_twin_update_job_query_cancel() {
+    run_sdk_script(Sdk::Node, "jobs_test.js").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_job_manager_create_get_cancel_scheduled_jobs() {
+    run_sdk_script(Sdk::Python, "jobs_test.py").await.unwrap();
+}

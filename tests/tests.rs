@@ -6,6 +6,7 @@ mod c2d;
 mod containers;
 mod fleet;
 mod ftp_installer;
+mod jobs;
 mod mqtt;
 mod registry;
 mod release;

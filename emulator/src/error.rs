@@ -36,8 +36,12 @@ pub enum ErrorCode {
     DeviceNotOnline,
     /// 404: no such route.
     NotFound,
+    /// 404: no scheduled job with this id (404002).
+    JobNotFound,
     /// 409: the device exists already.
     DeviceAlreadyExists,
+    /// 409: a scheduled job with this id exists already (IoT Hub's numeric code is unconfirmed).
+    JobAlreadyExists,
     /// 412: the etag in `If-Match` does not match.
     PreconditionFailed,
     /// 412: the lock token is unknown or its lock has lapsed.
@@ -48,6 +52,8 @@ pub enum ErrorCode {
     TooManyDevices,
     /// 405: the method is not allowed on this route.
     MethodNotAllowed,
+    /// 429: as many jobs as the hub allows are scheduled or running already (429004).
+    ThrottlingMaxActiveJobCountExceeded,
     /// 501: the route exists in IoT Hub but the emulator does not implement it.
     NotImplemented,
     /// 500: an internal error.
@@ -73,6 +79,9 @@ impl ErrorCode {
             Self::DeviceNotFound => "DeviceNotFound",
             Self::DeviceNotOnline => "DeviceNotOnline",
             Self::NotFound => "NotFound",
+            Self::JobNotFound => "JobNotFound",
+            Self::JobAlreadyExists => "JobAlreadyExists",
+            Self::ThrottlingMaxActiveJobCountExceeded => "ThrottlingMaxActiveJobCountExceeded",
             Self::DeviceAlreadyExists => "DeviceAlreadyExists",
             Self::PreconditionFailed => "PreconditionFailed",
             Self::DeviceMessageLockLost => "DeviceMessageLockLost",
@@ -99,6 +108,9 @@ impl ErrorCode {
             Self::DeviceDisabled => 403012,
             Self::DeviceNotFound => 404001,
             Self::NotFound => 404000,
+            Self::JobNotFound => 404002,
+            Self::JobAlreadyExists => 409000,
+            Self::ThrottlingMaxActiveJobCountExceeded => 429004,
             Self::DeviceNotOnline => 404103,
             Self::MethodNotAllowed => 405000,
             Self::DeviceAlreadyExists => 409001,

@@ -1,4 +1,5 @@
-//! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`]),
+//! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`],
+//! scheduled [`jobs`]),
 //! its protocol front ends ([`http`], [`mqtt`], [`amqp`]), the FTP package server for simulated devices
 //! ([`ftp`]), local TLS ([`tls`]) and the server that ties them to bound listeners ([`server`]).
 //! [`healthcheck`] is the client side of `/health` for container health checks; with the
@@ -15,6 +16,7 @@ pub mod ftp;
 pub mod healthcheck;
 pub mod http;
 pub mod hub;
+pub mod jobs;
 pub mod limits;
 pub mod mqtt;
 pub mod query;

@@ -124,3 +124,22 @@ pub const METHOD_MAX_RESPONSE_TIMEOUT_SECS: u64 = 300;
 pub const METHOD_MAX_CONNECT_TIMEOUT_SECS: u64 = 300;
 /// Direct-method payloads: at most 128 KB each way.
 pub const METHOD_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Scheduled jobs (reference §2.10): jobs scheduled, queued or running at once. IoT Hub caps
+/// concurrent jobs at 1 (Free/S1), 5 (S2) or 10 (S3); the emulator behaves like an S3 hub. The next
+/// job is refused with `429004 ThrottlingMaxActiveJobCountExceeded`.
+pub const JOBS_MAX_ACTIVE: usize = 10;
+/// Finished jobs kept for `GET /jobs/v2/{id}` and the jobs query. IoT Hub keeps them for 30 days;
+/// the emulator keeps the most recent ones instead, a bound on memory.
+pub const JOBS_HISTORY_MAX: usize = 1000;
+/// Direct-method calls one method job keeps in flight. Not an IoT Hub number: a bound on the
+/// job's own state (IoT Hub throttles per-device job operations instead).
+pub const JOBS_METHOD_CONCURRENCY: usize = 64;
+/// Devices a job reads from the query engine per page.
+pub const JOBS_DEVICE_PAGE: usize = 1000;
+/// `maxExecutionTimeInSeconds` when a job request leaves it out (the Node SDK's default).
+pub const JOBS_DEFAULT_MAX_EXECUTION_SECS: u64 = 3600;
+/// Longest job id, like a device id: 128 characters.
+pub const JOB_ID_MAX_CHARS: usize = 128;
+/// Default and largest page size of `GET /jobs/v2/query`.
+pub const JOBS_QUERY_PAGE_MAX: usize = 1000;

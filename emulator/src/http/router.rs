@@ -49,6 +49,12 @@ pub enum Route {
     FeedbackLock(String),
     /// `/messages/serviceBound/feedback/{lockToken}/abandon`.
     FeedbackAbandon(String),
+    /// `/jobs/v2/{jobId}`: create (PUT) or read (GET) a scheduled job.
+    Job(String),
+    /// `/jobs/v2/{jobId}/cancel` (POST).
+    JobCancel(String),
+    /// `/jobs/v2/query` (GET): the jobs query.
+    JobsQuery,
     /// A part of IoT Hub's API the emulator does not implement; names it.
     NotImplemented(&'static str),
     /// No such route.
@@ -111,7 +117,10 @@ pub fn route(path: &str) -> Route {
         {
             Route::FeedbackAbandon(lock.to_string())
         }
-        [j, ..] if eq(j, "jobs") => Route::NotImplemented("jobs"),
+        [j, v, q] if eq(j, "jobs") && eq(v, "v2") && eq(q, "query") => Route::JobsQuery,
+        [j, v, id] if eq(j, "jobs") && eq(v, "v2") => Route::Job(id.to_string()),
+        [j, v, id, c] if eq(j, "jobs") && eq(v, "v2") && eq(c, "cancel") => Route::JobCancel(id.to_string()),
+        [j, ..] if eq(j, "jobs") => Route::NotImplemented("import/export jobs"),
         [c, ..] if eq(c, "configurations") => Route::NotImplemented("configurations"),
         [d, ..] if eq(d, "digitaltwins") => Route::NotImplemented("digital twins"),
         _ => Route::Unknown,
@@ -145,7 +154,10 @@ mod tests {
         assert_eq!(route("/messages/serviceBound/feedback"), Route::Feedback);
         assert_eq!(route("/messages/servicebound/feedback/t/abandon"), Route::FeedbackAbandon("t".into()));
         assert_eq!(route("/statistics/devices"), Route::StatsDevices);
-        assert_eq!(route("/jobs/v2/x"), Route::NotImplemented("jobs"));
+        assert_eq!(route("/jobs/v2/x"), Route::Job("x".into()));
+        assert_eq!(route("/jobs/v2/j%2B1/cancel"), Route::JobCancel("j+1".into()));
+        assert_eq!(route("/jobs/v2/query"), Route::JobsQuery);
+        assert_eq!(route("/jobs/create"), Route::NotImplemented("import/export jobs"));
         assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(route("/health"), Route::Health);

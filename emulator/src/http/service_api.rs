@@ -1,5 +1,10 @@
-//! Service-facing REST routes: registry, query, bulk, statistics, twins, direct methods, C2D
-//! send (an emulator extension) and purge, and feedback (reference §2.2).
+//! Service-facing REST routes: registry, query, bulk, statistics, twins, direct methods, scheduled
+//! jobs, C2D send (an emulator extension) and purge, and feedback (reference §2.2).
+//!
+//! Rights for jobs (reference §1.5 and §2.10; IoT Hub's exact demand is undocumented, so the
+//! emulator is lenient the way twins are): reading a job or the jobs query needs RegistryRead or
+//! ServiceConnect; creating or cancelling needs ServiceConnect or RegistryWrite, and a
+//! `scheduleDeviceMethod` job needs ServiceConnect, like `POST /twins/{id}/methods`.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -9,6 +14,7 @@ use crate::c2d::{AckMode, C2dMessage, FEEDBACK_CONTENT_TYPE, LockToken};
 use crate::clock::{iso8601, parse_iso8601};
 use crate::error::{ErrorCode, HubError};
 use crate::hub::{DeviceInput, Hub, IfMatch};
+use crate::jobs::model::{JobType, MethodSpec};
 use crate::sas::Rights;
 
 use super::router::Route;
@@ -34,6 +40,8 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
         (Route::Devices | Route::Device(_) | Route::StatsDevices, &Method::GET) => READ,
         (Route::Devices, &Method::POST) | (Route::Device(_), &Method::PUT | &Method::DELETE) => WRITE,
         (Route::Query, &Method::POST) => READ,
+        (Route::Job(_), &Method::GET) | (Route::JobsQuery, &Method::GET) => READ,
+        (Route::Job(_), &Method::PUT) | (Route::JobCancel(_), &Method::POST) => SERVICE.union(WRITE),
         (Route::Twin(_), &Method::GET) => READ,
         (Route::Twin(_), &Method::PATCH | &Method::PUT) => SERVICE.union(WRITE),
         (Route::StatsService, &Method::GET)
@@ -68,6 +76,16 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(empty(StatusCode::NO_CONTENT))
         }
         Route::Query => query(hub, req),
+        Route::Job(id) if m == Method::GET => Ok(json_response(StatusCode::OK, &hub.get_job(id)?)),
+        Route::Job(id) => {
+            let body = req.json()?;
+            if body.get("type").and_then(Value::as_str) == Some(JobType::DeviceMethod.name()) {
+                hub.authenticate_service(req.token()?, SERVICE)?;
+            }
+            Ok(json_response(StatusCode::OK, &hub.create_job(id, &body)?))
+        }
+        Route::JobCancel(id) => Ok(json_response(StatusCode::OK, &hub.cancel_job(id)?)),
+        Route::JobsQuery => query_jobs(hub, req),
         Route::StatsDevices => {
             let s = hub.statistics();
             let body = json!({
@@ -111,53 +129,17 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
 /// `POST /twins/{id}/methods` (reference §2.7): forwards the call to the device's connection and
 /// answers `200 {"status","payload"}` with what the device returned.
 pub async fn invoke_method(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
-    use crate::limits::*;
     let Route::TwinMethods(id) = &req.route else { return Err(method_not_allowed(req)) };
     hub.authenticate_service(req.token()?, SERVICE)?;
-    let body = req.json()?;
-    let name = body
-        .get("methodName")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| HubError::invalid("methodName is required (a non-empty string)"))?;
-    if let Some(bad) = name.chars().find(|c| !c.is_ascii_graphic() || "$()<>@,;:\\\"/[]?={}".contains(*c)) {
-        return Err(HubError::invalid(format!(
-            "methodName '{name}' contains {bad:?}, which IoT Hub does not allow"
-        )));
-    }
-    let secs = |key: &str, default: u64, range: std::ops::RangeInclusive<u64>| -> Result<u64, HubError> {
-        match body.get(key).filter(|v| !v.is_null()) {
-            None => Ok(default),
-            Some(v) => v.as_u64().filter(|n| range.contains(n)).ok_or_else(|| {
-                HubError::invalid(format!(
-                    "{key} must be an integer from {} to {} seconds, not {v}",
-                    range.start(),
-                    range.end()
-                ))
-            }),
-        }
-    };
-    let response = secs(
-        "responseTimeoutInSeconds",
-        METHOD_DEFAULT_RESPONSE_TIMEOUT_SECS,
-        METHOD_MIN_RESPONSE_TIMEOUT_SECS..=METHOD_MAX_RESPONSE_TIMEOUT_SECS,
-    )?;
-    let connect = secs("connectTimeoutInSeconds", 0, 0..=METHOD_MAX_CONNECT_TIMEOUT_SECS)?;
-    let payload = serde_json::to_vec(body.get("payload").unwrap_or(&Value::Null)).unwrap_or_default();
-    if payload.len() > METHOD_MAX_PAYLOAD_BYTES {
-        return Err(HubError::new(
-            ErrorCode::MessageTooLarge,
-            format!("the method payload is {} bytes; at most {METHOD_MAX_PAYLOAD_BYTES}", payload.len()),
-        ));
-    }
+    let spec = MethodSpec::from_json(&req.json()?, "")?;
     hub.get_device(id)?;
     let reply = hub
         .invoke_method(
             id,
-            name,
-            Bytes::from(payload),
-            std::time::Duration::from_secs(connect),
-            std::time::Duration::from_secs(response),
+            &spec.name,
+            Bytes::from(spec.payload_bytes()),
+            std::time::Duration::from_secs(spec.connect_timeout_secs),
+            std::time::Duration::from_secs(spec.response_timeout_secs),
         )
         .await?;
     let payload = if reply.payload.iter().all(u8::is_ascii_whitespace) {
@@ -167,6 +149,36 @@ pub async fn invoke_method(hub: &Hub, req: &Req) -> Result<HttpResponse, HubErro
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&reply.payload).into_owned()))
     };
     Ok(json_response(StatusCode::OK, &json!({ "status": reply.status, "payload": payload })))
+}
+
+/// `GET /jobs/v2/query?jobType=&jobStatus=` with `x-ms-max-item-count` / `x-ms-continuation`
+/// paging, answered like the twin query: a JSON array plus `x-ms-item-type` and, while more
+/// remain, `x-ms-continuation` (what the Node and C# SDKs read).
+fn query_jobs(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
+    use crate::limits::JOBS_QUERY_PAGE_MAX;
+    let page_size = req
+        .header("x-ms-max-item-count")
+        .map(str::to_string)
+        .or_else(|| req.param("pageSize"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(JOBS_QUERY_PAGE_MAX)
+        .min(JOBS_QUERY_PAGE_MAX);
+    let page = hub.query_jobs(
+        req.param("jobType").as_deref(),
+        req.param("jobStatus").as_deref(),
+        req.header("x-ms-continuation")
+            .map(str::to_string)
+            .or_else(|| req.param("continuationToken"))
+            .as_deref(),
+        page_size,
+    )?;
+    let mut resp = json_response(StatusCode::OK, &Value::Array(page.items));
+    set_header(&mut resp, "x-ms-item-type", "JobResponse");
+    if let Some(c) = &page.continuation {
+        set_header(&mut resp, "x-ms-continuation", c);
+    }
+    Ok(resp)
 }
 
 fn query(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {

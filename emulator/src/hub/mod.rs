@@ -1,13 +1,14 @@
-//! The hub: the one owner of all IoT Hub state (registry, twins, C2D queues, feedback, telemetry)
-//! and the operations protocol front ends call.
+//! The hub: the one owner of all IoT Hub state (registry, twins, C2D queues, feedback, telemetry,
+//! scheduled jobs) and the operations protocol front ends call.
 //!
 //! Front ends (HTTP today; MQTT and AMQP in their own modules) translate wire traffic into calls on
 //! [`Hub`] and never keep hub state of their own. [`Hub`] is a cheap handle (`Arc` inside).
 //!
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
-//! and the telemetry log have one mutex each. Every critical section is short and synchronous: no
-//! lock is ever held across an `.await`, and no two shard locks are held at once.
+//! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
+//! two shard locks are held at once.
 
 mod auth;
 mod device;
@@ -88,6 +89,8 @@ struct Shared {
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
+    /// Scheduled jobs: their own table and tasks (see `crate::jobs`).
+    jobs: crate::jobs::Jobs,
     /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
     /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
     changed: tokio::sync::Notify,
@@ -121,6 +124,7 @@ impl Hub {
                 telemetry: Mutex::new(TelemetryLog::default()),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
+                jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
             }),
         }
@@ -168,6 +172,11 @@ impl Hub {
     /// `enable()`, check the hub, then await it.
     pub fn notifier(&self) -> &tokio::sync::Notify {
         &self.shared.changed
+    }
+
+    /// The scheduled jobs' owner.
+    pub(crate) fn jobs(&self) -> &crate::jobs::Jobs {
+        &self.shared.jobs
     }
 
     fn next_counter(&self) -> u64 {
