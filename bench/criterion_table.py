@@ -25,6 +25,7 @@ PAIRS = [
     ("amqp", "encode_transfer", "peer_copy_frame_bytes"),
     ("hub", "send_c2d_10k_devices", "peer_hashmap_vecdeque_push"),
     ("hub", "twin_patch_desired_10k_devices", "peer_hashmap_insert_property"),
+    ("hub", "twin_patch_reported_10k_devices", "peer_hashmap_insert_property"),
 ]
 
 

@@ -352,8 +352,9 @@ fn timed_passes<S>(
 }
 
 /// `hub`: `Hub::send_c2d` to one of 10,000 registered devices (ack `none`, so no feedback
-/// records pile up) and a service twin PATCH of one desired property; peers: a
-/// `HashMap<String, VecDeque<C2dMessage>>` push and a `HashMap<String, Map>` insert.
+/// records pile up), a service twin PATCH of one desired property and a device's reported patch
+/// of one property; peers: a `HashMap<String, VecDeque<C2dMessage>>` push and a
+/// `HashMap<String, Map>` insert.
 fn hub_ops(c: &mut Criterion, hub: &Hub) {
     let ids: Vec<String> = (0..HUB_DEVICES).map(device_id).collect();
     let msg = C2dMessage { ack: AckMode::None, ..c2d_message() };
@@ -402,6 +403,16 @@ fn hub_ops(c: &mut Criterion, hub: &Hub) {
             turn += 1;
             let id = &ids[turn % HUB_DEVICES];
             black_box(hub.update_twin(id, &patches[turn / HUB_DEVICES % 2], None, false).expect("patched"))
+        })
+    });
+    // A device's reported patch (MQTT `$iothub/twin/PATCH/properties/reported`), as the fleet sends
+    // while installing; same peer.
+    let reported = [json!({"installState": "downloading"}), json!({"installState": "installed"})];
+    g.bench_function("twin_patch_reported_10k_devices", |b| {
+        b.iter(|| {
+            turn += 1;
+            let id = &ids[turn % HUB_DEVICES];
+            black_box(hub.patch_reported(id, &reported[turn / HUB_DEVICES % 2]).expect("patched"))
         })
     });
     let values = patches.each_ref().map(|p| p["properties"]["desired"]["firmware"].clone());
