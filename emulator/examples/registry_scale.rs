@@ -1,11 +1,13 @@
 //! Registry and C2D fan-out at scale, in-process: registers N devices, sends every device one C2D
-//! message, counts them with a query, and prints the time and resident memory per device for
-//! each step — beside a peer in the same run: the same ids and keys in a bare `BTreeMap`, the
-//! least any registry must hold.
+//! message, counts them with a query, then sets a desired property on every device twice: once
+//! with a `scheduleUpdateTwin` job (the jobs API's task, paging through the query engine) and once
+//! with a plain loop of `Hub::update_twin` calls, the floor the job driver adds to. Prints the time
+//! and resident memory per device for each step, beside a peer in the same run: the same ids and
+//! keys in a bare `BTreeMap`, the least any registry must hold.
 //!
 //! `cargo run --release -p iothub-emulator --example registry_scale -- 1000000`
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use iothub_emulator::c2d::{AckMode, C2dMessage};
@@ -77,4 +79,34 @@ fn main() {
         .unwrap();
     report("hub: COUNT query over all twins", n, t, rss_kib());
     println!("count result: {}", page.items[0]);
+
+    // The same desired patch through a job, then through a loop of direct calls (the floor).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let before = rss_kib();
+    let t = Instant::now();
+    let job = runtime.block_on(async {
+        let request = serde_json::json!({
+            "type": "scheduleUpdateTwin",
+            "updateTwin": { "etag": "*", "properties": { "desired": { "firmware": "2.0.0" } } },
+            "queryCondition": "cloudToDeviceMessageCount = 1",
+            "maxExecutionTimeInSeconds": 3600,
+        });
+        hub.create_job("set-firmware", &request).expect("create job");
+        loop {
+            let job = hub.get_job("set-firmware").expect("get job");
+            if !matches!(job["status"].as_str(), Some("scheduled" | "queued" | "running")) {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    report("hub: scheduleUpdateTwin job, all", n, t, before);
+    println!("job result: status {} statistics {}", job["status"], job["deviceJobStatistics"]);
+
+    let t = Instant::now();
+    let patch = serde_json::json!({ "properties": { "desired": { "firmware": "2.0.1" } } });
+    for i in 0..n {
+        hub.update_twin(&format!("fridge-{i:07}"), &patch, None, false).expect("patch");
+    }
+    report("floor: update_twin loop, all", n, t, rss_kib());
 }
