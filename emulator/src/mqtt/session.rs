@@ -3,7 +3,7 @@
 //!
 //! The session owns only per-connection facts: the device id, the subscription bits (mirrored into
 //! the hub's persisted session), the C2D in-flight window (packet id → lock token) and direct-method
-//! calls awaiting an answer. Everything else is hub state reached through [`Hub`] calls, which are
+//! calls awaiting an answer, and the CONNECT's Will if it had one. Everything else is hub state reached through [`Hub`] calls, which are
 //! synchronous and short, so the whole machine is driven and tested without sockets or timers.
 //!
 //! C2D (reference §4.5): messages are taken from the hub's queue with a lock of
