@@ -2,9 +2,10 @@
 //! packet and every hub event in, packets to write out.
 //!
 //! The session owns only per-connection facts: the device id, the subscription bits (mirrored into
-//! the hub's persisted session), the C2D in-flight window (packet id → lock token) and direct-method
-//! calls awaiting an answer, and the CONNECT's Will if it had one. Everything else is hub state reached through [`Hub`] calls, which are
-//! synchronous and short, so the whole machine is driven and tested without sockets or timers.
+//! the hub's persisted session), the C2D in-flight window (packet id → lock token), direct-method
+//! calls awaiting an answer and the CONNECT's Will, if it had one. Everything else is hub state
+//! reached through [`Hub`] calls, which are synchronous and short, so the whole machine is driven
+//! and tested without sockets or timers.
 //!
 //! C2D (reference §4.5): messages are taken from the hub's queue with a lock of
 //! [`C2D_LOCK_TIMEOUT_MS`] (IoT Hub's fixed minute) and published at QoS 1; the PUBACK completes
