@@ -133,6 +133,9 @@ where
         }
     };
     tracing::debug!(%peer, device = %connect.client_id, clean = connect.clean_session, "MQTT device connected");
+    // Not held for the connection's life: its strings and Will payload are heap the session no
+    // longer needs (the session keeps its own copy of the Will).
+    drop(connect);
     let mut session = accepted.session;
     let link = accepted.link;
     let keep_alive = Duration::from_secs(accepted.keep_alive_secs);

@@ -110,7 +110,9 @@ fn validate_will(device_id: &str, will: &rumqttc::mqttbytes::v4::LastWill) -> Re
             will.message.len()
         ));
     }
-    Ok(Will { properties, payload: will.message.clone(), qos: will.qos, retain: will.retain })
+    // A copy, not a slice of the CONNECT's frame: the Will outlives the read buffer it came in.
+    let payload = Bytes::copy_from_slice(&will.message);
+    Ok(Will { properties, payload, qos: will.qos, retain: will.retain })
 }
 
 /// A refused CONNECT: the CONNACK code to send before closing, and why (logged once).
