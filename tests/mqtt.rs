@@ -386,19 +386,32 @@ async fn keep_alive_is_enforced_and_a_new_connection_replaces_the_old() -> Resul
     let hub = TestHub::start().await?;
     let dev = Device::create(&hub, "mqtt-keepalive").await?;
     let token = hub.device_token(&dev.id, &dev.key);
-    let (mut quiet, ack) = dev.connect_with(dev.connect_packet(&token, false, 1)).await?;
+    let will_topic = format!("devices/{}/messages/events/", dev.id);
+    let with_will = |mut c: Connect, payload: &str| {
+        c.last_will = Some(LastWill::new(&will_topic, payload, QoS::AtMostOnce, false));
+        c
+    };
+    let (mut quiet, ack) =
+        dev.connect_with(with_will(dev.connect_packet(&token, false, 1), "silent")).await?;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     let started = std::time::Instant::now();
     quiet.expect_closed().await?;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400), "closed after {waited:?}, before 1.5 × keep-alive");
+    let seen = telemetry(&dev, 0, 0).await?;
+    assert_eq!(seen.len(), 1, "a keep-alive lapse records the Will: {seen:?}");
+    assert_eq!(seen[0]["body"], "silent");
 
     // A token inside the hub's clock-skew allowance that lapses a second from now: disconnected then.
     let skew = hub.running.hub.config().sas_skew_secs;
     let lapsing = hub.device_token_at(&dev.id, &dev.key, iothub_emulator_tests::now_secs() + 1 - skew);
-    let (mut expiring, ack) = dev.connect_with(dev.connect_packet(&lapsing, false, 60)).await?;
+    let (mut expiring, ack) =
+        dev.connect_with(with_will(dev.connect_packet(&lapsing, false, 60), "expired")).await?;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     expiring.expect_closed().await?;
+    let seen = telemetry(&dev, 0, 0).await?;
+    assert_eq!(seen.len(), 2, "a token expiry records the Will: {seen:?}");
+    assert_eq!(seen[1]["body"], "expired");
 
     let (mut first, _) = dev.connect(false).await?;
     let (mut second, _) = dev.connect(false).await?;
@@ -476,4 +489,24 @@ async fn a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authoriz
     }
     assert_eq!(dev.registry().await?["connectionState"], "Disconnected");
     hub.stop().await
+}
+
+#[tokio::test]
+async fn the_hubs_shutdown_records_no_will() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let dev = Device::create(&hub, "mqtt-will-shutdown").await?;
+    let token = hub.device_token(&dev.id, &dev.key);
+    let mut c = dev.connect_packet(&token, false, 60);
+    c.last_will =
+        Some(LastWill::new(format!("devices/{}/messages/events/", dev.id), "bye", QoS::AtMostOnce, false));
+    let (mut client, ack) = dev.connect_with(c).await?;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    let id = dev.id.clone();
+    let core = hub.running.hub.clone();
+    // `stop` returns once the hub's connection tasks have ended, so a Will would be recorded by then.
+    hub.stop().await?;
+    client.expect_closed().await?;
+    assert_eq!(core.get_device(&id)?["connectionState"], "Disconnected", "the connection did end");
+    assert!(core.read_telemetry(Some(&id), 0, 10).is_empty(), "shutdown is not the device going offline");
+    Ok(())
 }
