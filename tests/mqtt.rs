@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use iothub_emulator_tests::{TestHub, unique};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -386,19 +386,32 @@ async fn keep_alive_is_enforced_and_a_new_connection_replaces_the_old() -> Resul
     let hub = TestHub::start().await?;
     let dev = Device::create(&hub, "mqtt-keepalive").await?;
     let token = hub.device_token(&dev.id, &dev.key);
-    let (mut quiet, ack) = dev.connect_with(dev.connect_packet(&token, false, 1)).await?;
+    let will_topic = format!("devices/{}/messages/events/", dev.id);
+    let with_will = |mut c: Connect, payload: &str| {
+        c.last_will = Some(LastWill::new(&will_topic, payload, QoS::AtMostOnce, false));
+        c
+    };
+    let (mut quiet, ack) =
+        dev.connect_with(with_will(dev.connect_packet(&token, false, 1), "silent")).await?;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     let started = std::time::Instant::now();
     quiet.expect_closed().await?;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400), "closed after {waited:?}, before 1.5 × keep-alive");
+    let seen = telemetry(&dev, 0, 0).await?;
+    assert_eq!(seen.len(), 1, "a keep-alive lapse records the Will: {seen:?}");
+    assert_eq!(seen[0]["body"], "silent");
 
     // A token inside the hub's clock-skew allowance that lapses a second from now: disconnected then.
     let skew = hub.running.hub.config().sas_skew_secs;
     let lapsing = hub.device_token_at(&dev.id, &dev.key, iothub_emulator_tests::now_secs() + 1 - skew);
-    let (mut expiring, ack) = dev.connect_with(dev.connect_packet(&lapsing, false, 60)).await?;
+    let (mut expiring, ack) =
+        dev.connect_with(with_will(dev.connect_packet(&lapsing, false, 60), "expired")).await?;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     expiring.expect_closed().await?;
+    let seen = telemetry(&dev, 0, 0).await?;
+    assert_eq!(seen.len(), 2, "a token expiry records the Will: {seen:?}");
+    assert_eq!(seen[1]["body"], "expired");
 
     let (mut first, _) = dev.connect(false).await?;
     let (mut second, _) = dev.connect(false).await?;
@@ -407,4 +420,93 @@ async fn keep_alive_is_enforced_and_a_new_connection_replaces_the_old() -> Resul
     assert_eq!(second.expect().await?, Packet::PingResp);
     assert_eq!(dev.registry().await?["connectionState"], "Connected");
     hub.stop().await
+}
+
+/// The device's recorded telemetry after sequence `after`, waiting up to `wait_ms` for some.
+async fn telemetry(dev: &Device<'_>, after: u64, wait_ms: u64) -> Result<Vec<Value>> {
+    let url = format!(
+        "{}/emulator/telemetry?deviceId={}&after={after}&waitMs={wait_ms}",
+        dev.hub.http_url(),
+        dev.id
+    );
+    let seen: Value = dev.hub.client.get(url).send().await?.json().await?;
+    seen.as_array().cloned().context("the telemetry read is not an array")
+}
+
+#[tokio::test]
+async fn a_dropped_connection_forwards_its_will_and_a_clean_disconnect_does_not() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let dev = Device::create(&hub, "mqtt-will").await?;
+    let token = hub.device_token(&dev.id, &dev.key);
+    let topic = format!("devices/{}/messages/events/%24.mid=w1&state=offline", dev.id);
+    let with_will = |payload: &str| {
+        let mut c = dev.connect_packet(&token, false, 60);
+        c.last_will = Some(LastWill::new(&topic, payload, QoS::AtLeastOnce, false));
+        c
+    };
+
+    // DISCONNECT discards the Will. The hub closes the socket only after the session ended, so
+    // a Will it wrongly recorded would already be readable.
+    let (mut clean, ack) = dev.connect_with(with_will("clean")).await?;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    clean.send(Packet::Disconnect).await?;
+    clean.expect_closed().await?;
+    assert_eq!(telemetry(&dev, 0, 0).await?, Vec::<Value>::new(), "a clean DISCONNECT sends no Will");
+
+    // The TCP connection drops without DISCONNECT: the Will arrives as telemetry.
+    let (dropped, ack) = dev.connect_with(with_will("gone")).await?;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    drop(dropped);
+    let seen = telemetry(&dev, 0, 10_000).await?;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["body"], "gone");
+    assert_eq!(seen[0]["properties"], json!({"state": "offline", "iothub-MessageType": "Will"}));
+    assert_eq!(seen[0]["systemProperties"]["message-id"], "w1");
+
+    // A new connection for the same device closes the old one, which is not a DISCONNECT either.
+    let after = seen[0]["sequenceNumber"].as_u64().context("no sequenceNumber")?;
+    let (mut replaced, _) = dev.connect_with(with_will("replaced")).await?;
+    let (_current, _) = dev.connect(false).await?;
+    replaced.expect_closed().await?;
+    let seen = telemetry(&dev, after, 10_000).await?;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["body"], "replaced");
+    assert_eq!(seen[0]["properties"]["iothub-MessageType"], "Will");
+    hub.stop().await
+}
+
+#[tokio::test]
+async fn a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authorized() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let dev = Device::create(&hub, "mqtt-will-bad").await?;
+    let token = hub.device_token(&dev.id, &dev.key);
+    for topic in ["devices/someone-else/messages/events/", "$iothub/twin/GET/?$rid=1", "status/offline"] {
+        let mut c = dev.connect_packet(&token, false, 60);
+        c.last_will = Some(LastWill::new(topic, "bye", QoS::AtMostOnce, false));
+        let (mut client, ack) = dev.connect_with(c).await?;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{topic}");
+        client.expect_closed().await?;
+    }
+    assert_eq!(dev.registry().await?["connectionState"], "Disconnected");
+    hub.stop().await
+}
+
+#[tokio::test]
+async fn the_hubs_shutdown_records_no_will() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let dev = Device::create(&hub, "mqtt-will-shutdown").await?;
+    let token = hub.device_token(&dev.id, &dev.key);
+    let mut c = dev.connect_packet(&token, false, 60);
+    c.last_will =
+        Some(LastWill::new(format!("devices/{}/messages/events/", dev.id), "bye", QoS::AtMostOnce, false));
+    let (mut client, ack) = dev.connect_with(c).await?;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    let id = dev.id.clone();
+    let core = hub.running.hub.clone();
+    // `stop` returns once the hub's connection tasks have ended, so a Will would be recorded by then.
+    hub.stop().await?;
+    client.expect_closed().await?;
+    assert_eq!(core.get_device(&id)?["connectionState"], "Disconnected", "the connection did end");
+    assert!(core.read_telemetry(Some(&id), 0, 10).is_empty(), "shutdown is not the device going offline");
+    Ok(())
 }

@@ -213,6 +213,12 @@ impl Hub {
         self.shared.changed.notify_waiters();
     }
 
+    /// Whether `device_id` still exists and is enabled: a dropped connection's MQTT Will is
+    /// recorded only then (a deleted or disabled device sends nothing).
+    pub fn device_may_send(&self, device_id: &str) -> bool {
+        self.with_device(device_id, |d| Ok(d.status == super::device::Status::Enabled)).unwrap_or(false)
+    }
+
     /// Records device activity (any packet from it).
     pub fn touch_device(&self, device_id: &str) {
         let now = self.now();

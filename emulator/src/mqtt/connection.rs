@@ -2,7 +2,8 @@
 //! CONNECT exchange, then feeds packets and hub link events to the [`Session`] and writes what it
 //! returns. Owns the connection's buffers and its single deadline (keep-alive or token expiry,
 //! whichever comes first); closes when the device disconnects, breaks the contract, goes silent,
-//! its token expires, a newer connection of the same device takes over, or the hub shuts down.
+//! its token expires, a newer connection of the same device takes over, or the hub shuts down;
+//! every end but DISCONNECT and hub shutdown records the device's Will (see [`Session::close`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -132,6 +133,9 @@ where
         }
     };
     tracing::debug!(%peer, device = %connect.client_id, clean = connect.clean_session, "MQTT device connected");
+    // Not held for the connection's life: its strings and Will payload are heap the session no
+    // longer needs (the session keeps its own copy of the Will).
+    drop(connect);
     let mut session = accepted.session;
     let link = accepted.link;
     let keep_alive = Duration::from_secs(accepted.keep_alive_secs);
@@ -158,6 +162,13 @@ where
             tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {reason}")
         }
         other => tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {other}"),
+    }
+    // Every end but DISCONNECT (which already discarded it) records the Will — MQTT 3.1.1
+    // §3.1.2.5: I/O error, keep-alive lapse, protocol error, token expiry, replacement by a new
+    // connection — except the hub's own shutdown: the emulator going away is not the device
+    // going offline, and nobody is left to read the telemetry.
+    if matches!(ended, Ended::Shutdown) {
+        session.discard_will();
     }
     session.close(&hub);
 }

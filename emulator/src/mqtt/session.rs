@@ -2,9 +2,10 @@
 //! packet and every hub event in, packets to write out.
 //!
 //! The session owns only per-connection facts: the device id, the subscription bits (mirrored into
-//! the hub's persisted session), the C2D in-flight window (packet id → lock token) and direct-method
-//! calls awaiting an answer. Everything else is hub state reached through [`Hub`] calls, which are
-//! synchronous and short, so the whole machine is driven and tested without sockets or timers.
+//! the hub's persisted session), the C2D in-flight window (packet id → lock token), direct-method
+//! calls awaiting an answer and the CONNECT's Will, if it had one. Everything else is hub state
+//! reached through [`Hub`] calls, which are synchronous and short, so the whole machine is driven
+//! and tested without sockets or timers.
 //!
 //! C2D (reference §4.5): messages are taken from the hub's queue with a lock of
 //! [`C2D_LOCK_TIMEOUT_MS`] (IoT Hub's fixed minute) and published at QoS 1; the PUBACK completes
@@ -13,6 +14,12 @@
 //! and is published anew (new packet id) at the next pull — after the next packet or hub event, a
 //! PINGREQ at the latest — which is IoT Hub's "redelivered after a minute". A late PUBACK for the
 //! old packet id then finds its lock lost and is ignored; the new delivery still needs its own.
+//!
+//! Will (reference §4.2): a CONNECT's Will must name this device's telemetry topic
+//! (`devices/{id}/messages/events/` plus an optional property bag) and fit the D2C size limit, or
+//! the CONNECT is refused with `0x05 Not authorized`. The session keeps it (boxed, only when present)
+//! until the connection ends: a DISCONNECT discards it, any other end records it as D2C telemetry
+//! with the bag's properties plus `iothub-MessageType=Will` (see [`Session::close`]).
 
 use std::collections::VecDeque;
 
@@ -73,6 +80,41 @@ pub struct Accepted {
     pub token_expiry_secs: u64,
 }
 
+/// A CONNECT's Will, validated: what is recorded as telemetry if the connection drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// The property bag of its topic (`devices/{id}/messages/events/{bag}`).
+    pub properties: topics::PropertyBag,
+    /// The payload, at most [`D2C_MAX_MESSAGE_BYTES`].
+    pub payload: Bytes,
+    /// The QoS the device asked for (the hub records the Will whatever it is).
+    pub qos: QoS,
+    /// The RETAIN flag: becomes `mqtt-retain=true`, as for a retained PUBLISH.
+    pub retain: bool,
+}
+
+/// Checks a CONNECT's Will against the device's telemetry topic and the D2C size limit.
+fn validate_will(device_id: &str, will: &rumqttc::mqttbytes::v4::LastWill) -> Result<Will, String> {
+    let properties = match topics::parse_publish_topic(device_id, &will.topic) {
+        Ok(DeviceTopic::Telemetry(bag)) => bag,
+        _ => {
+            return Err(format!(
+                "the Will topic '{}' is not this device's 'devices/{device_id}/messages/events/' (+ property bag)",
+                will.topic
+            ));
+        }
+    };
+    if will.message.len() > D2C_MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "the Will payload is {} bytes; D2C messages are at most {D2C_MAX_MESSAGE_BYTES}",
+            will.message.len()
+        ));
+    }
+    // A copy, not a slice of the CONNECT's frame: the Will outlives the read buffer it came in.
+    let payload = Bytes::copy_from_slice(&will.message);
+    Ok(Will { properties, payload, qos: will.qos, retain: will.retain })
+}
+
 /// A refused CONNECT: the CONNACK code to send before closing, and why (logged once).
 #[derive(Debug)]
 pub struct Refused {
@@ -116,6 +158,11 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     let auth = hub
         .authenticate_device(&login.password, id)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+    // Checked before attaching, so a refused Will does not close the device's current connection.
+    let will = match &c.last_will {
+        Some(w) => Some(Box::new(validate_will(id, w).map_err(|reason| refuse(NotAuthorized, reason))?)),
+        None => None,
+    };
     let link = hub
         .attach_link(id, c.clean_session)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
@@ -124,7 +171,8 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
         0 => MQTT_MAX_KEEP_ALIVE_WAIT_SECS,
         k => (u64::from(k) * 3).div_ceil(2).min(MQTT_MAX_KEEP_ALIVE_WAIT_SECS),
     };
-    let session = Session::new(id.to_string(), link.conn_id, c.clean_session, link.session);
+    let mut session = Session::new(id.to_string(), link.conn_id, c.clean_session, link.session);
+    session.will = will;
     Ok(Accepted {
         session,
         link,
@@ -147,6 +195,8 @@ pub struct Session {
     /// Direct-method calls sent to the device, by request id.
     methods: Vec<(String, oneshot::Sender<MethodReply>)>,
     last_rid: u64,
+    /// The CONNECT's Will until DISCONNECT discards it (boxed: most devices set none).
+    will: Option<Box<Will>>,
 }
 
 impl Session {
@@ -160,6 +210,7 @@ impl Session {
             last_pkid: 0,
             methods: Vec::new(),
             last_rid: 0,
+            will: None,
         }
     }
 
@@ -171,6 +222,16 @@ impl Session {
     /// The subscription bits (`hub::link::subscriptions`).
     pub fn subscriptions(&self) -> u8 {
         self.subs
+    }
+
+    /// The Will to record if the connection ends without a DISCONNECT.
+    pub fn will(&self) -> Option<&Will> {
+        self.will.as_deref()
+    }
+
+    /// Drops the Will without recording it (the hub is shutting down).
+    pub fn discard_will(&mut self) {
+        self.will = None;
     }
 
     /// C2D deliveries awaiting PUBACK.
@@ -220,7 +281,11 @@ impl Session {
                 out.push(Packet::UnsubAck(UnsubAck { pkid: u.pkid }));
             }
             Packet::PingReq => out.push(Packet::PingResp),
-            Packet::Disconnect => return Err(Close::ClientDisconnect),
+            Packet::Disconnect => {
+                // MQTT 3.1.1 §3.14.4: a DISCONNECT discards the Will.
+                self.will = None;
+                return Err(Close::ClientDisconnect);
+            }
             Packet::Connect(_) => return Err(Close::Protocol("a second CONNECT on one connection")),
             Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => return Err(Close::QoS2),
             _ => return Err(Close::Protocol("a packet only a server sends")),
@@ -252,9 +317,20 @@ impl Session {
         self.pump_c2d(hub, out);
     }
 
-    /// Ends the session: unacknowledged C2D messages go back to the queue, pending method calls
-    /// fail, and the hub forgets the connection (and the subscriptions under clean session).
+    /// Ends the session: a Will still held (no DISCONNECT came) is recorded as telemetry unless the
+    /// device was deleted or disabled meanwhile, unacknowledged C2D messages go back to the queue,
+    /// pending method calls fail, and the hub forgets the connection (and the subscriptions under
+    /// clean session). The Will is recorded before the device shows as disconnected.
     pub fn close(self, hub: &Hub) {
+        if let Some(will) = self.will
+            && hub.device_may_send(&self.device_id)
+        {
+            let Will { properties, payload, retain, .. } = *will;
+            let mut msg = telemetry(&self.device_id, properties, retain, payload);
+            msg.properties.push(("iothub-MessageType".into(), "Will".into()));
+            hub.record_telemetry(msg);
+            tracing::debug!(device = %self.device_id, "MQTT Will recorded as telemetry");
+        }
         for (_, token) in &self.inflight {
             let _ = hub.settle_c2d(&self.device_id, *token, Settlement::Release);
         }
@@ -410,7 +486,7 @@ fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Byte
 mod tests {
     use std::sync::Arc;
 
-    use rumqttc::mqttbytes::v4::{Subscribe, Unsubscribe};
+    use rumqttc::mqttbytes::v4::{LastWill, Subscribe, Unsubscribe};
 
     use super::*;
     use crate::c2d::C2dMessage;
@@ -758,6 +834,106 @@ mod tests {
         let mut out = Vec::new();
         b.session.handle_event(&f.hub, event, &mut out);
         assert_eq!(&publishes(&out)[0].payload[..], b"body of m1");
+    }
+
+    fn connect_with_will(f: &Fixture, id: &str, topic: &str, payload: &[u8], retain: bool) -> Accepted {
+        let mut c = connect_packet(f, id, false);
+        c.last_will = Some(LastWill::new(topic, payload.to_vec(), QoS::AtLeastOnce, retain));
+        accept_connect(&f.hub, &c).unwrap()
+    }
+
+    #[test]
+    fn a_will_is_kept_and_recorded_as_telemetry_when_the_connection_ends_without_disconnect() {
+        let f = fixture("d1");
+        let a =
+            connect_with_will(&f, "d1", "devices/d1/messages/events/%24.mid=w1&state=offline", b"bye", true);
+        let s = a.session;
+        let will = s.will().expect("the Will is kept");
+        assert_eq!(
+            will.properties,
+            vec![("$.mid".into(), Some("w1".into())), ("state".into(), Some("offline".into()))]
+        );
+        assert_eq!((&will.payload[..], will.qos, will.retain), (&b"bye"[..], QoS::AtLeastOnce, true));
+        assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "nothing is recorded while connected");
+
+        s.close(&f.hub);
+        let got = f.hub.read_telemetry(Some("d1"), 0, 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].body[..], b"bye");
+        assert_eq!(got[0].system_properties, vec![("message-id".to_string(), "w1".to_string())]);
+        assert_eq!(
+            got[0].properties,
+            vec![
+                ("state".to_string(), "offline".to_string()),
+                ("mqtt-retain".to_string(), "true".to_string()),
+                ("iothub-MessageType".to_string(), "Will".to_string()),
+            ]
+        );
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+
+    #[test]
+    fn disconnect_and_shutdown_discard_the_will_and_no_will_means_nothing_recorded() {
+        let f = fixture("d1");
+        let mut s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        let r = s.handle_packet(&f.hub, Packet::Disconnect, &mut Vec::new());
+        assert!(matches!(r, Err(Close::ClientDisconnect)), "{r:?}");
+        assert!(s.will().is_none(), "DISCONNECT discards the Will");
+        s.close(&f.hub);
+
+        let mut s = connect_with_will(&f, "d1", "devices/d1/messages/events", b"bye", false).session;
+        s.discard_will();
+        s.close(&f.hub);
+
+        let (a, _) = connect(&f, "d1", false);
+        assert!(a.session.will().is_none());
+        a.session.close(&f.hub);
+        assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty());
+    }
+
+    #[test]
+    fn the_will_of_a_disabled_or_deleted_device_is_not_recorded() {
+        let f = fixture("d1");
+        let s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        let disabled = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
+        f.hub.put_device("d1", disabled, Some(crate::hub::IfMatch::Any)).unwrap();
+        s.close(&f.hub);
+        assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "disabled");
+
+        let f = fixture("d1");
+        let s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        f.hub.delete_device("d1", None).unwrap();
+        s.close(&f.hub);
+        assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "deleted");
+    }
+
+    #[test]
+    fn wills_outside_the_devices_telemetry_topic_or_too_large_are_refused_with_not_authorized() {
+        let f = fixture("d1");
+        f.hub.put_device("d2", DeviceInput::default(), None).unwrap();
+        let (current, _) = connect(&f, "d1", false);
+        let big = vec![0u8; D2C_MAX_MESSAGE_BYTES + 1];
+        for (topic, payload) in [
+            ("devices/d2/messages/events/", &b"x"[..]),
+            ("devices/d1/messages/devicebound/", b"x"),
+            ("$iothub/twin/GET/?$rid=1", b"x"),
+            ("status/d1", b"x"),
+            ("devices/d1/messages/events/", &big[..]),
+        ] {
+            let mut c = connect_packet(&f, "d1", false);
+            c.last_will = Some(LastWill::new(topic, payload.to_vec(), QoS::AtMostOnce, false));
+            let refused = accept_connect(&f.hub, &c).unwrap_err();
+            assert_eq!(refused.code, ConnectReturnCode::NotAuthorized, "{topic}: {}", refused.reason);
+        }
+        assert!(!current.link.events.is_kicked(), "a refused CONNECT leaves the current connection alone");
+        let ok = connect_with_will(
+            &f,
+            "d1",
+            "devices/d1/messages/events/a=1",
+            &vec![0u8; D2C_MAX_MESSAGE_BYTES],
+            false,
+        );
+        assert!(ok.session.will().is_some(), "a Will of exactly the limit is accepted");
     }
 
     #[test]
