@@ -327,6 +327,8 @@ impl Session {
         {
             let Will { properties, payload, retain, .. } = *will;
             let mut msg = telemetry(&self.device_id, properties, retain, payload);
+            // The hub's marker wins over a bag property of the same name.
+            msg.properties.retain(|(k, _)| !k.eq_ignore_ascii_case("iothub-MessageType"));
             msg.properties.push(("iothub-MessageType".into(), "Will".into()));
             hub.record_telemetry(msg);
             tracing::debug!(device = %self.device_id, "MQTT Will recorded as telemetry");
@@ -889,6 +891,18 @@ mod tests {
         assert!(a.session.will().is_none());
         a.session.close(&f.hub);
         assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty());
+    }
+
+    #[test]
+    fn the_will_marker_replaces_a_bag_property_of_the_same_name() {
+        let f = fixture("d1");
+        let topic = "devices/d1/messages/events/iothub-MessageType=Telemetry&a=1";
+        connect_with_will(&f, "d1", topic, b"bye", false).session.close(&f.hub);
+        let got = f.hub.read_telemetry(Some("d1"), 0, 10);
+        assert_eq!(
+            got[0].properties,
+            vec![("a".to_string(), "1".to_string()), ("iothub-MessageType".to_string(), "Will".to_string())]
+        );
     }
 
     #[test]
