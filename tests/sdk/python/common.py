@@ -12,6 +12,7 @@ import threading
 import traceback
 
 from azure.iot.hub import IoTHubRegistryManager
+from msrest.exceptions import HttpOperationError
 
 # Per-request bound (msrest's default is 100 s: msrest/universal_http/__init__.py ClientConnection).
 REQUEST_TIMEOUT_S = 15
@@ -34,6 +35,31 @@ def check(what, ok, detail=None):
 
 def check_equal(what, actual, expected):
     check(what, actual == expected, f"expected {expected!r}, got {actual!r}")
+
+
+def expect_http_error(what, call, status, code):
+    """Runs `call`, which must raise HttpOperationError with `status` and IoT Hub error `code`.
+
+    Checks the `iothub-errorcode` header and the legacy body `{"Message":"ErrorCode:<code>;..."}`
+    (iothub-reference.md section 2.9).
+    """
+    try:
+        result = call()
+    except HttpOperationError as err:
+        response = err.response
+    else:
+        raise CheckFailed(f"{what}: expected HTTP {status}, but the call returned {result!r}")
+    check_equal(f"{what}: HTTP status", response.status_code, status)
+    check_equal(f"{what}: iothub-errorcode header", response.headers.get("iothub-errorcode"), code)
+    try:
+        message = response.json().get("Message")
+    except ValueError:
+        message = None
+    check(
+        f'{what}: body Message starts with "ErrorCode:{code};"',
+        isinstance(message, str) and message.startswith(f"ErrorCode:{code};"),
+        response.text[:300],
+    )
 
 
 def env(name):

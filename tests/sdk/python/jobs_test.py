@@ -18,9 +18,18 @@ import time
 
 from azure.iot.hub import IoTHubJobManager
 from azure.iot.hub.models import JobRequest, Twin, TwinProperties
-from msrest.exceptions import DeserializationError, HttpOperationError
+from msrest.exceptions import DeserializationError
 
-from common import REQUEST_TIMEOUT_S, CheckFailed, check, check_equal, env, registry_manager, run_main
+from common import (
+    REQUEST_TIMEOUT_S,
+    CheckFailed,
+    check,
+    check_equal,
+    env,
+    expect_http_error,
+    registry_manager,
+    run_main,
+)
 
 SCRIPT = "jobs_test"
 WATCHDOG_S = 90
@@ -33,17 +42,6 @@ def job_manager(connection_string):
     manager.protocol.config.retry_policy.retries = 0
     manager.protocol.config.connection.timeout = REQUEST_TIMEOUT_S
     return manager
-
-
-def expect_http_error(what, call, status, code):
-    try:
-        result = call()
-    except HttpOperationError as err:
-        response = err.response
-    else:
-        raise CheckFailed(f"{what}: expected HTTP {status}, but the call returned {result!r}")
-    check_equal(f"{what}: HTTP status", response.status_code, status)
-    check_equal(f"{what}: iothub-errorcode header", response.headers.get("iothub-errorcode"), code)
 
 
 def twin_job(job_id, group, desired, start):

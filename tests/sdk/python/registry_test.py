@@ -12,37 +12,10 @@ import base64
 import sys
 
 from azure.iot.hub.models import QuerySpecification, Twin, TwinProperties
-from msrest.exceptions import HttpOperationError
-
-from common import CheckFailed, check, check_equal, env, registry_manager, run_main
+from common import check, check_equal, env, expect_http_error, registry_manager, run_main
 
 SCRIPT = "registry_test"
 WATCHDOG_S = 90
-
-
-def expect_http_error(what, call, status, code):
-    """Runs `call`, which must raise HttpOperationError with `status` and IoT Hub error `code`.
-
-    Checks the `iothub-errorcode` header and the legacy body `{"Message":"ErrorCode:<code>;..."}`
-    (iothub-reference.md section 2.9).
-    """
-    try:
-        result = call()
-    except HttpOperationError as err:
-        response = err.response
-    else:
-        raise CheckFailed(f"{what}: expected HTTP {status}, but the call returned {result!r}")
-    check_equal(f"{what}: HTTP status", response.status_code, status)
-    check_equal(f"{what}: iothub-errorcode header", response.headers.get("iothub-errorcode"), code)
-    try:
-        message = response.json().get("Message")
-    except ValueError:
-        message = None
-    check(
-        f'{what}: body Message starts with "ErrorCode:{code};"',
-        isinstance(message, str) and message.startswith(f"ErrorCode:{code};"),
-        response.text[:300],
-    )
 
 
 def is_key(key):
