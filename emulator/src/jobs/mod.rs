@@ -200,16 +200,18 @@ async fn walk(hub: &Hub, id: &str, action: &JobAction, condition: &str) -> Outco
         let ids: Vec<String> =
             page.items.iter().filter_map(|v| v.get("deviceId")?.as_str().map(str::to_string)).collect();
         hub.with_job(id, |j| j.discovered(ids.len() as u64));
+        // Twin updates are synchronous: the page's outcome is recorded once, not twice per device
+        // under the jobs lock.
+        let (mut succeeded, mut failed) = (0, 0);
         for device in ids {
             match action {
-                JobAction::UpdateTwin(patch) => {
-                    hub.with_job(id, |j| j.device_started());
-                    let result = hub.update_twin(&device, patch, None, false);
-                    if let Err(e) = &result {
+                JobAction::UpdateTwin(patch) => match hub.update_twin(&device, patch, None, false) {
+                    Ok(_) => succeeded += 1,
+                    Err(e) => {
+                        failed += 1;
                         tracing::debug!(job = id, device, "twin update failed: {e}");
                     }
-                    hub.with_job(id, |j| j.device_finished(result.is_ok()));
-                }
+                },
                 JobAction::DeviceMethod(spec) => {
                     while in_flight.len() >= JOBS_METHOD_CONCURRENCY {
                         if let Some(ok) = in_flight.next().await {
@@ -230,6 +232,9 @@ async fn walk(hub: &Hub, id: &str, action: &JobAction, condition: &str) -> Outco
                     });
                 }
             }
+        }
+        if succeeded + failed > 0 {
+            hub.with_job(id, |j| j.devices_done(succeeded, failed));
         }
         // A page of twin updates runs synchronously: let other tasks in between pages.
         tokio::task::yield_now().await;

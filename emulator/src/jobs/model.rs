@@ -430,6 +430,14 @@ impl Job {
         }
     }
 
+    /// `succeeded + failed` pending devices were processed in one go (a page of twin updates,
+    /// applied synchronously, so nothing was ever seen running).
+    pub fn devices_done(&mut self, succeeded: u64, failed: u64) {
+        self.stats.pending_count = self.stats.pending_count.saturating_sub(succeeded + failed);
+        self.stats.succeeded_count += succeeded;
+        self.stats.failed_count += failed;
+    }
+
     fn end(&mut self, status: JobStatus, now: Millis) -> bool {
         if self.status.is_terminal() {
             return false;

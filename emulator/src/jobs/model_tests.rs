@@ -152,6 +152,20 @@ fn a_job_runs_through_its_states_and_counts_devices() {
 }
 
 #[test]
+fn a_page_of_devices_processed_in_one_go_moves_from_pending_to_the_outcomes() {
+    let mut job = Job::new(parse("p", twin_request("p")), T0);
+    assert!(job.begin(T0));
+    job.discovered(5);
+    job.devices_done(4, 1);
+    job.discovered(2);
+    let s = job.stats;
+    assert_eq!(
+        (s.device_count, s.succeeded_count, s.failed_count, s.running_count, s.pending_count),
+        (7, 4, 1, 0, 2)
+    );
+}
+
+#[test]
 fn a_future_job_is_scheduled_and_can_be_cancelled_before_it_starts() {
     let mut job = Job::new(parse("m", method_request("m")), T0);
     assert_eq!(job.status, JobStatus::Scheduled);
