@@ -18,6 +18,7 @@ pub mod http;
 pub mod hub;
 pub mod jobs;
 pub mod limits;
+pub mod listener;
 pub mod mqtt;
 pub mod query;
 pub mod sas;

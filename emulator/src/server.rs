@@ -3,11 +3,9 @@
 //! telemetry read-out), the MQTT device endpoint (TLS, plus an optional plain-TCP port for load tests),
 //! the AMQP port (TLS, the service SDKs' C2D and feedback) and the FTP package server ([`crate::ftp`]).
 //!
-//! Each listener gets one accept loop; each connection one task, tracked so shutdown can wait for
-//! them. Accept loops survive file-descriptor exhaustion (EMFILE/ENFILE): they log once, back off
-//! briefly and keep accepting, so connections already open are not disturbed.
+//! Each listener gets one accept loop ([`crate::listener`]); each connection one task, tracked so
+//! shutdown can wait for them. This module assembles the front ends; none of them imports it.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -30,18 +28,11 @@ use crate::hub::{Hub, HubConfig};
 use crate::limits::{
     DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
 };
+use crate::listener::{BindError, accept_connections, bind_one, tls_handshake};
 use crate::tls::{HubCertificates, TlsError};
 
-/// A TLS handshake that takes longer than this is dropped (slow clients must not pin sockets).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`). The std
-/// default of 128 drops SYNs when a fleet connects at once, and clients then wait seconds for
-/// the retransmission.
-const LISTEN_BACKLOG: u32 = 4096;
-/// Pause after an accept failure caused by file-descriptor exhaustion.
-const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Where the hub listens. Port 0 picks a free port.
 #[derive(Debug, Clone)]
@@ -131,25 +122,6 @@ impl Listeners {
     }
 }
 
-/// Binds one listener, with an error that says which flag moves it.
-pub fn bind_one(
-    ip: IpAddr,
-    port: u16,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, ServerError> {
-    let addr = SocketAddr::new(ip, port);
-    let bind = || -> io::Result<TcpListener> {
-        let socket =
-            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        #[cfg(unix)]
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
-    };
-    bind().map_err(|source| ServerError::Bind { what, addr, flag, source })
-}
-
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -175,6 +147,13 @@ pub enum ServerError {
     /// The server task failed.
     #[error("the server task failed: {0}")]
     Task(String),
+}
+
+impl From<BindError> for ServerError {
+    fn from(e: BindError) -> Self {
+        let BindError { what, addr, flag, source } = e;
+        Self::Bind { what, addr, flag, source }
+    }
 }
 
 /// A hub serving on its listeners in the background: what tests, the bench and the binary use.
@@ -405,53 +384,6 @@ pub async fn shutdown_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
-/// True for accept errors that mean "out of file descriptors": wait and retry, never exit.
-pub fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23)
-}
-
-/// Accepts connections on `listener` until `shutdown`, logging accept errors and backing off on
-/// file-descriptor exhaustion. Shared by every protocol's listener.
-pub async fn accept_connections<F, Fut>(
-    listener: TcpListener,
-    name: &'static str,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    mut on_conn: F,
-) where
-    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut exhausted = false;
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                exhausted = false;
-                let _ = stream.set_nodelay(true);
-                tracker.spawn(on_conn(stream, peer));
-            }
-            Err(e) if is_fd_exhaustion(&e) => {
-                if !exhausted {
-                    tracing::warn!(
-                        listener = name,
-                        "out of file descriptors; refusing new connections until some close: {e}"
-                    );
-                    exhausted = true;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(EMFILE_BACKOFF) => {}
-                }
-            }
-            Err(e) => tracing::debug!(listener = name, "accept failed: {e}"),
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -473,10 +405,8 @@ async fn accept_loop(
             match tls {
                 None => serve_http(stream, ctx, port, sd).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_http(tls_stream, ctx, port, sd).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some(tls_stream) = tls_handshake(&acceptor, stream, peer, "HTTPS").await {
+                        serve_http(tls_stream, ctx, port, sd).await
                     }
                 }
             }

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 use crate::limits::{FTP_DEFAULT_MAX_SESSIONS, FTP_DEFAULT_PASSIVE_PORTS, FTP_IDLE_TIMEOUT_SECS};
-use crate::server::accept_connections;
+use crate::listener::accept_connections;
 pub use faults::{FaultSettings, FaultsError, FtpFaults};
 
 /// How long writing the `421` refusal may take before the socket is simply closed.

@@ -15,7 +15,6 @@ pub mod topics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -23,10 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
-use crate::server::accept_connections;
-
-/// A TLS handshake that takes longer than this is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::listener::{accept_connections, tls_handshake};
 
 /// Accepts MQTT connections on `listener` (TLS when `tls` is set) until `shutdown`.
 pub async fn accept_loop(
@@ -59,9 +55,7 @@ async fn serve_tls(
     peer: SocketAddr,
     sd: CancellationToken,
 ) {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Box::pin(connection::serve(hub, s, peer, sd)).await,
-        Ok(Err(e)) => tracing::debug!(%peer, "MQTT TLS handshake failed: {e}"),
-        Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+    if let Some(s) = tls_handshake(&acceptor, stream, peer, "MQTT").await {
+        Box::pin(connection::serve(hub, s, peer, sd)).await
     }
 }
