@@ -143,3 +143,36 @@ pub const JOBS_DEFAULT_MAX_EXECUTION_SECS: u64 = 3600;
 pub const JOB_ID_MAX_CHARS: usize = 128;
 /// Default and largest page size of `GET /jobs/v2/query`.
 pub const JOBS_QUERY_PAGE_MAX: usize = 1000;
+
+/// Deadlines on every wait a network peer controls. IoT Hub publishes none of these values except
+/// where noted; the defaults are the emulator's choices, listed in the README's "Differences".
+/// Tests shorten them through [`crate::HubConfig::timeouts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// HTTP/1: a request's headers must arrive within this (slowloris).
+    pub http_header_read: std::time::Duration,
+    /// HTTP: a keep-alive connection with no request in flight is closed after this (Azure's load
+    /// balancers close idle TCP flows after 4 minutes).
+    pub http_idle: std::time::Duration,
+    /// AMQP: protocol header, SASL and `open` must be done within this of the TCP accept.
+    pub amqp_open: std::time::Duration,
+    /// AMQP: the idle-time-out the hub announces in its `open`; a connection that sends no frame
+    /// for twice this long is closed with `amqp:resource-limit-exceeded`.
+    pub amqp_idle: std::time::Duration,
+    /// MQTT and AMQP: a write the peer does not take within this (it stopped reading) ends the
+    /// connection; MQTT also ends it at the keep-alive deadline if that comes first.
+    pub write: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            http_header_read: Duration::from_secs(30),
+            http_idle: Duration::from_secs(240),
+            amqp_open: Duration::from_secs(10),
+            amqp_idle: Duration::from_secs(240),
+            write: Duration::from_secs(30),
+        }
+    }
+}

@@ -20,8 +20,8 @@ use super::message::Message;
 use super::service::{self, Address, Outcome};
 use super::types::Value;
 use super::{
-    LINK_CREDIT, MAX_FRAME_BYTES, MAX_LINKS_PER_SESSION, MAX_MESSAGE_BYTES, MAX_PENDING_REPLIES,
-    MAX_SESSIONS, MAX_UNSETTLED_FEEDBACK, SESSION_WINDOW,
+    LINK_CREDIT, MAX_BUFFERED_DELIVERY_BYTES, MAX_FRAME_BYTES, MAX_LINKS_PER_SESSION, MAX_MESSAGE_BYTES,
+    MAX_PENDING_REPLIES, MAX_SESSIONS, MAX_UNSETTLED_FEEDBACK, SESSION_WINDOW,
 };
 use crate::c2d::LockToken;
 use crate::hub::Hub;
@@ -173,6 +173,25 @@ impl Connection {
     /// The error we closed the connection with, if any.
     pub fn close_reason(&self) -> Option<&ConnError> {
         self.close_reason.as_ref()
+    }
+
+    /// True once the peer's `open` arrived (the driver's open deadline no longer applies).
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Opened
+    }
+
+    /// The idle-time-out this side announces in its `open` (the hub's `timeouts.amqp_idle`): the
+    /// driver closes a connection silent for twice as long.
+    pub fn idle_timeout_ms(&self) -> u32 {
+        u32::try_from(self.hub.config().timeouts.amqp_idle.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// Closes the connection with `condition` because the driver's deadline passed (open not done
+    /// in time, or the peer went silent past the idle-time-out).
+    pub fn time_out(&mut self, condition: &'static str, description: impl Into<String>) {
+        if self.phase != Phase::Closed {
+            self.fail(ConnError::new(condition, description));
+        }
     }
 
     /// The peer's idle-time-out: send a frame at least this often (the driver sends heartbeats at
@@ -379,6 +398,7 @@ impl Connection {
                 Value::str(self.hub.hostname()),
                 Value::Uint(MAX_FRAME_BYTES),
                 Value::Ushort(MAX_SESSIONS as u16 - 1),
+                Value::Uint(self.idle_timeout_ms()),
             ],
         );
         self.write(0, &reply, &[]);
@@ -540,6 +560,10 @@ impl Connection {
     fn on_transfer(&mut self, channel: u16, f: &Fields, payload: Vec<u8>) -> Result<(), ConnError> {
         let handle =
             f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "transfer without a handle"))?;
+        let more = f.bool_or(5, false);
+        // Bytes this connection already holds in unfinished deliveries (only a frame that is to be
+        // kept waiting for the next one needs the sum).
+        let buffered = if more { self.buffered_delivery_bytes() } else { 0 };
         let session = self.session(channel)?;
         session.next_incoming_id = session.next_incoming_id.wrapping_add(1);
         session.incoming_window = session.incoming_window.saturating_sub(1);
@@ -572,7 +596,9 @@ impl Connection {
         };
         let mut partial = partial;
         partial.settled |= f.bool_or(4, false);
-        if partial.bytes.len() + payload.len() > MAX_MESSAGE_BYTES {
+        if partial.bytes.len() + payload.len() > MAX_MESSAGE_BYTES
+            || buffered + payload.len() > MAX_BUFFERED_DELIVERY_BYTES
+        {
             partial.oversized = true;
             partial.bytes = Vec::new();
         } else if !partial.oversized {
@@ -581,7 +607,7 @@ impl Connection {
         if f.bool_or(9, false) {
             return Ok(()); // aborted: the delivery is forgotten
         }
-        if f.bool_or(5, false) {
+        if more {
             link.partial = Some(partial);
             return Ok(());
         }
@@ -594,7 +620,10 @@ impl Connection {
         let outcome = if partial.oversized {
             Outcome::Rejected(
                 "amqp:link:message-size-exceeded",
-                format!("the message is larger than the {MAX_MESSAGE_BYTES} bytes this link accepts"),
+                format!(
+                    "the message is larger than the {MAX_MESSAGE_BYTES} bytes this link accepts, or the \
+                     connection holds more than {MAX_BUFFERED_DELIVERY_BYTES} bytes of unfinished deliveries"
+                ),
             )
         } else {
             match Message::decode(&partial.bytes) {
@@ -629,6 +658,16 @@ impl Connection {
         }
         self.pump();
         Ok(())
+    }
+
+    /// Bytes held in unfinished multi-frame deliveries across every link of the connection.
+    fn buffered_delivery_bytes(&self) -> usize {
+        self.sessions
+            .values()
+            .flat_map(|s| s.links.values())
+            .filter_map(|l| l.partial.as_ref())
+            .map(|p| p.bytes.len())
+            .sum()
     }
 
     /// Queues a CBS reply on the session's `$cbs` sender link (bounded).

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::frame::{Fields, code, list};
-use super::types::{DecodeError, Value};
+use super::types::{DecodeError, Decoder, Value};
 use crate::c2d::{AckMode, C2dMessage};
 
 /// The body of a message.
@@ -77,8 +77,9 @@ impl Message {
     /// Decodes the sections of a transfer payload.
     pub fn decode(mut buf: &[u8]) -> Result<Self, DecodeError> {
         let mut m = Message::default();
+        let mut decoder = Decoder::for_input(buf.len());
         while !buf.is_empty() {
-            let section = Value::decode(&mut buf)?;
+            let section = decoder.value(&mut buf)?;
             let Some((c, v)) = section.as_described() else {
                 return Err(DecodeError::Shape("a message section is not a described value".into()));
             };
@@ -202,6 +203,9 @@ pub enum C2dFormatError {
     /// The body is not data (or a string/binary amqp-value).
     #[error("the body must be one or more data sections")]
     Body,
+    /// `absolute-expiry-time` before the Unix epoch: not a time a message can expire at.
+    #[error("properties.absolute-expiry-time must be a time after 1970-01-01, got {0} ms")]
+    Expiry(i64),
 }
 
 /// The device id named by a C2D `to` address (`/devices/{url-encoded id}/messages/devicebound`,
@@ -247,6 +251,10 @@ pub fn to_c2d(m: &Message) -> Result<(String, C2dMessage), C2dFormatError> {
         _ => return Err(C2dFormatError::Body),
     };
     let p = &m.properties;
+    let expiry = match p.absolute_expiry_time {
+        Some(t) => Some(u64::try_from(t).map_err(|_| C2dFormatError::Expiry(t))?),
+        None => None,
+    };
     let msg = C2dMessage {
         message_id: p.message_id.as_ref().and_then(Value::to_id_string),
         correlation_id: p.correlation_id.as_ref().and_then(Value::to_id_string),
@@ -254,7 +262,7 @@ pub fn to_c2d(m: &Message) -> Result<(String, C2dMessage), C2dFormatError> {
         content_type: p.content_type.clone(),
         content_encoding: p.content_encoding.clone(),
         ack,
-        expiry: p.absolute_expiry_time.and_then(|t| u64::try_from(t).ok()),
+        expiry,
         properties,
         body,
     };

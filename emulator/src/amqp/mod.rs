@@ -27,6 +27,10 @@ pub const MAX_FRAME_BYTES: u32 = 64 * 1024;
 /// oversized C2D message reaches the hub's check and gets IoT Hub's own error; deliveries past it
 /// are rejected with `amqp:link:message-size-exceeded` without being buffered.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Bytes one connection may hold in unfinished multi-frame deliveries, across all its links (16
+/// sessions of 64 links could otherwise each buffer [`MAX_MESSAGE_BYTES`] before any auth). A
+/// delivery that would pass it is rejected with `amqp:link:message-size-exceeded`.
+pub const MAX_BUFFERED_DELIVERY_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 /// Sessions per connection (channel-max + 1).
 pub const MAX_SESSIONS: usize = 16;
 /// Links per session (handle-max + 1).

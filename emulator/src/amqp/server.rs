@@ -1,10 +1,10 @@
 //! The AMQP socket driver: accepts TLS connections on the AMQP listener and runs one
 //! [`Connection`] per socket, moving bytes between them.
 //!
-//! A connection task waits on three things only: its socket, the hub's notifier (while a feedback
-//! link has credit, so feedback flows without polling) and, when needed, one timer (the next
-//! feedback batch cut, or a heartbeat inside the peer's idle-time-out). Nothing is spawned per
-//! device or per link.
+//! A connection task waits on its socket, the hub's notifier (while a feedback link has credit, so
+//! feedback flows without polling) and its timers (the next feedback batch cut, a heartbeat inside
+//! the peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing
+//! is spawned per device or per link.
 
 use std::time::Duration;
 
@@ -18,10 +18,8 @@ use tokio_util::task::TaskTracker;
 use super::Connection;
 use super::frame::HEARTBEAT;
 use crate::hub::Hub;
-use crate::server::accept_connections;
+use crate::listener::{accept_connections, tls_handshake};
 
-/// A TLS handshake that takes longer than this is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -37,14 +35,10 @@ pub async fn accept_loop(
     accept_connections(listener, "amqp", shutdown, tracker, move |stream, peer| {
         let (tls, hub, sd) = (tls.clone(), hub.clone(), sd.clone());
         async move {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    if let Err(e) = serve_connection(stream, hub, sd).await {
-                        tracing::debug!(%peer, "AMQP connection ended: {e}");
-                    }
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, "AMQP TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "AMQP TLS handshake timed out"),
+            if let Some(stream) = tls_handshake(&tls, stream, peer, "AMQP").await
+                && let Err(e) = serve_connection(stream, hub, sd).await
+            {
+                tracing::debug!(%peer, "AMQP connection ended: {e}");
             }
         }
     })
@@ -52,13 +46,23 @@ pub async fn accept_loop(
 }
 
 /// Runs one AMQP connection over `stream` until either side closes it or `shutdown`.
+///
+/// Deadlines (the hub's `timeouts`): the protocol header, SASL and `open` must be done within
+/// `amqp_open` of the start; once open, a peer silent for twice the idle-time-out we announce
+/// (`amqp_idle`) is closed with `amqp:resource-limit-exceeded`; a write the peer does not take
+/// within `write` ends the connection (it stopped reading). Unsettled feedback returns to the hub
+/// whichever way the connection ends.
 pub async fn serve_connection<S>(mut stream: S, hub: Hub, shutdown: CancellationToken) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let timeouts = hub.config().timeouts;
     let mut conn = Connection::new(hub.clone());
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let open_deadline = Instant::now() + timeouts.amqp_open;
+    let silence_limit = Duration::from_millis(u64::from(conn.idle_timeout_ms()) * 2);
     let mut last_write = Instant::now();
+    let mut last_read = Instant::now();
     loop {
         // Enabled before checking the hub, so a record queued in between still wakes us.
         let notified = hub.notifier().notified();
@@ -67,7 +71,7 @@ where
         conn.pump();
         let out = conn.take_output();
         if !out.is_empty() {
-            stream.write_all(&out).await?;
+            write_within(&mut stream, &out, timeouts.write).await?;
             last_write = Instant::now();
         }
         if conn.is_closed() {
@@ -80,25 +84,59 @@ where
             .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(hub.now())));
         let heartbeat_at =
             conn.peer_idle_timeout_ms().map(|ms| last_write + Duration::from_millis(u64::from(ms) / 2));
+        let give_up_at = if conn.is_open() { last_read + silence_limit } else { open_deadline };
         tokio::select! {
             r = stream.read(&mut buf) => match r {
                 Ok(0) => break,
-                Ok(n) => conn.receive(&buf[..n]),
+                Ok(n) => {
+                    last_read = Instant::now();
+                    conn.receive(&buf[..n]);
+                }
                 Err(e) => return Err(e),
             },
             _ = &mut notified, if wants_feedback => {}
             _ = tokio::time::sleep_until(feedback_at.unwrap_or_else(Instant::now)), if feedback_at.is_some() => {}
             _ = tokio::time::sleep_until(heartbeat_at.unwrap_or_else(Instant::now)), if heartbeat_at.is_some() => {
-                stream.write_all(&HEARTBEAT).await?;
+                write_within(&mut stream, &HEARTBEAT, timeouts.write).await?;
                 last_write = Instant::now();
+            }
+            _ = tokio::time::sleep_until(give_up_at) => {
+                if conn.is_open() {
+                    conn.time_out(
+                        "amqp:resource-limit-exceeded",
+                        format!("no frame for {} ms, twice the idle-time-out this side announced", silence_limit.as_millis()),
+                    );
+                } else {
+                    conn.time_out(
+                        "amqp:resource-limit-exceeded",
+                        format!("the connection was not opened within {} ms", timeouts.amqp_open.as_millis()),
+                    );
+                }
             }
             _ = shutdown.cancelled() => {
                 conn.shut_down();
                 let out = conn.take_output();
-                stream.write_all(&out).await?;
+                write_within(&mut stream, &out, timeouts.write).await?;
                 break;
             }
         }
     }
-    stream.shutdown().await
+    // Bounded too: a peer that stopped reading must not hold the task in the TLS close.
+    let _ = tokio::time::timeout(timeouts.write, stream.shutdown()).await;
+    Ok(())
+}
+
+/// Writes `bytes`, or fails with `TimedOut` when the peer does not take them within `limit`.
+async fn write_within<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took no bytes for {} ms (it stopped reading)", limit.as_millis()),
+        )),
+    }
 }

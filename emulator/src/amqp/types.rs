@@ -3,6 +3,13 @@
 //! an encoder that writes the compact forms.
 //!
 //! Only what the service endpoint needs is modelled specially; decimals are carried as raw bytes.
+//!
+//! The decoder is bounded by construction, because its input comes from unauthenticated peers:
+//! nesting (compound and described values) is limited to [`MAX_DEPTH`] levels, so recursion never
+//! follows the input's length; and every allocation is charged against a budget proportional to
+//! the input ([`ALLOC_BYTES_PER_INPUT_BYTE`] per byte plus [`ALLOC_SLACK_BYTES`]) *before* it is
+//! made, so an element count or length field cannot make it reserve more than the bytes present
+//! justify (an array of zero-width elements claiming 2^32 of them is refused, not allocated).
 
 use bytes::{Buf, BufMut};
 
@@ -21,6 +28,193 @@ pub enum DecodeError {
     /// A structure had the wrong shape (e.g. a performative that is not a described list).
     #[error("{0}")]
     Shape(String),
+    /// Compound or described values nested deeper than [`MAX_DEPTH`].
+    #[error("AMQP values nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The value would take more memory than its encoding justifies (see the module doc).
+    #[error("an AMQP value claims more elements than its {0} bytes can hold")]
+    TooLarge(usize),
+}
+
+/// Deepest nesting of compound (list, map, array) and described values the decoder accepts.
+/// IoT Hub's traffic nests four levels at most (a described message section holding a map of
+/// described values); 32 leaves room for any sane peer.
+pub const MAX_DEPTH: usize = 32;
+/// Heap bytes the decoder may allocate per input byte. One `Value` is 32 bytes and the smallest
+/// element (e.g. `null` in a list) is one byte, so honest input stays under 32 per byte.
+pub const ALLOC_BYTES_PER_INPUT_BYTE: usize = 48;
+/// Heap bytes the decoder may allocate whatever the input's size (tiny inputs, zero-width
+/// elements such as an array of a few `null`s).
+pub const ALLOC_SLACK_BYTES: usize = 4096;
+
+/// A bounded decoder: how deep it is and how much it may still allocate. One decoder reads every
+/// value of one input (a frame's performative, a message's sections), so the budget covers the
+/// whole input, not each value afresh.
+#[derive(Debug)]
+pub struct Decoder {
+    depth: usize,
+    budget: usize,
+}
+
+impl Decoder {
+    /// A decoder for an input of `len` bytes.
+    pub fn for_input(len: usize) -> Self {
+        Self {
+            depth: 0,
+            budget: len.saturating_mul(ALLOC_BYTES_PER_INPUT_BYTE).saturating_add(ALLOC_SLACK_BYTES),
+        }
+    }
+
+    /// Charges `bytes` of heap against the budget, or refuses.
+    fn charge(&mut self, bytes: usize, input: usize) -> Result<(), DecodeError> {
+        self.budget = self.budget.checked_sub(bytes).ok_or(DecodeError::TooLarge(input))?;
+        Ok(())
+    }
+
+    /// Charges `n` values of `per_item` heap bytes each.
+    fn charge_items(&mut self, n: usize, per_item: usize, input: usize) -> Result<(), DecodeError> {
+        self.charge(n.checked_mul(per_item).ok_or(DecodeError::TooLarge(input))?, input)
+    }
+
+    fn enter(&mut self) -> Result<(), DecodeError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
+    /// Decodes one value from the front of `buf`, advancing it.
+    pub fn value(&mut self, buf: &mut &[u8]) -> Result<Value, DecodeError> {
+        let code = take_u8(buf)?;
+        if code == 0x00 {
+            self.enter()?;
+            self.charge_items(2, VALUE_BYTES, buf.len())?;
+            let descriptor = self.value(buf)?;
+            let value = self.value(buf)?;
+            self.leave();
+            return Ok(Value::Described(Box::new(descriptor), Box::new(value)));
+        }
+        self.with_code(code, buf)
+    }
+
+    /// Decodes the value whose constructor `code` was already read.
+    fn with_code(&mut self, code: u8, buf: &mut &[u8]) -> Result<Value, DecodeError> {
+        Ok(match code {
+            0xa0 | 0xa1 | 0xa3 => {
+                let len = take_u8(buf)? as usize;
+                self.charge(len, len)?;
+                variable(code, take(buf, len)?)?
+            }
+            0xb0 | 0xb1 | 0xb3 => {
+                let len = u32::from_be_bytes(fixed(buf)?) as usize;
+                let bytes = take(buf, len)?;
+                self.charge(len, len)?;
+                variable(code, bytes)?
+            }
+            0x74 | 0x84 | 0x94 => {
+                let n = match code {
+                    0x74 => 4,
+                    0x84 => 8,
+                    _ => 16,
+                };
+                self.charge(n, n)?;
+                Value::Decimal(code, take(buf, n)?.to_vec())
+            }
+            0xc0 | 0xc1 | 0xe0 => {
+                let size = take_u8(buf)? as usize;
+                let mut body = take(buf, size)?;
+                let count = take_u8(&mut body)? as usize;
+                self.compound(code, count, &mut body)?
+            }
+            0xd0 | 0xd1 | 0xf0 => {
+                let size = u32::from_be_bytes(fixed(buf)?) as usize;
+                let mut body = take(buf, size)?;
+                let count = u32::from_be_bytes(fixed(&mut body)?) as usize;
+                self.compound(code, count, &mut body)?
+            }
+            other => fixed_width(other, buf)?,
+        })
+    }
+
+    fn compound(&mut self, code: u8, count: usize, body: &mut &[u8]) -> Result<Value, DecodeError> {
+        self.enter()?;
+        let input = body.len();
+        let v = match code {
+            0xc0 | 0xd0 => {
+                // Every list element takes at least one byte.
+                if count > input {
+                    return Err(DecodeError::TooLarge(input));
+                }
+                self.charge_items(count, VALUE_BYTES, input)?;
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(self.value(body)?);
+                }
+                Value::List(items)
+            }
+            0xc1 | 0xd1 => {
+                if !count.is_multiple_of(2) {
+                    return Err(DecodeError::Shape(format!("a map with an odd element count ({count})")));
+                }
+                if count > input {
+                    return Err(DecodeError::TooLarge(input));
+                }
+                self.charge_items(count, VALUE_BYTES, input)?;
+                let mut pairs = Vec::with_capacity(count / 2);
+                for _ in 0..count / 2 {
+                    let k = self.value(body)?;
+                    let v = self.value(body)?;
+                    pairs.push((k, v));
+                }
+                Value::Map(pairs)
+            }
+            _ => {
+                let mut element = take_u8(body)?;
+                let mut descriptor = None;
+                if element == 0x00 {
+                    descriptor = Some(self.value(body)?);
+                    element = take_u8(body)?;
+                }
+                // Array elements may be zero-width (`null`, `true`, `uint0`, ...), so the count is
+                // bounded by the budget alone: each element is one value, plus (when described) a
+                // copy of the descriptor and two boxes.
+                let per_item =
+                    VALUE_BYTES + descriptor.as_ref().map_or(0, |d| heap_bytes(d) + 2 * VALUE_BYTES);
+                self.charge_items(count, per_item, input)?;
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let v = self.with_code(element, body)?;
+                    items.push(match &descriptor {
+                        Some(d) => Value::Described(Box::new(d.clone()), Box::new(v)),
+                        None => v,
+                    });
+                }
+                Value::Array(items)
+            }
+        };
+        self.leave();
+        Ok(v)
+    }
+}
+
+/// Heap bytes one `Value` takes inside a vector or box.
+const VALUE_BYTES: usize = std::mem::size_of::<Value>();
+
+/// The heap bytes a decoded value holds (what a clone of it allocates).
+fn heap_bytes(v: &Value) -> usize {
+    match v {
+        Value::Decimal(_, b) | Value::Binary(b) => b.len(),
+        Value::String(s) | Value::Symbol(s) => s.len(),
+        Value::List(items) | Value::Array(items) => items.iter().map(|i| VALUE_BYTES + heap_bytes(i)).sum(),
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| 2 * VALUE_BYTES + heap_bytes(k) + heap_bytes(v)).sum(),
+        Value::Described(d, v) => 2 * VALUE_BYTES + heap_bytes(d) + heap_bytes(v),
+        _ => 0,
+    }
 }
 
 /// One AMQP value.
@@ -146,15 +340,9 @@ impl Value {
         }
     }
 
-    /// Decodes one value from the front of `buf`, advancing it.
+    /// Decodes one value from the front of `buf`, advancing it. Bounded: see the module doc.
     pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let code = take_u8(buf)?;
-        if code == 0x00 {
-            let descriptor = Self::decode(buf)?;
-            let value = Self::decode(buf)?;
-            return Ok(Self::Described(Box::new(descriptor), Box::new(value)));
-        }
-        decode_with(code, buf)
+        Decoder::for_input(buf.len()).value(buf)
     }
 
     /// Appends the encoding of this value to `out`.
@@ -314,8 +502,8 @@ fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Utf8)
 }
 
-/// Decodes the value whose constructor `code` was already read.
-fn decode_with(code: u8, buf: &mut &[u8]) -> Result<Value, DecodeError> {
+/// Decodes a value of fixed width (no heap) whose constructor `code` was already read.
+fn fixed_width(code: u8, buf: &mut &[u8]) -> Result<Value, DecodeError> {
     Ok(match code {
         0x40 => Value::Null,
         0x41 => Value::Bool(true),
@@ -337,33 +525,10 @@ fn decode_with(code: u8, buf: &mut &[u8]) -> Result<Value, DecodeError> {
         0x55 => Value::Long((take_u8(buf)? as i8).into()),
         0x72 => Value::Float(f32::from_be_bytes(fixed(buf)?)),
         0x82 => Value::Double(f64::from_be_bytes(fixed(buf)?)),
-        0x74 => Value::Decimal(code, take(buf, 4)?.to_vec()),
-        0x84 => Value::Decimal(code, take(buf, 8)?.to_vec()),
-        0x94 => Value::Decimal(code, take(buf, 16)?.to_vec()),
         0x73 => Value::Char(char::from_u32(u32::from_be_bytes(fixed(buf)?)).ok_or(DecodeError::Utf8)?),
         0x83 => Value::Timestamp(i64::from_be_bytes(fixed(buf)?)),
         0x98 => Value::Uuid(fixed(buf)?),
-        0xa0 | 0xa1 | 0xa3 => {
-            let len = take_u8(buf)? as usize;
-            variable(code, take(buf, len)?)?
-        }
-        0xb0 | 0xb1 | 0xb3 => {
-            let len = u32::from_be_bytes(fixed(buf)?) as usize;
-            variable(code, take(buf, len)?)?
-        }
         0x45 => Value::List(Vec::new()),
-        0xc0 | 0xc1 | 0xe0 => {
-            let size = take_u8(buf)? as usize;
-            let mut body = take(buf, size)?;
-            let count = take_u8(&mut body)? as usize;
-            compound(code, count, &mut body)?
-        }
-        0xd0 | 0xd1 | 0xf0 => {
-            let size = u32::from_be_bytes(fixed(buf)?) as usize;
-            let mut body = take(buf, size)?;
-            let count = u32::from_be_bytes(fixed(&mut body)?) as usize;
-            compound(code, count, &mut body)?
-        }
         other => return Err(DecodeError::UnknownCode(other)),
     })
 }
@@ -374,50 +539,6 @@ fn variable(code: u8, bytes: &[u8]) -> Result<Value, DecodeError> {
         0x01 => Value::String(utf8(bytes)?),
         _ => Value::Symbol(utf8(bytes)?),
     })
-}
-
-fn compound(code: u8, count: usize, body: &mut &[u8]) -> Result<Value, DecodeError> {
-    // Every element takes at least one byte (arrays: the shared constructor aside, zero-width
-    // elements such as `null` are allowed), so cap the pre-allocation by the input size.
-    let cap = count.min(body.len() + 1);
-    match code {
-        0xc0 | 0xd0 => {
-            let mut items = Vec::with_capacity(cap);
-            for _ in 0..count {
-                items.push(Value::decode(body)?);
-            }
-            Ok(Value::List(items))
-        }
-        0xc1 | 0xd1 => {
-            if !count.is_multiple_of(2) {
-                return Err(DecodeError::Shape(format!("a map with an odd element count ({count})")));
-            }
-            let mut pairs = Vec::with_capacity(cap / 2);
-            for _ in 0..count / 2 {
-                let k = Value::decode(body)?;
-                let v = Value::decode(body)?;
-                pairs.push((k, v));
-            }
-            Ok(Value::Map(pairs))
-        }
-        _ => {
-            let mut element = take_u8(body)?;
-            let mut descriptor = None;
-            if element == 0x00 {
-                descriptor = Some(Value::decode(body)?);
-                element = take_u8(body)?;
-            }
-            let mut items = Vec::with_capacity(cap);
-            for _ in 0..count {
-                let v = decode_with(element, body)?;
-                items.push(match &descriptor {
-                    Some(d) => Value::Described(Box::new(d.clone()), Box::new(v)),
-                    None => v,
-                });
-            }
-            Ok(Value::Array(items))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -497,6 +618,53 @@ mod tests {
         }
         let mut b: &[u8] = &[0xa1, 0x02, 0xff, 0xfe];
         assert_eq!(Value::decode(&mut b), Err(DecodeError::Utf8));
+    }
+
+    #[test]
+    fn nesting_is_bounded_instead_of_overflowing_the_stack() {
+        // Issue 11, finding 1: a run of 0x00 bytes is a described value describing itself, forever.
+        let zeros = vec![0u8; 20_000];
+        assert_eq!(Value::decode(&mut zeros.as_slice()), Err(DecodeError::TooDeep));
+        // Nested lists: list32 inside list32 ..., 10,000 deep, each size exact.
+        let mut nested = vec![0x40];
+        for _ in 0..10_000 {
+            let mut outer = vec![0xd0];
+            outer.extend_from_slice(&(nested.len() as u32 + 4).to_be_bytes());
+            outer.extend_from_slice(&1u32.to_be_bytes());
+            outer.extend_from_slice(&nested);
+            nested = outer;
+        }
+        assert_eq!(Value::decode(&mut nested.as_slice()), Err(DecodeError::TooDeep));
+        // MAX_DEPTH levels are fine.
+        let mut ok = Value::Null;
+        for _ in 0..MAX_DEPTH {
+            ok = Value::List(vec![ok]);
+        }
+        round_trip(ok);
+    }
+
+    #[test]
+    fn element_counts_cannot_reserve_more_than_the_input_justifies() {
+        // Issue 11, finding 2: array32 of 2^32-1 nulls in 10 bytes.
+        let bomb: &[u8] = &[0xf0, 0x00, 0x00, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0x40];
+        assert!(matches!(Value::decode(&mut &bomb[..]), Err(DecodeError::TooLarge(_))));
+        // list32 claiming more elements than bytes.
+        let list: &[u8] = &[0xd0, 0x00, 0x00, 0x00, 0x05, 0x00, 0x01, 0x00, 0x00, 0x40];
+        assert!(matches!(Value::decode(&mut &list[..]), Err(DecodeError::TooLarge(_))));
+        // An array whose every element would clone a 60 KB descriptor.
+        let mut arr = vec![0xf0];
+        let mut body = 30_000u32.to_be_bytes().to_vec();
+        body.push(0x00);
+        body.push(0xb0);
+        body.extend_from_slice(&60_000u32.to_be_bytes());
+        body.extend(std::iter::repeat_n(7u8, 60_000));
+        body.push(0x40);
+        arr.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        arr.extend_from_slice(&body);
+        assert!(matches!(Value::decode(&mut arr.as_slice()), Err(DecodeError::TooLarge(_))));
+        // A few zero-width elements are fine.
+        let small: &[u8] = &[0xe0, 0x02, 0x03, 0x40];
+        assert_eq!(Value::decode(&mut &small[..]), Ok(Value::Array(vec![Value::Null; 3])));
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct HubConfig {
     pub c2d: QueueConfig,
     /// Feedback batch interval (IoT Hub: 15 s).
     pub feedback_batch_interval_ms: u64,
+    /// Deadlines on waits a network peer controls (HTTP headers and idle, AMQP open and idle,
+    /// writes).
+    pub timeouts: crate::limits::Timeouts,
 }
 
 impl Default for HubConfig {
@@ -67,6 +70,7 @@ impl Default for HubConfig {
             sas_skew_secs: SAS_DEFAULT_SKEW_SECS,
             c2d: QueueConfig::default(),
             feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
+            timeouts: crate::limits::Timeouts::default(),
         }
     }
 }
