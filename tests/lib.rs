@@ -5,6 +5,8 @@
 //! ports the SDKs dial (443, …), so each gets its own loopback address 127.0.0.N with a certificate
 //! for that IP (`--bind 127.0.0.N --hostname 127.0.0.N`), and several can run side by side.
 
+pub mod hostile;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

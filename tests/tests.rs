@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary, one module per area, a shared harness in `lib.rs`.
 
+mod abuse;
 mod amqp;
 mod auth;
 mod c2d;

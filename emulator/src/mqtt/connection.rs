@@ -1,8 +1,10 @@
-//! The socket side of one MQTT connection: frames packets with the `rumqttc` v4 codec, runs the
-//! CONNECT exchange, then feeds packets and hub link events to the [`Session`] and writes what it
-//! returns. Owns the connection's buffers and its single deadline (keep-alive or token expiry,
-//! whichever comes first); closes when the device disconnects, breaks the contract, goes silent,
-//! its token expires, a newer connection of the same device takes over, or the hub shuts down;
+//! The socket side of one MQTT connection: frames packets with the `rumqttc` v4 codec (after the
+//! checks the codec skips, in [`super::wire`]), runs the CONNECT exchange, then feeds packets and
+//! hub link events to the [`Session`] and writes what it returns. Owns the connection's buffers and
+//! its deadlines (keep-alive or token expiry, whichever comes first, and a write deadline: the
+//! hub's `timeouts.write`, capped by the keep-alive deadline); closes when the device disconnects,
+//! breaks the contract, goes silent, stops reading, its token expires, a newer connection of the
+//! same device takes over, or the hub shuts down;
 //! every end but DISCONNECT and hub shutdown records the device's Will (see [`Session::close`]).
 
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use crate::hub::Hub;
 use crate::limits::{MQTT_CONNECT_TIMEOUT_SECS, MQTT_MAX_PACKET_BYTES};
 
 use super::session::{Close, Session, accept_connect};
+use super::wire::{self, Violation};
 
 /// Read-buffer capacity kept while idle; grown on demand for large packets and shrunk back.
 const IDLE_BUFFER_BYTES: usize = 256;
@@ -34,12 +37,24 @@ enum ReadError {
     Io(#[from] std::io::Error),
     #[error("malformed packet: {0}")]
     Codec(CodecError),
+    #[error(transparent)]
+    Violation(#[from] Violation),
 }
 
-/// Takes one complete packet out of `buf`, if it holds one. `Ok(None)` means "read more".
+/// Takes one complete packet out of `buf`, if it holds one. `Ok(None)` means "read more". The
+/// packet's bytes are checked against what the codec does not enforce ([`wire`]) before it decodes
+/// them, and what it decoded after.
 fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
+    if let Some(len) = wire::complete_frame_len(buf)?
+        && len <= MQTT_MAX_PACKET_BYTES
+    {
+        wire::check_frame(&buf[..len])?;
+    }
     match Packet::read(buf, MQTT_MAX_PACKET_BYTES) {
-        Ok(p) => Ok(Some(p)),
+        Ok(p) => {
+            wire::check_decoded(&p)?;
+            Ok(Some(p))
+        }
         Err(CodecError::InsufficientBytes(n)) => {
             buf.reserve(n.max(IDLE_BUFFER_BYTES));
             Ok(None)
@@ -87,6 +102,20 @@ async fn write_packets<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// [`write_packets`] that gives up at `deadline`: a device that stops reading must not hold the
+/// connection (and its in-flight C2D messages) past it.
+async fn write_until<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    packets: &mut Vec<Packet>,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    match tokio::time::timeout_at(deadline, write_packets(stream, buf, packets)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the device took no bytes in time")),
+    }
+}
+
 /// Serves one MQTT connection until it ends.
 pub async fn serve<S>(hub: Hub, mut stream: S, peer: SocketAddr, shutdown: CancellationToken)
 where
@@ -94,6 +123,7 @@ where
 {
     let mut rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
     let mut wbuf = BytesMut::new();
+    let write_timeout = hub.config().timeouts.write;
     let first = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(MQTT_CONNECT_TIMEOUT_SECS), read_packet(&mut stream, &mut rbuf)) => r,
         _ = shutdown.cancelled() => return,
@@ -110,7 +140,11 @@ where
             tracing::info!(%peer, "MQTT CONNECT refused (unacceptable protocol version): {e}");
             let mut out =
                 vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))];
-            let _ = write_packets(&mut stream, &mut wbuf, &mut out).await;
+            let _ = write_until(&mut stream, &mut wbuf, &mut out, Instant::now() + write_timeout).await;
+            return;
+        }
+        Ok(Err(ReadError::Violation(v))) => {
+            tracing::info!(%peer, "MQTT CONNECT refused, closing without CONNACK: {v}");
             return;
         }
         Ok(Err(e)) => {
@@ -127,8 +161,9 @@ where
         Err(refused) => {
             tracing::info!(%peer, client_id = %connect.client_id, code = ?refused.code, "MQTT CONNECT refused: {}", refused.reason);
             let mut out = vec![Packet::ConnAck(ConnAck::new(refused.code, false))];
-            let _ = write_packets(&mut stream, &mut wbuf, &mut out).await;
-            let _ = stream.shutdown().await;
+            let deadline = Instant::now() + write_timeout;
+            let _ = write_until(&mut stream, &mut wbuf, &mut out, deadline).await;
+            let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
             return;
         }
     };
@@ -149,7 +184,7 @@ where
         &mut stream,
         &link,
         &mut out,
-        Deadlines { keep_alive, token_deadline },
+        Deadlines { keep_alive, token_deadline, write: write_timeout },
         &shutdown,
         (&mut rbuf, &mut wbuf),
     )
@@ -176,6 +211,8 @@ where
 struct Deadlines {
     keep_alive: Duration,
     token_deadline: Instant,
+    /// A write must finish within this (and before the keep-alive deadline).
+    write: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,12 +250,15 @@ where
     let deadline_for = |last: Instant| (last + deadlines.keep_alive).min(deadlines.token_deadline);
     let sleep = tokio::time::sleep_until(deadline_for(Instant::now()));
     tokio::pin!(sleep);
+    // Writes end at the write timeout or at the keep-alive/token deadline, whichever is first: a
+    // device that stops reading is gone, as one that stops sending is.
+    let write_deadline = |silence: Instant| (Instant::now() + deadlines.write).min(silence);
     loop {
         loop {
             match take_packet(rbuf) {
                 Ok(Some(p)) => {
                     if let Err(close) = session.handle_packet(hub, p, out) {
-                        let _ = write_packets(stream, wbuf, out).await;
+                        let _ = write_until(stream, wbuf, out, write_deadline(sleep.deadline())).await;
                         return Ended::Closed(close);
                     }
                 }
@@ -229,7 +269,14 @@ where
         if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE_BYTES {
             *rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
         }
-        if let Err(e) = write_packets(stream, wbuf, out).await {
+        if let Err(e) = write_until(stream, wbuf, out, write_deadline(sleep.deadline())).await {
+            if Instant::now() >= sleep.deadline() {
+                return if Instant::now() >= deadlines.token_deadline {
+                    Ended::TokenExpired
+                } else {
+                    Ended::KeepAlive
+                };
+            }
             return Ended::Write(e);
         }
         tokio::select! {

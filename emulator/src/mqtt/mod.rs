@@ -11,6 +11,7 @@
 pub mod connection;
 pub mod session;
 pub mod topics;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
