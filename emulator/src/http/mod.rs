@@ -6,6 +6,7 @@
 //! responses (status, `iothub-errorcode` header, legacy JSON body). They keep no state.
 
 mod admin;
+pub mod connection;
 mod device_api;
 pub mod router;
 mod service_api;

