@@ -129,3 +129,37 @@ async fn a_slow_but_complete_client_is_served_and_may_pause_between_requests() {
     assert_eq!(status, 200, "{body}");
     hub.stop().await.unwrap();
 }
+
+/// Upgrades a plain-port connection to WebSocket with subprotocol `mqtt`.
+async fn websocket(hub: &TestHub) -> TcpStream {
+    let mut s = TcpStream::connect(hub.running.http_addr).await.unwrap();
+    let upgrade = "GET /$iothub/websocket HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n\
+                   connection: Upgrade\r\nsec-websocket-version: 13\r\n\
+                   sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-protocol: mqtt\r\n\r\n";
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 101, "{body}");
+    s
+}
+
+#[tokio::test]
+async fn an_oversize_websocket_frame_closes_only_its_connection() {
+    let hub = TestHub::start().await.unwrap();
+    let bystander = websocket(&hub).await;
+    let mut s = websocket(&hub).await;
+    // A masked binary frame announcing 2 MiB (the limit is 1 MiB), and its first bytes.
+    let len = 2u64 * 1024 * 1024;
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 1024]);
+    s.write_all(&frame).await.unwrap();
+    until_closed(&mut s, Instant::now() + Duration::from_secs(10)).await;
+    // The hub still serves HTTP and new upgrades; the other WebSocket is still open.
+    assert_eq!(reqwest::get(format!("{}/health", hub.http_url())).await.unwrap().status(), 200);
+    drop(websocket(&hub).await);
+    let mut probe = [0u8; 1];
+    let still_open = tokio::time::timeout(Duration::from_millis(200), bystander.peek(&mut probe)).await;
+    assert!(still_open.is_err(), "the bystander's connection ended: {still_open:?}");
+    hub.stop().await.unwrap();
+}

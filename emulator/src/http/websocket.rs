@@ -5,7 +5,8 @@
 //! `mqtt` for devices, `AMQPWSB10` for the service endpoint (the service SDKs' AMQP-over-WebSockets
 //! transports, such as Node's `AmqpWs`, dial the same path). The upgraded socket's binary
 //! WebSocket messages are pumped through an in-memory duplex pipe, so protocol servers see a plain
-//! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners.
+//! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners. Messages and frames larger
+//! than [`MAX_MESSAGE_BYTES`] close the connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, HubError};
@@ -35,6 +36,21 @@ pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
 
 /// Buffer of the in-memory pipe between the WebSocket and the protocol server.
 const PIPE_BYTES: usize = 16 * 1024;
+
+/// Largest WebSocket message (and frame) a client may send; a larger one closes its connection
+/// (tungstenite's defaults, 64 MiB and 16 MiB, would let every connection buffer that much).
+/// The official SDKs may put one whole MQTT packet or AMQP frame in one message, so it must hold
+/// the largest of those with room to spare. An emulator choice: IoT Hub publishes no limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+const _: () = assert!(crate::limits::MQTT_MAX_PACKET_BYTES <= MAX_MESSAGE_BYTES);
+const _: () = assert!(crate::amqp::MAX_FRAME_BYTES as usize <= MAX_MESSAGE_BYTES);
+
+/// The bounds every upgraded connection reads with.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
 
 type ProtocolFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, CancellationToken) -> ProtocolFuture;
@@ -91,7 +107,8 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
             Ok(u) => u,
             Err(e) => return tracing::debug!("WebSocket upgrade failed: {e}"),
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let peer = SocketAddr::from(([0, 0, 0, 0], 0));
         tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours));
@@ -124,7 +141,11 @@ where
                         break;
                     }
                 }
-                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(Message::Close(_)) => break,
+                Err(e) => {
+                    tracing::debug!("WebSocket connection closed: {e}");
+                    break;
+                }
                 Ok(_) => {}
             }
         }
