@@ -163,3 +163,60 @@ async fn an_oversize_websocket_frame_closes_only_its_connection() {
     assert!(still_open.is_err(), "the bystander's connection ended: {still_open:?}");
     hub.stop().await.unwrap();
 }
+
+/// Sends `body` (raw bytes, JSON content type) with `method` to `path` on the plain port as the
+/// owner; returns the status, the `iothub-errorcode` header and the JSON body.
+async fn send_json(hub: &TestHub, method: &str, path: &str, body: &str) -> (u16, String, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .request(method.parse().unwrap(), format!("{}{path}", hub.http_url()))
+        .header("authorization", hub.owner_token())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let code = resp.headers().get("iothub-errorcode").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    (status, code, resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn json_bodies_of_the_wrong_shape_get_400_in_iot_hubs_error_shape() {
+    let hub = TestHub::start().await.unwrap();
+    let id = iothub_emulator_tests::unique("shape");
+    hub.create_device(&id).await.unwrap();
+    let twin = format!("/twins/{id}");
+    let (status, _, _) =
+        send_json(&hub, "PATCH", &twin, r#"{"tags":{"room":"k"},"properties":{"desired":{"t":1}}}"#).await;
+    assert_eq!(status, 200);
+    for method in ["PATCH", "PUT"] {
+        for body in [r#""a string""#, "42", "true", "null", r#"[{"tags":{}}]"#, r#"{"properties":"x"}"#] {
+            let (status, code, json) = send_json(&hub, method, &twin, body).await;
+            assert_eq!((status, code.as_str()), (400, "ArgumentInvalid"), "{method} {body}: {json}");
+            assert!(json["Message"].as_str().is_some_and(|m| m.contains("ArgumentInvalid")), "{json}");
+        }
+    }
+    // Nothing was applied: the twin still has its tags and desired properties.
+    let resp =
+        hub.client.get(format!("{}{twin}", hub.https_url())).header("authorization", hub.owner_token());
+    let got: serde_json::Value = resp.send().await.unwrap().json().await.unwrap();
+    assert_eq!(got["tags"]["room"], "k", "{got}");
+    assert_eq!(got["properties"]["desired"]["t"], 1, "{got}");
+
+    // The other JSON routes refuse non-objects (or, for bulk, non-arrays) the same way.
+    let device = format!("/devices/{id}");
+    let job = format!("/jobs/v2/{}", iothub_emulator_tests::unique("job"));
+    for (method, path, body, want) in [
+        ("PUT", device.as_str(), "42", "IotHubFormatError"),
+        ("POST", "/devices", r#"{"id":"x"}"#, "IotHubFormatError"),
+        ("POST", "/devices/query", r#""SELECT * FROM devices""#, "ArgumentInvalid"),
+        ("POST", &format!("{twin}/methods"), "[]", "ArgumentInvalid"),
+        ("PUT", job.as_str(), r#""scheduleUpdateTwin""#, "ArgumentInvalid"),
+        ("PUT", "/emulator/ftp/faults", "7", "ArgumentInvalid"),
+        ("PATCH", &twin, "{not json", "IotHubFormatError"),
+    ] {
+        let (status, code, json) = send_json(&hub, method, path, body).await;
+        assert_eq!((status, code.as_str()), (400, want), "{method} {path} {body}: {json}");
+    }
+    hub.stop().await.unwrap();
+}
