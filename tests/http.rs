@@ -220,3 +220,29 @@ async fn json_bodies_of_the_wrong_shape_get_400_in_iot_hubs_error_shape() {
     }
     hub.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn with_the_admin_api_off_the_emulator_routes_answer_404_and_health_stays() {
+    let on = TestHub::start().await.unwrap();
+    let off = TestHub::start_with(HubConfig { admin_api: false, ..HubConfig::default() }).await.unwrap();
+    let routes = [
+        ("GET", "/emulator/connection-strings", ""),
+        ("GET", "/emulator/telemetry", ""),
+        ("GET", "/emulator/telemetry?waitMs=10", ""),
+        ("GET", "/emulator/ftp/faults", ""),
+        ("PUT", "/emulator/ftp/faults", r#"{"dropTimes":1}"#),
+    ];
+    for (method, path, body) in routes {
+        let (status, _, _) = send_json(&on, method, path, body).await;
+        assert_eq!(status, 200, "{method} {path} with the admin API on");
+        let (status, code, json) = send_json(&off, method, path, body).await;
+        assert_eq!((status, code.as_str()), (404, "NotFound"), "{method} {path}: {json}");
+        assert!(json["Message"].as_str().is_some_and(|m| m.contains("NotFound")), "{json}");
+    }
+    assert_eq!(off.running.ftp_faults.settings(), Default::default(), "the PUT changed nothing");
+    for path in ["/health", "/ca.pem"] {
+        assert_eq!(reqwest::get(format!("{}{path}", off.http_url())).await.unwrap().status(), 200, "{path}");
+    }
+    on.stop().await.unwrap();
+    off.stop().await.unwrap();
+}

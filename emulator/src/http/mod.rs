@@ -164,7 +164,11 @@ where
         headers: parts.headers,
         body,
     };
+    let admin_api = ctx.hub.config().admin_api;
     let result = match (&req.route, port) {
+        (Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults, Port::Plain) if !admin_api => {
+            Err(not_found(&path))
+        }
         (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
             admin::wait_telemetry(&ctx, &req).await
         }
