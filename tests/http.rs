@@ -61,6 +61,24 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     }
 }
 
+/// A TLS connection to the HTTPS port, trusting the hub's CA.
+async fn tls_connect(hub: &TestHub) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut hub.running.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(hub.running.https_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
 const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n";
 
 #[tokio::test]
@@ -77,12 +95,18 @@ async fn slowloris_connections_are_closed_at_the_header_read_deadline() {
         s.write_all(partials[i % partials.len()]).await.unwrap();
         conns.push((i, s));
     }
+    // The same over TLS on the HTTPS port.
+    let mut tls = tls_connect(&hub).await;
+    tls.write_all(b"GET /devices HTTP/1.1\r\nhost: localhost\r\n").await.unwrap();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(10);
     for (i, s) in &mut conns {
         let got = until_closed(s, deadline).await;
         assert!(!String::from_utf8_lossy(&got).contains(" 200 "), "connection {i} was answered: {got:?}");
     }
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout_at(deadline.into(), tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the TLS connection is still open");
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(5), "closed after {elapsed:?}; the deadline is 300 ms");
     let health = reqwest::get(format!("{}/health", hub.http_url())).await.unwrap();
@@ -106,6 +130,54 @@ async fn idle_keep_alive_connections_are_closed_at_the_idle_deadline_not_the_hea
     // and not never.
     assert!(open_for >= idle - Duration::from_millis(100), "closed after {open_for:?}");
     assert!(open_for < idle + Duration::from_secs(3), "closed after {open_for:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_gets_goaway_at_the_idle_deadline() {
+    let idle = Duration::from_millis(1500);
+    let hub = hub_with_timeouts(Duration::from_millis(300), idle).await;
+    let mut s = TcpStream::connect(hub.running.http_addr).await.unwrap();
+    // Prior-knowledge HTTP/2: the preface, empty SETTINGS, and GET /health on stream 1 (HPACK:
+    // indexed :method GET, :scheme http, literal :path and :authority with indexed names).
+    let mut block = vec![0x82, 0x86, 0x04, 7];
+    block.extend_from_slice(b"/health");
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"localhost");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    s.write_all(&out).await.unwrap();
+    // Read frames until GOAWAY: the response must come first, the GOAWAY at the idle deadline.
+    let sent = Instant::now();
+    let deadline = sent + Duration::from_secs(10);
+    let (mut got, mut frames, mut at) = (Vec::new(), Vec::new(), 0);
+    let mut buf = [0u8; 4096];
+    while !frames.iter().any(|f: &(u8, u32)| f.0 == 0x7) {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => got.extend_from_slice(&buf[..n]),
+            other => panic!("no GOAWAY ({other:?}); frames {frames:?}"),
+        }
+        while at + 9 <= got.len() {
+            let len =
+                (usize::from(got[at]) << 16) | (usize::from(got[at + 1]) << 8) | usize::from(got[at + 2]);
+            if at + 9 + len > got.len() {
+                break;
+            }
+            frames.push((
+                got[at + 3],
+                u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]),
+            ));
+            at += 9 + len;
+        }
+    }
+    let open_for = sent.elapsed();
+    assert!(frames.contains(&(0x1, 1)), "no HEADERS response on stream 1: {frames:?}");
+    assert!(open_for >= idle - Duration::from_millis(100), "GOAWAY after {open_for:?}");
+    assert!(open_for < idle + Duration::from_secs(3), "GOAWAY after {open_for:?}");
+    // A client that does not answer the GOAWAY's ping is dropped after the close grace.
+    until_closed(&mut s, deadline).await;
     hub.stop().await.unwrap();
 }
 
