@@ -318,3 +318,23 @@ async fn with_the_admin_api_off_the_emulator_routes_answer_404_and_health_stays(
     on.stop().await.unwrap();
     off.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_body_that_never_finishes_gets_408_and_the_connection_closes() {
+    let idle = Duration::from_millis(800);
+    let hub = hub_with_timeouts(Duration::from_millis(300), idle).await;
+    let mut s = TcpStream::connect(hub.running.http_addr).await.unwrap();
+    let head = format!(
+        "PUT /devices/slow HTTP/1.1\r\nhost: localhost\r\nauthorization: {}\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n\r\n{{\"deviceId\":",
+        hub.owner_token()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let sent = Instant::now();
+    let got = until_closed(&mut s, sent + Duration::from_secs(10)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(sent.elapsed() >= idle - Duration::from_millis(100), "answered after {:?}", sent.elapsed());
+    assert_eq!(reqwest::get(format!("{}/health", hub.http_url())).await.unwrap().status(), 200);
+    hub.stop().await.unwrap();
+}
