@@ -102,6 +102,7 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (hub, shutdown) = (ctx.hub.clone(), ctx.shutdown.clone());
+    let write_deadline = hub.config().timeouts.write;
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -111,7 +112,7 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let peer = SocketAddr::from(([0, 0, 0, 0], 0));
-        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours));
+        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours, write_deadline));
     });
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -126,8 +127,9 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
 }
 
 /// Moves bytes between the WebSocket (binary messages) and the protocol server's pipe until either
-/// side closes.
-async fn pump<S>(ws: WebSocketStream<S>, pipe: DuplexStream)
+/// side closes, or the peer does not take a message within `write_deadline` (it stopped reading;
+/// without the deadline the pump, and the socket, would wait for it forever).
+async fn pump<S>(ws: WebSocketStream<S>, pipe: DuplexStream, write_deadline: std::time::Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -154,14 +156,48 @@ where
     let outbound = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         while let Ok(n @ 1..) = rd.read(&mut buf).await {
-            if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                break;
+            let send = sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n])));
+            match tokio::time::timeout(write_deadline, send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::debug!("WebSocket peer took no data for {write_deadline:?}; closing");
+                    return;
+                }
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(write_deadline, sink.close()).await;
     };
     tokio::select! {
         _ = inbound => {}
         _ = outbound => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_pump_at_the_write_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        let ws = WebSocketStream::from_raw_socket(server_side, Role::Server, Some(ws_config())).await;
+        let (ours, mut theirs) = tokio::io::duplex(PIPE_BYTES);
+        // The protocol server writes without end; the client never reads a byte.
+        let feeder = tokio::spawn(async move {
+            let chunk = vec![0u8; 64 * 1024];
+            while theirs.write_all(&chunk).await.is_ok() {}
+        });
+        let pumped =
+            tokio::time::timeout(Duration::from_secs(20), pump(ws, ours, Duration::from_millis(300))).await;
+        assert!(pumped.is_ok(), "the pump still waits for a peer that stopped reading");
+        tokio::time::timeout(Duration::from_secs(5), feeder).await.unwrap().unwrap();
     }
 }
