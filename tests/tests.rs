@@ -7,6 +7,7 @@ mod c2d;
 mod containers;
 mod fleet;
 mod ftp_installer;
+mod http;
 mod jobs;
 mod mqtt;
 mod registry;

@@ -93,6 +93,11 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_SAS_SKEW_SECS", default_value_t = SAS_DEFAULT_SKEW_SECS)]
     sas_skew_secs: u64,
 
+    /// Turns off the plain port's /emulator/* routes (telemetry read-out, connection strings with
+    /// the owner key, FTP fault knobs): they answer 404. /health and /ca.pem stay.
+    #[arg(long, env = "IOTHUB_EMULATOR_DISABLE_ADMIN_API")]
+    disable_admin_api: bool,
+
     /// Feedback batch interval in milliseconds (IoT Hub: 15000).
     #[arg(long, env = "IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", default_value_t = iothub_emulator::limits::FEEDBACK_BATCH_INTERVAL_MS)]
     feedback_interval_ms: u64,
@@ -196,6 +201,7 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         owner_key: args.owner_key.clone(),
         sas_skew_secs: args.sas_skew_secs,
         feedback_batch_interval_ms: args.feedback_interval_ms,
+        admin_api: !args.disable_admin_api,
         ..HubConfig::default()
     };
     let listen = ListenConfig {

@@ -13,10 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -403,35 +399,14 @@ async fn accept_loop(
         let sd = sd.clone();
         async move {
             match tls {
-                None => serve_http(stream, ctx, port, sd).await,
+                None => http::connection::serve(stream, ctx, port, sd).await,
                 Some(acceptor) => {
                     if let Some(tls_stream) = tls_handshake(&acceptor, stream, peer, "HTTPS").await {
-                        serve_http(tls_stream, ctx, port, sd).await
+                        http::connection::serve(tls_stream, ctx, port, sd).await
                     }
                 }
             }
         }
     })
     .await;
-}
-
-async fn serve_http<S>(stream: S, ctx: Arc<HttpContext>, port: Port, shutdown: CancellationToken)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| http::handle(ctx.clone(), port, req));
-    let builder = Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!("HTTP connection ended with an error: {e}");
-            }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
 }

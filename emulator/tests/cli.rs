@@ -321,3 +321,27 @@ async fn token_prints_policy_and_connection_string_tokens_the_hub_accepts() {
     assert!(terminate(child).success());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_admin_api_hides_the_emulator_routes_from_flag_and_env() {
+    for (flag, env) in
+        [(Some("--disable-admin-api"), None), (None, Some(("IOTHUB_EMULATOR_DISABLE_ADMIN_API", "true")))]
+    {
+        let dir = temp_dir();
+        let mut args = FREE_PORTS.to_vec();
+        args.extend(["--data-dir", dir.to_str().unwrap()]);
+        args.extend(flag);
+        let envs: Vec<(&str, &str)> = env.into_iter().collect();
+        let (child, lines) = start(&args, &envs);
+        let http = line(&lines, "http://127.0.0.1:").to_string();
+        for path in ["/emulator/connection-strings", "/emulator/telemetry", "/emulator/ftp/faults"] {
+            let resp = reqwest::get(format!("{http}{path}")).await.unwrap();
+            assert_eq!(resp.status(), 404, "{flag:?} {env:?} {path}");
+            assert_eq!(resp.headers()["iothub-errorcode"], "NotFound");
+        }
+        assert_eq!(reqwest::get(format!("{http}/health")).await.unwrap().status(), 200);
+        assert_eq!(reqwest::get(format!("{http}/ca.pem")).await.unwrap().status(), 200);
+        assert!(terminate(child).success());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -2,7 +2,8 @@
 //! `/emulator/telemetry` (recorded D2C messages; `waitMs` long-polls for new ones),
 //! `/emulator/connection-strings` and `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
 //! PUT replaces them).
-//! None of these exist in IoT Hub; they are for tests, tools and containers.
+//! None of these exist in IoT Hub; they are for tests, tools and containers. `--disable-admin-api`
+//! ([`crate::HubConfig::admin_api`]) turns the `/emulator/*` ones off (they answer 404).
 
 use bytes::Bytes;
 use http::{Method, StatusCode};

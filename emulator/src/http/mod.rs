@@ -6,6 +6,7 @@
 //! responses (status, `iothub-errorcode` header, legacy JSON body). They keep no state.
 
 mod admin;
+pub mod connection;
 mod device_api;
 pub mod router;
 mod service_api;
@@ -26,7 +27,9 @@ use crate::hub::Hub;
 use router::Route;
 
 /// Largest request body read: D2C batches are at most 256 KB; bulk registry calls carry 100
-/// devices. Anything larger is refused with `MessageTooLarge` before it is buffered.
+/// devices. Anything larger is refused with `MessageTooLarge` before it is buffered. A body that
+/// does not arrive within `timeouts.http_idle` of its head gets HTTP's own `408` (it never became
+/// an IoT Hub request) and the connection is closed.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// The content type of every JSON response (Node only parses bodies whose type says JSON).
@@ -146,9 +149,18 @@ where
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-        Ok(b) => b.to_bytes(),
+    let body_deadline = ctx.hub.config().timeouts.http_idle;
+    let collected =
+        tokio::time::timeout(body_deadline, Limited::new(body, MAX_REQUEST_BYTES).collect()).await;
+    let body = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            tracing::info!(method = %parts.method, path, "request body not received within {body_deadline:?}; closing");
+            let mut resp = empty(StatusCode::REQUEST_TIMEOUT);
+            set_header(&mut resp, "connection", "close");
+            return Ok(resp);
+        }
+        Ok(Err(_)) => {
             let e = HubError::new(
                 ErrorCode::MessageTooLarge,
                 format!("the request body is larger than {MAX_REQUEST_BYTES} bytes"),
@@ -163,7 +175,11 @@ where
         headers: parts.headers,
         body,
     };
+    let admin_api = ctx.hub.config().admin_api;
     let result = match (&req.route, port) {
+        (Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults, Port::Plain) if !admin_api => {
+            Err(not_found(&path))
+        }
         (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
             admin::wait_telemetry(&ctx, &req).await
         }

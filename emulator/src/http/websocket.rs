@@ -5,7 +5,8 @@
 //! `mqtt` for devices, `AMQPWSB10` for the service endpoint (the service SDKs' AMQP-over-WebSockets
 //! transports, such as Node's `AmqpWs`, dial the same path). The upgraded socket's binary
 //! WebSocket messages are pumped through an in-memory duplex pipe, so protocol servers see a plain
-//! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners.
+//! `AsyncRead + AsyncWrite` stream exactly as on their TCP listeners. Messages and frames larger
+//! than [`MAX_MESSAGE_BYTES`] close the connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, HubError};
@@ -35,6 +36,21 @@ pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
 
 /// Buffer of the in-memory pipe between the WebSocket and the protocol server.
 const PIPE_BYTES: usize = 16 * 1024;
+
+/// Largest WebSocket message (and frame) a client may send; a larger one closes its connection
+/// (tungstenite's defaults, 64 MiB and 16 MiB, would let every connection buffer that much).
+/// The official SDKs may put one whole MQTT packet or AMQP frame in one message, so it must hold
+/// the largest of those with room to spare. An emulator choice: IoT Hub publishes no limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+const _: () = assert!(crate::limits::MQTT_MAX_PACKET_BYTES <= MAX_MESSAGE_BYTES);
+const _: () = assert!(crate::amqp::MAX_FRAME_BYTES as usize <= MAX_MESSAGE_BYTES);
+
+/// The bounds every upgraded connection reads with.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
 
 type ProtocolFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, CancellationToken) -> ProtocolFuture;
@@ -86,15 +102,17 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (hub, shutdown) = (ctx.hub.clone(), ctx.shutdown.clone());
+    let write_deadline = hub.config().timeouts.write;
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => return tracing::debug!("WebSocket upgrade failed: {e}"),
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let peer = SocketAddr::from(([0, 0, 0, 0], 0));
-        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours));
+        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours, write_deadline));
     });
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -109,8 +127,9 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
 }
 
 /// Moves bytes between the WebSocket (binary messages) and the protocol server's pipe until either
-/// side closes.
-async fn pump<S>(ws: WebSocketStream<S>, pipe: DuplexStream)
+/// side closes, or the peer does not take a message within `write_deadline` (it stopped reading;
+/// without the deadline the pump, and the socket, would wait for it forever).
+async fn pump<S>(ws: WebSocketStream<S>, pipe: DuplexStream, write_deadline: std::time::Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -124,7 +143,11 @@ where
                         break;
                     }
                 }
-                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(Message::Close(_)) => break,
+                Err(e) => {
+                    tracing::debug!("WebSocket connection closed: {e}");
+                    break;
+                }
                 Ok(_) => {}
             }
         }
@@ -133,14 +156,48 @@ where
     let outbound = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         while let Ok(n @ 1..) = rd.read(&mut buf).await {
-            if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                break;
+            let send = sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n])));
+            match tokio::time::timeout(write_deadline, send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::debug!("WebSocket peer took no data for {write_deadline:?}; closing");
+                    return;
+                }
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(write_deadline, sink.close()).await;
     };
     tokio::select! {
         _ = inbound => {}
         _ = outbound => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_pump_at_the_write_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        let ws = WebSocketStream::from_raw_socket(server_side, Role::Server, Some(ws_config())).await;
+        let (ours, mut theirs) = tokio::io::duplex(PIPE_BYTES);
+        // The protocol server writes without end; the client never reads a byte.
+        let feeder = tokio::spawn(async move {
+            let chunk = vec![0u8; 64 * 1024];
+            while theirs.write_all(&chunk).await.is_ok() {}
+        });
+        let pumped =
+            tokio::time::timeout(Duration::from_secs(20), pump(ws, ours, Duration::from_millis(300))).await;
+        assert!(pumped.is_ok(), "the pump still waits for a peer that stopped reading");
+        tokio::time::timeout(Duration::from_secs(5), feeder).await.unwrap().unwrap();
     }
 }

@@ -60,6 +60,10 @@ pub struct HubConfig {
     /// Deadlines on waits a network peer controls (HTTP headers and idle, AMQP open and idle,
     /// writes).
     pub timeouts: crate::limits::Timeouts,
+    /// Whether the plain HTTP port serves the emulator's `/emulator/*` routes (telemetry read-out,
+    /// connection strings with the owner key, FTP fault knobs). `--disable-admin-api` turns them
+    /// off; `/health` and `/ca.pem` stay.
+    pub admin_api: bool,
 }
 
 impl Default for HubConfig {
@@ -71,6 +75,7 @@ impl Default for HubConfig {
             c2d: QueueConfig::default(),
             feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
             timeouts: crate::limits::Timeouts::default(),
+            admin_api: true,
         }
     }
 }

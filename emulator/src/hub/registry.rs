@@ -53,6 +53,18 @@ fn opt_str(v: &Value, key: &str) -> Result<Option<String>, HubError> {
     }
 }
 
+/// What kind of JSON value `v` is, for error messages that must not echo a large body.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 impl DeviceInput {
     /// Reads a Device (or ExportImportDevice, which says `id`) JSON object.
     pub fn from_json(v: &Value) -> Result<Self, HubError> {
@@ -508,6 +520,15 @@ impl Hub {
         if_match: Option<IfMatch>,
         replace: bool,
     ) -> Result<(Value, Option<Value>), HubError> {
+        if !body.is_object() {
+            return Err(HubError::invalid(format!(
+                "the twin must be a JSON object with tags and/or properties.desired, not {}",
+                json_kind(body)
+            )));
+        }
+        if let Some(p) = body.get("properties").filter(|p| !p.is_null() && !p.is_object()) {
+            return Err(HubError::invalid(format!("properties must be a JSON object, not {}", json_kind(p))));
+        }
         let now = self.now();
         let tags = body.get("tags").filter(|v| !v.is_null());
         let desired = body.pointer("/properties/desired").filter(|v| !v.is_null());
