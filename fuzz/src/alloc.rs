@@ -87,6 +87,17 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
 
+/// Runs `f` with tracking paused: for a target's own property checks (re-encoding, comparing) and
+/// input conversions, which are not the decoder's allocations. Blocks allocated inside and freed
+/// after count as freed memory the call did not allocate (they only lower the running count);
+/// blocks allocated before and freed inside are not subtracted (so the peak stays conservative).
+pub fn untracked<R>(f: impl FnOnce() -> R) -> R {
+    let was = TRACKING.replace(false);
+    let r = f();
+    TRACKING.set(was);
+    r
+}
+
 /// Runs `f` and returns its result with the peak heap growth, in bytes, on this thread during it.
 /// Not reentrant: a nested `track` measures only its own call, and the outer one loses track.
 pub fn track<R>(f: impl FnOnce() -> R) -> (R, usize) {
