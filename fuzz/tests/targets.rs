@@ -4,7 +4,7 @@
 //! their own `#[ignore]`d tests instead (run them with `cargo test -p iothub-fuzz -- --ignored`).
 
 use iothub_fuzz::alloc::{CountingAlloc, installed};
-use iothub_fuzz::runner::{self, DEFAULT_STACK_BYTES, RunConfig, read_inputs};
+use iothub_fuzz::runner::{self, DEFAULT_STACK_BYTES, RunConfig, Target, read_inputs};
 use iothub_fuzz::targets::{ALL, by_name};
 
 #[global_allocator]
@@ -90,5 +90,21 @@ fn every_regressions_dir_names_a_target() {
             iothub_fuzz::regressions_dir().join(target).join(file).is_file(),
             "{target}/{file} is missing"
         );
+    }
+}
+
+/// Known, in code the lead owns: `take_packet` (emulator/src/mqtt/connection.rs) reserves the
+/// remaining length a fixed header announces before the bytes arrive, so 4 bytes from an
+/// unauthenticated peer (CONNECT, remaining length 278 000) make the hub reserve ~272 KiB.
+/// `mqtt_packet`'s C allows for it (`MQTT_MAX_PACKET_BYTES` + 64 KiB) so that target keeps
+/// running; this test holds the same input to a small constant instead.
+#[test]
+#[ignore = "MQTT take_packet reserves the announced remaining length up front; un-ignore (and lower mqtt_packet's C) once the pre-codec validator bounds it"]
+fn mqtt_partial_header_reserves_at_most_64_kib() {
+    let strict = Target { alloc_c: 64 * 1024, ..*by_name("mqtt_packet").expect("mqtt_packet") };
+    let file = iothub_fuzz::regressions_dir().join("mqtt_packet/6d186d099bd7e456.bin");
+    let input = std::fs::read(&file).expect("the saved input");
+    if let Err(f) = runner::replay(&strict, &input, DEFAULT_STACK_BYTES) {
+        panic!("{}: {f}", file.display());
     }
 }

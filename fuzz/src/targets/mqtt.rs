@@ -207,7 +207,7 @@ pub const TOPIC: Target = Target {
     seeds: topic_seeds,
     dictionary: topic_dictionary,
     max_len: 4096,
-    alloc_k: 16,
+    alloc_k: 32,
     alloc_c: 16 * 1024,
     make: check_topic,
 };

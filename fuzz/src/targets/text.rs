@@ -353,7 +353,7 @@ pub const CONNECTION_STRING: Target = Target {
         ])
     },
     max_len: 4096,
-    alloc_k: 16,
+    alloc_k: 32,
     alloc_c: 16 * 1024,
     make: check_connection_string,
 };
@@ -365,7 +365,7 @@ pub const QUERY: Target = Target {
     seeds: query_seeds,
     dictionary: query_dictionary,
     max_len: 9000,
-    alloc_k: 64,
+    alloc_k: 128,
     alloc_c: 64 * 1024,
     make: check_query,
 };
