@@ -65,7 +65,6 @@ fn c2d_message(id: &str) -> Message {
             message_id: Some(Value::str(id)),
             to: Some(format!("/devices/{DEVICE}/messages/devicebound")),
             content_type: Some("application/json".into()),
-            absolute_expiry_time: Some(4_000_000_000_000),
             ..Default::default()
         },
         application_properties: vec![
@@ -415,6 +414,10 @@ fn check_connection() -> Check {
             return Err(format!("wrote {output} bytes for a {}-byte input (limit {limit})", input.len()));
         }
         untracked(|| hub_serves(&hub))?;
+        // Keep the hub's state steady across cases: with a full queue (50) every later C2D send
+        // would stop at the depth check instead of reaching the deeper paths.
+        untracked(|| hub.purge_c2d(DEVICE))
+            .map_err(|e| format!("after this input the queue cannot be purged: {e}"))?;
         Ok(outcome)
     })
 }
@@ -528,3 +531,38 @@ pub const CLIENT: Target = Target {
     alloc_c: 64 * 1024,
     make: check_client,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection seeds must reach the deep states, or mutations start from a refused
+    /// connection: each full flow (MSSBCBS, PLAIN, bare header) authorizes through CBS or SASL and
+    /// gets both C2D messages queued.
+    #[test]
+    fn full_connection_seeds_authorize_and_queue_both_c2d_messages() {
+        for (i, seed) in connection_seeds().iter().take(3).enumerate() {
+            let hub = Hub::new(Default::default());
+            hub.put_device(DEVICE, DeviceInput::default(), None).unwrap();
+            let mut conn = Connection::new(hub.clone());
+            conn.receive(seed);
+            assert!(conn.close_reason().is_none(), "seed {i}: {:?}", conn.close_reason());
+            assert_eq!(hub.purge_c2d(DEVICE).unwrap(), 2, "seed {i} did not queue both messages");
+        }
+    }
+
+    /// The recorded server traffic holds the CBS reply and the dispositions, not only the opening.
+    #[test]
+    fn client_seed_is_the_whole_conversation() {
+        let mut recorded = client_seeds().remove(0);
+        assert!(recorded.starts_with(&AMQP_HEADER));
+        recorded.drain(..8);
+        let mut codes = Vec::new();
+        while let Ok(Some(f)) = frame::parse_frame(&mut recorded, u32::MAX) {
+            codes.extend(f.body.and_then(|b| frame::described_list(&b).ok()).map(|(c, _)| c));
+        }
+        for c in [code::OPEN, code::BEGIN, code::ATTACH, code::FLOW, code::TRANSFER, code::DISPOSITION] {
+            assert!(codes.contains(&c), "no 0x{c:x} in {codes:x?}");
+        }
+    }
+}
