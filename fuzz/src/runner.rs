@@ -113,6 +113,9 @@ pub struct RunConfig {
     pub stack_bytes: usize,
     /// Stop after this many failures.
     pub max_failures: usize,
+    /// Write every case to `<regressions_dir>/<target>/last-case.bin` before running it (slow):
+    /// after an abort (a stack overflow cannot be caught) the file holds the input that caused it.
+    pub save_each: bool,
 }
 
 /// The stack cases run on: 256 KiB in release builds. Debug builds use several times more stack
@@ -129,6 +132,7 @@ impl Default for RunConfig {
             corpus_dir: None,
             stack_bytes: DEFAULT_STACK_BYTES,
             max_failures: 5,
+            save_each: false,
         }
     }
 }
@@ -220,6 +224,9 @@ fn run_case(target: &Target, check: &mut Check, input: &[u8]) -> Result<(Outcome
     }
 }
 
+/// The file `--save-each` writes each case to.
+pub const LAST_CASE: &str = "last-case.bin";
+
 /// Writes `input` to `<dir>/<target>/<hash>.bin` and returns the path.
 pub fn save_regression(dir: &Path, target: &str, input: &[u8]) -> std::io::Result<PathBuf> {
     let dir = dir.join(target);
@@ -285,6 +292,13 @@ fn run_here(target: &Target, config: &RunConfig) -> Report {
         }
         mutator.next_case(&mut input);
         report.cases += 1;
+        if config.save_each
+            && let Some(dir) = &config.regressions_dir
+        {
+            let dir = dir.join(target.name);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(dir.join(LAST_CASE), &input);
+        }
         match run_case(target, &mut check, &input) {
             Ok((outcome, peak)) => {
                 report.peak_bytes = report.peak_bytes.max(peak);

@@ -15,7 +15,7 @@ use iothub_fuzz::targets::{ALL, by_name};
 static ALLOC: CountingAlloc = CountingAlloc;
 
 const USAGE: &str =
-    "usage: fuzz <target|all|list> [--cases N] [--seed S] [--seconds T] [--stack-kib K] [--no-save]
+    "usage: fuzz <target|all|list> [--cases N] [--seed S] [--seconds T] [--stack-kib K] [--no-save] [--save-each]
        fuzz replay <target> <file>...";
 
 /// `fuzz replay <target> <file>...`: runs each file once and prints what happened.
@@ -69,6 +69,7 @@ fn parse(args: &[String]) -> Result<(String, RunConfig), String> {
                 config.stack_bytes = k * 1024;
             }
             "--no-save" => config.regressions_dir = None,
+            "--save-each" => config.save_each = true,
             "-h" | "--help" => return Err(String::new()),
             t if which.is_none() && !t.starts_with('-') => which = Some(t.to_owned()),
             other => return Err(format!("unexpected argument {other}")),
