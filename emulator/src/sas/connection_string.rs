@@ -59,9 +59,13 @@ pub struct ConnectionString {
 
 impl ConnectionString {
     /// Parses and validates a connection string; see [`ConnectionString::validate`] for the rules.
+    ///
+    /// Whitespace around each `key=value` part is ignored (not only around the whole text), so a
+    /// value never keeps trailing whitespace that the whole-text trim would drop once the part is
+    /// written last: what [`Display`](fmt::Display) writes always parses back to the same value.
     pub fn parse(text: &str) -> Result<Self, SasError> {
         let mut values: [Option<&str>; 8] = [None; 8];
-        for part in text.trim().split(';').filter(|p| !p.is_empty()) {
+        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part
                 .split_once('=')
                 .ok_or(SasError::InvalidConnectionString { reason: "a part has no '='" })?;
@@ -333,5 +337,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pre.token(5).unwrap(), "SharedAccessSignature sr=x&sig=y&se=1");
+    }
+
+    #[test]
+    fn whitespace_around_parts_is_ignored_so_display_round_trips() {
+        // Found by the fuzz target `connection_string` (fuzz/regressions/connection_string/):
+        // a value ending in whitespace, not last in the text, kept it; written last by Display,
+        // the whole-text trim dropped it and the string parsed to another value.
+        let cs = ConnectionString::parse("HostName=h;SharedAccessKey=AAAA\r ;DeviceId=d").unwrap();
+        assert_eq!(cs.shared_access_key.as_deref(), Some("AAAA"));
+        assert_eq!(ConnectionString::parse(&cs.to_string()).unwrap(), cs);
+        let spaced = ConnectionString::parse(" HostName=h ;\n DeviceId=d;\tSharedAccessKey=AAAA\n").unwrap();
+        assert_eq!((spaced.host_name.as_str(), spaced.device_id.as_deref()), ("h", Some("d")));
     }
 }
