@@ -25,6 +25,8 @@ use super::wire::{self, Violation};
 
 /// Read-buffer capacity kept while idle; grown on demand for large packets and shrunk back.
 const IDLE_BUFFER_BYTES: usize = 256;
+/// Most the read buffer is grown ahead of the bytes received.
+const RESERVE_AHEAD_BYTES: usize = 16 * 1024;
 /// Buffers larger than this are replaced by small ones once empty.
 const SHRINK_ABOVE_BYTES: usize = 16 * 1024;
 
@@ -56,7 +58,10 @@ fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
             Ok(Some(p))
         }
         Err(CodecError::InsufficientBytes(n)) => {
-            buf.reserve(n.max(IDLE_BUFFER_BYTES));
+            // Reserve for what is missing, but never more than 16 KiB ahead of the bytes that
+            // actually arrived: a header announcing 270 KB must not buy 270 KB from a peer that
+            // sent 4 bytes (found by the mqtt_packet fuzz target). The buffer grows as data comes.
+            buf.reserve(n.clamp(IDLE_BUFFER_BYTES, RESERVE_AHEAD_BYTES));
             Ok(None)
         }
         Err(e) => Err(ReadError::Codec(e)),

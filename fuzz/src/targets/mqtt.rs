@@ -119,7 +119,7 @@ fn check_packet() -> Check {
                 }
                 Err(CodecError::InsufficientBytes(n)) => {
                     // What the hub does next: reserve for the rest of the packet.
-                    buf.reserve(n.max(IDLE_BUFFER_BYTES));
+                    buf.reserve(n.clamp(IDLE_BUFFER_BYTES, 16 * 1024));
                     return Ok(outcome);
                 }
                 Err(_) => return Ok(outcome),
