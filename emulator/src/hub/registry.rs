@@ -53,18 +53,6 @@ fn opt_str(v: &Value, key: &str) -> Result<Option<String>, HubError> {
     }
 }
 
-/// What kind of JSON value `v` is, for error messages that must not echo a large body.
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 impl DeviceInput {
     /// Reads a Device (or ExportImportDevice, which says `id`) JSON object.
     pub fn from_json(v: &Value) -> Result<Self, HubError> {
@@ -523,11 +511,14 @@ impl Hub {
         if !body.is_object() {
             return Err(HubError::invalid(format!(
                 "the twin must be a JSON object with tags and/or properties.desired, not {}",
-                json_kind(body)
+                super::twin::json_kind(body)
             )));
         }
         if let Some(p) = body.get("properties").filter(|p| !p.is_null() && !p.is_object()) {
-            return Err(HubError::invalid(format!("properties must be a JSON object, not {}", json_kind(p))));
+            return Err(HubError::invalid(format!(
+                "properties must be a JSON object, not {}",
+                super::twin::json_kind(p)
+            )));
         }
         let now = self.now();
         let tags = body.get("tags").filter(|v| !v.is_null());

@@ -167,13 +167,16 @@ fn as_object(section: Section, v: &Value) -> Result<&Map<String, Value>, HubErro
     match v {
         Value::Object(m) => Ok(m),
         Value::Null => Err(HubError::invalid(format!("{} must be a JSON object, not null", section.name()))),
-        other => {
-            Err(HubError::invalid(format!("{} must be a JSON object, got {}", section.name(), kind(other))))
-        }
+        other => Err(HubError::invalid(format!(
+            "{} must be a JSON object, got {}",
+            section.name(),
+            json_kind(other)
+        ))),
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for error messages that must not echo a large body.
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
