@@ -32,7 +32,7 @@ const SHRINK_ABOVE_BYTES: usize = 16 * 1024;
 
 /// Why reading the next packet failed.
 #[derive(Debug, thiserror::Error)]
-enum ReadError {
+pub enum ReadError {
     #[error("the peer closed the connection")]
     Eof,
     #[error("socket: {0}")]
@@ -46,7 +46,7 @@ enum ReadError {
 /// Takes one complete packet out of `buf`, if it holds one. `Ok(None)` means "read more". The
 /// packet's bytes are checked against what the codec does not enforce ([`wire`]) before it decodes
 /// them, and what it decoded after.
-fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
+pub fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
     if let Some(len) = wire::complete_frame_len(buf)?
         && len <= MQTT_MAX_PACKET_BYTES
     {

@@ -1,18 +1,14 @@
-//! MQTT targets: rumqttc's v4 packet reader exactly as the hub's `take_packet` calls it (with the
-//! same buffer reservation on a partial packet), and the hub's topic and subscription parsers.
+//! MQTT targets: the hub's own `take_packet` (the pre-codec checks, rumqttc's v4 reader and the
+//! buffer reservation on a partial packet), and the hub's topic and subscription parsers.
 
 use bytes::BytesMut;
-use iothub_emulator::limits::MQTT_MAX_PACKET_BYTES;
+use iothub_emulator::mqtt::connection::take_packet;
 use iothub_emulator::mqtt::topics::{DeviceTopic, parse_publish_topic, parse_subscription};
-use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet, PubAck, Publish, Subscribe, Unsubscribe};
 
 use crate::alloc::untracked;
 use crate::runner::{Check, Outcome, Target};
-
-/// `emulator/src/mqtt/connection.rs`'s `IDLE_BUFFER_BYTES` (private there).
-const IDLE_BUFFER_BYTES: usize = 256;
 
 fn packet_bytes(p: &Packet) -> Vec<u8> {
     let mut buf = BytesMut::new();
@@ -105,24 +101,17 @@ fn check_packet() -> Check {
         let mut buf = BytesMut::from(input);
         let mut outcome = Outcome::Rejected;
         loop {
-            // FUZZ-HOOK(mqtt pre-codec validator): once the lead's validator in emulator/src/mqtt/
-            // is merged, call it here on `&buf` exactly where `take_packet` calls it, and return
-            // `Ok(outcome)` when it refuses the bytes.
             let before = buf.len();
-            match Packet::read(&mut buf, MQTT_MAX_PACKET_BYTES) {
-                Ok(p) => {
+            match take_packet(&mut buf) {
+                Ok(Some(p)) => {
                     if buf.len() >= before {
-                        return Err("Packet::read returned a packet without consuming input".into());
+                        return Err("take_packet returned a packet without consuming input".into());
                     }
                     outcome = Outcome::Accepted;
                     untracked(|| rewrite_round_trip(&p))?;
                 }
-                Err(CodecError::InsufficientBytes(n)) => {
-                    // What the hub does next: reserve for the rest of the packet.
-                    buf.reserve(n.clamp(IDLE_BUFFER_BYTES, 16 * 1024));
-                    return Ok(outcome);
-                }
-                Err(_) => return Ok(outcome),
+                // A partial packet (the hub reads more) or a refusal (the hub closes).
+                Ok(None) | Err(_) => return Ok(outcome),
             }
         }
     })
@@ -187,16 +176,16 @@ fn check_topic() -> Check {
     })
 }
 
-/// `mqtt_packet`: `Packet::read` with the hub's limit.
+/// `mqtt_packet`: the hub's `take_packet`, as its read loop calls it.
 pub const PACKET: Target = Target {
     name: "mqtt_packet",
-    about: "rumqttc v4 Packet::read(MQTT_MAX_PACKET_BYTES) as take_packet calls it; packets re-write identically",
+    about: "mqtt::connection::take_packet (wire checks + rumqttc v4 reader); packets re-write identically",
     seeds: packet_seeds,
     dictionary: packet_dictionary,
     max_len: 64 * 1024,
     alloc_k: 8,
-    // take_packet reserves the remaining length a 5-byte header announces, up to the packet limit.
-    alloc_c: MQTT_MAX_PACKET_BYTES + 64 * 1024,
+    // take_packet reserves at most 16 KiB ahead of the bytes it holds (BytesMut may double).
+    alloc_c: 64 * 1024,
     make: check_packet,
 };
 
