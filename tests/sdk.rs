@@ -47,3 +47,8 @@ async fn node_job_client_twin_update_job_query_cancel() {
 async fn python_job_manager_create_get_cancel_scheduled_jobs() {
     run_sdk_script(Sdk::Python, "jobs_test.py").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_time_travel_expires_an_offline_devices_notice_with_expired_feedback() {
+    run_sdk_script(Sdk::Node, "time_travel_test.js").await.unwrap();
+}

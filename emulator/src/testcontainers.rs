@@ -486,6 +486,35 @@ impl IotHubEmulatorContainer {
         self.connection_string_from(id, &device, &what)
     }
 
+    /// Moves the hub's time forward by `by` (`POST /emulator/time`): queued C2D messages expire,
+    /// locks lapse, jobs start and feedback batches are cut as if that much time had passed.
+    /// SAS tokens are not affected. Returns the new hub time (Unix milliseconds).
+    pub async fn advance_time(&self, by: std::time::Duration) -> Result<u64, Error> {
+        let what = format!("advancing hub time by {by:?}");
+        let resp = self
+            .http
+            .post(format!("{}/emulator/time", self.http_url()))
+            .json(&serde_json::json!({ "advanceMs": by.as_millis() as u64 }))
+            .send()
+            .await
+            .map_err(|source| Error::Http { what: what.clone(), source })?;
+        let body = Self::json(resp, &what).await?;
+        body["nowMs"].as_u64().ok_or_else(|| Error::Api { what, status: 200, body: body.to_string() })
+    }
+
+    /// The hub's time (`GET /emulator/time`), Unix milliseconds.
+    pub async fn hub_time(&self) -> Result<u64, Error> {
+        let what = "reading hub time".to_string();
+        let resp = self
+            .http
+            .get(format!("{}/emulator/time", self.http_url()))
+            .send()
+            .await
+            .map_err(|source| Error::Http { what: what.clone(), source })?;
+        let body = Self::json(resp, &what).await?;
+        body["nowMs"].as_u64().ok_or_else(|| Error::Api { what, status: 200, body: body.to_string() })
+    }
+
     fn device_url(&self, id: &str) -> String {
         let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
         format!("{}/devices/{id}?api-version={API_VERSION}", self.http_url())

@@ -242,7 +242,7 @@ impl Connection {
 
     /// Whether a CBS token currently authorizes service operations on this connection.
     pub fn authorized(&self) -> bool {
-        let now_secs = self.hub.now() / 1000;
+        let now_secs = self.hub.wall_now() / 1000;
         self.auth_expiry_secs.is_some_and(|se| se.saturating_add(self.hub.config().sas_skew_secs) >= now_secs)
     }
 

@@ -1,7 +1,8 @@
 //! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
 //! `/emulator/telemetry` (recorded D2C messages; `waitMs` long-polls for new ones),
-//! `/emulator/connection-strings` and `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
-//! PUT replaces them).
+//! `/emulator/connection-strings`, `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
+//! PUT replaces them) and `/emulator/time` (hub time: GET reads it, POST moves it forward; see
+//! [`crate::hub::time`]).
 //! None of these exist in IoT Hub; they are for tests, tools and containers. `--disable-admin-api`
 //! ([`crate::HubConfig::admin_api`]) turns the `/emulator/*` ones off (they answer 404).
 
@@ -21,6 +22,11 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         let settings = FaultSettings::from_json(&req.json()?).map_err(|e| HubError::invalid(e.0))?;
         ctx.ftp_faults.set(settings);
         return Ok(json_response(StatusCode::OK, &settings.to_json()));
+    }
+    if req.route == Route::Time && req.method == Method::POST {
+        let ms = advance_ms(&req.json()?)?;
+        ctx.hub.advance_time(ms).map_err(|e| HubError::invalid(e.to_string()))?;
+        return Ok(json_response(StatusCode::OK, &time_json(&ctx.hub)));
     }
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
@@ -59,7 +65,40 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(json_response(StatusCode::OK, &Value::Object(map)))
         }
         Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),
+        Route::Time => Ok(json_response(StatusCode::OK, &time_json(&ctx.hub))),
         _ => Ok(empty(StatusCode::NOT_FOUND)),
+    }
+}
+
+/// `GET /emulator/time`'s body: hub time, the wall clock, and the offset between them.
+fn time_json(hub: &crate::hub::Hub) -> Value {
+    let (now, wall) = (hub.now(), hub.wall_now());
+    json!({
+        "now": crate::clock::iso8601(now),
+        "nowMs": now,
+        "wallClock": crate::clock::iso8601(wall),
+        "offsetMs": hub.time_offset_ms(),
+    })
+}
+
+/// How far a `POST /emulator/time` body moves hub time: exactly one of `"advance"` (a duration
+/// such as `"2h"`, `"1day 3h"`, `"90s"`) or `"advanceMs"` (a non-negative integer).
+fn advance_ms(body: &Value) -> Result<u64, HubError> {
+    let invalid = |m: String| HubError::invalid(m);
+    let obj = body.as_object().ok_or_else(|| invalid("the body must be a JSON object".into()))?;
+    if let Some(key) = obj.keys().find(|k| *k != "advance" && *k != "advanceMs") {
+        return Err(invalid(format!("unknown field '{key}'; allowed: advance, advanceMs")));
+    }
+    match (obj.get("advance"), obj.get("advanceMs")) {
+        (Some(Value::String(s)), None) => humantime::parse_duration(s)
+            .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+            .map_err(|e| invalid(format!("advance: '{s}' is not a duration such as \"2h\" ({e})"))),
+        (None, Some(v)) => v.as_u64().ok_or_else(|| {
+            invalid(format!("advanceMs must be a non-negative integer (time never goes backwards); got {v}"))
+        }),
+        (Some(_), Some(_)) => Err(invalid("give either advance or advanceMs, not both".into())),
+        (Some(v), None) => Err(invalid(format!("advance must be a duration string such as \"2h\"; got {v}"))),
+        (None, None) => Err(invalid("missing advance (e.g. \"2h\") or advanceMs".into())),
     }
 }
 

@@ -177,18 +177,30 @@ where
     };
     let admin_api = ctx.hub.config().admin_api;
     let result = match (&req.route, port) {
-        (Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults, Port::Plain) if !admin_api => {
+        (Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time, Port::Plain)
+            if !admin_api =>
+        {
             Err(not_found(&path))
         }
         (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
             admin::wait_telemetry(&ctx, &req).await
         }
         (
-            Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
+            Route::Health
+            | Route::CaPem
+            | Route::Telemetry
+            | Route::ConnectionStrings
+            | Route::FtpFaults
+            | Route::Time,
             Port::Plain,
         ) => admin::handle(&ctx, &req),
         (
-            Route::Health | Route::CaPem | Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults,
+            Route::Health
+            | Route::CaPem
+            | Route::Telemetry
+            | Route::ConnectionStrings
+            | Route::FtpFaults
+            | Route::Time,
             Port::Https,
         ) => Err(not_found(&path)),
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)

@@ -19,6 +19,8 @@ pub enum Route {
     ConnectionStrings,
     /// `/emulator/ftp/faults` (plain port): the FTP server's fault knobs (GET, PUT).
     FtpFaults,
+    /// `/emulator/time` (plain port): hub time (GET) and time travel (POST).
+    Time,
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -83,6 +85,7 @@ pub fn route(path: &str) -> Route {
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
         [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,
         [e, f, x] if eq(e, "emulator") && eq(f, "ftp") && eq(x, "faults") => Route::FtpFaults,
+        [e, t] if eq(e, "emulator") && eq(t, "time") => Route::Time,
         [d] if eq(d, "devices") => Route::Devices,
         [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
         [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
@@ -162,5 +165,6 @@ mod tests {
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(route("/health"), Route::Health);
         assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
+        assert_eq!(route("/emulator/time"), Route::Time);
     }
 }

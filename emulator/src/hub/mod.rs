@@ -16,6 +16,7 @@ pub mod link;
 pub mod messaging;
 mod registry;
 mod telemetry;
+pub mod time;
 mod twin;
 
 use std::collections::BTreeMap;
@@ -90,6 +91,10 @@ pub struct Hub {
 struct Shared {
     config: HubConfig,
     clock: Arc<dyn Clock>,
+    /// How far time travel moved hub time ahead of `clock` (see [`time`]); only grows.
+    time_offset: AtomicU64,
+    /// Woken whenever time travel moves hub time, for [`Hub::sleep_until`].
+    time_moved: tokio::sync::Notify,
     policies: Vec<Policy>,
     shards: Box<[Mutex<Shard>]>,
     feedback: Mutex<FeedbackHub>,
@@ -127,6 +132,8 @@ impl Hub {
             shared: Arc::new(Shared {
                 config,
                 clock,
+                time_offset: AtomicU64::new(0),
+                time_moved: tokio::sync::Notify::new(),
                 policies,
                 shards,
                 feedback: Mutex::new(feedback),
@@ -165,9 +172,10 @@ impl Hub {
         ))
     }
 
-    /// The current time on the hub's clock.
+    /// Hub time: the clock plus what time travel added (see [`time`]). Every IoT Hub timer
+    /// reads it; SAS expiry reads [`Hub::wall_now`].
     pub fn now(&self) -> Millis {
-        self.shared.clock.now_ms()
+        self.shared.clock.now_ms() + self.shared.time_offset.load(Ordering::Relaxed)
     }
 
     /// Registered devices.

@@ -169,18 +169,21 @@ async fn run(hub: Hub, id: String, token: CancellationToken) {
 /// `None` if the job was cancelled before it started.
 async fn drive(hub: &Hub, id: &str) -> Option<Outcome> {
     let due = hub.with_job(id, |j| j.due_at())?;
-    let now = hub.now();
-    if due > now {
-        tokio::time::sleep(Duration::from_millis(due - now)).await;
-    }
+    hub.sleep_until(due).await;
     let now = hub.now();
     let (action, condition, deadline) = hub.with_job(id, |j| {
         j.begin(now).then(|| (j.request.action.clone(), j.request.query_condition.clone(), j.deadline()))
     })??;
     let budget = Duration::from_millis(deadline.unwrap_or(u64::MAX).saturating_sub(now));
-    match tokio::time::timeout(budget, walk(hub, id, &action, &condition)).await {
-        Ok(outcome) => Some(outcome),
-        Err(_) => Some(Outcome::Failed(format!(
+    let out_of_time = async {
+        match deadline {
+            Some(at) => hub.sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        outcome = walk(hub, id, &action, &condition) => Some(outcome),
+        () = out_of_time => Some(Outcome::Failed(format!(
             "maxExecutionTimeInSeconds ({} s) elapsed before every device was processed",
             budget.as_secs()
         ))),

@@ -179,7 +179,7 @@ where
     let mut session = accepted.session;
     let link = accepted.link;
     let keep_alive = Duration::from_secs(accepted.keep_alive_secs);
-    let token_left_ms = (accepted.token_expiry_secs * 1000).saturating_sub(hub.now());
+    let token_left_ms = (accepted.token_expiry_secs * 1000).saturating_sub(hub.wall_now());
     let token_deadline = Instant::now() + Duration::from_millis(token_left_ms);
     let mut out = vec![accepted.connack];
     session.start(&hub, &mut out);
