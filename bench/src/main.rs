@@ -34,6 +34,13 @@ enum Command {
         /// Overrides `fleet.devices`; the device counts in `[expect]` scale with it (rounded).
         #[arg(long, env = "IOTHUB_EMULATOR_DEVICES")]
         devices: Option<u64>,
+        /// Overrides the scenario's `time`: `real` plays it in wall-clock time, `compressed` skips
+        /// the waits where nothing is in flight.
+        #[arg(long, value_parser = ["real", "compressed"])]
+        time: Option<String>,
+        /// Overrides the scenario's `seed`.
+        #[arg(long)]
+        seed: Option<u64>,
         /// Where `report.json` and `report.html` go [default: ./testbench-report/<scenario>].
         #[arg(long, env = "IOTHUB_EMULATOR_OUT")]
         out: Option<PathBuf>,
@@ -117,13 +124,28 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+/// `testbench run`'s overrides of the scenario file.
+struct Overrides {
+    devices: Option<u64>,
+    time: Option<String>,
+    seed: Option<u64>,
+}
+
 async fn run(
     file: PathBuf,
-    devices: Option<u64>,
+    Overrides { devices, time, seed }: Overrides,
     out: Option<PathBuf>,
     external: ExternalArgs,
 ) -> anyhow::Result<ExitCode> {
     let mut plan = testbench::scenario::load(&file)?;
+    match time.as_deref() {
+        Some("real") => plan.time = testbench::scenario::plan::TimeMode::Real,
+        Some("compressed") => plan.time = testbench::scenario::plan::TimeMode::Compressed,
+        _ => {}
+    }
+    if let Some(seed) = seed {
+        plan.seed = seed;
+    }
     if let Some(n) = devices {
         anyhow::ensure!(n > 0, "--devices: use at least 1");
         testbench::runner::scale_devices(&mut plan, n);
@@ -133,7 +155,7 @@ async fn run(
     let out = out.unwrap_or_else(|| PathBuf::from("testbench-report").join(&plan.name));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let expect_name = plan.name.clone();
-    println!("running {expect_name}: {} devices", plan.fleet.devices);
+    println!("running {expect_name}: {} devices, {} time", plan.fleet.devices, plan.time.as_str());
     let tty = std::io::stdout().is_terminal();
     let bar = tty.then(progress_bar);
     let log_bar = bar.clone();
@@ -146,12 +168,16 @@ async fn run(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    tracing::debug!("run done; writing reports");
     let report = outcome.observed.report_json(&outcome.unmet);
+    tracing::debug!("report.json built");
     let path = out.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    tracing::debug!("report.json written");
     let html = testbench::runner::html::render(&outcome.observed, &outcome.unmet)
         .context("rendering report.html")?;
+    tracing::debug!("report.html rendered");
     let html_path = out.join("report.html");
     std::fs::write(&html_path, html).with_context(|| format!("writing {}", html_path.display()))?;
     for line in outcome.observed.summary_lines(&outcome.unmet) {
@@ -212,11 +238,19 @@ fn progress_renderer(bar: Option<ProgressBar>) -> impl FnMut(&Progress) + Send +
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    // Logs of the hub and the agents only when asked for (`RUST_LOG=debug`): the run's own output
+    // is the timeline and the report.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Args::parse().command {
         Command::Validate { files } => Ok(validate(&files)),
-        Command::Run { file, devices, out, external } => {
+        Command::Run { file, devices, time, seed, out, external } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(file, devices, out, external))
+            rt.block_on(run(file, Overrides { devices, time, seed }, out, external))
         }
         Command::FleetShard(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

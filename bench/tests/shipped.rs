@@ -1,8 +1,8 @@
 //! The shipped scenarios that finish in seconds run in CI exactly as shipped (no `--devices`):
 //! `quickstart` (100 devices, all online) and `queue-overflow` (the 51st message to each offline
-//! device refused, the 50 queued ones delivered when it comes back). The slow ones
-//! (`offline-fridges`, `ttl-expiry`) are the README's main command and a manual run; `flaky-network`
-//! and `phased-rollout` run scaled down in `events.rs`.
+//! device refused, the 50 queued ones delivered when it comes back). The ones that span minutes or
+//! days of scenario time (`offline-fridges`, `ttl-expiry`, `long-weekend`) run as shipped in
+//! `time.rs`; `flaky-network` and `phased-rollout` run scaled down in `events.rs`.
 
 mod common;
 

@@ -311,6 +311,21 @@ impl Fleet {
         self.agents.iter().filter(|a| a.status.connected.load(Ordering::Relaxed)).count()
     }
 
+    /// Agents not yet where their power switch puts them: powered on but not connected
+    /// (starting, reconnecting) or with work in flight ([`AgentStatus::busy`]), or switched off
+    /// but not yet down (still connected or working). Zero means the fleet is quiescent: nothing
+    /// will happen until something outside changes (a C2D message, a power switch, a link fault).
+    pub fn unsettled(&self) -> usize {
+        self.agents
+            .iter()
+            .filter(|a| {
+                let (connected, busy) =
+                    (a.status.connected.load(Ordering::Relaxed), a.status.busy.load(Ordering::Relaxed));
+                if a.power.borrow().on { !connected || busy } else { connected || busy }
+            })
+            .count()
+    }
+
     /// Installs completed by agent `index` since the fleet started.
     pub fn installs(&self, index: usize) -> u32 {
         self.agents.get(index).map_or(0, |a| a.status.installs.load(Ordering::Relaxed))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use iothub_emulator::ftp::FaultSettings;
 
 use super::Run;
-use super::hub_side::FleetSide;
+use super::fleet_side::FleetSide;
 
 /// One flap event's remaining rounds: the same devices, `interval` apart.
 #[derive(Debug)]
@@ -32,6 +32,11 @@ impl Faults {
     /// No flap round is left.
     pub(super) fn flaps_done(&self) -> bool {
         self.flaps.is_empty()
+    }
+
+    /// When fault work is next due (a flap round, the FTP fault's end), in scenario time.
+    pub(super) fn next_due(&self) -> Option<Duration> {
+        self.flaps.iter().map(|r| r.next).chain(self.ftp_clear_at).min()
     }
 }
 

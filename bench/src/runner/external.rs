@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::RunError;
-use super::hub_side::{Feedback, Outgoing, Sent, Telemetry, unix_ms};
+use super::shared::{Feedback, Outgoing, Sent, Telemetry, unix_ms};
 use crate::scenario::plan::{
     Action, DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_MQTT_PORT, HubPlan, ScenarioPlan,
 };

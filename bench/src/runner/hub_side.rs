@@ -1,116 +1,39 @@
-//! What the runner drives, in either mode. [`HubSide`] is the hub: an embedded
-//! [`RunningHub`] read through its in-process handle, or an [`ExternalHub`] reached only over the
-//! wire. [`FleetSide`] is the fleet: agents in this process, or `fleet run` processes elsewhere
-//! that the runner only observes through the registry. The timeline and expectation code in
-//! [`super`] calls these and never asks which mode it is in; each side owns its handles and
-//! its read positions (telemetry sequence, feedback) and nothing else.
+//! The hub the runner drives, in either mode: [`EmbeddedHub`] (started here, read through its
+//! in-process handle) or [`ExternalHub`] (reached only over the wire). [`HubSide`] only dispatches;
+//! each side owns its handles and read positions (telemetry sequence, feedback) in its own module,
+//! and the types they exchange with the runner live in the leaf [`super::shared`].
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
-use iothub_emulator::server::{ListenConfig, RunningHub};
-use iothub_emulator::{ErrorCode, HubConfig};
-use serde_json::Value;
-use simulated_devices::agent::{FtpBackend, tls_config};
-use simulated_devices::fleet::{Fleet, FleetConfig, Registration};
+use iothub_emulator::server::RunningHub;
+use simulated_devices::agent::FtpBackend;
+use simulated_devices::fleet::FleetConfig;
 use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
+use super::embedded::EmbeddedHub;
 use super::external::ExternalHub;
-use super::shards::{ShardLink, ShardedFleet};
+use super::shared::{Feedback, Outgoing, Sent, ShardLink, Telemetry, unix_ms};
 use crate::scenario::plan::HubPlan;
-
-/// Telemetry messages read from an embedded hub per call.
-const TELEMETRY_BATCH: usize = 1000;
-/// Installs (FTP sessions) at once across an in-process fleet.
-pub(crate) const MAX_CONCURRENT_INSTALLS: usize = 50;
-
-/// One D2C message whose body is JSON.
-#[derive(Debug, Clone)]
-pub struct Telemetry {
-    /// The sending device.
-    pub device_id: String,
-    /// When the hub received it (Unix milliseconds).
-    pub enqueued_at: u64,
-    /// The body.
-    pub body: Value,
-}
-
-/// One feedback record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Feedback {
-    /// IoT Hub's `statusCode` (`Success`, `Expired`, …).
-    pub status: String,
-    /// The message id the runner sent.
-    pub original_message_id: String,
-}
-
-/// What the hub said to a C2D send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sent {
-    /// Queued at this hub time (Unix milliseconds).
-    Accepted(u64),
-    /// Refused with `DeviceMaximumQueueDepthExceeded`.
-    QueueFull,
-    /// Refused for another reason (unknown device, …).
-    Refused,
-}
-
-/// A C2D message the runner sends (always with `iothub-ack: full`).
-#[derive(Debug, Clone)]
-pub struct Outgoing<'a> {
-    /// The device.
-    pub device_id: &'a str,
-    /// `iothub-messageid`, which feedback records name.
-    pub message_id: String,
-    /// The body (shared by every message of a release).
-    pub body: &'a [u8],
-    /// Time to live (the hub's default when `None`).
-    pub ttl: Option<Duration>,
-    /// The content type.
-    pub content_type: &'a str,
-}
 
 /// The hub the run drives.
 pub enum HubSide {
-    /// Started by the runner in this process; read through the [`iothub_emulator::Hub`] handle.
-    Embedded {
-        /// The hub.
-        hub: Box<RunningHub>,
-        /// The last telemetry sequence number read.
-        telemetry_after: u64,
-    },
+    /// Started by the runner in this process.
+    Embedded(Box<EmbeddedHub>),
     /// Running elsewhere; reached over REST, AMQP and the admin endpoints only.
     External(Box<ExternalHub>),
 }
 
-/// Now as Unix milliseconds (an external hub's clock is assumed to be this machine's).
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl HubSide {
-    /// Starts the embedded hub (every listener on a free loopback port, files under
-    /// `<work_dir>/hub`) or connects to the external one.
+    /// Starts the embedded hub (files under `<work_dir>/hub`) or connects to the external one.
     pub async fn start(plan: &HubPlan, work_dir: &Path) -> Result<Self, RunError> {
         match *plan {
             HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
-                let config = HubConfig {
-                    feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
-                    c2d: QueueConfig {
-                        default_ttl_ms: c2d_default_ttl.as_millis() as u64,
-                        ..QueueConfig::default()
-                    },
-                    ..HubConfig::default()
-                };
-                let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
-                let hub = RunningHub::start(config, &listen, &work_dir.join("hub"))
-                    .await
-                    .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
-                Ok(Self::Embedded { hub: Box::new(hub), telemetry_after: 0 })
+                let hub =
+                    EmbeddedHub::start(feedback_interval, c2d_default_ttl, &work_dir.join("hub")).await?;
+                Ok(Self::Embedded(Box::new(hub)))
             }
             HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
         }
@@ -119,7 +42,7 @@ impl HubSide {
     /// The embedded hub, for features that need in-process control (FTP faults).
     pub fn embedded(&self) -> Option<&RunningHub> {
         match self {
-            Self::Embedded { hub, .. } => Some(hub),
+            Self::Embedded(e) => Some(&e.hub),
             Self::External(_) => None,
         }
     }
@@ -128,19 +51,13 @@ impl HubSide {
     /// or `hub.http_url` for an external hub.
     pub fn service_client(&self) -> Result<ServiceClient, RunError> {
         match self {
-            Self::Embedded { hub, .. } => ServiceClient::new(
-                &hub.owner_connection_string(),
-                &format!("https://127.0.0.1:{}", hub.https_addr.port()),
-                Some(&hub.ca_pem),
-            )
-            .map_err(|e| RunError::Setup(format!("service client: {e}"))),
+            Self::Embedded(e) => e.service_client(),
             Self::External(x) => Ok(x.service().clone()),
         }
     }
 
-    /// How an in-process fleet of `ids` reaches this hub: the embedded hub's plain MQTT listener,
-    /// or an external hub's MQTT over TLS at its host name (resolved by the MQTT client on every
-    /// connect); FTP at [`Self::ftp_addr`]. Every device starts on `initial_version`.
+    /// How an in-process fleet of `ids` reaches this hub ([`Self::link`]). Every device starts on
+    /// `initial_version`.
     pub fn fleet_config(
         &self,
         ids: Vec<String>,
@@ -149,51 +66,31 @@ impl HubSide {
         ramp_per_sec: u32,
         initial_version: &str,
     ) -> Result<(FleetConfig, FtpBackend), RunError> {
-        let link = self.link()?;
-        let tls = match &link.ca_pem {
-            Some(pem) => Some(tls_config(pem).map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))?),
-            None => None,
-        };
-        let cfg = FleetConfig {
-            device_ids: ids,
-            fleet_key: fleet_key.into(),
-            registration: Registration::Seeded,
-            data_root,
-            hub_host: link.hub_host,
-            mqtt_host: link.mqtt_host,
-            mqtt_port: link.mqtt_port,
-            tls,
-            keep_alive: Duration::from_secs(60),
-            ramp_per_sec,
-            max_concurrent_installs: MAX_CONCURRENT_INSTALLS,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(2),
-            initial_version: Some(initial_version.to_string()),
-        };
-        Ok((cfg, FtpBackend::new(self.ftp_addr())))
+        self.link()?
+            .fleet_config(ids, fleet_key, data_root, ramp_per_sec, initial_version)
+            .map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))
     }
 
     /// Where agents connect: the embedded hub's plain MQTT listener, or an external hub's MQTT
-    /// over TLS at its host name; FTP at [`Self::ftp_addr`].
+    /// over TLS at its host name (resolved by the MQTT client on every connect); FTP at
+    /// [`Self::ftp_addr`].
     pub fn link(&self) -> Result<ShardLink, RunError> {
-        let (hub_host, mqtt_host, mqtt_port, ca_pem) = match self {
-            Self::Embedded { hub, .. } => {
-                let plain = hub
-                    .mqtt_plain_addr
-                    .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
-                (hub.hub.hostname().to_string(), plain.ip().to_string(), plain.port(), None)
-            }
-            Self::External(x) => {
-                (x.host().to_string(), x.host().to_string(), x.mqtt_port(), Some(x.ca_pem().to_string()))
-            }
-        };
-        Ok(ShardLink { hub_host, mqtt_host, mqtt_port, ca_pem, ftp_addr: self.ftp_addr() })
+        match self {
+            Self::Embedded(e) => e.link(),
+            Self::External(x) => Ok(ShardLink {
+                hub_host: x.host().to_string(),
+                mqtt_host: x.host().to_string(),
+                mqtt_port: x.mqtt_port(),
+                ca_pem: Some(x.ca_pem().to_string()),
+                ftp_addr: self.ftp_addr(),
+            }),
+        }
     }
 
     /// The directory the hub's FTP server serves packages from.
     pub fn packages_dir(&self) -> &Path {
         match self {
-            Self::Embedded { hub, .. } => &hub.packages_dir,
+            Self::Embedded(e) => &e.hub.packages_dir,
             Self::External(x) => x.packages_dir(),
         }
     }
@@ -201,7 +98,7 @@ impl HubSide {
     /// The FTP server as devices reach it (`host:port`), for update notices.
     pub fn ftp_addr(&self) -> String {
         match self {
-            Self::Embedded { hub, .. } => hub.ftp_addr.map(|a| a.to_string()).unwrap_or_default(),
+            Self::Embedded(e) => e.ftp_addr(),
             Self::External(x) => x.ftp_addr().to_string(),
         }
     }
@@ -209,8 +106,54 @@ impl HubSide {
     /// The hub's time (Unix milliseconds).
     pub fn now(&self) -> u64 {
         match self {
-            Self::Embedded { hub, .. } => hub.hub.now(),
+            Self::Embedded(e) => e.hub.hub.now(),
             Self::External(_) => unix_ms(),
+        }
+    }
+
+    /// How far hub time is ahead of the wall clock (time travel), in milliseconds; an external
+    /// hub is not moved by the runner.
+    pub fn time_offset_ms(&self) -> u64 {
+        match self {
+            Self::Embedded(e) => e.hub.hub.time_offset_ms(),
+            Self::External(_) => 0,
+        }
+    }
+
+    /// Moves hub time forward by `gap` (compressed scenario time). Only the embedded hub can
+    /// (`check_supported` refuses compressed time otherwise).
+    pub fn advance_time(&self, gap: Duration) -> Result<(), RunError> {
+        match self {
+            Self::Embedded(e) => e
+                .hub
+                .hub
+                .advance_time(gap.as_millis() as u64)
+                .map(drop)
+                .map_err(|err| RunError::Setup(format!("moving hub time: {err}"))),
+            Self::External(_) => {
+                Err(RunError::Setup("an external hub's time is not the runner's to move".into()))
+            }
+        }
+    }
+
+    /// How long until the hub has timed work of its own (a feedback batch cut), if the runner can
+    /// see it.
+    pub fn next_due(&self) -> Option<Duration> {
+        match self {
+            Self::Embedded(e) => {
+                let hub = &e.hub.hub;
+                hub.feedback_next_due().map(|at| Duration::from_millis(at.saturating_sub(hub.now())))
+            }
+            Self::External(_) => None,
+        }
+    }
+
+    /// Connected devices with a C2D message queued or in flight, when the runner can see it
+    /// (`None` for an external hub).
+    pub fn deliveries_in_flight(&self) -> Option<usize> {
+        match self {
+            Self::Embedded(e) => Some(e.hub.hub.connected_with_c2d()),
+            Self::External(_) => None,
         }
     }
 
@@ -218,26 +161,7 @@ impl HubSide {
     /// external hub gets them pipelined on its AMQP connection.
     pub async fn send_all(&mut self, msgs: Vec<Outgoing<'_>>) -> Vec<Sent> {
         match self {
-            Self::Embedded { hub, .. } => {
-                let hub = &hub.hub;
-                msgs.into_iter()
-                    .map(|m| {
-                        let msg = C2dMessage {
-                            message_id: Some(m.message_id.to_string()),
-                            content_type: Some(m.content_type.to_string()),
-                            ack: AckMode::Full,
-                            expiry: m.ttl.map(|t| hub.now() + t.as_millis() as u64),
-                            body: m.body.to_vec().into(),
-                            ..C2dMessage::default()
-                        };
-                        match hub.send_c2d(m.device_id, msg) {
-                            Ok(_) => Sent::Accepted(hub.now()),
-                            Err(e) if e.code == ErrorCode::DeviceMaximumQueueDepthExceeded => Sent::QueueFull,
-                            Err(_) => Sent::Refused,
-                        }
-                    })
-                    .collect()
-            }
+            Self::Embedded(e) => e.send_all(msgs),
             Self::External(x) => x.send_all(msgs).await,
         }
     }
@@ -245,19 +169,7 @@ impl HubSide {
     /// D2C messages with a JSON body received since the last call, oldest first.
     pub async fn telemetry(&mut self) -> Result<Vec<Telemetry>, RunError> {
         match self {
-            Self::Embedded { hub, telemetry_after } => {
-                let mut out = Vec::new();
-                loop {
-                    let batch = hub.hub.read_telemetry(None, *telemetry_after, TELEMETRY_BATCH);
-                    let Some(last) = batch.last() else { break };
-                    *telemetry_after = last.sequence;
-                    out.extend(batch.into_iter().filter_map(|m| {
-                        let body = serde_json::from_slice(&m.body).ok()?;
-                        Some(Telemetry { device_id: m.device_id, enqueued_at: m.enqueued_at, body })
-                    }));
-                }
-                Ok(out)
-            }
+            Self::Embedded(e) => Ok(e.telemetry()),
             Self::External(x) => x.telemetry(),
         }
     }
@@ -265,19 +177,7 @@ impl HubSide {
     /// Feedback records received since the last call (each batch is completed).
     pub async fn feedback(&mut self) -> Result<Vec<Feedback>, RunError> {
         match self {
-            Self::Embedded { hub, .. } => {
-                let hub = &hub.hub;
-                let mut out = Vec::new();
-                while let Some(d) = hub.receive_feedback() {
-                    let records: Vec<Value> = serde_json::from_slice(&d.message.body).unwrap_or_default();
-                    out.extend(records.iter().map(|r| Feedback {
-                        status: r["statusCode"].as_str().unwrap_or_default().to_string(),
-                        original_message_id: r["originalMessageId"].as_str().unwrap_or_default().to_string(),
-                    }));
-                    let _ = hub.settle_feedback(d.lock_token, false);
-                }
-                Ok(out)
-            }
+            Self::Embedded(e) => Ok(e.feedback()),
             Self::External(x) => x.feedback(),
         }
     }
@@ -285,14 +185,7 @@ impl HubSide {
     /// Which of `ids` have a twin reporting `appVersion` = `version`.
     pub async fn reporting(&mut self, version: &str, ids: &[&str]) -> Result<HashSet<String>, RunError> {
         match self {
-            Self::Embedded { hub, .. } => Ok(ids
-                .iter()
-                .filter(|id| {
-                    let twin = hub.hub.get_twin(id).unwrap_or_default();
-                    twin.pointer("/properties/reported/appVersion").and_then(Value::as_str) == Some(version)
-                })
-                .map(|id| id.to_string())
-                .collect()),
+            Self::Embedded(e) => Ok(e.reporting(version, ids)),
             Self::External(x) => x.reporting(version, ids).await,
         }
     }
@@ -301,14 +194,7 @@ impl HubSide {
     /// absent).
     pub async fn app_versions(&self, ids: &[String]) -> Result<HashMap<String, String>, RunError> {
         match self {
-            Self::Embedded { hub, .. } => Ok(ids
-                .iter()
-                .filter_map(|id| {
-                    let twin = hub.hub.get_twin(id).ok()?;
-                    let v = twin.pointer("/properties/reported/appVersion")?.as_str()?;
-                    Some((id.clone(), v.to_string()))
-                })
-                .collect()),
+            Self::Embedded(e) => Ok(e.app_versions(ids)),
             Self::External(x) => x.app_versions().await,
         }
     }
@@ -316,60 +202,8 @@ impl HubSide {
     /// Stops the embedded hub, or closes the connections to the external one.
     pub async fn stop(self) {
         match self {
-            Self::Embedded { hub, .. } => {
-                let _ = hub.stop().await;
-            }
+            Self::Embedded(e) => e.stop().await,
             Self::External(x) => x.close(),
-        }
-    }
-}
-
-/// The fleet the run observes.
-pub enum FleetSide {
-    /// Agents in this process, with a power switch each.
-    InProcess(Fleet),
-    /// `fleet run` processes elsewhere; seen only through the registry (`connectionState`).
-    External(ServiceClient),
-    /// Child processes of the runner (`fleet.shards > 1`), switched through their stdin and seen
-    /// through the registry.
-    Shards(ShardedFleet, ServiceClient),
-}
-
-impl FleetSide {
-    /// Switches device `index` off or on. An external fleet cannot be switched: the runner
-    /// refuses such events before it starts ([`super::external::check_modes`]).
-    pub fn set_power(&self, index: usize, on: bool) {
-        match self {
-            Self::InProcess(f) => f.set_power(index, on),
-            Self::Shards(s, _) => s.set_power(index, on),
-            Self::External(_) => {}
-        }
-    }
-
-    /// The in-process fleet, for events that control devices.
-    pub fn in_process(&self) -> Option<&Fleet> {
-        match self {
-            Self::InProcess(f) => Some(f),
-            Self::External(_) | Self::Shards(..) => None,
-        }
-    }
-
-    /// How many of the run's devices (`index`: id → index) are connected.
-    pub async fn connected(&self, index: &HashMap<String, usize>) -> Result<usize, RunError> {
-        match self {
-            Self::InProcess(f) => Ok(f.connected()),
-            Self::External(svc) | Self::Shards(_, svc) => {
-                super::external::connected_devices(svc, index).await
-            }
-        }
-    }
-
-    /// Stops in-process agents; an external fleet keeps running.
-    pub async fn stop(self) {
-        match self {
-            Self::InProcess(f) => f.stop().await,
-            Self::Shards(s, _) => s.stop().await,
-            Self::External(_) => {}
         }
     }
 }

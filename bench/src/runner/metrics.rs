@@ -31,6 +31,8 @@ pub struct DeviceTimes {
     pub installed: Option<u64>,
     /// The runner saw the twin report the version.
     pub reported: Option<u64>,
+    /// The notice's final feedback status (`Success`, `Expired`, …), once it arrived.
+    pub feedback: Option<String>,
 }
 
 /// One release's bookkeeping.
@@ -126,8 +128,16 @@ pub struct Observed {
     pub rollout: Option<RolloutRecord>,
     /// The run hit `time_limit` before settling.
     pub timed_out: bool,
-    /// Wall time of the run.
+    /// Scenario time of the run (wall time, plus what compressed time skipped).
     pub elapsed: Duration,
+    /// Wall time of the run.
+    pub wall_elapsed: Duration,
+    /// How scenario time passed.
+    pub time_mode: crate::scenario::plan::TimeMode,
+    /// Waiting compressed time skipped, and in how many jumps.
+    pub skipped: Duration,
+    /// See [`Self::skipped`].
+    pub time_jumps: u64,
     /// The scenario's description.
     pub description: String,
     /// The hub's clock (ms since the Unix epoch) when the run started: turns [`DeviceTimes`]
@@ -201,6 +211,15 @@ pub const STAGES: [(&str, Stage); 3] = [
     ("install", (|t| t.delivered, |t| t.installed)),
     ("end to end", (|t| t.sent, |t| t.reported)),
 ];
+
+/// A scenario-time span for people: `41.3 s`, `2h 14m 5s`.
+fn scenario_span(d: Duration) -> String {
+    if d < Duration::from_secs(60) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
 
 impl Observed {
     /// Every sample of one stage, in milliseconds, unsorted.
@@ -385,10 +404,53 @@ impl Observed {
         out
     }
 
+    /// What each device ended with, independent of timing: its final version and install state,
+    /// installs per version, and per release whether it took the notice, installed, reported and
+    /// which feedback the notice got. Runs of one scenario and seed agree on this whatever the
+    /// timing (real or compressed time, a slower machine).
+    pub fn device_outcomes(&self) -> Value {
+        let n = self.device_ids.len();
+        let mut installs: Vec<Vec<(&str, u32)>> = vec![Vec::new(); n];
+        for ((i, v), count) in &self.installs {
+            installs[*i].push((v.as_str(), *count));
+        }
+        let mut releases: Vec<Vec<Value>> = vec![Vec::new(); n];
+        for r in &self.releases {
+            for (i, t) in &r.devices {
+                releases[*i].push(json!({
+                    "version": r.version,
+                    "sent": t.sent.is_some(),
+                    "delivered": t.delivered.is_some(),
+                    "installed": t.installed.is_some(),
+                    "reported": t.reported.is_some(),
+                    "feedback": t.feedback,
+                }));
+            }
+        }
+        let out: serde_json::Map<String, Value> = self
+            .device_ids
+            .iter()
+            .zip(installs.iter_mut().zip(releases))
+            .enumerate()
+            .map(|(i, (id, (inst, rels)))| {
+                inst.sort_unstable();
+                let inst: Vec<Value> = inst.iter().map(|(v, c)| json!({"version": v, "count": c})).collect();
+                let outcome = json!({
+                    "finalVersion": self.final_versions[i],
+                    "installState": self.final_states[i],
+                    "installs": inst,
+                    "releases": rels,
+                });
+                (id.clone(), outcome)
+            })
+            .collect();
+        Value::Object(out)
+    }
+
     /// `report.json`: the summary, latencies, feedback, the verdict and per-device timings.
     pub fn report_json(&self, unmet: &[String]) -> Value {
         let lat = self.latencies();
-        let times = |t: &DeviceTimes| json!({"sentMs": t.sent, "deliveredMs": t.delivered, "installedMs": t.installed, "reportedMs": t.reported});
+        let times = |t: &DeviceTimes| json!({"sentMs": t.sent, "deliveredMs": t.delivered, "installedMs": t.installed, "reportedMs": t.reported, "feedback": t.feedback});
         let releases: Vec<Value> = self
             .releases
             .iter()
@@ -418,6 +480,13 @@ impl Observed {
             "unmet": unmet,
             "timedOut": self.timed_out,
             "elapsedMs": self.elapsed.as_millis() as u64,
+            "time": {
+                "mode": self.time_mode.as_str(),
+                "scenarioMs": self.elapsed.as_millis() as u64,
+                "wallMs": self.wall_elapsed.as_millis() as u64,
+                "skippedMs": self.skipped.as_millis() as u64,
+                "jumps": self.time_jumps,
+            },
             "devices": self.device_ids.len(),
             "latency": {
                 "delivery": lat.delivery.to_json(),
@@ -458,6 +527,7 @@ impl Observed {
                 v
             }).collect::<Vec<_>>(),
             "memory": self.memory_json(),
+            "deviceOutcomes": self.device_outcomes(),
             "offlineWindows": self.offline.to_json(),
             "timeSeries": self.series.to_json(),
             "releases": releases,
@@ -472,10 +542,19 @@ impl Observed {
         };
         let mut lines = vec![
             format!(
-                "scenario {}: {} devices, {:.1} s{}",
+                "scenario {}: {} devices, {} scenario time, {:.1} s wall{}{}",
                 self.scenario,
                 self.device_ids.len(),
-                self.elapsed.as_secs_f64(),
+                scenario_span(self.elapsed),
+                self.wall_elapsed.as_secs_f64(),
+                match self.time_mode {
+                    crate::scenario::plan::TimeMode::Real => String::new(),
+                    crate::scenario::plan::TimeMode::Compressed => format!(
+                        " (compressed: {} skipped in {} jumps)",
+                        scenario_span(self.skipped),
+                        self.time_jumps
+                    ),
+                },
                 if self.timed_out { " (time limit reached)" } else { "" }
             ),
             format!("  {:<12} {:>6} {:>8} {:>8} {:>8} {:>8}", "latency ms", "n", "p50", "p90", "p99", "max"),
@@ -560,6 +639,7 @@ mod tests {
             delivered: Some(d),
             installed: Some(i),
             reported: Some(r),
+            feedback: None,
         };
         Observed {
             scenario: "t".into(),

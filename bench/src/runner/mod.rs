@@ -4,16 +4,20 @@
 //! [`events`]; the phased rollout in [`rollout`]) deterministically under the seed, observes the
 //! hub (install telemetry, feedback, twins) into [`metrics::Observed`] and stops once every
 //! targeted device is final or `time_limit` passes. It owns the run's work directory and its
-//! [`hub_side::HubSide`] / [`hub_side::FleetSide`]; the hub's state stays owned by the hub.
+//! [`hub_side::HubSide`] / [`fleet_side::FleetSide`]; the hub's state stays owned by the hub.
 
+pub mod clock;
+pub mod embedded;
 pub mod events;
 pub mod external;
+pub mod fleet_side;
 pub mod html;
 pub mod hub_side;
 pub mod metrics;
 pub mod progress;
 pub mod rollout;
 pub mod shards;
+pub mod shared;
 pub mod timeseries;
 
 use std::cmp::Reverse;
@@ -29,17 +33,24 @@ use simulated_devices::fleet::{self, Fleet};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package::{self, Manifest, Release};
 use simulated_devices::service_client::ServiceClient;
-use tokio::time::Instant;
 
-use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target};
-use hub_side::{FleetSide, HubSide, Outgoing, Sent};
+use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target, TimeMode};
+use clock::ScenarioClock;
+use fleet_side::FleetSide;
+use hub_side::HubSide;
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
 use progress::{PROGRESS_EVERY, Progress};
 use shards::ShardedFleet;
+use shared::{Outgoing, Sent};
 use timeseries::TimeSeries;
 
 /// How often the runner looks at the hub and the timeline.
 const TICK: Duration = Duration::from_millis(50);
+/// The same in compressed time, where every tick of lag between the end of one device's work
+/// and the next jump is wall time the run pays for.
+const COMPRESSED_TICK: Duration = Duration::from_millis(5);
+/// The slowest connect ramp compressed time plays (agents started per second).
+const COMPRESSED_RAMP_PER_SEC: u32 = 2000;
 /// The fleet secret device keys derive from (only this process uses it).
 const FLEET_KEY: &str = "dGVzdGJlbmNoLXNjZW5hcmlvLXJ1bm5lci1rZXk=";
 /// The application name of every package the runner builds.
@@ -86,6 +97,18 @@ pub struct Outcome {
 pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
     let unsupported = |key: String, what: &str| Err(RunError::Unsupported { key, what: what.to_string() });
     external::check_modes(plan)?;
+    if plan.time == TimeMode::Compressed
+        && (!matches!(plan.hub, crate::scenario::plan::HubPlan::Embedded { .. })
+            || plan.fleet.external
+            || plan.fleet.shards > 1)
+    {
+        return Err(RunError::Mode {
+            key: "time".into(),
+            why: "compressed time needs the embedded hub and an in-process fleet (fleet.shards = 1): the \
+                  runner must see every queue and every agent to know that nothing is in flight"
+                .into(),
+        });
+    }
     if plan.fleet.shards > 1 {
         for (i, e) in plan.events.iter().enumerate() {
             if let Action::LinkFlap { .. } = e.action {
@@ -148,7 +171,10 @@ struct Run {
     rng: StdRng,
     log: Box<dyn FnMut(String) + Send>,
     progress: Box<dyn FnMut(&Progress) + Send>,
-    t0: Instant,
+    /// Scenario time.
+    clock: ScenarioClock,
+    /// Devices the timeline has switched off (until their power-on time).
+    off: Vec<bool>,
     /// Link flaps still to come and the FTP fault's end.
     faults: events::Faults,
 }
@@ -183,9 +209,16 @@ async fn run_with_hub(
     let index: HashMap<String, usize> = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
     let svc = hub.service_client()?;
     let mut rng = StdRng::seed_from_u64(plan.seed);
+    tracing::debug!("building packages");
     let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
+    tracing::debug!("packages built");
     let ramp = plan.fleet.connect_ramp.as_secs_f64();
-    let ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    let mut ramp_per_sec = if ramp > 0.0 { (n as f64 / ramp).ceil() as u32 } else { 0 };
+    if plan.time == TimeMode::Compressed && ramp_per_sec > 0 {
+        // The ramp is waiting before the timeline starts: compressed time keeps a ramp (so a big
+        // fleet does not connect in one burst) but at least COMPRESSED_RAMP_PER_SEC.
+        ramp_per_sec = ramp_per_sec.max(COMPRESSED_RAMP_PER_SEC);
+    }
     let shards = u64::from(plan.fleet.shards).min(n) as u32;
     if !plan.fleet.external {
         fleet::seed(&svc, FLEET_KEY, &ids, 4)
@@ -212,9 +245,11 @@ async fn run_with_hub(
         )?;
         FleetSide::InProcess(Fleet::start(cfg, Arc::new(backend)).await)
     };
+    tracing::debug!("fleet started");
     // After the fleet is up: an external fleet registers its devices itself.
     rollout::tag_groups(&svc, &plan.fleet.groups, &ids).await?;
     let initial = plan.fleet.initial_version.clone();
+    let plan_time = plan.time;
     let mut run = Run {
         index,
         obs: Observed {
@@ -228,6 +263,7 @@ async fn run_with_hub(
             series: TimeSeries::new(ids.len(), &initial),
             memory: (memory_start, None),
             hub_in_process: hub.embedded().is_some() && fleet.in_process().is_some(),
+            time_mode: plan.time,
             ..Observed::default()
         },
         plan,
@@ -239,12 +275,16 @@ async fn run_with_hub(
         rng,
         log,
         progress,
-        t0: Instant::now(),
+        clock: ScenarioClock::start(plan_time),
+        off: vec![false; n as usize],
         faults: events::Faults::default(),
     };
     let outcome = run.play(&fleet, &svc).await;
+    tracing::debug!("timeline done; stopping the fleet");
     fleet.stop().await;
+    tracing::debug!("fleet stopped; stopping the hub");
     run.hub.stop().await;
+    tracing::debug!("hub stopped");
     outcome
 }
 
@@ -290,7 +330,7 @@ fn draw(dist: &DurationDist, rng: &mut StdRng) -> Duration {
 
 impl Run {
     fn say(&mut self, line: String) {
-        let t = self.t0.elapsed().as_secs_f64();
+        let t = self.clock.now().as_secs_f64();
         (self.log)(format!("[{t:7.1}s] {line}"));
     }
 
@@ -315,8 +355,9 @@ impl Run {
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
         let limit = self.plan.time_limit;
         let mut progress_at = Duration::ZERO;
+        let tick = if self.clock.mode() == TimeMode::Compressed { COMPRESSED_TICK } else { TICK };
         loop {
-            let now = self.t0.elapsed();
+            let now = self.clock.now();
             if self.obs.series.due(now) {
                 let connected = fleet.connected(&self.index).await? as u64;
                 let rss = crate::memory::current().map(|m| m.rss_kib);
@@ -335,6 +376,7 @@ impl Run {
             {
                 power_on.pop();
                 fleet.set_power(i, true);
+                self.off[i] = false;
             }
             self.fire_faults(fleet, now);
             self.observe().await?;
@@ -346,15 +388,30 @@ impl Run {
                 self.obs.timed_out = true;
                 break;
             }
-            tokio::time::sleep(TICK).await;
+            let due = [events.get(next).map(|e| e.at), power_on.peek().map(|Reverse((at, _))| *at)]
+                .into_iter()
+                .chain([self.faults.next_due(), self.rollout_next_due(), Some(limit)])
+                .chain([self.hub.next_due().map(|gap| now + gap)])
+                .flatten()
+                .min();
+            if let Some(gap) = self.clock.gap_to(now, due)
+                && self.try_jump(fleet, gap).await?
+            {
+                continue;
+            }
+            tokio::time::sleep(tick).await;
         }
-        self.obs.elapsed = self.t0.elapsed();
+        self.obs.elapsed = self.clock.now();
+        self.obs.wall_elapsed = self.clock.wall();
+        (self.obs.skipped, self.obs.time_jumps) = self.clock.skipped();
         let connected = fleet.connected(&self.index).await? as u64;
         let rss = crate::memory::current().map(|m| m.rss_kib);
         self.obs.series.record(self.obs.elapsed, connected, rss);
         self.obs.memory.1 = crate::memory::current();
         self.collect_fleet_counts(fleet);
+        tracing::debug!("reading final twins");
         self.final_twins().await?;
+        tracing::debug!("final twins read");
         let unmet = self.obs.unmet(&self.plan.expect);
         Ok(Outcome { observed: self.obs.clone(), unmet })
     }
@@ -384,6 +441,7 @@ impl Run {
                 for &i in &chosen {
                     let off_for = draw(duration, &mut self.rng);
                     fleet.set_power(i, false);
+                    self.off[i] = true;
                     power_on.push(Reverse((at + off_for, i)));
                     switched_off.push((i, off_for));
                 }
@@ -509,7 +567,12 @@ impl Run {
             // (QoS 1 publishes queued behind a download), so the hub's enqueue time would move
             // "delivered" late and shrink "install". Same host clock as the hub's in every mode
             // the runner supports; the hub's time is the fallback.
-            let at = v["timestamp"].as_str().and_then(parse_iso8601).unwrap_or(m.enqueued_at);
+            // Devices stamp with the wall clock; hub time is ahead by what compressed time skipped
+            // (jumps happen only while no device works, so the offset now is the one in force then).
+            let at = v["timestamp"]
+                .as_str()
+                .and_then(parse_iso8601)
+                .map_or(m.enqueued_at, |t| t + self.hub.time_offset_ms());
             let t = &mut self.obs.releases[r].devices[p].1;
             t.delivered.get_or_insert(at);
             match state.as_str() {
@@ -522,10 +585,11 @@ impl Run {
         }
         for rec in self.hub.feedback().await? {
             self.obs.feedback.add(&rec.status);
-            if rec.status != "Success"
-                && let Some(&(r, p)) = self.by_message.get(&rec.original_message_id)
-            {
-                self.tracking[r].terminal[p] = true;
+            if let Some(&(r, p)) = self.by_message.get(&rec.original_message_id) {
+                if rec.status != "Success" {
+                    self.tracking[r].terminal[p] = true;
+                }
+                self.obs.releases[r].devices[p].1.feedback = Some(rec.status);
             }
         }
         for r in 0..self.obs.releases.len() {
@@ -560,7 +624,7 @@ impl Run {
         let (targeted, installed) =
             devices.fold((0, 0), |(n, k), (_, t)| (n + 1, k + usize::from(t.installed.is_some())));
         let snapshot = Progress {
-            elapsed: self.t0.elapsed(),
+            elapsed: self.clock.now(),
             phase: progress::phase(events, next),
             devices: self.ids.len(),
             connected: self.obs.series.connected.last().copied().unwrap_or(0) as usize,
@@ -580,6 +644,33 @@ impl Run {
             && self.obs.feedback.total() >= self.obs.acked_sends
             && self.faults.flaps_done()
             && self.rollout_done()
+    }
+
+    /// Compressed time: when nothing is in flight, skips `gap` of scenario time (and hub time)
+    /// to the next timed event. Nothing in flight means: every targeted device that started on
+    /// its notice (reported a state) has finished (failed, or its twin reports the version) or is
+    /// switched off, no connected device has a C2D message queued or locked, and every powered-on
+    /// agent is connected and idle; checked in that order, hub before fleet, so a message the hub
+    /// hands over between the two looks is seen as the agent's work. Returns whether it jumped.
+    async fn try_jump(&mut self, fleet: &FleetSide, gap: Duration) -> Result<bool, RunError> {
+        if self.hub.deliveries_in_flight() != Some(0) || fleet.unsettled() != Some(0) {
+            return Ok(false);
+        }
+        // Idle agents have had every report acknowledged, so the hub holds them all: read them
+        // now, before the jump, so their device timestamps map to the hub time they belong to.
+        self.observe().await?;
+        let open = self.obs.releases.iter().zip(&self.tracking).any(|(rel, tr)| {
+            rel.devices.iter().zip(&tr.terminal).any(|((i, t), done)| {
+                !*done && t.delivered.is_some() && t.reported.is_none() && !self.off[*i]
+            })
+        });
+        if open {
+            return Ok(false);
+        }
+        tracing::debug!(now = ?self.clock.now(), ?gap, "compressed time: nothing in flight, jumping");
+        self.hub.advance_time(gap)?;
+        self.clock.skip(gap);
+        Ok(true)
     }
 
     async fn final_twins(&mut self) -> Result<(), RunError> {

@@ -249,6 +249,21 @@ fn needed(share: f64, n: usize) -> u64 {
 }
 
 impl Run {
+    /// When the rollout next needs the clock: its start, or the running phase's timeout. Phase
+    /// gates that wait on installs need no time to pass.
+    pub(super) fn rollout_next_due(&self) -> Option<Duration> {
+        let rollout = self.obs.rollout.as_ref()?;
+        if rollout.done() {
+            return None;
+        }
+        let phase = rollout.phases.iter().find(|p| p.outcome != PhaseOutcome::Passed)?;
+        match phase.outcome {
+            PhaseOutcome::NotStarted => Some(rollout.at),
+            PhaseOutcome::Running => phase.started.map(|s| s + rollout.phase_timeout),
+            _ => None,
+        }
+    }
+
     /// Advances the rollout: starts the first phase at `rollout.at`, checks the running phase's
     /// gate and starts the next one as soon as it is met.
     pub(super) async fn step_rollout(&mut self, svc: &ServiceClient, now: Duration) -> Result<(), RunError> {

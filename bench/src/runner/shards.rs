@@ -12,13 +12,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use simulated_devices::agent::{FtpBackend, tls_config};
-use simulated_devices::fleet::{Fleet, FleetConfig, Registration};
+use simulated_devices::fleet::Fleet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use super::RunError;
+use super::shared::ShardLink;
 
 /// The hidden subcommand children run.
 pub const SUBCOMMAND: &str = "fleet-shard";
@@ -78,30 +78,21 @@ pub async fn serve(a: ShardArgs) -> Result<(), String> {
         .map(|(k, id)| (k, id.to_string()))
         .collect();
     let local: HashMap<usize, usize> = mine.iter().enumerate().map(|(j, (k, _))| (*k, j)).collect();
-    let tls = match &a.ca_file {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Some(tls_config(&pem)?)
-        }
+    let ca_pem = match &a.ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?),
         None => None,
     };
-    let cfg = FleetConfig {
-        device_ids: mine.into_iter().map(|(_, id)| id).collect(),
-        fleet_key: a.fleet_key,
-        registration: Registration::Seeded,
-        data_root: a.data_dir,
+    let link = ShardLink {
         hub_host: a.hub_host,
         mqtt_host: a.mqtt_host,
         mqtt_port: a.mqtt_port,
-        tls,
-        keep_alive: Duration::from_secs(60),
-        ramp_per_sec: a.ramp_per_sec,
-        max_concurrent_installs: super::hub_side::MAX_CONCURRENT_INSTALLS,
-        backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(2),
-        initial_version: Some(a.initial_version),
+        ca_pem,
+        ftp_addr: a.ftp_addr,
     };
-    let fleet = Fleet::start(cfg, Arc::new(FtpBackend::new(a.ftp_addr))).await;
+    let ids = mine.into_iter().map(|(_, id)| id).collect();
+    let (cfg, backend) =
+        link.fleet_config(ids, &a.fleet_key, a.data_dir, a.ramp_per_sec, &a.initial_version)?;
+    let fleet = Fleet::start(cfg, Arc::new(backend)).await;
     println!("started {}", fleet.len());
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -117,21 +108,6 @@ pub async fn serve(a: ShardArgs) -> Result<(), String> {
     }
     fleet.stop().await;
     Ok(())
-}
-
-/// Where a shard's agents connect (the hub side decides).
-#[derive(Debug, Clone)]
-pub struct ShardLink {
-    /// The hub's host name.
-    pub hub_host: String,
-    /// MQTT host.
-    pub mqtt_host: String,
-    /// MQTT port.
-    pub mqtt_port: u16,
-    /// CA for MQTT over TLS (`None`: plain).
-    pub ca_pem: Option<String>,
-    /// FTP `host:port`.
-    pub ftp_addr: String,
 }
 
 /// The runner's handle on its shard processes.

@@ -10,7 +10,7 @@ use std::path::Path;
 
 pub use plan::{
     Action, DurationDist, Event, Expectations, FleetPlan, HubPlan, PackagePlan, RolloutPlan, ScenarioError,
-    ScenarioPlan, Target,
+    ScenarioPlan, Target, TimeMode,
 };
 
 /// Parses scenario `text`, read from `file` (used in errors and as the default name).
@@ -62,6 +62,16 @@ mod tests {
         assert_eq!(p.fleet.initial_version, "1.0.0");
         assert_eq!(p.time_limit, Duration::from_secs(600));
         assert!(matches!(p.hub, HubPlan::Embedded { .. }));
+    }
+
+    #[test]
+    fn time_mode_is_real_unless_compressed_is_asked_for() {
+        assert_eq!(parse_str("t.toml", MINIMAL).unwrap().time, TimeMode::Real);
+        let p = parse_str("t.toml", &format!("time = \"compressed\"\n{MINIMAL}")).unwrap();
+        assert_eq!(p.time, TimeMode::Compressed);
+        let e = err(&format!("time = \"warp\"\n{MINIMAL}"));
+        assert_eq!(e.key, "time");
+        assert!(e.message.contains("\"real\" or \"compressed\""), "{e}");
     }
 
     #[test]

@@ -272,6 +272,27 @@ pub struct Expectations {
     pub queue_full_rejections: Option<u64>,
 }
 
+/// How scenario time passes (`time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeMode {
+    /// Scenario time is wall time since the timeline started.
+    #[default]
+    Real,
+    /// Whenever nothing is in flight (no delivery, download or install, every powered-on device
+    /// connected and idle), the runner jumps hub time and the timeline to the next timed event.
+    Compressed,
+}
+
+impl TimeMode {
+    /// The scenario key's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Real => "real",
+            Self::Compressed => "compressed",
+        }
+    }
+}
+
 /// A validated scenario.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScenarioPlan {
@@ -281,8 +302,10 @@ pub struct ScenarioPlan {
     pub description: String,
     /// Seed for every random choice.
     pub seed: u64,
-    /// Hard stop.
+    /// Hard stop, in scenario time.
     pub time_limit: Duration,
+    /// How scenario time passes.
+    pub time: TimeMode,
     /// The hub.
     pub hub: HubPlan,
     /// The fleet.
@@ -400,6 +423,15 @@ pub fn plan(file: &str, raw: RawScenario) -> Result<ScenarioPlan, ScenarioError>
         description: raw.description.unwrap_or_default(),
         seed: raw.seed.unwrap_or(1),
         time_limit: cx.opt_duration("time_limit", &raw.time_limit)?.unwrap_or(DEFAULT_TIME_LIMIT),
+        time: match raw.time.as_deref() {
+            None | Some("real") => TimeMode::Real,
+            Some("compressed") => TimeMode::Compressed,
+            Some(other) => {
+                return Err(
+                    cx.err("time", format!("'{other}' is not a time mode; use \"real\" or \"compressed\""))
+                );
+            }
+        },
         hub: hub(&cx, raw.hub)?,
         fleet,
         packages,

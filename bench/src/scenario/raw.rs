@@ -15,8 +15,10 @@ pub struct RawScenario {
     pub description: Option<String>,
     /// Seed for every random choice (device picks, offline durations).
     pub seed: Option<u64>,
-    /// Hard stop for the whole run (`"10m"`).
+    /// Hard stop for the whole run (`"10m"`), in scenario time.
     pub time_limit: Option<String>,
+    /// `"real"` (default) or `"compressed"`: skip the waits where nothing happens.
+    pub time: Option<String>,
     /// Which hub to drive.
     #[serde(default)]
     pub hub: RawHub,

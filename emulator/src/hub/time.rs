@@ -80,6 +80,31 @@ impl Hub {
         }
     }
 
+    /// Connected devices with a C2D message pending (queued or locked, after lazy expiry): the
+    /// deliveries about to happen or under way. With the fleet idle, zero means the hub has
+    /// nothing to do until something outside changes, which is when time may jump. A scan of
+    /// every shard, one lock at a time: call it when deciding a jump, not on every packet.
+    pub fn connected_with_c2d(&self) -> usize {
+        let now = self.now();
+        let cfg = &self.config().c2d;
+        let mut count = 0;
+        for s in 0..super::SHARD_COUNT {
+            let mut fb = Vec::new();
+            {
+                let mut shard = self.shard(s);
+                for d in shard.devices.values_mut().filter(|d| d.connected && !d.c2d.is_empty()) {
+                    let mut out = Vec::new();
+                    if d.c2d.pending(now, cfg, &mut out) > 0 {
+                        count += 1;
+                    }
+                    fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+                }
+            }
+            self.emit_feedback(fb);
+        }
+        count
+    }
+
     /// One pass over every device's queue at the current hub time, a shard at a time (no two
     /// locks at once; feedback is emitted after each shard's lock is released).
     fn settle_due(&self) {

@@ -107,6 +107,11 @@ pub struct AgentStatus {
     pub duplicate_deliveries: AtomicU32,
     /// Link drops carried out (requested through the [`Switch`]).
     pub link_drops: AtomicU32,
+    /// True while the agent has work in flight: a saved command not yet done, an install (or
+    /// the fetch before it, or the wait for an install slot), or reports not yet handed to MQTT.
+    /// Set before the PUBACK of a command leaves, so "the hub has nothing queued and every agent
+    /// is idle" means nothing is happening (the runner's compressed time relies on it).
+    pub busy: AtomicBool,
 }
 
 /// What the fleet asks of one agent: power, and link faults as counters that only grow, so the
@@ -194,6 +199,8 @@ pub async fn run<I: InstallBackend>(
         let session = Session { cfg: &cfg, installer: &installer, installs: &installs, status: &status };
         let end = session.run(&mut power, switch, &mut seen, &shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
+        // Powered off (or stopping): whatever was running stopped with the power.
+        status.busy.store(false, Ordering::Relaxed);
         if matches!(end, SessionEnd::Shutdown) {
             return;
         }
@@ -237,6 +244,9 @@ impl<I: InstallBackend> Session<'_, I> {
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let mut job: Option<Job> = None;
         let mut outbox = VecDeque::new();
+        // QoS 1 publishes handed to the MQTT client and not yet acknowledged by the hub. The client
+        // resends them after a reconnect, so each gets its PUBACK within this session.
+        let mut unacked = 0u32;
         let mut failures = 0u32;
         // While the link is down: when to reconnect (the install keeps running meanwhile).
         let mut reconnect_at: Option<Instant> = None;
@@ -271,7 +281,13 @@ impl<I: InstallBackend> Session<'_, I> {
                 }
                 pending_on_disk = false;
             }
-            flush(&client, &mut outbox);
+            unacked = unacked.saturating_add(flush(&client, &mut outbox));
+            // After the flush (which only queues for the event loop below, in this task): a PUBACK
+            // cannot reach the hub before `busy` says the command it completes is being acted on,
+            // and a report counts until the hub has acknowledged (and so recorded) it.
+            let busy =
+                job.is_some() || core.is_busy() || pending_on_disk || !outbox.is_empty() || unacked > 0;
+            self.status.busy.store(busy, Ordering::Relaxed);
 
             let now = || clock.now_ms();
             // Biased: a switch change made before a message arrived is applied before it.
@@ -367,6 +383,10 @@ impl<I: InstallBackend> Session<'_, I> {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         push_bounded(&mut outbox, Outgoing::Ack(p));
+                        Vec::new()
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        unacked = unacked.saturating_sub(1);
                         Vec::new()
                     }
                     Ok(_) => Vec::new(),
@@ -480,7 +500,10 @@ fn push_bounded(outbox: &mut VecDeque<Outgoing>, item: Outgoing) {
 }
 
 /// Moves what fits from the outbox into the request channel.
-fn flush(client: &AsyncClient, outbox: &mut VecDeque<Outgoing>) {
+/// Hands what the outbox holds to the MQTT client, in order, until its request channel is full;
+/// returns how many QoS 1 publishes it handed over.
+fn flush(client: &AsyncClient, outbox: &mut VecDeque<Outgoing>) -> u32 {
+    let mut at_least_once = 0;
     while let Some(item) = outbox.pop_front() {
         let r = match &item {
             Outgoing::Publish { topic, payload, qos } => {
@@ -489,13 +512,18 @@ fn flush(client: &AsyncClient, outbox: &mut VecDeque<Outgoing>) {
             Outgoing::Ack(p) => client.try_ack(p),
         };
         match r {
-            Ok(()) => {}
+            Ok(()) => {
+                if matches!(item, Outgoing::Publish { qos: QoS::AtLeastOnce, .. }) {
+                    at_least_once += 1;
+                }
+            }
             Err(ClientError::TryRequest(_)) | Err(ClientError::Request(_)) => {
                 outbox.push_front(item);
-                return;
+                return at_least_once;
             }
         }
     }
+    at_least_once
 }
 
 /// The delay before reconnect attempt `failures` (1-based): `min * 2^(failures-1)` capped at

@@ -1,0 +1,155 @@
+//! The embedded hub: a [`RunningHub`] the runner starts in this process (every listener on a free
+//! loopback port) and reads through its in-process [`iothub_emulator::Hub`] handle. Owns the hub
+//! and the telemetry read position; the hub owns its state.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
+use iothub_emulator::server::{ListenConfig, RunningHub};
+use iothub_emulator::{ErrorCode, HubConfig};
+use serde_json::Value;
+use simulated_devices::service_client::ServiceClient;
+
+use super::RunError;
+use super::shared::{Feedback, Outgoing, Sent, ShardLink, Telemetry};
+
+/// Telemetry messages read per call.
+const TELEMETRY_BATCH: usize = 1000;
+
+/// A hub running in this process.
+pub struct EmbeddedHub {
+    /// The hub.
+    pub hub: RunningHub,
+    /// The last telemetry sequence number read.
+    telemetry_after: u64,
+}
+
+impl EmbeddedHub {
+    /// Starts a hub with files under `dir`: feedback batches every `feedback_interval`, C2D
+    /// messages living `c2d_default_ttl` unless a send says otherwise.
+    pub async fn start(
+        feedback_interval: std::time::Duration,
+        c2d_default_ttl: std::time::Duration,
+        dir: &Path,
+    ) -> Result<Self, RunError> {
+        let config = HubConfig {
+            feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
+            c2d: QueueConfig { default_ttl_ms: c2d_default_ttl.as_millis() as u64, ..QueueConfig::default() },
+            ..HubConfig::default()
+        };
+        let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let hub = RunningHub::start(config, &listen, dir)
+            .await
+            .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
+        Ok(Self { hub, telemetry_after: 0 })
+    }
+
+    /// A service client over the hub's HTTPS port.
+    pub fn service_client(&self) -> Result<ServiceClient, RunError> {
+        let hub = &self.hub;
+        ServiceClient::new(
+            &hub.owner_connection_string(),
+            &format!("https://127.0.0.1:{}", hub.https_addr.port()),
+            Some(&hub.ca_pem),
+        )
+        .map_err(|e| RunError::Setup(format!("service client: {e}")))
+    }
+
+    /// Agents connect to the plain MQTT listener.
+    pub fn link(&self) -> Result<ShardLink, RunError> {
+        let hub = &self.hub;
+        let plain = hub
+            .mqtt_plain_addr
+            .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
+        Ok(ShardLink {
+            hub_host: hub.hub.hostname().to_string(),
+            mqtt_host: plain.ip().to_string(),
+            mqtt_port: plain.port(),
+            ca_pem: None,
+            ftp_addr: self.ftp_addr(),
+        })
+    }
+
+    /// The FTP server as devices reach it.
+    pub fn ftp_addr(&self) -> String {
+        self.hub.ftp_addr.map(|a| a.to_string()).unwrap_or_default()
+    }
+
+    /// Sends every message with `iothub-ack: full` straight into the hub.
+    pub fn send_all(&self, msgs: Vec<Outgoing<'_>>) -> Vec<Sent> {
+        let hub = &self.hub.hub;
+        msgs.into_iter()
+            .map(|m| {
+                let msg = C2dMessage {
+                    message_id: Some(m.message_id.to_string()),
+                    content_type: Some(m.content_type.to_string()),
+                    ack: AckMode::Full,
+                    expiry: m.ttl.map(|t| hub.now() + t.as_millis() as u64),
+                    body: m.body.to_vec().into(),
+                    ..C2dMessage::default()
+                };
+                match hub.send_c2d(m.device_id, msg) {
+                    Ok(_) => Sent::Accepted(hub.now()),
+                    Err(e) if e.code == ErrorCode::DeviceMaximumQueueDepthExceeded => Sent::QueueFull,
+                    Err(_) => Sent::Refused,
+                }
+            })
+            .collect()
+    }
+
+    /// D2C messages with a JSON body since the last call.
+    pub fn telemetry(&mut self) -> Vec<Telemetry> {
+        let mut out = Vec::new();
+        loop {
+            let batch = self.hub.hub.read_telemetry(None, self.telemetry_after, TELEMETRY_BATCH);
+            let Some(last) = batch.last() else { break };
+            self.telemetry_after = last.sequence;
+            out.extend(batch.into_iter().filter_map(|m| {
+                let body = serde_json::from_slice(&m.body).ok()?;
+                Some(Telemetry { device_id: m.device_id, enqueued_at: m.enqueued_at, body })
+            }));
+        }
+        out
+    }
+
+    /// Feedback records since the last call (each batch is completed).
+    pub fn feedback(&self) -> Vec<Feedback> {
+        let hub = &self.hub.hub;
+        let mut out = Vec::new();
+        while let Some(d) = hub.receive_feedback() {
+            let records: Vec<Value> = serde_json::from_slice(&d.message.body).unwrap_or_default();
+            out.extend(records.iter().map(|r| Feedback {
+                status: r["statusCode"].as_str().unwrap_or_default().to_string(),
+                original_message_id: r["originalMessageId"].as_str().unwrap_or_default().to_string(),
+            }));
+            let _ = hub.settle_feedback(d.lock_token, false);
+        }
+        out
+    }
+
+    /// The twin's reported `appVersion` of `id`.
+    fn app_version(&self, id: &str) -> Option<String> {
+        let twin = self.hub.hub.get_twin(id).ok()?;
+        Some(twin.pointer("/properties/reported/appVersion")?.as_str()?.to_string())
+    }
+
+    /// Which of `ids` report `appVersion` = `version`.
+    pub fn reporting(&self, version: &str, ids: &[&str]) -> HashSet<String> {
+        ids.iter()
+            .filter(|id| self.app_version(id).as_deref() == Some(version))
+            .map(|id| id.to_string())
+            .collect()
+    }
+
+    /// Every reported `appVersion` by device id.
+    pub fn app_versions(&self, ids: &[String]) -> HashMap<String, String> {
+        ids.iter().filter_map(|id| Some((id.clone(), self.app_version(id)?))).collect()
+    }
+
+    /// Stops the hub.
+    pub async fn stop(self) {
+        let _ = self.hub.stop().await;
+    }
+}

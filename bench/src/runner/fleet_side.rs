@@ -1,0 +1,70 @@
+//! What the runner drives on the device side: agents in this process ([`Fleet`]), shard processes
+//! it started ([`ShardedFleet`]), or `fleet run` processes elsewhere that it only observes through
+//! the registry. The timeline calls [`FleetSide`] and never asks which one it has.
+
+use std::collections::HashMap;
+
+use simulated_devices::fleet::Fleet;
+use simulated_devices::service_client::ServiceClient;
+
+use super::RunError;
+use super::shards::ShardedFleet;
+
+/// The fleet the run observes.
+pub enum FleetSide {
+    /// Agents in this process, with a power switch each.
+    InProcess(Fleet),
+    /// `fleet run` processes elsewhere; seen only through the registry (`connectionState`).
+    External(ServiceClient),
+    /// Child processes of the runner (`fleet.shards > 1`), switched through their stdin and seen
+    /// through the registry.
+    Shards(ShardedFleet, ServiceClient),
+}
+
+impl FleetSide {
+    /// Switches device `index` off or on. An external fleet cannot be switched: the runner
+    /// refuses such events before it starts ([`super::external::check_modes`]).
+    pub fn set_power(&self, index: usize, on: bool) {
+        match self {
+            Self::InProcess(f) => f.set_power(index, on),
+            Self::Shards(s, _) => s.set_power(index, on),
+            Self::External(_) => {}
+        }
+    }
+
+    /// Powered-on agents not yet connected or with work in flight, when the runner can see them
+    /// (`None` for fleets in other processes).
+    pub fn unsettled(&self) -> Option<usize> {
+        match self {
+            Self::InProcess(f) => Some(f.unsettled()),
+            Self::External(_) | Self::Shards(..) => None,
+        }
+    }
+
+    /// The in-process fleet, for events that control devices.
+    pub fn in_process(&self) -> Option<&Fleet> {
+        match self {
+            Self::InProcess(f) => Some(f),
+            Self::External(_) | Self::Shards(..) => None,
+        }
+    }
+
+    /// How many of the run's devices (`index`: id → index) are connected.
+    pub async fn connected(&self, index: &HashMap<String, usize>) -> Result<usize, RunError> {
+        match self {
+            Self::InProcess(f) => Ok(f.connected()),
+            Self::External(svc) | Self::Shards(_, svc) => {
+                super::external::connected_devices(svc, index).await
+            }
+        }
+    }
+
+    /// Stops in-process agents; an external fleet keeps running.
+    pub async fn stop(self) {
+        match self {
+            Self::InProcess(f) => f.stop().await,
+            Self::Shards(s, _) => s.stop().await,
+            Self::External(_) => {}
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The types the runner exchanges with whatever hub and fleet it drives: telemetry and feedback
+//! read from the hub, C2D sends and their outcomes, where agents connect. A leaf module: the hub
+//! sides ([`super::embedded`], [`super::external`]), the fleet sides and the timeline all import
+//! it, and it imports none of them.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use simulated_devices::agent::{FtpBackend, tls_config};
+use simulated_devices::fleet::{FleetConfig, Registration};
+
+/// Installs (FTP sessions) at once across an in-process fleet or one shard process.
+pub(crate) const MAX_CONCURRENT_INSTALLS: usize = 50;
+
+/// One D2C message whose body is JSON.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// The sending device.
+    pub device_id: String,
+    /// When the hub received it (Unix milliseconds).
+    pub enqueued_at: u64,
+    /// The body.
+    pub body: Value,
+}
+
+/// One feedback record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feedback {
+    /// IoT Hub's `statusCode` (`Success`, `Expired`, …).
+    pub status: String,
+    /// The message id the runner sent.
+    pub original_message_id: String,
+}
+
+/// What the hub said to a C2D send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued at this hub time (Unix milliseconds).
+    Accepted(u64),
+    /// Refused with `DeviceMaximumQueueDepthExceeded`.
+    QueueFull,
+    /// Refused for another reason (unknown device, …).
+    Refused,
+}
+
+/// A C2D message the runner sends (always with `iothub-ack: full`).
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// The device.
+    pub device_id: &'a str,
+    /// `iothub-messageid`, which feedback records name.
+    pub message_id: String,
+    /// The body (shared by every message of a release).
+    pub body: &'a [u8],
+    /// Time to live (the hub's default when `None`).
+    pub ttl: Option<Duration>,
+    /// The content type.
+    pub content_type: &'a str,
+}
+
+/// Where agents connect (the hub side decides); the same for an in-process fleet and each shard.
+#[derive(Debug, Clone)]
+pub struct ShardLink {
+    /// The hub's host name.
+    pub hub_host: String,
+    /// MQTT host.
+    pub mqtt_host: String,
+    /// MQTT port.
+    pub mqtt_port: u16,
+    /// CA for MQTT over TLS (`None`: plain).
+    pub ca_pem: Option<String>,
+    /// FTP `host:port`.
+    pub ftp_addr: String,
+}
+
+impl ShardLink {
+    /// The configuration of a fleet of `ids` reaching this hub: seeded registration under
+    /// `fleet_key`, files under `data_root`, `ramp_per_sec` connects a second (0: all at once),
+    /// every device starting on `initial_version`; and its FTP backend.
+    pub fn fleet_config(
+        &self,
+        ids: Vec<String>,
+        fleet_key: &str,
+        data_root: PathBuf,
+        ramp_per_sec: u32,
+        initial_version: &str,
+    ) -> Result<(FleetConfig, FtpBackend), String> {
+        let tls = self.ca_pem.as_deref().map(tls_config).transpose()?;
+        let cfg = FleetConfig {
+            device_ids: ids,
+            fleet_key: fleet_key.into(),
+            registration: Registration::Seeded,
+            data_root,
+            hub_host: self.hub_host.clone(),
+            mqtt_host: self.mqtt_host.clone(),
+            mqtt_port: self.mqtt_port,
+            tls,
+            keep_alive: Duration::from_secs(60),
+            ramp_per_sec,
+            max_concurrent_installs: MAX_CONCURRENT_INSTALLS,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            initial_version: Some(initial_version.to_string()),
+        };
+        Ok((cfg, FtpBackend::new(self.ftp_addr.clone())))
+    }
+}
+
+/// Now as Unix milliseconds (an external hub's clock is assumed to be this machine's).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
