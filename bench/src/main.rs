@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use testbench::runner::progress::Progress;
+use testbench::scenario::TimeMode;
 
 /// The IoT Hub emulator's test bench.
 #[derive(Debug, Parser)]
@@ -139,8 +140,8 @@ async fn run(
 ) -> anyhow::Result<ExitCode> {
     let mut plan = testbench::scenario::load(&file)?;
     match time.as_deref() {
-        Some("real") => plan.time = testbench::scenario::plan::TimeMode::Real,
-        Some("compressed") => plan.time = testbench::scenario::plan::TimeMode::Compressed,
+        Some("real") => plan.time = TimeMode::Real,
+        Some("compressed") => plan.time = TimeMode::Compressed,
         _ => {}
     }
     if let Some(seed) = seed {
@@ -151,6 +152,14 @@ async fn run(
         testbench::runner::scale_devices(&mut plan, n);
     }
     external.overrides().apply(&mut plan).map_err(anyhow::Error::msg)?;
+    if time.is_none() && plan.time == TimeMode::Compressed && !testbench::runner::compressible(&plan) {
+        // The flags made the run external or sharded: play the file's timeline on the wall clock
+        // rather than refuse a shipped scenario (a file that asks for both is still refused).
+        println!(
+            "time: compressed time needs the embedded hub and an in-process fleet; playing in real time"
+        );
+        plan.time = TimeMode::Real;
+    }
     testbench::runner::check_supported(&plan)?;
     let out = out.unwrap_or_else(|| PathBuf::from("testbench-report").join(&plan.name));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -97,11 +97,7 @@ pub struct Outcome {
 pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
     let unsupported = |key: String, what: &str| Err(RunError::Unsupported { key, what: what.to_string() });
     external::check_modes(plan)?;
-    if plan.time == TimeMode::Compressed
-        && (!matches!(plan.hub, crate::scenario::plan::HubPlan::Embedded { .. })
-            || plan.fleet.external
-            || plan.fleet.shards > 1)
-    {
+    if plan.time == TimeMode::Compressed && !compressible(plan) {
         return Err(RunError::Mode {
             key: "time".into(),
             why: "compressed time needs the embedded hub and an in-process fleet (fleet.shards = 1): the \
@@ -120,6 +116,14 @@ pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Whether `plan` can run in compressed time: only with the embedded hub and an in-process fleet
+/// can the runner see every queue and every agent, and so know that nothing is in flight.
+pub fn compressible(plan: &ScenarioPlan) -> bool {
+    matches!(plan.hub, crate::scenario::plan::HubPlan::Embedded { .. })
+        && !plan.fleet.external
+        && plan.fleet.shards <= 1
 }
 
 /// Resizes the fleet to `devices` and scales the absolute counts in `[expect]` (feedback
