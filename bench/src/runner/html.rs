@@ -63,12 +63,24 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
     let mut summary = vec![
         Row { label: "devices".into(), value: devices.to_string() },
         Row {
-            label: "run time".into(),
+            label: "scenario time".into(),
             value: format!(
                 "{}{}",
                 secs(obs.elapsed),
                 if obs.timed_out { " (time limit reached)" } else { "" }
             ),
+        },
+        Row {
+            label: "wall time".into(),
+            value: match obs.time_mode {
+                crate::scenario::plan::TimeMode::Real => secs(obs.wall_elapsed),
+                crate::scenario::plan::TimeMode::Compressed => format!(
+                    "{} (compressed: {} of waiting skipped in {} jumps)",
+                    secs(obs.wall_elapsed),
+                    secs(obs.skipped),
+                    obs.time_jumps
+                ),
+            },
         },
     ];
     for r in &obs.releases {
