@@ -285,6 +285,12 @@ async fn json_bodies_of_the_wrong_shape_get_400_in_iot_hubs_error_shape() {
         ("POST", &format!("{twin}/methods"), "[]", "ArgumentInvalid"),
         ("PUT", job.as_str(), r#""scheduleUpdateTwin""#, "ArgumentInvalid"),
         ("PUT", "/emulator/ftp/faults", "7", "ArgumentInvalid"),
+        ("POST", "/emulator/time", "7", "ArgumentInvalid"),
+        ("POST", "/emulator/time", r#"{"advanceMs":-5}"#, "ArgumentInvalid"),
+        ("POST", "/emulator/time", r#"{"advance":"yesterday"}"#, "ArgumentInvalid"),
+        ("POST", "/emulator/time", r#"{"advance":"1h","advanceMs":1}"#, "ArgumentInvalid"),
+        ("POST", "/emulator/time", r#"{"rewind":"1h"}"#, "ArgumentInvalid"),
+        ("POST", "/emulator/time", r#"{"advance":"100years"}"#, "ArgumentInvalid"),
         ("PATCH", &twin, "{not json", "IotHubFormatError"),
     ] {
         let (status, code, json) = send_json(&hub, method, path, body).await;
@@ -303,6 +309,8 @@ async fn with_the_admin_api_off_the_emulator_routes_answer_404_and_health_stays(
         ("GET", "/emulator/telemetry?waitMs=10", ""),
         ("GET", "/emulator/ftp/faults", ""),
         ("PUT", "/emulator/ftp/faults", r#"{"dropTimes":1}"#),
+        ("GET", "/emulator/time", ""),
+        ("POST", "/emulator/time", r#"{"advance":"1s"}"#),
     ];
     for (method, path, body) in routes {
         let (status, _, _) = send_json(&on, method, path, body).await;
@@ -336,5 +344,18 @@ async fn a_body_that_never_finishes_gets_408_and_the_connection_closes() {
     assert!(got.starts_with("HTTP/1.1 408"), "{got}");
     assert!(sent.elapsed() >= idle - Duration::from_millis(100), "answered after {:?}", sent.elapsed());
     assert_eq!(reqwest::get(format!("{}/health", hub.http_url())).await.unwrap().status(), 200);
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn time_travel_moves_hub_time_forward_by_what_it_is_asked() {
+    let hub = TestHub::start().await.unwrap();
+    let (status, _, before) = send_json(&hub, "GET", "/emulator/time", "").await;
+    assert_eq!((status, before["offsetMs"].as_u64()), (200, Some(0)), "{before}");
+    let (status, _, after) = send_json(&hub, "POST", "/emulator/time", r#"{"advance":"2h"}"#).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["offsetMs"], 7_200_000, "{after}");
+    assert!(after["nowMs"].as_u64().unwrap() >= before["nowMs"].as_u64().unwrap() + 7_200_000, "{after}");
+    assert_eq!(hub.running.hub.time_offset_ms(), 7_200_000);
     hub.stop().await.unwrap();
 }

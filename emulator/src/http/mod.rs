@@ -177,32 +177,12 @@ where
     };
     let admin_api = ctx.hub.config().admin_api;
     let result = match (&req.route, port) {
-        (Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time, Port::Plain)
-            if !admin_api =>
-        {
-            Err(not_found(&path))
-        }
+        (r, Port::Plain) if !admin_api && r.is_admin_api() => Err(not_found(&path)),
         (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
             admin::wait_telemetry(&ctx, &req).await
         }
-        (
-            Route::Health
-            | Route::CaPem
-            | Route::Telemetry
-            | Route::ConnectionStrings
-            | Route::FtpFaults
-            | Route::Time,
-            Port::Plain,
-        ) => admin::handle(&ctx, &req),
-        (
-            Route::Health
-            | Route::CaPem
-            | Route::Telemetry
-            | Route::ConnectionStrings
-            | Route::FtpFaults
-            | Route::Time,
-            Port::Https,
-        ) => Err(not_found(&path)),
+        (r, Port::Plain) if r.is_emulator_own() => admin::handle(&ctx, &req),
+        (r, Port::Https) if r.is_emulator_own() => Err(not_found(&path)),
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
             if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
         {

@@ -63,6 +63,18 @@ pub enum Route {
     Unknown,
 }
 
+impl Route {
+    /// The emulator's own endpoints (not IoT Hub's): served on the plain port only.
+    pub fn is_emulator_own(&self) -> bool {
+        matches!(self, Route::Health | Route::CaPem) || self.is_admin_api()
+    }
+
+    /// The `/emulator/*` admin routes `--disable-admin-api` turns off.
+    pub fn is_admin_api(&self) -> bool {
+        matches!(self, Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time)
+    }
+}
+
 /// Splits `path` into percent-decoded, non-empty segments.
 pub fn segments(path: &str) -> Vec<String> {
     path.split('/')
