@@ -210,6 +210,7 @@ mod tests {
             delivered: Some(s + 10),
             installed: Some(r - 5),
             reported: Some(r),
+            feedback: None,
         };
         let mut series = TimeSeries::new(2, "1.0.0");
         series.record(Duration::ZERO, 0, None);

@@ -169,6 +169,7 @@ impl HubSide {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             initial_version: Some(initial_version.to_string()),
+            update_retry: Default::default(),
         };
         Ok((cfg, FtpBackend::new(self.ftp_addr())))
     }
@@ -342,6 +343,15 @@ impl FleetSide {
         match self {
             Self::InProcess(f) => f.set_power(index, on),
             Self::Shards(s, _) => s.set_power(index, on),
+            Self::External(_) => {}
+        }
+    }
+
+    /// Asks device `index` to check `latest.json` now (an external fleet cannot be asked).
+    pub fn check_for_update(&self, index: usize) {
+        match self {
+            Self::InProcess(f) => f.check_for_update(index),
+            Self::Shards(s, _) => s.check_for_update(index),
             Self::External(_) => {}
         }
     }

@@ -31,6 +31,8 @@ pub struct DeviceTimes {
     pub installed: Option<u64>,
     /// The runner saw the twin report the version.
     pub reported: Option<u64>,
+    /// The notice's feedback `statusCode` (`Success`, `Expired`, …), once it arrived.
+    pub feedback: Option<String>,
 }
 
 /// One release's bookkeeping.
@@ -290,6 +292,30 @@ impl Observed {
             as u64
     }
 
+    /// Per device id: the version it ends on, its last install state and its `installed`
+    /// events per version; with each release's feedback status, what two runs of one seed must
+    /// agree on.
+    pub fn outcomes_json(&self) -> Value {
+        let mut installs: HashMap<usize, serde_json::Map<String, Value>> = HashMap::new();
+        for ((i, v), n) in &self.installs {
+            installs.entry(*i).or_default().insert(v.clone(), json!(n));
+        }
+        let map: serde_json::Map<String, Value> = self
+            .device_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let o = json!({
+                    "finalVersion": self.final_versions.get(i),
+                    "finalState": self.final_states.get(i).cloned().flatten(),
+                    "installs": installs.remove(&i).unwrap_or_default(),
+                });
+                (id.clone(), o)
+            })
+            .collect();
+        Value::Object(map)
+    }
+
     /// Every unmet expectation, each naming its key.
     pub fn unmet(&self, expect: &Expectations) -> Vec<String> {
         let mut out = Vec::new();
@@ -388,7 +414,7 @@ impl Observed {
     /// `report.json`: the summary, latencies, feedback, the verdict and per-device timings.
     pub fn report_json(&self, unmet: &[String]) -> Value {
         let lat = self.latencies();
-        let times = |t: &DeviceTimes| json!({"sentMs": t.sent, "deliveredMs": t.delivered, "installedMs": t.installed, "reportedMs": t.reported});
+        let times = |t: &DeviceTimes| json!({"sentMs": t.sent, "deliveredMs": t.delivered, "installedMs": t.installed, "reportedMs": t.reported, "feedback": t.feedback});
         let releases: Vec<Value> = self
             .releases
             .iter()
@@ -458,6 +484,7 @@ impl Observed {
                 v
             }).collect::<Vec<_>>(),
             "memory": self.memory_json(),
+            "outcomes": self.outcomes_json(),
             "offlineWindows": self.offline.to_json(),
             "timeSeries": self.series.to_json(),
             "releases": releases,
@@ -560,6 +587,7 @@ mod tests {
             delivered: Some(d),
             installed: Some(i),
             reported: Some(r),
+            feedback: None,
         };
         Observed {
             scenario: "t".into(),

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod rollout;
 pub mod shards;
 pub mod timeseries;
+mod update_checks;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -86,6 +87,7 @@ pub struct Outcome {
 pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
     let unsupported = |key: String, what: &str| Err(RunError::Unsupported { key, what: what.to_string() });
     external::check_modes(plan)?;
+    update_checks::check_supported(plan)?;
     if plan.fleet.shards > 1 {
         for (i, e) in plan.events.iter().enumerate() {
             if let Action::LinkFlap { .. } = e.action {
@@ -198,18 +200,22 @@ async fn run_with_hub(
     } else if shards > 1 {
         let (link, initial) = (hub.link()?, &plan.fleet.initial_version);
         let work = work_dir.join("shards");
+        let retry = plan.fleet.update_retry.on_reconnect;
         let children =
-            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial).await?;
+            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial, retry).await?;
         log(format!("fleet: {n} devices in {shards} shard processes"));
         FleetSide::Shards(children, svc.clone())
     } else {
-        let (cfg, backend) = hub.fleet_config(
+        let (mut cfg, backend) = hub.fleet_config(
             ids.clone(),
             FLEET_KEY,
             work_dir.join("devices"),
             ramp_per_sec,
             &plan.fleet.initial_version,
         )?;
+        // Periodic checks run on scenario time ([`update_checks`]), not on the agents' clocks.
+        cfg.update_retry =
+            fleet::UpdateRetry { on_reconnect: plan.fleet.update_retry.on_reconnect, check_every: None };
         FleetSide::InProcess(Fleet::start(cfg, Arc::new(backend)).await)
     };
     // After the fleet is up: an external fleet registers its devices itself.
@@ -315,6 +321,7 @@ impl Run {
         let mut power_on: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
         let limit = self.plan.time_limit;
         let mut progress_at = Duration::ZERO;
+        let mut checks = update_checks::UpdateChecks::new(&self.plan.fleet.update_retry, self.ids.len());
         loop {
             let now = self.t0.elapsed();
             if self.obs.series.due(now) {
@@ -337,6 +344,7 @@ impl Run {
                 fleet.set_power(i, true);
             }
             self.fire_faults(fleet, now);
+            checks.poll(fleet, now);
             self.observe().await?;
             self.step_rollout(svc, now).await?;
             if next == events.len() && power_on.is_empty() && self.settled() {
@@ -522,10 +530,11 @@ impl Run {
         }
         for rec in self.hub.feedback().await? {
             self.obs.feedback.add(&rec.status);
-            if rec.status != "Success"
-                && let Some(&(r, p)) = self.by_message.get(&rec.original_message_id)
-            {
-                self.tracking[r].terminal[p] = true;
+            if let Some(&(r, p)) = self.by_message.get(&rec.original_message_id) {
+                if rec.status != "Success" {
+                    self.tracking[r].terminal[p] = true;
+                }
+                self.obs.releases[r].devices[p].1.feedback = Some(rec.status);
             }
         }
         for r in 0..self.obs.releases.len() {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 pub use plan::{
     Action, DurationDist, Event, Expectations, FleetPlan, HubPlan, PackagePlan, RolloutPlan, ScenarioError,
-    ScenarioPlan, Target,
+    ScenarioPlan, Target, UpdateRetryPlan,
 };
 
 /// Parses scenario `text`, read from `file` (used in errors and as the default name).
@@ -62,6 +62,31 @@ mod tests {
         assert_eq!(p.fleet.initial_version, "1.0.0");
         assert_eq!(p.time_limit, Duration::from_secs(600));
         assert!(matches!(p.hub, HubPlan::Embedded { .. }));
+    }
+
+    #[test]
+    fn update_retry_defaults_parses_and_names_its_keys() {
+        let p = parse_str("t.toml", MINIMAL).unwrap();
+        assert_eq!(p.fleet.update_retry, UpdateRetryPlan { on_reconnect: true, check_every: None });
+        let p = parse_str(
+            "t.toml",
+            "[fleet]\ndevices = 10\nupdate_retry = { on_reconnect = false, check_every = \"30m\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.fleet.update_retry,
+            UpdateRetryPlan { on_reconnect: false, check_every: Some(Duration::from_secs(1800)) }
+        );
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { check_every = \"often\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.check_every");
+        assert!(e.message.contains("not a duration"), "{e}");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { check_every = \"0s\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.check_every");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { every = \"1m\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.every");
+        assert!(e.message.contains("`on_reconnect`, `check_every`"), "{e}");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { on_reconnect = \"yes\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.on_reconnect");
     }
 
     #[test]
