@@ -16,6 +16,14 @@ fn every_shipped_scenario_validates() {
     names.sort();
     assert_eq!(
         names,
-        ["flaky-network", "offline-fridges", "phased-rollout", "queue-overflow", "quickstart", "ttl-expiry"]
+        [
+            "fault-storm",
+            "flaky-network",
+            "offline-fridges",
+            "phased-rollout",
+            "queue-overflow",
+            "quickstart",
+            "ttl-expiry"
+        ]
     );
 }
