@@ -14,6 +14,8 @@
 //! check is silent: it reports nothing unless it starts an install, which reports every state
 //! like a notice-driven one. A rolled-back release (it installed but failed its self-test) is not
 //! retried on reconnect: the package itself is bad, and only a new notice or check moves on.
+//! A notice for the version an install is already working on (a check found it first) is
+//! answered by that install rather than queued, so it ends `installed`, not `already-installed`.
 
 use iothub_emulator::clock::{Millis, iso8601};
 use serde_json::json;
@@ -164,8 +166,13 @@ impl AgentCore {
     /// A C2D message arrived.
     pub fn on_c2d(&mut self, body: &[u8], now: Millis) -> Vec<Action> {
         let cmd = Command::from_c2d_body(body);
-        if self.busy.is_some() {
-            self.waiting = Some(cmd);
+        if let Some(running) = &self.busy {
+            // A notice for the version being installed is served by that install (started by an
+            // update check, say), whichever of the two came first: its outcome is the answer.
+            let covered = matches!((&cmd, running), (Command::Install(n), Some(v)) if n.version == *v);
+            if !covered {
+                self.waiting = Some(cmd);
+            }
             return Vec::new();
         }
         self.start(cmd, now)
@@ -449,10 +456,16 @@ mod tests {
         assert!(a.on_check().is_empty());
         a.on_install_done(InstallResult::RolledBack("self-test".into()), 1000);
         assert!(!a.retry_due(), "a release that rolled back is not retried on reconnect");
+        // A notice for the version a check is installing is served by that install.
+        a.on_check();
+        a.on_latest(Ok(notice_of("4.0.0")), 1000);
+        assert!(a.on_c2d(&notice("4.0.0"), 1000).is_empty());
+        let (_, events) = reports(&a.on_install_done(InstallResult::Installed, 1000));
+        assert_eq!(events, ["installed"], "no already-installed after it");
         // A notice arriving during a check waits for it.
         a.on_check();
         assert!(a.on_c2d(&notice("3.0.0"), 1000).is_empty());
-        let out = a.on_latest(Ok(notice_of("2.0.0")), 1000);
+        let out = a.on_latest(Ok(notice_of("4.0.0")), 1000);
         assert!(matches!(&out[..], [Action::Install(n)] if n.version == "3.0.0"), "{out:?}");
     }
 
