@@ -15,7 +15,10 @@
 //! like a notice-driven one. A rolled-back release (it installed but failed its self-test) is not
 //! retried on reconnect: the package itself is bad, and only a new notice or check moves on.
 //! A notice for the version an install is already working on (a check found it first) is
-//! answered by that install rather than queued, so it ends `installed`, not `already-installed`.
+//! answered by that install rather than queued, and a notice that arrives after a check already
+//! installed its version (it was held up by a dropped link) is answered by that `installed`
+//! report, so both orders end `installed`, not `already-installed`. A notice for a version a
+//! notice installed still reports `already-installed`.
 
 use iothub_emulator::clock::{Millis, iso8601};
 use serde_json::json;
@@ -85,6 +88,11 @@ pub struct AgentCore {
     retry_due: bool,
     /// Check again when the MQTT session is re-established while a retry is due.
     retry_on_reconnect: bool,
+    /// The running install was started by a check, not by a notice.
+    install_by_check: bool,
+    /// The active version was installed by a check and no notice named it since: the
+    /// `installed` report answers the notice that comes late for it.
+    installed_by_check: bool,
     /// The command to run once the current one finishes.
     waiting: Option<Command>,
     next_rid: u64,
@@ -103,6 +111,8 @@ impl AgentCore {
             checking: false,
             retry_due: false,
             retry_on_reconnect: false,
+            install_by_check: false,
+            installed_by_check: false,
             waiting: None,
             next_rid: 1,
             installs: 0,
@@ -170,7 +180,10 @@ impl AgentCore {
             // A notice for the version being installed is served by that install (started by an
             // update check, say), whichever of the two came first: its outcome is the answer.
             let covered = matches!((&cmd, running), (Command::Install(n), Some(v)) if n.version == *v);
-            if !covered {
+            if covered {
+                // This notice is answered by the running install: a later one is not.
+                self.install_by_check = false;
+            } else {
                 self.waiting = Some(cmd);
             }
             return Vec::new();
@@ -192,6 +205,11 @@ impl AgentCore {
     fn consider(&mut self, notice: UpdateNotice, now: Millis) -> Vec<Action> {
         if self.app_version.as_deref() == Some(notice.version.as_str()) {
             self.busy = None;
+            if std::mem::take(&mut self.installed_by_check) {
+                // A check installed it first (the notice came late, say behind a dropped link):
+                // that install's `installed` is this notice's answer.
+                return self.next(now);
+            }
             let mut out = self.transition(InstallState::AlreadyInstalled, Some(notice.version), None, now);
             out.extend(self.next(now));
             return out;
@@ -206,7 +224,9 @@ impl AgentCore {
             // A background check: only a version to install is worth a report.
             return match latest {
                 Ok(notice) if self.app_version.as_deref() != Some(notice.version.as_str()) => {
-                    self.consider(notice, now)
+                    let out = self.consider(notice, now);
+                    self.install_by_check = true;
+                    out
                 }
                 Ok(_) => {
                     self.busy = None;
@@ -241,6 +261,8 @@ impl AgentCore {
     /// The running install ended.
     pub fn on_install_done(&mut self, outcome: InstallResult, now: Millis) -> Vec<Action> {
         let target = self.busy.take().flatten();
+        let by_check = std::mem::take(&mut self.install_by_check);
+        self.installed_by_check = by_check && outcome == InstallResult::Installed;
         let mut out = match outcome {
             InstallResult::Installed => {
                 self.retry_due = false;
@@ -462,10 +484,18 @@ mod tests {
         assert!(a.on_c2d(&notice("4.0.0"), 1000).is_empty());
         let (_, events) = reports(&a.on_install_done(InstallResult::Installed, 1000));
         assert_eq!(events, ["installed"], "no already-installed after it");
+        // A notice arriving after a check installed its version is answered by that install...
+        a.on_check();
+        a.on_latest(Ok(notice_of("5.0.0")), 1000);
+        a.on_install_done(InstallResult::Installed, 1000);
+        assert!(a.on_c2d(&notice("5.0.0"), 1000).is_empty(), "no already-installed");
+        // ...once: the same notice again reports as usual.
+        let (_, events) = reports(&a.on_c2d(&notice("5.0.0"), 1000));
+        assert_eq!(events, ["already-installed"]);
         // A notice arriving during a check waits for it.
         a.on_check();
         assert!(a.on_c2d(&notice("3.0.0"), 1000).is_empty());
-        let out = a.on_latest(Ok(notice_of("4.0.0")), 1000);
+        let out = a.on_latest(Ok(notice_of("5.0.0")), 1000);
         assert!(matches!(&out[..], [Action::Install(n)] if n.version == "3.0.0"), "{out:?}");
     }
 
