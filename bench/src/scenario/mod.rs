@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(e.key, "fleet.update_retry.check_every");
         let e = err("[fleet]\ndevices = 10\nupdate_retry = { every = \"1m\" }\n");
         assert_eq!(e.key, "fleet.update_retry.every");
-        assert!(e.message.contains("`on_reconnect`, `check_every`"), "{e}");
+        assert!(e.message.contains("`on_reconnect` or `check_every`"), "{e}");
         let e = err("[fleet]\ndevices = 10\nupdate_retry = { on_reconnect = \"yes\" }\n");
         assert_eq!(e.key, "fleet.update_retry.on_reconnect");
     }
