@@ -220,36 +220,49 @@ async fn refused_logins_are_retried_until_one_succeeds() {
     hub.stop().await.unwrap();
 }
 
-/// Opens an FTP session, reads the greeting, sends `USER user` and returns the reply's first line.
-async fn user_reply(addr: std::net::SocketAddr, user: &str) -> String {
+/// Opens a plain FTP session, reads the greeting, sends `USER user` and `PASS x`, and returns
+/// the replies' codes until the server answers something other than `331` (or closes).
+async fn login_codes(addr: std::net::SocketAddr, user: &str) -> Vec<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let mut s = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
     let mut greeting = String::new();
     s.read_line(&mut greeting).await.unwrap();
     assert!(greeting.starts_with("220"), "{greeting}");
-    s.get_mut().write_all(format!("USER {user}\r\n").as_bytes()).await.unwrap();
-    let mut reply = String::new();
-    s.read_line(&mut reply).await.unwrap();
-    reply
+    let mut codes = Vec::new();
+    for cmd in [format!("USER {user}"), "PASS x".to_string()] {
+        if s.get_mut().write_all(format!("{cmd}\r\n").as_bytes()).await.is_err() {
+            break;
+        }
+        let mut reply = String::new();
+        if s.read_line(&mut reply).await.unwrap_or(0) == 0 {
+            break;
+        }
+        codes.push(reply.get(..3).unwrap_or_default().to_string());
+        if !reply.starts_with("331") {
+            break;
+        }
+    }
+    codes
 }
 
 #[tokio::test]
-async fn busy_sessions_get_421_when_user_arrives_and_follow_the_seed() {
+async fn busy_sessions_get_421_and_follow_the_seed() {
     let hub = TestHub::start().await.unwrap();
     let addr = hub.running.ftp_addr.unwrap();
     set_faults(&hub, FaultSettings { busy_ppm: 1_000_000, ..FaultSettings::default() });
-    let reply = user_reply(addr, "dev-a").await;
-    assert!(reply.starts_with("421 "), "the greeting comes first, then 421 at USER: {reply}");
-    // A share: each user's attempts are turned away exactly as the pure decision says.
+    // The test hub offers FTPS, so the decision taken at USER is answered at PASS, where the
+    // server knows this channel is plain: 421, then the session closes.
+    assert_eq!(login_codes(addr, "dev-a").await, ["331", "421"]);
+    // A share: each user's attempts are turned away exactly as the pure decision says (the
+    // others are refused for the bad password, 530).
     set_faults(&hub, FaultSettings { busy_ppm: 500_000, seed: 11, ..FaultSettings::default() });
     let mut busy_seen = 0;
     for attempt in 0..6 {
         for user in ["dev-a", "dev-b"] {
             let busy = decide(11, user, attempt, FaultKind::Busy, 500_000);
             busy_seen += usize::from(busy);
-            let reply = user_reply(addr, user).await;
-            let want = if busy { "421 " } else { "331 " };
-            assert!(reply.starts_with(want), "{user} attempt {attempt}: {reply}");
+            let want = if busy { ["331", "421"] } else { ["331", "530"] };
+            assert_eq!(login_codes(addr, user).await, want, "{user} attempt {attempt}");
         }
     }
     assert!(busy_seen > 0 && busy_seen < 12, "{busy_seen}");

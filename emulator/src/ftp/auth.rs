@@ -8,18 +8,20 @@
 //! where the session's attempt is counted and the fault knobs decide
 //! ([`super::faults::FtpFaults::begin_session`]). A session turned away as busy gets `421` written
 //! straight onto its control socket (through a duplicate of the socket taken at accept time, held
-//! only while a busy share is set) and the socket is shut down, so libunftp's own reply to `USER`
-//! never reaches the client. With FTPS configured the control channel may be encrypted by then, so
-//! the socket is only shut down. A session accepted without the duplicate (the busy share was
-//! switched on after it connected) is refused at `PASS` with `530` instead. A login refused by
-//! `refuseLoginShare` is refused before the token is checked.
+//! only while a busy share is set) and the socket is shut down, so libunftp's own reply never
+//! reaches the client. When the server offers FTPS the control channel may be encrypted by `USER`
+//! (nothing tells), so the decision made at `USER` is carried out at `PASS`, where libunftp says
+//! whether the channel is plain: `421` and close if it is, `530` if it is TLS (a plain-text reply
+//! would corrupt the stream). A session accepted without the duplicate (the busy share was switched
+//! on after it connected) gets `530` at `PASS` too. A login refused by `refuseLoginShare` is refused
+//! before the token is checked.
 
 use std::io::Write;
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use unftp_core::auth::{AuthenticationError, Authenticator, Credentials, Principal};
+use unftp_core::auth::{AuthenticationError, Authenticator, ChannelEncryptionState, Credentials, Principal};
 
 use super::faults::{FtpFaults, SessionFaults};
 use crate::hub::Hub;
@@ -54,14 +56,12 @@ impl SessionState {
         *self.decided.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers `421` (plain control channel only) and shuts the control socket down. False
-    /// without a duplicate of the socket.
+    /// Answers `421` on the plain control channel and shuts the socket down. False without a
+    /// duplicate of the socket.
     fn turn_away(&self) -> bool {
         let Some(socket) = &self.control else { return false };
-        if !self.tls {
-            // The socket is non-blocking; a 70-byte reply fits in any send buffer.
-            let _ = (&*socket).write_all(BUSY_REPLY);
-        }
+        // The socket is non-blocking; a 70-byte reply fits in any send buffer.
+        let _ = (&*socket).write_all(BUSY_REPLY);
         let _ = socket.shutdown(Shutdown::Both);
         true
     }
@@ -88,16 +88,15 @@ impl Authenticator for DeviceAuthenticator {
     /// Never lets a certificate replace the password.
     async fn cert_auth_sufficient(&self, username: &str) -> bool {
         let mut decided = self.faults.begin_session(username);
-        if decided.busy {
-            if self.session.turn_away() {
-                tracing::debug!(
-                    device = username,
-                    attempt = decided.attempt,
-                    "FTP session turned away (busyShare)"
-                );
-            } else {
-                decided.refuse_login = true;
-            }
+        // With FTPS offered the channel may be encrypted by now: answer at PASS (see above).
+        if decided.busy && !self.session.tls && self.session.turn_away() {
+            tracing::debug!(
+                device = username,
+                attempt = decided.attempt,
+                "FTP session turned away (busyShare)"
+            );
+            decided.busy = false;
+            decided.refuse_login = true;
         }
         *self.session.decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(decided);
         false
@@ -112,6 +111,17 @@ impl Authenticator for DeviceAuthenticator {
             Some(d) => d,
             None => self.faults.begin_session(username),
         };
+        if decided.busy {
+            let plain = creds.command_channel_security == ChannelEncryptionState::Plaintext;
+            if plain && self.session.turn_away() {
+                tracing::debug!(
+                    device = username,
+                    attempt = decided.attempt,
+                    "FTP session turned away (busyShare)"
+                );
+            }
+            return Err(AuthenticationError::new("server busy (fault injection: busyShare)"));
+        }
         if decided.refuse_login {
             tracing::debug!(
                 device = username,

@@ -11,10 +11,11 @@
 //! exactly N bytes of a transfer, counted from where the transfer starts (so a client resuming
 //! with `REST` always makes progress), and `dropTimes` counts each user's downloads on its own.
 //!
-//! The busy refusal is decided when `USER` arrives (the first moment the device is known):
-//! the session gets `421` then and is closed, as a real server may answer `421` to any command.
-//! With explicit FTPS configured the control channel may already be encrypted at `USER`, so
-//! there the session is closed without the plain-text reply (see [`crate::ftp::auth`]).
+//! The busy refusal is decided when `USER` arrives (the first moment the device is known) and the
+//! session gets `421` and is closed, as a real server may answer `421` to any command. When the
+//! server offers FTPS (the hub always does) the channel may be encrypted by `USER`, so the `421`
+//! goes out at `PASS`, once libunftp says the channel is plain (`530` on an encrypted one); see
+//! [`crate::ftp::auth`].
 //!
 //! Per-user state is two counters in a map keyed by a 64-bit hash of the user, cleared whenever
 //! the settings change and capped at [`MAX_TRACKED_USERS`] entries (when full it is cleared and
