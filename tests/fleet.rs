@@ -77,6 +77,7 @@ fn fleet_config(
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
         initial_version: None,
+        update_retry: Default::default(),
     })
 }
 

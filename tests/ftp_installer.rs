@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use iothub_emulator::HubConfig;
+use iothub_emulator::ftp::faults::{FaultKind, decide};
 use iothub_emulator::ftp::{FaultSettings, FtpConfig};
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use iothub_emulator_tests::{TestHub, incompressible, unique};
@@ -192,15 +193,79 @@ async fn refused_logins_are_retried_until_one_succeeds() {
     let resp = hub
         .client
         .put(format!("{}/emulator/ftp/faults", hub.http_url()))
-        .json(&serde_json::json!({ "refuseLoginShare": 0.5 }))
+        .json(&serde_json::json!({ "refuseLoginShare": 0.5, "seed": 3 }))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // Which attempts are refused is a function of the seed, the device and its attempt number.
+    let id = d.installer.source().device_id.clone();
+    let refused = |attempt| decide(3, &id, attempt, FaultKind::RefuseLogin, 500_000);
+    let first_accepted = (0..).find(|&a| !refused(a)).unwrap();
     let (out, reports) = install(&d, &v1).await;
+    if first_accepted >= u64::from(FAST_RETRY.max_attempts) {
+        assert_eq!(out.state, InstallState::Failed, "every allowed attempt is refused: {out:?}");
+        hub.stop().await.unwrap();
+        return;
+    }
     assert_eq!(out.state, InstallState::Installed, "{out:?}");
-    assert_eq!(out.download_attempts, 2, "the first login is refused, the second accepted");
-    assert!(reports[1].reason.as_deref().unwrap().contains("530"), "{reports:?}");
+    assert_eq!(
+        u64::from(out.download_attempts),
+        first_accepted + 1,
+        "refused until attempt {first_accepted}"
+    );
+    if first_accepted > 0 {
+        assert!(reports[1].reason.as_deref().unwrap().contains("530"), "{reports:?}");
+    }
+    hub.stop().await.unwrap();
+}
+
+/// Opens a plain FTP session, reads the greeting, sends `USER user` and `PASS x`, and returns
+/// the replies' codes until the server answers something other than `331` (or closes).
+async fn login_codes(addr: std::net::SocketAddr, user: &str) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut s = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let mut greeting = String::new();
+    s.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("220"), "{greeting}");
+    let mut codes = Vec::new();
+    for cmd in [format!("USER {user}"), "PASS x".to_string()] {
+        if s.get_mut().write_all(format!("{cmd}\r\n").as_bytes()).await.is_err() {
+            break;
+        }
+        let mut reply = String::new();
+        if s.read_line(&mut reply).await.unwrap_or(0) == 0 {
+            break;
+        }
+        codes.push(reply.get(..3).unwrap_or_default().to_string());
+        if !reply.starts_with("331") {
+            break;
+        }
+    }
+    codes
+}
+
+#[tokio::test]
+async fn busy_sessions_get_421_and_follow_the_seed() {
+    let hub = TestHub::start().await.unwrap();
+    let addr = hub.running.ftp_addr.unwrap();
+    set_faults(&hub, FaultSettings { busy_ppm: 1_000_000, ..FaultSettings::default() });
+    // The test hub offers FTPS, so the decision taken at USER is answered at PASS, where the
+    // server knows this channel is plain: 421, then the session closes.
+    assert_eq!(login_codes(addr, "dev-a").await, ["331", "421"]);
+    // A share: each user's attempts are turned away exactly as the pure decision says (the
+    // others are refused for the bad password, 530).
+    set_faults(&hub, FaultSettings { busy_ppm: 500_000, seed: 11, ..FaultSettings::default() });
+    let mut busy_seen = 0;
+    for attempt in 0..6 {
+        for user in ["dev-a", "dev-b"] {
+            let busy = decide(11, user, attempt, FaultKind::Busy, 500_000);
+            busy_seen += usize::from(busy);
+            let want = if busy { ["331", "421"] } else { ["331", "530"] };
+            assert_eq!(login_codes(addr, user).await, want, "{user} attempt {attempt}");
+        }
+    }
+    assert!(busy_seen > 0 && busy_seen < 12, "{busy_seen}");
     hub.stop().await.unwrap();
 }
 
@@ -294,6 +359,7 @@ async fn fault_admin_api_reads_validates_and_writes() {
             drop_times: Some(2),
             refuse_login_ppm: 0,
             busy_ppm: 0,
+            seed: 0,
         }
     );
     let https = hub.client.get(format!("{}/emulator/ftp/faults", hub.https_url())).send().await.unwrap();

@@ -142,6 +142,7 @@ async fn quickstart_passes_with_a_fleet_run_by_two_other_shards() {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             initial_version: Some("1.0.0".into()),
+            update_retry: Default::default(),
         };
         shards.push(Fleet::start(cfg, Arc::new(FtpBackend::new(ftp.clone()))).await);
     }

@@ -17,6 +17,7 @@ fn every_shipped_scenario_validates() {
     assert_eq!(
         names,
         [
+            "fault-storm",
             "flaky-network",
             "long-weekend",
             "offline-fridges",

@@ -5,6 +5,11 @@
 //! Besides power, the switch carries link faults ([`Fleet::flap_link`]): the agent drops its MQTT
 //! socket without DISCONNECT (and optionally its FTP connections) and reconnects by itself.
 //!
+//! Update retries ([`UpdateRetry`]): an agent whose install failed checks `latest.json` again on
+//! reconnect; [`Fleet::check_for_update`] asks one agent to check now, and with
+//! [`UpdateRetry::check_every`] one fleet-wide task walks a [`CheckSchedule`] asking each agent in
+//! turn, so every agent checks once per period without a timer of its own.
+//!
 //! Cost per agent: one tokio task (parked on its power switch while off), one `watch` channel,
 //! an [`AgentStatus`] of five atomics, and while connected one MQTT event loop (buffers sized in
 //! [`crate::agent`]). No thread and no timer per agent.
@@ -25,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{self, AgentConfig, AgentStatus, InstallBackend, Switch};
+use crate::check_schedule::CheckSchedule;
 use crate::service_client::{BULK_MAX_DEVICES, DeviceIdentity, ServiceClient, ServiceError};
 
 /// Errors in fleet settings.
@@ -155,6 +161,23 @@ pub enum Registration {
     SelfRegister(Box<ServiceClient>),
 }
 
+/// When agents whose install failed try again (see [`crate::agent::core`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateRetry {
+    /// Check `latest.json` again on every reconnect until an install succeeds.
+    pub on_reconnect: bool,
+    /// Every agent checks `latest.json` once per this period, on real time (`None`: never).
+    /// The scenario runner leaves it off and asks for checks on scenario time instead.
+    pub check_every: Option<Duration>,
+}
+
+impl Default for UpdateRetry {
+    /// Retry on reconnect, no periodic check.
+    fn default() -> Self {
+        Self { on_reconnect: true, check_every: None }
+    }
+}
+
 /// Everything the fleet needs to start its agents.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -187,6 +210,8 @@ pub struct FleetConfig {
     /// The version every agent runs before its first install (`None`: no version reported
     /// until one installs).
     pub initial_version: Option<String>,
+    /// When agents retry an update that failed.
+    pub update_retry: UpdateRetry,
 }
 
 struct AgentHandle {
@@ -197,7 +222,7 @@ struct AgentHandle {
 
 /// A running fleet. Stop it with [`Fleet::stop`].
 pub struct Fleet {
-    agents: Vec<AgentHandle>,
+    agents: Arc<[AgentHandle]>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -231,6 +256,7 @@ impl Fleet {
                 backoff_min: cfg.backoff_min,
                 backoff_max: cfg.backoff_max,
                 initial_version: initial_version.clone(),
+                retry_on_reconnect: cfg.update_retry.on_reconnect,
             };
             let (backend, installs, st, sd) =
                 (backend.clone(), installs.clone(), status.clone(), shutdown.clone());
@@ -244,6 +270,12 @@ impl Fleet {
                 agent::run(Arc::new(agent_cfg), backend, installs, power_rx, st, sd).await;
             });
             agents.push(AgentHandle { device_id: device_id.clone(), power, status });
+        }
+        let agents: Arc<[AgentHandle]> = agents.into();
+        if let Some(schedule) =
+            cfg.update_retry.check_every.and_then(|every| CheckSchedule::new(agents.len(), every))
+        {
+            tracker.spawn(periodic_checks(agents.clone(), schedule, shutdown.clone()));
         }
         tracker.close();
         Self { agents, shutdown, tracker }
@@ -293,6 +325,15 @@ impl Fleet {
     pub fn drop_link_before_next_ack(&self, index: usize) {
         if let Some(a) = self.agents.get(index) {
             a.power.send_modify(|s| s.drops_before_ack = s.drops_before_ack.wrapping_add(1));
+        }
+    }
+
+    /// Asks agent `index` to check `latest.json` now and install what it names unless that
+    /// version is active (as a periodic check would). Ignored while the agent is off or
+    /// installing.
+    pub fn check_for_update(&self, index: usize) {
+        if let Some(a) = self.agents.get(index) {
+            request_check(a);
         }
     }
 
@@ -349,6 +390,31 @@ impl Fleet {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tracker.wait().await;
+    }
+}
+
+fn request_check(agent: &AgentHandle) {
+    agent.power.send_modify(|s| s.checks = s.checks.wrapping_add(1));
+}
+
+/// The fleet's one periodic-check task: asks each agent in turn, following `schedule` on real
+/// time from now, until `shutdown`.
+async fn periodic_checks(
+    agents: Arc<[AgentHandle]>,
+    mut schedule: CheckSchedule,
+    shutdown: CancellationToken,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(start + schedule.next_at()) => {}
+        }
+        for i in schedule.due(start.elapsed()) {
+            if let Some(a) = agents.get(i) {
+                request_check(a);
+            }
+        }
     }
 }
 

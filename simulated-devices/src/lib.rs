@@ -4,10 +4,12 @@
 //! the device [`agent`] (one device's app: MQTT session, C2D-driven installs, twin and telemetry
 //! reports), the [`fleet`] that runs thousands of agents in one process, the [`release`] pipeline
 //! step, the small IoT Hub [`service_client`] they and the scenario runner share, and the AMQP
-//! [`amqp_client`] the release command sends through.
+//! [`amqp_client`] the release command sends through, and the [`check_schedule`] that spreads
+//! periodic update checks over a fleet.
 
 pub mod agent;
 pub mod amqp_client;
+pub mod check_schedule;
 pub mod fleet;
 pub mod install;
 pub mod notice;

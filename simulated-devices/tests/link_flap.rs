@@ -64,6 +64,7 @@ impl Setup {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
             initial_version: None,
+            update_retry: Default::default(),
         };
         let fleet =
             Fleet::start(cfg, Arc::new(FtpBackend::new(self.hub.ftp_addr.unwrap().to_string()))).await;

@@ -91,6 +91,8 @@ impl Run {
             drop_times: None,
             refuse_login_ppm: ppm(refuse_logins),
             busy_ppm: ppm(refuse_sessions),
+            // Which sessions are refused follows from the scenario's seed, device and attempt.
+            seed: self.plan.seed,
         };
         // check_modes refuses ftp-fault with an external hub.
         if let Some(hub) = self.hub.embedded() {

@@ -32,6 +32,15 @@ impl FleetSide {
         }
     }
 
+    /// Asks device `index` to check `latest.json` now (an external fleet cannot be asked).
+    pub fn check_for_update(&self, index: usize) {
+        match self {
+            Self::InProcess(f) => f.check_for_update(index),
+            Self::Shards(s, _) => s.check_for_update(index),
+            Self::External(_) => {}
+        }
+    }
+
     /// Powered-on agents not yet connected or with work in flight, when the runner can see them
     /// (`None` for fleets in other processes).
     pub fn unsettled(&self) -> Option<usize> {

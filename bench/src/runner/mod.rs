@@ -19,6 +19,7 @@ pub mod rollout;
 pub mod shards;
 pub mod shared;
 pub mod timeseries;
+mod update_checks;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -105,6 +106,7 @@ pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
                 .into(),
         });
     }
+    update_checks::check_supported(plan)?;
     if plan.fleet.shards > 1 {
         for (i, e) in plan.events.iter().enumerate() {
             if let Action::LinkFlap { .. } = e.action {
@@ -235,18 +237,22 @@ async fn run_with_hub(
     } else if shards > 1 {
         let (link, initial) = (hub.link()?, &plan.fleet.initial_version);
         let work = work_dir.join("shards");
+        let retry = plan.fleet.update_retry.on_reconnect;
         let children =
-            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial).await?;
+            ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial, retry).await?;
         log(format!("fleet: {n} devices in {shards} shard processes"));
         FleetSide::Shards(children, svc.clone())
     } else {
-        let (cfg, backend) = hub.fleet_config(
+        let (mut cfg, backend) = hub.fleet_config(
             ids.clone(),
             FLEET_KEY,
             work_dir.join("devices"),
             ramp_per_sec,
             &plan.fleet.initial_version,
         )?;
+        // Periodic checks run on scenario time ([`update_checks`]), not on the agents' clocks.
+        cfg.update_retry =
+            fleet::UpdateRetry { on_reconnect: plan.fleet.update_retry.on_reconnect, check_every: None };
         FleetSide::InProcess(Fleet::start(cfg, Arc::new(backend)).await)
     };
     tracing::debug!("fleet started");
@@ -360,6 +366,7 @@ impl Run {
         let limit = self.plan.time_limit;
         let mut progress_at = Duration::ZERO;
         let tick = if self.clock.mode() == TimeMode::Compressed { COMPRESSED_TICK } else { TICK };
+        let mut checks = update_checks::UpdateChecks::new(&self.plan.fleet.update_retry, self.ids.len());
         loop {
             let now = self.clock.now();
             if self.obs.series.due(now) {
@@ -383,6 +390,7 @@ impl Run {
                 self.off[i] = false;
             }
             self.fire_faults(fleet, now);
+            checks.poll(fleet, now);
             self.observe().await?;
             self.step_rollout(svc, now).await?;
             if next == events.len() && power_on.is_empty() && self.settled() {
@@ -394,7 +402,7 @@ impl Run {
             }
             let due = [events.get(next).map(|e| e.at), power_on.peek().map(|Reverse((at, _))| *at)]
                 .into_iter()
-                .chain([self.faults.next_due(), self.rollout_next_due(), Some(limit)])
+                .chain([self.faults.next_due(), self.rollout_next_due(), checks.next_due(), Some(limit)])
                 .chain([self.hub.next_due().map(|gap| now + gap)])
                 .flatten()
                 .min();

@@ -1,9 +1,9 @@
 //! A fleet spread over child processes (`fleet.shards > 1`): each child is this same binary's
 //! hidden `testbench fleet-shard` subcommand running the agents of devices `k` with
 //! `k % shards == i`, so a big fleet is not capped by one process's open files. The runner owns
-//! the children ([`ShardedFleet`]); each child owns its agents. Power switches travel as lines on
-//! the child's stdin (`off <index>`, `on <index>`, global device indices); a closed stdin stops the
-//! child. A child says `started <n>` on stdout once its agents are started (after its share of the
+//! the children ([`ShardedFleet`]); each child owns its agents. Power switches and update checks
+//! travel as lines on the child's stdin (`off <index>`, `on <index>`, `check <index>`, global
+//! device indices); a closed stdin stops the child. A child says `started <n>` on stdout once its agents are started (after its share of the
 //! connect ramp), which is when the timeline may begin.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use simulated_devices::fleet::Fleet;
+use simulated_devices::fleet::{Fleet, UpdateRetry};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -64,10 +64,13 @@ pub struct ShardArgs {
     /// The version agents start on.
     #[arg(long)]
     pub initial_version: String,
+    /// After a failed install, agents check `latest.json` again on reconnect.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub retry_on_reconnect: bool,
 }
 
 /// The body of `testbench fleet-shard`: runs the shard's agents until stdin closes, following
-/// `off <index>` / `on <index>` lines.
+/// `off <index>` / `on <index>` / `check <index>` lines.
 pub async fn serve(a: ShardArgs) -> Result<(), String> {
     let text = std::fs::read_to_string(&a.ids_file).map_err(|e| format!("{}: {e}", a.ids_file.display()))?;
     // Global index of each local agent, and the reverse.
@@ -90,20 +93,23 @@ pub async fn serve(a: ShardArgs) -> Result<(), String> {
         ftp_addr: a.ftp_addr,
     };
     let ids = mine.into_iter().map(|(_, id)| id).collect();
-    let (cfg, backend) =
+    let (mut cfg, backend) =
         link.fleet_config(ids, &a.fleet_key, a.data_dir, a.ramp_per_sec, &a.initial_version)?;
+    cfg.update_retry = UpdateRetry { on_reconnect: a.retry_on_reconnect, check_every: None };
     let fleet = Fleet::start(cfg, Arc::new(backend)).await;
     println!("started {}", fleet.len());
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut words = line.split_whitespace();
-        let on = match words.next() {
-            Some("on") => true,
-            Some("off") => false,
-            _ => continue,
+        let verb = words.next();
+        let Some(&j) = words.next().and_then(|k| k.parse().ok()).and_then(|k: usize| local.get(&k)) else {
+            continue;
         };
-        if let Some(&j) = words.next().and_then(|k| k.parse().ok()).and_then(|k: usize| local.get(&k)) {
-            fleet.set_power(j, on);
+        match verb {
+            Some("on") => fleet.set_power(j, true),
+            Some("off") => fleet.set_power(j, false),
+            Some("check") => fleet.check_for_update(j),
+            _ => {}
         }
     }
     fleet.stop().await;
@@ -119,6 +125,7 @@ pub struct ShardedFleet {
 impl ShardedFleet {
     /// Starts `shards` children of this executable for `ids`, files under `work`, and waits until
     /// each reports its agents started.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         ids: &[String],
         shards: u32,
@@ -127,6 +134,7 @@ impl ShardedFleet {
         work: &std::path::Path,
         ramp_per_sec: u32,
         initial_version: &str,
+        retry_on_reconnect: bool,
     ) -> Result<Self, RunError> {
         let fail = |what: String| RunError::Setup(format!("fleet.shards: {what}"));
         let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
@@ -163,6 +171,7 @@ impl ShardedFleet {
                 .arg("--data-dir")
                 .arg(work.join(format!("shard-{i}")))
                 .args(["--ramp-per-sec", &per_shard_ramp.to_string(), "--initial-version", initial_version])
+                .args(["--retry-on-reconnect", &retry_on_reconnect.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true);
@@ -199,6 +208,11 @@ impl ShardedFleet {
     pub fn set_power(&self, index: usize, on: bool) {
         let shard = &self.power[index % self.power.len()];
         let _ = shard.send(format!("{} {index}\n", if on { "on" } else { "off" }));
+    }
+
+    /// Asks device `index` (global), in its shard, to check `latest.json` now.
+    pub fn check_for_update(&self, index: usize) {
+        let _ = self.power[index % self.power.len()].send(format!("check {index}\n"));
     }
 
     /// Closes every child's stdin and waits for it to stop its agents (killing it past a grace

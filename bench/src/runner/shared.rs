@@ -102,6 +102,7 @@ impl ShardLink {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             initial_version: Some(initial_version.to_string()),
+            update_retry: Default::default(),
         };
         Ok((cfg, FtpBackend::new(self.ftp_addr.clone())))
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 pub use plan::{
     Action, DurationDist, Event, Expectations, FleetPlan, HubPlan, PackagePlan, RolloutPlan, ScenarioError,
-    ScenarioPlan, Target, TimeMode,
+    ScenarioPlan, Target, TimeMode, UpdateRetryPlan,
 };
 
 /// Parses scenario `text`, read from `file` (used in errors and as the default name).
@@ -72,6 +72,31 @@ mod tests {
         let e = err(&format!("time = \"warp\"\n{MINIMAL}"));
         assert_eq!(e.key, "time");
         assert!(e.message.contains("\"real\" or \"compressed\""), "{e}");
+    }
+
+    #[test]
+    fn update_retry_defaults_parses_and_names_its_keys() {
+        let p = parse_str("t.toml", MINIMAL).unwrap();
+        assert_eq!(p.fleet.update_retry, UpdateRetryPlan { on_reconnect: true, check_every: None });
+        let p = parse_str(
+            "t.toml",
+            "[fleet]\ndevices = 10\nupdate_retry = { on_reconnect = false, check_every = \"30m\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.fleet.update_retry,
+            UpdateRetryPlan { on_reconnect: false, check_every: Some(Duration::from_secs(1800)) }
+        );
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { check_every = \"often\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.check_every");
+        assert!(e.message.contains("not a duration"), "{e}");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { check_every = \"0s\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.check_every");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { every = \"1m\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.every");
+        assert!(e.message.contains("`on_reconnect` or `check_every`"), "{e}");
+        let e = err("[fleet]\ndevices = 10\nupdate_retry = { on_reconnect = \"yes\" }\n");
+        assert_eq!(e.key, "fleet.update_retry.on_reconnect");
     }
 
     #[test]

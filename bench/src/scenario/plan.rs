@@ -96,6 +96,23 @@ pub struct FleetPlan {
     pub initial_version: String,
     /// Groups, in file order; devices are assigned to groups in index order.
     pub groups: Vec<Group>,
+    /// When devices whose install failed try again (`fleet.update_retry`).
+    pub update_retry: UpdateRetryPlan,
+}
+
+/// `fleet.update_retry`: when devices whose install failed try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateRetryPlan {
+    /// After a failed install, the device checks `latest.json` again on every reconnect.
+    pub on_reconnect: bool,
+    /// Every device checks `latest.json` once per this much scenario time (`None`: never).
+    pub check_every: Option<Duration>,
+}
+
+impl Default for UpdateRetryPlan {
+    fn default() -> Self {
+        Self { on_reconnect: true, check_every: None }
+    }
 }
 
 /// A package the scenario can release.
@@ -559,6 +576,17 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
             cx.err("fleet.group", format!("group shares add up to {total}; they may add up to at most 1"))
         );
     }
+    let update_retry = match raw.update_retry {
+        None => UpdateRetryPlan::default(),
+        Some(r) => {
+            let key = "fleet.update_retry.check_every";
+            let check_every = cx.opt_duration(key, &r.check_every)?;
+            if check_every.is_some_and(|d| d.is_zero()) {
+                return Err(cx.err(key, "a period of 0; leave check_every out for no periodic check"));
+            }
+            UpdateRetryPlan { on_reconnect: r.on_reconnect.unwrap_or(true), check_every }
+        }
+    };
     Ok(FleetPlan {
         devices: raw.devices,
         ids,
@@ -567,6 +595,7 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
         connect_ramp: cx.opt_duration("fleet.connect_ramp", &raw.connect_ramp)?.unwrap_or_default(),
         initial_version: raw.initial_version.unwrap_or_else(|| DEFAULT_INITIAL_VERSION.to_string()),
         groups,
+        update_retry,
     })
 }
 

@@ -82,6 +82,18 @@ pub struct RawFleet {
     /// Groups of devices, tagged `tags.group = <name>` in the twin.
     #[serde(default, rename = "group")]
     pub groups: Vec<RawGroup>,
+    /// When devices whose install failed try again.
+    pub update_retry: Option<RawUpdateRetry>,
+}
+
+/// `fleet.update_retry = { on_reconnect = true, check_every = "30m" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdateRetry {
+    /// After a failed install, check `latest.json` again on every reconnect (default true).
+    pub on_reconnect: Option<bool>,
+    /// Every device checks `latest.json` once per this much scenario time (default: never).
+    pub check_every: Option<String>,
 }
 
 /// `[[fleet.group]]`.

@@ -118,21 +118,14 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let sessions = Arc::new(Semaphore::new(config.max_sessions));
-    let authenticator = Arc::new(auth::DeviceAuthenticator::new(hub, config.faults.clone()));
     let at_cap = Arc::new(AtomicBool::new(false));
     let config = Arc::new(config);
     let sd = shutdown.clone();
     accept_connections(listener, "ftp", shutdown, tracker, move |stream, peer| {
         let permit = sessions.clone().try_acquire_owned();
-        let (config, authenticator, tls, sd, at_cap) =
-            (config.clone(), authenticator.clone(), tls.clone(), sd.clone(), at_cap.clone());
+        let (config, hub, tls, sd, at_cap) =
+            (config.clone(), hub.clone(), tls.clone(), sd.clone(), at_cap.clone());
         async move {
-            if config.faults.refuse_next_session() {
-                drop(permit);
-                let reply = "421 Service not available (fault injection: busyShare); try again later\r\n";
-                write_and_close(stream, reply).await;
-                return;
-            }
             let Ok(_permit) = permit else {
                 if !at_cap.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -144,10 +137,26 @@ pub async fn serve(
                 return;
             };
             at_cap.store(false, Ordering::Relaxed);
+            // A busy share answers `421` at USER on the control socket, which libunftp owns by
+            // then: keep a duplicate of it, only while such a share is set.
+            let (stream, control) = if config.faults.settings().busy_ppm > 0 {
+                match duplicate(stream) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(%peer, "cannot set up an FTP session: {e}");
+                        return;
+                    }
+                }
+            } else {
+                (stream, None)
+            };
+            let session = Arc::new(auth::SessionState::new(control, tls.is_some()));
+            let authenticator =
+                Arc::new(auth::DeviceAuthenticator::new(hub, config.faults.clone(), session.clone()));
             let root = config.packages_dir.clone();
             let faults = config.faults.clone();
             let mut builder = ServerBuilder::with_authenticator(
-                Box::new(move || storage::PackageStorage::new(&root, faults.clone())),
+                Box::new(move || storage::PackageStorage::new(&root, faults.clone(), session.clone())),
                 authenticator,
             )
             .greeting(GREETING)
@@ -175,6 +184,13 @@ pub async fn serve(
         }
     })
     .await;
+}
+
+/// Splits `stream` into the stream libunftp serves and a duplicate of its socket.
+fn duplicate(stream: TcpStream) -> std::io::Result<(TcpStream, Option<std::net::TcpStream>)> {
+    let std = stream.into_std()?;
+    let dup = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, Some(dup)))
 }
 
 /// Answers a session over the cap with `421` and closes it.

@@ -1,6 +1,7 @@
 //! The FTP server's view of the packages directory: libunftp's filesystem back end, read-only for
 //! devices (uploads, deletes and renames answer `550`), with the fault knobs applied to every
-//! download. Packages are put in place by the release tooling on the local disk, never over FTP.
+//! download (keyed by the session's user, see [`super::auth::SessionState`]). Packages are put in
+//! place by the release tooling on the local disk, never over FTP.
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use unftp_core::auth::DefaultUser;
 use unftp_core::storage::{Error, ErrorKind, Fileinfo, Result, StorageBackend};
 use unftp_sbe_fs::{Filesystem, Meta};
 
+use super::auth::SessionState;
 use super::faults::FtpFaults;
 
 /// The packages directory as devices see it.
@@ -19,18 +21,20 @@ pub struct PackageStorage {
     /// The directory, or why it could not be opened (every operation then answers with it).
     inner: std::result::Result<Filesystem, String>,
     faults: Arc<FtpFaults>,
+    /// The session this back end serves (whose user the download faults count).
+    session: Arc<SessionState>,
 }
 
 impl PackageStorage {
-    /// Serves `root` with `faults` applied to downloads. libunftp makes one back end per session
+    /// Serves `root` to `session` with `faults` applied to downloads. libunftp makes one back end per session
     /// and cannot take an error here, so a directory that vanished at run time is reported on each
     /// operation (`451`) instead.
-    pub fn new(root: &Path, faults: Arc<FtpFaults>) -> Self {
+    pub fn new(root: &Path, faults: Arc<FtpFaults>, session: Arc<SessionState>) -> Self {
         let inner = Filesystem::new(root).map_err(|e| {
             tracing::error!(dir = %root.display(), "cannot open the FTP packages directory: {e}");
             format!("the packages directory {} cannot be opened: {e}", root.display())
         });
-        Self { inner, faults }
+        Self { inner, faults, session }
     }
 
     fn fs(&self) -> Result<&Filesystem> {
@@ -72,7 +76,7 @@ impl StorageBackend<DefaultUser> for PackageStorage {
         start_pos: u64,
     ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
         let reader = self.fs()?.get(user, path, start_pos).await?;
-        Ok(self.faults.wrap_download(reader))
+        Ok(self.faults.wrap_download(self.session.user_key(), reader))
     }
 
     async fn put<P: AsRef<Path> + Send + Debug, R: tokio::io::AsyncRead + Send + Sync + Unpin + 'static>(

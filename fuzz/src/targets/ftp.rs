@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use iothub_emulator::ftp::FtpFaults;
+use iothub_emulator::ftp::auth::SessionState;
 use iothub_emulator::ftp::storage::PackageStorage;
 use tokio::io::AsyncReadExt;
 use unftp_core::auth::DefaultUser;
@@ -59,7 +60,8 @@ fn check() -> Check {
         let _ = std::os::unix::fs::symlink("../secret.txt", packages.join("escape"));
         let _ = std::os::unix::fs::symlink(root.join("secret.txt"), packages.join("abs"));
     }
-    let storage = PackageStorage::new(&packages, Arc::new(FtpFaults::new()));
+    let storage =
+        PackageStorage::new(&packages, Arc::new(FtpFaults::new()), Arc::new(SessionState::default()));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     Box::new(move |input| {
         let _keep = &dir;

@@ -5,6 +5,20 @@
 //! It owns the agent's small state: the active version, the last reported state, whether an
 //! install is running, and at most one command waiting behind it (a newer command replaces an
 //! older waiting one, so a burst of notices costs one install).
+//!
+//! Update retries: when an install fails (the download ran out of retries, or the package did not
+//! verify) the agent remembers that an update is due ([`AgentCore::retry_due`], one flag). It then
+//! checks `latest.json` again when its MQTT session is re-established (if
+//! [`AgentCore::with_retry_on_reconnect`] is on) and on every [`AgentCore::on_check`] (a periodic or
+//! requested check), and installs what it names unless that version is already active. Such a
+//! check is silent: it reports nothing unless it starts an install, which reports every state
+//! like a notice-driven one. A rolled-back release (it installed but failed its self-test) is not
+//! retried on reconnect: the package itself is bad, and only a new notice or check moves on.
+//! A notice for the version an install is already working on (a check found it first) is
+//! answered by that install rather than queued, and a notice that arrives after a check already
+//! installed its version (it was held up by a dropped link) is answered by that `installed`
+//! report, so both orders end `installed`, not `already-installed`. A notice for a version a
+//! notice installed still reports `already-installed`.
 
 use iothub_emulator::clock::{Millis, iso8601};
 use serde_json::json;
@@ -66,6 +80,19 @@ pub struct AgentCore {
     install_state: Option<InstallState>,
     /// The version being installed, while an install or a `latest.json` fetch runs.
     busy: Option<Option<String>>,
+    /// The running `latest.json` fetch is a background check, not a command: it reports nothing
+    /// unless it finds a version to install.
+    checking: bool,
+    /// The last install of a newer version failed: check `latest.json` again (see the module
+    /// documentation).
+    retry_due: bool,
+    /// Check again when the MQTT session is re-established while a retry is due.
+    retry_on_reconnect: bool,
+    /// The running install was started by a check, not by a notice.
+    install_by_check: bool,
+    /// The active version was installed by a check and no notice named it since: the
+    /// `installed` report answers the notice that comes late for it.
+    installed_by_check: bool,
     /// The command to run once the current one finishes.
     waiting: Option<Command>,
     next_rid: u64,
@@ -81,10 +108,32 @@ impl AgentCore {
             app_version,
             install_state: None,
             busy: None,
+            checking: false,
+            retry_due: false,
+            retry_on_reconnect: false,
+            install_by_check: false,
+            installed_by_check: false,
             waiting: None,
             next_rid: 1,
             installs: 0,
         }
+    }
+
+    /// Checks `latest.json` again on every connect while [`Self::retry_due`] (off by default).
+    pub fn with_retry_on_reconnect(mut self, on: bool) -> Self {
+        self.retry_on_reconnect = on;
+        self
+    }
+
+    /// Starts with a retry due (the agent's previous session ended with a failed install).
+    pub fn with_retry_due(mut self, due: bool) -> Self {
+        self.retry_due = due;
+        self
+    }
+
+    /// The last install of a newer version failed and no later check or install succeeded.
+    pub fn retry_due(&self) -> bool {
+        self.retry_due
     }
 
     /// The active version.
@@ -103,16 +152,40 @@ impl AgentCore {
     }
 
     /// The MQTT session is up: report the current state (a power cut may have lost the last
-    /// report, and twin patches are QoS 0).
+    /// report, and twin patches are QoS 0), and check `latest.json` again if an install failed
+    /// and retries on reconnect are on.
     pub fn on_connected(&mut self) -> Vec<Action> {
-        vec![self.twin_patch()]
+        let mut out = vec![self.twin_patch()];
+        if self.retry_on_reconnect && self.retry_due {
+            out.extend(self.on_check());
+        }
+        out
+    }
+
+    /// A periodic or requested update check: reads `latest.json` (silently) unless an install or
+    /// a read is already running, which covers it.
+    pub fn on_check(&mut self) -> Vec<Action> {
+        if self.busy.is_some() {
+            return Vec::new();
+        }
+        self.busy = Some(None);
+        self.checking = true;
+        vec![Action::FetchLatest]
     }
 
     /// A C2D message arrived.
     pub fn on_c2d(&mut self, body: &[u8], now: Millis) -> Vec<Action> {
         let cmd = Command::from_c2d_body(body);
-        if self.busy.is_some() {
-            self.waiting = Some(cmd);
+        if let Some(running) = &self.busy {
+            // A notice for the version being installed is served by that install (started by an
+            // update check, say), whichever of the two came first: its outcome is the answer.
+            let covered = matches!((&cmd, running), (Command::Install(n), Some(v)) if n.version == *v);
+            if covered {
+                // This notice is answered by the running install: a later one is not.
+                self.install_by_check = false;
+            } else {
+                self.waiting = Some(cmd);
+            }
             return Vec::new();
         }
         self.start(cmd, now)
@@ -132,6 +205,11 @@ impl AgentCore {
     fn consider(&mut self, notice: UpdateNotice, now: Millis) -> Vec<Action> {
         if self.app_version.as_deref() == Some(notice.version.as_str()) {
             self.busy = None;
+            if std::mem::take(&mut self.installed_by_check) {
+                // A check installed it first (the notice came late, say behind a dropped link):
+                // that install's `installed` is this notice's answer.
+                return self.next(now);
+            }
             let mut out = self.transition(InstallState::AlreadyInstalled, Some(notice.version), None, now);
             out.extend(self.next(now));
             return out;
@@ -142,10 +220,31 @@ impl AgentCore {
 
     /// `latest.json` was read (or could not be: `Err(reason)`).
     pub fn on_latest(&mut self, latest: Result<UpdateNotice, String>, now: Millis) -> Vec<Action> {
+        if std::mem::take(&mut self.checking) {
+            // A background check: only a version to install is worth a report.
+            return match latest {
+                Ok(notice) if self.app_version.as_deref() != Some(notice.version.as_str()) => {
+                    let out = self.consider(notice, now);
+                    self.install_by_check = true;
+                    out
+                }
+                Ok(_) => {
+                    self.busy = None;
+                    self.retry_due = false;
+                    self.next(now)
+                }
+                Err(reason) => {
+                    tracing::debug!(device = %self.device_id, "update check failed: {reason}");
+                    self.busy = None;
+                    self.next(now)
+                }
+            };
+        }
         match latest {
             Ok(notice) => self.consider(notice, now),
             Err(reason) => {
                 self.busy = None;
+                self.retry_due = true;
                 let mut out = self.transition(InstallState::Failed, None, Some(reason), now);
                 out.extend(self.next(now));
                 out
@@ -162,15 +261,25 @@ impl AgentCore {
     /// The running install ended.
     pub fn on_install_done(&mut self, outcome: InstallResult, now: Millis) -> Vec<Action> {
         let target = self.busy.take().flatten();
+        let by_check = std::mem::take(&mut self.install_by_check);
+        self.installed_by_check = by_check && outcome == InstallResult::Installed;
         let mut out = match outcome {
             InstallResult::Installed => {
+                self.retry_due = false;
                 self.app_version = target.clone();
                 self.installs += 1;
                 self.transition(InstallState::Installed, target, None, now)
             }
-            InstallResult::Failed(r) => self.transition(InstallState::Failed, target, Some(r), now),
-            InstallResult::RolledBack(r) => self.transition(InstallState::RolledBack, target, Some(r), now),
+            InstallResult::Failed(r) => {
+                self.retry_due = true;
+                self.transition(InstallState::Failed, target, Some(r), now)
+            }
+            InstallResult::RolledBack(r) => {
+                self.retry_due = false;
+                self.transition(InstallState::RolledBack, target, Some(r), now)
+            }
             InstallResult::AlreadyInstalled => {
+                self.retry_due = false;
                 self.app_version = target.clone();
                 self.transition(InstallState::AlreadyInstalled, target, None, now)
             }
@@ -323,6 +432,71 @@ mod tests {
             (v["reason"].as_str(), v["targetVersion"].as_str()),
             (Some("sha256 mismatch"), Some("2.0.0"))
         );
+    }
+
+    fn notice_of(v: &str) -> UpdateNotice {
+        serde_json::from_slice(&notice(v)).unwrap()
+    }
+
+    #[test]
+    fn a_failed_install_is_retried_from_latest_on_reconnect() {
+        let mut a = AgentCore::new("d1".into(), Some("1.0.0".into())).with_retry_on_reconnect(true);
+        assert_eq!(a.on_connected().len(), 1, "nothing to retry yet");
+        a.on_c2d(&notice("2.0.0"), 1000);
+        a.on_install_done(InstallResult::Failed("download failed after 8 attempts".into()), 1000);
+        assert!(a.retry_due());
+        let out = a.on_connected();
+        assert_eq!(out.last(), Some(&Action::FetchLatest), "{out:?}");
+        // latest.json names the version that failed: install it, reporting like the first time.
+        let out = a.on_latest(Ok(notice_of("2.0.0")), 1000);
+        assert!(matches!(&out[..], [Action::Install(n)] if n.version == "2.0.0"), "{out:?}");
+        let (_, events) = reports(&a.on_progress(InstallState::Downloading, 1000));
+        assert_eq!(events, ["downloading"]);
+        let (_, events) = reports(&a.on_install_done(InstallResult::Installed, 1000));
+        assert_eq!(events, ["installed"]);
+        assert!(!a.retry_due());
+        assert_eq!((a.app_version(), a.installs), (Some("2.0.0"), 1));
+        assert_eq!(a.on_connected().len(), 1, "no retry once installed");
+    }
+
+    #[test]
+    fn checks_are_silent_unless_they_install_and_never_reinstall_the_active_version() {
+        let mut a = AgentCore::new("d1".into(), Some("2.0.0".into()));
+        assert_eq!(a.on_check(), [Action::FetchLatest]);
+        assert!(a.on_check().is_empty(), "one check at a time");
+        assert!(a.on_latest(Ok(notice_of("2.0.0")), 1000).is_empty(), "already on it: no report");
+        assert!(!a.is_busy());
+        a.on_check();
+        assert!(a.on_latest(Err("530 refused".into()), 1000).is_empty(), "a failed check is silent");
+        assert!(!a.retry_due(), "a check that could not read latest.json is not an install failure");
+        // Retries on reconnect are off by default.
+        a.on_c2d(&notice("3.0.0"), 1000);
+        a.on_install_done(InstallResult::Failed("x".into()), 1000);
+        assert_eq!(a.on_connected().len(), 1);
+        // A check while an install runs is covered by it.
+        a.on_c2d(&notice("3.0.0"), 1000);
+        assert!(a.on_check().is_empty());
+        a.on_install_done(InstallResult::RolledBack("self-test".into()), 1000);
+        assert!(!a.retry_due(), "a release that rolled back is not retried on reconnect");
+        // A notice for the version a check is installing is served by that install.
+        a.on_check();
+        a.on_latest(Ok(notice_of("4.0.0")), 1000);
+        assert!(a.on_c2d(&notice("4.0.0"), 1000).is_empty());
+        let (_, events) = reports(&a.on_install_done(InstallResult::Installed, 1000));
+        assert_eq!(events, ["installed"], "no already-installed after it");
+        // A notice arriving after a check installed its version is answered by that install...
+        a.on_check();
+        a.on_latest(Ok(notice_of("5.0.0")), 1000);
+        a.on_install_done(InstallResult::Installed, 1000);
+        assert!(a.on_c2d(&notice("5.0.0"), 1000).is_empty(), "no already-installed");
+        // ...once: the same notice again reports as usual.
+        let (_, events) = reports(&a.on_c2d(&notice("5.0.0"), 1000));
+        assert_eq!(events, ["already-installed"]);
+        // A notice arriving during a check waits for it.
+        a.on_check();
+        assert!(a.on_c2d(&notice("3.0.0"), 1000).is_empty());
+        let out = a.on_latest(Ok(notice_of("5.0.0")), 1000);
+        assert!(matches!(&out[..], [Action::Install(n)] if n.version == "3.0.0"), "{out:?}");
     }
 
     #[test]

@@ -15,6 +15,12 @@
 //! cut the install's FTP connections, and the download resumes with `REST`. Acknowledgements not
 //! yet sent when the link drops are discarded: the hub redelivers those messages.
 //!
+//! Update retries: an agent whose install failed checks `latest.json` again when its MQTT
+//! session comes back (with [`AgentConfig::retry_on_reconnect`]) and whenever the fleet asks for a
+//! check ([`Switch::checks`], a counter like the link faults), and installs what it names unless
+//! it is already active (see [`core`]). The "retry due" flag is one bool kept across power
+//! cycles of the process, like the seen ids; nothing runs for it while the agent is idle.
+//!
 //! Duplicates: the agent remembers the ids of the last [`SEEN_IDS`] C2D messages it saved (as
 //! 64-bit hashes, across power cycles of the process). A message seen again (the hub redelivers
 //! what was never acknowledged) is acknowledged without acting on it again and counted in
@@ -92,6 +98,9 @@ pub struct AgentConfig {
     /// The version the device runs before its first install (nothing on disk yet): reported as
     /// `appVersion` like a factory image. `None` reports no version until an install.
     pub initial_version: Option<Arc<str>>,
+    /// After a failed install, check `latest.json` again on every reconnect until an install
+    /// succeeds.
+    pub retry_on_reconnect: bool,
 }
 
 /// What the fleet can see of a running agent (shared, lock-free).
@@ -127,6 +136,9 @@ pub struct Switch {
     /// Link drops requested for the moment the next new C2D message arrives: it is saved and
     /// acted on, then the link drops before the PUBACK goes out.
     pub drops_before_ack: u32,
+    /// Update checks requested: each reads `latest.json` and installs a version that is not
+    /// active (ignored while an install runs or the agent is off).
+    pub checks: u32,
 }
 
 impl Switch {
@@ -188,6 +200,8 @@ pub async fn run<I: InstallBackend>(
     shutdown: CancellationToken,
 ) {
     let mut seen = SeenIds::default();
+    // An install failed and no later one succeeded (kept across power cycles).
+    let mut retry_due = false;
     loop {
         let switch = *power.borrow_and_update();
         if !switch.on {
@@ -197,7 +211,7 @@ pub async fn run<I: InstallBackend>(
             }
         }
         let session = Session { cfg: &cfg, installer: &installer, installs: &installs, status: &status };
-        let end = session.run(&mut power, switch, &mut seen, &shutdown).await;
+        let end = session.run(&mut power, switch, &mut seen, &mut retry_due, &shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
         // Powered off (or stopping): whatever was running stopped with the power.
         status.busy.store(false, Ordering::Relaxed);
@@ -227,6 +241,7 @@ impl<I: InstallBackend> Session<'_, I> {
         power: &mut watch::Receiver<Switch>,
         mut applied: Switch,
         seen: &mut SeenIds,
+        retry_due: &mut bool,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let id = &self.cfg.device_id;
@@ -239,7 +254,9 @@ impl<I: InstallBackend> Session<'_, I> {
         };
         let on_disk = self.installer.current_version(&ctx);
         let version = on_disk.or_else(|| self.cfg.initial_version.as_deref().map(str::to_string));
-        let mut core = AgentCore::new(id.clone(), version);
+        let mut core = AgentCore::new(id.clone(), version)
+            .with_retry_on_reconnect(self.cfg.retry_on_reconnect)
+            .with_retry_due(*retry_due);
         let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(&ctx.sas_token), REQUEST_CAPACITY);
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let mut job: Option<Job> = None;
@@ -263,6 +280,7 @@ impl<I: InstallBackend> Session<'_, I> {
             actions = core.on_c2d(&body, clock.now_ms());
         }
         loop {
+            *retry_due = core.retry_due();
             for action in actions.drain(..) {
                 match action {
                     Action::Publish { topic, payload, at_least_once } => {
@@ -308,11 +326,12 @@ impl<I: InstallBackend> Session<'_, I> {
                     drop_before_ack =
                         drop_before_ack.saturating_add(switch.drops_before_ack.wrapping_sub(applied.drops_before_ack));
                     let drop_now = switch.link_drops != applied.link_drops;
+                    let check = switch.checks != applied.checks;
                     applied = switch;
                     if drop_now && reconnect_at.is_none() {
                         reconnect_at = Some(self.lose_link(&mut eventloop, &mut outbox, &mut failures, "link dropped"));
                     }
-                    Vec::new()
+                    if check { core.on_check() } else { Vec::new() }
                 }
                 Some(state) = progress_rx.recv() => core.on_progress(state, now()),
                 r = async { job.as_mut().expect("guarded by the select condition").await }, if job.is_some() => {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use iothub_emulator::hub::DEFAULT_OWNER_KEY;
 use simulated_devices::agent::{FtpBackend, tls_config};
 use simulated_devices::amqp_client::AmqpEndpoint;
-use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard};
+use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard, UpdateRetry};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package;
 use simulated_devices::release::{ReleaseOptions, notify_devices};
@@ -110,6 +110,23 @@ pub struct RunArgs {
     /// Seconds between status lines.
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_STATUS_SECS", default_value_t = 5)]
     status_secs: u64,
+    /// Every device checks latest.json once per this period (e.g. `10m`; spread evenly over the
+    /// fleet) and installs the version it names unless that is already active. Off by default.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_CHECK_EVERY", value_parser = parse_period)]
+    check_every: Option<Duration>,
+    /// After a failed install, check latest.json again whenever the MQTT session comes back
+    /// (`true` or `false`).
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_RETRY_ON_RECONNECT", default_value_t = true, action = clap::ArgAction::Set)]
+    retry_on_reconnect: bool,
+}
+
+/// A `--check-every` period: a humantime duration (`30s`, `10m`, `1h`) above zero.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("the period must be above zero (leave the flag out for no periodic check)".into()),
+        Err(e) => Err(format!("'{s}' is not a duration like 30s, 10m or 1h: {e}")),
+    }
 }
 
 /// `fleet release`.
@@ -204,6 +221,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         backoff_min: Duration::from_millis(500),
         backoff_max: Duration::from_secs(30),
         initial_version: a.initial_version.clone(),
+        update_retry: UpdateRetry { on_reconnect: a.retry_on_reconnect, check_every: a.check_every },
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(iothub_emulator::server::shutdown_on_signal(shutdown.clone()));
