@@ -10,8 +10,12 @@
 //!   answers `subscribed ok= failed= secs= error=`. From then on each device reads, checks that
 //!   a PUBLISH carries its own C2D topic (exactly the one the hub sends) and its own index, and
 //!   PUBACKs it at once.
-//! - `collect TIMEOUT_MS`: waits until every device has its message (or the timeout), then
-//!   answers `collected received= dups= bad= closed= last_ns= cpu_us= error= lat_us=a,b,…`.
+//! - `collect ROUND TIMEOUT_MS`: waits until every device has its message of rounds 1..=ROUND
+//!   (or the timeout), then answers `collected received= dups= bad= closed= last_ns= cpu_us=
+//!   error= lat_us=a,b,…`, counting what arrived since the previous `collect` (`received`: new
+//!   messages; `last_ns`: the latest arrival; `cpu_us`: this process's CPU time; `lat_us`: each
+//!   new message's send→receive latency). The payload names its round, so a repeated round is
+//!   a duplicate.
 //! - `stop`: closes every connection with a reset (no TIME_WAIT left behind) and answers `stopped`.
 //!
 //! A device costs one task, its socket and a read buffer of a few hundred bytes; packets are
@@ -58,8 +62,13 @@ pub struct DevicesConfig {
 /// What the devices received, shared by their tasks.
 #[derive(Debug, Default)]
 struct Received {
-    /// Messages per device (by position in `indices`).
-    counts: Vec<u8>,
+    /// Rounds received per device (bit r-1 for round r; by position in `indices`).
+    rounds: Vec<u64>,
+    /// Messages received in all (each device's each round once).
+    total: usize,
+    /// `total` once every device has every round up to this.
+    target: usize,
+    /// Messages since the last `collect`.
     received: usize,
     dups: usize,
     bad: usize,
@@ -184,14 +193,20 @@ async fn receive(
                     }
                     let id = device_id(index);
                     match read_payload(payload) {
-                        Some((sent, i)) if i == index && topic == c2d_topic(&id).as_bytes() => {
-                            st.counts[k] += 1;
-                            if st.counts[k] == 1 {
+                        Some((sent, i, round))
+                            if i == index
+                                && (1..=super::MAX_ROUNDS).contains(&round)
+                                && topic == c2d_topic(&id).as_bytes() =>
+                        {
+                            let bit = 1u64 << (round - 1);
+                            if st.rounds[k] & bit == 0 {
+                                st.rounds[k] |= bit;
+                                st.total += 1;
                                 st.received += 1;
                                 st.lat_us
                                     .push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
                                 st.last_ns = st.last_ns.max(now);
-                                if st.received == st.counts.len() {
+                                if st.total == st.target {
                                     all_in.notify_one();
                                 }
                             } else {
@@ -252,11 +267,11 @@ fn answer(line: &str) -> Result<(), FanoutError> {
 async fn run_local<R: AsyncBufRead + Unpin>(cfg: DevicesConfig, commands: R) -> Result<(), FanoutError> {
     let n = cfg.indices.len();
     let mut streams: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-    let state = Rc::new(RefCell::new(Received { counts: vec![0; n], ..Default::default() }));
+    let state = Rc::new(RefCell::new(Received { rounds: vec![0; n], ..Default::default() }));
     let all_in = Rc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    let mut cpu_at_subscribe = 0;
+    let mut cpu_mark = 0;
     let mut lines = commands.lines();
     answer("ready")?;
     while let Some(line) = lines.next_line().await.map_err(|e| FanoutError::io("stdin", e))? {
@@ -347,37 +362,41 @@ async fn run_local<R: AsyncBufRead + Unpin>(cfg: DevicesConfig, commands: R) -> 
                         }
                     }
                 }
-                cpu_at_subscribe = super::procfs::cpu_us(std::process::id()).unwrap_or(0);
+                cpu_mark = super::procfs::cpu_us(std::process::id()).unwrap_or(0);
                 answer(&format!(
                     "subscribed ok={ok} failed={failed} secs={secs:.4} error={}",
                     one_line(error.as_deref().unwrap_or("-"))
                 ))?;
             }
             Some("collect") => {
+                let round: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
                 let timeout_ms: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(60_000);
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+                state.borrow_mut().target = n * round;
                 loop {
-                    if state.borrow().received == n {
+                    if state.borrow().total >= n * round {
                         break;
                     }
                     if tokio::time::timeout_at(deadline, all_in.notified()).await.is_err() {
                         break;
                     }
                 }
-                let cpu =
-                    super::procfs::cpu_us(std::process::id()).unwrap_or(0).saturating_sub(cpu_at_subscribe);
-                let st = state.borrow();
-                let lat: Vec<String> = st.lat_us.iter().map(u32::to_string).collect();
+                let cpu = super::procfs::cpu_us(std::process::id()).unwrap_or(0);
+                let mut st = state.borrow_mut();
+                let lat: Vec<String> = st.lat_us.drain(..).map(|l| l.to_string()).collect();
                 answer(&format!(
-                    "collected received={} dups={} bad={} closed={} last_ns={} cpu_us={cpu} error={} lat_us={}",
+                    "collected received={} dups={} bad={} closed={} last_ns={} cpu_us={} error={} lat_us={}",
                     st.received,
                     st.dups,
                     st.bad,
                     st.closed,
                     st.last_ns,
+                    cpu.saturating_sub(cpu_mark),
                     one_line(st.first_error.as_deref().unwrap_or("-")),
                     lat.join(",")
                 ))?;
+                st.received = 0;
+                cpu_mark = cpu;
             }
             Some("stop") | None => break,
             Some(other) => return Err(FanoutError::Protocol(format!("unknown command {other:?}"))),

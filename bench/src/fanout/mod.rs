@@ -24,8 +24,11 @@ pub const DEVICE_KEY: &str = "ZmFub3V0LWJlbmNoLWRldmljZS1rZXktMDAwMDAwMCE=";
 /// The api-version devices put in their username, as the SDKs do.
 pub const API_VERSION: &str = "2021-04-12";
 
-/// Smallest payload: the send time (8 bytes) and the device index (4 bytes).
-pub const MIN_PAYLOAD_BYTES: usize = 12;
+/// Smallest payload: the send time (8 bytes), the device index (4 bytes) and the round (4 bytes).
+pub const MIN_PAYLOAD_BYTES: usize = 16;
+
+/// Most rounds (messages per device) one run may send.
+pub const MAX_ROUNDS: u32 = 64;
 
 /// Errors of the bench's library parts.
 #[derive(Debug, thiserror::Error)]
@@ -105,20 +108,22 @@ pub fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Writes the payload for device `index` sent at `sent_ns` into `out` (`len` bytes, at least
-/// [`MIN_PAYLOAD_BYTES`]).
-pub fn payload(out: &mut Vec<u8>, index: usize, sent_ns: u64, len: usize) {
+/// Writes the payload of round `round` (from 1) for device `index`, sent at `sent_ns`, into
+/// `out` (`len` bytes, at least [`MIN_PAYLOAD_BYTES`]).
+pub fn payload(out: &mut Vec<u8>, index: usize, round: u32, sent_ns: u64, len: usize) {
     let start = out.len();
     out.extend_from_slice(&sent_ns.to_le_bytes());
     out.extend_from_slice(&(index as u32).to_le_bytes());
+    out.extend_from_slice(&round.to_le_bytes());
     out.resize(start + len.max(MIN_PAYLOAD_BYTES), 0);
 }
 
-/// The send time and device index a payload carries.
-pub fn read_payload(p: &[u8]) -> Option<(u64, usize)> {
+/// The send time, device index and round a payload carries.
+pub fn read_payload(p: &[u8]) -> Option<(u64, usize, u32)> {
     let sent = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
     let index = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
-    Some((sent, index as usize))
+    let round = u32::from_le_bytes(p.get(12..16)?.try_into().ok()?);
+    Some((sent, index as usize, round))
 }
 
 /// Raises this process's open-file soft limit to its hard limit; returns the new soft limit.
@@ -155,9 +160,9 @@ mod tests {
     #[test]
     fn payload_round_trips_and_topic_is_the_hubs() {
         let mut p = Vec::new();
-        payload(&mut p, 4242, 123_456_789, 32);
+        payload(&mut p, 4242, 2, 123_456_789, 32);
         assert_eq!(p.len(), 32);
-        assert_eq!(read_payload(&p), Some((123_456_789, 4242)));
+        assert_eq!(read_payload(&p), Some((123_456_789, 4242, 2)));
         let t = c2d_topic("fanout-000001");
         assert!(t.starts_with("devices/fanout-000001/messages/devicebound/"), "{t}");
         assert!(t.contains("iothub-ack=none"), "{t}");

@@ -66,7 +66,11 @@ struct RunArgs {
     /// Requests in flight per sender connection.
     #[arg(long, default_value_t = 64)]
     send_window: usize,
-    /// Payload bytes per message (at least 12: send time and device index).
+    /// Messages per device, sent in rounds (one to every device per round); the table shows round
+    /// 1 (each device's first message) and, when there are more, the last round.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=fanout::MAX_ROUNDS as i64))]
+    rounds: u32,
+    /// Payload bytes per message (at least 16: send time, device index and round).
     #[arg(long, default_value_t = 32)]
     payload_bytes: usize,
     /// Deadline for every device to receive its message, in seconds.
@@ -88,6 +92,11 @@ struct RunArgs {
     /// Record each server's fan-out phase with `perf record` into this directory.
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Count each server's system calls (by kind) and context switches during the fan-out with
+    /// `perf stat`, printed per delivered message (tracepoints slow every system call a little:
+    /// for investigation, not for the table's CPU numbers).
+    #[arg(long)]
+    syscalls: bool,
     /// Keep the work directory (server logs, configurations).
     #[arg(long)]
     keep_work: bool,
@@ -176,16 +185,26 @@ async fn hub_serve(data_dir: &Path) -> Result<()> {
 }
 
 /// One server's numbers from one run.
+/// One round of the fan-out (one message to every device).
 #[derive(Debug, Clone, Default)]
-struct Measured {
-    connect_per_s: f64,
+struct Round {
     fanout_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_msg: f64,
-    kib_idle: f64,
-    kib_after: f64,
     client_cpu_us_per_msg: f64,
+    /// Server RSS growth since before the connects, per device, after this round.
+    kib_after: f64,
+}
+
+/// One server's numbers from one run.
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    connect_per_s: f64,
+    /// Server RSS growth per device once every device is connected and subscribed.
+    kib_idle: f64,
+    /// Round 1 (each device's first message), then any further rounds.
+    rounds: Vec<Round>,
     /// Messages that never arrived (devices that failed to connect or subscribe included).
     lost: usize,
     /// Everything else that went wrong.
@@ -353,33 +372,114 @@ fn owner_token() -> Result<String> {
     )?)
 }
 
-/// Starts `perf record` on `pid` when asked; stopped with SIGINT by [`stop_perf`].
-fn start_perf(dir: Option<&Path>, pid: u32, name: &str) -> Result<Option<Child>> {
+/// `perf record` of a server, sampling only between [`start_perf`] and [`stop_perf`].
+struct Perf {
+    child: Child,
+    ctl: std::fs::File,
+    ack: BufReader<tokio::fs::File>,
+    out: PathBuf,
+}
+
+/// What `perf stat` counts with `--syscalls`.
+const SYSCALL_EVENTS: &[&str] = &[
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_sendmsg",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_recvmsg",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_futex",
+    "syscalls:sys_enter_getrandom",
+    "syscalls:sys_enter_epoll_ctl",
+    "syscalls:sys_enter_sched_yield",
+    "syscalls:sys_enter_madvise",
+    "syscalls:sys_enter_mprotect",
+    "context-switches",
+    "page-faults",
+];
+
+/// Starts `perf record` on `pid` when asked, and returns once perf acknowledged that it samples
+/// (perf starts disabled and is enabled over its control FIFO: attaching takes a while, and the
+/// fan-out must not begin before it is recorded).
+/// With `stat`, `perf stat` counts [`SYSCALL_EVENTS`] instead of sampling stacks.
+async fn start_perf(dir: Option<&Path>, pid: u32, name: &str, stat: bool) -> Result<Option<Perf>> {
     let Some(dir) = dir else { return Ok(None) };
     std::fs::create_dir_all(dir)?;
-    let out = dir.join(format!("{name}.perf.data"));
-    let child = Command::new("perf")
-        .args(["record", "-q", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384", "-o"])
+    let name = if stat { format!("{name}.stat") } else { name.to_string() };
+    let out = dir.join(if stat { format!("{name}.csv") } else { format!("{name}.perf.data") });
+    let (ctl_path, ack_path) = (dir.join(format!("{name}.ctl")), dir.join(format!("{name}.ack")));
+    for f in [&ctl_path, &ack_path] {
+        let _ = std::fs::remove_file(f);
+        let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes())?;
+        // SAFETY: `c` is a valid NUL-terminated path.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            bail!("mkfifo {}: {}", f.display(), std::io::Error::last_os_error());
+        }
+    }
+    let mut cmd = Command::new("perf");
+    if stat {
+        cmd.args(["stat", "-x", ",", "-D", "-1", "-e", &SYSCALL_EVENTS.join(",")]);
+    } else {
+        cmd.args(["record", "-q", "-D", "-1", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384"]);
+    }
+    let child = cmd
+        .arg(format!("--control=fifo:{},{}", ctl_path.display(), ack_path.display()))
+        .arg("-o")
         .arg(&out)
         .args(["-p", &pid.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.perf.log")))?)
         .kill_on_drop(true)
         .spawn()
         .context("perf record (apt-get install -y linux-perf)")?;
-    Ok(Some(child))
+    let opened = tokio::time::timeout(Duration::from_secs(30), async {
+        // Opening a FIFO blocks until perf opens the other end.
+        let ctl = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(ctl_path));
+        let ack = tokio::fs::File::open(ack_path);
+        let (ctl, ack) = tokio::join!(ctl, ack);
+        anyhow::Ok((ctl??, ack?))
+    })
+    .await
+    .context("perf did not open its control FIFOs within 30 s")??;
+    let mut perf = Perf { child, ctl: opened.0, ack: BufReader::new(opened.1), out };
+    perf_control(&mut perf, "enable").await?;
+    Ok(Some(perf))
 }
 
-async fn stop_perf(perf: Option<Child>) {
+async fn perf_control(perf: &mut Perf, cmd: &str) -> Result<()> {
+    use std::io::Write;
+    writeln!(perf.ctl, "{cmd}")?;
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), perf.ack.read_line(&mut line))
+        .await
+        .with_context(|| format!("perf did not acknowledge {cmd:?} within 30 s"))??;
+    Ok(())
+}
+
+/// Stops perf; for `perf stat`, returns its counts by event.
+async fn stop_perf(perf: Option<Perf>) -> BTreeMap<String, f64> {
+    let mut counts = BTreeMap::new();
     if let Some(mut p) = perf {
-        if let Some(pid) = p.id() {
+        let _ = perf_control(&mut p, "disable").await;
+        if let Some(pid) = p.child.id() {
             // SAFETY: signals the perf process this bench started.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
         }
-        if tokio::time::timeout(Duration::from_secs(60), p.wait()).await.is_err() {
-            let _ = p.kill().await;
+        if tokio::time::timeout(Duration::from_secs(60), p.child.wait()).await.is_err() {
+            let _ = p.child.kill().await;
+        }
+        // `perf stat -x ,` lines: count,unit,event,...
+        for line in std::fs::read_to_string(&p.out).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split(',').collect();
+            if let (Some(c), Some(e)) = (f.first().and_then(|c| c.parse::<f64>().ok()), f.get(2)) {
+                counts.insert(e.to_string(), c);
+            }
         }
     }
+    counts
 }
 
 /// One server, one repetition.
@@ -437,21 +537,68 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
     }
     settle(pid).await;
     let rss_idle = procfs::rss_kib(pid).context("server RSS")?;
+    m.kib_idle = rss_idle.saturating_sub(rss_base) as f64 / n as f64;
+    println!(
+        "  connect {ok}/{n} in {connect_secs:.2} s ({:.0}/s); RSS {:.1} MiB before connects, +{:.1} MiB connected \
+         and subscribed ({:.2} KiB/conn)",
+        m.connect_per_s,
+        rss_base as f64 / 1024.0,
+        rss_idle.saturating_sub(rss_base) as f64 / 1024.0,
+        m.kib_idle,
+    );
 
-    // Fan-out: one message to every device, interleaved over the client processes.
+    let mut received_all = 0;
+    let result = async {
+        for round in 1..=a.rounds {
+            let (r, received) =
+                fan_out(a, server, &mut clients, round, rep, rss_base, &mut m.problems).await?;
+            received_all += received;
+            m.rounds.push(r);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    clients.stop().await?;
+    result?;
+    m.lost = (n * a.rounds as usize).saturating_sub(received_all);
+    if m.lost > 0 {
+        println!("  LOST {} of {} messages", m.lost, n * a.rounds as usize);
+    }
+    for p in &m.problems {
+        println!("  PROBLEM: {p}");
+    }
+    Ok(m)
+}
+
+/// One round: one message to every device, interleaved over the client processes; returns the
+/// round's numbers and how many messages arrived.
+async fn fan_out(
+    a: &RunArgs,
+    server: &Server,
+    clients: &mut Clients,
+    round: u32,
+    rep: usize,
+    rss_base: u64,
+    problems: &mut Vec<String>,
+) -> Result<(Round, usize)> {
+    let (n, pid) = (a.devices, server.pid);
     let via = match server.http {
         Some(http) => Via::Rest { http, token: owner_token()? },
         None => Via::Mqtt { addr: server.mqtt },
     };
     let sender = Sender::open(via, a.send_conns, a.send_window, a.payload_bytes).await?;
     settle(pid).await;
-    let perf = start_perf(a.perf_dir.as_deref(), pid, &format!("{}-rep{rep}", server.kind.name()))?;
+    let run_name = format!("{}-rep{rep}-round{round}", server.kind.name());
+    let perf = start_perf(a.perf_dir.as_deref(), pid, &run_name, false).await?;
+    let stat_dir =
+        a.syscalls.then(|| a.perf_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fanout-perf")));
+    let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true).await?;
     let cpu0 = procfs::cpu_us(pid).context("server CPU")?;
     let order: Vec<usize> = (0..n).collect();
-    let sent: SendStats = sender.run(&order).await;
+    let sent: SendStats = sender.run(&order, round).await;
     let collected = clients
         .command(
-            &format!("collect {}", a.timeout_secs * 1000),
+            &format!("collect {round} {}", a.timeout_secs * 1000),
             "collected",
             Duration::from_secs(a.timeout_secs + 30),
         )
@@ -459,9 +606,9 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
     settle(pid).await;
     let cpu1 = procfs::cpu_us(pid).context("server CPU")?;
     stop_perf(perf).await;
+    let syscalls = stop_perf(stat).await;
     settle(pid).await;
     let rss_after = procfs::rss_kib(pid).context("server RSS")?;
-    clients.stop().await?;
 
     let received = sum(&collected, "received");
     let last_ns = collected.iter().map(|c| num(c, "last_ns") as u64).max().unwrap_or(0);
@@ -472,17 +619,17 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
         .collect();
     lat.sort_unstable();
     let secs = last_ns.saturating_sub(sent.first_ns) as f64 / 1e9;
-    m.fanout_per_s = if secs > 0.0 { received as f64 / secs } else { 0.0 };
-    m.p50_ms = fanout::quantile(&lat, 0.50).unwrap_or(0) as f64 / 1000.0;
-    m.p99_ms = fanout::quantile(&lat, 0.99).unwrap_or(0) as f64 / 1000.0;
-    m.cpu_us_per_msg = cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64;
-    m.client_cpu_us_per_msg = sum(&collected, "cpu_us") as f64 / received.max(1) as f64;
-    m.kib_idle = rss_idle.saturating_sub(rss_base) as f64 / n as f64;
-    m.kib_after = rss_after.saturating_sub(rss_base) as f64 / n as f64;
-    m.lost = n - received.min(n);
+    let r = Round {
+        fanout_per_s: if secs > 0.0 { received as f64 / secs } else { 0.0 },
+        p50_ms: fanout::quantile(&lat, 0.50).unwrap_or(0) as f64 / 1000.0,
+        p99_ms: fanout::quantile(&lat, 0.99).unwrap_or(0) as f64 / 1000.0,
+        cpu_us_per_msg: cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64,
+        client_cpu_us_per_msg: sum(&collected, "cpu_us") as f64 / received.max(1) as f64,
+        kib_after: rss_after.saturating_sub(rss_base) as f64 / n as f64,
+    };
     if sent.failed > 0 {
-        m.problems.push(format!(
-            "{} sends failed (first: {})",
+        problems.push(format!(
+            "round {round}: {} sends failed (first: {})",
             sent.failed,
             sent.error.clone().unwrap_or_default()
         ));
@@ -493,37 +640,41 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
         ("closed", "connections closed by the server"),
     ] {
         if sum(&collected, k) > 0 {
-            m.problems.push(format!(
-                "{} {what} (first: {})",
+            problems.push(format!(
+                "round {round}: {} {what} (first: {})",
                 sum(&collected, k),
                 first_error(&collected).unwrap_or_default()
             ));
         }
     }
     println!(
-        "  connect {ok}/{n} in {connect_secs:.2} s ({:.0}/s); fan-out {received}/{n} in {secs:.3} s ({:.0} msg/s), \
-         p50 {:.2} ms, p99 {:.2} ms; server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg; \
-         RSS {:.1} MiB before connects, +{:.1} MiB connected ({:.2} KiB/conn), +{:.1} MiB after ({:.2} KiB/conn)",
-        m.connect_per_s,
-        m.fanout_per_s,
-        m.p50_ms,
-        m.p99_ms,
+        "  round {round}: fan-out {received}/{n} in {secs:.3} s ({:.0} msg/s), p50 {:.2} ms, p99 {:.2} ms; \
+         server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg; RSS +{:.1} MiB after ({:.2} KiB/conn)",
+        r.fanout_per_s,
+        r.p50_ms,
+        r.p99_ms,
         cpu1.saturating_sub(cpu0) as f64 / 1e6,
-        m.cpu_us_per_msg,
-        m.client_cpu_us_per_msg,
-        rss_base as f64 / 1024.0,
-        rss_idle.saturating_sub(rss_base) as f64 / 1024.0,
-        m.kib_idle,
+        r.cpu_us_per_msg,
+        r.client_cpu_us_per_msg,
         rss_after.saturating_sub(rss_base) as f64 / 1024.0,
-        m.kib_after,
+        r.kib_after,
     );
-    if m.lost > 0 {
-        println!("  LOST {} of {n} messages", m.lost);
+    if !syscalls.is_empty() {
+        let per: Vec<String> = SYSCALL_EVENTS
+            .iter()
+            .filter_map(|e| {
+                let c = syscalls.get(*e)?;
+                let short = e.rsplit(':').next().unwrap_or(e).trim_start_matches("sys_enter_");
+                Some(format!(
+                    "{} {:.2}",
+                    if short == "sys_enter" { "all" } else { short },
+                    c / received.max(1) as f64
+                ))
+            })
+            .collect();
+        println!("  server system calls and context switches per delivered message: {}", per.join(", "));
     }
-    for p in &m.problems {
-        println!("  PROBLEM: {p}");
-    }
-    Ok(m)
+    Ok((r, received))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -534,21 +685,99 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Medians over repetitions, per metric.
+/// Medians over repetitions, per metric (and per round).
 fn medians(runs: &[Measured]) -> Measured {
-    let f = |g: fn(&Measured) -> f64| median(runs.iter().map(g).collect());
+    let f = |g: &dyn Fn(&Measured) -> f64| median(runs.iter().map(g).collect());
+    let rounds = runs.iter().map(|m| m.rounds.len()).min().unwrap_or(0);
     Measured {
-        connect_per_s: f(|m| m.connect_per_s),
-        fanout_per_s: f(|m| m.fanout_per_s),
-        p50_ms: f(|m| m.p50_ms),
-        p99_ms: f(|m| m.p99_ms),
-        cpu_us_per_msg: f(|m| m.cpu_us_per_msg),
-        kib_idle: f(|m| m.kib_idle),
-        kib_after: f(|m| m.kib_after),
-        client_cpu_us_per_msg: f(|m| m.client_cpu_us_per_msg),
+        connect_per_s: f(&|m| m.connect_per_s),
+        kib_idle: f(&|m| m.kib_idle),
+        rounds: (0..rounds)
+            .map(|i| Round {
+                fanout_per_s: f(&|m| m.rounds[i].fanout_per_s),
+                p50_ms: f(&|m| m.rounds[i].p50_ms),
+                p99_ms: f(&|m| m.rounds[i].p99_ms),
+                cpu_us_per_msg: f(&|m| m.rounds[i].cpu_us_per_msg),
+                client_cpu_us_per_msg: f(&|m| m.rounds[i].client_cpu_us_per_msg),
+                kib_after: f(&|m| m.rounds[i].kib_after),
+            })
+            .collect(),
         lost: runs.iter().map(|m| m.lost).max().unwrap_or(0),
         problems: runs.iter().flat_map(|m| m.problems.clone()).collect(),
     }
+}
+
+/// The table of round `round` (0-based) with the hub/peer ratios.
+fn print_table(
+    found: &[Found],
+    skipped: &BTreeMap<usize, String>,
+    table: &[(usize, Measured)],
+    round: usize,
+    title: &str,
+) {
+    let pick = |m: &Measured| m.rounds.get(round).cloned().unwrap_or_default();
+    println!("{title}");
+    println!(
+        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6}",
+        "server", "connect/s", "fan-out/s", "p50 ms", "p99 ms", "CPU µs/msg", "KiB/conn", "KiB/conn", "lost"
+    );
+    println!(
+        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6}",
+        "", "", "", "", "", "", "idle", "after", ""
+    );
+    for (i, f) in found.iter().enumerate() {
+        if let Some(why) = skipped.get(&i) {
+            println!("{:<20} SKIPPED ({why})", f.label);
+            continue;
+        }
+        match table.iter().find(|(j, _)| *j == i) {
+            None => println!("{:<20} FAILED (no successful run)", f.label),
+            Some((_, m)) => {
+                let r = pick(m);
+                println!(
+                    "{:<20} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>11.1} {:>9.2} {:>9.2} {:>6}",
+                    f.label,
+                    m.connect_per_s,
+                    r.fanout_per_s,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.cpu_us_per_msg,
+                    m.kib_idle,
+                    r.kib_after,
+                    m.lost
+                )
+            }
+        }
+    }
+    let hub =
+        found.iter().position(|f| f.kind == Kind::Hub).and_then(|i| table.iter().find(|(j, _)| *j == i));
+    let Some((_, h)) = hub else { return };
+    let hr = pick(h);
+    for (i, p) in table {
+        let f = &found[*i];
+        if f.kind == Kind::Hub {
+            continue;
+        }
+        let pr = pick(p);
+        let r = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "n/a".into() };
+        println!(
+            "hub/{:<10} connect {}  fan-out {}  p50 {}  p99 {}  CPU/msg {}  mem idle {}  mem after {}",
+            f.kind.name(),
+            r(h.connect_per_s, p.connect_per_s),
+            r(hr.fanout_per_s, pr.fanout_per_s),
+            r(hr.p50_ms, pr.p50_ms),
+            r(hr.p99_ms, pr.p99_ms),
+            r(hr.cpu_us_per_msg, pr.cpu_us_per_msg),
+            r(h.kib_idle, p.kib_idle),
+            r(hr.kib_after, pr.kib_after),
+        );
+    }
+    println!("(ratios hub/peer: above 1 is better for the hub for connect and fan-out, worse for the rest)");
+    let client: Vec<String> = table
+        .iter()
+        .map(|(i, m)| format!("{} {:.1}", found[*i].kind.name(), pick(m).client_cpu_us_per_msg))
+        .collect();
+    println!("client CPU µs/msg (all client processes): {}", client.join(", "));
 }
 
 /// Runs everything; returns whether something failed.
@@ -579,13 +808,14 @@ async fn run(a: RunArgs) -> Result<bool> {
     let load_before = procfs::loadavg();
     println!(
         "fan-out bench: {} devices, {} client processes, connect in flight {}, sender {} conns x {} in flight, \
-         {}-byte payload, QoS 1, {} rep(s); {} cores; load average {load_before}",
+         {}-byte payload, QoS 1, {} round(s), {} rep(s); {} cores; load average {load_before}",
         a.devices,
         a.client_procs,
         a.connect_in_flight,
         a.send_conns,
         a.send_window,
         a.payload_bytes,
+        a.rounds,
         a.reps,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -643,62 +873,10 @@ async fn run(a: RunArgs) -> Result<bool> {
         if a.reps > 1 { " (per metric)" } else { "" },
         procfs::loadavg()
     );
-    println!(
-        "{:<34} {:>10} {:>12} {:>8} {:>8} {:>11} {:>10} {:>10} {:>6}",
-        "server", "connect/s", "fan-out/s", "p50 ms", "p99 ms", "CPU µs/msg", "KiB/conn", "KiB/conn", "lost"
-    );
-    println!(
-        "{:<34} {:>10} {:>12} {:>8} {:>8} {:>11} {:>10} {:>10} {:>6}",
-        "", "", "", "", "", "", "idle", "after", ""
-    );
-    for (i, f) in found.iter().enumerate() {
-        if let Some(why) = skipped.get(&i) {
-            println!("{:<34} SKIPPED ({why})", f.label);
-            continue;
-        }
-        match table.iter().find(|(j, _)| *j == i) {
-            None => println!("{:<34} FAILED (no successful run)", f.label),
-            Some((_, m)) => println!(
-                "{:<34} {:>10.0} {:>12.0} {:>8.2} {:>8.2} {:>11.1} {:>10.2} {:>10.2} {:>6}",
-                f.label,
-                m.connect_per_s,
-                m.fanout_per_s,
-                m.p50_ms,
-                m.p99_ms,
-                m.cpu_us_per_msg,
-                m.kib_idle,
-                m.kib_after,
-                m.lost
-            ),
-        }
-    }
-    let hub =
-        found.iter().position(|f| f.kind == Kind::Hub).and_then(|i| table.iter().find(|(j, _)| *j == i));
-    if let Some((_, h)) = hub {
-        for (i, p) in &table {
-            let f = &found[*i];
-            if f.kind == Kind::Hub {
-                continue;
-            }
-            let r = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "n/a".into() };
-            println!(
-                "hub/{:<10} connect {}  fan-out {}  p50 {}  p99 {}  CPU/msg {}  mem idle {}  mem after {}   \
-                 (fan-out and connect: higher is better for the hub; the rest: lower)",
-                f.kind.name(),
-                r(h.connect_per_s, p.connect_per_s),
-                r(h.fanout_per_s, p.fanout_per_s),
-                r(h.p50_ms, p.p50_ms),
-                r(h.p99_ms, p.p99_ms),
-                r(h.cpu_us_per_msg, p.cpu_us_per_msg),
-                r(h.kib_idle, p.kib_idle),
-                r(h.kib_after, p.kib_after),
-            );
-        }
-        let client: Vec<String> = table
-            .iter()
-            .map(|(i, m)| format!("{} {:.1}", found[*i].kind.name(), m.client_cpu_us_per_msg))
-            .collect();
-        println!("client CPU µs/msg (both client processes): {}", client.join(", "));
+    print_table(&found, &skipped, &table, 0, "round 1: each device's first message");
+    if a.rounds > 1 {
+        println!();
+        print_table(&found, &skipped, &table, a.rounds as usize - 1, &format!("round {}", a.rounds));
     }
     let mut verdict = Vec::new();
     for (i, f) in found.iter().enumerate() {

@@ -99,7 +99,7 @@ impl Sender {
 
     /// Sends one message to each device in `order`, spread over the connections; returns when
     /// every request is answered (or failed). The connections are closed afterwards.
-    pub async fn run(self, order: &[usize]) -> SendStats {
+    pub async fn run(self, order: &[usize], round: u32) -> SendStats {
         let n = self.conns.len();
         let mut jobs = Vec::new();
         for (c, stream) in self.conns.into_iter().enumerate() {
@@ -109,8 +109,11 @@ impl Sender {
             jobs.push(async move {
                 let (rd, wr) = stream.into_split();
                 let total = mine.len();
-                match tokio::time::timeout(SEND_TIMEOUT, one_conn(via, rd, wr, mine, window, payload_bytes))
-                    .await
+                match tokio::time::timeout(
+                    SEND_TIMEOUT,
+                    one_conn(via, rd, wr, mine, round, window, payload_bytes),
+                )
+                .await
                 {
                     Ok(s) => s,
                     Err(_) => SendStats {
@@ -141,6 +144,7 @@ async fn one_conn(
     mut rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
     devices: Vec<usize>,
+    round: u32,
     window: usize,
     payload_bytes: usize,
 ) -> SendStats {
@@ -174,7 +178,7 @@ async fn one_conn(
                 let now = mono_ns();
                 first = first.min(now);
                 let mut body = Vec::with_capacity(payload_bytes);
-                fanout::payload(&mut body, i, now, payload_bytes);
+                fanout::payload(&mut body, i, round, now, payload_bytes);
                 match &via {
                     Via::Rest { http, token } => {
                         buf.extend_from_slice(
