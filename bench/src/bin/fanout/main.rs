@@ -73,8 +73,9 @@ struct RunArgs {
     /// Payload bytes per message (at least 16: send time, device index and round).
     #[arg(long, default_value_t = 32)]
     payload_bytes: usize,
-    /// Deadline for every device to receive its message, in seconds.
-    #[arg(long, default_value_t = 60)]
+    /// Deadline for every device to receive its message, in seconds, per round (rumqttd 0.19 needs
+    /// about a minute for the first message to 19,000 devices).
+    #[arg(long, default_value_t = 180)]
     timeout_secs: u64,
     /// The hub: an `iothub-emulator` binary, or `self` for this binary's `hub-serve` (default: the
     /// `iothub-emulator` beside this binary if there is one, else `self`).
@@ -595,7 +596,7 @@ async fn fan_out(
     let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true).await?;
     let cpu0 = procfs::cpu_us(pid).context("server CPU")?;
     let order: Vec<usize> = (0..n).collect();
-    let sent: SendStats = sender.run(&order, round).await;
+    let sent: SendStats = sender.run(&order, round, Duration::from_secs(a.timeout_secs)).await;
     let collected = clients
         .command(
             &format!("collect {round} {}", a.timeout_secs * 1000),

@@ -23,8 +23,6 @@ use testbench::fanout::{self, codec, mono_ns};
 
 /// Requests encoded into one write at most.
 const BATCH: usize = 32;
-/// Deadline for the whole send phase of one connection.
-const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a send phase did.
 #[derive(Debug, Default, Clone)]
@@ -99,7 +97,8 @@ impl Sender {
 
     /// Sends one message to each device in `order`, spread over the connections; returns when
     /// every request is answered (or failed). The connections are closed afterwards.
-    pub async fn run(self, order: &[usize], round: u32) -> SendStats {
+    /// Gives up on answers after `timeout`.
+    pub async fn run(self, order: &[usize], round: u32, timeout: Duration) -> SendStats {
         let n = self.conns.len();
         let mut jobs = Vec::new();
         for (c, stream) in self.conns.into_iter().enumerate() {
@@ -109,16 +108,13 @@ impl Sender {
             jobs.push(async move {
                 let (rd, wr) = stream.into_split();
                 let total = mine.len();
-                match tokio::time::timeout(
-                    SEND_TIMEOUT,
-                    one_conn(via, rd, wr, mine, round, window, payload_bytes),
-                )
-                .await
+                match tokio::time::timeout(timeout, one_conn(via, rd, wr, mine, round, window, payload_bytes))
+                    .await
                 {
                     Ok(s) => s,
                     Err(_) => SendStats {
                         failed: total,
-                        error: Some(format!("send phase over {SEND_TIMEOUT:?}")),
+                        error: Some(format!("send phase over {timeout:?}")),
                         ..Default::default()
                     },
                 }
