@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 
 use testbench::fanout::{self, codec, mono_ns};
 
+/// Deadline of a sender connection's connect (and CONNACK).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests encoded into one write at most.
 const BATCH: usize = 32;
 
@@ -70,17 +72,20 @@ impl Sender {
         let mut open = Vec::new();
         for c in 0..conns.max(1) {
             let s = match &via {
-                Via::Rest { http, .. } => {
-                    TcpStream::connect(http).await.with_context(|| format!("connect to {http}"))?
-                }
+                Via::Rest { http, .. } => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(http))
+                    .await
+                    .context("connect timeout")?
+                    .with_context(|| format!("connect to {http}"))?,
                 Via::Mqtt { addr } => {
-                    let mut s =
-                        TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+                    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                        .await
+                        .context("connect timeout")?
+                        .with_context(|| format!("connect to {addr}"))?;
                     let mut b = Vec::new();
                     codec::connect(&mut b, &format!("fanout-sender-{c}"), "sender", "-", 1000, true);
                     s.write_all(&b).await?;
                     let mut buf = [0u8; 4];
-                    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+                    tokio::time::timeout(CONNECT_TIMEOUT, s.read_exact(&mut buf))
                         .await
                         .context("CONNACK timeout")??;
                     if buf != [0x20, 2, 0, 0] {

@@ -136,7 +136,12 @@ pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
             Found { kind, program: Ok(program), label: format!("mosquitto {version}"), hub: None }
         }
         Kind::Rumqttd => {
-            let program = explicit.map(PathBuf::from).or_else(|| sibling("rumqttd-peer"));
+            // Beside this binary, else in the release directory next to it (a debug build of the
+            // bench, such as the smoke test's, finds what `bench/fanout.sh` built).
+            let program = explicit.map(PathBuf::from).or_else(|| sibling("rumqttd-peer")).or_else(|| {
+                let p = std::env::current_exe().ok()?.parent()?.parent()?.join("release/rumqttd-peer");
+                p.is_file().then_some(p)
+            });
             let Some(program) = program.filter(|p| p.is_file()) else {
                 return Found {
                     kind,
