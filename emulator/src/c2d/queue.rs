@@ -2,7 +2,9 @@
 //! reference §3.1, applied lazily on each call.
 //!
 //! A queue is a `VecDeque` of entries in sequence order plus the last sequence number handed out,
-//! so an empty queue costs 32 bytes and no allocation. Final messages leave the deque at once;
+//! so an empty queue costs 32 bytes and no allocation — also once messages have come and gone: a
+//! deque left empty gives its buffer back (a fan-out to a million devices must not leave each
+//! queue holding the slots of its one delivered message). Final messages leave the deque at once;
 //! what remains is exactly the queue depth. Depth is at most 50, so every lookup is a linear scan.
 
 use std::collections::VecDeque;
@@ -198,6 +200,7 @@ impl DeviceQueue {
         for entry in self.entries.drain(..) {
             report(&entry, FeedbackStatus::Purged, now, out);
         }
+        self.release_if_empty();
         purged
     }
 
@@ -234,7 +237,16 @@ impl DeviceQueue {
     /// Drops the oldest pending message whatever its state (`Purged` feedback if asked); used to
     /// make room in a bounded queue that must not refuse new messages.
     pub(super) fn drop_oldest(&mut self, now: Millis, out: &mut Vec<Outcome>) -> bool {
-        self.entries.pop_front().map(|entry| report(&entry, FeedbackStatus::Purged, now, out)).is_some()
+        let dropped = self.entries.pop_front().map(|entry| report(&entry, FeedbackStatus::Purged, now, out));
+        self.release_if_empty();
+        dropped.is_some()
+    }
+
+    /// Frees the deque's buffer once it holds nothing (`VecDeque` never shrinks by itself).
+    fn release_if_empty(&mut self) {
+        if self.entries.is_empty() && self.entries.capacity() > 0 {
+            self.entries = VecDeque::new();
+        }
     }
 
     /// Dead-letters expired messages and unlocks lapsed locks; the lazy clock of the queue.
@@ -249,6 +261,7 @@ impl DeviceQueue {
             }
             true
         });
+        self.release_if_empty();
     }
 
     /// Applies one settlement to the message locked under `token`.
@@ -283,6 +296,7 @@ impl DeviceQueue {
         if let Some(entry) = self.entries.remove(index) {
             report(&entry, status, now, out);
         }
+        self.release_if_empty();
         Ok(())
     }
 
@@ -323,6 +337,18 @@ mod tests {
 
     fn outcome(id: &str, at: Millis, status: FeedbackStatus) -> Outcome {
         Outcome { message_id: Some(id.into()), enqueued_at: at, status }
+    }
+
+    #[test]
+    fn a_queue_emptied_by_settling_holds_no_buffer() {
+        let cfg = QueueConfig::default();
+        let mut q = DeviceQueue::new();
+        let mut out = Vec::new();
+        q.send(msg("a", AckMode::None), T0, &cfg, &mut out).unwrap();
+        let d = q.receive(T0, 60_000, LockToken(1), &cfg, &mut out).unwrap();
+        assert!(q.entries.capacity() > 0);
+        q.complete(d.lock_token, T0, &cfg, &mut out).unwrap();
+        assert_eq!(q.entries.capacity(), 0, "a delivered message's slot is given back");
     }
 
     #[test]

@@ -120,7 +120,13 @@ impl LinkReceiver {
 
     /// The next event if one is waiting.
     pub fn try_recv(&self) -> Option<LinkEvent> {
-        self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let event = q.pop_front();
+        if q.is_empty() && q.capacity() > 0 {
+            // An empty mailbox gives its buffer back: every idle connection has one.
+            *q = VecDeque::new();
+        }
+        event
     }
 
     /// Whether a newer connection, or deleting or disabling the device, closed this one.

@@ -397,7 +397,12 @@ impl Session {
             tracing::debug!(device = %self.device_id, pkid, "PUBACK for no in-flight message");
             return;
         };
-        if let Some((_, token)) = self.inflight.remove(i)
+        let settled = self.inflight.remove(i);
+        if self.inflight.is_empty() {
+            // An empty window gives its buffer back: most devices wait idle between messages.
+            self.inflight = VecDeque::new();
+        }
+        if let Some((_, token)) = settled
             && let Err(e) = hub.settle_c2d(&self.device_id, token, Settlement::Complete)
         {
             tracing::info!(device = %self.device_id, pkid, "late PUBACK: {}", e.message);

@@ -1,0 +1,56 @@
+//! Smoke test of the C2D fan-out bench (`src/bin/fanout`), cheap enough for CI: 200 devices
+//! against the hub (this build's own copy of the library, `--hub-bin self`), and against
+//! Mosquitto and rumqttd when they are installed or built. A peer that is missing is reported
+//! SKIPPED, loudly, and never counted as passed; a peer that is there must pass like the hub.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The whole bench run must finish within this.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+#[test]
+fn fanout_bench_delivers_to_200_devices_and_prints_the_table() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["--devices", "200", "--hub-bin", "self", "--allow-missing-peers", "--timeout-secs", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the fanout bench");
+    let pid = child.id();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        let _ = tx.send((child.wait(), o, e));
+    });
+    let Ok((status, stdout, stderr)) = rx.recv_timeout(DEADLINE) else {
+        // SAFETY: kills the bench process this test started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("the fanout bench did not finish within {DEADLINE:?}");
+    };
+    let status = status.expect("wait for the bench");
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
+    let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
+    assert!(result.contains("hub: ok"), "{result}");
+    let hub_row = stdout.lines().find(|l| l.starts_with("hub ")).expect("the hub's row in the table");
+    let numbers: Vec<f64> = hub_row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(numbers.len() >= 8, "the hub's row has every column: {hub_row}");
+    assert!(numbers[1] > 0.0, "a fan-out rate: {hub_row}");
+    for peer in ["mosquitto", "rumqttd"] {
+        if result.contains(&format!("{peer}: SKIPPED")) {
+            eprintln!(
+                "\n!!! fanout smoke test: {peer} was SKIPPED (not installed or not built): NOT TESTED !!!\n"
+            );
+        } else {
+            assert!(result.contains(&format!("{peer}: ok")), "{peer}: {result}");
+            assert!(stdout.contains(&format!("hub/{peer}")), "a hub/{peer} ratio line");
+        }
+    }
+}
