@@ -164,6 +164,12 @@ async fn c2d_reaches_a_rust_mqtt_client() -> Result<()> {
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await;
     }
+
+    // Time travel through the testcontainers handle: hub time moves forward by what was asked.
+    let before = hub.hub_time().await?;
+    let after = hub.advance_time(Duration::from_secs(7200)).await?;
+    assert!(after >= before + 7_200_000, "advance_time: {before} -> {after}");
+    assert!(hub.hub_time().await? >= after, "hub time never goes back");
     client.disconnect().await?;
     Ok(())
 }

@@ -490,27 +490,20 @@ impl IotHubEmulatorContainer {
     /// locks lapse, jobs start and feedback batches are cut as if that much time had passed.
     /// SAS tokens are not affected. Returns the new hub time (Unix milliseconds).
     pub async fn advance_time(&self, by: std::time::Duration) -> Result<u64, Error> {
-        let what = format!("advancing hub time by {by:?}");
-        let resp = self
-            .http
-            .post(format!("{}/emulator/time", self.http_url()))
-            .json(&serde_json::json!({ "advanceMs": by.as_millis() as u64 }))
-            .send()
-            .await
-            .map_err(|source| Error::Http { what: what.clone(), source })?;
-        let body = Self::json(resp, &what).await?;
-        body["nowMs"].as_u64().ok_or_else(|| Error::Api { what, status: 200, body: body.to_string() })
+        let body = serde_json::json!({ "advanceMs": by.as_millis() as u64 });
+        let req = self.http.post(format!("{}/emulator/time", self.http_url())).json(&body);
+        Self::time_call(req, format!("advancing hub time by {by:?}")).await
     }
 
     /// The hub's time (`GET /emulator/time`), Unix milliseconds.
     pub async fn hub_time(&self) -> Result<u64, Error> {
-        let what = "reading hub time".to_string();
-        let resp = self
-            .http
-            .get(format!("{}/emulator/time", self.http_url()))
-            .send()
-            .await
-            .map_err(|source| Error::Http { what: what.clone(), source })?;
+        let req = self.http.get(format!("{}/emulator/time", self.http_url()));
+        Self::time_call(req, "reading hub time".to_string()).await
+    }
+
+    /// Sends a `/emulator/time` request and returns the `nowMs` it answers with.
+    async fn time_call(req: reqwest::RequestBuilder, what: String) -> Result<u64, Error> {
+        let resp = req.send().await.map_err(|source| Error::Http { what: what.clone(), source })?;
         let body = Self::json(resp, &what).await?;
         body["nowMs"].as_u64().ok_or_else(|| Error::Api { what, status: 200, body: body.to_string() })
     }
