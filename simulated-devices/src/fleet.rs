@@ -300,7 +300,7 @@ impl Fleet {
     /// like a power cut) or back on (it boots from what is on disk and reconnects).
     pub fn set_power(&self, index: usize, on: bool) {
         if let Some(a) = self.agents.get(index) {
-            a.power.send_modify(|s| s.on = on);
+            change_switch(a, |s| s.on = on);
         }
     }
 
@@ -310,7 +310,7 @@ impl Fleet {
     /// reconnects after its normal backoff. Ignored while the agent is off.
     pub fn flap_link(&self, index: usize, ftp: bool) {
         if let Some(a) = self.agents.get(index) {
-            a.power.send_modify(|s| {
+            change_switch(a, |s| {
                 s.link_drops = s.link_drops.wrapping_add(1);
                 if ftp {
                     s.ftp_cuts = s.ftp_cuts.wrapping_add(1);
@@ -324,7 +324,7 @@ impl Fleet {
     /// hub deliver the message again. Deterministic, for tests of redelivery.
     pub fn drop_link_before_next_ack(&self, index: usize) {
         if let Some(a) = self.agents.get(index) {
-            a.power.send_modify(|s| s.drops_before_ack = s.drops_before_ack.wrapping_add(1));
+            change_switch(a, |s| s.drops_before_ack = s.drops_before_ack.wrapping_add(1));
         }
     }
 
@@ -352,9 +352,10 @@ impl Fleet {
         self.agents.iter().filter(|a| a.status.connected.load(Ordering::Relaxed)).count()
     }
 
-    /// Agents not yet where their power switch puts them: powered on but not connected
-    /// (starting, reconnecting) or with work in flight ([`AgentStatus::busy`]), or switched off
-    /// but not yet down (still connected or working). Zero means the fleet is quiescent: nothing
+    /// Agents not yet where their switch puts them: powered on but not connected (starting,
+    /// reconnecting) or with work in flight ([`AgentStatus::busy`]), switched off but not yet down
+    /// (still connected or working), or not yet having looked at the switch's last change (a
+    /// link drop or check asked for). Zero means the fleet is quiescent: nothing
     /// will happen until something outside changes (a C2D message, a power switch, a link fault).
     pub fn unsettled(&self) -> usize {
         self.agents
@@ -362,7 +363,9 @@ impl Fleet {
             .filter(|a| {
                 let (connected, busy) =
                     (a.status.connected.load(Ordering::Relaxed), a.status.busy.load(Ordering::Relaxed));
-                if a.power.borrow().on { !connected || busy } else { connected || busy }
+                let switch = *a.power.borrow();
+                let settled = if switch.on { connected && !busy } else { !connected && !busy };
+                !settled || a.status.seen_switch.load(Ordering::Relaxed) != switch.generation
             })
             .count()
     }
@@ -394,7 +397,16 @@ impl Fleet {
 }
 
 fn request_check(agent: &AgentHandle) {
-    agent.power.send_modify(|s| s.checks = s.checks.wrapping_add(1));
+    change_switch(agent, |s| s.checks = s.checks.wrapping_add(1));
+}
+
+/// Changes `agent`'s switch with `f` and bumps its generation, so [`Fleet::unsettled`] counts
+/// the agent until it has looked at the change.
+fn change_switch(agent: &AgentHandle, f: impl FnOnce(&mut Switch)) {
+    agent.power.send_modify(|s| {
+        f(s);
+        s.generation = s.generation.wrapping_add(1);
+    });
 }
 
 /// The fleet's one periodic-check task: asks each agent in turn, following `schedule` on real

@@ -121,6 +121,8 @@ pub struct AgentStatus {
     /// Set before the PUBACK of a command leaves, so "the hub has nothing queued and every agent
     /// is idle" means nothing is happening (the runner's compressed time relies on it).
     pub busy: AtomicBool,
+    /// The [`Switch::generation`] the agent last looked at.
+    pub seen_switch: AtomicU32,
 }
 
 /// What the fleet asks of one agent: power, and link faults as counters that only grow, so the
@@ -139,6 +141,9 @@ pub struct Switch {
     /// Update checks requested: each reads `latest.json` and installs a version that is not
     /// active (ignored while an install runs or the agent is off).
     pub checks: u32,
+    /// Bumped by every change of the switch; the agent publishes the last one it looked at in
+    /// [`AgentStatus::seen_switch`], so "asked but not yet acted on" is visible from outside.
+    pub generation: u32,
 }
 
 impl Switch {
@@ -204,6 +209,7 @@ pub async fn run<I: InstallBackend>(
     let mut retry_due = false;
     loop {
         let switch = *power.borrow_and_update();
+        status.seen_switch.store(switch.generation, Ordering::Relaxed);
         if !switch.on {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -317,6 +323,7 @@ impl<I: InstallBackend> Session<'_, I> {
                         return SessionEnd::Shutdown;
                     }
                     let switch = *power.borrow_and_update();
+                    self.status.seen_switch.store(switch.generation, Ordering::Relaxed);
                     if !switch.on {
                         return SessionEnd::PowerOff;
                     }
