@@ -116,9 +116,14 @@ impl FeedbackHub {
 
     /// Locks the oldest available batch for the feedback lock duration.
     pub fn receive(&mut self, now: Millis, token: LockToken) -> Option<Delivery> {
+        self.receive_with(now, || token)
+    }
+
+    /// [`Self::receive`] with the token made only when a batch is there to lock.
+    pub fn receive_with(&mut self, now: Millis, token: impl FnOnce() -> LockToken) -> Option<Delivery> {
         self.cut_due(now);
         let lock_ms = limits::FEEDBACK_LOCK_MS;
-        self.batches.receive(now, lock_ms, token, &self.config, &mut Vec::new())
+        self.batches.receive_with(now, lock_ms, token, &self.config, &mut Vec::new())
     }
 
     /// Completes (removes) the batch locked under `token`.

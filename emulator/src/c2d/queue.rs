@@ -129,11 +129,25 @@ impl DeviceQueue {
         now: Millis,
         lock_ms: u64,
         token: LockToken,
+        cfg: &QueueConfig,
+        out: &mut Vec<Outcome>,
+    ) -> Option<Delivery> {
+        self.receive_with(now, lock_ms, || token, cfg, out)
+    }
+
+    /// [`Self::receive`] with the token made by `token` only when a message is there to lock:
+    /// callers polling an often-empty queue pay for no random token.
+    pub fn receive_with(
+        &mut self,
+        now: Millis,
+        lock_ms: u64,
+        token: impl FnOnce() -> LockToken,
         _cfg: &QueueConfig,
         out: &mut Vec<Outcome>,
     ) -> Option<Delivery> {
         self.expire(now, out);
         let entry = self.entries.iter_mut().find(|e| e.lock.is_none())?;
+        let token = token();
         let until = now.saturating_add(lock_ms);
         entry.lock = Some(Lock { token, until });
         Some(Delivery {
@@ -354,6 +368,18 @@ mod tests {
     #[test]
     fn empty_queue_is_small() {
         assert!(std::mem::size_of::<DeviceQueue>() <= 40);
+    }
+
+    #[test]
+    fn a_token_is_made_only_when_a_message_is_locked() {
+        let (cfg, mut out, mut q) = (QueueConfig::default(), Vec::new(), DeviceQueue::new());
+        let none = q.receive_with(T0, 60_000, || panic!("no token for an empty queue"), &cfg, &mut out);
+        assert!(none.is_none());
+        q.send(msg("a", AckMode::None), T0, &cfg, &mut out).unwrap();
+        let d = q.receive_with(T0, 60_000, || LockToken(7), &cfg, &mut out).unwrap();
+        assert_eq!(d.lock_token, LockToken(7));
+        let locked = q.receive_with(T0, 60_000, || panic!("no token when all are locked"), &cfg, &mut out);
+        assert!(locked.is_none());
     }
 
     #[test]

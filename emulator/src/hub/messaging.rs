@@ -67,7 +67,7 @@ impl Hub {
         let r = self.with_device(device_id, |d| {
             let mut out = Vec::new();
             d.last_activity = now;
-            let got = d.c2d.receive(now, lock_ms, LockToken::random(), &self.config().c2d, &mut out);
+            let got = d.c2d.receive_with(now, lock_ms, LockToken::random, &self.config().c2d, &mut out);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             Ok(got)
         });
@@ -122,7 +122,7 @@ impl Hub {
 
     /// Locks and returns the next feedback batch, if one is ready.
     pub fn receive_feedback(&self) -> Option<FeedbackDelivery> {
-        self.feedback().receive(self.now(), LockToken::random())
+        self.feedback().receive_with(self.now(), LockToken::random)
     }
 
     /// Completes (`abandon == false`) or abandons a feedback batch.
