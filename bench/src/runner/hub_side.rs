@@ -4,12 +4,10 @@
 //! and the types they exchange with the runner live in the leaf [`super::shared`].
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use iothub_emulator::server::RunningHub;
-use simulated_devices::agent::FtpBackend;
-use simulated_devices::fleet::FleetConfig;
 use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
@@ -54,21 +52,6 @@ impl HubSide {
             Self::Embedded(e) => e.service_client(),
             Self::External(x) => Ok(x.service().clone()),
         }
-    }
-
-    /// How an in-process fleet of `ids` reaches this hub ([`Self::link`]). Every device starts on
-    /// `initial_version`.
-    pub fn fleet_config(
-        &self,
-        ids: Vec<String>,
-        fleet_key: &str,
-        data_root: PathBuf,
-        ramp_per_sec: u32,
-        initial_version: &str,
-    ) -> Result<(FleetConfig, FtpBackend), RunError> {
-        self.link()?
-            .fleet_config(ids, fleet_key, data_root, ramp_per_sec, initial_version)
-            .map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))
     }
 
     /// Where agents connect: the embedded hub's plain MQTT listener, or an external hub's MQTT

@@ -243,13 +243,16 @@ async fn run_with_hub(
         log(format!("fleet: {n} devices in {shards} shard processes"));
         FleetSide::Shards(children, svc.clone())
     } else {
-        let (mut cfg, backend) = hub.fleet_config(
-            ids.clone(),
-            FLEET_KEY,
-            work_dir.join("devices"),
-            ramp_per_sec,
-            &plan.fleet.initial_version,
-        )?;
+        let (mut cfg, backend) = hub
+            .link()?
+            .fleet_config(
+                ids.clone(),
+                FLEET_KEY,
+                work_dir.join("devices"),
+                ramp_per_sec,
+                &plan.fleet.initial_version,
+            )
+            .map_err(|e| RunError::Setup(format!("hub.ca_file: {e}")))?;
         // Periodic checks run on scenario time ([`update_checks`]), not on the agents' clocks.
         cfg.update_retry =
             fleet::UpdateRetry { on_reconnect: plan.fleet.update_retry.on_reconnect, check_every: None };

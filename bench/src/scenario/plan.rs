@@ -100,20 +100,9 @@ pub struct FleetPlan {
     pub update_retry: UpdateRetryPlan,
 }
 
-/// `fleet.update_retry`: when devices whose install failed try again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpdateRetryPlan {
-    /// After a failed install, the device checks `latest.json` again on every reconnect.
-    pub on_reconnect: bool,
-    /// Every device checks `latest.json` once per this much scenario time (`None`: never).
-    pub check_every: Option<Duration>,
-}
-
-impl Default for UpdateRetryPlan {
-    fn default() -> Self {
-        Self { on_reconnect: true, check_every: None }
-    }
-}
+/// `fleet.update_retry`: when devices whose install failed try again. The agents' own policy;
+/// the runner plays `check_every` on scenario time ([`crate::runner`]'s update checks).
+pub use simulated_devices::fleet::UpdateRetry as UpdateRetryPlan;
 
 /// A package the scenario can release.
 #[derive(Debug, Clone, PartialEq, Eq)]
