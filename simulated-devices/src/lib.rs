@@ -2,7 +2,8 @@
 //! ([`package`]), device SAS tokens ([`sas`]), the installer that downloads a release from the
 //! hub's FTP package server, verifies it, unpacks it and switches to it atomically ([`install`]),
 //! the device [`agent`] (one device's app: MQTT session, C2D-driven installs, twin and telemetry
-//! reports), the [`fleet`] that runs thousands of agents in one process, the [`release`] pipeline
+//! reports), the [`fleet`] that runs thousands of agents in one process, the [`inprocess`] fleet
+//! that drives a million agents through the hub's session state machine without sockets, the [`release`] pipeline
 //! step, the small IoT Hub [`service_client`] they and the scenario runner share, and the AMQP
 //! [`amqp_client`] the release command sends through, and the [`check_schedule`] that spreads
 //! periodic update checks over a fleet.
@@ -11,6 +12,7 @@ pub mod agent;
 pub mod amqp_client;
 pub mod check_schedule;
 pub mod fleet;
+pub mod inprocess;
 pub mod install;
 pub mod notice;
 pub mod package;

@@ -269,6 +269,33 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<Manifest, PackageError> {
     read_manifest(dest)
 }
 
+/// Reads the manifest of a package held in memory (`archive` is the `.tar.gz` file's bytes),
+/// checking every entry as [`unpack`] does (no absolute paths, no `..`) without writing anything.
+pub fn manifest_in_archive(archive: &[u8]) -> Result<Manifest, PackageError> {
+    let bad = |what: String| PackageError::Manifest(format!("the package {what}"));
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let mut manifest = None;
+    for entry in tar.entries().map_err(|e| bad(format!("is not a tar.gz: {e}")))? {
+        let mut entry = entry.map_err(|e| bad(format!("is damaged: {e}")))?;
+        let path = entry.path().map_err(|e| bad(format!("holds a bad path: {e}")))?.into_owned();
+        let inside = path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+        if !inside {
+            return Err(bad(format!("holds an entry outside the package root: {}", path.display())));
+        }
+        if path == Path::new(MANIFEST_FILE) {
+            let mut text = Vec::new();
+            entry.read_to_end(&mut text).map_err(|e| bad(format!("is damaged: {e}")))?;
+            let m: Manifest = serde_json::from_slice(&text)
+                .map_err(|e| bad(format!("has an invalid {MANIFEST_FILE}: {e}")))?;
+            m.validate()?;
+            manifest = Some(m);
+        }
+    }
+    manifest.ok_or_else(|| bad(format!("has no {MANIFEST_FILE}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +321,8 @@ mod tests {
         assert_eq!(r1.sha256.len(), 64);
         let dest = tmp.path().join("unpacked");
         assert_eq!(unpack(&path, &dest).unwrap(), m);
+        assert_eq!(manifest_in_archive(&fs::read(&path).unwrap()).unwrap(), m, "read in memory too");
+        assert!(manifest_in_archive(b"not a package").is_err());
         assert_eq!(fs::read_to_string(dest.join("config.txt")).unwrap(), "x=1\n");
         assert!(dest.join("bin/run.sh").exists());
     }

@@ -57,17 +57,23 @@ impl EmbeddedHub {
         .map_err(|e| RunError::Setup(format!("service client: {e}")))
     }
 
-    /// Agents connect to the plain MQTT listener.
-    pub fn link(&self) -> Result<ShardLink, RunError> {
+    /// Agents connect to the plain MQTT listener, or with `tls` to MQTT over TLS (trusting the
+    /// hub's CA).
+    pub fn link(&self, tls: bool) -> Result<ShardLink, RunError> {
         let hub = &self.hub;
-        let plain = hub
-            .mqtt_plain_addr
-            .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
+        let (addr, ca_pem) = if tls {
+            (hub.mqtt_addr, Some(hub.ca_pem.clone()))
+        } else {
+            let plain = hub
+                .mqtt_plain_addr
+                .ok_or_else(|| RunError::Setup("the hub has no plain MQTT listener".into()))?;
+            (plain, None)
+        };
         Ok(ShardLink {
             hub_host: hub.hub.hostname().to_string(),
-            mqtt_host: plain.ip().to_string(),
-            mqtt_port: plain.port(),
-            ca_pem: None,
+            mqtt_host: addr.ip().to_string(),
+            mqtt_port: addr.port(),
+            ca_pem,
             ftp_addr: self.ftp_addr(),
         })
     }

@@ -109,10 +109,8 @@ impl Run {
         for round in &mut self.faults.flaps {
             while round.left > 0 && round.next <= now {
                 // check_supported refuses link flaps for fleets the runner does not hold.
-                if let Some(fleet) = fleet.in_process() {
-                    for &i in &round.devices {
-                        fleet.flap_link(i, round.ftp);
-                    }
+                for &i in &round.devices {
+                    fleet.flap_link(i, round.ftp);
                 }
                 flapped += round.devices.len() as u64;
                 round.left -= 1;
@@ -135,13 +133,9 @@ impl Run {
 
     /// Reads what only the agents know: how often each got a message it had already saved.
     pub(super) fn collect_fleet_counts(&mut self, fleet: &FleetSide) {
-        let Some(fleet) = fleet.in_process() else { return };
-        self.obs.duplicate_deliveries = (0..fleet.len())
-            .filter_map(|i| {
-                let n = fleet.duplicate_deliveries(i);
-                (n > 0).then_some((i, n))
-            })
-            .collect();
+        if fleet.in_process() {
+            self.obs.duplicate_deliveries = fleet.duplicate_deliveries();
+        }
     }
 }
 

@@ -63,6 +63,10 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
     let mut summary = vec![
         Row { label: "devices".into(), value: devices.to_string() },
         Row {
+            label: "transport".into(),
+            value: obs.transport.map_or("external or sharded fleet", |t| t.as_str()).to_string(),
+        },
+        Row {
             label: "scenario time".into(),
             value: format!(
                 "{}{}",

@@ -54,12 +54,12 @@ impl HubSide {
         }
     }
 
-    /// Where agents connect: the embedded hub's plain MQTT listener, or an external hub's MQTT
-    /// over TLS at its host name (resolved by the MQTT client on every connect); FTP at
-    /// [`Self::ftp_addr`].
-    pub fn link(&self) -> Result<ShardLink, RunError> {
+    /// Where agents connect: the embedded hub's plain MQTT listener (its TLS one with `tls`), or
+    /// an external hub's MQTT over TLS at its host name (resolved by the MQTT client on every
+    /// connect); FTP at [`Self::ftp_addr`].
+    pub fn link(&self, tls: bool) -> Result<ShardLink, RunError> {
         match self {
-            Self::Embedded(e) => e.link(),
+            Self::Embedded(e) => e.link(tls),
             Self::External(x) => Ok(ShardLink {
                 hub_host: x.host().to_string(),
                 mqtt_host: x.host().to_string(),

@@ -151,6 +151,8 @@ pub struct Observed {
     pub memory: (Option<Memory>, Option<Memory>),
     /// The hub and the fleet run in this process, so [`Self::memory`] is theirs together.
     pub hub_in_process: bool,
+    /// How the runner's own devices reached the hub (`None`: an external or sharded fleet).
+    pub transport: Option<crate::scenario::plan::Transport>,
 }
 
 /// p50/p90/p99/max of one latency, in milliseconds, with the sample count.
@@ -488,6 +490,7 @@ impl Observed {
                 "jumps": self.time_jumps,
             },
             "devices": self.device_ids.len(),
+            "transport": self.transport.map(|t| t.as_str()),
             "latency": {
                 "delivery": lat.delivery.to_json(),
                 "install": lat.install.to_json(),
@@ -542,9 +545,10 @@ impl Observed {
         };
         let mut lines = vec![
             format!(
-                "scenario {}: {} devices, {} scenario time, {:.1} s wall{}{}",
+                "scenario {}: {} devices{}, {} scenario time, {:.1} s wall{}{}",
                 self.scenario,
                 self.device_ids.len(),
+                self.transport.map(|t| format!(" ({})", t.as_str())).unwrap_or_default(),
                 scenario_span(self.elapsed),
                 self.wall_elapsed.as_secs_f64(),
                 match self.time_mode {

@@ -31,11 +31,12 @@ use iothub_emulator::clock::parse_iso8601;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simulated_devices::fleet::{self, Fleet};
+use simulated_devices::inprocess::{InProcessConfig, InProcessFleet, MemoryPackages};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package::{self, Manifest, Release};
 use simulated_devices::service_client::ServiceClient;
 
-use crate::scenario::plan::{Action, DurationDist, ScenarioPlan, Target, TimeMode};
+use crate::scenario::plan::{Action, DurationDist, HubPlan, ScenarioPlan, Target, TimeMode, Transport};
 use clock::ScenarioClock;
 use fleet_side::FleetSide;
 use hub_side::HubSide;
@@ -107,6 +108,24 @@ pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
         });
     }
     update_checks::check_supported(plan)?;
+    if plan.fleet.transport != Transport::default() && !matches!(plan.hub, HubPlan::Embedded { .. }) {
+        return Err(RunError::Mode {
+            key: "fleet.transport".into(),
+            why: "the runner's agents reach an external hub over MQTT with TLS only; remove fleet.transport"
+                .into(),
+        });
+    }
+    if plan.fleet.transport == Transport::InProcess {
+        for (i, e) in plan.events.iter().enumerate() {
+            if let Action::FtpFault { .. } = e.action {
+                return unsupported(
+                    format!("event[{i}].action"),
+                    "'ftp-fault' with fleet.transport = \"in-process\" (its devices read packages from memory, \
+                     not over FTP); use transport \"mqtt\"",
+                );
+            }
+        }
+    }
     if plan.fleet.shards > 1 {
         for (i, e) in plan.events.iter().enumerate() {
             if let Action::LinkFlap { .. } = e.action {
@@ -123,9 +142,7 @@ pub fn check_supported(plan: &ScenarioPlan) -> Result<(), RunError> {
 /// Whether `plan` can run in compressed time: only with the embedded hub and an in-process fleet
 /// can the runner see every queue and every agent, and so know that nothing is in flight.
 pub fn compressible(plan: &ScenarioPlan) -> bool {
-    matches!(plan.hub, crate::scenario::plan::HubPlan::Embedded { .. })
-        && !plan.fleet.external
-        && plan.fleet.shards <= 1
+    matches!(plan.hub, HubPlan::Embedded { .. }) && !plan.fleet.external && plan.fleet.shards <= 1
 }
 
 /// Resizes the fleet to `devices` and scales the absolute counts in `[expect]` (feedback
@@ -183,6 +200,8 @@ struct Run {
     off: Vec<bool>,
     /// Link flaps still to come and the FTP fault's end.
     faults: events::Faults,
+    /// The packages in-process devices install from (`fleet.transport = "in-process"`).
+    memory: Option<Arc<MemoryPackages>>,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
@@ -231,20 +250,35 @@ async fn run_with_hub(
             .await
             .map_err(|e| setup("seeding the registry")(e.to_string()))?;
     }
+    let transport = plan.fleet.transport;
+    let memory = (transport == Transport::InProcess)
+        .then(|| memory_packages(&releases, hub.packages_dir()))
+        .transpose()?;
     let fleet = if plan.fleet.external {
         external::wait_for_fleet(&svc, &plan, &index, plan.time_limit, &mut *log).await?;
         FleetSide::External(svc.clone())
     } else if shards > 1 {
-        let (link, initial) = (hub.link()?, &plan.fleet.initial_version);
+        let (link, initial) = (hub.link(false)?, &plan.fleet.initial_version);
         let work = work_dir.join("shards");
         let retry = plan.fleet.update_retry.on_reconnect;
         let children =
             ShardedFleet::start(&ids, shards, &link, FLEET_KEY, &work, ramp_per_sec, initial, retry).await?;
         log(format!("fleet: {n} devices in {shards} shard processes"));
         FleetSide::Shards(children, svc.clone())
+    } else if let (Some(memory), Some(embedded)) = (&memory, hub.embedded()) {
+        let cfg = InProcessConfig {
+            initial_version: Some(plan.fleet.initial_version.clone()),
+            ramp_per_sec,
+            retry_on_reconnect: plan.fleet.update_retry.on_reconnect,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ..InProcessConfig::new(ids.iter().cloned().collect(), FLEET_KEY)
+        };
+        log(format!("fleet: {n} devices in this process, no sockets (transport in-process)"));
+        FleetSide::Sessions(InProcessFleet::start(embedded.hub.clone(), cfg, memory.clone()))
     } else {
         let (mut cfg, backend) = hub
-            .link()?
+            .link(transport == Transport::MqttTls)?
             .fleet_config(
                 ids.clone(),
                 FLEET_KEY,
@@ -275,7 +309,8 @@ async fn run_with_hub(
             hub_start_ms: hub.now(),
             series: TimeSeries::new(ids.len(), &initial),
             memory: (memory_start, None),
-            hub_in_process: hub.embedded().is_some() && fleet.in_process().is_some(),
+            hub_in_process: hub.embedded().is_some() && fleet.in_process(),
+            transport: (!plan.fleet.external && shards <= 1).then_some(transport),
             time_mode: plan.time,
             ..Observed::default()
         },
@@ -291,6 +326,7 @@ async fn run_with_hub(
         clock: ScenarioClock::start(plan_time),
         off: vec![false; n as usize],
         faults: events::Faults::default(),
+        memory,
     };
     let outcome = run.play(&fleet, &svc).await;
     tracing::debug!("timeline done; stopping the fleet");
@@ -299,6 +335,21 @@ async fn run_with_hub(
     run.hub.stop().await;
     tracing::debug!("hub stopped");
     outcome
+}
+
+/// The built packages, read into memory for in-process devices (which never touch the disk).
+fn memory_packages(
+    releases: &HashMap<String, Release>,
+    packages_dir: &Path,
+) -> Result<Arc<MemoryPackages>, RunError> {
+    let memory = MemoryPackages::new();
+    for release in releases.values() {
+        let path = packages_dir.join(&release.file);
+        let bytes =
+            std::fs::read(&path).map_err(|e| setup("packages")(format!("{}: {e}", path.display())))?;
+        memory.add(&release.file, bytes).map_err(|e| setup("packages")(e.to_string()))?;
+    }
+    Ok(memory)
 }
 
 /// Builds every package into the FTP directory: `size` bytes of seeded noise (so it does not
@@ -498,6 +549,9 @@ impl Run {
         let release = self.releases[version].clone();
         package::write_latest(self.hub.packages_dir(), &release)
             .map_err(|e| setup("latest.json")(e.to_string()))?;
+        if let Some(memory) = &self.memory {
+            memory.set_latest(release.clone());
+        }
         let ftp = self.hub.ftp_addr();
         let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
             .map_err(|e| setup("notice")(e.to_string()))?;

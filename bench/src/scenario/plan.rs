@@ -98,6 +98,37 @@ pub struct FleetPlan {
     pub groups: Vec<Group>,
     /// When devices whose install failed try again (`fleet.update_retry`).
     pub update_retry: UpdateRetryPlan,
+    /// How the devices reach the hub (`fleet.transport`).
+    pub transport: Transport,
+}
+
+/// `fleet.transport`: how the runner's own devices reach the embedded hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Agents with an MQTT client each, over the hub's plain MQTT listener (loopback TCP).
+    #[default]
+    Mqtt,
+    /// The same over MQTT with TLS, as devices reach a real hub on 8883.
+    MqttTls,
+    /// No sockets: each agent's core talks to the hub's MQTT session state machine in this
+    /// process (a million devices fit); installs read the packages from memory.
+    InProcess,
+}
+
+impl Transport {
+    /// The name in scenario files and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::MqttTls => "mqtt-tls",
+            Self::InProcess => "in-process",
+        }
+    }
+
+    /// Parses a scenario file's name for it.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Mqtt, Self::MqttTls, Self::InProcess].into_iter().find(|t| t.as_str() == s)
+    }
 }
 
 /// `fleet.update_retry`: when devices whose install failed try again. The agents' own policy;
@@ -548,6 +579,22 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
     if shards == 0 || u64::from(shards) > raw.devices {
         return Err(cx.err("fleet.shards", format!("{shards} shards; use 1 to the number of devices")));
     }
+    let transport = match raw.transport.as_deref() {
+        None => Transport::default(),
+        Some(t) => Transport::parse(t).ok_or_else(|| {
+            cx.err(
+                "fleet.transport",
+                format!("'{t}' is not a transport; use \"mqtt\", \"mqtt-tls\" or \"in-process\""),
+            )
+        })?,
+    };
+    if transport != Transport::default() && (external || shards > 1) {
+        return Err(cx.err(
+            "fleet.transport",
+            "only the runner's own fleet (fleet.mode = \"embedded\", fleet.shards = 1) takes a transport; \
+             external and shard processes connect over MQTT with TLS",
+        ));
+    }
     let mut groups = Vec::new();
     let mut total = 0.0;
     for (i, g) in raw.groups.into_iter().enumerate() {
@@ -585,6 +632,7 @@ fn fleet(cx: &Ctx<'_>, raw: RawFleet) -> Result<FleetPlan, ScenarioError> {
         initial_version: raw.initial_version.unwrap_or_else(|| DEFAULT_INITIAL_VERSION.to_string()),
         groups,
         update_retry,
+        transport,
     })
 }
 

@@ -84,6 +84,9 @@ pub struct RawFleet {
     pub groups: Vec<RawGroup>,
     /// When devices whose install failed try again.
     pub update_retry: Option<RawUpdateRetry>,
+    /// How the runner's devices reach the embedded hub: `mqtt` (default), `mqtt-tls` or
+    /// `in-process`.
+    pub transport: Option<String>,
 }
 
 /// `fleet.update_retry = { on_reconnect = true, check_every = "30m" }`.

@@ -9,6 +9,11 @@
 //! a new link drops the old one, and dropping a link kicks its connection (IoT Hub's `400027
 //! ConnectionForcefullyClosedOnNewConnection`). Deleting or disabling the device drops it too.
 //!
+//! A connection served without a task of its own (the in-process device transport drives a
+//! million sessions from a few tasks) attaches with a [`ReadyHook`]: every event and the kick then
+//! also put the link's key on a shared [`ReadySet`] (once until the driver looks), so one waiter
+//! hears about every link it drives.
+//!
 //! Events never block the hub. A C2D wake-up that finds the mailbox full is dropped safely (the
 //! connection pulls from the queue after every event it handles); a desired patch or method
 //! request that finds it full is logged and dropped, or refused, respectively.
@@ -72,12 +77,69 @@ pub struct MethodReply {
     pub payload: Bytes,
 }
 
+/// Keys of links with something to look at (an event or the kick), for a driver serving many
+/// connections from one task: see [`Hub::attach_link_with`].
+#[derive(Debug, Default)]
+pub struct ReadySet {
+    keys: Mutex<Vec<u32>>,
+    notify: Notify,
+}
+
+impl ReadySet {
+    /// An empty set.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn push(&self, key: u32) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        self.notify.notify_one();
+    }
+
+    /// Moves every key queued so far into `out` (each link at most once until its receiver's
+    /// [`LinkReceiver::rearm`]).
+    pub fn drain_into(&self, out: &mut Vec<u32>) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        out.append(&mut keys);
+    }
+
+    /// Waits until a key is queued (returns at once if one is already waiting). Cancel-safe.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.keys.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How a link served without its own task tells its driver it has something to look at.
+#[derive(Debug)]
+pub struct ReadyHook {
+    set: Arc<ReadySet>,
+    key: u32,
+    /// The key is in the set and the driver has not looked yet.
+    queued: AtomicBool,
+}
+
+impl ReadyHook {
+    /// Puts `key` on `set` whenever the link has an event or is kicked.
+    pub fn new(set: Arc<ReadySet>, key: u32) -> Self {
+        Self { set, key, queued: AtomicBool::new(false) }
+    }
+}
+
 /// The mailbox between the hub and one connection task.
 #[derive(Debug, Default)]
 pub struct LinkShared {
     queue: Mutex<VecDeque<LinkEvent>>,
     notify: Notify,
     kicked: AtomicBool,
+    ready: Option<ReadyHook>,
 }
 
 impl LinkShared {
@@ -90,13 +152,24 @@ impl LinkShared {
             }
             q.push_back(event);
         }
-        self.notify.notify_one();
+        self.wake();
         Ok(())
     }
 
     fn kick(&self) {
         self.kicked.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        match &self.ready {
+            Some(hook) => {
+                if !hook.queued.swap(true, Ordering::AcqRel) {
+                    hook.set.push(hook.key);
+                }
+            }
+            None => self.notify.notify_one(),
+        }
     }
 }
 
@@ -133,6 +206,15 @@ impl LinkReceiver {
     pub fn is_kicked(&self) -> bool {
         self.0.kicked.load(Ordering::Acquire)
     }
+
+    /// For a link attached with a [`ReadyHook`]: the driver is about to look at this link, so the
+    /// next event or kick queues its key again. Call it before [`Self::try_recv`] and
+    /// [`Self::is_kicked`], so nothing that arrives meanwhile goes unnoticed.
+    pub fn rearm(&self) {
+        if let Some(hook) = &self.0.ready {
+            hook.queued.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// The hub's handle on one open device connection.
@@ -165,9 +247,20 @@ impl Hub {
     /// Registers a new connection for `device_id` (closing any older one), marks the device
     /// connected and returns the persisted session, cleared first when `clean_session`.
     pub fn attach_link(&self, device_id: &str, clean_session: bool) -> Result<Attached, HubError> {
+        self.attach_link_with(device_id, clean_session, None)
+    }
+
+    /// [`Self::attach_link`] for a connection served without its own task: with `ready`, events
+    /// and the kick are announced on the hook's [`ReadySet`] instead of waking a waiter.
+    pub fn attach_link_with(
+        &self,
+        device_id: &str,
+        clean_session: bool,
+        ready: Option<ReadyHook>,
+    ) -> Result<Attached, HubError> {
         let now = self.now();
         let conn_id = self.next_counter();
-        let shared = Arc::new(LinkShared::default());
+        let shared = Arc::new(LinkShared { ready, ..LinkShared::default() });
         let link = Link { conn_id, shared: shared.clone() };
         let session = self.with_device(device_id, |d| {
             if clean_session {
@@ -363,6 +456,30 @@ mod tests {
         let Some(LinkEvent::Method(m)) = link.events.recv().await else { panic!("no method event") };
         m.reply.send(MethodReply { status: 200, payload: Bytes::from_static(b"1") }).unwrap();
         assert_eq!(pending.await.unwrap().unwrap().status, 200);
+    }
+
+    #[test]
+    fn hooked_links_announce_events_and_kicks_once_until_rearmed() {
+        let hub = hub_with("d1");
+        hub.put_device("d2", DeviceInput::default(), None).unwrap();
+        let set = ReadySet::new();
+        let a = hub.attach_link_with("d1", false, Some(ReadyHook::new(set.clone(), 7))).unwrap();
+        let b = hub.attach_link_with("d2", false, Some(ReadyHook::new(set.clone(), 9))).unwrap();
+        let mut keys = Vec::new();
+        set.drain_into(&mut keys);
+        assert!(keys.is_empty(), "attaching announces nothing");
+        hub.wake_c2d("d1");
+        hub.wake_c2d("d1");
+        set.drain_into(&mut keys);
+        assert_eq!(keys, [7], "a link is announced once until its driver looks");
+        a.events.rearm();
+        assert!(matches!(a.events.try_recv(), Some(LinkEvent::C2dAvailable)));
+        hub.wake_c2d("d1");
+        hub.delete_device("d2", None).unwrap();
+        keys.clear();
+        set.drain_into(&mut keys);
+        assert_eq!(keys, [7, 9], "rearmed: the next event is announced again; a kick is announced");
+        assert!(b.events.is_kicked());
     }
 
     #[test]

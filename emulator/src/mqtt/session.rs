@@ -132,6 +132,16 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refused {
 /// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device. On success the
 /// device's connection is registered with the hub (closing an older one).
 pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
+    accept_connect_with(hub, c, None)
+}
+
+/// [`accept_connect`] for a session served without a task of its own: hub events for it are
+/// announced through `ready` (see [`crate::hub::link::ReadySet`]).
+pub fn accept_connect_with(
+    hub: &Hub,
+    c: &Connect,
+    ready: Option<crate::hub::link::ReadyHook>,
+) -> Result<Accepted, Refused> {
     use ConnectReturnCode::*;
     if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
         return Err(refuse(RefusedProtocolVersion, "only MQTT 3.1.1 (protocol level 4) is supported"));
@@ -164,7 +174,7 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
         None => None,
     };
     let link = hub
-        .attach_link(id, c.clean_session)
+        .attach_link_with(id, c.clean_session, ready)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
     let session_present = !c.clean_session && link.session != 0;
     let keep_alive_secs = match c.keep_alive {
