@@ -17,6 +17,8 @@ use super::shared::{Feedback, Outgoing, Sent, ShardLink, Telemetry};
 
 /// Telemetry messages read per call.
 const TELEMETRY_BATCH: usize = 1000;
+/// The most telemetry the embedded hub keeps for the runner (a message is a few hundred bytes).
+const TELEMETRY_BUFFER_MAX: usize = 131_072;
 
 /// A hub running in this process.
 pub struct EmbeddedHub {
@@ -24,17 +26,24 @@ pub struct EmbeddedHub {
     pub hub: RunningHub,
     /// The last telemetry sequence number read.
     telemetry_after: u64,
+    /// Messages the hub's telemetry ring dropped before they were read.
+    pub telemetry_missed: u64,
 }
 
 impl EmbeddedHub {
     /// Starts a hub with files under `dir`: feedback batches every `feedback_interval`, C2D
-    /// messages living `c2d_default_ttl` unless a send says otherwise.
+    /// messages living `c2d_default_ttl` unless a send says otherwise, telemetry kept for the
+    /// runner in proportion to the run's `devices` (a big fleet reports in bursts).
     pub async fn start(
         feedback_interval: std::time::Duration,
         c2d_default_ttl: std::time::Duration,
+        devices: u64,
         dir: &Path,
     ) -> Result<Self, RunError> {
+        let telemetry_buffer_messages =
+            (devices as usize / 8).clamp(iothub_emulator::limits::TELEMETRY_BUFFER_MESSAGES, TELEMETRY_BUFFER_MAX);
         let config = HubConfig {
+            telemetry_buffer_messages,
             feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
             c2d: QueueConfig { default_ttl_ms: c2d_default_ttl.as_millis() as u64, ..QueueConfig::default() },
             ..HubConfig::default()
@@ -43,7 +52,7 @@ impl EmbeddedHub {
         let hub = RunningHub::start(config, &listen, dir)
             .await
             .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
-        Ok(Self { hub, telemetry_after: 0 })
+        Ok(Self { hub, telemetry_after: 0, telemetry_missed: 0 })
     }
 
     /// A service client over the hub's HTTPS port.
@@ -110,7 +119,8 @@ impl EmbeddedHub {
         let mut out = Vec::new();
         loop {
             let batch = self.hub.hub.read_telemetry(None, self.telemetry_after, TELEMETRY_BATCH);
-            let Some(last) = batch.last() else { break };
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else { break };
+            self.telemetry_missed += first.sequence - self.telemetry_after - 1;
             self.telemetry_after = last.sequence;
             out.extend(batch.into_iter().filter_map(|m| {
                 let body = serde_json::from_slice(&m.body).ok()?;
@@ -137,8 +147,10 @@ impl EmbeddedHub {
 
     /// The twin's reported `appVersion` of `id`.
     fn app_version(&self, id: &str) -> Option<String> {
-        let twin = self.hub.hub.get_twin(id).ok()?;
-        Some(twin.pointer("/properties/reported/appVersion")?.as_str()?.to_string())
+        match self.hub.hub.reported_property(id, "appVersion")? {
+            Value::String(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// Which of `ids` report `appVersion` = `version`.

@@ -26,11 +26,12 @@ pub enum HubSide {
 
 impl HubSide {
     /// Starts the embedded hub (files under `<work_dir>/hub`) or connects to the external one.
-    pub async fn start(plan: &HubPlan, work_dir: &Path) -> Result<Self, RunError> {
+    /// An embedded hub keeps telemetry for readers in proportion to the `devices` of the run.
+    pub async fn start(plan: &HubPlan, devices: u64, work_dir: &Path) -> Result<Self, RunError> {
         match *plan {
             HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
-                let hub =
-                    EmbeddedHub::start(feedback_interval, c2d_default_ttl, &work_dir.join("hub")).await?;
+                let dir = work_dir.join("hub");
+                let hub = EmbeddedHub::start(feedback_interval, c2d_default_ttl, devices, &dir).await?;
                 Ok(Self::Embedded(Box::new(hub)))
             }
             HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
@@ -154,6 +155,14 @@ impl HubSide {
         match self {
             Self::Embedded(e) => Ok(e.telemetry()),
             Self::External(x) => x.telemetry(),
+        }
+    }
+
+    /// Telemetry messages the embedded hub's ring dropped before the runner read them.
+    pub fn telemetry_missed(&self) -> u64 {
+        match self {
+            Self::Embedded(e) => e.telemetry_missed,
+            Self::External(_) => 0,
         }
     }
 

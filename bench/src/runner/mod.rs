@@ -51,6 +51,10 @@ const TICK: Duration = Duration::from_millis(50);
 /// The same in compressed time, where every tick of lag between the end of one device's work
 /// and the next jump is wall time the run pays for.
 const COMPRESSED_TICK: Duration = Duration::from_millis(5);
+/// How often, once telemetry was missed, every open device's twin is read.
+const TWIN_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Twins read per tick to confirm reported versions.
+const TWIN_CHECKS_PER_TICK: usize = 20_000;
 /// The slowest connect ramp compressed time plays (agents started per second).
 const COMPRESSED_RAMP_PER_SEC: u32 = 2000;
 /// The fleet secret device keys derive from (only this process uses it).
@@ -173,12 +177,43 @@ pub fn scale_devices(plan: &mut ScenarioPlan, devices: u64) {
     }
 }
 
-/// Per-release bookkeeping the report does not need.
+/// Per-release bookkeeping the report does not need. The counters keep the runner's tick
+/// independent of the fleet's size: a million-device release is not scanned every few ms.
 struct Tracking {
     /// device index -> position in the release's `devices`.
     pos: HashMap<usize, usize>,
     /// Devices whose notice or install ended without the version (failed, expired, refused).
     terminal: Vec<bool>,
+    /// Devices neither terminal nor reporting the version yet.
+    open: usize,
+    /// Of those, the ones a notice reached (a state was reported): work is under way.
+    started: usize,
+    /// Positions that reported `installed` and whose twin has not been seen with the version.
+    to_check: Vec<usize>,
+}
+
+impl Tracking {
+    fn is_done(&self, p: usize, t: &DeviceTimes) -> bool {
+        self.terminal[p] || t.reported.is_some()
+    }
+
+    /// Device `p` ended without the version.
+    fn finish_terminal(&mut self, p: usize, t: &DeviceTimes) {
+        if !self.is_done(p, t) {
+            self.open -= 1;
+            self.started -= usize::from(t.delivered.is_some());
+        }
+        self.terminal[p] = true;
+    }
+
+    /// Device `p`'s twin reports the version (at `now`).
+    fn finish_reported(&mut self, p: usize, t: &mut DeviceTimes, now: u64) {
+        if !self.is_done(p, t) {
+            self.open -= 1;
+            self.started -= usize::from(t.delivered.is_some());
+        }
+        t.reported.get_or_insert(now);
+    }
 }
 
 /// The run in progress.
@@ -202,6 +237,10 @@ struct Run {
     faults: events::Faults,
     /// The packages in-process devices install from (`fleet.transport = "in-process"`).
     memory: Option<Arc<MemoryPackages>>,
+    /// Telemetry the hub dropped unread, as of the last look.
+    telemetry_missed_seen: u64,
+    /// When (wall time into the run) open devices' twins are swept next, once telemetry was missed.
+    twin_sweep_at: Option<Duration>,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
@@ -215,7 +254,7 @@ pub async fn run(
     check_supported(&plan)?;
     let _ = std::fs::remove_dir_all(work_dir);
     std::fs::create_dir_all(work_dir).map_err(|e| setup("work directory")(e.to_string()))?;
-    let hub = HubSide::start(&plan.hub, work_dir).await?;
+    let hub = HubSide::start(&plan.hub, plan.fleet.devices, work_dir).await?;
     let result = run_with_hub(plan, hub, work_dir, Box::new(log), Box::new(progress)).await;
     let _ = std::fs::remove_dir_all(work_dir);
     result
@@ -327,6 +366,8 @@ async fn run_with_hub(
         off: vec![false; n as usize],
         faults: events::Faults::default(),
         memory,
+        telemetry_missed_seen: 0,
+        twin_sweep_at: None,
     };
     let outcome = run.play(&fleet, &svc).await;
     tracing::debug!("timeline done; stopping the fleet");
@@ -558,12 +599,14 @@ impl Run {
         let r = self.obs.releases.len();
         let mut record =
             ReleaseRecord { version: version.to_string(), at, devices: Vec::new(), send_failed: 0 };
-        let mut tracking = Tracking { pos: HashMap::new(), terminal: Vec::new() };
+        let mut tracking =
+            Tracking { pos: HashMap::new(), terminal: Vec::new(), open: 0, started: 0, to_check: Vec::new() };
         let msgs = targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
         let outcomes = self.send_all(msgs, &body, ttl, "application/json").await;
         for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
             tracking.pos.insert(i, record.devices.len());
             tracking.terminal.push(sent.is_none());
+            tracking.open += usize::from(sent.is_some());
             if sent.is_none() {
                 record.send_failed += 1;
             } else {
@@ -642,47 +685,85 @@ impl Run {
                 .as_str()
                 .and_then(parse_iso8601)
                 .map_or(m.enqueued_at, |t| t + self.hub.time_offset_ms());
-            let t = &mut self.obs.releases[r].devices[p].1;
+            let (t, tracking) = (&mut self.obs.releases[r].devices[p].1, &mut self.tracking[r]);
+            if t.delivered.is_none() && !tracking.is_done(p, t) {
+                tracking.started += 1;
+            }
             t.delivered.get_or_insert(at);
             match state.as_str() {
                 "installed" => {
+                    if t.installed.is_none() {
+                        tracking.to_check.push(p);
+                    }
                     t.installed.get_or_insert(at);
                 }
-                "failed" | "rolled-back" | "already-installed" => self.tracking[r].terminal[p] = true,
+                "failed" | "rolled-back" | "already-installed" => tracking.finish_terminal(p, t),
                 _ => {}
             }
         }
         for rec in self.hub.feedback().await? {
             self.obs.feedback.add(&rec.status);
             if let Some(&(r, p)) = self.by_message.get(&rec.original_message_id) {
+                let t = &mut self.obs.releases[r].devices[p].1;
                 if rec.status != "Success" {
-                    self.tracking[r].terminal[p] = true;
+                    self.tracking[r].finish_terminal(p, t);
                 }
-                self.obs.releases[r].devices[p].1.feedback = Some(rec.status);
+                t.feedback = Some(rec.status);
+            }
+        }
+        self.check_twins().await?;
+        Ok(())
+    }
+
+    /// Reads the twins of devices that reported `installed` (and, once telemetry was missed,
+    /// of every open device a round at a time) and marks those reporting the version.
+    async fn check_twins(&mut self) -> Result<(), RunError> {
+        let missed = self.hub.telemetry_missed();
+        if missed > self.telemetry_missed_seen {
+            self.telemetry_missed_seen = missed;
+            self.say(format!(
+                "telemetry: the hub's ring dropped {missed} messages before they were read; open devices are \
+                 checked through their twins"
+            ));
+        }
+        // Devices whose `installed` event was lost are found through their twins instead: every
+        // open device once a second.
+        let wall = self.clock.wall();
+        if missed > 0 && self.twin_sweep_at.is_none_or(|at| wall >= at) {
+            self.twin_sweep_at = Some(wall + TWIN_SWEEP_EVERY);
+            for (rel, tr) in self.obs.releases.iter().zip(&mut self.tracking) {
+                tr.to_check = (0..rel.devices.len()).filter(|&p| !tr.is_done(p, &rel.devices[p].1)).collect();
             }
         }
         for r in 0..self.obs.releases.len() {
-            let rel = &self.obs.releases[r];
-            let waiting: Vec<(usize, &str)> = rel
-                .devices
-                .iter()
-                .enumerate()
-                .filter(|(p, (_, t))| {
-                    t.installed.is_some() && t.reported.is_none() && !self.tracking[r].terminal[*p]
-                })
-                .map(|(p, (i, _))| (p, self.ids[*i].as_str()))
-                .collect();
-            if waiting.is_empty() {
+            if self.tracking[r].to_check.is_empty() {
                 continue;
             }
-            let ids: Vec<&str> = waiting.iter().map(|(_, id)| *id).collect();
+            let rel = &self.obs.releases[r];
+            let tracking = &self.tracking[r];
+            // A bounded round per tick: twin reads cost a few µs each.
+            let round = tracking.to_check.len().min(TWIN_CHECKS_PER_TICK);
+            let waiting: Vec<usize> = tracking.to_check[..round]
+                .iter()
+                .copied()
+                .filter(|&p| !tracking.is_done(p, &rel.devices[p].1))
+                .collect();
+            let later: Vec<usize> = tracking.to_check[round..].to_vec();
+            let ids: Vec<&str> = waiting.iter().map(|&p| self.ids[rel.devices[p].0].as_str()).collect();
             let reporting = self.hub.reporting(&rel.version, &ids).await?;
             let now = self.hub.now();
-            let done: Vec<usize> =
-                waiting.iter().filter(|(_, id)| reporting.contains(*id)).map(|(p, _)| *p).collect();
-            for p in done {
-                self.obs.releases[r].devices[p].1.reported = Some(now);
+            let mut still = Vec::new();
+            for (p, id) in waiting.into_iter().zip(ids.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+                let t = &mut self.obs.releases[r].devices[p].1;
+                if reporting.contains(&id) {
+                    self.tracking[r].finish_reported(p, t, now);
+                } else if t.installed.is_some() {
+                    // Installed: its twin follows shortly. Others wait for the next sweep.
+                    still.push(p);
+                }
             }
+            still.extend(later);
+            self.tracking[r].to_check = still;
         }
         Ok(())
     }
@@ -706,9 +787,7 @@ impl Run {
 
     /// Every targeted device is final and every acked message has its feedback.
     fn settled(&self) -> bool {
-        let devices_final = self.obs.releases.iter().zip(&self.tracking).all(|(rel, tr)| {
-            rel.devices.iter().zip(&tr.terminal).all(|((_, t), done)| *done || t.reported.is_some())
-        });
+        let devices_final = self.tracking.iter().all(|tr| tr.open == 0);
         devices_final
             && self.obs.feedback.total() >= self.obs.acked_sends
             && self.faults.flaps_done()
@@ -722,13 +801,18 @@ impl Run {
     /// agent is connected and idle; checked in that order, hub before fleet, so a message the hub
     /// hands over between the two looks is seen as the agent's work. Returns whether it jumped.
     async fn try_jump(&mut self, fleet: &FleetSide, gap: Duration) -> Result<bool, RunError> {
+        // A cheap look at the fleet first: the hub's count scans every device.
+        if fleet.unsettled() != Some(0) {
+            return Ok(false);
+        }
         if self.hub.deliveries_in_flight() != Some(0) || fleet.unsettled() != Some(0) {
             return Ok(false);
         }
         // Idle agents have had every report acknowledged, so the hub holds them all: read them
         // now, before the jump, so their device timestamps map to the hub time they belong to.
         self.observe().await?;
-        let open = self.obs.releases.iter().zip(&self.tracking).any(|(rel, tr)| {
+        // Only a release with work under way needs the scan (the counters say which).
+        let open = self.obs.releases.iter().zip(&self.tracking).filter(|(_, tr)| tr.started > 0).any(|(rel, tr)| {
             rel.devices.iter().zip(&tr.terminal).any(|((i, t), done)| {
                 !*done && t.delivered.is_some() && t.reported.is_none() && !self.off[*i]
             })

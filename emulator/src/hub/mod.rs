@@ -65,6 +65,8 @@ pub struct HubConfig {
     /// connection strings with the owner key, FTP fault knobs). `--disable-admin-api` turns them
     /// off; `/health` and `/ca.pem` stay.
     pub admin_api: bool,
+    /// D2C messages kept for readers of the emulator's telemetry read-out (the oldest go first).
+    pub telemetry_buffer_messages: usize,
 }
 
 impl Default for HubConfig {
@@ -77,6 +79,7 @@ impl Default for HubConfig {
             feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
             timeouts: crate::limits::Timeouts::default(),
             admin_api: true,
+            telemetry_buffer_messages: crate::limits::TELEMETRY_BUFFER_MESSAGES,
         }
     }
 }
@@ -128,6 +131,7 @@ impl Hub {
         feedback.set_batch_interval_ms(config.feedback_batch_interval_ms);
         let shards = (0..SHARD_COUNT).map(|_| Mutex::new(Shard::default())).collect();
         let start = clock.now_ms();
+        let telemetry = TelemetryLog::with_capacity(config.telemetry_buffer_messages);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -137,7 +141,7 @@ impl Hub {
                 policies,
                 shards,
                 feedback: Mutex::new(feedback),
-                telemetry: Mutex::new(TelemetryLog::default()),
+                telemetry: Mutex::new(telemetry),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),

@@ -493,6 +493,12 @@ impl Hub {
         r
     }
 
+    /// One reported property of `id`'s twin (`None`: no such device or property), without
+    /// rendering the twin: for callers that watch many twins for one value.
+    pub fn reported_property(&self, id: &str, name: &str) -> Option<Value> {
+        self.with_device(id, |d| Ok(d.twin.reported.get(name).cloned())).ok().flatten()
+    }
+
     /// The twin's `properties` as a device sees them (`{"desired":…,"reported":…}`).
     pub fn device_twin_properties(&self, id: &str) -> Result<Value, HubError> {
         self.with_device(id, |d| Ok(d.twin.properties_json()))

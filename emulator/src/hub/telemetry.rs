@@ -68,6 +68,11 @@ impl Default for TelemetryLog {
 }
 
 impl TelemetryLog {
+    /// A log keeping the last `capacity` messages (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), ..Self::default() }
+    }
+
     fn push(&mut self, mut msg: D2cMessage) -> u64 {
         self.last_sequence += 1;
         msg.sequence = self.last_sequence;
@@ -79,8 +84,11 @@ impl TelemetryLog {
     }
 
     fn read(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<D2cMessage> {
+        // Sequence numbers in the ring are consecutive: start at `after`'s successor directly.
+        let skip = self.ring.front().map_or(0, |m| after.saturating_add(1).saturating_sub(m.sequence) as usize);
         self.ring
             .iter()
+            .skip(skip)
             .filter(|m| m.sequence > after && device_id.is_none_or(|d| d == m.device_id))
             .take(limit)
             .cloned()
