@@ -7,9 +7,11 @@
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
 //! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
 
+mod admission;
 mod auth;
 mod device;
 pub mod link;
@@ -65,6 +67,9 @@ pub struct HubConfig {
     /// connection strings with the owner key, FTP fault knobs). `--disable-admin-api` turns them
     /// off; `/health` and `/ca.pem` stay.
     pub admin_api: bool,
+    /// IoT Hub tier throttling (`--tier`/`--units`): `None` (the default) enforces no operation
+    /// rates and no daily quota. See [`crate::throttle`].
+    pub throttle: Option<crate::throttle::Tier>,
 }
 
 impl Default for HubConfig {
@@ -77,6 +82,7 @@ impl Default for HubConfig {
             feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
             timeouts: crate::limits::Timeouts::default(),
             admin_api: true,
+            throttle: None,
         }
     }
 }
@@ -108,6 +114,8 @@ struct Shared {
     /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
     /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
     changed: tokio::sync::Notify,
+    /// The tier throttle, only when a tier is configured (see `admission`).
+    throttle: Option<Mutex<crate::throttle::Throttle>>,
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +136,7 @@ impl Hub {
         feedback.set_batch_interval_ms(config.feedback_batch_interval_ms);
         let shards = (0..SHARD_COUNT).map(|_| Mutex::new(Shard::default())).collect();
         let start = clock.now_ms();
+        let throttle = config.throttle.map(|tier| Mutex::new(crate::throttle::Throttle::new(tier)));
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -142,6 +151,7 @@ impl Hub {
                 device_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
+                throttle,
             }),
         }
     }

@@ -6,6 +6,9 @@
 //! breaks the contract, goes silent, stops reading, its token expires, a newer connection of the
 //! same device takes over, or the hub shuts down;
 //! every end but DISCONNECT and hub shutdown records the device's Will (see [`Session::close`]).
+//! With a tier configured, a CONNECT first passes the new-connections throttle (shaped: it waits
+//! its turn; past the backlog: CONNACK `0x03 Server unavailable`), and requests the session shaped
+//! hold the connection until their turn.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::limits::{MQTT_CONNECT_TIMEOUT_SECS, MQTT_MAX_PACKET_BYTES};
+use crate::throttle::{Admission, Op};
 
 use super::session::{Close, Session, accept_connect};
 use super::wire::{self, Violation};
@@ -165,6 +169,22 @@ where
             return;
         }
     };
+    if hub.throttling() {
+        // Boxed: only a throttled hub pays for the wait's state in this (per-device) future.
+        match Box::pin(admit_connect(&hub, &shutdown)).await {
+            Ok(()) => {}
+            Err(None) => return,
+            Err(Some(e)) => {
+                tracing::info!(%peer, client_id = %connect.client_id, "MQTT CONNECT refused (server unavailable): {e}");
+                let mut out =
+                    vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))];
+                let deadline = Instant::now() + write_timeout;
+                let _ = write_until(&mut stream, &mut wbuf, &mut out, deadline).await;
+                let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+                return;
+            }
+        }
+    }
     let accepted = match accept_connect(&hub, &connect) {
         Ok(a) => a,
         Err(refused) => {
@@ -215,6 +235,29 @@ where
         session.discard_will();
     }
     session.close(&hub);
+}
+
+/// Tier throttling of new device connections: waits for the CONNECT's turn (shaped), or says why
+/// not: `Err(Some(_))` past the shaping backlog (answered with CONNACK `0x03 Server unavailable`),
+/// `Err(None)` when the hub shuts down meanwhile.
+async fn admit_connect(hub: &Hub, shutdown: &CancellationToken) -> Result<(), Option<crate::HubError>> {
+    match hub.admit(Op::DeviceConnect, 1) {
+        Admission::Now => Ok(()),
+        Admission::Shaped { at_ms } => tokio::select! {
+            _ = hub.sleep_until(at_ms) => Ok(()),
+            _ = shutdown.cancelled() => Err(None),
+        },
+        Admission::Refused(r) => Err(Some(hub.throttle_error(&r))),
+    }
+}
+
+/// Holds the connection until hub time `at_ms` (shaped requests' turn): `false` if the hub shut
+/// down meanwhile.
+async fn hold(hub: &Hub, at_ms: crate::clock::Millis, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = hub.sleep_until(at_ms) => true,
+        _ = shutdown.cancelled() => false,
+    }
 }
 
 struct Deadlines {
@@ -274,6 +317,13 @@ where
                 Ok(None) => break,
                 Err(e) => return Ended::Read(e),
             }
+        }
+        if let Some(at_ms) = session.take_hold() {
+            // Tier throttling: the answers go out, and reading resumes, at the requests' turn.
+            if !Box::pin(hold(hub, at_ms, shutdown)).await {
+                return Ended::Shutdown;
+            }
+            sleep.as_mut().reset(deadline_for(Instant::now()));
         }
         if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE_BYTES {
             *rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
