@@ -28,13 +28,15 @@ pub struct EmbeddedHub {
 
 impl EmbeddedHub {
     /// Starts a hub with files under `dir`: feedback batches every `feedback_interval`, C2D
-    /// messages living `c2d_default_ttl` unless a send says otherwise.
+    /// messages living `c2d_default_ttl` unless a send says otherwise, throttled as `tier` if given.
     pub async fn start(
         feedback_interval: std::time::Duration,
         c2d_default_ttl: std::time::Duration,
+        tier: Option<iothub_emulator::throttle::Tier>,
         dir: &Path,
     ) -> Result<Self, RunError> {
         let config = HubConfig {
+            throttle: tier,
             feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
             c2d: QueueConfig { default_ttl_ms: c2d_default_ttl.as_millis() as u64, ..QueueConfig::default() },
             ..HubConfig::default()

@@ -28,9 +28,9 @@ impl HubSide {
     /// Starts the embedded hub (files under `<work_dir>/hub`) or connects to the external one.
     pub async fn start(plan: &HubPlan, work_dir: &Path) -> Result<Self, RunError> {
         match *plan {
-            HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
-                let hub =
-                    EmbeddedHub::start(feedback_interval, c2d_default_ttl, &work_dir.join("hub")).await?;
+            HubPlan::Embedded { feedback_interval, c2d_default_ttl, tier } => {
+                let hub = EmbeddedHub::start(feedback_interval, c2d_default_ttl, tier, &work_dir.join("hub"))
+                    .await?;
                 Ok(Self::Embedded(Box::new(hub)))
             }
             HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
