@@ -1,6 +1,7 @@
 //! Tier throttling over real sockets with a Rust client: the daily message quota answers `403
 //! IotHubQuotaExceeded` once used up and a hub-time jump to the next UTC day resets it; a burst of
-//! queries is partly shaped and partly refused with `429 ThrottlingException` and `Retry-After`.
+//! queries is partly shaped and partly refused with `429 ThrottlingException` and `Retry-After`,
+//! while requests whose token does not verify get `401` without spending the rate.
 //! (The official SDKs' side is in `sdk.rs`: `throttle_test.js`, `throttle_test.py`.)
 
 use iothub_emulator::HubConfig;
@@ -54,6 +55,18 @@ async fn a_query_burst_is_shaped_then_refused_with_429_and_retry_after() {
             .json(&serde_json::json!({"query": "SELECT * FROM devices"}))
             .send()
     };
+    // Requests whose token does not verify get their 401 and spend nothing.
+    for _ in 0..30 {
+        let forged = hub
+            .client
+            .post(&url)
+            .header("authorization", "SharedAccessSignature sr=x&sig=y&se=1&skn=iothubowner")
+            .json(&serde_json::json!({"query": "SELECT * FROM devices"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 401);
+    }
     let answers = futures_util::future::join_all((0..5).map(|_| query())).await;
     let statuses: Vec<u16> = answers.iter().map(|r| r.as_ref().unwrap().status().as_u16()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");

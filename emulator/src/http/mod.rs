@@ -208,9 +208,13 @@ where
 /// route is, then wait for its turn or refuse. Message sends (C2D through the REST extension, D2C
 /// from devices) are also metered against the daily quota on their body size; an HTTP D2C batch
 /// counts as one send. The emulator's own routes, statistics, purge, feedback and C2D settlement
-/// are not throttled (the table has no row for them).
+/// are not throttled (the table has no row for them), and neither is a request whose token does
+/// not verify: it gets its `401` from the handler without spending the hub's rate.
 async fn admit(hub: &Hub, req: &Req) -> Result<(), HubError> {
     use crate::throttle::{Op, method_chunks};
+    if !req.token().is_ok_and(|t| hub.authenticate(t).is_ok()) {
+        return Ok(());
+    }
     let m = &req.method;
     let (op, cost, message) = match &req.route {
         Route::Devices | Route::Device(_) => (Op::Registry, 1, false),

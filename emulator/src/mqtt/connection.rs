@@ -169,7 +169,12 @@ where
             return;
         }
     };
-    if hub.throttling() {
+    // Only a CONNECT whose credentials verify spends the new-connections rate; others get their
+    // refusal from `accept_connect`.
+    let authenticates = |c: &rumqttc::mqttbytes::v4::Connect| {
+        c.login.as_ref().is_some_and(|l| hub.authenticate_device(&l.password, &c.client_id).is_ok())
+    };
+    if hub.throttling() && authenticates(&connect) {
         // Boxed: only a throttled hub pays for the wait's state in this (per-device) future.
         match Box::pin(admit_connect(&hub, &shutdown)).await {
             Ok(()) => {}
@@ -368,5 +373,60 @@ mod tests {
         let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), Default::default());
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2560, "the plain MQTT connection future grew to {size} bytes");
+    }
+
+    /// Tier throttling of new connections: with the bucket's burst and backlog spent, a CONNECT
+    /// whose credentials verify gets CONNACK 0x03 (server unavailable); a forged one still gets
+    /// 0x05 and spends nothing.
+    #[tokio::test]
+    async fn a_connect_past_the_backlog_gets_server_unavailable() {
+        use std::sync::Arc;
+
+        use rumqttc::mqttbytes::v4::Connect;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use crate::hub::{DeviceInput, HubConfig};
+        use crate::throttle::{Admission, Op, Sku, Tier};
+
+        const T0: u64 = 1_700_000_000_000;
+        let tier = Tier::new(Sku::S1, 1).unwrap();
+        let clock = crate::clock::ManualClock::new(T0);
+        let hub = crate::hub::Hub::with_clock(
+            HubConfig { throttle: Some(tier), ..HubConfig::default() },
+            Arc::new(clock),
+        );
+        hub.put_device("d1", DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        while !matches!(hub.admit(Op::DeviceConnect, 1), Admission::Refused(_)) {}
+        let refused_before =
+            hub.throttle_stats()["operations"]["deviceConnections"]["refused"].as_u64().unwrap();
+        let connack = |password: String| {
+            let hub = hub.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(4096);
+                let task = tokio::spawn(super::serve(
+                    hub,
+                    server,
+                    "127.0.0.1:1".parse().unwrap(),
+                    Default::default(),
+                ));
+                let mut c = Connect::new("d1");
+                c.set_login("localhost/d1/?api-version=2021-04-12", password);
+                let mut bytes = bytes::BytesMut::new();
+                c.write(&mut bytes).unwrap();
+                client.write_all(&bytes).await.unwrap();
+                let mut reply = [0u8; 4];
+                client.read_exact(&mut reply).await.unwrap();
+                task.await.unwrap();
+                reply
+            }
+        };
+        let forged =
+            connack("SharedAccessSignature sr=localhost%2Fdevices%2Fd1&sig=x&se=9999999999".into()).await;
+        assert_eq!(forged, [0x20, 2, 0, 5], "not authorized, not throttled");
+        let token = crate::sas::make_token("localhost/devices/d1", &key, None, T0 / 1000 + 3600).unwrap();
+        assert_eq!(connack(token).await, [0x20, 2, 0, 3], "server unavailable");
+        let refused = hub.throttle_stats()["operations"]["deviceConnections"]["refused"].as_u64().unwrap();
+        assert_eq!(refused, refused_before + 1, "only the verified CONNECT was counted");
     }
 }
