@@ -6,9 +6,8 @@
 //! breaks the contract, goes silent, stops reading, its token expires, a newer connection of the
 //! same device takes over, or the hub shuts down;
 //! every end but DISCONNECT and hub shutdown records the device's Will (see [`Session::close`]).
-//! With a tier configured, a CONNECT first passes the new-connections throttle (shaped: it waits
-//! its turn; past the backlog: CONNACK `0x03 Server unavailable`), and requests the session shaped
-//! hold the connection until their turn.
+//! With a tier configured, requests the session shaped (the CONNECT itself included: its CONNACK
+//! waits for its turn) hold the connection until their turn.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::limits::{MQTT_CONNECT_TIMEOUT_SECS, MQTT_MAX_PACKET_BYTES};
-use crate::throttle::{Admission, Op};
 
 use super::session::{Close, Session, accept_connect};
 use super::wire::{self, Violation};
@@ -169,27 +167,6 @@ where
             return;
         }
     };
-    // Only a CONNECT whose credentials verify spends the new-connections rate; others get their
-    // refusal from `accept_connect`.
-    let authenticates = |c: &rumqttc::mqttbytes::v4::Connect| {
-        c.login.as_ref().is_some_and(|l| hub.authenticate_device(&l.password, &c.client_id).is_ok())
-    };
-    if hub.throttling() && authenticates(&connect) {
-        // Boxed: only a throttled hub pays for the wait's state in this (per-device) future.
-        match Box::pin(admit_connect(&hub, &shutdown)).await {
-            Ok(()) => {}
-            Err(None) => return,
-            Err(Some(e)) => {
-                tracing::info!(%peer, client_id = %connect.client_id, "MQTT CONNECT refused (server unavailable): {e}");
-                let mut out =
-                    vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))];
-                let deadline = Instant::now() + write_timeout;
-                let _ = write_until(&mut stream, &mut wbuf, &mut out, deadline).await;
-                let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
-                return;
-            }
-        }
-    }
     let accepted = match accept_connect(&hub, &connect) {
         Ok(a) => a,
         Err(refused) => {
@@ -240,20 +217,6 @@ where
         session.discard_will();
     }
     session.close(&hub);
-}
-
-/// Tier throttling of new device connections: waits for the CONNECT's turn (shaped), or says why
-/// not: `Err(Some(_))` past the shaping backlog (answered with CONNACK `0x03 Server unavailable`),
-/// `Err(None)` when the hub shuts down meanwhile.
-async fn admit_connect(hub: &Hub, shutdown: &CancellationToken) -> Result<(), Option<crate::HubError>> {
-    match hub.admit(Op::DeviceConnect, 1) {
-        Admission::Now => Ok(()),
-        Admission::Shaped { at_ms } => tokio::select! {
-            _ = hub.sleep_until(at_ms) => Ok(()),
-            _ = shutdown.cancelled() => Err(None),
-        },
-        Admission::Refused(r) => Err(Some(hub.throttle_error(&r))),
-    }
 }
 
 /// Holds the connection until hub time `at_ms` (shaped requests' turn): `false` if the hub shut

@@ -21,8 +21,9 @@
 //! until the connection ends: a DISCONNECT discards it, any other end records it as D2C telemetry
 //! with the bag's properties plus `iothub-MessageType=Will` (see [`Session::close`]).
 //!
-//! Tier throttling (reference §4.8, §5.1; only with a tier configured): telemetry and twin requests
-//! over their rate are answered in turn — the session records the hub time of the latest turn and
+//! Tier throttling (reference §4.8, §5.1; only with a tier configured): a CONNECT past the
+//! new-connections backlog is refused with `0x03 Server unavailable`; CONNECTs, telemetry and twin
+//! requests over their rate are answered in turn — the session records the hub time of the latest turn and
 //! the driver holds the connection until then ([`Session::take_hold`]). Past the shaping backlog a
 //! twin GET or reported PATCH gets status 429 on its response topic; telemetry past the backlog or
 //! the daily quota closes the connection ([`Close::Throttled`]) before any PUBACK, so the device
@@ -142,7 +143,9 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refused {
 
 /// Checks a CONNECT (reference §4.2): protocol 3.1.1, client id = device id, username
 /// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device. On success the
-/// device's connection is registered with the hub (closing an older one).
+/// device's connection is registered with the hub (closing an older one). With a tier, a CONNECT
+/// past the new-connections backlog is refused with `0x03 Server unavailable`, and a shaped one
+/// holds the session (its CONNACK goes out at its turn, see [`Session::take_hold`]).
 pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     use ConnectReturnCode::*;
     if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
@@ -175,6 +178,13 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
         Some(w) => Some(Box::new(validate_will(id, w).map_err(|reason| refuse(NotAuthorized, reason))?)),
         None => None,
     };
+    // Tier throttling of new connections, once the credentials verified (a forged CONNECT spends
+    // nothing): past the backlog the CONNECT is refused; a shaped one gets its CONNACK at its turn.
+    let hold_until = match hub.admit(Op::DeviceConnect, 1) {
+        Admission::Now => None,
+        Admission::Shaped { at_ms } => Some(at_ms),
+        Admission::Refused(r) => return Err(refuse(ServiceUnavailable, hub.throttle_error(&r).to_string())),
+    };
     let link = hub
         .attach_link(id, c.clean_session)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
@@ -185,6 +195,7 @@ pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     };
     let mut session = Session::new(id.to_string(), link.conn_id, c.clean_session, link.session);
     session.will = will;
+    session.hold_until = hold_until;
     Ok(Accepted {
         session,
         link,
@@ -1068,5 +1079,28 @@ mod tests {
         }
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(f.hub.read_telemetry(Some("d1"), 0, 1000).len(), 601);
+    }
+
+    #[test]
+    fn throttled_connects_are_held_for_their_turn_then_refused_with_server_unavailable() {
+        let clock = ManualClock::new(START_MS);
+        let tier = crate::throttle::Tier::new(crate::throttle::Sku::S1, 1).unwrap();
+        let hub = Hub::with_clock(
+            HubConfig { throttle: Some(tier), ..HubConfig::default() },
+            Arc::new(clock.clone()),
+        );
+        hub.put_device("d1", DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        let f = Fixture { hub, clock, key };
+        // S1: 100 new connections a second; 1 s of burst passes at once.
+        for _ in 0..101 {
+            assert_eq!(f.hub.admit(Op::DeviceConnect, 1), Admission::Now);
+        }
+        let mut shaped = accept_connect(&f.hub, &connect_packet(&f, "d1", true)).unwrap();
+        assert_eq!(shaped.session.take_hold(), Some(START_MS + 10), "the CONNACK waits 10 ms for its turn");
+        while !matches!(f.hub.admit(Op::DeviceConnect, 1), Admission::Refused(_)) {}
+        let refused = accept_connect(&f.hub, &connect_packet(&f, "d1", true)).unwrap_err();
+        assert_eq!(refused.code, ConnectReturnCode::ServiceUnavailable);
+        assert!(refused.reason.contains("deviceConnections"), "{}", refused.reason);
     }
 }
