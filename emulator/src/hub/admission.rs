@@ -59,7 +59,7 @@ impl Hub {
 
     /// Waits out an admission: at once for `Now`, until its turn (hub time) for `Shaped`; a
     /// refusal becomes its hub error.
-    pub async fn settle_admission(&self, admission: Admission) -> Result<(), HubError> {
+    pub async fn wait_for_turn(&self, admission: Admission) -> Result<(), HubError> {
         match admission {
             Admission::Now => Ok(()),
             Admission::Shaped { at_ms } => {
@@ -74,7 +74,7 @@ impl Hub {
     pub async fn admit_wait(&self, op: Op, cost: u32) -> Result<(), HubError> {
         match self.admit(op, cost) {
             Admission::Now => Ok(()),
-            other => self.settle_admission(other).await,
+            other => self.wait_for_turn(other).await,
         }
     }
 
@@ -82,7 +82,7 @@ impl Hub {
     pub async fn admit_message_wait(&self, op: Op, bytes: usize) -> Result<(), HubError> {
         match self.admit_message(op, bytes) {
             Admission::Now => Ok(()),
-            other => self.settle_admission(other).await,
+            other => self.wait_for_turn(other).await,
         }
     }
 
@@ -157,7 +157,7 @@ mod tests {
         let at_ms = shaped.expect("some sends were shaped");
         let waiter = tokio::spawn({
             let hub = hub.clone();
-            async move { hub.settle_admission(Admission::Shaped { at_ms }).await }
+            async move { hub.wait_for_turn(Admission::Shaped { at_ms }).await }
         });
         tokio::task::yield_now().await;
         hub.advance_time(60_000).expect("advance");
@@ -166,5 +166,32 @@ mod tests {
         assert!(woke.is_ok());
         assert_eq!(hub.admit(Op::C2dSend, 1), Admission::Now);
         assert_eq!(hub.throttle_stats()["operations"]["c2dSends"]["refused"], 1);
+    }
+
+    #[tokio::test]
+    async fn paced_work_waits_for_its_turn_and_is_never_refused() {
+        let hub = hub(Some(Tier::new(Sku::S1, 1).expect("tier")));
+        // S1 jobs per-device operations: 10/s, so 1 s of burst passes 11 at once.
+        for _ in 0..11 {
+            tokio::time::timeout(Duration::from_secs(10), hub.pace(Op::JobsDeviceOp, 1))
+                .await
+                .expect("at once");
+        }
+        // The 12th waits 100 ms of hub time; the manual clock stands still, so only a jump frees it.
+        let paced = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.pace(Op::JobsDeviceOp, 1).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!paced.is_finished(), "paced work ran before its turn");
+        hub.advance_time(100).expect("advance");
+        tokio::time::timeout(Duration::from_secs(10), paced).await.expect("woke").expect("joined");
+        // Past any backlog, paced work still only waits.
+        for _ in 0..1000 {
+            assert!(!matches!(
+                hub.with_throttle(|t| t.reserve(Op::JobsDeviceOp, 1, T0)),
+                Admission::Refused(_)
+            ));
+        }
     }
 }
