@@ -68,13 +68,18 @@ impl TestHub {
     /// A hub on its own loopback address 127.0.0.N serving the SDKs' fixed ports, with host name
     /// `127.0.0.N`. Tries addresses until one has the ports free.
     pub async fn start_for_sdk() -> Result<Self> {
+        Self::start_for_sdk_with(HubConfig::default()).await
+    }
+
+    /// Like [`TestHub::start_for_sdk`] with `settings` for every setting but the host name.
+    pub async fn start_for_sdk_with(settings: HubConfig) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let base = 10 + (std::process::id() % 50) * 4;
         let mut last_err = None;
         for _ in 0..200 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (base + n / 250) as u8 % 255, (2 + n % 250) as u8));
-            let config = HubConfig { hostname: ip.to_string(), ..HubConfig::default() };
+            let config = HubConfig { hostname: ip.to_string(), ..settings.clone() };
             let listen =
                 ListenConfig { bind: ip, http_port: 0, ftp_port: Some(0), ..ListenConfig::default() };
             let data_dir = scratch_dir();
@@ -209,6 +214,11 @@ fn sdk_missing(sdk: Sdk) -> Option<String> {
 /// Runs an official-SDK script against a fresh SDK hub and fails with its output unless it exits 0.
 /// Skips (printing why) when the SDK or port 443 is unavailable, unless [`sdk_tests_required`].
 pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
+    run_sdk_script_with(sdk, script, HubConfig::default()).await
+}
+
+/// Like [`run_sdk_script`] against a hub configured with `config` (its host name aside).
+pub async fn run_sdk_script_with(sdk: Sdk, script: &str, config: HubConfig) -> Result<()> {
     if let Some(why) = sdk_missing(sdk) {
         if sdk_tests_required() {
             bail!("IOTHUB_SDK_TESTS=required but {why}");
@@ -216,7 +226,7 @@ pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
         eprintln!("skipped {script}: {why}");
         return Ok(());
     }
-    let hub = match TestHub::start_for_sdk().await {
+    let hub = match TestHub::start_for_sdk_with(config).await {
         Ok(h) => h,
         Err(e) if !sdk_tests_required() => {
             eprintln!("skipped {script}: cannot start a hub on the SDK ports: {e:#}");

@@ -52,3 +52,19 @@ async fn python_job_manager_create_get_cancel_scheduled_jobs() {
 async fn node_time_travel_expires_an_offline_devices_notice_with_expired_feedback() {
     run_sdk_script(Sdk::Node, "time_travel_test.js").await.unwrap();
 }
+
+/// A hub throttling as IoT Hub S1 × 1 unit (reference §5.1).
+fn s1_hub() -> iothub_emulator::HubConfig {
+    let tier = iothub_emulator::throttle::Tier::new(iothub_emulator::throttle::Sku::S1, 1).expect("tier");
+    iothub_emulator::HubConfig { throttle: Some(tier), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_service_sdk_gets_429_throttling_and_succeeds_on_retry() {
+    iothub_emulator_tests::run_sdk_script_with(Sdk::Node, "throttle_test.js", s1_hub()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_service_sdk_rides_out_429_throttling_and_retries_what_it_surfaces() {
+    iothub_emulator_tests::run_sdk_script_with(Sdk::Python, "throttle_test.py", s1_hub()).await.unwrap();
+}

@@ -14,3 +14,4 @@ mod registry;
 mod release;
 mod sdk;
 mod startup;
+mod throttle;

@@ -47,6 +47,8 @@ enum Command {
         out: Option<PathBuf>,
         #[command(flatten)]
         external: ExternalArgs,
+        #[command(flatten)]
+        tier: testbench::runner::tier::TierArgs,
     },
     /// One shard of a fleet spread over processes (started by `run` for `fleet.shards > 1`).
     #[command(name = "fleet-shard", hide = true)]
@@ -137,6 +139,7 @@ async fn run(
     Overrides { devices, time, seed }: Overrides,
     out: Option<PathBuf>,
     external: ExternalArgs,
+    tier: testbench::runner::tier::TierArgs,
 ) -> anyhow::Result<ExitCode> {
     let mut plan = testbench::scenario::load(&file)?;
     match time.as_deref() {
@@ -152,6 +155,8 @@ async fn run(
         testbench::runner::scale_devices(&mut plan, n);
     }
     external.overrides().apply(&mut plan).map_err(anyhow::Error::msg)?;
+    tier.apply(&mut plan).map_err(anyhow::Error::msg)?;
+    let tier_inputs = testbench::runner::tier::TierInputs::from_plan(&plan);
     if time.is_none() && plan.time == TimeMode::Compressed && !testbench::runner::compressible(&plan) {
         // The flags made the run external or sharded: play the file's timeline on the wall clock
         // rather than refuse a shipped scenario (a file that asks for both is still refused).
@@ -178,7 +183,11 @@ async fn run(
         b.finish_and_clear();
     }
     tracing::debug!("run done; writing reports");
-    let report = outcome.observed.report_json(&outcome.unmet);
+    let mut report = outcome.observed.report_json(&outcome.unmet);
+    let projection = tier_inputs.project(&outcome.observed);
+    if let (Some(p), Some(obj)) = (&projection, report.as_object_mut()) {
+        obj.insert("tier".into(), p.to_json());
+    }
     tracing::debug!("report.json built");
     let path = out.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
@@ -191,6 +200,9 @@ async fn run(
     std::fs::write(&html_path, html).with_context(|| format!("writing {}", html_path.display()))?;
     for line in outcome.observed.summary_lines(&outcome.unmet) {
         if tty && line.starts_with("unmet:") { println!("\x1b[31m{line}\x1b[0m") } else { println!("{line}") }
+    }
+    for line in projection.iter().flat_map(|p| p.summary_lines()) {
+        println!("{line}");
     }
     println!("report: {}", path.display());
     println!("report: {}", html_path.display());
@@ -257,9 +269,9 @@ fn main() -> anyhow::Result<ExitCode> {
     }
     match Args::parse().command {
         Command::Validate { files } => Ok(validate(&files)),
-        Command::Run { file, devices, time, seed, out, external } => {
+        Command::Run { file, devices, time, seed, out, external, tier } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(file, Overrides { devices, time, seed }, out, external))
+            rt.block_on(run(file, Overrides { devices, time, seed }, out, external, tier))
         }
         Command::FleetShard(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

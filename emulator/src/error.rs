@@ -54,6 +54,10 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 429: as many jobs as the hub allows are scheduled or running already (429004).
     ThrottlingMaxActiveJobCountExceeded,
+    /// 429: the operation is over its tier's rate and the shaping backlog is full (429001).
+    ThrottlingException,
+    /// 429: device-to-cloud sends are over the rate and their backlog is full (429002).
+    ThrottleBacklogLimitExceeded,
     /// 501: the route exists in IoT Hub but the emulator does not implement it.
     NotImplemented,
     /// 500: an internal error.
@@ -82,6 +86,8 @@ impl ErrorCode {
             Self::JobNotFound => "JobNotFound",
             Self::JobAlreadyExists => "JobAlreadyExists",
             Self::ThrottlingMaxActiveJobCountExceeded => "ThrottlingMaxActiveJobCountExceeded",
+            Self::ThrottlingException => "ThrottlingException",
+            Self::ThrottleBacklogLimitExceeded => "ThrottleBacklogLimitExceeded",
             Self::DeviceAlreadyExists => "DeviceAlreadyExists",
             Self::PreconditionFailed => "PreconditionFailed",
             Self::DeviceMessageLockLost => "DeviceMessageLockLost",
@@ -111,6 +117,8 @@ impl ErrorCode {
             Self::JobNotFound => 404002,
             Self::JobAlreadyExists => 409000,
             Self::ThrottlingMaxActiveJobCountExceeded => 429004,
+            Self::ThrottlingException => 429001,
+            Self::ThrottleBacklogLimitExceeded => 429002,
             Self::DeviceNotOnline => 404103,
             Self::MethodNotAllowed => 405000,
             Self::DeviceAlreadyExists => 409001,
@@ -144,12 +152,25 @@ pub struct HubError {
     pub code: ErrorCode,
     /// Words for the user: what was wrong and, where useful, what is allowed.
     pub message: String,
+    /// For throttling and quota refusals: milliseconds until a retry would be accepted (HTTP
+    /// answers carry it as `Retry-After`, in whole seconds).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl HubError {
     /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), retry_after_ms: None }
+    }
+
+    /// A refusal by the tier throttle (see [`crate::throttle`]): `ThrottlingException`,
+    /// `ThrottleBacklogLimitExceeded` or `IotHubQuotaExceeded`, with its retry-after.
+    pub fn throttled(refusal: &crate::throttle::Refusal, tier: &crate::throttle::Tier) -> Self {
+        Self {
+            code: refusal.code,
+            message: refusal.describe(tier),
+            retry_after_ms: Some(refusal.retry_after_ms),
+        }
     }
 
     /// `DeviceNotFound` for `id`.
@@ -189,6 +210,9 @@ mod tests {
         assert_eq!(ErrorCode::PreconditionFailed.http_status(), 412);
         assert_eq!(ErrorCode::DeviceAlreadyExists.http_status(), 409);
         assert_eq!(ErrorCode::NotImplemented.http_status(), 501);
+        assert_eq!(ErrorCode::ThrottlingException.http_status(), 429);
+        assert_eq!(ErrorCode::ThrottleBacklogLimitExceeded.number(), 429002);
+        assert_eq!(ErrorCode::IotHubQuotaExceeded.http_status(), 403);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A local Azure IoT Hub emulator: the hub's state and rules ([`hub`], [`c2d`], [`sas`], [`query`],
 //! scheduled [`jobs`]),
-//! its protocol front ends ([`http`], [`mqtt`], [`amqp`]), the FTP package server for simulated devices
+//! tier throttling ([`throttle`]), its protocol front ends ([`http`], [`mqtt`], [`amqp`]), the FTP package server for simulated devices
 //! ([`ftp`]), local TLS ([`tls`]) and the server that ties them to bound listeners ([`server`]).
 //! [`healthcheck`] is the client side of `/health` for container health checks; with the
 //! `testcontainers` feature, `testcontainers` runs the hub image in tests.
@@ -25,6 +25,7 @@ pub mod sas;
 pub mod server;
 #[cfg(feature = "testcontainers")]
 pub mod testcontainers;
+pub mod throttle;
 pub mod tls;
 
 pub use error::{ErrorCode, HubError};

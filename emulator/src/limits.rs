@@ -63,6 +63,18 @@ pub const DEVICE_ID_MAX_CHARS: usize = 128;
 /// Devices (plus modules) per hub.
 pub const HUB_MAX_DEVICES: usize = 1_000_000;
 
+/// Tier throttling (`--tier`, [`crate::throttle`]): how much lag behind an operation's limit rate
+/// still passes at once, in milliseconds of work at that rate. IoT Hub says bursts are "first
+/// processed" but publishes no size: ASSUMED one second. An idle operation class always admits
+/// the next request, however much it costs.
+pub const THROTTLE_BURST_MS: u64 = 1000;
+
+/// Tier throttling: the traffic-shaping backlog, in milliseconds of work at the limit rate past
+/// the burst. Requests that fit wait their turn (at most this long); past it IoT Hub answers 429.
+/// IoT Hub publishes no size: ASSUMED five seconds, so a caller that waits for each answer is
+/// slowed to the rate but never refused (the slowest class, queries at 20/min, needs 3 s).
+pub const THROTTLE_BACKLOG_MS: u64 = 5000;
+
 /// Twin section sizes: tags 8 KB, desired 32 KB, reported 32 KB; nesting depth at most 10.
 pub const TWIN_TAGS_MAX_BYTES: usize = 8 * 1024;
 /// See [`TWIN_TAGS_MAX_BYTES`].

@@ -19,6 +19,7 @@ use iothub_emulator::limits::{
     FTP_DEFAULT_MAX_SESSIONS, SAS_DEFAULT_SKEW_SECS,
 };
 use iothub_emulator::server::{self, ListenConfig, RunningHub};
+use iothub_emulator::throttle::{Sku, Tier};
 
 /// A local Azure IoT Hub emulator: registry, SAS auth, C2D queues and twins over IoT Hub's own
 /// protocols, with TLS from a CA it generates.
@@ -101,6 +102,34 @@ struct Args {
     /// Feedback batch interval in milliseconds (IoT Hub: 15000).
     #[arg(long, env = "IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", default_value_t = iothub_emulator::limits::FEEDBACK_BATCH_INTERVAL_MS)]
     feedback_interval_ms: u64,
+
+    /// Enforce this IoT Hub tier's operation throttles and daily message quota: F1, S1, S2 or S3.
+    /// Off unless given (no limits).
+    #[arg(long, env = "IOTHUB_EMULATOR_TIER", value_parser = clap::builder::ValueParser::new(parse_sku))]
+    tier: Option<Sku>,
+
+    /// Units of --tier (F1: 1; S1, S2: 1 to 200; S3: 1 to 10).
+    #[arg(long, env = "IOTHUB_EMULATOR_UNITS", default_value_t = 1, requires = "tier")]
+    units: u32,
+}
+
+fn parse_sku(s: &str) -> Result<Sku, String> {
+    s.parse().map_err(|e: iothub_emulator::throttle::TierError| e.to_string())
+}
+
+impl Args {
+    /// The tier to throttle at, validated against its unit range; a bad combination ends the
+    /// process with clap's usage error (exit code 2).
+    fn tier(&self) -> Option<Tier> {
+        let sku = self.tier?;
+        match Tier::new(sku, self.units) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                use clap::CommandFactory;
+                Args::command().error(clap::error::ErrorKind::ValueValidation, format!("--units: {e}")).exit()
+            }
+        }
+    }
 }
 
 /// What to do instead of running a hub.
@@ -132,6 +161,7 @@ enum Command {
 fn main() -> Result<ExitCode> {
     let started = Instant::now();
     let args = Args::parse();
+    let tier = args.tier();
     match &args.command {
         Some(Command::Healthcheck { timeout_ms }) => {
             return Ok(healthcheck(args.bind, args.http_port, *timeout_ms));
@@ -157,7 +187,7 @@ fn main() -> Result<ExitCode> {
     iothub_emulator::sas::decode_key(&args.owner_key)
         .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run(args, started))?;
+    runtime.block_on(run(args, tier, started))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,13 +225,14 @@ fn healthcheck(bind: IpAddr, http_port: u16, timeout_ms: u64) -> ExitCode {
     }
 }
 
-async fn run(args: Args, started: Instant) -> Result<()> {
+async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     let config = HubConfig {
         hostname: args.hostname.clone(),
         owner_key: args.owner_key.clone(),
         sas_skew_secs: args.sas_skew_secs,
         feedback_batch_interval_ms: args.feedback_interval_ms,
         admin_api: !args.disable_admin_api,
+        throttle: tier,
         ..HubConfig::default()
     };
     let listen = ListenConfig {
@@ -233,6 +264,9 @@ async fn run(args: Args, started: Instant) -> Result<()> {
         println!("FTP packages directory: {}", running.packages_dir.display());
     }
     println!("CA certificate: {}", ca_path.display());
+    if let Some(t) = tier {
+        println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
+    }
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(server::shutdown_on_signal(running.shutdown_token()));

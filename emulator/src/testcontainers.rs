@@ -127,6 +127,8 @@ pub struct IotHubEmulator {
     container_name: Option<String>,
     /// Extra certificate names (`--tls-san`), the Docker host's address among them once known.
     tls_names: Vec<String>,
+    /// Tier throttling (`--tier`, `--units`), off when `None`.
+    tier: Option<crate::throttle::Tier>,
     /// The flags' env twins, built from the options above (what [`Image::env_vars`] returns).
     env: Vec<(String, String)>,
 }
@@ -142,6 +144,7 @@ impl Default for IotHubEmulator {
             network: None,
             container_name: None,
             tls_names: Vec::new(),
+            tier: None,
             env: Vec::new(),
         };
         image.refresh_env();
@@ -175,6 +178,14 @@ impl IotHubEmulator {
     /// Devices registered once the hub is up.
     pub fn devices(mut self, ids: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.devices.extend(ids.into_iter().map(Into::into));
+        self
+    }
+
+    /// Throttle as this IoT Hub tier (`--tier`, `--units`): its operation rates and daily message
+    /// quota (off by default).
+    pub fn tier(mut self, tier: crate::throttle::Tier) -> Self {
+        self.tier = Some(tier);
+        self.refresh_env();
         self
     }
 
@@ -212,6 +223,10 @@ impl IotHubEmulator {
         ];
         if !self.tls_names.is_empty() {
             self.env.push(("IOTHUB_EMULATOR_TLS_SANS".into(), self.tls_names.join(",")));
+        }
+        if let Some(t) = self.tier {
+            self.env.push(("IOTHUB_EMULATOR_TIER".into(), t.sku.name().into()));
+            self.env.push(("IOTHUB_EMULATOR_UNITS".into(), t.units.to_string()));
         }
     }
 
@@ -572,6 +587,10 @@ mod tests {
         assert!(env.contains(&("IOTHUB_EMULATOR_OWNER_KEY".into(), "a2V5LWtleS1rZXkta2V5LWtleQ==".into())));
         assert_eq!(image.descriptor(), "iothub-emulator:dev");
         assert_eq!(Image::expose_ports(&image).len(), 5);
+        let tier = crate::throttle::Tier::new(crate::throttle::Sku::S2, 3).unwrap();
+        let image = image.tier(tier);
+        assert!(image.env.contains(&("IOTHUB_EMULATOR_TIER".into(), "S2".into())));
+        assert!(image.env.contains(&("IOTHUB_EMULATOR_UNITS".into(), "3".into())));
         let fixed = image.host_port(8883, 18883).host_port(8883, 28883);
         assert_eq!(fixed.fixed_ports, vec![(8883, 28883)], "the last mapping of a port wins");
     }

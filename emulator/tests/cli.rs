@@ -345,3 +345,59 @@ async fn disable_admin_api_hides_the_emulator_routes_from_flag_and_env() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_and_units_reach_the_throttle_from_flag_and_env() {
+    for (flags, envs) in [
+        (vec!["--tier", "s3", "--units", "4"], vec![]),
+        (vec![], vec![("IOTHUB_EMULATOR_TIER", "S3"), ("IOTHUB_EMULATOR_UNITS", "4")]),
+    ] {
+        let dir = temp_dir();
+        let mut args = FREE_PORTS.to_vec();
+        args.extend(["--data-dir", dir.to_str().unwrap()]);
+        args.extend(flags.iter().copied());
+        let (child, lines) = start(&args, &envs);
+        assert!(lines.iter().any(|l| l.starts_with("throttling as IoT Hub S3 × 4 units")), "{lines:?}");
+        let http = line(&lines, "http://127.0.0.1:").to_string();
+        let stats: serde_json::Value =
+            reqwest::get(format!("{http}/emulator/throttle")).await.unwrap().json().await.unwrap();
+        assert_eq!((stats["tier"].as_str(), stats["units"].as_u64()), (Some("S3"), Some(4)), "{stats}");
+        assert_eq!(stats["quota"]["messagesPerDay"], 1_200_000_000u64);
+        stop(child);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    // Without --tier, nothing is throttled.
+    let dir = temp_dir();
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--data-dir", dir.to_str().unwrap()]);
+    let (child, lines) = start(&args, &[]);
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    let stats: serde_json::Value =
+        reqwest::get(format!("{http}/emulator/throttle")).await.unwrap().json().await.unwrap();
+    assert!(stats["tier"].is_null(), "{stats}");
+    stop(child);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Ends a hub this file's SIGTERM test does not cover (a signal right after startup can beat the
+/// binary's handler).
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn bad_tiers_and_units_exit_2_with_a_clear_message() {
+    for (args, expect) in [
+        (vec!["--tier", "B1"], "not one of F1, S1, S2, S3"),
+        (vec!["--tier", "F1", "--units", "2"], "F1 takes 1 to 1 units; got 2"),
+        (vec!["--tier", "S3", "--units", "11"], "S3 takes 1 to 10 units; got 11"),
+        (vec!["--tier", "S1", "--units", "0"], "S1 takes 1 to 200 units; got 0"),
+        (vec!["--units", "3"], "--tier"),
+    ] {
+        let out = Command::new(BIN).args(FREE_PORTS).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}

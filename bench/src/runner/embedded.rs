@@ -32,11 +32,13 @@ pub struct EmbeddedHub {
 
 impl EmbeddedHub {
     /// Starts a hub with files under `dir`: feedback batches every `feedback_interval`, C2D
-    /// messages living `c2d_default_ttl` unless a send says otherwise, telemetry kept for the
-    /// runner in proportion to the run's `devices` (a big fleet reports in bursts).
+    /// messages living `c2d_default_ttl` unless a send says otherwise, throttled as `tier` if given,
+    /// telemetry kept for the runner in proportion to the run's `devices` (a big fleet reports in
+    /// bursts).
     pub async fn start(
         feedback_interval: std::time::Duration,
         c2d_default_ttl: std::time::Duration,
+        tier: Option<iothub_emulator::throttle::Tier>,
         devices: u64,
         dir: &Path,
     ) -> Result<Self, RunError> {
@@ -44,6 +46,7 @@ impl EmbeddedHub {
             (devices as usize / 8).clamp(iothub_emulator::limits::TELEMETRY_BUFFER_MESSAGES, TELEMETRY_BUFFER_MAX);
         let config = HubConfig {
             telemetry_buffer_messages,
+            throttle: tier,
             feedback_batch_interval_ms: feedback_interval.as_millis() as u64,
             c2d: QueueConfig { default_ttl_ms: c2d_default_ttl.as_millis() as u64, ..QueueConfig::default() },
             ..HubConfig::default()

@@ -29,9 +29,9 @@ impl HubSide {
     /// An embedded hub keeps telemetry for readers in proportion to the `devices` of the run.
     pub async fn start(plan: &HubPlan, devices: u64, work_dir: &Path) -> Result<Self, RunError> {
         match *plan {
-            HubPlan::Embedded { feedback_interval, c2d_default_ttl } => {
+            HubPlan::Embedded { feedback_interval, c2d_default_ttl, tier } => {
                 let dir = work_dir.join("hub");
-                let hub = EmbeddedHub::start(feedback_interval, c2d_default_ttl, devices, &dir).await?;
+                let hub = EmbeddedHub::start(feedback_interval, c2d_default_ttl, tier, devices, &dir).await?;
                 Ok(Self::Embedded(Box::new(hub)))
             }
             HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod rollout;
 pub mod shards;
 pub mod shared;
+pub mod tier;
 pub mod timeseries;
 mod update_checks;
 

@@ -29,6 +29,8 @@ pub enum HubPlan {
         feedback_interval: Duration,
         /// Default C2D time to live.
         c2d_default_ttl: Duration,
+        /// IoT Hub tier throttling (`hub.tier`, `hub.units`); `None` throttles nothing.
+        tier: Option<iothub_emulator::throttle::Tier>,
     },
     /// Already running elsewhere.
     External {
@@ -478,6 +480,24 @@ pub fn plan(file: &str, raw: RawScenario) -> Result<ScenarioPlan, ScenarioError>
     })
 }
 
+/// `hub.tier` and `hub.units`: a tier the emulator can throttle as, with units it allows.
+fn hub_tier(
+    cx: &Ctx<'_>,
+    tier: Option<&str>,
+    units: Option<u32>,
+) -> Result<Option<iothub_emulator::throttle::Tier>, ScenarioError> {
+    use iothub_emulator::throttle::{Sku, Tier};
+    let Some(name) = tier else {
+        return match units {
+            Some(_) => Err(cx.err("hub.units", "units need a tier; set hub.tier (F1, S1, S2 or S3)")),
+            None => Ok(None),
+        };
+    };
+    let sku: Sku =
+        name.parse().map_err(|e: iothub_emulator::throttle::TierError| cx.err("hub.tier", e.to_string()))?;
+    Tier::new(sku, units.unwrap_or(1)).map(Some).map_err(|e| cx.err("hub.units", e.to_string()))
+}
+
 fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
     match raw.mode.as_deref().unwrap_or("embedded") {
         "embedded" => {
@@ -504,6 +524,7 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
                 c2d_default_ttl: cx
                     .opt_duration("hub.c2d_default_ttl", &raw.c2d_default_ttl)?
                     .unwrap_or(Duration::from_secs(3600)),
+                tier: hub_tier(cx, raw.tier.as_deref(), raw.units)?,
             })
         }
         "external" => {
@@ -512,6 +533,8 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
             for (key, set) in [
                 ("hub.feedback_interval", raw.feedback_interval.is_some()),
                 ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
+                ("hub.tier", raw.tier.is_some()),
+                ("hub.units", raw.units.is_some()),
             ] {
                 if set {
                     return Err(cx.err(

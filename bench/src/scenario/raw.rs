@@ -61,6 +61,10 @@ pub struct RawHub {
     pub feedback_interval: Option<String>,
     /// Default C2D time to live (`"1h"`).
     pub c2d_default_ttl: Option<String>,
+    /// Embedded hub: throttle as this IoT Hub tier (`"F1"`, `"S1"`, `"S2"`, `"S3"`); off when absent.
+    pub tier: Option<String>,
+    /// Embedded hub: units of `tier` (default 1).
+    pub units: Option<u32>,
 }
 
 /// `[fleet]`.

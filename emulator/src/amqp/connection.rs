@@ -131,6 +131,9 @@ pub struct Connection {
     auth_expiry_secs: Option<u64>,
     /// Why the connection closed, when we closed it over an error.
     close_reason: Option<ConnError>,
+    /// Tier throttling: hub time until which shaped C2D sends hold the connection (the driver
+    /// neither writes their dispositions nor reads more before it). Always `None` without a tier.
+    hold_until: Option<crate::clock::Millis>,
 }
 
 impl Connection {
@@ -146,7 +149,19 @@ impl Connection {
             sessions: BTreeMap::new(),
             auth_expiry_secs: None,
             close_reason: None,
+            hold_until: None,
         }
+    }
+
+    /// Takes the hold shaped C2D sends put on the connection: the hub time until which the driver
+    /// should neither write the output nor read more (see `service::send_c2d`).
+    pub fn take_hold(&mut self) -> Option<crate::clock::Millis> {
+        self.hold_until.take()
+    }
+
+    /// Holds the connection until hub time `at_ms` (the latest of every shaped send's turn).
+    pub(super) fn hold_until(&mut self, at_ms: crate::clock::Millis) {
+        self.hold_until = Some(self.hold_until.map_or(at_ms, |h| h.max(at_ms)));
     }
 
     /// Feeds bytes read from the socket; replies accumulate in the output.

@@ -37,8 +37,12 @@ struct Peer {
 
 impl Peer {
     fn new() -> Self {
+        Self::with_config(HubConfig::default())
+    }
+
+    fn with_config(config: HubConfig) -> Self {
         let clock = ManualClock::new(START_MS);
-        let hub = Hub::with_clock(HubConfig::default(), Arc::new(clock.clone()));
+        let hub = Hub::with_clock(config, Arc::new(clock.clone()));
         Self { conn: Connection::new(hub.clone()), hub, clock, next_delivery: 0 }
     }
 
@@ -164,7 +168,12 @@ impl Peer {
 
     /// An authorized connection with a C2D sender link, and device `device` registered.
     fn sender(device: &str) -> Self {
-        let mut p = Self::new();
+        Self::sender_on(HubConfig::default(), device)
+    }
+
+    /// [`Peer::sender`] on a hub configured with `config`.
+    fn sender_on(config: HubConfig, device: &str) -> Self {
+        let mut p = Self::with_config(config);
         p.create_device(device);
         p.open();
         p.cbs_links();
@@ -554,4 +563,29 @@ fn feedback_waits_for_credit_and_a_released_batch_is_redelivered() {
     p.send(list(code::DISPOSITION, vec![Value::Bool(true), id, Value::Null, Value::Bool(true), released]));
     let out = p.send(flow(5, 1));
     assert_eq!(out.iter().filter(|f| f.code == code::TRANSFER).count(), 2);
+}
+
+#[test]
+fn throttled_sends_are_held_then_rejected_as_device_container_throttled() {
+    let tier = crate::throttle::Tier::new(crate::throttle::Sku::S1, 1).unwrap();
+    let mut p = Peer::sender_on(HubConfig { throttle: Some(tier), ..HubConfig::default() }, "d");
+    // S1 × 1: 100 sends a minute; 1 s of burst and 5 s of backlog take 11 at one instant.
+    for i in 0..11 {
+        assert_eq!(outcome(&p.transfer(C2D, &c2d("d", &format!("m{i}")))), Ok(()), "send {i}");
+    }
+    // The shaped ones hold the connection until the last one's turn (the driver waits for it).
+    assert_eq!(p.conn.take_hold(), Some(START_MS + 5000));
+    assert_eq!(
+        outcome(&p.transfer(C2D, &c2d("d", "m11"))),
+        Err("com.microsoft:device-container-throttled".into())
+    );
+    let mut queued = 0;
+    while p.hub.receive_c2d("d", 60_000).unwrap().is_some() {
+        queued += 1;
+    }
+    assert_eq!(queued, 11, "the refused send was not queued");
+    // A minute later (wall clock or time travel) the bucket is empty again.
+    p.clock.advance(60_000);
+    assert_eq!(outcome(&p.transfer(C2D, &c2d("d", "m12"))), Ok(()));
+    assert_eq!(p.conn.take_hold(), None);
 }

@@ -69,6 +69,15 @@ where
         tokio::pin!(notified);
         notified.as_mut().enable();
         conn.pump();
+        // Tier throttling: shaped C2D sends are settled at their turn, and nothing more is read
+        // before it (backpressure on the sender). Bounded by the throttle's backlog; a hub time
+        // jump ends it early.
+        if let Some(at) = conn.take_hold() {
+            tokio::select! {
+                _ = hub.sleep_until(at) => last_read = Instant::now(),
+                _ = shutdown.cancelled() => conn.shut_down(),
+            }
+        }
         let out = conn.take_output();
         if !out.is_empty() {
             write_within(&mut stream, &out, timeouts.write).await?;

@@ -1,6 +1,9 @@
 //! What the service endpoint's nodes do with a delivery, in IoT Hub's terms (reference §3.4, §3.9):
 //! `$cbs` put-token, C2D sends to `/messages/devicebound`, and feedback batches for
-//! `/messages/serviceBound/feedback`. Hub errors become the AMQP conditions the SDKs map.
+//! `/messages/serviceBound/feedback`. Hub errors become the AMQP conditions the SDKs map. With a
+//! tier configured, C2D sends pass the tier throttle first: over the rate they are held (shaped),
+//! past the backlog rejected with `com.microsoft:device-container-throttled`, past the daily quota
+//! with `com.microsoft:quota-exceeded`.
 
 use super::connection::Connection;
 use super::message::{Body, Message, Properties, to_c2d};
@@ -8,6 +11,7 @@ use super::types::Value;
 use crate::c2d::Delivery;
 use crate::error::{ErrorCode, HubError};
 use crate::sas::Rights;
+use crate::throttle::{Admission, Op};
 
 /// The nodes a link may attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,11 @@ pub fn condition(code: ErrorCode) -> &'static str {
         ErrorCode::MessageTooLarge => "amqp:link:message-size-exceeded",
         ErrorCode::IotHubUnauthorizedAccess | ErrorCode::IotHubUnauthorized => "amqp:unauthorized-access",
         ErrorCode::IotHubQuotaExceeded => "com.microsoft:quota-exceeded",
+        // What the Node service SDK maps to its retryable `ThrottlingError`
+        // (azure-iothub common-amqp/amqp_common_errors.js) and the C# mapper to throttling.
+        ErrorCode::ThrottlingException | ErrorCode::ThrottleBacklogLimitExceeded => {
+            "com.microsoft:device-container-throttled"
+        }
         ErrorCode::DeviceMessageLockLost => "com.microsoft:message-lock-lost",
         ErrorCode::PreconditionFailed => "com.microsoft:precondition-failed",
         ErrorCode::GatewayTimeout => "com.microsoft:timeout",
@@ -174,6 +183,17 @@ pub fn send_c2d(conn: &mut Connection, m: &Message) -> Outcome {
             );
         }
     };
+    match conn.hub().admit_message(Op::C2dSend, msg.body.len()) {
+        Admission::Now => {}
+        // Accepted, worked off at the limit rate: the driver holds the connection (its
+        // dispositions and further reads) until the send's turn.
+        Admission::Shaped { at_ms } => conn.hold_until(at_ms),
+        Admission::Refused(r) => {
+            let e = conn.hub().throttle_error(&r);
+            tracing::info!(device = %device, "C2D send refused: {e}");
+            return rejected(&e);
+        }
+    }
     match conn.hub().send_c2d(&device, msg) {
         Ok(_) => Outcome::Accepted,
         Err(e) => {
@@ -235,5 +255,7 @@ mod tests {
         assert_eq!(condition(ErrorCode::MessageTooLarge), "amqp:link:message-size-exceeded");
         assert_eq!(condition(ErrorCode::IotHubUnauthorizedAccess), "amqp:unauthorized-access");
         assert_eq!(condition(ErrorCode::InvalidMessageExpiryTime), "com.microsoft:argument-error");
+        assert_eq!(condition(ErrorCode::ThrottlingException), "com.microsoft:device-container-throttled");
+        assert_eq!(condition(ErrorCode::IotHubQuotaExceeded), "com.microsoft:quota-exceeded");
     }
 }

@@ -1,8 +1,9 @@
 //! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
 //! `/emulator/telemetry` (recorded D2C messages; `waitMs` long-polls for new ones),
 //! `/emulator/connection-strings`, `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
-//! PUT replaces them) and `/emulator/time` (hub time: GET reads it, POST moves it forward; see
-//! [`crate::hub::time`]).
+//! PUT replaces them), `/emulator/time` (hub time: GET reads it, POST moves it forward; see
+//! [`crate::hub::time`]) and `/emulator/throttle` (the tier throttle's rates and its admitted,
+//! shaped and refused counts; `{"tier": null}` when throttling is off).
 //! None of these exist in IoT Hub; they are for tests, tools and containers. `--disable-admin-api`
 //! ([`crate::HubConfig::admin_api`]) turns the `/emulator/*` ones off (they answer 404).
 
@@ -66,6 +67,11 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         }
         Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),
         Route::Time => Ok(json_response(StatusCode::OK, &time_json(&ctx.hub))),
+        Route::Throttle => {
+            let stats = ctx.hub.throttle_stats();
+            let body = if stats.is_null() { json!({ "tier": null }) } else { stats };
+            Ok(json_response(StatusCode::OK, &body))
+        }
         _ => Ok(empty(StatusCode::NOT_FOUND)),
     }
 }

@@ -3,7 +3,9 @@
 //! plain port.
 //!
 //! Handlers translate requests into [`Hub`] calls and [`HubError`]s into IoT Hub's error
-//! responses (status, `iothub-errorcode` header, legacy JSON body). They keep no state.
+//! responses (status, `iothub-errorcode` header, legacy JSON body). They keep no state. With a
+//! tier configured, every IoT Hub request first passes the tier throttle (see `admit`): shaped
+//! requests wait for their turn, refused ones get 429 with `Retry-After`.
 
 mod admin;
 pub mod connection;
@@ -176,6 +178,11 @@ where
         body,
     };
     let admin_api = ctx.hub.config().admin_api;
+    if ctx.hub.throttling()
+        && let Err(e) = admit(&ctx.hub, &req).await
+    {
+        return Ok(error_response(&req.method, &path, &e));
+    }
     let result = match (&req.route, port) {
         (r, Port::Plain) if !admin_api && r.is_admin_api() => Err(not_found(&path)),
         (Route::Telemetry, Port::Plain) if req.method == Method::GET && req.param("waitMs").is_some() => {
@@ -195,6 +202,33 @@ where
         _ => service_api::handle(&ctx.hub, &req),
     };
     Ok(result.unwrap_or_else(|e| error_response(&req.method, &path, &e)))
+}
+
+/// The tier throttle's say on an IoT Hub request (reference §5.1): which operation class the
+/// route is, then wait for its turn or refuse. Message sends (C2D through the REST extension, D2C
+/// from devices) are also metered against the daily quota on their body size; an HTTP D2C batch
+/// counts as one send. The emulator's own routes, statistics, purge, feedback and C2D settlement
+/// are not throttled (the table has no row for them), and neither is a request whose token does
+/// not verify: it gets its `401` from the handler without spending the hub's rate.
+async fn admit(hub: &Hub, req: &Req) -> Result<(), HubError> {
+    use crate::throttle::{Op, method_chunks};
+    if !req.token().is_ok_and(|t| hub.authenticate(t).is_ok()) {
+        return Ok(());
+    }
+    let m = &req.method;
+    let (op, cost, message) = match &req.route {
+        Route::Devices | Route::Device(_) => (Op::Registry, 1, false),
+        Route::Query if m == Method::POST => (Op::Query, 1, false),
+        Route::Twin(_) if m == Method::GET => (Op::TwinRead, 1, false),
+        Route::Twin(_) => (Op::TwinUpdate, 1, false),
+        Route::TwinMethods(_) => (Op::DirectMethod, method_chunks(req.body.len()), false),
+        Route::DeviceBound(_) if m == Method::POST => (Op::C2dSend, 1, true),
+        Route::DeviceBound(_) if m == Method::GET => (Op::C2dReceive, 1, false),
+        Route::DeviceEvents(_) if m == Method::POST => (Op::D2cSend, 1, true),
+        Route::Job(_) | Route::JobCancel(_) | Route::JobsQuery => (Op::JobsOp, 1, false),
+        _ => return Ok(()),
+    };
+    if message { hub.admit_message_wait(op, req.body.len()).await } else { hub.admit_wait(op, cost).await }
 }
 
 fn not_found(path: &str) -> HubError {
@@ -219,6 +253,11 @@ pub fn error_response(method: &Method, path: &str, e: &HubError) -> HttpResponse
         e.body(&tracking, &crate::clock::iso8601(crate::clock::Clock::now_ms(&crate::clock::SystemClock)));
     let mut resp = json_response(status, &body);
     set_header(&mut resp, "iothub-errorcode", e.code.name());
+    // Throttled: when to come back, in whole seconds (urllib3, under the Python service SDK,
+    // retries idempotent requests after it; the Node SDK ignores it).
+    if let (Some(ms), StatusCode::TOO_MANY_REQUESTS) = (e.retry_after_ms, status) {
+        set_header(&mut resp, "retry-after", &ms.div_ceil(1000).max(1).to_string());
+    }
     resp
 }
 

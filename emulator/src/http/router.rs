@@ -21,6 +21,8 @@ pub enum Route {
     FtpFaults,
     /// `/emulator/time` (plain port): hub time (GET) and time travel (POST).
     Time,
+    /// `/emulator/throttle` (plain port): the tier throttle's settings and counters (GET).
+    Throttle,
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -71,7 +73,10 @@ impl Route {
 
     /// The `/emulator/*` admin routes `--disable-admin-api` turns off.
     pub fn is_admin_api(&self) -> bool {
-        matches!(self, Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time)
+        matches!(
+            self,
+            Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time | Route::Throttle
+        )
     }
 }
 
@@ -98,6 +103,7 @@ pub fn route(path: &str) -> Route {
         [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,
         [e, f, x] if eq(e, "emulator") && eq(f, "ftp") && eq(x, "faults") => Route::FtpFaults,
         [e, t] if eq(e, "emulator") && eq(t, "time") => Route::Time,
+        [e, t] if eq(e, "emulator") && eq(t, "throttle") => Route::Throttle,
         [d] if eq(d, "devices") => Route::Devices,
         [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
         [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
@@ -178,5 +184,6 @@ mod tests {
         assert_eq!(route("/health"), Route::Health);
         assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
         assert_eq!(route("/emulator/time"), Route::Time);
+        assert_eq!(route("/emulator/throttle"), Route::Throttle);
     }
 }

@@ -7,9 +7,11 @@
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
 //! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
 
+mod admission;
 mod auth;
 mod device;
 pub mod link;
@@ -67,6 +69,9 @@ pub struct HubConfig {
     pub admin_api: bool,
     /// D2C messages kept for readers of the emulator's telemetry read-out (the oldest go first).
     pub telemetry_buffer_messages: usize,
+    /// IoT Hub tier throttling (`--tier`/`--units`): `None` (the default) enforces no operation
+    /// rates and no daily quota. See [`crate::throttle`].
+    pub throttle: Option<crate::throttle::Tier>,
 }
 
 impl Default for HubConfig {
@@ -80,6 +85,7 @@ impl Default for HubConfig {
             timeouts: crate::limits::Timeouts::default(),
             admin_api: true,
             telemetry_buffer_messages: crate::limits::TELEMETRY_BUFFER_MESSAGES,
+            throttle: None,
         }
     }
 }
@@ -111,6 +117,8 @@ struct Shared {
     /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
     /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
     changed: tokio::sync::Notify,
+    /// The tier throttle, only when a tier is configured (see `admission`).
+    throttle: Option<Mutex<crate::throttle::Throttle>>,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +140,7 @@ impl Hub {
         let shards = (0..SHARD_COUNT).map(|_| Mutex::new(Shard::default())).collect();
         let start = clock.now_ms();
         let telemetry = TelemetryLog::with_capacity(config.telemetry_buffer_messages);
+        let throttle = config.throttle.map(|tier| Mutex::new(crate::throttle::Throttle::new(tier)));
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -146,6 +155,7 @@ impl Hub {
                 device_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
+                throttle,
             }),
         }
     }

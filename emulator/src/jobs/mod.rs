@@ -12,7 +12,8 @@
 //! patches through [`Hub::update_twin`] (the `PATCH /twins/{id}` path, so connected devices get
 //! desired-property notifications) or invoking methods through [`Hub::invoke_method`] (the `POST
 //! /twins/{id}/methods` path) with at most [`JOBS_METHOD_CONCURRENCY`] calls in flight, polled
-//! inside the same task. Cancel, `maxExecutionTimeInSeconds` and the hub's shutdown stop it.
+//! inside the same task. Cancel, `maxExecutionTimeInSeconds` and the hub's shutdown stop it. With a
+//! tier configured, each device's operation waits for its turn at the tier's jobs per-device rate.
 
 pub mod model;
 
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
 use crate::limits::{JOBS_DEVICE_PAGE, JOBS_HISTORY_MAX, JOBS_MAX_ACTIVE, JOBS_METHOD_CONCURRENCY};
+use crate::throttle::Op;
 use model::{JobAction, JobRequest, JobStatus, JobTable, JobType, JobsPage, device_query};
 
 /// The hub's jobs: the table and the tokens that stop their tasks.
@@ -207,6 +209,8 @@ async fn walk(hub: &Hub, id: &str, action: &JobAction, condition: &str) -> Outco
         // under the jobs lock.
         let (mut succeeded, mut failed) = (0, 0);
         for device in ids {
+            // Tier throttling: jobs per-device operations are worked off at the tier's rate.
+            hub.pace(Op::JobsDeviceOp, 1).await;
             match action {
                 JobAction::UpdateTwin(patch) => match hub.update_twin(&device, patch, None, false) {
                     Ok(_) => succeeded += 1,

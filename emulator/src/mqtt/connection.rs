@@ -6,6 +6,8 @@
 //! breaks the contract, goes silent, stops reading, its token expires, a newer connection of the
 //! same device takes over, or the hub shuts down;
 //! every end but DISCONNECT and hub shutdown records the device's Will (see [`Session::close`]).
+//! With a tier configured, requests the session shaped (the CONNECT itself included: its CONNACK
+//! waits for its turn) hold the connection until their turn.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -217,6 +219,15 @@ where
     session.close(&hub);
 }
 
+/// Holds the connection until hub time `at_ms` (shaped requests' turn): `false` if the hub shut
+/// down meanwhile.
+async fn hold(hub: &Hub, at_ms: crate::clock::Millis, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = hub.sleep_until(at_ms) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
 struct Deadlines {
     keep_alive: Duration,
     token_deadline: Instant,
@@ -275,6 +286,13 @@ where
                 Err(e) => return Ended::Read(e),
             }
         }
+        if let Some(at_ms) = session.take_hold() {
+            // Tier throttling: the answers go out, and reading resumes, at the requests' turn.
+            if !Box::pin(hold(hub, at_ms, shutdown)).await {
+                return Ended::Shutdown;
+            }
+            sleep.as_mut().reset(deadline_for(Instant::now()));
+        }
         if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE_BYTES {
             *rbuf = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
         }
@@ -318,5 +336,60 @@ mod tests {
         let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), Default::default());
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2560, "the plain MQTT connection future grew to {size} bytes");
+    }
+
+    /// Tier throttling of new connections: with the bucket's burst and backlog spent, a CONNECT
+    /// whose credentials verify gets CONNACK 0x03 (server unavailable); a forged one still gets
+    /// 0x05 and spends nothing.
+    #[tokio::test]
+    async fn a_connect_past_the_backlog_gets_server_unavailable() {
+        use std::sync::Arc;
+
+        use rumqttc::mqttbytes::v4::Connect;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use crate::hub::{DeviceInput, HubConfig};
+        use crate::throttle::{Admission, Op, Sku, Tier};
+
+        const T0: u64 = 1_700_000_000_000;
+        let tier = Tier::new(Sku::S1, 1).unwrap();
+        let clock = crate::clock::ManualClock::new(T0);
+        let hub = crate::hub::Hub::with_clock(
+            HubConfig { throttle: Some(tier), ..HubConfig::default() },
+            Arc::new(clock),
+        );
+        hub.put_device("d1", DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        while !matches!(hub.admit(Op::DeviceConnect, 1), Admission::Refused(_)) {}
+        let refused_before =
+            hub.throttle_stats()["operations"]["deviceConnections"]["refused"].as_u64().unwrap();
+        let connack = |password: String| {
+            let hub = hub.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(4096);
+                let task = tokio::spawn(super::serve(
+                    hub,
+                    server,
+                    "127.0.0.1:1".parse().unwrap(),
+                    Default::default(),
+                ));
+                let mut c = Connect::new("d1");
+                c.set_login("localhost/d1/?api-version=2021-04-12", password);
+                let mut bytes = bytes::BytesMut::new();
+                c.write(&mut bytes).unwrap();
+                client.write_all(&bytes).await.unwrap();
+                let mut reply = [0u8; 4];
+                client.read_exact(&mut reply).await.unwrap();
+                task.await.unwrap();
+                reply
+            }
+        };
+        let forged =
+            connack("SharedAccessSignature sr=localhost%2Fdevices%2Fd1&sig=x&se=9999999999".into()).await;
+        assert_eq!(forged, [0x20, 2, 0, 5], "not authorized, not throttled");
+        let token = crate::sas::make_token("localhost/devices/d1", &key, None, T0 / 1000 + 3600).unwrap();
+        assert_eq!(connack(token).await, [0x20, 2, 0, 3], "server unavailable");
+        let refused = hub.throttle_stats()["operations"]["deviceConnections"]["refused"].as_u64().unwrap();
+        assert_eq!(refused, refused_before + 1, "only the verified CONNECT was counted");
     }
 }

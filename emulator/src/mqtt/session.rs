@@ -20,6 +20,14 @@
 //! the CONNECT is refused with `0x05 Not authorized`. The session keeps it (boxed, only when present)
 //! until the connection ends: a DISCONNECT discards it, any other end records it as D2C telemetry
 //! with the bag's properties plus `iothub-MessageType=Will` (see [`Session::close`]).
+//!
+//! Tier throttling (reference §4.8, §5.1; only with a tier configured): a CONNECT past the
+//! new-connections backlog is refused with `0x03 Server unavailable`; CONNECTs, telemetry and twin
+//! requests over their rate are answered in turn — the session records the hub time of the latest turn and
+//! the driver holds the connection until then ([`Session::take_hold`]). Past the shaping backlog a
+//! twin GET or reported PATCH gets status 429 on its response topic; telemetry past the backlog or
+//! the daily quota closes the connection ([`Close::Throttled`]) before any PUBACK, so the device
+//! still holds the message.
 
 use std::collections::VecDeque;
 
@@ -39,6 +47,7 @@ use crate::hub::{D2cMessage, Hub};
 use crate::limits::{
     C2D_LOCK_TIMEOUT_MS, D2C_MAX_MESSAGE_BYTES, MQTT_C2D_INFLIGHT_WINDOW, MQTT_MAX_KEEP_ALIVE_WAIT_SECS,
 };
+use crate::throttle::{Admission, Op};
 
 use super::topics::{self, DeviceTopic, TopicError};
 
@@ -63,6 +72,10 @@ pub enum Close {
     /// A packet a client must not send (a second CONNECT, a SUBACK, …).
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    /// Tier throttling: a D2C send past the shaping backlog or the daily quota. IoT Hub answers
+    /// MQTT errors other than on twin topics by closing the connection (reference §4.8).
+    #[error("{0}")]
+    Throttled(HubError),
 }
 
 /// A CONNECT the hub accepted.
@@ -130,7 +143,9 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refused {
 
 /// Checks a CONNECT (reference §4.2): protocol 3.1.1, client id = device id, username
 /// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device. On success the
-/// device's connection is registered with the hub (closing an older one).
+/// device's connection is registered with the hub (closing an older one). With a tier, a CONNECT
+/// past the new-connections backlog is refused with `0x03 Server unavailable`, and a shaped one
+/// holds the session (its CONNACK goes out at its turn, see [`Session::take_hold`]).
 pub fn accept_connect(hub: &Hub, c: &Connect) -> Result<Accepted, Refused> {
     accept_connect_with(hub, c, None)
 }
@@ -173,6 +188,13 @@ pub fn accept_connect_with(
         Some(w) => Some(Box::new(validate_will(id, w).map_err(|reason| refuse(NotAuthorized, reason))?)),
         None => None,
     };
+    // Tier throttling of new connections, once the credentials verified (a forged CONNECT spends
+    // nothing): past the backlog the CONNECT is refused; a shaped one gets its CONNACK at its turn.
+    let hold_until = match hub.admit(Op::DeviceConnect, 1) {
+        Admission::Now => None,
+        Admission::Shaped { at_ms } => Some(at_ms),
+        Admission::Refused(r) => return Err(refuse(ServiceUnavailable, hub.throttle_error(&r).to_string())),
+    };
     let link = hub
         .attach_link_with(id, c.clean_session, ready)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
@@ -183,6 +205,7 @@ pub fn accept_connect_with(
     };
     let mut session = Session::new(id.to_string(), link.conn_id, c.clean_session, link.session);
     session.will = will;
+    session.hold_until = hold_until;
     Ok(Accepted {
         session,
         link,
@@ -207,6 +230,9 @@ pub struct Session {
     last_rid: u64,
     /// The CONNECT's Will until DISCONNECT discards it (boxed: most devices set none).
     will: Option<Box<Will>>,
+    /// Tier throttling: hub time until which shaped requests hold the connection (the driver
+    /// writes their answers and reads on only then). Always `None` without a tier.
+    hold_until: Option<crate::clock::Millis>,
 }
 
 impl Session {
@@ -221,6 +247,7 @@ impl Session {
             methods: Vec::new(),
             last_rid: 0,
             will: None,
+            hold_until: None,
         }
     }
 
@@ -242,6 +269,25 @@ impl Session {
     /// Drops the Will without recording it (the hub is shutting down).
     pub fn discard_will(&mut self) {
         self.will = None;
+    }
+
+    /// Takes the hold shaped requests put on the connection: the hub time before which the driver
+    /// should neither write the answers nor read more packets (tier throttling's backpressure).
+    pub fn take_hold(&mut self) -> Option<crate::clock::Millis> {
+        self.hold_until.take()
+    }
+
+    /// Applies the tier throttle's admission for a request: `Ok` to go ahead (holding the
+    /// connection until a shaped request's turn), `Err` with IoT Hub's error when refused.
+    fn admitted(&mut self, admission: Admission, hub: &Hub) -> Result<(), HubError> {
+        match admission {
+            Admission::Now => Ok(()),
+            Admission::Shaped { at_ms } => {
+                self.hold_until = Some(self.hold_until.map_or(at_ms, |h| h.max(at_ms)));
+                Ok(())
+            }
+            Admission::Refused(r) => Err(hub.throttle_error(&r)),
+        }
     }
 
     /// C2D deliveries awaiting PUBACK.
@@ -359,8 +405,12 @@ impl Session {
         let topic = topics::parse_publish_topic(&self.device_id, &p.topic)?;
         // Every check that can refuse the message comes before the PUBACK: a device must never be
         // told that a message it then loses was delivered (MQTT 3.1.1 §4.3.2).
-        if matches!(topic, DeviceTopic::Telemetry(_)) && p.payload.len() > D2C_MAX_MESSAGE_BYTES {
-            return Err(Close::TooLarge { size: p.payload.len() });
+        if matches!(topic, DeviceTopic::Telemetry(_)) {
+            if p.payload.len() > D2C_MAX_MESSAGE_BYTES {
+                return Err(Close::TooLarge { size: p.payload.len() });
+            }
+            let admission = hub.admit_message(Op::D2cSend, p.payload.len());
+            self.admitted(admission, hub).map_err(Close::Throttled)?;
         }
         if p.qos == QoS::AtLeastOnce {
             out.push(Packet::PubAck(PubAck::new(p.pkid)));
@@ -369,22 +419,29 @@ impl Session {
             DeviceTopic::Telemetry(bag) => {
                 hub.record_telemetry(telemetry(&self.device_id, bag, p.retain, p.payload));
             }
-            DeviceTopic::TwinGet { rid } => match hub.device_twin_properties(&self.device_id) {
+            DeviceTopic::TwinGet { rid } => match self
+                .admitted(hub.admit(Op::TwinRead, 1), hub)
+                .and_then(|()| hub.device_twin_properties(&self.device_id))
+            {
                 Ok(twin) => out.push(publish0(
                     topics::twin_response_topic(200, &rid, None),
                     serde_json::to_vec(&twin).unwrap_or_default().into(),
                 )),
-                Err(e) => out.push(twin_error(&rid, &e)),
+                Err(e) => out.push(twin_error(&self.device_id, &rid, &e)),
             },
             DeviceTopic::TwinPatchReported { rid } => {
-                let result = serde_json::from_slice::<Value>(&p.payload)
-                    .map_err(|e| HubError::invalid(format!("the reported patch is not JSON: {e}")))
+                let result = self
+                    .admitted(hub.admit(Op::TwinUpdate, 1), hub)
+                    .and_then(|()| {
+                        serde_json::from_slice::<Value>(&p.payload)
+                            .map_err(|e| HubError::invalid(format!("the reported patch is not JSON: {e}")))
+                    })
                     .and_then(|patch| hub.patch_reported(&self.device_id, &patch));
                 match result {
                     Ok(v) => {
                         out.push(publish0(topics::twin_response_topic(204, &rid, Some(v)), Bytes::new()))
                     }
-                    Err(e) => out.push(twin_error(&rid, &e)),
+                    Err(e) => out.push(twin_error(&self.device_id, &rid, &e)),
                 }
             }
             DeviceTopic::MethodResponse { status, rid } => {
@@ -456,8 +513,11 @@ fn publish0(topic: String, payload: Bytes) -> Packet {
     Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, payload))
 }
 
-fn twin_error(rid: &str, e: &HubError) -> Packet {
+fn twin_error(device_id: &str, rid: &str, e: &HubError) -> Packet {
     let status = e.code.http_status();
+    if status == 429 {
+        tracing::info!(device = %device_id, rid, code = e.code.name(), "twin request throttled: {}", e.message);
+    }
     let body = json!({ "errorCode": e.code.number(), "message": e.message });
     publish0(
         topics::twin_response_topic(status, rid, None),
@@ -984,5 +1044,73 @@ mod tests {
         );
         b.session.close(&f.hub);
         assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
+    }
+
+    #[test]
+    fn throttled_twin_requests_get_429_and_throttled_telemetry_closes_before_the_puback() {
+        let clock = ManualClock::new(START_MS);
+        let tier = crate::throttle::Tier::new(crate::throttle::Sku::S1, 1).unwrap();
+        let config = HubConfig { throttle: Some(tier), ..HubConfig::default() };
+        let hub = Hub::with_clock(config, Arc::new(clock.clone()));
+        hub.put_device("d1", DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        let f = Fixture { hub, clock, key };
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        // S1 twin reads: 100/s; 1 s burst + 5 s backlog = 601 at one instant, then 429.
+        let mut statuses = Vec::new();
+        for i in 0..605 {
+            let mut out = Vec::new();
+            let get = Publish::new(format!("$iothub/twin/GET/?$rid={i}"), QoS::AtMostOnce, "");
+            s.handle_packet(&f.hub, Packet::Publish(get), &mut out).unwrap();
+            statuses.extend(publishes(&out).iter().map(|p| p.topic.split('/').nth(3).unwrap().to_string()));
+        }
+        assert!(statuses[..601].iter().all(|t| t == "200"), "{statuses:?}");
+        assert!(statuses[601..].iter().all(|t| t == "429"), "{statuses:?}");
+        // The shaped ones hold the connection until the last one's turn: 5 s on.
+        assert_eq!(s.take_hold(), Some(START_MS + 5000));
+        assert_eq!(s.take_hold(), None);
+        // Telemetry: 601 pass (shaped), the next closes the connection without a PUBACK.
+        for pkid in 1..=601u16 {
+            let mut out = Vec::new();
+            let mut p = Publish::new("devices/d1/messages/events/", QoS::AtLeastOnce, "t");
+            p.pkid = pkid;
+            s.handle_packet(&f.hub, Packet::Publish(p), &mut out).unwrap();
+            assert_eq!(out, vec![Packet::PubAck(PubAck::new(pkid))]);
+        }
+        let mut out = Vec::new();
+        let mut p = Publish::new("devices/d1/messages/events/", QoS::AtLeastOnce, "t");
+        p.pkid = 602;
+        match s.handle_packet(&f.hub, Packet::Publish(p), &mut out) {
+            Err(Close::Throttled(e)) => {
+                assert_eq!(e.code, crate::error::ErrorCode::ThrottleBacklogLimitExceeded)
+            }
+            other => panic!("expected a throttled close, got {other:?}"),
+        }
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(f.hub.read_telemetry(Some("d1"), 0, 1000).len(), 601);
+    }
+
+    #[test]
+    fn throttled_connects_are_held_for_their_turn_then_refused_with_server_unavailable() {
+        let clock = ManualClock::new(START_MS);
+        let tier = crate::throttle::Tier::new(crate::throttle::Sku::S1, 1).unwrap();
+        let hub = Hub::with_clock(
+            HubConfig { throttle: Some(tier), ..HubConfig::default() },
+            Arc::new(clock.clone()),
+        );
+        hub.put_device("d1", DeviceInput::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        let f = Fixture { hub, clock, key };
+        // S1: 100 new connections a second; 1 s of burst passes at once.
+        for _ in 0..101 {
+            assert_eq!(f.hub.admit(Op::DeviceConnect, 1), Admission::Now);
+        }
+        let mut shaped = accept_connect(&f.hub, &connect_packet(&f, "d1", true)).unwrap();
+        assert_eq!(shaped.session.take_hold(), Some(START_MS + 10), "the CONNACK waits 10 ms for its turn");
+        while !matches!(f.hub.admit(Op::DeviceConnect, 1), Admission::Refused(_)) {}
+        let refused = accept_connect(&f.hub, &connect_packet(&f, "d1", true)).unwrap_err();
+        assert_eq!(refused.code, ConnectReturnCode::ServiceUnavailable);
+        assert!(refused.reason.contains("deviceConnections"), "{}", refused.reason);
     }
 }
