@@ -293,8 +293,9 @@ impl ServiceClient {
     /// The ids of every device matching `where_clause` (all devices when `None`).
     pub async fn device_ids(&self, where_clause: Option<&str>) -> Result<Vec<String>, ServiceError> {
         let query = match where_clause {
-            Some(w) if !w.trim().is_empty() => format!("SELECT * FROM devices WHERE {w}"),
-            _ => "SELECT * FROM devices".to_string(),
+            // Only the ids: the hub renders (and the client parses) no twins for them.
+            Some(w) if !w.trim().is_empty() => format!("SELECT deviceId FROM devices WHERE {w}"),
+            _ => "SELECT deviceId FROM devices".to_string(),
         };
         let items = self.query_all(&query).await?;
         items

@@ -31,7 +31,7 @@ const TELEMETRY_WAIT_MS: u64 = 1000;
 /// Telemetry messages asked for per read (the admin endpoint's own cap is 10,000).
 const TELEMETRY_PAGE: usize = 1000;
 /// C2D sends in flight at once on the AMQP connection (the hub's link credit paces them too).
-const SEND_WINDOW: usize = 64;
+pub(super) const SEND_WINDOW: usize = 64;
 /// How long one AMQP feedback receive waits.
 const FEEDBACK_WAIT: Duration = Duration::from_secs(1);
 /// Batches buffered between a background reader and the runner's tick.
@@ -320,23 +320,8 @@ impl ExternalHub {
 
     /// Sends over AMQP; the hub's accept time is this machine's clock at the settlement.
     async fn send(&self, m: Outgoing<'_>) -> Sent {
-        let msg = C2dSend {
-            body: m.body.to_vec(),
-            message_id: format!("{}.{}", m.message_id, self.nonce),
-            ack: "full",
-            content_type: Some(m.content_type.to_string()),
-            expiry_ms: m.ttl.map(|t| unix_ms() + t.as_millis() as u64),
-        };
-        match self.amqp.send_c2d(m.device_id, &msg).await {
-            Ok(()) => Sent::Accepted(unix_ms()),
-            Err(AmqpError::Rejected { condition, description })
-                if condition == "amqp:resource-limit-exceeded"
-                    || description.contains("DeviceMaximumQueueDepthExceeded") =>
-            {
-                Sent::QueueFull
-            }
-            Err(_) => Sent::Refused,
-        }
+        let message_id = format!("{}.{}", m.message_id, self.nonce);
+        amqp_send(&self.amqp, m, message_id, unix_ms).await
     }
 
     /// Telemetry the background reader collected since the last call.
@@ -437,9 +422,31 @@ async fn wait_healthy(http: &reqwest::Client, http_url: &str) -> Result<(), RunE
     }
 }
 
+/// Sends one message over `amqp` with `ack: full` under `message_id`; `now` says when the hub
+/// accepted it (the settlement), in the hub's time.
+pub(super) async fn amqp_send(amqp: &AmqpService, m: Outgoing<'_>, message_id: String, now: impl Fn() -> u64) -> Sent {
+    let msg = C2dSend {
+        body: m.body.to_vec(),
+        message_id,
+        ack: "full",
+        content_type: Some(m.content_type.to_string()),
+        expiry_ms: m.ttl.map(|t| now() + t.as_millis() as u64),
+    };
+    match amqp.send_c2d(m.device_id, &msg).await {
+        Ok(()) => Sent::Accepted(now()),
+        Err(AmqpError::Rejected { condition, description })
+            if condition == "amqp:resource-limit-exceeded"
+                || description.contains("DeviceMaximumQueueDepthExceeded") =>
+        {
+            Sent::QueueFull
+        }
+        Err(_) => Sent::Refused,
+    }
+}
+
 /// Resolves `host:port` once and opens the AMQP service connection on the first address that
 /// accepts it (names such as `hub` in docker-compose, or `localhost` with IPv4 and IPv6).
-async fn connect_amqp(
+pub(super) async fn connect_amqp(
     host: &str,
     port: u16,
     ca_pem: &str,

@@ -533,9 +533,22 @@ impl Run {
         power_on: &mut BinaryHeap<Reverse<(Duration, usize)>>,
     ) -> Result<(), RunError> {
         match action {
-            Action::Release { version, ttl, target } => {
+            Action::Release { version, ttl, target, pipeline: false } => {
                 let targets = self.targets(target, svc).await?;
-                self.notify(version, *ttl, &targets, at).await?;
+                self.notify(version, *ttl, &targets, at, None).await?;
+            }
+            Action::Release { version, ttl, target, pipeline: true } => {
+                // The seed pipeline: the ids paged through the query API, then AMQP sends.
+                let clause = match target {
+                    Target::All => None,
+                    Target::Group(name) => Some(format!("tags.group = '{name}'")),
+                    Target::Where(clause) => Some(clause.clone()),
+                };
+                let ids = svc.device_ids(clause.as_deref()).await.map_err(|e| setup("release query")(e.to_string()))?;
+                let mut targets: Vec<usize> = ids.iter().filter_map(|id| self.index.get(id).copied()).collect();
+                targets.sort_unstable();
+                self.say(format!("release pipeline: {} device ids paged through the query API", ids.len()));
+                self.notify(version, *ttl, &targets, at, Some(svc)).await?;
             }
             Action::Offline { target, share, duration } => {
                 let targets = self.targets(target, svc).await?;
@@ -563,7 +576,7 @@ impl Run {
                     .flat_map(|&i| (0..*count).map(move |m| (i, m)))
                     .map(|(i, m)| (i, format!("send-{}-{m}-{}", at.as_millis(), self.ids[i])))
                     .collect();
-                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await;
+                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain", None).await?;
                 let ok = outcomes.iter().filter(|(_, sent)| sent.is_some()).count();
                 let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
@@ -581,12 +594,14 @@ impl Run {
 
     /// Releases `version` to `targets`: writes `latest.json` and sends each an update notice
     /// (ack `full`, `ttl` as the expiry when given). Returns the release's index.
+    /// With `pipeline`, the notices go out through that service client's AMQP connection.
     async fn notify(
         &mut self,
         version: &str,
         ttl: Option<Duration>,
         targets: &[usize],
         at: Duration,
+        pipeline: Option<&ServiceClient>,
     ) -> Result<usize, RunError> {
         let release = self.releases[version].clone();
         package::write_latest(self.hub.packages_dir(), &release)
@@ -603,7 +618,7 @@ impl Run {
         let mut tracking =
             Tracking { pos: HashMap::new(), terminal: Vec::new(), open: 0, started: 0, to_check: Vec::new() };
         let msgs = targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
-        let outcomes = self.send_all(msgs, &body, ttl, "application/json").await;
+        let outcomes = self.send_all(msgs, &body, ttl, "application/json", pipeline).await?;
         for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
             tracking.pos.insert(i, record.devices.len());
             tracking.terminal.push(sent.is_none());
@@ -630,14 +645,19 @@ impl Run {
         body: &[u8],
         ttl: Option<Duration>,
         content_type: &str,
-    ) -> Vec<(String, Option<u64>)> {
+        pipeline: Option<&ServiceClient>,
+    ) -> Result<Vec<(String, Option<u64>)>, RunError> {
         let ids: Vec<String> = msgs.iter().map(|(_, id)| id.clone()).collect();
         let out: Vec<Outgoing<'_>> = msgs
             .into_iter()
             .map(|(i, message_id)| Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type })
             .collect();
-        let outcomes = self.hub.send_all(out).await;
-        ids.into_iter()
+        let outcomes = match pipeline {
+            Some(svc) => self.hub.send_all_pipeline(svc, out).await?,
+            None => self.hub.send_all(out).await,
+        };
+        Ok(ids
+            .into_iter()
             .zip(outcomes)
             .map(|(id, sent)| match sent {
                 Sent::Accepted(at) => {
@@ -650,7 +670,7 @@ impl Run {
                 }
                 Sent::Refused => (id, None),
             })
-            .collect()
+            .collect())
     }
 
     /// The latest release of `version` that targeted device `i`: (release, position).

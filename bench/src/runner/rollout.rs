@@ -297,7 +297,7 @@ impl Run {
                         phase.condition,
                         targets.len()
                     ));
-                    let r = self.notify(&version, None, &targets, now).await?;
+                    let r = self.notify(&version, None, &targets, now, None).await?;
                     let p = &mut self.rollout_mut().phases[i];
                     p.release = Some(r);
                     p.targeted = targets.len() as u64;

@@ -189,6 +189,9 @@ pub enum Action {
         ttl: Option<Duration>,
         /// Who gets the notice.
         target: Target,
+        /// Sent the release pipeline's way: ids paged through the query API, notices over AMQP
+        /// (`via = "pipeline"`), instead of straight into the hub.
+        pipeline: bool,
     },
     /// Switch a share of the targeted devices off (power cut), each for a drawn duration.
     Offline {
@@ -697,7 +700,7 @@ fn target(cx: &Ctx<'_>, key: &str, raw: &Option<String>, fleet: &FleetPlan) -> R
 /// Keys each action takes; any other key set on the event is an error.
 fn allowed_keys(action: &str) -> &'static [&'static str] {
     match action {
-        "release" => &["version", "ttl", "target"],
+        "release" => &["version", "ttl", "target", "via"],
         "offline" => &["target", "share", "duration"],
         "link-flap" => &["target", "share", "count", "interval", "ftp"],
         "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "refuse_sessions", "lasting"],
@@ -722,6 +725,7 @@ fn set_keys(e: &RawEvent) -> Vec<&'static str> {
         ("refuse_sessions", e.refuse_sessions.is_some()),
         ("lasting", e.lasting.is_some()),
         ("body", e.body.is_some()),
+        ("via", e.via.is_some()),
     ];
     present.into_iter().filter(|(_, set)| *set).map(|(k, _)| k).collect()
 }
@@ -760,7 +764,17 @@ fn event(
                     format!("no [[package]] has version '{version}' (known: {})", known.join(", ")),
                 ));
             }
-            Action::Release { version, ttl: cx.opt_duration(&key("ttl"), &e.ttl)?, target: tgt }
+            let pipeline = match e.via.as_deref() {
+                None | Some("runner") => false,
+                Some("pipeline") => true,
+                Some(other) => {
+                    return Err(cx.err(
+                        key("via"),
+                        format!("'{other}' is not a way to release; use \"runner\" or \"pipeline\""),
+                    ));
+                }
+            };
+            Action::Release { version, ttl: cx.opt_duration(&key("ttl"), &e.ttl)?, target: tgt, pipeline }
         }
         "offline" => {
             need("share", e.share.is_some())?;

@@ -162,6 +162,10 @@ pub struct RawEvent {
     pub lasting: Option<String>,
     /// send: the message body (plain text).
     pub body: Option<String>,
+    /// release: `runner` (default: the runner puts the notices straight into the hub) or
+    /// `pipeline` (the seed pipeline's way: device ids paged through the query API, notices sent
+    /// by a service client over AMQP).
+    pub via: Option<String>,
 }
 
 /// A duration: a fixed string (`"60s"`) or a distribution table.
