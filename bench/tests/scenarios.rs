@@ -20,6 +20,7 @@ fn every_shipped_scenario_validates() {
             "fault-storm",
             "flaky-network",
             "long-weekend",
+            "million",
             "offline-fridges",
             "phased-rollout",
             "queue-overflow",

@@ -44,8 +44,8 @@ impl EmbeddedHub {
         devices: u64,
         dir: &Path,
     ) -> Result<Self, RunError> {
-        let telemetry_buffer_messages =
-            (devices as usize / 8).clamp(iothub_emulator::limits::TELEMETRY_BUFFER_MESSAGES, TELEMETRY_BUFFER_MAX);
+        let telemetry_buffer_messages = (devices as usize / 8)
+            .clamp(iothub_emulator::limits::TELEMETRY_BUFFER_MESSAGES, TELEMETRY_BUFFER_MAX);
         let config = HubConfig {
             telemetry_buffer_messages,
             throttle: tier,
@@ -121,11 +121,16 @@ impl EmbeddedHub {
 
     /// Sends every message the release pipeline's way: over the hub's AMQP port with a service
     /// client's token (`svc`'s policy), up to [`super::external::SEND_WINDOW`] in flight.
-    pub async fn send_all_amqp(&mut self, svc: &ServiceClient, msgs: Vec<Outgoing<'_>>) -> Result<Vec<Sent>, RunError> {
+    pub async fn send_all_amqp(
+        &mut self,
+        svc: &ServiceClient,
+        msgs: Vec<Outgoing<'_>>,
+    ) -> Result<Vec<Sent>, RunError> {
         use futures_util::StreamExt;
         if self.amqp.is_none() {
             let (addr, ca) = (self.hub.amqp_addr, &self.hub.ca_pem);
-            self.amqp = Some(super::external::connect_amqp(&addr.ip().to_string(), addr.port(), ca, svc).await?);
+            self.amqp =
+                Some(super::external::connect_amqp(&addr.ip().to_string(), addr.port(), ca, svc).await?);
         }
         let (amqp, hub) = (self.amqp.as_ref().expect("opened above"), &self.hub.hub);
         let sends = msgs.into_iter().map(|m| {

@@ -424,7 +424,12 @@ async fn wait_healthy(http: &reqwest::Client, http_url: &str) -> Result<(), RunE
 
 /// Sends one message over `amqp` with `ack: full` under `message_id`; `now` says when the hub
 /// accepted it (the settlement), in the hub's time.
-pub(super) async fn amqp_send(amqp: &AmqpService, m: Outgoing<'_>, message_id: String, now: impl Fn() -> u64) -> Sent {
+pub(super) async fn amqp_send(
+    amqp: &AmqpService,
+    m: Outgoing<'_>,
+    message_id: String,
+    now: impl Fn() -> u64,
+) -> Sent {
     let msg = C2dSend {
         body: m.body.to_vec(),
         message_id,

@@ -160,7 +160,11 @@ impl HubSide {
 
     /// Sends every message the release pipeline's way: a service client over AMQP (what an
     /// external hub always gets).
-    pub async fn send_all_pipeline(&mut self, svc: &ServiceClient, msgs: Vec<Outgoing<'_>>) -> Result<Vec<Sent>, RunError> {
+    pub async fn send_all_pipeline(
+        &mut self,
+        svc: &ServiceClient,
+        msgs: Vec<Outgoing<'_>>,
+    ) -> Result<Vec<Sent>, RunError> {
         match self {
             Self::Embedded(e) => e.send_all_amqp(svc, msgs).await,
             Self::External(x) => Ok(x.send_all(msgs).await),

@@ -52,6 +52,8 @@ const TICK: Duration = Duration::from_millis(50);
 /// The same in compressed time, where every tick of lag between the end of one device's work
 /// and the next jump is wall time the run pays for.
 const COMPRESSED_TICK: Duration = Duration::from_millis(5);
+/// Notices a release sends before the runner reads the hub again.
+const SEND_ROUND: usize = 10_000;
 /// How often, once telemetry was missed, every open device's twin is read.
 const TWIN_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Twins read per tick to confirm reported versions.
@@ -544,8 +546,12 @@ impl Run {
                     Target::Group(name) => Some(format!("tags.group = '{name}'")),
                     Target::Where(clause) => Some(clause.clone()),
                 };
-                let ids = svc.device_ids(clause.as_deref()).await.map_err(|e| setup("release query")(e.to_string()))?;
-                let mut targets: Vec<usize> = ids.iter().filter_map(|id| self.index.get(id).copied()).collect();
+                let ids = svc
+                    .device_ids(clause.as_deref())
+                    .await
+                    .map_err(|e| setup("release query")(e.to_string()))?;
+                let mut targets: Vec<usize> =
+                    ids.iter().filter_map(|id| self.index.get(id).copied()).collect();
                 targets.sort_unstable();
                 self.say(format!("release pipeline: {} device ids paged through the query API", ids.len()));
                 self.notify(version, *ttl, &targets, at, Some(svc)).await?;
@@ -613,26 +619,41 @@ impl Run {
         let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
             .map_err(|e| setup("notice")(e.to_string()))?;
         let r = self.obs.releases.len();
-        let mut record =
-            ReleaseRecord { version: version.to_string(), at, devices: Vec::new(), send_failed: 0 };
-        let mut tracking =
-            Tracking { pos: HashMap::new(), terminal: Vec::new(), open: 0, started: 0, to_check: Vec::new() };
-        let msgs = targets.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
-        let outcomes = self.send_all(msgs, &body, ttl, "application/json", pipeline).await?;
-        for (&i, (message_id, sent)) in targets.iter().zip(outcomes) {
-            tracking.pos.insert(i, record.devices.len());
-            tracking.terminal.push(sent.is_none());
-            tracking.open += usize::from(sent.is_some());
-            if sent.is_none() {
-                record.send_failed += 1;
-            } else {
-                self.by_message.insert(message_id, (r, record.devices.len()));
+        self.obs.releases.push(ReleaseRecord {
+            version: version.to_string(),
+            at,
+            devices: Vec::with_capacity(targets.len()),
+            send_failed: 0,
+        });
+        self.tracking.push(Tracking {
+            pos: HashMap::with_capacity(targets.len()),
+            terminal: Vec::with_capacity(targets.len()),
+            open: 0,
+            started: 0,
+            to_check: Vec::new(),
+        });
+        // In rounds, with a look at the hub between them: a big release takes a while to send,
+        // and the hub's telemetry ring and feedback queue are bounded.
+        for chunk in targets.chunks(SEND_ROUND) {
+            let msgs = chunk.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
+            let outcomes = self.send_all(msgs, &body, ttl, "application/json", pipeline).await?;
+            let (record, tracking) = (&mut self.obs.releases[r], &mut self.tracking[r]);
+            for (&i, (message_id, sent)) in chunk.iter().zip(outcomes) {
+                tracking.pos.insert(i, record.devices.len());
+                tracking.terminal.push(sent.is_none());
+                tracking.open += usize::from(sent.is_some());
+                if sent.is_none() {
+                    record.send_failed += 1;
+                } else {
+                    self.by_message.insert(message_id, (r, record.devices.len()));
+                }
+                record.devices.push((i, DeviceTimes { sent, ..DeviceTimes::default() }));
             }
-            record.devices.push((i, DeviceTimes { sent, ..DeviceTimes::default() }));
+            if chunk.len() == SEND_ROUND {
+                self.observe().await?;
+            }
         }
-        let failed = record.send_failed;
-        self.obs.releases.push(record);
-        self.tracking.push(tracking);
+        let failed = self.obs.releases[r].send_failed;
         self.say(format!("release {version} to {} devices ({failed} refused)", targets.len()));
         Ok(r)
     }
@@ -833,11 +854,12 @@ impl Run {
         // now, before the jump, so their device timestamps map to the hub time they belong to.
         self.observe().await?;
         // Only a release with work under way needs the scan (the counters say which).
-        let open = self.obs.releases.iter().zip(&self.tracking).filter(|(_, tr)| tr.started > 0).any(|(rel, tr)| {
-            rel.devices.iter().zip(&tr.terminal).any(|((i, t), done)| {
-                !*done && t.delivered.is_some() && t.reported.is_none() && !self.off[*i]
-            })
-        });
+        let open =
+            self.obs.releases.iter().zip(&self.tracking).filter(|(_, tr)| tr.started > 0).any(|(rel, tr)| {
+                rel.devices.iter().zip(&tr.terminal).any(|((i, t), done)| {
+                    !*done && t.delivered.is_some() && t.reported.is_none() && !self.off[*i]
+                })
+            });
         if open {
             return Ok(false);
         }

@@ -62,7 +62,12 @@ mod tests {
     fn the_phase_names_the_last_and_next_events() {
         let release = Event {
             at: Duration::from_secs(5),
-            action: Action::Release { version: "2.0.0".into(), ttl: None, target: Target::All },
+            action: Action::Release {
+                version: "2.0.0".into(),
+                ttl: None,
+                target: Target::All,
+                pipeline: false,
+            },
         };
         let events = vec![release.clone(), Event { at: Duration::from_secs(20), ..release }];
         assert_eq!(phase(&events, 0), "before the first event (release 2.0.0 at 5s)");

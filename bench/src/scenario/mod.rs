@@ -135,7 +135,7 @@ mod tests {
             "sorted by time"
         );
         assert!(
-            matches!(&p.events[1].action, Action::Release { version, ttl: Some(t), target: Target::All } if version == "2.0.0" && *t == Duration::from_secs(600))
+            matches!(&p.events[1].action, Action::Release { version, ttl: Some(t), target: Target::All, pipeline: false } if version == "2.0.0" && *t == Duration::from_secs(600))
         );
 
         let e = err(&format!("{base}[[event]]\nat = \"1s\"\naction = \"reboot\"\n"));

@@ -85,7 +85,8 @@ impl TelemetryLog {
 
     fn read(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<D2cMessage> {
         // Sequence numbers in the ring are consecutive: start at `after`'s successor directly.
-        let skip = self.ring.front().map_or(0, |m| after.saturating_add(1).saturating_sub(m.sequence) as usize);
+        let skip =
+            self.ring.front().map_or(0, |m| after.saturating_add(1).saturating_sub(m.sequence) as usize);
         self.ring
             .iter()
             .skip(skip)
