@@ -10,6 +10,7 @@ use iothub_emulator::c2d::{AckMode, C2dMessage, QueueConfig};
 use iothub_emulator::server::{ListenConfig, RunningHub};
 use iothub_emulator::{ErrorCode, HubConfig};
 use serde_json::Value;
+use simulated_devices::amqp_client::AmqpService;
 use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
@@ -29,7 +30,7 @@ pub struct EmbeddedHub {
     /// Messages the hub's telemetry ring dropped before they were read.
     pub telemetry_missed: u64,
     /// The service connection of `via = "pipeline"` releases, opened at the first one.
-    amqp: Option<simulated_devices::amqp_client::AmqpService>,
+    amqp: Option<AmqpService>,
 }
 
 impl EmbeddedHub {
@@ -138,6 +139,21 @@ impl EmbeddedHub {
             super::external::amqp_send(amqp, m, id, || hub.now())
         });
         Ok(futures_util::stream::iter(sends).buffered(super::external::SEND_WINDOW).collect().await)
+    }
+
+    /// `n` service connections to the hub's AMQP port with `svc`'s token, for a release sent in
+    /// the background ([`super::pipeline`]).
+    pub async fn amqp_connections(
+        &self,
+        svc: &ServiceClient,
+        n: usize,
+    ) -> Result<Vec<AmqpService>, RunError> {
+        let (addr, ca) = (self.hub.amqp_addr, &self.hub.ca_pem);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(super::external::connect_amqp(&addr.ip().to_string(), addr.port(), ca, svc).await?);
+        }
+        Ok(out)
     }
 
     /// D2C messages with a JSON body since the last call.

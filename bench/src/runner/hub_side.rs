@@ -171,6 +171,20 @@ impl HubSide {
         }
     }
 
+    /// For a release the embedded hub's runner sends in the background: `n` AMQP service
+    /// connections and the hub (whose clock stamps the accepts). `None` for an external hub.
+    pub async fn background_sender(
+        &self,
+        svc: &ServiceClient,
+        n: usize,
+    ) -> Result<Option<(Vec<simulated_devices::amqp_client::AmqpService>, iothub_emulator::Hub)>, RunError>
+    {
+        match self {
+            Self::Embedded(e) => Ok(Some((e.amqp_connections(svc, n).await?, e.hub.hub.clone()))),
+            Self::External(_) => Ok(None),
+        }
+    }
+
     /// Telemetry messages the embedded hub's ring dropped before the runner read them.
     pub fn telemetry_missed(&self) -> u64 {
         match self {

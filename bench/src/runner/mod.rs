@@ -14,6 +14,7 @@ pub mod fleet_side;
 pub mod html;
 pub mod hub_side;
 pub mod metrics;
+pub mod pipeline;
 pub mod progress;
 pub mod rollout;
 pub mod shards;
@@ -52,6 +53,8 @@ const TICK: Duration = Duration::from_millis(50);
 /// The same in compressed time, where every tick of lag between the end of one device's work
 /// and the next jump is wall time the run pays for.
 const COMPRESSED_TICK: Duration = Duration::from_millis(5);
+/// AMQP connections a pipeline release sends over (the hub serves each from its own task).
+const PIPELINE_CONNECTIONS: usize = 2;
 /// Notices a release sends before the runner reads the hub again.
 const SEND_ROUND: usize = 10_000;
 /// How often, once telemetry was missed, every open device's twin is read.
@@ -244,6 +247,8 @@ struct Run {
     telemetry_missed_seen: u64,
     /// When (wall time into the run) open devices' twins are swept next, once telemetry was missed.
     twin_sweep_at: Option<Duration>,
+    /// Releases whose notices are still being sent in the background.
+    sending: Vec<pipeline::Sending>,
 }
 
 /// Runs `plan` with its working files under `work_dir` (removed afterwards); `log` gets one line
@@ -371,6 +376,7 @@ async fn run_with_hub(
         memory,
         telemetry_missed_seen: 0,
         twin_sweep_at: None,
+        sending: Vec::new(),
     };
     let outcome = run.play(&fleet, &svc).await;
     tracing::debug!("timeline done; stopping the fleet");
@@ -619,6 +625,41 @@ impl Run {
         let body = serde_json::to_vec(&UpdateNotice::for_release(&release, &ftp))
             .map_err(|e| setup("notice")(e.to_string()))?;
         let r = self.obs.releases.len();
+        if let Some(svc) = pipeline
+            && let Some((connections, hub)) = self.hub.background_sender(svc, PIPELINE_CONNECTIONS).await?
+        {
+            // Registered up front (every device open, nothing sent yet); the outcomes arrive
+            // while the timeline goes on ([`Self::take_send_outcomes`]).
+            let mut record = ReleaseRecord {
+                version: version.to_string(),
+                at,
+                devices: Vec::with_capacity(targets.len()),
+                send_failed: 0,
+            };
+            let mut tracking = Tracking {
+                pos: HashMap::with_capacity(targets.len()),
+                terminal: vec![false; targets.len()],
+                open: targets.len(),
+                started: 0,
+                to_check: Vec::new(),
+            };
+            let mut notices = Vec::with_capacity(targets.len());
+            for (p, &i) in targets.iter().enumerate() {
+                let message_id = format!("release-{version}-{r}-{}", self.ids[i]);
+                tracking.pos.insert(i, p);
+                self.by_message.insert(message_id.clone(), (r, p));
+                record.devices.push((i, DeviceTimes::default()));
+                notices.push(pipeline::Notice { device_id: self.ids[i].clone(), message_id });
+            }
+            self.obs.releases.push(record);
+            self.tracking.push(tracking);
+            self.sending.push(pipeline::Sending::start(r, notices, body, ttl, connections, hub));
+            self.say(format!(
+                "release {version}: sending to {} devices over {PIPELINE_CONNECTIONS} AMQP connections",
+                targets.len()
+            ));
+            return Ok(r);
+        }
         self.obs.releases.push(ReleaseRecord {
             version: version.to_string(),
             at,
@@ -703,6 +744,7 @@ impl Run {
     }
 
     async fn observe(&mut self) -> Result<(), RunError> {
+        self.take_send_outcomes();
         for m in self.hub.telemetry().await? {
             let Some(&i) = self.index.get(&m.device_id) else { continue };
             let v = &m.body;
@@ -810,6 +852,45 @@ impl Run {
         Ok(())
     }
 
+    /// Takes what the background senders answered: accept times, refusals (the device is then
+    /// final without the version).
+    fn take_send_outcomes(&mut self) {
+        let mut k = 0;
+        while k < self.sending.len() {
+            let r = self.sending[k].release;
+            for (p, sent) in self.sending[k].take() {
+                let rel = &mut self.obs.releases[r];
+                let t = &mut rel.devices[p].1;
+                match sent {
+                    Sent::Accepted(at) => {
+                        self.obs.acked_sends += 1;
+                        t.sent = Some(at);
+                        continue;
+                    }
+                    Sent::QueueFull => self.obs.queue_full_rejections += 1,
+                    Sent::Refused => {}
+                }
+                rel.send_failed += 1;
+                self.tracking[r].finish_terminal(p, t);
+            }
+            let s = &self.sending[k];
+            if s.left == 0 || s.is_abandoned() {
+                let (left, rel) = (s.left, &self.obs.releases[r]);
+                let line = format!(
+                    "release {} sent to {} devices ({} refused{})",
+                    rel.version,
+                    rel.devices.len(),
+                    rel.send_failed,
+                    if left > 0 { format!(", {left} never answered") } else { String::new() }
+                );
+                self.sending.remove(k);
+                self.say(line);
+            } else {
+                k += 1;
+            }
+        }
+    }
+
     /// Hands the progress callback a snapshot (connected devices as of the last sample).
     fn progress(&mut self, events: &[crate::scenario::plan::Event], next: usize) {
         let devices = self.obs.releases.iter().flat_map(|r| r.devices.iter());
@@ -829,7 +910,7 @@ impl Run {
 
     /// Every targeted device is final and every acked message has its feedback.
     fn settled(&self) -> bool {
-        let devices_final = self.tracking.iter().all(|tr| tr.open == 0);
+        let devices_final = self.sending.is_empty() && self.tracking.iter().all(|tr| tr.open == 0);
         devices_final
             && self.obs.feedback.total() >= self.obs.acked_sends
             && self.faults.flaps_done()
@@ -844,7 +925,7 @@ impl Run {
     /// hands over between the two looks is seen as the agent's work. Returns whether it jumped.
     async fn try_jump(&mut self, fleet: &FleetSide, gap: Duration) -> Result<bool, RunError> {
         // A cheap look at the fleet first: the hub's count scans every device.
-        if fleet.unsettled() != Some(0) {
+        if !self.sending.is_empty() || fleet.unsettled() != Some(0) {
             return Ok(false);
         }
         if self.hub.deliveries_in_flight() != Some(0) || fleet.unsettled() != Some(0) {
