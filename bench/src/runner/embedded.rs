@@ -14,7 +14,7 @@ use simulated_devices::amqp_client::AmqpService;
 use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
-use super::shared::{Feedback, Outgoing, Sent, ShardLink, Telemetry};
+use super::shared::{Feedback, InstallEvent, Outgoing, Sent, ShardLink, Telemetry};
 
 /// Telemetry messages read per call.
 const TELEMETRY_BATCH: usize = 1000;
@@ -156,17 +156,18 @@ impl EmbeddedHub {
         Ok(out)
     }
 
-    /// D2C messages with a JSON body since the last call.
+    /// The agents' `installState` events since the last call (other telemetry is skipped).
     pub fn telemetry(&mut self) -> Vec<Telemetry> {
         let mut out = Vec::new();
         loop {
-            let batch = self.hub.hub.read_telemetry(None, self.telemetry_after, TELEMETRY_BATCH);
+            let batch = self.hub.hub.read_telemetry_with(self.telemetry_after, TELEMETRY_BATCH, |m| {
+                (m.sequence, m.device_id.clone(), m.enqueued_at, m.body.clone())
+            });
             let (Some(first), Some(last)) = (batch.first(), batch.last()) else { break };
-            self.telemetry_missed += first.sequence - self.telemetry_after - 1;
-            self.telemetry_after = last.sequence;
-            out.extend(batch.into_iter().filter_map(|m| {
-                let body = serde_json::from_slice(&m.body).ok()?;
-                Some(Telemetry { device_id: m.device_id, enqueued_at: m.enqueued_at, body })
+            self.telemetry_missed += first.0 - self.telemetry_after - 1;
+            self.telemetry_after = last.0;
+            out.extend(batch.into_iter().filter_map(|(_, device_id, enqueued_at, body)| {
+                Some(Telemetry { device_id, enqueued_at, event: InstallEvent::parse(&body)? })
             }));
         }
         out

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::RunError;
-use super::shared::{Feedback, Outgoing, Sent, Telemetry, unix_ms};
+use super::shared::{Feedback, InstallEvent, Outgoing, Sent, Telemetry, unix_ms};
 use crate::scenario::plan::{
     Action, DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_MQTT_PORT, HubPlan, ScenarioPlan,
 };
@@ -549,12 +549,12 @@ async fn read_telemetry(
             if m["bodyEncoding"] != "utf-8" {
                 continue;
             }
-            let (Some(enqueued_at), Ok(body)) =
-                (iothub_emulator::clock::parse_iso8601(at), serde_json::from_str::<Value>(body))
+            let (Some(enqueued_at), Some(event)) =
+                (iothub_emulator::clock::parse_iso8601(at), InstallEvent::parse(body.as_bytes()))
             else {
                 continue;
             };
-            batch.push(Telemetry { device_id: device_id.to_string(), enqueued_at, body });
+            batch.push(Telemetry { device_id: device_id.to_string(), enqueued_at, event });
         }
         if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
             return;

@@ -45,7 +45,7 @@ use hub_side::HubSide;
 use metrics::{DeviceTimes, Observed, ReleaseRecord};
 use progress::{PROGRESS_EVERY, Progress};
 use shards::ShardedFleet;
-use shared::{Outgoing, Sent};
+use shared::{InstallEvent, Outgoing, Sent};
 use timeseries::TimeSeries;
 
 /// How often the runner looks at the hub and the timeline.
@@ -747,13 +747,9 @@ impl Run {
         self.take_send_outcomes();
         for m in self.hub.telemetry().await? {
             let Some(&i) = self.index.get(&m.device_id) else { continue };
-            let v = &m.body;
-            if v["event"] != "installState" {
-                continue;
-            }
-            let state = v["installState"].as_str().unwrap_or_default().to_string();
+            let InstallEvent { state, target_version, timestamp } = m.event;
             self.obs.final_states[i] = Some(state.clone());
-            let Some(version) = v["targetVersion"].as_str() else { continue };
+            let Some(version) = target_version.as_deref() else { continue };
             if state == "installed" {
                 *self.obs.installs.entry((i, version.to_string())).or_default() += 1;
                 self.obs.series.installed(i, version);
@@ -765,8 +761,8 @@ impl Run {
             // the runner supports; the hub's time is the fallback.
             // Devices stamp with the wall clock; hub time is ahead by what compressed time skipped
             // (jumps happen only while no device works, so the offset now is the one in force then).
-            let at = v["timestamp"]
-                .as_str()
+            let at = timestamp
+                .as_deref()
                 .and_then(parse_iso8601)
                 .map_or(m.enqueued_at, |t| t + self.hub.time_offset_ms());
             let (t, tracking) = (&mut self.obs.releases[r].devices[p].1, &mut self.tracking[r]);

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
 use simulated_devices::agent::{FtpBackend, tls_config};
 use simulated_devices::fleet::{FleetConfig, Registration};
 
@@ -20,8 +19,47 @@ pub struct Telemetry {
     pub device_id: String,
     /// When the hub received it (Unix milliseconds).
     pub enqueued_at: u64,
-    /// The body.
-    pub body: Value,
+    /// The agent's `installState` event in the body.
+    pub event: InstallEvent,
+}
+
+/// The fields of an agent's `installState` telemetry event the runner reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallEvent {
+    /// `installState`.
+    pub state: String,
+    /// `targetVersion`.
+    pub target_version: Option<String>,
+    /// `timestamp`: the device's time of the transition (ISO 8601).
+    pub timestamp: Option<String>,
+}
+
+impl InstallEvent {
+    /// The event in a telemetry body; `None` for other bodies. Read without building a JSON
+    /// tree: a million-device release sends millions of them.
+    pub fn parse(body: &[u8]) -> Option<Self> {
+        use std::borrow::Cow;
+        #[derive(serde::Deserialize)]
+        struct Raw<'a> {
+            #[serde(borrow)]
+            event: Option<Cow<'a, str>>,
+            #[serde(rename = "installState", borrow)]
+            state: Option<Cow<'a, str>>,
+            #[serde(rename = "targetVersion", borrow)]
+            target_version: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            timestamp: Option<Cow<'a, str>>,
+        }
+        let raw: Raw<'_> = serde_json::from_slice(body).ok()?;
+        if raw.event.as_deref() != Some("installState") {
+            return None;
+        }
+        Some(Self {
+            state: raw.state.map(Cow::into_owned).unwrap_or_default(),
+            target_version: raw.target_version.map(Cow::into_owned),
+            timestamp: raw.timestamp.map(Cow::into_owned),
+        })
+    }
 }
 
 /// One feedback record.
@@ -111,4 +149,23 @@ impl ShardLink {
 /// Now as Unix milliseconds (an external hub's clock is assumed to be this machine's).
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_events_are_read_and_other_bodies_skipped() {
+        let body = br#"{"event":"installState","deviceId":"d","installState":"installed","targetVersion":"2.0.0","appVersion":"2.0.0","timestamp":"2026-12-03T07:00:00.000Z"}"#;
+        let e = InstallEvent::parse(body).unwrap();
+        assert_eq!(e.state, "installed");
+        assert_eq!(e.target_version.as_deref(), Some("2.0.0"));
+        assert_eq!(e.timestamp.as_deref(), Some("2026-12-03T07:00:00.000Z"));
+        let escaped =
+            br#"{"event":"installState","installState":"failed","reason":"x","targetVersion":"2.0\u002e0"}"#;
+        assert_eq!(InstallEvent::parse(escaped).unwrap().target_version.as_deref(), Some("2.0.0"));
+        assert_eq!(InstallEvent::parse(br#"{"event":"other"}"#), None);
+        assert_eq!(InstallEvent::parse(b"temperature=3"), None);
+    }
 }

@@ -83,7 +83,13 @@ impl TelemetryLog {
         self.last_sequence
     }
 
-    fn read(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<D2cMessage> {
+    fn read<T>(
+        &self,
+        device_id: Option<&str>,
+        after: u64,
+        limit: usize,
+        f: impl FnMut(&D2cMessage) -> T,
+    ) -> Vec<T> {
         // Sequence numbers in the ring are consecutive: start at `after`'s successor directly.
         let skip =
             self.ring.front().map_or(0, |m| after.saturating_add(1).saturating_sub(m.sequence) as usize);
@@ -92,7 +98,7 @@ impl TelemetryLog {
             .skip(skip)
             .filter(|m| m.sequence > after && device_id.is_none_or(|d| d == m.device_id))
             .take(limit)
-            .cloned()
+            .map(f)
             .collect()
     }
 }
@@ -115,7 +121,18 @@ impl Hub {
     /// Up to `limit` recorded messages with a sequence number above `after`, optionally only
     /// from `device_id`, oldest first.
     pub fn read_telemetry(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<D2cMessage> {
-        self.telemetry_log().read(device_id, after, limit)
+        self.telemetry_log().read(device_id, after, limit, D2cMessage::clone)
+    }
+
+    /// [`Self::read_telemetry`] handing each message to `f` instead of cloning it all (a reader
+    /// that wants a few fields of many messages); `f` runs under the log's lock: keep it short.
+    pub fn read_telemetry_with<T>(
+        &self,
+        after: u64,
+        limit: usize,
+        f: impl FnMut(&D2cMessage) -> T,
+    ) -> Vec<T> {
+        self.telemetry_log().read(None, after, limit, f)
     }
 }
 
@@ -140,10 +157,11 @@ mod tests {
         for d in ["a", "b", "a", "a"] {
             log.push(msg(d));
         }
-        let all = log.read(None, 0, 10);
+        let all = log.read(None, 0, 10, D2cMessage::clone);
         assert_eq!(all.iter().map(|m| m.sequence).collect::<Vec<_>>(), vec![2, 3, 4]);
-        let a = log.read(Some("a"), 2, 10);
+        let a = log.read(Some("a"), 2, 10, D2cMessage::clone);
         assert_eq!(a.iter().map(|m| m.sequence).collect::<Vec<_>>(), vec![3, 4]);
-        assert_eq!(log.read(None, 0, 1).len(), 1);
+        assert_eq!(log.read(None, 0, 1, D2cMessage::clone).len(), 1);
+        assert_eq!(log.read(None, 3, 10, |m| m.sequence), [4], "starts after `after`");
     }
 }
