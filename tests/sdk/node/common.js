@@ -5,7 +5,11 @@
 // send extension and HTTP feedback. Everything else in the scripts goes through the unmodified SDKs.
 'use strict';
 
+const http = require('http');
 const https = require('https');
+
+/** How long one call to the admin API may take. */
+const ADMIN_CALL_MS = 30000;
 const { ConnectionString, SharedAccessSignature, anHourFromNow, endpoint } = require('azure-iot-common');
 
 /** api-version the Node SDKs send (`2021-04-12`, azure-iot-common/dist/endpoint.js:7). */
@@ -160,7 +164,42 @@ function checkHubError(what, res, status, code) {
   check(`${what}: body has a string ExceptionMessage`, typeof body.ExceptionMessage === 'string', body);
 }
 
+/**
+ * One call to the emulator's admin API on the plain HTTP port `base`: resolves with the JSON body
+ * (or `{status, text}` when a status other than 200 is expected), rejects on any other status.
+ */
+function admin(base, method, path, body, expectStatus = 200) {
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+      const req = http.request(
+        `${base}${path}`,
+        { method, headers: data ? { 'content-type': 'application/json', 'content-length': data.length } : {} },
+        (res) => {
+          const chunks = [];
+          res.on('data', (c) => chunks.push(c));
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            if (res.statusCode !== expectStatus) {
+              reject(new Error(`${method} ${path}: HTTP ${res.statusCode} (expected ${expectStatus}): ${text}`));
+            } else if (expectStatus !== 200) {
+              resolve({ status: res.statusCode, text });
+            } else {
+              resolve(JSON.parse(text));
+            }
+          });
+        },
+      );
+      req.on('error', reject);
+      req.end(data);
+    }),
+    ADMIN_CALL_MS,
+    `${method} ${path}`,
+  );
+}
+
 module.exports = {
+  admin,
   API_VERSION,
   check,
   checkEqual,

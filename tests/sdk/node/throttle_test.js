@@ -12,10 +12,9 @@
 // Run by the Rust harness as `node tests/sdk/node/throttle_test.js`.
 'use strict';
 
-const http = require('http');
 const { Client: ServiceClient, Registry } = require('azure-iothub');
 const { ExponentialBackOffWithJitter, Message, NoRetry } = require('azure-iot-common');
-const { check, checkEqual, delay, env, fail, finish, hubConfig, startWatchdog, withTimeout } = require('./common');
+const { admin, check, checkEqual, delay, env, fail, finish, hubConfig, startWatchdog, withTimeout } = require('./common');
 
 const SCRIPT = 'throttle_test';
 const WATCHDOG_S = 150;
@@ -130,32 +129,6 @@ async function c2dBurstWithSdkRetry(hub, deviceId) {
     results.every((r) => r.value && r.value.result && r.value.result.constructor.name === 'MessageEnqueued'),
   );
   await withTimeout(service.close(), SDK_CALL_MS, 'Client.close');
-}
-
-/** One call to the emulator's admin API on the plain HTTP port; resolves with the JSON body. */
-function admin(base, method, path, body) {
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-      const req = http.request(
-        `${base}${path}`,
-        { method, headers: data ? { 'content-type': 'application/json', 'content-length': data.length } : {} },
-        (res) => {
-          const chunks = [];
-          res.on('data', (c) => chunks.push(c));
-          res.on('end', () => {
-            const text = Buffer.concat(chunks).toString('utf8');
-            if (res.statusCode !== 200) reject(new Error(`${method} ${path}: HTTP ${res.statusCode}: ${text}`));
-            else resolve(JSON.parse(text));
-          });
-        },
-      );
-      req.on('error', reject);
-      req.end(data);
-    }),
-    SDK_CALL_MS,
-    `${method} ${path}`,
-  );
 }
 
 main().catch((err) => fail('unexpected error', err));

@@ -7,13 +7,12 @@
 // Run by the Rust harness as `node tests/sdk/node/time_travel_test.js`.
 'use strict';
 
-const http = require('http');
 const crypto = require('crypto');
 const { Client: ServiceClient, Registry } = require('azure-iothub');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 const { NoRetry } = require('azure-iot-common');
-const { check, checkEqual, delay, env, fail, finish, hubConfig, startWatchdog, withTimeout } = require('./common');
+const { admin, check, checkEqual, delay, env, fail, finish, hubConfig, startWatchdog, withTimeout } = require('./common');
 
 const SCRIPT = 'time_travel_test';
 const WATCHDOG_S = 120;
@@ -91,37 +90,6 @@ function notice(messageId) {
   m.ack = 'full';
   m.contentType = 'application/json';
   return m;
-}
-
-/** One call to the emulator's admin API on the plain HTTP port; resolves with the JSON body. */
-function admin(base, method, path, body, expectStatus = 200) {
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-      const req = http.request(
-        `${base}${path}`,
-        { method, headers: data ? { 'content-type': 'application/json', 'content-length': data.length } : {} },
-        (res) => {
-          const chunks = [];
-          res.on('data', (c) => chunks.push(c));
-          res.on('end', () => {
-            const text = Buffer.concat(chunks).toString('utf8');
-            if (res.statusCode !== expectStatus) {
-              reject(new Error(`${method} ${path}: HTTP ${res.statusCode} (expected ${expectStatus}): ${text}`));
-            } else if (expectStatus !== 200) {
-              resolve({ status: res.statusCode, text });
-            } else {
-              resolve(JSON.parse(text));
-            }
-          });
-        },
-      );
-      req.on('error', reject);
-      req.end(data);
-    }),
-    SDK_CALL_MS,
-    `${method} ${path}`,
-  );
 }
 
 /** Attaches the feedback receiver; records every feedback record and completes every batch. */
