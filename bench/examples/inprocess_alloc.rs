@@ -93,7 +93,9 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Re
 }
 
 fn reporting(hub: &Hub, ids: &[String], version: &str) -> usize {
-    ids.iter().filter(|id| hub.reported_property(id, "appVersion") == Some(Value::String(version.into()))).count()
+    ids.iter()
+        .filter(|id| hub.reported_property(id, "appVersion") == Some(Value::String(version.into())))
+        .count()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +106,8 @@ async fn main() -> Result<()> {
     let ids: Arc<[String]> = (0..n).map(|i| format!("fridge-{i:07}")).collect();
     for id in ids.iter() {
         let key = simulated_devices::fleet::device_key(KEY, id);
-        let input = DeviceInput { primary_key: Some(key.clone()), secondary_key: Some(key), ..Default::default() };
+        let input =
+            DeviceInput { primary_key: Some(key.clone()), secondary_key: Some(key), ..Default::default() };
         hub.put_device(id, input, None).context("register")?;
     }
     let registered = Snapshot::now();
@@ -120,11 +123,15 @@ async fn main() -> Result<()> {
     packages.add(&release.file, std::fs::read(path)?)?;
     let notice = serde_json::to_vec(&UpdateNotice::for_release(&release, "in-process"))?;
 
-    let cfg = InProcessConfig { initial_version: Some("1.0.0".into()), ..InProcessConfig::new(ids.clone(), KEY) };
+    let cfg =
+        InProcessConfig { initial_version: Some("1.0.0".into()), ..InProcessConfig::new(ids.clone(), KEY) };
     let fleet = InProcessFleet::start(hub.clone(), cfg, packages);
-    until("every device connected", Duration::from_secs(600), || fleet.connected() == n && fleet.unsettled() == 0)
+    until("every device connected", Duration::from_secs(600), || {
+        fleet.connected() == n && fleet.unsettled() == 0
+    })
+    .await?;
+    until("every twin reporting 1.0.0", Duration::from_secs(600), || reporting(&hub, &ids, "1.0.0") == n)
         .await?;
-    until("every twin reporting 1.0.0", Duration::from_secs(600), || reporting(&hub, &ids, "1.0.0") == n).await?;
     let connected = Snapshot::now();
     connected.report(&registered, "connected, subscribed, v1 reported (session, agent)", n);
 
@@ -137,7 +144,8 @@ async fn main() -> Result<()> {
         };
         hub.send_c2d(id, msg).context("send")?;
     }
-    until("every twin reporting 2.0.0", Duration::from_secs(600), || reporting(&hub, &ids, "2.0.0") == n).await?;
+    until("every twin reporting 2.0.0", Duration::from_secs(600), || reporting(&hub, &ids, "2.0.0") == n)
+        .await?;
     let installed = Snapshot::now();
     installed.report(&connected, "one notice each, installed, v2 reported", n);
     installed.report(&start, "total", n);

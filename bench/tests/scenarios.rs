@@ -25,6 +25,7 @@ fn every_shipped_scenario_validates() {
             "phased-rollout",
             "queue-overflow",
             "quickstart",
+            "tier-s1",
             "ttl-expiry"
         ]
     );

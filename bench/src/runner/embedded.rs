@@ -29,8 +29,6 @@ pub struct EmbeddedHub {
     telemetry_after: u64,
     /// Messages the hub's telemetry ring dropped before they were read.
     pub telemetry_missed: u64,
-    /// The service connection of `via = "pipeline"` releases, opened at the first one.
-    amqp: Option<AmqpService>,
 }
 
 impl EmbeddedHub {
@@ -58,7 +56,7 @@ impl EmbeddedHub {
         let hub = RunningHub::start(config, &listen, dir)
             .await
             .map_err(|e| RunError::Setup(format!("starting the hub: {e}")))?;
-        Ok(Self { hub, telemetry_after: 0, telemetry_missed: 0, amqp: None })
+        Ok(Self { hub, telemetry_after: 0, telemetry_missed: 0 })
     }
 
     /// A service client over the hub's HTTPS port.
@@ -118,27 +116,6 @@ impl EmbeddedHub {
                 }
             })
             .collect()
-    }
-
-    /// Sends every message the release pipeline's way: over the hub's AMQP port with a service
-    /// client's token (`svc`'s policy), up to [`super::external::SEND_WINDOW`] in flight.
-    pub async fn send_all_amqp(
-        &mut self,
-        svc: &ServiceClient,
-        msgs: Vec<Outgoing<'_>>,
-    ) -> Result<Vec<Sent>, RunError> {
-        use futures_util::StreamExt;
-        if self.amqp.is_none() {
-            let (addr, ca) = (self.hub.amqp_addr, &self.hub.ca_pem);
-            self.amqp =
-                Some(super::external::connect_amqp(&addr.ip().to_string(), addr.port(), ca, svc).await?);
-        }
-        let (amqp, hub) = (self.amqp.as_ref().expect("opened above"), &self.hub.hub);
-        let sends = msgs.into_iter().map(|m| {
-            let id = m.message_id.clone();
-            super::external::amqp_send(amqp, m, id, || hub.now())
-        });
-        Ok(futures_util::stream::iter(sends).buffered(super::external::SEND_WINDOW).collect().await)
     }
 
     /// `n` service connections to the hub's AMQP port with `svc`'s token, for a release sent in

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -198,6 +199,8 @@ pub struct ExternalHub {
     /// Appended to every message id this run sends (`<id>.<nonce>`), so feedback about an earlier
     /// run's messages on the same hub is told apart and ignored.
     nonce: String,
+    /// Throttled sends retried (tier throttling on the hub).
+    throttled: AtomicU64,
     /// When each version's twins may be checked again ([`ExternalHub::reporting`]).
     next_twin_check: HashMap<String, Instant>,
     telemetry: mpsc::Receiver<Result<Vec<Telemetry>, String>>,
@@ -275,6 +278,7 @@ impl ExternalHub {
             mqtt_port: *mqtt_port,
             packages_dir,
             nonce,
+            throttled: AtomicU64::new(0),
             next_twin_check: HashMap::new(),
             telemetry,
             feedback,
@@ -321,7 +325,12 @@ impl ExternalHub {
     /// Sends over AMQP; the hub's accept time is this machine's clock at the settlement.
     async fn send(&self, m: Outgoing<'_>) -> Sent {
         let message_id = format!("{}.{}", m.message_id, self.nonce);
-        amqp_send(&self.amqp, m, message_id, unix_ms).await
+        amqp_send(&self.amqp, m, message_id, unix_ms, &self.throttled).await
+    }
+
+    /// Sends the hub throttled and this side retried.
+    pub fn throttled_retries(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
     }
 
     /// Telemetry the background reader collected since the last call.
@@ -422,13 +431,25 @@ async fn wait_healthy(http: &reqwest::Client, http_url: &str) -> Result<(), RunE
     }
 }
 
+/// The AMQP condition a throttled send is rejected with (tier throttling).
+const THROTTLED: &str = "com.microsoft:device-container-throttled";
+/// Attempts of a throttled send before it counts as refused.
+const THROTTLE_ATTEMPTS: u32 = 12;
+/// First wait before retrying a throttled send; doubles per attempt up to [`THROTTLE_RETRY_MAX`].
+/// The service SDKs' policies have the same shape with longer waits (Node's starts at 10 s).
+const THROTTLE_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between attempts of a throttled send.
+const THROTTLE_RETRY_MAX: Duration = Duration::from_secs(10);
+
 /// Sends one message over `amqp` with `ack: full` under `message_id`; `now` says when the hub
-/// accepted it (the settlement), in the hub's time.
+/// accepted it (the settlement), in the hub's time. A send the hub throttles is retried after a
+/// backoff, as the service SDKs do; each retry counts in `throttled`.
 pub(super) async fn amqp_send(
     amqp: &AmqpService,
     m: Outgoing<'_>,
     message_id: String,
     now: impl Fn() -> u64,
+    throttled: &AtomicU64,
 ) -> Sent {
     let msg = C2dSend {
         body: m.body.to_vec(),
@@ -437,15 +458,26 @@ pub(super) async fn amqp_send(
         content_type: Some(m.content_type.to_string()),
         expiry_ms: m.ttl.map(|t| now() + t.as_millis() as u64),
     };
-    match amqp.send_c2d(m.device_id, &msg).await {
-        Ok(()) => Sent::Accepted(now()),
-        Err(AmqpError::Rejected { condition, description })
-            if condition == "amqp:resource-limit-exceeded"
-                || description.contains("DeviceMaximumQueueDepthExceeded") =>
-        {
-            Sent::QueueFull
+    let (mut wait, mut attempt) = (THROTTLE_RETRY_FIRST, 1);
+    loop {
+        match amqp.send_c2d(m.device_id, &msg).await {
+            Ok(()) => return Sent::Accepted(now()),
+            Err(AmqpError::Rejected { condition, .. })
+                if condition == THROTTLED && attempt < THROTTLE_ATTEMPTS =>
+            {
+                throttled.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(THROTTLE_RETRY_MAX);
+                attempt += 1;
+            }
+            Err(AmqpError::Rejected { condition, description })
+                if condition == "amqp:resource-limit-exceeded"
+                    || description.contains("DeviceMaximumQueueDepthExceeded") =>
+            {
+                return Sent::QueueFull;
+            }
+            Err(_) => return Sent::Refused,
         }
-        Err(_) => Sent::Refused,
     }
 }
 

@@ -158,16 +158,12 @@ impl HubSide {
         }
     }
 
-    /// Sends every message the release pipeline's way: a service client over AMQP (what an
-    /// external hub always gets).
-    pub async fn send_all_pipeline(
-        &mut self,
-        svc: &ServiceClient,
-        msgs: Vec<Outgoing<'_>>,
-    ) -> Result<Vec<Sent>, RunError> {
+    /// Sends the hub throttled and the runner retried (an external hub's sends; the embedded
+    /// hub's pipeline releases count theirs in [`super::pipeline::Sending`]).
+    pub fn throttled_retries(&self) -> u64 {
         match self {
-            Self::Embedded(e) => e.send_all_amqp(svc, msgs).await,
-            Self::External(x) => Ok(x.send_all(msgs).await),
+            Self::Embedded(_) => 0,
+            Self::External(x) => x.throttled_retries(),
         }
     }
 

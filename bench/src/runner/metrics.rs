@@ -117,6 +117,9 @@ pub struct Observed {
     pub feedback: Tally,
     /// Sends refused because the device queue was full.
     pub queue_full_rejections: u64,
+    /// C2D sends the hub throttled (tier throttling) that the runner retried, as a service SDK
+    /// would.
+    pub throttled_retries: u64,
     /// Messages sent with `ack: full` (notices and plain sends).
     pub acked_sends: u64,
     /// Link drops the runner requested (`link-flap` events), summed over devices and rounds.
@@ -513,6 +516,7 @@ impl Observed {
                 "deadLettered": self.feedback.delivery_count_exceeded,
                 "purged": self.feedback.purged,
                 "refusedQueueFull": self.queue_full_rejections,
+                "throttledRetries": self.throttled_retries,
                 "duplicateDeliveries": self.duplicate_delivery_count(),
                 "duplicateDeliveryDevices": self.duplicate_deliveries.iter()
                     .map(|(i, n)| json!({"deviceId": self.device_ids[*i], "duplicates": n}))
@@ -624,6 +628,12 @@ impl Observed {
             dup_installs,
             self.link_flaps
         ));
+        if self.throttled_retries > 0 {
+            lines.push(format!(
+                "  throttling: {} sends throttled by the hub and retried",
+                self.throttled_retries
+            ));
+        }
         if unmet.is_empty() {
             lines.push("verdict: every expectation met".to_string());
         } else {

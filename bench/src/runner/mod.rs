@@ -519,6 +519,7 @@ impl Run {
         }
         self.obs.elapsed = self.clock.now();
         self.obs.wall_elapsed = self.clock.wall();
+        self.obs.throttled_retries += self.hub.throttled_retries();
         (self.obs.skipped, self.obs.time_jumps) = self.clock.skipped();
         let connected = fleet.connected(&self.index).await? as u64;
         let rss = crate::memory::current().map(|m| m.rss_kib);
@@ -588,7 +589,7 @@ impl Run {
                     .flat_map(|&i| (0..*count).map(move |m| (i, m)))
                     .map(|(i, m)| (i, format!("send-{}-{m}-{}", at.as_millis(), self.ids[i])))
                     .collect();
-                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain", None).await?;
+                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await?;
                 let ok = outcomes.iter().filter(|(_, sent)| sent.is_some()).count();
                 let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
@@ -677,7 +678,7 @@ impl Run {
         // and the hub's telemetry ring and feedback queue are bounded.
         for chunk in targets.chunks(SEND_ROUND) {
             let msgs = chunk.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
-            let outcomes = self.send_all(msgs, &body, ttl, "application/json", pipeline).await?;
+            let outcomes = self.send_all(msgs, &body, ttl, "application/json").await?;
             let (record, tracking) = (&mut self.obs.releases[r], &mut self.tracking[r]);
             for (&i, (message_id, sent)) in chunk.iter().zip(outcomes) {
                 tracking.pos.insert(i, record.devices.len());
@@ -707,17 +708,13 @@ impl Run {
         body: &[u8],
         ttl: Option<Duration>,
         content_type: &str,
-        pipeline: Option<&ServiceClient>,
     ) -> Result<Vec<(String, Option<u64>)>, RunError> {
         let ids: Vec<String> = msgs.iter().map(|(_, id)| id.clone()).collect();
         let out: Vec<Outgoing<'_>> = msgs
             .into_iter()
             .map(|(i, message_id)| Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type })
             .collect();
-        let outcomes = match pipeline {
-            Some(svc) => self.hub.send_all_pipeline(svc, out).await?,
-            None => self.hub.send_all(out).await,
-        };
+        let outcomes = self.hub.send_all(out).await;
         Ok(ids
             .into_iter()
             .zip(outcomes)
@@ -879,7 +876,8 @@ impl Run {
                     rel.send_failed,
                     if left > 0 { format!(", {left} never answered") } else { String::new() }
                 );
-                self.sending.remove(k);
+                let done = self.sending.remove(k);
+                self.obs.throttled_retries += done.throttled.load(std::sync::atomic::Ordering::Relaxed);
                 self.say(line);
             } else {
                 k += 1;

@@ -4,6 +4,9 @@
 //! Owns the sending task's end; the outcomes come back to the runner one message at a time, in
 //! no particular order, as `(position in the release, outcome)`.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
 use futures_util::StreamExt;
 use iothub_emulator::Hub;
 use simulated_devices::amqp_client::AmqpService;
@@ -27,6 +30,8 @@ pub struct Sending {
     /// Outcomes not yet taken.
     pub left: usize,
     outcomes: mpsc::UnboundedReceiver<(usize, Sent)>,
+    /// Throttled sends retried so far.
+    pub throttled: Arc<AtomicU64>,
 }
 
 impl Sending {
@@ -41,12 +46,14 @@ impl Sending {
         hub: Hub,
     ) -> Self {
         let (tx, outcomes) = mpsc::unbounded_channel();
+        let throttled = Arc::new(AtomicU64::new(0));
         let left = notices.len();
-        let notices: std::sync::Arc<[Notice]> = notices.into();
-        let body: std::sync::Arc<[u8]> = body.into();
+        let notices: Arc<[Notice]> = notices.into();
+        let body: Arc<[u8]> = body.into();
         let k = connections.len().max(1);
         for (c, amqp) in connections.into_iter().enumerate() {
             let (tx, notices, body, hub) = (tx.clone(), notices.clone(), body.clone(), hub.clone());
+            let throttled = throttled.clone();
             tokio::spawn(async move {
                 let sends = (c..notices.len()).step_by(k).map(|p| {
                     let n = &notices[p];
@@ -57,8 +64,8 @@ impl Sending {
                         ttl,
                         content_type: "application/json",
                     };
-                    let (amqp, hub) = (&amqp, &hub);
-                    async move { (p, amqp_send(amqp, m, n.message_id.clone(), || hub.now()).await) }
+                    let (amqp, hub, throttled) = (&amqp, &hub, &throttled);
+                    async move { (p, amqp_send(amqp, m, n.message_id.clone(), || hub.now(), throttled).await) }
                 });
                 let mut outcomes = futures_util::stream::iter(sends).buffer_unordered(SEND_WINDOW);
                 while let Some(o) = outcomes.next().await {
@@ -68,7 +75,7 @@ impl Sending {
                 }
             });
         }
-        Self { release, left, outcomes }
+        Self { release, left, outcomes, throttled }
     }
 
     /// The outcomes that arrived since the last call.
