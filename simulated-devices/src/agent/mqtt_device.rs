@@ -48,14 +48,19 @@ pub enum FrameError {
     Codec(#[from] rumqttc::mqttbytes::Error),
 }
 
+/// Least room [`take_packet`] reserves for a partial packet, so small packets arriving behind it
+/// are read in the same call.
+pub const MIN_RESERVE_BYTES: usize = 256;
+
 /// Takes one complete packet out of `buf` (`Ok(None)`: read more), refusing packets above
-/// `max_bytes`. Reserves room for the rest of a partial packet, but never more than `ahead`
-/// bytes past what arrived, so a header announcing a large packet does not buy its memory.
+/// `max_bytes`. Reserves room for the rest of a partial packet (at least [`MIN_RESERVE_BYTES`]),
+/// but never more than `ahead` bytes past what arrived, so a header announcing a large packet
+/// does not buy its memory.
 pub fn take_packet(buf: &mut BytesMut, max_bytes: usize, ahead: usize) -> Result<Option<Packet>, FrameError> {
     match Packet::read(buf, max_bytes) {
         Ok(p) => Ok(Some(p)),
         Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-            buf.reserve(n.min(ahead));
+            buf.reserve(n.max(MIN_RESERVE_BYTES).min(ahead));
             Ok(None)
         }
         Err(e) => Err(e.into()),

@@ -70,7 +70,13 @@ impl Stream {
                     buf.reserve(READ_CHUNK_BYTES);
                 }
                 match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Readiness was stale: wait again without holding a buffer.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     r => return r,
                 }
             },
@@ -170,5 +176,92 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::Publish;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::agent::mqtt_device::connect_packet;
+
+    /// A hub that answers the CONNECT with `reply` (nothing when empty) and keeps the socket open.
+    async fn hub(reply: Vec<Packet>) -> (u16, tokio::task::JoinHandle<Connect>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let connect = loop {
+                if let Some(Packet::Connect(c)) = take_packet(&mut buf, 4096, 4096).unwrap() {
+                    break c;
+                }
+                assert_ne!(s.read_buf(&mut buf).await.unwrap(), 0);
+            };
+            let mut out = BytesMut::new();
+            for p in &reply {
+                encode(p, &mut out, usize::MAX).unwrap();
+            }
+            s.write_all(&out).await.unwrap();
+            // Hold the socket until the client is done with it.
+            let _ = s.read_buf(&mut buf).await;
+            connect
+        });
+        (port, task)
+    }
+
+    fn connect() -> Connect {
+        connect_packet("d1", "hub.local", "sas".into(), Duration::from_secs(30))
+    }
+
+    #[tokio::test]
+    async fn an_accepted_connack_comes_with_the_bytes_after_it() {
+        let mut c2d = Publish::new("devices/d1/messages/devicebound/", QoS::AtLeastOnce, b"{}".to_vec());
+        c2d.pkid = 1;
+        let reply = vec![
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, true)),
+            Packet::Publish(c2d.clone()),
+        ];
+        let (port, hub) = hub(reply).await;
+        let mut c =
+            super::connect("127.0.0.1", port, None, &connect(), 4096, Duration::from_secs(10)).await.unwrap();
+        assert!(c.connack.session_present);
+        assert_eq!(take_packet(&mut c.rest, 4096, 256).unwrap(), Some(Packet::Publish(c2d)));
+        drop(c);
+        let seen = hub.await.unwrap();
+        assert_eq!((seen.client_id.as_str(), seen.clean_session), ("d1", false));
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_missing_connack_fails_within_the_deadline() {
+        let refused = vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))];
+        let (port, _hub) = hub(refused).await;
+        let r = super::connect("127.0.0.1", port, None, &connect(), 4096, Duration::from_secs(10)).await;
+        assert!(matches!(r, Err(LinkError::Refused(ConnectReturnCode::NotAuthorized))), "{r:?}");
+
+        let (port, _hub) = hub(Vec::new()).await;
+        let started = tokio::time::Instant::now();
+        let limit = Duration::from_millis(200);
+        let r = super::connect("127.0.0.1", port, None, &connect(), 4096, limit).await;
+        assert!(matches!(r, Err(LinkError::Timeout(..))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        let (port, _hub) = hub(vec![Packet::PingResp]).await;
+        let r = super::connect("127.0.0.1", port, None, &connect(), 4096, Duration::from_secs(10)).await;
+        assert!(matches!(r, Err(LinkError::NotConnAck("PINGRESP"))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_plain_socket_holds_no_read_buffer_until_bytes_arrive() {
+        let (port, _hub) = hub(vec![Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))]).await;
+        let mut c =
+            super::connect("127.0.0.1", port, None, &connect(), 4096, Duration::from_secs(10)).await.unwrap();
+        let mut buf = BytesMut::new();
+        let idle = tokio::time::timeout(Duration::from_millis(50), c.stream.read_into(&mut buf)).await;
+        assert!(idle.is_err(), "nothing to read");
+        assert_eq!(buf.capacity(), 0, "no buffer taken while waiting");
     }
 }
