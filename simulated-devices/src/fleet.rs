@@ -11,8 +11,9 @@
 //! turn, so every agent checks once per period without a timer of its own.
 //!
 //! Cost per agent: one tokio task (parked on its power switch while off), one `watch` channel,
-//! an [`AgentStatus`] of five atomics, and while connected one MQTT event loop (buffers sized in
-//! [`crate::agent`]). No thread and no timer per agent.
+//! an [`AgentStatus`] of a few atomics, and while connected one socket (no buffer while idle; see
+//! [`crate::agent`]): about 5 KiB per connected idle agent, process included (bench/README.md).
+//! No thread per agent; the only timer of one is its keep-alive while connected.
 //!
 //! Identities: every device key is `derive_key(fleet_key, device_id)` (HMAC-SHA256, like DPS group
 //! enrollment), so any process holding the fleet key can compute a device's key without asking

@@ -3,17 +3,25 @@
 //! backoff and jitter), turns C2D messages into installs, and reports every transition through
 //! the twin's reported properties and D2C telemetry.
 //!
-//! The decisions live in [`core::AgentCore`] (sans-IO); this module is the driver that owns the
-//! socket, the running install and the device's "pending command" file. A C2D message is written
-//! to `<data_dir>/pending-c2d` *before* it is acknowledged (PUBACK completes it at the hub), so a
-//! power cut between the two loses nothing: the next boot resumes the command from disk.
+//! The decisions live in [`core::AgentCore`] (sans-IO), the device side of MQTT in
+//! [`mqtt_device::DeviceMqtt`] (sans-IO, shared with the in-process fleet) and the socket in
+//! [`transport`]; this module is the driver that owns them, the running install and the device's
+//! "pending command" file, with one task per agent and no MQTT client event loop or request
+//! channel: an idle connected agent is its task, its socket and a few small structs (no buffer
+//! while nothing is arriving or leaving). Every wait has a deadline: the CONNACK
+//! ([`CONNECT_TIMEOUT`]), each write ([`WRITE_TIMEOUT`]), the keep-alive's PINGRESP.
 //!
-//! Power and link faults: [`run`] follows a `watch` [`Switch`]. Off drops the MQTT event loop (the
+//! A C2D message is written to `<data_dir>/pending-c2d` *before* it is acknowledged (PUBACK
+//! completes it at the hub), so a power cut between the two loses nothing: the next boot resumes
+//! the command from disk.
+//!
+//! Power and link faults: [`run`] follows a `watch` [`Switch`]. Off drops the MQTT session (the
 //! socket closes without DISCONNECT, like a power cut) and the running install future; on boots a
 //! fresh session with the version found on disk. A link drop closes only the socket (again no
 //! DISCONNECT) and reconnects after the normal backoff, keeping the running install; it can also
 //! cut the install's FTP connections, and the download resumes with `REST`. Acknowledgements not
-//! yet sent when the link drops are discarded: the hub redelivers those messages.
+//! yet sent when the link drops are discarded: the hub redelivers those messages. Reports are
+//! kept, and QoS 1 ones the hub had not acknowledged are sent again after the reconnect.
 //!
 //! Update retries: an agent whose install failed checks `latest.json` again when its MQTT
 //! session comes back (with [`AgentConfig::retry_on_reconnect`]) and whenever the fleet asks for a
@@ -30,21 +38,20 @@ pub mod contract;
 pub mod core;
 pub mod ftp_backend;
 pub mod installer;
+pub mod mqtt_device;
+pub mod transport;
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use bytes::BytesMut;
 use iothub_emulator::clock::{Clock, SystemClock};
-use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::mqttbytes::v4::Packet;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -52,23 +59,20 @@ use tokio_util::sync::CancellationToken;
 use self::core::{Action, AgentCore, InstallResult};
 pub use self::ftp_backend::FtpBackend;
 pub use self::installer::{DeviceContext, InstallBackend};
+use self::mqtt_device::{DeviceMqtt, Incoming, KeepAlive};
+use self::transport::{Connected, LinkError, Stream};
 use crate::notice::{InstallState, UpdateNotice};
 
 /// The file holding the C2D command being worked on, so it survives a power cut.
 const PENDING_FILE: &str = "pending-c2d";
-/// SAS tokens the agent signs live this long; every (re)connect signs a fresh one.
-const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
-/// Requests (publishes, acks) buffered between the agent and its MQTT event loop.
-const REQUEST_CAPACITY: usize = 16;
-/// Outgoing QoS 1 publishes in flight. rumqttc preallocates a slot per inflight message, so a
-/// small window keeps per-agent memory small.
-const INFLIGHT: u16 = 4;
 /// Largest incoming packet (C2D is at most 64 KB plus topic and properties).
 const MAX_INCOMING_BYTES: usize = 70 * 1024;
 /// Largest outgoing packet (D2C is at most 256 KB).
 const MAX_OUTGOING_BYTES: usize = 256 * 1024;
-/// Messages waiting for room in the request channel; beyond this the oldest report is dropped.
-const OUTBOX_CAPACITY: usize = 64;
+/// From the start of a connection attempt to the hub's CONNACK (rumqttc's default).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// One write to the socket (rumqttc's flush timeout).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// C2D message ids remembered for duplicate detection.
 pub const SEEN_IDS: usize = 8;
 
@@ -235,10 +239,100 @@ struct Session<'a, I> {
     status: &'a AgentStatus,
 }
 
-/// A request waiting for room in the MQTT request channel.
-enum Outgoing {
-    Publish { topic: String, payload: Vec<u8>, qos: QoS },
-    Ack(Publish),
+/// The MQTT link of a powered-on agent.
+enum Link<'a> {
+    /// No socket: connect at this instant (the backoff; the first attempt is due at once).
+    Down(Instant),
+    /// Connecting: TCP (and TLS), CONNECT, waiting for the CONNACK. Boxed: only while connecting.
+    Connecting(Pin<Box<dyn Future<Output = Result<Connected, LinkError>> + Send + 'a>>),
+    /// The session is up.
+    Up(Up),
+}
+
+/// An open MQTT session: the socket, the bytes of a packet not yet complete (empty and without
+/// a buffer while idle) and the keep-alive.
+struct Up {
+    stream: Stream,
+    rbuf: BytesMut,
+    keep_alive: KeepAlive,
+}
+
+/// What the link has to say.
+enum LinkEvent {
+    /// The backoff is over: connect.
+    ConnectDue,
+    /// The connection attempt ended.
+    Connected(Result<Connected, LinkError>),
+    /// Bytes arrived (0: the hub closed the connection).
+    Read(std::io::Result<usize>),
+    /// A PINGREQ is due.
+    KeepAlive,
+}
+
+/// Waits for the next thing the link has to say. Cancel-safe.
+async fn link_event(link: &mut Link<'_>) -> LinkEvent {
+    match link {
+        Link::Down(at) => {
+            tokio::time::sleep_until(*at).await;
+            LinkEvent::ConnectDue
+        }
+        Link::Connecting(attempt) => LinkEvent::Connected(attempt.as_mut().await),
+        Link::Up(up) => {
+            let deadline = up.keep_alive.deadline();
+            tokio::select! {
+                r = up.stream.read_into(&mut up.rbuf) => LinkEvent::Read(r),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    LinkEvent::KeepAlive
+                }
+            }
+        }
+    }
+}
+
+/// A `latest.json` read or an install in the background, with what it reports meanwhile.
+struct Running {
+    job: Job,
+    /// The install's progress (`None` for a `latest.json` read).
+    progress: Option<mpsc::UnboundedReceiver<InstallState>>,
+    /// Bumped to cut the job's FTP connections.
+    ftp_cut: watch::Sender<u32>,
+}
+
+/// What the running job has to say.
+enum JobEvent {
+    Progress(InstallState),
+    Done(JobResult),
+}
+
+async fn job_event(running: &mut Option<Running>) -> JobEvent {
+    let Some(Running { job, progress, .. }) = running else { return std::future::pending().await };
+    let progress = async {
+        match progress {
+            Some(rx) => rx.recv().await,
+            None => None,
+        }
+    };
+    tokio::select! {
+        biased;
+        Some(state) = progress => JobEvent::Progress(state),
+        r = job.as_mut() => JobEvent::Done(r),
+    }
+}
+
+/// A powered-on agent's state: the core, its MQTT state and link, the running job.
+struct Agent<'a, I> {
+    session: Session<'a, I>,
+    core: AgentCore,
+    mqtt: DeviceMqtt,
+    link: Link<'a>,
+    running: Option<Running>,
+    seen: &'a mut SeenIds,
+    /// Consecutive connection failures (the backoff's exponent).
+    failures: u32,
+    /// Link drops armed for the next new C2D message, before its PUBACK.
+    drop_before_ack: u32,
+    /// The command being worked on is saved in [`PENDING_FILE`].
+    pending_on_disk: bool,
 }
 
 impl<I: InstallBackend> Session<'_, I> {
@@ -250,70 +344,47 @@ impl<I: InstallBackend> Session<'_, I> {
         retry_due: &mut bool,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
-        let id = &self.cfg.device_id;
-        let (ftp_cut, ftp_cuts) = watch::channel(0u32);
-        let ctx = DeviceContext {
-            device_id: id.clone(),
-            data_dir: self.cfg.data_dir.clone(),
-            sas_token: self.fresh_token(),
-            ftp_cuts,
-        };
-        let on_disk = self.installer.current_version(&ctx);
-        let version = on_disk.or_else(|| self.cfg.initial_version.as_deref().map(str::to_string));
-        let mut core = AgentCore::new(id.clone(), version)
-            .with_retry_on_reconnect(self.cfg.retry_on_reconnect)
+        let cfg = self.cfg;
+        let id = &cfg.device_id;
+        let on_disk = self.installer.current_version(&self.context(watch::channel(0).1));
+        let version = on_disk.or_else(|| cfg.initial_version.as_deref().map(str::to_string));
+        let core = AgentCore::new(id.clone(), version)
+            .with_retry_on_reconnect(cfg.retry_on_reconnect)
             .with_retry_due(*retry_due);
-        let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(&ctx.sas_token), REQUEST_CAPACITY);
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
-        let mut job: Option<Job> = None;
-        let mut outbox = VecDeque::new();
-        // QoS 1 publishes handed to the MQTT client and not yet acknowledged by the hub. The client
-        // resends them after a reconnect, so each gets its PUBACK within this session.
-        let mut unacked = 0u32;
-        let mut failures = 0u32;
-        // While the link is down: when to reconnect (the install keeps running meanwhile).
-        let mut reconnect_at: Option<Instant> = None;
-        // Link drops armed for the next new C2D message, before its PUBACK.
-        let mut drop_before_ack = 0u32;
-        let pending_path = self.cfg.data_dir.join(PENDING_FILE);
-        let mut pending_on_disk = false;
-        let clock = SystemClock;
+        let pending_path = cfg.data_dir.join(PENDING_FILE);
+        let mut agent = Agent {
+            session: self,
+            core,
+            mqtt: DeviceMqtt::default(),
+            link: Link::Down(Instant::now()),
+            running: None,
+            seen,
+            failures: 0,
+            drop_before_ack: 0,
+            pending_on_disk: false,
+        };
 
         let mut actions = Vec::new();
         if let Ok(body) = tokio::fs::read(&pending_path).await {
             tracing::debug!(device = %id, "resuming the command saved before the power went off");
-            pending_on_disk = true;
-            actions = core.on_c2d(&body, clock.now_ms());
+            agent.pending_on_disk = true;
+            actions = agent.core.on_c2d(&body, SystemClock.now_ms());
         }
         loop {
-            *retry_due = core.retry_due();
-            for action in actions.drain(..) {
-                match action {
-                    Action::Publish { topic, payload, at_least_once } => {
-                        let qos = if at_least_once { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-                        push_bounded(&mut outbox, Outgoing::Publish { topic, payload, qos });
-                    }
-                    Action::FetchLatest => job = Some(self.fetch_latest_job(&ctx)),
-                    Action::Install(notice) => {
-                        job = Some(self.install_job(&ctx, notice, progress_tx.clone()))
-                    }
-                }
-            }
-            if pending_on_disk && !core.is_busy() && job.is_none() {
+            agent.carry_out(std::mem::take(&mut actions));
+            *retry_due = agent.core.retry_due();
+            if agent.pending_on_disk && !agent.core.is_busy() && agent.running.is_none() {
                 if let Err(e) = tokio::fs::remove_file(&pending_path).await {
                     tracing::warn!(device = %id, "cannot remove {}: {e}", pending_path.display());
                 }
-                pending_on_disk = false;
+                agent.pending_on_disk = false;
             }
-            unacked = unacked.saturating_add(flush(&client, &mut outbox));
-            // After the flush (which only queues for the event loop below, in this task): a PUBACK
-            // cannot reach the hub before `busy` says the command it completes is being acted on,
-            // and a report counts until the hub has acknowledged (and so recorded) it.
-            let busy =
-                job.is_some() || core.is_busy() || pending_on_disk || !outbox.is_empty() || unacked > 0;
-            self.status.busy.store(busy, Ordering::Relaxed);
+            // Before the write: a PUBACK cannot reach the hub before `busy` says the command it
+            // completes is being acted on. After it: what left is no longer waiting.
+            agent.publish_busy();
+            agent.flush().await;
+            agent.publish_busy();
 
-            let now = || clock.now_ms();
             // Biased: a switch change made before a message arrived is applied before it.
             actions = tokio::select! {
                 biased;
@@ -323,233 +394,283 @@ impl<I: InstallBackend> Session<'_, I> {
                         return SessionEnd::Shutdown;
                     }
                     let switch = *power.borrow_and_update();
-                    self.status.seen_switch.store(switch.generation, Ordering::Relaxed);
+                    agent.session.status.seen_switch.store(switch.generation, Ordering::Relaxed);
                     if !switch.on {
                         return SessionEnd::PowerOff;
                     }
-                    if switch.ftp_cuts != applied.ftp_cuts {
-                        ftp_cut.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                    drop_before_ack =
-                        drop_before_ack.saturating_add(switch.drops_before_ack.wrapping_sub(applied.drops_before_ack));
-                    let drop_now = switch.link_drops != applied.link_drops;
-                    let check = switch.checks != applied.checks;
+                    let actions = agent.apply(&applied, &switch);
                     applied = switch;
-                    if drop_now && reconnect_at.is_none() {
-                        reconnect_at = Some(self.lose_link(&mut eventloop, &mut outbox, &mut failures, "link dropped"));
-                    }
-                    if check { core.on_check() } else { Vec::new() }
+                    actions
                 }
-                Some(state) = progress_rx.recv() => core.on_progress(state, now()),
-                r = async { job.as_mut().expect("guarded by the select condition").await }, if job.is_some() => {
-                    job = None;
-                    // Report the transitions the job sent before it ended, in order, first.
-                    let mut reports = Vec::new();
-                    while let Ok(state) = progress_rx.try_recv() {
-                        reports.extend(core.on_progress(state, now()));
-                    }
-                    reports.extend(match r {
-                        JobResult::Latest(latest) => core.on_latest(latest, now()),
-                        JobResult::Installed(outcome) => {
-                            if outcome == InstallResult::Installed {
-                                self.status.installs.fetch_add(1, Ordering::Relaxed);
-                            }
-                            core.on_install_done(outcome, now())
-                        }
-                    });
-                    reports
-                }
-                _ = tokio::time::sleep_until(reconnect_at.unwrap_or_else(Instant::now)), if reconnect_at.is_some() => {
-                    reconnect_at = None;
-                    self.refresh_credentials(&mut eventloop);
-                    Vec::new()
-                }
-                event = eventloop.poll(), if reconnect_at.is_none() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
-                        self.status.connected.store(true, Ordering::Relaxed);
-                        tracing::debug!(device = %id, "connected");
-                        subscribe(&client, id);
-                        core.on_connected()
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) if contract::is_c2d_topic(id, &p.topic) => {
-                        let message_id = contract::c2d_message_id(&p.topic);
-                        if message_id.as_deref().is_some_and(|m| seen.contains(m)) {
-                            // Saved and acted on before; the hub never got the PUBACK.
-                            self.status.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(device = %id, message_id = ?message_id, "duplicate C2D delivery");
-                            push_bounded(&mut outbox, Outgoing::Ack(p));
-                            Vec::new()
-                        } else {
-                            // Save first, then PUBACK (which completes the message at the hub).
-                            match tokio::fs::write(&pending_path, &p.payload).await {
-                                Ok(()) => {
-                                    pending_on_disk = true;
-                                    if let Some(m) = &message_id {
-                                        seen.insert(m);
-                                    }
-                                }
-                                Err(e) => tracing::warn!(device = %id, "cannot save the C2D command: {e}"),
-                            }
-                            let body = p.payload.clone();
-                            let out = core.on_c2d(&body, now());
-                            if drop_before_ack > 0 {
-                                drop_before_ack -= 1;
-                                reconnect_at = Some(self.lose_link(
-                                    &mut eventloop,
-                                    &mut outbox,
-                                    &mut failures,
-                                    "link dropped before the PUBACK",
-                                ));
-                            } else {
-                                push_bounded(&mut outbox, Outgoing::Ack(p));
-                            }
-                            out
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        push_bounded(&mut outbox, Outgoing::Ack(p));
-                        Vec::new()
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        unacked = unacked.saturating_sub(1);
-                        Vec::new()
-                    }
-                    Ok(_) => Vec::new(),
-                    Err(e) => {
-                        self.status.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        reconnect_at =
-                            Some(self.lose_link(&mut eventloop, &mut outbox, &mut failures, &e.to_string()));
-                        Vec::new()
-                    }
-                },
+                e = job_event(&mut agent.running), if agent.running.is_some() => agent.on_job(e),
+                e = link_event(&mut agent.link) => agent.on_link(e).await,
             };
+        }
+    }
+
+    /// What an installer needs to know of the device (a fresh SAS token for FTP).
+    fn context(&self, ftp_cuts: watch::Receiver<u32>) -> DeviceContext {
+        DeviceContext {
+            device_id: self.cfg.device_id.clone(),
+            data_dir: self.cfg.data_dir.clone(),
+            sas_token: self.fresh_token(),
+            ftp_cuts,
+        }
+    }
+
+    fn fresh_token(&self) -> String {
+        mqtt_device::fresh_password(&self.cfg.hub_host, &self.cfg.device_id, &self.cfg.device_key)
+            .unwrap_or_else(|e| {
+                tracing::error!(device = %self.cfg.device_id, "cannot sign a SAS token: {e}");
+                String::new()
+            })
+    }
+
+    fn fetch_latest_job(&self) -> Running {
+        let (ftp_cut, cuts) = watch::channel(0u32);
+        let (installer, ctx) = (self.installer.clone(), self.context(cuts));
+        let job = Box::pin(async move { JobResult::Latest(installer.fetch_latest(&ctx).await) });
+        Running { job, progress: None, ftp_cut }
+    }
+
+    fn install_job(&self, notice: UpdateNotice) -> Running {
+        let (ftp_cut, cuts) = watch::channel(0u32);
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let (installer, installs, ctx) = (self.installer.clone(), self.installs.clone(), self.context(cuts));
+        let job = Box::pin(async move {
+            let Ok(_permit) = installs.acquire_owned().await else {
+                return JobResult::Installed(InstallResult::Failed("the fleet is shutting down".into()));
+            };
+            JobResult::Installed(installer.install(&ctx, &notice, progress_tx).await)
+        });
+        Running { job, progress: Some(progress), ftp_cut }
+    }
+}
+
+impl<'a, I: InstallBackend> Agent<'a, I> {
+    fn id(&self) -> &'a str {
+        let cfg: &'a AgentConfig = self.session.cfg;
+        &cfg.device_id
+    }
+
+    /// Queues the core's publishes and starts its fetches and installs.
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match self.mqtt.take_publish(action) {
+                None | Some(Action::Publish { .. }) => {}
+                Some(Action::FetchLatest) => self.running = Some(self.session.fetch_latest_job()),
+                Some(Action::Install(notice)) => self.running = Some(self.session.install_job(notice)),
+            }
+        }
+    }
+
+    /// [`AgentStatus::busy`]: a job, a command not done, or packets waiting or unacknowledged.
+    fn publish_busy(&self) {
+        let busy =
+            self.running.is_some() || self.core.is_busy() || self.pending_on_disk || !self.mqtt.is_idle();
+        self.session.status.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// Writes what may go out now, within [`WRITE_TIMEOUT`]; a failed write loses the link.
+    async fn flush(&mut self) {
+        let Link::Up(up) = &mut self.link else { return };
+        let mut buf = BytesMut::new();
+        while let Some(p) = self.mqtt.poll_transmit() {
+            if let Err(e) = mqtt_device::encode(&p, &mut buf, MAX_OUTGOING_BYTES) {
+                tracing::warn!(device = %self.session.cfg.device_id, "not sent: {e}");
+            }
+        }
+        if buf.is_empty() {
+            return;
+        }
+        if let Err(e) = up.stream.write_all(&buf, WRITE_TIMEOUT).await {
+            self.session.status.connect_failures.fetch_add(1, Ordering::Relaxed);
+            self.lose_link(&e.to_string());
+        }
+    }
+
+    /// Applies a switch change (power is handled by the caller); the core's answer to a check.
+    fn apply(&mut self, applied: &Switch, switch: &Switch) -> Vec<Action> {
+        if switch.ftp_cuts != applied.ftp_cuts
+            && let Some(r) = &self.running
+        {
+            r.ftp_cut.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        self.drop_before_ack = self
+            .drop_before_ack
+            .saturating_add(switch.drops_before_ack.wrapping_sub(applied.drops_before_ack));
+        if switch.link_drops != applied.link_drops && !matches!(self.link, Link::Down(_)) {
+            self.lose_link("link dropped");
+        }
+        if switch.checks != applied.checks { self.core.on_check() } else { Vec::new() }
+    }
+
+    fn on_job(&mut self, event: JobEvent) -> Vec<Action> {
+        let now = SystemClock.now_ms();
+        let r = match event {
+            JobEvent::Progress(state) => return self.core.on_progress(state, now),
+            JobEvent::Done(r) => r,
+        };
+        // Report the transitions the job sent before it ended, in order, first.
+        let mut reports = Vec::new();
+        if let Some(mut progress) = self.running.take().and_then(|r| r.progress) {
+            while let Ok(state) = progress.try_recv() {
+                reports.extend(self.core.on_progress(state, now));
+            }
+        }
+        reports.extend(match r {
+            JobResult::Latest(latest) => self.core.on_latest(latest, now),
+            JobResult::Installed(outcome) => {
+                if outcome == InstallResult::Installed {
+                    self.session.status.installs.fetch_add(1, Ordering::Relaxed);
+                }
+                self.core.on_install_done(outcome, now)
+            }
+        });
+        reports
+    }
+
+    async fn on_link(&mut self, event: LinkEvent) -> Vec<Action> {
+        let cfg = self.session.cfg;
+        match event {
+            LinkEvent::ConnectDue => {
+                let connect = mqtt_device::connect_packet(
+                    &cfg.device_id,
+                    &cfg.hub_host,
+                    self.session.fresh_token(),
+                    cfg.keep_alive,
+                );
+                self.link = Link::Connecting(Box::pin(async move {
+                    transport::connect(
+                        &cfg.mqtt_host,
+                        cfg.mqtt_port,
+                        cfg.tls.as_ref(),
+                        &connect,
+                        MAX_INCOMING_BYTES,
+                        CONNECT_TIMEOUT,
+                    )
+                    .await
+                }));
+                Vec::new()
+            }
+            LinkEvent::Connected(Err(e)) => {
+                self.session.status.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.lose_link(&e.to_string());
+                Vec::new()
+            }
+            LinkEvent::Connected(Ok(c)) => {
+                self.failures = 0;
+                self.session.status.connected.store(true, Ordering::Relaxed);
+                tracing::debug!(device = %cfg.device_id, "connected");
+                let keep_alive = KeepAlive::new(cfg.keep_alive, Instant::now());
+                self.link = Link::Up(Up { stream: c.stream, rbuf: c.rest, keep_alive });
+                let mut actions = self.on_packet(Packet::ConnAck(c.connack)).await;
+                actions.extend(self.on_bytes().await);
+                actions
+            }
+            LinkEvent::Read(Ok(0)) => self.fail("the hub closed the connection"),
+            LinkEvent::Read(Err(e)) => self.fail(&format!("socket: {e}")),
+            LinkEvent::Read(Ok(_)) => self.on_bytes().await,
+            LinkEvent::KeepAlive => {
+                let Link::Up(up) = &mut self.link else { return Vec::new() };
+                match up.keep_alive.on_deadline(Instant::now()) {
+                    Ok(Some(_ping)) => self.mqtt.ping(),
+                    Ok(None) => {}
+                    Err(e) => return self.fail(&e.to_string()),
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// The link failed: counted, lost.
+    fn fail(&mut self, why: &str) -> Vec<Action> {
+        self.session.status.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.lose_link(why);
+        Vec::new()
+    }
+
+    /// Handles every complete packet in the read buffer, then gives the buffer back if empty.
+    async fn on_bytes(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        loop {
+            let Link::Up(up) = &mut self.link else { return actions };
+            match mqtt_device::take_packet(&mut up.rbuf, MAX_INCOMING_BYTES, transport::RESERVE_AHEAD_BYTES) {
+                Ok(Some(p)) => actions.extend(self.on_packet(p).await),
+                Ok(None) => {
+                    if up.rbuf.is_empty() {
+                        up.rbuf = BytesMut::new();
+                    }
+                    return actions;
+                }
+                Err(e) => {
+                    actions.extend(self.fail(&e.to_string()));
+                    return actions;
+                }
+            }
+        }
+    }
+
+    /// One packet from the hub.
+    async fn on_packet(&mut self, packet: Packet) -> Vec<Action> {
+        let id = self.id();
+        match self.mqtt.handle(id, packet, self.seen) {
+            Incoming::Connected => self.core.on_connected(),
+            Incoming::Refused(code) => self.fail(&format!("CONNECT refused: {code:?}")),
+            Incoming::Pong => {
+                if let Link::Up(up) = &mut self.link {
+                    up.keep_alive.on_pingresp();
+                }
+                Vec::new()
+            }
+            Incoming::Nothing => Vec::new(),
+            Incoming::Duplicate { message_id } => {
+                // Saved and acted on before; the hub never got the PUBACK.
+                self.session.status.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(device = %id, message_id = ?message_id, "duplicate C2D delivery");
+                Vec::new()
+            }
+            Incoming::Command(cmd) => {
+                // Save first, then PUBACK (which completes the message at the hub).
+                let pending_path = self.session.cfg.data_dir.join(PENDING_FILE);
+                match tokio::fs::write(&pending_path, &cmd.payload).await {
+                    Ok(()) => {
+                        self.pending_on_disk = true;
+                        if let Some(m) = &cmd.message_id {
+                            self.seen.insert(m);
+                        }
+                    }
+                    Err(e) => tracing::warn!(device = %id, "cannot save the C2D command: {e}"),
+                }
+                let out = self.core.on_c2d(&cmd.payload, SystemClock.now_ms());
+                if self.drop_before_ack > 0 {
+                    self.drop_before_ack -= 1;
+                    self.lose_link("link dropped before the PUBACK");
+                } else {
+                    self.mqtt.ack(cmd.pkid);
+                }
+                out
+            }
         }
     }
 
     /// The MQTT link is gone (an error, or a requested drop): closes the socket without
-    /// DISCONNECT, discards acknowledgements not yet sent (the hub redelivers those messages)
-    /// and returns when to reconnect (the backoff).
-    fn lose_link(
-        &self,
-        eventloop: &mut EventLoop,
-        outbox: &mut VecDeque<Outgoing>,
-        failures: &mut u32,
-        why: &str,
-    ) -> Instant {
-        if eventloop.network.is_some() {
-            self.status.link_drops.fetch_add(1, Ordering::Relaxed);
+    /// DISCONNECT, discards acknowledgements not yet sent (the hub redelivers those messages),
+    /// keeps the reports (unacknowledged ones are resent) and reconnects after the backoff.
+    fn lose_link(&mut self, why: &str) {
+        let status = self.session.status;
+        if matches!(self.link, Link::Up(_)) {
+            status.link_drops.fetch_add(1, Ordering::Relaxed);
         }
-        // Drops the socket; unacknowledged publishes are kept for the next session.
-        eventloop.clean();
-        outbox.retain(|o| !matches!(o, Outgoing::Ack(_)));
-        self.status.connected.store(false, Ordering::Relaxed);
-        *failures = failures.saturating_add(1);
-        let delay = backoff(self.cfg.backoff_min, self.cfg.backoff_max, *failures);
-        tracing::debug!(device = %self.cfg.device_id, ?delay, "MQTT connection lost: {why}");
-        Instant::now() + delay
+        self.mqtt.link_lost();
+        status.connected.store(false, Ordering::Relaxed);
+        self.failures = self.failures.saturating_add(1);
+        let cfg = self.session.cfg;
+        let delay = backoff(cfg.backoff_min, cfg.backoff_max, self.failures);
+        tracing::debug!(device = %cfg.device_id, ?delay, "MQTT connection lost: {why}");
+        // Drops the socket (or the attempt).
+        self.link = Link::Down(Instant::now() + delay);
     }
-
-    fn fresh_token(&self) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        contract::password(
-            &self.cfg.hub_host,
-            &self.cfg.device_id,
-            &self.cfg.device_key,
-            now + TOKEN_LIFETIME_SECS,
-        )
-        .unwrap_or_else(|e| {
-            tracing::error!(device = %self.cfg.device_id, "cannot sign a SAS token: {e}");
-            String::new()
-        })
-    }
-
-    fn refresh_credentials(&self, eventloop: &mut EventLoop) {
-        let user = contract::username(&self.cfg.hub_host, &self.cfg.device_id);
-        eventloop.mqtt_options.set_credentials(user, self.fresh_token());
-    }
-
-    fn mqtt_options(&self, token: &str) -> MqttOptions {
-        let cfg = self.cfg;
-        let mut o = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt_host.clone(), cfg.mqtt_port);
-        o.set_clean_session(false)
-            .set_keep_alive(cfg.keep_alive)
-            .set_credentials(contract::username(&cfg.hub_host, &cfg.device_id), token)
-            .set_manual_acks(true)
-            .set_inflight(INFLIGHT)
-            .set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES);
-        if let Some(tls) = &cfg.tls {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
-        }
-        o
-    }
-
-    fn fetch_latest_job(&self, ctx: &DeviceContext) -> Job {
-        let (installer, ctx) = (self.installer.clone(), ctx.clone());
-        Box::pin(async move { JobResult::Latest(installer.fetch_latest(&ctx).await) })
-    }
-
-    fn install_job(
-        &self,
-        ctx: &DeviceContext,
-        notice: UpdateNotice,
-        progress: mpsc::UnboundedSender<InstallState>,
-    ) -> Job {
-        let (installer, installs, ctx) = (self.installer.clone(), self.installs.clone(), ctx.clone());
-        Box::pin(async move {
-            let Ok(_permit) = installs.acquire_owned().await else {
-                return JobResult::Installed(InstallResult::Failed("the fleet is shutting down".into()));
-            };
-            JobResult::Installed(installer.install(&ctx, &notice, progress).await)
-        })
-    }
-}
-
-/// Subscribes to C2D and twin responses. With clean_session=0 the hub keeps the subscriptions,
-/// but subscribing again is harmless and covers a hub that lost the session.
-fn subscribe(client: &AsyncClient, device_id: &str) {
-    let filters = [
-        rumqttc::SubscribeFilter::new(contract::c2d_filter(device_id), QoS::AtLeastOnce),
-        rumqttc::SubscribeFilter::new(contract::TWIN_RESPONSE_FILTER.into(), QoS::AtMostOnce),
-    ];
-    if let Err(e) = client.try_subscribe_many(filters) {
-        tracing::warn!(device = device_id, "cannot queue the subscription: {e}");
-    }
-}
-
-fn push_bounded(outbox: &mut VecDeque<Outgoing>, item: Outgoing) {
-    if outbox.len() >= OUTBOX_CAPACITY {
-        outbox.pop_front();
-        tracing::warn!("outbox full: dropped the oldest report");
-    }
-    outbox.push_back(item);
-}
-
-/// Moves what fits from the outbox into the request channel.
-/// Hands what the outbox holds to the MQTT client, in order, until its request channel is full;
-/// returns how many QoS 1 publishes it handed over.
-fn flush(client: &AsyncClient, outbox: &mut VecDeque<Outgoing>) -> u32 {
-    let mut at_least_once = 0;
-    while let Some(item) = outbox.pop_front() {
-        let r = match &item {
-            Outgoing::Publish { topic, payload, qos } => {
-                client.try_publish(topic.as_str(), *qos, false, payload.clone())
-            }
-            Outgoing::Ack(p) => client.try_ack(p),
-        };
-        match r {
-            Ok(()) => {
-                if matches!(item, Outgoing::Publish { qos: QoS::AtLeastOnce, .. }) {
-                    at_least_once += 1;
-                }
-            }
-            Err(ClientError::TryRequest(_)) | Err(ClientError::Request(_)) => {
-                outbox.push_front(item);
-                return at_least_once;
-            }
-        }
-    }
-    at_least_once
 }
 
 /// The delay before reconnect attempt `failures` (1-based): `min * 2^(failures-1)` capped at
@@ -608,5 +729,32 @@ mod tests {
         let root = Path::new("/r");
         assert_eq!(data_dir(root, "dev-1"), Path::new("/r/dev-1"));
         assert_eq!(data_dir(root, "../x/y"), Path::new("/r/.._x_y"));
+    }
+
+    #[test]
+    fn an_agent_task_stays_small() {
+        // The whole per-agent task of a fleet is this future (plus the socket and a few Arcs):
+        // keep it well under the 6 KiB per connected agent the fleet bench aims for.
+        let cfg = Arc::new(AgentConfig {
+            device_id: "d1".into(),
+            device_key: iothub_emulator::hub::DEFAULT_OWNER_KEY.into(),
+            hub_host: "hub.local".into(),
+            mqtt_host: "127.0.0.1".into(),
+            mqtt_port: 1,
+            tls: None,
+            keep_alive: Duration::from_secs(60),
+            data_dir: PathBuf::from("/nonexistent"),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(2),
+            initial_version: None,
+            retry_on_reconnect: true,
+        });
+        let (_power, power_rx) = watch::channel(Switch::on());
+        let backend = Arc::new(FtpBackend::new("127.0.0.1:1"));
+        let status = Arc::new(AgentStatus::default());
+        let task = run(cfg, backend, Arc::new(Semaphore::new(1)), power_rx, status, CancellationToken::new());
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2560, "the agent's future is {size} bytes");
+        assert!(std::mem::size_of::<DeviceMqtt>() <= 16);
     }
 }

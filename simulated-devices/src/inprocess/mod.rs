@@ -3,6 +3,9 @@
 //! machine ([`Session`], admitted by [`accept_connect_with`] with a SAS-token CONNECT) on the other;
 //! this module carries MQTT packets between the two as values (CONNECT, SUBSCRIBE, PUBLISH and
 //! PUBACK both ways, twin-patch and telemetry topics), so one process holds a million devices.
+//! The device's side of the protocol (the CONNECT, SUBSCRIBE, packet ids, publishes in flight,
+//! the outbox kept across a lost link, duplicate C2D detection) is the socket agent's
+//! [`DeviceMqtt`]: one device-side MQTT implementation for both transports.
 //!
 //! Ownership: the fleet is split into a few partitions (one per core by default); device `i`
 //! belongs to partition `i % P`, whose task owns its state outright (no locks, no task or timer
@@ -15,11 +18,13 @@
 //! keep running.
 //!
 //! What a device keeps: its core (boxed, absent while off), its connection (boxed, absent while
-//! disconnected), the version "on disk", the ids of the last C2D messages it saved, and a few
-//! counters: a few hundred bytes. The pending-command file of socket agents is not needed: a
-//! command is saved, acted on and acknowledged in one step, which a power cut cannot split. A link
-//! drop armed before an acknowledgement still drops it: the hub redelivers, the agent sees a
-//! duplicate and acknowledges without acting again.
+//! disconnected), its MQTT state (queues boxed, absent while empty), the version "on disk", the
+//! ids of the last C2D messages it saved, and a few counters: a few hundred bytes. The
+//! pending-command file of socket agents is not needed: a command is saved, acted on and
+//! acknowledged in one step, which a power cut cannot split. A link drop armed before an
+//! acknowledgement still drops it: the hub redelivers, the agent sees a duplicate and
+//! acknowledges without acting again. Reports queued when the link drops are sent after the
+//! reconnect (a QoS 1 one the hub took without acknowledging it, again).
 
 pub mod packages;
 
@@ -27,18 +32,13 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
 use iothub_emulator::Hub;
 use iothub_emulator::clock::{Clock, SystemClock};
 use iothub_emulator::hub::link::{Attached, ReadyHook, ReadySet};
 use iothub_emulator::mqtt::session::{Session, accept_connect_with};
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
-    SubscribeReasonCode,
-};
+use rumqttc::mqttbytes::v4::Packet;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,16 +46,13 @@ use tokio_util::task::TaskTracker;
 
 pub use self::packages::MemoryPackages;
 use crate::agent::core::{Action, AgentCore, InstallResult};
-use crate::agent::{SeenIds, backoff, contract};
+use crate::agent::mqtt_device::{self, DeviceMqtt, Incoming};
+use crate::agent::{SeenIds, backoff};
 
 /// Devices a partition handles before it yields to other tasks.
 pub const BATCH: usize = 64;
-/// SAS tokens in-process devices sign live this long.
-const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
-/// Reports kept while the link is down (as the socket agent's outbox); beyond it the oldest goes.
-const OUTBOX_CAPACITY: usize = 64;
 /// The keep-alive in the CONNECT (no socket: nothing times out, but the hub checks the field).
-const KEEP_ALIVE_SECS: u16 = 60;
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
 /// Everything an in-process fleet needs.
 #[derive(Debug, Clone)]
@@ -268,23 +265,11 @@ struct Shared {
     nparts: usize,
 }
 
-/// One device's connection: the hub's session and link, and the device's packet ids.
+/// One device's connection: the hub's session and link.
 struct Conn {
     session: Session,
     link: Attached,
-    last_pkid: u16,
 }
-
-impl Conn {
-    fn next_pkid(&mut self) -> u16 {
-        self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
-        self.last_pkid
-    }
-}
-
-/// Reports held while the link is down (a box of it costs a device 8 bytes when empty).
-#[derive(Default)]
-struct Outbox(VecDeque<Packet>);
 
 /// One device, owned by its partition.
 #[derive(Default)]
@@ -292,8 +277,8 @@ struct Dev {
     /// The agent, while powered on.
     core: Option<Box<AgentCore>>,
     conn: Option<Box<Conn>>,
-    /// Reports waiting for the link to come back (rare: boxed).
-    outbox: Option<Box<Outbox>>,
+    /// The device side of MQTT: packet ids, publishes in flight, reports waiting for the link.
+    mqtt: DeviceMqtt,
     /// The active version "on disk" (`None`: the initial one).
     installed: Option<Arc<str>>,
     seen: SeenIds,
@@ -458,7 +443,7 @@ impl Partition {
                 let dev = &mut self.devs[k];
                 dev.on = false;
                 dev.core = None;
-                dev.outbox = None;
+                dev.mqtt = DeviceMqtt::default();
                 dev.failures = 0;
                 if let Some(conn) = dev.conn.take() {
                     conn.session.close(&self.shared.hub);
@@ -484,9 +469,8 @@ impl Partition {
             Cmd::Check => {
                 if let Some(core) = dev.core.as_mut() {
                     let actions = core.on_check();
-                    let mut to_hub = Vec::new();
-                    self.run_actions(k, actions, &mut to_hub);
-                    self.exchange(k, VecDeque::new(), to_hub);
+                    self.run_actions(k, actions);
+                    self.exchange(k, VecDeque::new());
                 }
             }
         }
@@ -523,19 +507,14 @@ impl Partition {
         let id = self.id(k).to_string();
         let cfg = &self.shared.cfg;
         let key = crate::fleet::device_key(&cfg.fleet_key, &id);
-        let expiry =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) + TOKEN_LIFETIME_SECS;
-        let password = match contract::password(&self.shared.hub_host, &id, &key, expiry) {
+        let password = match mqtt_device::fresh_password(&self.shared.hub_host, &id, &key) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(device = %id, "cannot sign a SAS token: {e}");
                 return;
             }
         };
-        let mut connect = Connect::new(id.clone());
-        connect.clean_session = false;
-        connect.keep_alive = KEEP_ALIVE_SECS;
-        connect.login = Some(Login::new(contract::username(&self.shared.hub_host, &id), password));
+        let connect = mqtt_device::connect_packet(&id, &self.shared.hub_host, password, KEEP_ALIVE);
         let hook = ReadyHook::new(self.ready.clone(), k as u32);
         let accepted = match accept_connect_with(&self.shared.hub, &connect, Some(hook)) {
             Ok(a) => a,
@@ -551,7 +530,7 @@ impl Partition {
         let mut to_device = vec![accepted.connack];
         session.start(&self.shared.hub, &mut to_device);
         let dev = &mut self.devs[k];
-        dev.conn = Some(Box::new(Conn { session, link: accepted.link, last_pkid: 0 }));
+        dev.conn = Some(Box::new(Conn { session, link: accepted.link }));
         dev.failures = 0;
         if dev.core.is_none() {
             let version = dev.installed.clone().or_else(|| self.initial.clone());
@@ -560,9 +539,8 @@ impl Partition {
                 .with_retry_due(dev.retry_due);
             dev.core = Some(Box::new(core));
         }
-        let held: Vec<Packet> = dev.outbox.take().map(|b| Vec::from(b.0)).unwrap_or_default();
         self.account(was, k);
-        self.exchange(k, to_device.into(), held);
+        self.exchange(k, to_device.into());
     }
 
     fn schedule_reconnect(&mut self, k: usize) {
@@ -574,12 +552,13 @@ impl Partition {
     }
 
     /// The link is gone (no DISCONNECT): the hub releases what was not acknowledged; the device
-    /// reconnects after its backoff.
+    /// keeps its reports (not its acknowledgements) and reconnects after its backoff.
     fn lose_link(&mut self, k: usize, why: &str) {
         let was = self.conn_state(k);
         if let Some(conn) = self.devs[k].conn.take() {
             conn.session.close(&self.shared.hub);
         }
+        self.devs[k].mqtt.link_lost();
         tracing::debug!(device = %self.id(k), "in-process link lost: {why}");
         self.account(was, k);
         if self.devs[k].on {
@@ -601,117 +580,72 @@ impl Partition {
             conn.session.handle_event(hub, event, &mut out);
         }
         if !out.is_empty() {
-            self.exchange(k, out.into(), Vec::new());
+            self.exchange(k, out.into());
         }
     }
 
     /// Carries packets between device `k` and its session until neither side has more.
-    fn exchange(&mut self, k: usize, mut to_device: VecDeque<Packet>, mut to_hub: Vec<Packet>) {
+    fn exchange(&mut self, k: usize, mut to_device: VecDeque<Packet>) {
         let hub = self.shared.hub.clone();
         let mut out = Vec::new();
         loop {
             while let Some(p) = to_device.pop_front() {
-                self.device_packet(k, p, &mut to_hub);
+                self.device_packet(k, p);
             }
-            if to_hub.is_empty() {
-                return;
-            }
-            let Some(conn) = self.devs[k].conn.as_mut() else {
-                self.hold(k, to_hub);
-                return;
-            };
-            let mut packets = std::mem::take(&mut to_hub).into_iter();
-            for mut p in packets.by_ref() {
-                if let Packet::Publish(publish) = &mut p
-                    && publish.qos == QoS::AtLeastOnce
-                {
-                    publish.pkid = conn.next_pkid();
-                }
+            let dev = &mut self.devs[k];
+            let Some(conn) = dev.conn.as_mut() else { return };
+            while let Some(p) = dev.mqtt.poll_transmit() {
                 if let Err(close) = conn.session.handle_packet(&hub, p, &mut out) {
                     tracing::info!(device = %self.id(k), "the hub closed the in-process session: {close}");
-                    let rest: Vec<Packet> = packets.collect();
                     self.lose_link(k, "closed by the hub");
-                    self.hold(k, rest);
                     return;
                 }
+            }
+            if out.is_empty() {
+                return;
             }
             to_device.extend(out.drain(..));
         }
     }
 
-    /// Keeps device `k`'s reports (not its acknowledgements) for the next connection.
-    fn hold(&mut self, k: usize, packets: Vec<Packet>) {
+    /// One packet from the hub to device `k`; what the device sends back waits in its
+    /// [`DeviceMqtt`].
+    fn device_packet(&mut self, k: usize, p: Packet) {
+        let i = k * self.shared.nparts + self.p;
+        let id = self.shared.cfg.device_ids[i].as_str();
         let dev = &mut self.devs[k];
-        if !dev.on {
-            return;
-        }
-        for p in packets {
-            if matches!(p, Packet::Publish(_)) {
-                let outbox = &mut dev.outbox.get_or_insert_with(Default::default).0;
-                if outbox.len() >= OUTBOX_CAPACITY {
-                    outbox.pop_front();
-                }
-                outbox.push_back(p);
+        match dev.mqtt.handle(id, p, &dev.seen) {
+            Incoming::Connected => {
+                let actions = dev.core.as_mut().map(|c| c.on_connected()).unwrap_or_default();
+                self.run_actions(k, actions);
             }
-        }
-    }
-
-    /// One packet from the hub to device `k`; what the device sends back goes to `to_hub`.
-    fn device_packet(&mut self, k: usize, p: Packet, to_hub: &mut Vec<Packet>) {
-        let now = SystemClock.now_ms();
-        match p {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {
-                let id = self.id(k);
-                let filters = vec![
-                    SubscribeFilter::new(contract::c2d_filter(id), QoS::AtLeastOnce),
-                    SubscribeFilter::new(contract::TWIN_RESPONSE_FILTER.into(), QoS::AtMostOnce),
-                ];
-                let mut subscribe = Subscribe::new_many(filters);
-                subscribe.pkid = self.devs[k].conn.as_mut().map_or(1, |c| c.next_pkid());
-                to_hub.push(Packet::Subscribe(subscribe));
-                let actions = self.devs[k].core.as_mut().map(|c| c.on_connected()).unwrap_or_default();
-                self.run_actions(k, actions, to_hub);
+            Incoming::Refused(code) => tracing::debug!(device = %id, ?code, "CONNECT refused"),
+            Incoming::Duplicate { .. } => {
+                self.shared.status[i].duplicates.fetch_add(1, Ordering::Relaxed);
             }
-            Packet::SubAck(s) if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) => {
-                tracing::warn!(device = %self.id(k), "the hub refused a subscription");
-            }
-            Packet::Publish(p) if contract::is_c2d_topic(self.id(k), &p.topic) => {
-                let message_id = contract::c2d_message_id(&p.topic);
-                let dev = &mut self.devs[k];
-                if message_id.as_deref().is_some_and(|m| dev.seen.contains(m)) {
-                    self.status(k).duplicates.fetch_add(1, Ordering::Relaxed);
-                    to_hub.push(Packet::PubAck(PubAck::new(p.pkid)));
-                    return;
-                }
-                if let Some(m) = &message_id {
+            Incoming::Command(cmd) => {
+                if let Some(m) = &cmd.message_id {
                     dev.seen.insert(m);
                 }
-                let actions = dev.core.as_mut().map(|c| c.on_c2d(&p.payload, now)).unwrap_or_default();
+                let now = SystemClock.now_ms();
+                let actions = dev.core.as_mut().map(|c| c.on_c2d(&cmd.payload, now)).unwrap_or_default();
                 if dev.drops_before_ack > 0 {
                     dev.drops_before_ack -= 1;
-                    self.run_actions(k, actions, to_hub);
-                    self.status(k).link_drops.fetch_add(1, Ordering::Relaxed);
-                    let reports = std::mem::take(to_hub);
+                    self.run_actions(k, actions);
+                    self.shared.status[i].link_drops.fetch_add(1, Ordering::Relaxed);
                     self.lose_link(k, "link dropped before the PUBACK");
-                    self.hold(k, reports);
                     return;
                 }
-                to_hub.push(Packet::PubAck(PubAck::new(p.pkid)));
-                self.run_actions(k, actions, to_hub);
+                dev.mqtt.ack(cmd.pkid);
+                self.run_actions(k, actions);
             }
-            Packet::Publish(p) if p.qos == QoS::AtLeastOnce => {
-                to_hub.push(Packet::PubAck(PubAck::new(p.pkid)))
-            }
-            Packet::ConnAck(ack) => {
-                tracing::debug!(device = %self.id(k), code = ?ack.code, "CONNECT refused");
-            }
-            _ => {}
+            Incoming::Nothing | Incoming::Pong => {}
         }
     }
 
-    /// Carries out the agent's actions: publishes go to `to_hub`, `latest.json` reads and
-    /// installs run at once against the in-memory packages.
-    fn run_actions(&mut self, k: usize, actions: Vec<Action>, to_hub: &mut Vec<Packet>) {
+    /// Carries out the agent's actions: publishes are queued in the device's [`DeviceMqtt`],
+    /// `latest.json` reads and installs run at once against the in-memory packages.
+    fn run_actions(&mut self, k: usize, actions: Vec<Action>) {
         if actions.is_empty() {
             return;
         }
@@ -722,15 +656,10 @@ impl Partition {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             let now = SystemClock.now_ms();
-            match action {
-                Action::Publish { topic, payload, at_least_once } => {
-                    let qos = if at_least_once { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-                    let mut publish = Publish::new(topic, qos, Vec::new());
-                    publish.payload = Bytes::from(payload);
-                    to_hub.push(Packet::Publish(publish));
-                }
-                Action::FetchLatest => queue.extend(core.on_latest(shared.packages.latest(), now)),
-                Action::Install(notice) => {
+            match dev.mqtt.take_publish(action) {
+                None | Some(Action::Publish { .. }) => {}
+                Some(Action::FetchLatest) => queue.extend(core.on_latest(shared.packages.latest(), now)),
+                Some(Action::Install(notice)) => {
                     let mut progress = Vec::new();
                     let result = shared
                         .packages
