@@ -32,9 +32,10 @@ pub use queue::{Delivery, DeviceQueue, SendReceipt, Settlement};
 pub struct LockToken(pub u128);
 
 impl LockToken {
-    /// A fresh random token (UUID v4).
+    /// A fresh random token (UUID v4), from the thread's user-space CSPRNG (`rand`'s, seeded from
+    /// the OS): `Uuid::new_v4` makes a `getrandom` system call per token, one per C2D delivery.
     pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().as_u128())
+        Self(uuid::Builder::from_random_bytes(rand::random()).into_uuid().as_u128())
     }
 }
 

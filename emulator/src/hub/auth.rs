@@ -1,5 +1,10 @@
 //! SAS authentication and authorization against the hub's policies and device keys
 //! (reference §1.3): who presented a token, and whether that caller may do what it asks.
+//!
+//! Owns the cache of verified policy tokens ([`VerifiedTokens`]): a service sends the same token
+//! with every request, and its signature check (an HMAC over the token's fields) is the same
+//! answer until the token expires, because the hub's policies, their keys and its host name never
+//! change. Device tokens are not cached: a device's keys and status can.
 
 use crate::error::{ErrorCode, HubError};
 use crate::sas::{ResourceTarget, Rights, SasToken, scope_covers};
@@ -34,6 +39,31 @@ pub struct Authenticated {
     pub expiry_secs: u64,
 }
 
+/// Policy tokens verified recently, by their exact text. Bounded: at most [`Self::CAPACITY`]
+/// tokens, forgotten all at once when full (only tokens that verified get in).
+#[derive(Debug, Default)]
+pub(super) struct VerifiedTokens {
+    tokens: Vec<(Box<str>, Authenticated)>,
+}
+
+impl VerifiedTokens {
+    const CAPACITY: usize = 32;
+
+    fn get(&self, token: &str) -> Option<&Authenticated> {
+        self.tokens.iter().find(|(t, _)| &**t == token).map(|(_, a)| a)
+    }
+
+    fn insert(&mut self, token: &str, auth: &Authenticated) {
+        if self.get(token).is_some() {
+            return;
+        }
+        if self.tokens.len() >= Self::CAPACITY {
+            self.tokens.clear();
+        }
+        self.tokens.push((token.into(), auth.clone()));
+    }
+}
+
 fn refused(message: impl Into<String>) -> HubError {
     HubError::new(ErrorCode::IotHubUnauthorizedAccess, message)
 }
@@ -42,12 +72,30 @@ impl Hub {
     /// Verifies a SAS token (the `Authorization` header, MQTT password or CBS token): syntax, expiry
     /// with the configured skew, audience host, and the signature against the policy named by
     /// `skn` or, without `skn`, the keys of the device the audience names. Disabled devices are
-    /// refused. Every failure is `401` in IoT Hub's terms.
-    pub fn authenticate(&self, token: &str) -> Result<Authenticated, HubError> {
+    /// refused. Every failure is `401` in IoT Hub's terms. Tokens are signed on the client's wall
+    /// clock: time travel does not expire them.
+    pub fn authenticate(&self, token_text: &str) -> Result<Authenticated, HubError> {
+        let now_secs = self.wall_now() / 1000;
+        let skew = self.config().sas_skew_secs;
+        {
+            let cache = self.shared.verified_tokens.lock().unwrap_or_else(|p| p.into_inner());
+            // A token that verified before verifies again until it expires (see the module docs).
+            if let Some(auth) = cache.get(token_text)
+                && auth.expiry_secs.saturating_add(skew) >= now_secs
+            {
+                return Ok(auth.clone());
+            }
+        }
+        let auth = self.verify_token(token_text, now_secs)?;
+        if matches!(auth.principal, Principal::Policy { .. }) {
+            self.shared.verified_tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(token_text, &auth);
+        }
+        Ok(auth)
+    }
+
+    fn verify_token(&self, token: &str, now_secs: u64) -> Result<Authenticated, HubError> {
         let token =
             SasToken::parse(token).map_err(|e| refused(format!("malformed SharedAccessSignature: {e}")))?;
-        // Tokens are signed on the client's wall clock: time travel does not expire them.
-        let now_secs = self.wall_now() / 1000;
         if token.is_expired(now_secs, self.config().sas_skew_secs) {
             return Err(HubError::new(
                 ErrorCode::IotHubUnauthorized,
@@ -186,5 +234,45 @@ impl Hub {
         let auth = self.authenticate(token)?;
         self.authorize_service(&auth, rights)?;
         Ok(auth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::clock::ManualClock;
+    use crate::hub::{Hub, HubConfig};
+    use crate::sas::{Rights, make_token};
+
+    /// The cache of verified policy tokens answers like a fresh verification: a token stops
+    /// verifying once it expires, a forged token with the same expiry never does, and a device
+    /// token is checked against the registry every time.
+    #[test]
+    fn a_cached_token_still_expires_and_forgeries_are_not_cached() {
+        const T0: u64 = 1_700_000_000_000;
+        let clock = ManualClock::new(T0);
+        let hub = Hub::with_clock(HubConfig::default(), Arc::new(clock.clone()));
+        let owner = hub.policies().iter().find(|p| p.name == "iothubowner").unwrap().primary_key.clone();
+        let expiry = T0 / 1000 + 60;
+        let token = make_token("localhost", &owner, Some("iothubowner"), expiry).unwrap();
+        for _ in 0..2 {
+            hub.authenticate_service(&token, Rights::SERVICE_CONNECT).unwrap();
+        }
+        let forged =
+            make_token("localhost", &crate::sas::generate_key(), Some("iothubowner"), expiry).unwrap();
+        assert!(hub.authenticate(&forged).is_err());
+        assert!(hub.authenticate(&forged).is_err(), "a refused token is not remembered as verified");
+
+        hub.put_device("d1", Default::default(), None).unwrap();
+        let key = hub.device_primary_key("d1").unwrap().unwrap();
+        let device_token = make_token("localhost/devices/d1", &key, None, expiry).unwrap();
+        hub.authenticate_device(&device_token, "d1").unwrap();
+        hub.delete_device("d1", None).unwrap();
+        assert!(hub.authenticate_device(&device_token, "d1").is_err(), "device tokens are not cached");
+
+        clock.advance((60 + hub.config().sas_skew_secs + 1) * 1000);
+        let e = hub.authenticate_service(&token, Rights::SERVICE_CONNECT).unwrap_err();
+        assert!(e.message.contains("expired"), "{}", e.message);
     }
 }

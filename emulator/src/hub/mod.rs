@@ -119,6 +119,9 @@ struct Shared {
     changed: tokio::sync::Notify,
     /// The tier throttle, only when a tier is configured (see `admission`).
     throttle: Option<Mutex<crate::throttle::Throttle>>,
+    /// Policy tokens that verified, so a service presenting the same token on every request is not
+    /// re-verified each time (see `auth`).
+    verified_tokens: Mutex<auth::VerifiedTokens>,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +159,7 @@ impl Hub {
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
                 throttle,
+                verified_tokens: Mutex::default(),
             }),
         }
     }

@@ -5,8 +5,8 @@
 //! sans-IO session state machine: packets and hub events in, packets out) and [`connection`] (the
 //! only code that touches a socket: framing with the `rumqttc` v4 codec, the keep-alive and token
 //! deadline, and the hub's link events). State about the device stays in the [`crate::hub::Hub`];
-//! a connection holds only its session and two small buffers, and no timer or task exists for a
-//! device that is not connected.
+//! a connection holds only its session, one timer and, while bytes are in flight, its buffers; no
+//! timer or task exists for a device that is not connected.
 
 pub mod connection;
 pub mod session;

@@ -8,7 +8,7 @@ use percent_encoding::percent_decode_str;
 use crate::c2d::Delivery;
 use crate::clock::iso8601;
 use crate::hub::link::subscriptions;
-use crate::sas::url_encode;
+use crate::sas::{url_encode, url_encode_into};
 
 /// A property bag: keys and values URL-decoded, in order; `None` is a key with no `=`.
 pub type PropertyBag = Vec<(String, Option<String>)>;
@@ -69,10 +69,10 @@ pub fn encode_bag<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a str>)
         if !out.is_empty() {
             out.push('&');
         }
-        out.push_str(&url_encode(k));
+        url_encode_into(&mut out, k);
         if let Some(v) = v {
             out.push('=');
-            out.push_str(&url_encode(v));
+            url_encode_into(&mut out, v);
         }
     }
     out
@@ -130,23 +130,45 @@ pub fn parse_subscription(device_id: &str, filter: &str) -> Option<u8> {
 /// `devices/{id}/messages/devicebound/{bag}` for a C2D delivery, with the system properties as
 /// IoT Hub sends them (`%24.mid`, `%24.to`, …, `iothub-ack` always) then the application ones.
 pub fn c2d_topic(device_id: &str, d: &Delivery) -> String {
+    // Built in one string, once per delivery: no intermediate bag, pairs or encoded copies.
     let m = &d.message;
-    let to = format!("/devices/{device_id}/messages/devicebound");
+    let mut t = String::with_capacity(96 + 2 * device_id.len());
+    t.push_str("devices/");
+    t.push_str(device_id);
+    t.push_str("/messages/devicebound/");
+    let mut first = true;
+    let mut pair = |t: &mut String, k: &str, v: &[&str]| {
+        if !std::mem::take(&mut first) {
+            t.push('&');
+        }
+        url_encode_into(t, k);
+        t.push('=');
+        for part in v {
+            url_encode_into(t, part);
+        }
+    };
     let exp = m.expiry.map(iso8601);
-    let mut pairs: Vec<(&str, Option<&str>)> = Vec::new();
     let system = [
         ("$.mid", m.message_id.as_deref()),
         ("$.cid", m.correlation_id.as_deref()),
         ("$.uid", m.user_id.as_deref()),
-        ("$.to", Some(to.as_str())),
+        ("$.to", Some("")),
         ("$.ct", m.content_type.as_deref()),
         ("$.ce", m.content_encoding.as_deref()),
         ("$.exp", exp.as_deref()),
     ];
-    pairs.extend(system.into_iter().filter(|(_, v)| v.is_some()));
-    pairs.push(("iothub-ack", Some(m.ack.as_str())));
-    pairs.extend(m.properties.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
-    format!("devices/{device_id}/messages/devicebound/{}", encode_bag(pairs))
+    for (k, v) in system {
+        match (k, v) {
+            ("$.to", _) => pair(&mut t, k, &["/devices/", device_id, "/messages/devicebound"]),
+            (_, Some(v)) => pair(&mut t, k, &[v]),
+            (_, None) => {}
+        }
+    }
+    pair(&mut t, "iothub-ack", &[m.ack.as_str()]);
+    for (k, v) in &m.properties {
+        pair(&mut t, k, &[v]);
+    }
+    t
 }
 
 /// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`.
@@ -279,6 +301,36 @@ mod tests {
             "devices/dev/messages/devicebound/%24.mid=m-1&%24.cid=c%201&%24.to=%2Fdevices%2Fdev%2Fmessages%2Fdevicebound\
              &%24.ct=application%2Fjson&iothub-ack=full&seq=1"
         );
+        // Every system property, and characters to escape in the device id, keys and values:
+        // the same topic as the property bag encoder makes.
+        let msg = C2dMessage {
+            message_id: Some("m/1&".into()),
+            correlation_id: Some("".into()),
+            user_id: Some("ü".into()),
+            content_type: Some("text/plain".into()),
+            content_encoding: Some("utf-8".into()),
+            expiry: Some(1_700_000_000_123),
+            ack: AckMode::Negative,
+            properties: vec![("k=&".into(), "v%2F".into()), ("e".into(), "".into())],
+            ..Default::default()
+        };
+        let id = "dev-#.:+%";
+        let d = Delivery { message: Arc::new(msg), ..d };
+        let m = &d.message;
+        let to = format!("/devices/{id}/messages/devicebound");
+        let exp = iso8601(1_700_000_000_123);
+        let mut pairs = vec![
+            ("$.mid", Some("m/1&")),
+            ("$.cid", Some("")),
+            ("$.uid", Some("ü")),
+            ("$.to", Some(to.as_str())),
+            ("$.ct", Some("text/plain")),
+            ("$.ce", Some("utf-8")),
+            ("$.exp", Some(exp.as_str())),
+            ("iothub-ack", Some(m.ack.as_str())),
+        ];
+        pairs.extend(m.properties.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
+        assert_eq!(c2d_topic(id, &d), format!("devices/{id}/messages/devicebound/{}", encode_bag(pairs)));
     }
 
     #[test]

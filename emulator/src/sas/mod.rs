@@ -255,6 +255,11 @@ pub fn url_encode(value: &str) -> String {
     utf8_percent_encode(value, COMPONENT).to_string()
 }
 
+/// [`url_encode`] appended to `out` (no allocation of its own).
+pub fn url_encode_into(out: &mut String, value: &str) {
+    out.extend(utf8_percent_encode(value, COMPONENT));
+}
+
 /// The text a SAS signature covers: the raw `sr`, a newline, the decimal expiry.
 fn string_to_sign(resource_raw: &str, expiry_secs: u64) -> String {
     format!("{resource_raw}\n{expiry_secs}")
