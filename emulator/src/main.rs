@@ -251,6 +251,8 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         ..FtpConfig::new(args.packages_dir.clone().unwrap_or_else(|| args.data_dir.join("packages")))
     };
     let running = RunningHub::start_with_ftp(config, &listen, &args.data_dir, ftp).await?;
+    // Before the startup lines: whoever reads them may signal at once.
+    let on_signal = server::shutdown_on_signal(running.shutdown_token());
     let ca_path = std::fs::canonicalize(&running.ca_path).unwrap_or_else(|_| running.ca_path.clone());
     println!("https://{}:{}", args.hostname, running.https_addr.port());
     println!("http://{}", running.http_addr);
@@ -269,7 +271,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     }
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
-    tokio::spawn(server::shutdown_on_signal(running.shutdown_token()));
+    tokio::spawn(on_signal);
     running.wait().await?;
     Ok(())
 }

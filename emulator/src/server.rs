@@ -356,28 +356,37 @@ pub async fn serve(
 }
 
 /// Shuts down when Ctrl-C or SIGTERM arrives (cancels `token`).
-pub async fn shutdown_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+pub fn shutdown_on_signal(
+    token: CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // Registered now, not at the first poll: a signal sent as soon as the caller says it is
+    // ready (its startup lines) must find the handlers in place, not the default action.
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            (int, term) => {
+                if let Some(e) = int.err().or(term.err()) {
+                    tracing::warn!("cannot listen for Ctrl-C and SIGTERM: {e}; Ctrl-C only");
+                }
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        token.cancel();
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    token.cancel();
 }
 
 async fn accept_loop(

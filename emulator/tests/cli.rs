@@ -379,11 +379,24 @@ async fn tier_and_units_reach_the_throttle_from_flag_and_env() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Ends a hub this file's SIGTERM test does not cover (a signal right after startup can beat the
-/// binary's handler).
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// Ends a hub with SIGTERM, which must shut it down cleanly even right after its startup lines.
+fn stop(child: Child) {
+    let status = terminate(child);
+    assert!(status.success(), "SIGTERM right after the startup lines: {status}");
+}
+
+#[test]
+fn sigterm_right_after_the_startup_lines_shuts_down_cleanly() {
+    // The handlers are registered before the lines are printed: a supervisor that signals as
+    // soon as it reads them must get a clean shutdown, not the default action (killed).
+    for _ in 0..5 {
+        let dir = temp_dir();
+        let mut args = FREE_PORTS.to_vec();
+        args.extend(["--data-dir", dir.to_str().unwrap()]);
+        let (child, _) = start(&args, &[]);
+        stop(child);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[test]
