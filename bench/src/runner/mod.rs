@@ -589,7 +589,7 @@ impl Run {
                     .flat_map(|&i| (0..*count).map(move |m| (i, m)))
                     .map(|(i, m)| (i, format!("send-{}-{m}-{}", at.as_millis(), self.ids[i])))
                     .collect();
-                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await?;
+                let outcomes = self.send_all(msgs, body.as_bytes(), *ttl, "text/plain").await;
                 let ok = outcomes.iter().filter(|(_, sent)| sent.is_some()).count();
                 let refused = outcomes.len() - ok;
                 self.say(format!("send: {ok} messages queued, {refused} refused"));
@@ -678,7 +678,7 @@ impl Run {
         // and the hub's telemetry ring and feedback queue are bounded.
         for chunk in targets.chunks(SEND_ROUND) {
             let msgs = chunk.iter().map(|&i| (i, format!("release-{version}-{r}-{}", self.ids[i]))).collect();
-            let outcomes = self.send_all(msgs, &body, ttl, "application/json").await?;
+            let outcomes = self.send_all(msgs, &body, ttl, "application/json").await;
             let (record, tracking) = (&mut self.obs.releases[r], &mut self.tracking[r]);
             for (&i, (message_id, sent)) in chunk.iter().zip(outcomes) {
                 tracking.pos.insert(i, record.devices.len());
@@ -708,15 +708,14 @@ impl Run {
         body: &[u8],
         ttl: Option<Duration>,
         content_type: &str,
-    ) -> Result<Vec<(String, Option<u64>)>, RunError> {
+    ) -> Vec<(String, Option<u64>)> {
         let ids: Vec<String> = msgs.iter().map(|(_, id)| id.clone()).collect();
         let out: Vec<Outgoing<'_>> = msgs
             .into_iter()
             .map(|(i, message_id)| Outgoing { device_id: &self.ids[i], message_id, body, ttl, content_type })
             .collect();
         let outcomes = self.hub.send_all(out).await;
-        Ok(ids
-            .into_iter()
+        ids.into_iter()
             .zip(outcomes)
             .map(|(id, sent)| match sent {
                 Sent::Accepted(at) => {
@@ -729,7 +728,7 @@ impl Run {
                 }
                 Sent::Refused => (id, None),
             })
-            .collect())
+            .collect()
     }
 
     /// The latest release of `version` that targeted device `i`: (release, position).
