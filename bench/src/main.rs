@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -45,6 +45,10 @@ enum Command {
         /// Where `report.json` and `report.html` go [default: ./testbench-report/<scenario>].
         #[arg(long, env = "IOTHUB_EMULATOR_OUT")]
         out: Option<PathBuf>,
+        /// Also writes the verdict as JUnit XML to FILE (one test case per expectation; a run that
+        /// cannot start or finish is one error case), for CI test-result publishers.
+        #[arg(long, value_name = "FILE", env = "IOTHUB_EMULATOR_JUNIT")]
+        junit: Option<PathBuf>,
         #[command(flatten)]
         external: ExternalArgs,
         #[command(flatten)]
@@ -140,7 +144,7 @@ async fn run(
     out: Option<PathBuf>,
     external: ExternalArgs,
     tier: testbench::runner::tier::TierArgs,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Finished> {
     let mut plan = testbench::scenario::load(&file)?;
     match time.as_deref() {
         Some("real") => plan.time = TimeMode::Real,
@@ -206,7 +210,17 @@ async fn run(
     }
     println!("report: {}", path.display());
     println!("report: {}", html_path.display());
-    Ok(if outcome.unmet.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let exit = if outcome.unmet.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    Ok(Finished { scenario: expect_name, verdicts: outcome.verdicts, exit })
+}
+
+/// A run that finished (its expectations met or not).
+struct Finished {
+    /// The scenario's name.
+    scenario: String,
+    /// Every expectation checked.
+    verdicts: Vec<testbench::runner::metrics::Verdict>,
+    exit: ExitCode,
 }
 
 /// How often a plain progress line is printed when stdout is not a terminal.
@@ -269,9 +283,31 @@ fn main() -> anyhow::Result<ExitCode> {
     }
     match Args::parse().command {
         Command::Validate { files } => Ok(validate(&files)),
-        Command::Run { file, devices, time, seed, out, external, tier } => {
+        Command::Run { file, devices, time, seed, out, junit, external, tier } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(file, Overrides { devices, time, seed }, out, external, tier))
+            let started = (SystemTime::now(), Instant::now());
+            let name =
+                file.file_stem().map_or_else(|| "scenario".into(), |s| s.to_string_lossy().into_owned());
+            let result = rt.block_on(run(file, Overrides { devices, time, seed }, out, external, tier));
+            if let Some(path) = junit {
+                let xml = match &result {
+                    Ok(done) => testbench::runner::junit::render(
+                        &done.scenario,
+                        &done.verdicts,
+                        started.1.elapsed(),
+                        started.0,
+                    ),
+                    Err(e) => testbench::runner::junit::render_error(
+                        &name,
+                        &format!("{e:#}"),
+                        started.1.elapsed(),
+                        started.0,
+                    ),
+                };
+                std::fs::write(&path, xml).with_context(|| format!("writing {}", path.display()))?;
+                println!("junit: {}", path.display());
+            }
+            result.map(|done| done.exit)
         }
         Command::FleetShard(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

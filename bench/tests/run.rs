@@ -72,7 +72,8 @@ success = 3
 "#,
     );
     let out = dir.path().join("out");
-    let o = run(&file, &out, &[]);
+    let junit = dir.path().join("junit.xml");
+    let o = run(&file, &out, &["--junit", junit.to_str().unwrap()]);
     let all = text(&o);
     assert!(!o.status.success(), "{all}");
     assert!(all.contains("unmet: expect.final_version: 3 of 3 devices are not on 2.0.0"), "{all}");
@@ -81,6 +82,32 @@ success = 3
     let r = report(&out);
     assert_eq!(r["passed"], false);
     assert_eq!(r["unmet"].as_array().unwrap().len(), 2, "{r}");
+    // The JUnit file: one case per expectation checked, the unmet ones failing with the message.
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file is written");
+    assert!(all.contains(&format!("junit: {}", junit.display())), "{all}");
+    assert!(xml.contains("<testsuite name=\"corrupt\" tests=\"4\" failures=\"2\" errors=\"0\""), "{xml}");
+    for met in ["time_limit", "expect.feedback.success"] {
+        assert!(xml.contains(&format!("name=\"{met}\" time=\"0\"/>")), "{met} passed: {xml}");
+    }
+    assert!(
+        xml.contains("<failure type=\"UnmetExpectation\" message=\"expect.final_version: 3 of 3 devices are not on 2.0.0 (first: device-0"),
+        "{xml}"
+    );
+    assert!(xml.contains("message=\"expect.failed: expected 0, got 3\""), "{xml}");
+}
+
+#[test]
+fn a_run_that_cannot_start_writes_one_junit_error_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "broken.toml", "name = \"broken\"\n[fleet]\ndevices = 0\n");
+    let junit = dir.path().join("junit.xml");
+    let o = run(&file, &dir.path().join("out"), &["--junit", junit.to_str().unwrap()]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file is written for a failed start");
+    assert!(xml.contains("tests=\"1\" failures=\"0\" errors=\"1\""), "{xml}");
+    assert!(xml.contains("<testcase classname=\"testbench.broken\" name=\"run\""), "{xml}");
+    assert!(xml.contains("<error type=\"RunError\" message=\""), "{xml}");
 }
 
 #[test]

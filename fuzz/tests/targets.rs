@@ -70,6 +70,7 @@ targets! {
     amqp_client => "amqp_client", 5_000;
     mqtt_packet => "mqtt_packet", 20_000;
     mqtt_topic => "mqtt_topic", 20_000;
+    device_mqtt => "device_mqtt", 10_000;
     sas_token => "sas_token", 20_000;
     connection_string => "connection_string", 20_000;
     query => "query", 10_000;

@@ -316,12 +316,22 @@ impl Observed {
 
     /// Every unmet expectation, each naming its key.
     pub fn unmet(&self, expect: &Expectations) -> Vec<String> {
+        self.verdicts(expect).into_iter().filter_map(|v| v.failure).collect()
+    }
+
+    /// Every expectation the run was checked against (the ones the scenario sets, the time limit,
+    /// and the rollout's phases when it has any), met or not, in a fixed order: the JUnit report's
+    /// test cases.
+    pub fn verdicts(&self, expect: &Expectations) -> Vec<Verdict> {
         let mut out = Vec::new();
-        if self.timed_out {
-            out.push("time_limit: the run did not settle before the time limit".to_string());
-        }
-        if let Some(u) = self.rollout.as_ref().and_then(RolloutRecord::unmet) {
-            out.push(u);
+        let mut check =
+            |key: &str, failure: Option<String>| out.push(Verdict { key: key.to_string(), failure });
+        check(
+            "time_limit",
+            self.timed_out.then(|| "time_limit: the run did not settle before the time limit".to_string()),
+        );
+        if let Some(r) = &self.rollout {
+            check("rollout", r.unmet());
         }
         if let Some(v) = &expect.final_version {
             let off: Vec<&str> = self
@@ -331,14 +341,17 @@ impl Observed {
                 .filter(|(fv, _)| *fv != v)
                 .map(|(_, id)| id.as_str())
                 .collect();
-            if !off.is_empty() {
-                out.push(format!(
-                    "expect.final_version: {} of {} devices are not on {v} (first: {})",
-                    off.len(),
-                    self.device_ids.len(),
-                    off[..off.len().min(3)].join(", ")
-                ));
-            }
+            check(
+                "expect.final_version",
+                (!off.is_empty()).then(|| {
+                    format!(
+                        "expect.final_version: {} of {} devices are not on {v} (first: {})",
+                        off.len(),
+                        self.device_ids.len(),
+                        off[..off.len().min(3)].join(", ")
+                    )
+                }),
+            );
         }
         if let Some(within) = expect.all_installed_within {
             let limit = within.as_millis() as u64;
@@ -352,27 +365,31 @@ impl Observed {
                 })
                 .count();
             let total: usize = self.releases.iter().map(|r| r.devices.len()).sum();
-            if late > 0 {
-                out.push(format!(
-                    "expect.all_installed_within: {late} of {total} targeted devices did not report the release within {}",
-                    humantime::format_duration(within)
-                ));
-            }
+            check(
+                "expect.all_installed_within",
+                (late > 0).then(|| {
+                    format!(
+                        "expect.all_installed_within: {late} of {total} targeted devices did not report the release within {}",
+                        humantime::format_duration(within)
+                    )
+                }),
+            );
         }
         if expect.no_duplicate_installs {
             let dups = self.duplicate_installs();
-            if let Some((id, v, n)) = dups.first() {
-                out.push(format!(
-                    "expect.no_duplicate_installs: {} devices installed a version more than once (first: {id} installed {v} {n} times)",
-                    dups.len()
-                ));
-            }
+            check(
+                "expect.no_duplicate_installs",
+                dups.first().map(|(id, v, n)| {
+                    format!(
+                        "expect.no_duplicate_installs: {} devices installed a version more than once (first: {id} installed {v} {n} times)",
+                        dups.len()
+                    )
+                }),
+            );
         }
         let mut exact = |key: &str, want: Option<u64>, got: u64| {
-            if let Some(w) = want
-                && w != got
-            {
-                out.push(format!("{key}: expected {w}, got {got}"));
+            if let Some(w) = want {
+                check(key, (w != got).then(|| format!("{key}: expected {w}, got {got}")));
             }
         };
         exact("expect.expired", expect.expired, self.feedback.expired);
@@ -392,18 +409,19 @@ impl Observed {
         let e2e = self.latencies().end_to_end;
         let l = &expect.latency;
         for (key, bound, got) in [
-            ("p50", l.p50, e2e.p50),
-            ("p90", l.p90, e2e.p90),
-            ("p99", l.p99, e2e.p99),
-            ("max", l.max, e2e.max),
+            ("expect.latency.p50", l.p50, e2e.p50),
+            ("expect.latency.p90", l.p90, e2e.p90),
+            ("expect.latency.p99", l.p99, e2e.p99),
+            ("expect.latency.max", l.max, e2e.max),
         ] {
-            if let Some(b) = bound
-                && got > b.as_millis() as u64
-            {
-                out.push(format!(
-                    "expect.latency.{key}: end-to-end {key} is {got} ms, above {} ms",
-                    b.as_millis()
-                ));
+            if let Some(b) = bound {
+                let which = key.rsplit('.').next().unwrap_or(key);
+                check(
+                    key,
+                    (got > b.as_millis() as u64).then(|| {
+                        format!("{key}: end-to-end {which} is {got} ms, above {} ms", b.as_millis())
+                    }),
+                );
             }
         }
         out
@@ -641,6 +659,15 @@ impl Observed {
         }
         lines
     }
+}
+
+/// One expectation a run was checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The scenario key (`expect.final_version`, `time_limit`, `rollout`, …).
+    pub key: String,
+    /// Why it is unmet (the message names the key); `None` when it held.
+    pub failure: Option<String>,
 }
 
 #[cfg(test)]

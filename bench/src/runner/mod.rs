@@ -13,6 +13,7 @@ pub mod external;
 pub mod fleet_side;
 pub mod html;
 pub mod hub_side;
+pub mod junit;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
@@ -103,6 +104,8 @@ pub struct Outcome {
     pub observed: Observed,
     /// Unmet expectations, each naming its key; empty when the scenario passed.
     pub unmet: Vec<String>,
+    /// Every expectation checked, met or not (the JUnit report's test cases).
+    pub verdicts: Vec<metrics::Verdict>,
 }
 
 /// Refuses the scenario features this runner does not implement, naming the key.
@@ -529,8 +532,9 @@ impl Run {
         tracing::debug!("reading final twins");
         self.final_twins().await?;
         tracing::debug!("final twins read");
-        let unmet = self.obs.unmet(&self.plan.expect);
-        Ok(Outcome { observed: self.obs.clone(), unmet })
+        let verdicts = self.obs.verdicts(&self.plan.expect);
+        let unmet = verdicts.iter().filter_map(|v| v.failure.clone()).collect();
+        Ok(Outcome { observed: self.obs.clone(), unmet, verdicts })
     }
 
     async fn execute(

@@ -4,6 +4,7 @@
 //! `Err` when a property other than "does not panic" and "allocates within the limit" breaks.
 
 mod amqp;
+mod device;
 mod ftp;
 mod mqtt;
 mod text;
@@ -19,6 +20,7 @@ pub const ALL: &[Target] = &[
     amqp::CLIENT,
     mqtt::PACKET,
     mqtt::TOPIC,
+    device::DEVICE_MQTT,
     text::SAS_TOKEN,
     text::CONNECTION_STRING,
     text::QUERY,

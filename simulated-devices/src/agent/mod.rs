@@ -66,7 +66,7 @@ use crate::notice::{InstallState, UpdateNotice};
 /// The file holding the C2D command being worked on, so it survives a power cut.
 const PENDING_FILE: &str = "pending-c2d";
 /// Largest incoming packet (C2D is at most 64 KB plus topic and properties).
-const MAX_INCOMING_BYTES: usize = 70 * 1024;
+pub const MAX_INCOMING_BYTES: usize = 70 * 1024;
 /// Largest outgoing packet (D2C is at most 256 KB).
 const MAX_OUTGOING_BYTES: usize = 256 * 1024;
 /// From the start of a connection attempt to the hub's CONNACK (rumqttc's default).
