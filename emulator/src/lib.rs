@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod limits;
 pub mod listener;
 pub mod mqtt;
+pub mod persist;
 pub mod query;
 pub mod sas;
 pub mod server;
