@@ -192,7 +192,7 @@ async fn hub_container_with_the_node_device_mqtt_sdk_on_the_mapped_port() {
         if sdk_tests_required() || container_tests_required() {
             panic!("the container SDK test is required but {why}");
         }
-        eprintln!("skipped {test}: {why}");
+        iothub_emulator_tests::sdk_setup::note_skip(test, &why);
         return;
     }
     let id = unique("ctr-node");

@@ -6,6 +6,7 @@
 //! for that IP (`--bind 127.0.0.N --hostname 127.0.0.N`), and several can run side by side.
 
 pub mod hostile;
+pub mod sdk_setup;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -177,10 +178,10 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-/// Whether the official-SDK tests must run (CI sets `IOTHUB_SDK_TESTS=required`); otherwise a
-/// missing SDK or an unbindable port 443 skips them with a message.
+/// Whether the official-SDK tests must run: yes unless `IOTHUB_SDK_TESTS=skip` (see
+/// [`sdk_setup`]); the SDKs install themselves on first use.
 pub fn sdk_tests_required() -> bool {
-    std::env::var("IOTHUB_SDK_TESTS").is_ok_and(|v| v == "required")
+    !sdk_setup::skip_allowed()
 }
 
 /// Which official SDK a script uses.
@@ -193,26 +194,12 @@ pub enum Sdk {
 }
 
 fn sdk_missing(sdk: Sdk) -> Option<String> {
-    match sdk {
-        Sdk::Python => {
-            let ok = std::process::Command::new("python3")
-                .args(["-c", "import azure.iot.hub, azure.iot.device"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            (!ok).then(|| "python3 cannot import azure.iot.hub / azure.iot.device (pip install azure-iot-device azure-iot-hub six)".into())
-        }
-        Sdk::Node => {
-            let modules = repo_root().join("tests/sdk/node/node_modules/azure-iothub");
-            (!modules.exists())
-                .then(|| "tests/sdk/node/node_modules is missing (run npm ci in tests/sdk/node)".into())
-        }
-    }
+    sdk_setup::ensure(sdk).err()
 }
 
-/// Runs an official-SDK script against a fresh SDK hub and fails with its output unless it exits 0.
-/// Skips (printing why) when the SDK or port 443 is unavailable, unless [`sdk_tests_required`].
+/// Runs an official-SDK script against a fresh SDK hub and fails with its output unless it exits 0,
+/// or when the SDK cannot be set up or port 443 cannot be bound, unless the user opted out
+/// (`IOTHUB_SDK_TESTS=skip`: then it is skipped, loudly, and counted; see [`sdk_setup`]).
 pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
     run_sdk_script_with(sdk, script, HubConfig::default()).await
 }
@@ -221,18 +208,26 @@ pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
 pub async fn run_sdk_script_with(sdk: Sdk, script: &str, config: HubConfig) -> Result<()> {
     if let Some(why) = sdk_missing(sdk) {
         if sdk_tests_required() {
-            bail!("IOTHUB_SDK_TESTS=required but {why}");
+            bail!("{script} cannot run: {why} (IOTHUB_SDK_TESTS=skip opts out of the official-SDK tests)");
         }
-        eprintln!("skipped {script}: {why}");
+        sdk_setup::note_skip(script, &why);
         return Ok(());
     }
     let hub = match TestHub::start_for_sdk_with(config).await {
         Ok(h) => h,
-        Err(e) if !sdk_tests_required() => {
-            eprintln!("skipped {script}: cannot start a hub on the SDK ports: {e:#}");
+        Err(e) => {
+            let why = format!(
+                "cannot start a hub on the SDKs' fixed ports (443, 5671, 8883 on 127.0.0.N): {e:#}; as a \
+                 non-root user run `sudo sysctl -w net.ipv4.ip_unprivileged_port_start=443` once"
+            );
+            if sdk_tests_required() {
+                bail!(
+                    "{script} cannot run: {why} (IOTHUB_SDK_TESTS=skip opts out of the official-SDK tests)"
+                );
+            }
+            sdk_setup::note_skip(script, &why);
             return Ok(());
         }
-        Err(e) => return Err(e),
     };
     let result = run_script(&hub, sdk, script).await;
     hub.stop().await?;
@@ -260,8 +255,10 @@ pub async fn run_script_with_env(sdk: Sdk, script: &str, env: &[(&str, String)])
         Sdk::Python => ("python3", format!("tests/sdk/python/{script}")),
         Sdk::Node => ("node", format!("tests/sdk/node/{script}")),
     };
+    let paths = sdk_setup::ensure(sdk).map_err(anyhow::Error::msg)?;
     let child = tokio::process::Command::new(program)
         .arg(&path)
+        .env(paths.var, &paths.dir)
         .current_dir(repo_root())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("TEST_DEVICE_PREFIX", unique("sdk"))
