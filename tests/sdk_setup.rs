@@ -90,8 +90,11 @@ fn cached(name: &str, install: impl FnOnce(&Path) -> Result<(), String>) -> Resu
         return Ok(dir);
     }
     std::fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
-    let lock =
-        std::fs::File::create(cache.join(".lock")).map_err(|e| format!("creating the cache lock: {e}"))?;
+    // Another user's cache (root's, say) can still be locked: flock works on a read-only descriptor.
+    let lock_path = cache.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .or_else(|_| std::fs::File::open(&lock_path))
+        .map_err(|e| format!("opening the cache lock {}: {e}", lock_path.display()))?;
     // flock(2): `File::lock` is newer than the workspace's MSRV. Released when `lock` closes.
     // SAFETY: the descriptor is open for the duration of the call.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
