@@ -687,6 +687,37 @@ mod tests {
     }
 
     #[test]
+    fn the_model_id_comes_from_the_username_query_decoded() {
+        assert_eq!(model_id("?api-version=2021-04-12&DeviceClientType=x").unwrap(), None);
+        assert_eq!(model_id("").unwrap(), None);
+        let q = "?api-version=2020-09-30&DeviceClientType=py&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1";
+        assert_eq!(model_id(q).unwrap().as_deref(), Some("dtmi:com:example:Thermostat;1"));
+        assert_eq!(model_id("?model-id=dtmi:a:b;2").unwrap().as_deref(), Some("dtmi:a:b;2"), "unencoded");
+        for bad in ["?model-id=", "?model-id=urn%3Ax", "?model-id=dtmi%3A", "?model-id=dtmi%3Aa%20b%3B1"] {
+            assert!(model_id(bad).is_err(), "{bad}");
+        }
+        let long = format!("?model-id=dtmi:{}", "a".repeat(MODEL_ID_MAX_CHARS));
+        assert!(model_id(&long).is_err());
+    }
+
+    #[test]
+    fn a_connect_with_a_model_id_sets_the_twins_model_id_and_a_bad_one_is_refused() {
+        let f = fixture("pnp");
+        let twin_model = |f: &Fixture| f.hub.get_twin("pnp").unwrap()["modelId"].clone();
+        assert_eq!(twin_model(&f), serde_json::json!(""));
+        let mut c = connect_packet(&f, "pnp", true);
+        c.login.as_mut().unwrap().username.push_str("&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1");
+        accept_connect(&f.hub, &c).unwrap();
+        assert_eq!(twin_model(&f), serde_json::json!("dtmi:com:example:Thermostat;1"));
+        assert!(f.hub.get_device("pnp").unwrap().get("modelId").is_none(), "the identity has no modelId");
+        // Reconnecting without one keeps the last announced value.
+        accept_connect(&f.hub, &connect_packet(&f, "pnp", true)).unwrap();
+        assert_eq!(twin_model(&f), serde_json::json!("dtmi:com:example:Thermostat;1"));
+        c.login.as_mut().unwrap().username.push_str("x%20y");
+        assert_eq!(accept_connect(&f.hub, &c).unwrap_err().code, ConnectReturnCode::BadUserNamePassword);
+    }
+
+    #[test]
     fn refusals_get_the_right_connack_codes() {
         let f = fixture("d1");
         let mut forged = connect_packet(&f, "d1", false);
