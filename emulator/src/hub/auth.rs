@@ -316,6 +316,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::hub::{Hub, HubConfig};
     use crate::sas::{Rights, make_token};
 
@@ -348,5 +349,58 @@ mod tests {
         clock.advance((60 + hub.config().sas_skew_secs + 1) * 1000);
         let e = hub.authenticate_service(&token, Rights::SERVICE_CONNECT).unwrap_err();
         assert!(e.message.contains("expired"), "{}", e.message);
+    }
+
+    /// Which device a client certificate may act as: `selfSigned` by either thumbprint (SHA-1 or
+    /// SHA-256), `certificateAuthority` by CN and a trusted CA; never a `sas` or disabled device.
+    #[test]
+    fn x509_devices_are_matched_by_thumbprint_or_by_cn_and_a_trusted_ca() {
+        use crate::hub::DeviceInput;
+        use crate::hub::IfMatch;
+        use crate::x509::{ClientChain, issue};
+        use serde_json::json;
+
+        let chain = |c: &issue::Issued| {
+            ClientChain(rustls_pemfile::certs(&mut c.cert_pem.as_bytes()).map(|c| c.unwrap()).collect())
+        };
+        let put = |hub: &Hub, id: &str, body: serde_json::Value, if_match: Option<IfMatch>| {
+            hub.put_device(id, DeviceInput::from_json(&body).unwrap(), if_match).unwrap();
+        };
+        let hub = Hub::new(HubConfig::default());
+        let (old, new) =
+            (issue::self_signed_device("ss", 30).unwrap(), issue::self_signed_device("ss", 30).unwrap());
+        let thumbs = json!({"primaryThumbprint": old.thumbprints.sha256_hex(), "secondaryThumbprint": new.thumbprints.sha256_hex()});
+        put(&hub, "ss", json!({"authentication": {"type": "selfSigned", "x509Thumbprint": thumbs}}), None);
+        assert!(hub.authenticate_x509(&chain(&old), "ss").is_ok(), "primary");
+        assert!(hub.authenticate_x509(&chain(&new), "ss").is_ok(), "secondary (a certificate rollover)");
+        let stranger = issue::self_signed_device("ss", 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&stranger), "ss").unwrap_err();
+        assert_eq!(e.code, ErrorCode::IotHubUnauthorizedAccess);
+        assert!(hub.authenticate_x509(&chain(&old), "nobody").is_err(), "unknown device");
+        put(
+            &hub,
+            "ss",
+            json!({"status": "disabled", "authentication": {"type": "selfSigned", "x509Thumbprint": thumbs}}),
+            Some(IfMatch::Any),
+        );
+        let e = hub.authenticate_x509(&chain(&old), "ss").unwrap_err();
+        assert!(e.message.contains("disabled"), "{}", e.message);
+
+        hub.put_device("sas", DeviceInput::default(), None).unwrap();
+        let e = hub.authenticate_x509(&chain(&old), "sas").unwrap_err();
+        assert!(e.message.contains("'sas'"), "{}", e.message);
+
+        let ca = issue::test_ca("Unit CA", 30).unwrap();
+        put(&hub, "ca-dev", json!({"authentication": {"type": "certificateAuthority"}}), None);
+        let leaf = issue::ca_signed_device("ca-dev", &ca.cert_pem, &ca.key_pem, 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&leaf), "ca-dev").unwrap_err();
+        assert!(e.message.contains("does not chain to a CA"), "{}", e.message);
+        hub.add_x509_ca(&ca.cert_pem).unwrap();
+        let not_after = hub.authenticate_x509(&chain(&leaf), "ca-dev").unwrap();
+        assert!(not_after > hub.wall_now() / 1000 + 29 * 86_400, "the credential lasts until notAfter");
+        let other = issue::ca_signed_device("other", &ca.cert_pem, &ca.key_pem, 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&other), "ca-dev").unwrap_err();
+        assert!(e.message.contains("CN (other)"), "{}", e.message);
+        assert_eq!(hub.x509_cas().len(), 1);
     }
 }
