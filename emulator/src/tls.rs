@@ -5,7 +5,9 @@
 //! server certificate is reused while its subject alternative names still match the hub's host name
 //! and it is not close to expiry, and re-issued from the same CA otherwise, so a CA that users already
 //! trust keeps working. The CA is rebuilt for signing from its stored key and fixed distinguished
-//! name, so no certificate parsing is needed.
+//! name, so no certificate parsing is needed. The device endpoints' configurations
+//! ([`HubCertificates::device_server_config`]) also ask clients for a certificate, never requiring
+//! one (X.509 devices, [`crate::x509`]).
 
 use std::fs;
 use std::net::IpAddr;

@@ -305,9 +305,8 @@ impl TrustedCas {
             {
                 return None;
             }
-            if let Some((_, s)) =
-                cas.iter().zip(&anchors).find(|(c, _)| c.der.as_ref() == der.as_ref()).map(|(_, a)| a)
-            {
+            // The device sent the trusted CA itself along: the link to it was checked above.
+            if let Some((_, s)) = anchors.iter().find(|(ca, _)| ca.as_raw() == der.as_ref()) {
                 return (index > 0).then(|| s.subject.clone());
             }
             let signed = anchors.iter().find(|(ca, _)| {
