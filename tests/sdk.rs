@@ -59,6 +59,11 @@ async fn python_x509_devices_self_signed_and_ca_signed_send_telemetry_and_receiv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_x509_devices_self_signed_and_ca_signed_send_telemetry_and_receive_c2d() {
+    iothub_emulator_tests::run_sdk_script_x509(Sdk::Node, "device_x509_test.js").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_pnp_device_model_id_shows_in_its_twin_and_is_queryable() {
     run_sdk_script(Sdk::Python, "pnp_model_id_test.py").await.unwrap();
 }
