@@ -7,6 +7,7 @@ mod amqp;
 mod ftp;
 mod mqtt;
 mod text;
+mod x509;
 
 use crate::runner::Target;
 
@@ -25,6 +26,7 @@ pub const ALL: &[Target] = &[
     text::TWIN_JSON,
     text::SCENARIO,
     ftp::FTP_PATH,
+    x509::CHAIN,
 ];
 
 /// The target called `name`.
