@@ -4,17 +4,19 @@ A device connects over MQTT with `product_info` set to a DTMI: the SDK then swit
 and adds `model-id=dtmi%3A...` to its MQTT username (reference-2 section 5). The service's
 `IoTHubRegistryManager.get_twin` must show it as the twin's `modelId`, and the query
 `SELECT * FROM devices WHERE modelId = '...'` must find exactly that device; a device that announced none has
-an empty `modelId`. azure-iot-hub 2.7.0's `Twin` model has no `model_id` attribute (msrest drops the field), so
+an empty `modelId`; its telemetry carries the model id as `dt-dataschema`. azure-iot-hub 2.7.0's `Twin` model has no `model_id` attribute (msrest drops the field), so
 the script reads the twin JSON through the same SDK operations with msrest's public `raw=True`. Prints one line
 per check; exits 1 on the first failure.
 """
 
 import sys
+import urllib.parse
 
-from azure.iot.device import IoTHubDeviceClient
+import requests
+from azure.iot.device import IoTHubDeviceClient, Message
 from azure.iot.hub.models import QuerySpecification
 
-from common import check, check_equal, env, registry_manager, run_main
+from common import REQUEST_TIMEOUT_S, check, check_equal, env, registry_manager, run_main
 
 SCRIPT = "pnp_model_id_test"
 WATCHDOG_S = 90
@@ -45,6 +47,10 @@ def run():
         check("device with product_info=<DTMI> connected", client.connected)
         check_equal("get_twin (SDK model) still parses", rm.get_twin(pnp_id).device_id, pnp_id)
         check_equal("get_twin: modelId is the announced DTMI", twin_json(rm, pnp_id).get("modelId"), MODEL_ID)
+        client.send_message(Message('{"temperature": 20.5}'))
+        url = f"{env('IOTHUB_HTTP_URL')}/emulator/telemetry?deviceId={urllib.parse.quote(pnp_id)}"
+        seen = requests.get(url, timeout=REQUEST_TIMEOUT_S).json()
+        check_equal("telemetry: dt-dataschema is the model id", [m["systemProperties"].get("dt-dataschema") for m in seen], [MODEL_ID])
     finally:
         client.shutdown()
     check_equal("get_twin after disconnect: modelId kept", twin_json(rm, pnp_id).get("modelId"), MODEL_ID)
