@@ -78,6 +78,7 @@ fn fleet_config(
         backoff_max: Duration::from_secs(2),
         initial_version: None,
         update_retry: Default::default(),
+        x509: None,
     })
 }
 
@@ -338,6 +339,63 @@ async fn a_power_cut_mid_download_resumes_from_the_saved_command_and_installs_on
         Ok(!dir.join("pending-c2d").exists())
     })
     .await?;
+    fleet.stop().await;
+    hub.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_fleet_connects_with_ca_signed_certificates_and_installs_a_release_over_ftp() -> Result<()> {
+    const N: usize = 6;
+    let hub =
+        TestHub::start_with(HubConfig { feedback_batch_interval_ms: 100, ..HubConfig::default() }).await?;
+    let work = tempfile::tempdir()?;
+    let svc = service(&hub)?;
+    let ids = fleet::device_ids(
+        &format!("{}-{{n}}", unique("x509")).parse::<IdPattern>()?,
+        N as u64,
+        Shard::default(),
+    );
+    fleet::seed_ca_signed(&svc, &ids, 2).await?;
+    let ca = iothub_emulator::x509::issue::test_ca("Fleet Test CA", 30)?;
+    // The CA route is the plain port's (an emulator extension).
+    let plain = ServiceClient::new(&hub.running.owner_connection_string(), &hub.http_url(), None)?;
+    plain.trust_x509_ca(&ca.cert_pem).await?;
+    let x509 = fleet::FleetX509 {
+        ca_cert_pem: ca.cert_pem.clone(),
+        ca_key_pem: ca.key_pem.clone(),
+        hub_ca_pem: hub.running.ca_pem.clone(),
+        ftp_policy: Arc::new(svc.policy().context("owner policy")?),
+    };
+    let cfg = FleetConfig {
+        x509: Some(Arc::new(x509)),
+        ..fleet_config(&hub, ids.clone(), work.path(), Registration::Seeded, true)?
+    };
+    let fleet = Fleet::start(cfg, backend(&hub)?).await;
+    ensure!(
+        fleet.wait_connected(N, POLL, Duration::from_secs(20)).await,
+        "only {} of {N} connected",
+        fleet.connected()
+    );
+    let device = svc.get_twin(&ids[0]).await?;
+    ensure!(device["authenticationType"] == "certificateAuthority", "{device}");
+    ensure!(device["connectionState"] == "Connected", "{device}");
+
+    let release = publish(&hub, work.path(), "3.0.0")?;
+    let notice = UpdateNotice::for_release(&release, &hub.running.ftp_addr.context("ftp")?.to_string());
+    let opts = ReleaseOptions {
+        timeout: Duration::from_secs(30),
+        poll_interval: POLL,
+        wait_installed: true,
+        amqp: Some(amqp_endpoint(&hub)),
+        ..Default::default()
+    };
+    let summary = notify_devices(&svc, &notice, &opts).await?;
+    ensure!(summary.completed == N && summary.installed == Some(N), "{summary}");
+    for (i, id) in ids.iter().enumerate() {
+        let twin = svc.get_twin(id).await?;
+        ensure!(reported(&twin, "appVersion") == "3.0.0", "{id}: {twin}");
+        ensure!(fleet.installs(i) == 1, "{id} installed {} times", fleet.installs(i));
+    }
     fleet.stop().await;
     hub.stop().await
 }

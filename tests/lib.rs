@@ -234,9 +234,62 @@ pub async fn run_sdk_script_with(sdk: Sdk, script: &str, config: HubConfig) -> R
     result
 }
 
+/// Like [`run_sdk_script`] for the X.509 device scripts: issues device certificates into
+/// `<data dir>/x509` (see [`issue_x509_fixtures`]) and passes the folder as `X509_DIR`.
+pub async fn run_sdk_script_x509(sdk: Sdk, script: &str) -> Result<()> {
+    if let Some(why) = sdk_missing(sdk) {
+        if sdk_tests_required() {
+            bail!("IOTHUB_SDK_TESTS=required but {why}");
+        }
+        eprintln!("skipped {script}: {why}");
+        return Ok(());
+    }
+    let hub = match TestHub::start_for_sdk().await {
+        Ok(h) => h,
+        Err(e) if !sdk_tests_required() => {
+            eprintln!("skipped {script}: cannot start a hub on the SDK ports: {e:#}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = hub.data_dir.join("x509");
+    let result = match issue_x509_fixtures(&dir) {
+        Ok(()) => run_script_extra(&hub, sdk, script, &[("X509_DIR", dir.display().to_string())]).await,
+        Err(e) => Err(e),
+    };
+    hub.stop().await?;
+    result
+}
+
+/// Writes the X.509 test certificates into `dir` as `<name>.pem` and `<name>-key.pem`: `self`
+/// (self-signed, CN `x509-self`), `ca` (a test CA), `ca-signed` (CN `x509-ca`, signed by `ca`),
+/// `wrong` (another self-signed one, CN `x509-self`) and `rogue` (CN `x509-ca`, signed by a CA
+/// nobody trusts).
+pub fn issue_x509_fixtures(dir: &Path) -> Result<()> {
+    use iothub_emulator::x509::issue;
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, issued: &issue::Issued| -> Result<()> {
+        std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem)?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), &issued.key_pem)?;
+        Ok(())
+    };
+    let ca = issue::test_ca("SDK Test CA", 30)?;
+    let untrusted = issue::test_ca("Untrusted CA", 30)?;
+    write("self", &issue::self_signed_device("x509-self", 30)?)?;
+    write("ca", &ca)?;
+    write("ca-signed", &issue::ca_signed_device("x509-ca", &ca.cert_pem, &ca.key_pem, 30)?)?;
+    write("wrong", &issue::self_signed_device("x509-self", 30)?)?;
+    write("rogue", &issue::ca_signed_device("x509-ca", &untrusted.cert_pem, &untrusted.key_pem, 30)?)?;
+    Ok(())
+}
+
 async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
+    run_script_extra(hub, sdk, script, &[]).await
+}
+
+async fn run_script_extra(hub: &TestHub, sdk: Sdk, script: &str, extra: &[(&str, String)]) -> Result<()> {
     let ca = hub.running.ca_path.display().to_string();
-    let env = [
+    let mut env = vec![
         ("IOTHUB_CONNECTION_STRING", hub.running.owner_connection_string()),
         ("IOTHUB_HOSTNAME", hub.hostname()),
         ("IOTHUB_HTTP_URL", hub.http_url()),
@@ -245,6 +298,7 @@ async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
         ("SSL_CERT_FILE", ca.clone()),
         ("NODE_EXTRA_CA_CERTS", ca),
     ];
+    env.extend(extra.iter().cloned());
     run_script_with_env(sdk, script, &env).await
 }
 

@@ -53,6 +53,21 @@ async fn node_time_travel_expires_an_offline_devices_notice_with_expired_feedbac
     run_sdk_script(Sdk::Node, "time_travel_test.js").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_x509_devices_self_signed_and_ca_signed_send_telemetry_and_receive_c2d() {
+    iothub_emulator_tests::run_sdk_script_x509(Sdk::Python, "device_x509_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_x509_devices_self_signed_and_ca_signed_send_telemetry_and_receive_c2d() {
+    iothub_emulator_tests::run_sdk_script_x509(Sdk::Node, "device_x509_test.js").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_pnp_device_model_id_shows_in_its_twin_and_is_queryable() {
+    run_sdk_script(Sdk::Python, "pnp_model_id_test.py").await.unwrap();
+}
+
 /// A hub throttling as IoT Hub S1 × 1 unit (reference §5.1).
 fn s1_hub() -> iothub_emulator::HubConfig {
     let tier = iothub_emulator::throttle::Tier::new(iothub_emulator::throttle::Sku::S1, 1).expect("tier");

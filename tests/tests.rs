@@ -15,3 +15,4 @@ mod release;
 mod sdk;
 mod startup;
 mod throttle;
+mod x509;

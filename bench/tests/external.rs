@@ -143,6 +143,7 @@ async fn quickstart_passes_with_a_fleet_run_by_two_other_shards() {
             backoff_max: Duration::from_secs(2),
             initial_version: Some("1.0.0".into()),
             update_retry: Default::default(),
+            x509: None,
         };
         shards.push(Fleet::start(cfg, Arc::new(FtpBackend::new(ftp.clone()))).await);
     }

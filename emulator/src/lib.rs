@@ -28,6 +28,7 @@ pub mod server;
 pub mod testcontainers;
 pub mod throttle;
 pub mod tls;
+pub mod x509;
 
 pub use error::{ErrorCode, HubError};
 pub use hub::{Hub, HubConfig};

@@ -111,6 +111,12 @@ struct Args {
     /// Units of --tier (F1: 1; S1, S2: 1 to 200; S3: 1 to 10).
     #[arg(long, env = "IOTHUB_EMULATOR_UNITS", default_value_t = 1, requires = "tier")]
     units: u32,
+
+    /// A PEM file of CA certificates that certificateAuthority devices' chains may lead to
+    /// (repeatable; the env twin is comma-separated). More can be added at runtime with
+    /// POST /emulator/x509-cas. `iothub-emulator cert ca` makes one.
+    #[arg(long = "x509-ca", env = "IOTHUB_EMULATOR_X509_CAS", value_delimiter = ',')]
+    x509_cas: Vec<PathBuf>,
 }
 
 fn parse_sku(s: &str) -> Result<Sku, String> {
@@ -156,6 +162,46 @@ enum Command {
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_secs: u64,
     },
+    /// Issues test certificates for X.509 devices as PEM files: a local test CA (give it to the
+    /// hub with --x509-ca), and device certificates, CA-signed or self-signed. Needs no running hub.
+    Cert {
+        #[command(subcommand)]
+        what: CertCommand,
+    },
+}
+
+/// What `iothub-emulator cert` issues.
+#[derive(Debug, clap::Subcommand)]
+enum CertCommand {
+    /// A test CA: writes <out>/ca.pem and <out>/ca-key.pem.
+    Ca {
+        /// The directory to write to (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "IoT Hub Emulator Test Device CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// A device certificate with CN=<device-id>: writes <out>/<device-id>.pem and
+    /// <out>/<device-id>-key.pem and prints its thumbprints. Signed by the CA in --ca-dir
+    /// (a certificateAuthority device), or self-signed without it (a selfSigned device: register
+    /// the printed thumbprint).
+    Device {
+        /// The device id (the certificate's subject CN).
+        device_id: String,
+        /// The directory to write to (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// A directory holding ca.pem and ca-key.pem (from `cert ca`) to sign with.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = iothub_emulator::x509::issue::DEFAULT_VALIDITY_DAYS)]
+        days: i64,
+    },
 }
 
 fn main() -> Result<ExitCode> {
@@ -171,6 +217,10 @@ fn main() -> Result<ExitCode> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
                     + ttl_secs;
             println!("{}", token(&args, policy, connection_string.as_deref(), expiry)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Cert { what }) => {
+            cert(what)?;
             return Ok(ExitCode::SUCCESS);
         }
         None => {}
@@ -209,6 +259,72 @@ fn token(args: &Args, policy: &str, connection_string: Option<&str>, expiry: u64
     Ok(make_token(&args.hostname, &found.primary_key, Some(&found.name), expiry)?)
 }
 
+/// Writes `contents` to `path`, refusing to replace a file that exists.
+fn write_new(path: &std::path::Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("writing {} (an existing file is not replaced)", path.display()))?;
+    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `iothub-emulator cert`: issues a test CA or a device certificate as PEM files.
+fn cert(what: &CertCommand) -> Result<()> {
+    use iothub_emulator::x509::issue;
+    match what {
+        CertCommand::Ca { out, name, days } => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let ca = issue::test_ca(name, *days)?;
+            let (cert_path, key_path) = (out.join("ca.pem"), out.join("ca-key.pem"));
+            write_new(&cert_path, &ca.cert_pem)?;
+            write_new(&key_path, &ca.key_pem)?;
+            println!("CA certificate: {}", cert_path.display());
+            println!("CA key: {}", key_path.display());
+            println!("trust it: iothub-emulator --x509-ca {}", cert_path.display());
+            println!(
+                "  or, while the hub runs: curl --data-binary @{} http://127.0.0.1:{DEFAULT_HTTP_PORT}/emulator/x509-cas",
+                cert_path.display()
+            );
+        }
+        CertCommand::Device { device_id, out, ca_dir, days } => {
+            iothub_emulator::hub::validate_device_id(device_id)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let issued = match ca_dir {
+                Some(dir) => {
+                    let read = |name: &str| {
+                        let p = dir.join(name);
+                        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+                    };
+                    issue::ca_signed_device(device_id, &read("ca.pem")?, &read("ca-key.pem")?, *days)?
+                }
+                None => issue::self_signed_device(device_id, *days)?,
+            };
+            let (cert_path, key_path) =
+                (out.join(format!("{device_id}.pem")), out.join(format!("{device_id}-key.pem")));
+            write_new(&cert_path, &issued.cert_pem)?;
+            write_new(&key_path, &issued.key_pem)?;
+            println!("certificate: {}", cert_path.display());
+            println!("key: {}", key_path.display());
+            println!("SHA-1 thumbprint: {}", issued.thumbprints.sha1_hex());
+            println!("SHA-256 thumbprint: {}", issued.thumbprints.sha256_hex());
+            match ca_dir {
+                Some(_) => println!(
+                    "register it: {{\"deviceId\":\"{device_id}\",\"authentication\":{{\"type\":\"certificateAuthority\"}}}}"
+                ),
+                None => println!(
+                    "register it: {{\"deviceId\":\"{device_id}\",\"authentication\":{{\"type\":\"selfSigned\",\"x509Thumbprint\":{{\"primaryThumbprint\":\"{}\"}}}}}}",
+                    issued.thumbprints.sha1_hex()
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `iothub-emulator healthcheck`: 0 when healthy, 1 and one line on stderr otherwise.
 fn healthcheck(bind: IpAddr, http_port: u16, timeout_ms: u64) -> ExitCode {
     use iothub_emulator::healthcheck::{probe, probe_addr};
@@ -226,6 +342,15 @@ fn healthcheck(bind: IpAddr, http_port: u16, timeout_ms: u64) -> ExitCode {
 }
 
 async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
+    let mut x509_cas = Vec::new();
+    for path in &args.x509_cas {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("--x509-ca {}", path.display()))?;
+        // Checked here, so a bad file stops the start with its name rather than a warning.
+        iothub_emulator::x509::TrustedCas::default()
+            .add_pem(&pem)
+            .with_context(|| format!("--x509-ca {}", path.display()))?;
+        x509_cas.push(pem);
+    }
     let config = HubConfig {
         hostname: args.hostname.clone(),
         owner_key: args.owner_key.clone(),
@@ -233,6 +358,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         feedback_batch_interval_ms: args.feedback_interval_ms,
         admin_api: !args.disable_admin_api,
         throttle: tier,
+        x509_cas,
         ..HubConfig::default()
     };
     let listen = ListenConfig {

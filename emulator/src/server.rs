@@ -287,9 +287,10 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
-    let tls = TlsAcceptor::from(certs.server_config(&[b"h2", b"http/1.1"])?);
+    // The device endpoints ask for (never require) a client certificate: X.509 devices.
+    let tls = TlsAcceptor::from(certs.device_server_config(&[b"h2", b"http/1.1"])?);
     let amqp_tls = TlsAcceptor::from(certs.server_config(&[])?);
-    let mqtt_tls = TlsAcceptor::from(certs.server_config(&[])?);
+    let mqtt_tls = TlsAcceptor::from(certs.device_server_config(&[])?);
     let ctx =
         HttpContext::with_shutdown(hub.clone(), certs.ca_pem.clone(), ftp.faults.clone(), shutdown.clone());
     let tracker = TaskTracker::new();
@@ -408,10 +409,11 @@ async fn accept_loop(
         let sd = sd.clone();
         async move {
             match tls {
-                None => http::connection::serve(stream, ctx, port, sd).await,
+                None => http::connection::serve(stream, ctx, port, None, sd).await,
                 Some(acceptor) => {
                     if let Some(tls_stream) = tls_handshake(&acceptor, stream, peer, "HTTPS").await {
-                        http::connection::serve(tls_stream, ctx, port, sd).await
+                        let cert = crate::x509::ClientChain::from_tls(tls_stream.get_ref().1);
+                        http::connection::serve(tls_stream, ctx, port, cert, sd).await
                     }
                 }
             }

@@ -5,7 +5,9 @@
 //! server certificate is reused while its subject alternative names still match the hub's host name
 //! and it is not close to expiry, and re-issued from the same CA otherwise, so a CA that users already
 //! trust keeps working. The CA is rebuilt for signing from its stored key and fixed distinguished
-//! name, so no certificate parsing is needed.
+//! name, so no certificate parsing is needed. The device endpoints' configurations
+//! ([`HubCertificates::device_server_config`]) also ask clients for a certificate, never requiring
+//! one (X.509 devices, [`crate::x509`]).
 
 use std::fs;
 use std::net::IpAddr;
@@ -115,6 +117,17 @@ impl HubCertificates {
     /// A rustls server configuration offering TLS 1.2 and 1.3 with this certificate, advertising
     /// `alpn` protocols (empty for none).
     pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.config(alpn, false)
+    }
+
+    /// Like [`HubCertificates::server_config`], also asking clients for a certificate without
+    /// requiring one ([`crate::x509::verifier`]): the device endpoints (MQTT, HTTPS), where X.509
+    /// devices authenticate with theirs.
+    pub fn device_server_config(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.config(alpn, true)
+    }
+
+    fn config(&self, alpn: &[&[u8]], client_certs: bool) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let certs = rustls_pemfile::certs(&mut self.chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(Path::new("server.pem"), e))?;
@@ -122,10 +135,15 @@ impl HubCertificates {
             .map_err(|e| invalid(Path::new("server-key.pem"), e))?
             .ok_or_else(|| invalid(Path::new("server-key.pem"), "no private key in the file"))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let builder = if client_certs {
+            builder
+                .with_client_cert_verifier(Arc::new(crate::x509::verifier::DeviceCertVerifier::new(provider)))
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(certs, key)?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }

@@ -414,3 +414,73 @@ fn bad_tiers_and_units_exit_2_with_a_clear_message() {
         assert!(err.contains(expect), "{args:?}: {err}");
     }
 }
+
+/// Runs `iothub-emulator cert` with `args`: (exit code, stdout, stderr).
+fn cert(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).arg("cert").args(args).env("RUST_BACKTRACE", "0").output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_issues_a_ca_and_device_certificates_and_x509_ca_makes_the_hub_trust_it() {
+    use iothub_emulator::x509::{Thumbprints, TrustedCas, leaf_identity};
+    let dir = temp_dir();
+    let out = dir.to_str().unwrap();
+    let (code, stdout, stderr) = cert(&["ca", "--out", out, "--name", "CLI Test CA"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("--x509-ca"), "{stdout}");
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+
+    let (code, stdout, stderr) = cert(&["device", "fridge-9", "--out", out, "--ca-dir", out]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"type\":\"certificateAuthority\""), "{stdout}");
+    let leaf_pem = std::fs::read_to_string(dir.join("fridge-9.pem")).unwrap();
+    let leaf = rustls_pemfile::certs(&mut leaf_pem.as_bytes()).next().unwrap().unwrap();
+    assert_eq!(leaf_identity(&leaf).unwrap().common_name.as_deref(), Some("fridge-9"));
+    let cas = TrustedCas::default();
+    cas.add_pem(&ca_pem).unwrap();
+    assert!(cas.anchor(&[leaf]).is_some(), "the device certificate chains to the CA");
+
+    let (code, stdout, stderr) = cert(&["device", "fridge-10", "--out", out]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let pem = std::fs::read_to_string(dir.join("fridge-10.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next().unwrap().unwrap();
+    let sha1 = Thumbprints::of(&der).sha1_hex();
+    assert!(stdout.contains(&format!("SHA-1 thumbprint: {sha1}")), "{stdout}");
+    assert!(stdout.contains(&format!("\"primaryThumbprint\":\"{sha1}\"")), "{stdout}");
+
+    let (code, _, stderr) = cert(&["device", "fridge-10", "--out", out]);
+    assert_eq!(code, Some(1), "an existing certificate is not replaced");
+    assert!(stderr.contains("not replaced"), "{stderr}");
+    let (code, _, stderr) = cert(&["device", "bad id", "--out", out]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("invalid"), "{stderr}");
+
+    // --x509-ca: a device certificate is no CA and stops the start; the CA is trusted.
+    let not_ca = dir.join("fridge-10.pem");
+    let refused = Command::new(BIN)
+        .args(FREE_PORTS)
+        .args(["--data-dir", out, "--x509-ca", not_ca.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--x509-ca") && stderr.contains("not a CA certificate"), "{stderr}");
+
+    let ca_path = dir.join("ca.pem");
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--data-dir", out]);
+    let (child, lines) = start(&args, &[("IOTHUB_EMULATOR_X509_CAS", ca_path.to_str().unwrap())]);
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    let listed: serde_json::Value =
+        reqwest::get(format!("{http}/emulator/x509-cas")).await.unwrap().json().await.unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert!(listed[0]["subject"].as_str().unwrap().contains("CLI Test CA"), "{listed}");
+    assert!(terminate(child).success());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -77,6 +77,7 @@ targets! {
     twin_json => "twin_json", 10_000;
     scenario => "scenario", 3_000;
     ftp_path => "ftp_path", 2_000;
+    x509_chain => "x509_chain", 5_000;
 }
 
 #[test]

@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{self, AgentConfig, AgentStatus, InstallBackend, Switch};
+use crate::agent::{self, AgentAuth, AgentConfig, AgentStatus, InstallBackend, Switch};
 use crate::check_schedule::CheckSchedule;
 use crate::service_client::{BULK_MAX_DEVICES, DeviceIdentity, ServiceClient, ServiceError};
 
@@ -152,6 +152,59 @@ pub async fn seed(
     Ok(())
 }
 
+/// Registers `ids` in bulk as `certificateAuthority` devices (X.509, see [`FleetX509`]),
+/// [`BULK_MAX_DEVICES`] per call, `concurrency` calls at once. Idempotent.
+pub async fn seed_ca_signed(
+    service: &ServiceClient,
+    ids: &[String],
+    concurrency: usize,
+) -> Result<(), FleetError> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(BULK_MAX_DEVICES) {
+        let batch = chunk.to_vec();
+        let (service, permit) = (service.clone(), sem.clone().acquire_owned().await);
+        tasks.spawn(async move {
+            let _permit = permit;
+            service.bulk_upsert_ca_signed(&batch).await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| ServiceError::Protocol { op: "bulk registry", reason: e.to_string() })??;
+    }
+    Ok(())
+}
+
+/// An X.509 fleet (`fleet run --auth x509`): every agent gets a certificate with `CN={id}`
+/// signed by the fleet CA (which the hub must trust, see
+/// [`ServiceClient::trust_x509_ca`]) and presents it over TLS instead of a SAS password.
+#[derive(Debug, Clone)]
+pub struct FleetX509 {
+    /// The fleet CA's certificate (PEM).
+    pub ca_cert_pem: String,
+    /// The fleet CA's private key (PEM).
+    pub ca_key_pem: String,
+    /// The hub's CA certificate (PEM), trusted for TLS.
+    pub hub_ca_pem: String,
+    /// The policy the agents' FTP tokens are signed with: (name, key). See
+    /// [`crate::agent::AgentAuth::X509`].
+    pub ftp_policy: Arc<(String, String)>,
+}
+
+impl FleetX509 {
+    /// Issues `device_id`'s certificate and the TLS configuration presenting it.
+    fn tls_for(&self, device_id: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+        let issued = iothub_emulator::x509::issue::ca_signed_device(
+            device_id,
+            &self.ca_cert_pem,
+            &self.ca_key_pem,
+            iothub_emulator::x509::issue::DEFAULT_VALIDITY_DAYS,
+        )
+        .map_err(|e| e.to_string())?;
+        crate::agent::tls_config_with_client_cert(&self.hub_ca_pem, &issued.cert_pem, &issued.key_pem)
+    }
+}
+
 /// How agents get their identity.
 #[derive(Debug, Clone)]
 pub enum Registration {
@@ -213,6 +266,9 @@ pub struct FleetConfig {
     pub initial_version: Option<String>,
     /// When agents retry an update that failed.
     pub update_retry: UpdateRetry,
+    /// X.509 agents (certificates from this CA over TLS) instead of SAS ones; needs TLS and
+    /// seeded `certificateAuthority` devices ([`seed_ca_signed`]).
+    pub x509: Option<Arc<FleetX509>>,
 }
 
 struct AgentHandle {
@@ -248,6 +304,10 @@ impl Fleet {
             let agent_cfg = AgentConfig {
                 device_id: device_id.clone(),
                 device_key: device_key(&cfg.fleet_key, device_id),
+                auth: match &cfg.x509 {
+                    Some(x) => AgentAuth::X509 { ftp_policy: x.ftp_policy.clone() },
+                    None => AgentAuth::Sas,
+                },
                 hub_host: cfg.hub_host.clone(),
                 mqtt_host: cfg.mqtt_host.clone(),
                 mqtt_port: cfg.mqtt_port,
@@ -262,8 +322,18 @@ impl Fleet {
             let (backend, installs, st, sd) =
                 (backend.clone(), installs.clone(), status.clone(), shutdown.clone());
             let registration = cfg.registration.clone();
+            let x509 = cfg.x509.clone();
             tracker.spawn(async move {
-                let Some(agent_cfg) = register(agent_cfg, &registration, &sd).await else { return };
+                let Some(mut agent_cfg) = register(agent_cfg, &registration, &sd).await else { return };
+                if let Some(x509) = x509 {
+                    match x509.tls_for(&agent_cfg.device_id) {
+                        Ok(tls) => agent_cfg.tls = Some(tls),
+                        Err(e) => {
+                            tracing::error!(device = %agent_cfg.device_id, "cannot issue its certificate: {e}");
+                            return;
+                        }
+                    }
+                }
                 if let Err(e) = tokio::fs::create_dir_all(&agent_cfg.data_dir).await {
                     tracing::error!(device = %agent_cfg.device_id, "cannot create {}: {e}", agent_cfg.data_dir.display());
                     return;

@@ -144,6 +144,13 @@ impl ServiceClient {
         &self.credentials.host_name
     }
 
+    /// The policy's name and key: what an X.509 fleet signs its agents' FTP tokens with
+    /// (see [`crate::agent::AgentAuth::X509`]).
+    pub fn policy(&self) -> Option<(String, String)> {
+        let c = &self.credentials;
+        Some((c.shared_access_key_name.clone()?, c.shared_access_key.clone()?))
+    }
+
     /// A fresh service SAS token for the policy (also what AMQP's CBS put-token carries).
     pub fn token(&self) -> Result<String, ServiceError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -214,6 +221,32 @@ impl ServiceClient {
             })
             .collect();
         self.bulk(OP, &body).await
+    }
+
+    /// Creates or updates up to [`BULK_MAX_DEVICES`] `certificateAuthority` devices (X.509, a
+    /// certificate with `CN={id}` from a CA the hub trusts) in one `POST /devices` call.
+    pub async fn bulk_upsert_ca_signed(&self, ids: &[String]) -> Result<(), ServiceError> {
+        const OP: &str = "bulk registry (X.509)";
+        let body: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                json!({
+                    "id": id,
+                    "importMode": "createOrUpdate",
+                    "status": "enabled",
+                    "authentication": {"type": "certificateAuthority"},
+                })
+            })
+            .collect();
+        self.bulk(OP, &body).await
+    }
+
+    /// Makes the emulator trust the CA certificate(s) in `pem` for `certificateAuthority` devices
+    /// (`POST /emulator/x509-cas`, an emulator extension served on its plain HTTP port only).
+    pub async fn trust_x509_ca(&self, pem: &str) -> Result<(), ServiceError> {
+        const OP: &str = "trust X.509 CA";
+        let req = self.request(Method::POST, "/emulator/x509-cas")?.body(pem.to_string());
+        Self::send(OP, req).await.map(drop)
     }
 
     /// Merges `tags` into each device's twin in bulk (`POST /devices`, `importMode: updateTwin`),

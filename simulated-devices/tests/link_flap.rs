@@ -65,6 +65,7 @@ impl Setup {
             backoff_max: Duration::from_millis(200),
             initial_version: None,
             update_retry: Default::default(),
+            x509: None,
         };
         let fleet =
             Fleet::start(cfg, Arc::new(FtpBackend::new(self.hub.ftp_addr.unwrap().to_string()))).await;

@@ -141,6 +141,7 @@ impl ShardLink {
             backoff_max: Duration::from_secs(2),
             initial_version: Some(initial_version.to_string()),
             update_retry: Default::default(),
+            x509: None,
         };
         Ok((cfg, FtpBackend::new(self.ftp_addr.clone())))
     }

@@ -3,7 +3,9 @@
 //! `/emulator/connection-strings`, `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
 //! PUT replaces them), `/emulator/time` (hub time: GET reads it, POST moves it forward; see
 //! [`crate::hub::time`]) and `/emulator/throttle` (the tier throttle's rates and its admitted,
-//! shaped and refused counts; `{"tier": null}` when throttling is off).
+//! shaped and refused counts; `{"tier": null}` when throttling is off) and `/emulator/x509-cas`
+//! (the CAs `certificateAuthority` devices may chain to: GET lists them, POST adds the PEM body's
+//! certificates; IoT Hub's equivalent is the hub's ARM certificates).
 //! None of these exist in IoT Hub; they are for tests, tools and containers. `--disable-admin-api`
 //! ([`crate::HubConfig::admin_api`]) turns the `/emulator/*` ones off (they answer 404).
 
@@ -29,10 +31,20 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         ctx.hub.advance_time(ms).map_err(|e| HubError::invalid(e.to_string()))?;
         return Ok(json_response(StatusCode::OK, &time_json(&ctx.hub)));
     }
+    if req.route == Route::X509Cas && req.method == Method::POST {
+        let pem = std::str::from_utf8(&req.body)
+            .map_err(|_| HubError::invalid("the body must be PEM text (CERTIFICATE blocks)"))?;
+        let added = ctx.hub.add_x509_ca(pem)?;
+        for ca in &added {
+            tracing::info!(subject = %ca.subject, thumbprint = %ca.thumbprint, "trusting an X.509 device CA");
+        }
+        return Ok(json_response(StatusCode::CREATED, &json!(added)));
+    }
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
     }
     match req.route {
+        Route::X509Cas => Ok(json_response(StatusCode::OK, &json!(ctx.hub.x509_cas()))),
         Route::Health => {
             let (status, state) = if ctx.is_ready() {
                 (StatusCode::OK, "healthy")

@@ -48,9 +48,15 @@ pub const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves `stream` until the peer closes it, a deadline passes, it is upgraded to WebSocket, or
-/// `shutdown` is cancelled.
-pub async fn serve<S>(stream: S, ctx: Arc<HttpContext>, port: Port, shutdown: CancellationToken)
-where
+/// `shutdown` is cancelled. `client_cert` is the chain the TLS client presented, if any: every
+/// request carries it (as a request extension) for X.509 device authentication.
+pub async fn serve<S>(
+    stream: S,
+    ctx: Arc<HttpContext>,
+    port: Port,
+    client_cert: Option<Arc<crate::x509::ClientChain>>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeouts = ctx.hub.config().timeouts;
@@ -58,7 +64,10 @@ where
     let activity = Arc::new(Activity::new());
     let service = {
         let activity = activity.clone();
-        service_fn(move |req| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if let Some(cert) = &client_cert {
+                req.extensions_mut().insert(cert.clone());
+            }
             let busy = activity.begin();
             let ctx = ctx.clone();
             async move {

@@ -26,7 +26,15 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
         Route::DeviceEvents(id) => id,
         _ => return Err(method_not_allowed(req)),
     };
-    hub.authenticate_device(req.token()?, id)?;
+    // An X.509 device sends no Authorization header: its TLS client certificate speaks for it.
+    match (&req.client_cert, req.header("authorization")) {
+        (Some(chain), None) => {
+            hub.authenticate_x509(chain, id)?;
+        }
+        _ => {
+            hub.authenticate_device(req.token()?, id)?;
+        }
+    }
     match (&req.route, &req.method) {
         (Route::DeviceBound(id), &Method::GET) => receive(hub, id),
         (Route::DeviceBoundLock(id, lock), &Method::DELETE) => {

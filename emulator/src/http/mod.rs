@@ -95,6 +95,8 @@ pub struct Req {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// The certificate chain the TLS client presented (X.509 devices), if any.
+    pub client_cert: Option<Arc<crate::x509::ClientChain>>,
 }
 
 impl Req {
@@ -149,7 +151,8 @@ where
         };
         return Ok(error_response(&Method::GET, websocket::WEBSOCKET_PATH, &e));
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let client_cert = parts.extensions.remove::<Arc<crate::x509::ClientChain>>();
     let path = parts.uri.path().to_string();
     let body_deadline = ctx.hub.config().timeouts.http_idle;
     let collected =
@@ -176,6 +179,7 @@ where
         query: parts.uri.query().unwrap_or_default().to_string(),
         headers: parts.headers,
         body,
+        client_cert,
     };
     let admin_api = ctx.hub.config().admin_api;
     if ctx.hub.throttling()

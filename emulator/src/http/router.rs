@@ -23,6 +23,8 @@ pub enum Route {
     Time,
     /// `/emulator/throttle` (plain port): the tier throttle's settings and counters (GET).
     Throttle,
+    /// `/emulator/x509-cas` (plain port): trusted device CAs (GET lists, POST adds PEM).
+    X509Cas,
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -75,7 +77,12 @@ impl Route {
     pub fn is_admin_api(&self) -> bool {
         matches!(
             self,
-            Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time | Route::Throttle
+            Route::Telemetry
+                | Route::ConnectionStrings
+                | Route::FtpFaults
+                | Route::Time
+                | Route::Throttle
+                | Route::X509Cas
         )
     }
 }
@@ -104,6 +111,7 @@ pub fn route(path: &str) -> Route {
         [e, f, x] if eq(e, "emulator") && eq(f, "ftp") && eq(x, "faults") => Route::FtpFaults,
         [e, t] if eq(e, "emulator") && eq(t, "time") => Route::Time,
         [e, t] if eq(e, "emulator") && eq(t, "throttle") => Route::Throttle,
+        [e, x] if eq(e, "emulator") && eq(x, "x509-cas") => Route::X509Cas,
         [d] if eq(d, "devices") => Route::Devices,
         [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
         [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
@@ -185,5 +193,6 @@ mod tests {
         assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
         assert_eq!(route("/emulator/time"), Route::Time);
         assert_eq!(route("/emulator/throttle"), Route::Throttle);
+        assert_eq!(route("/emulator/x509-cas"), Route::X509Cas);
     }
 }

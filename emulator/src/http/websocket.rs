@@ -53,12 +53,17 @@ fn ws_config() -> WebSocketConfig {
 }
 
 type ProtocolFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, CancellationToken) -> ProtocolFuture;
+/// A subprotocol's server: the hub, the pipe, the peer, the TLS client's certificate chain (X.509
+/// devices over MQTT-over-WebSocket on 443), and the shutdown token.
+type ProtocolServer = fn(Hub, DuplexStream, SocketAddr, ClientCert, CancellationToken) -> ProtocolFuture;
+type ClientCert = Option<Arc<crate::x509::ClientChain>>;
 
 /// Subprotocols served over WebSocket, and the server for each.
 pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] = &[
-    ("mqtt", |hub, io, peer, shutdown| Box::pin(crate::mqtt::connection::serve(hub, io, peer, shutdown))),
-    ("AMQPWSB10", |hub, io, _peer, shutdown| Box::pin(serve_amqp(hub, io, shutdown))),
+    ("mqtt", |hub, io, peer, cert, shutdown| {
+        Box::pin(crate::mqtt::connection::serve(hub, io, peer, cert, shutdown))
+    }),
+    ("AMQPWSB10", |hub, io, _peer, _cert, shutdown| Box::pin(serve_amqp(hub, io, shutdown))),
 ];
 
 /// The AMQP service endpoint on an upgraded connection, as on the 5671 listener.
@@ -101,6 +106,7 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
         ));
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let cert = req.extensions_mut().remove::<Arc<crate::x509::ClientChain>>();
     let (hub, shutdown) = (ctx.hub.clone(), ctx.shutdown.clone());
     let write_deadline = hub.config().timeouts.write;
     tokio::spawn(async move {
@@ -112,7 +118,7 @@ pub fn upgrade<B>(ctx: &Arc<HttpContext>, mut req: Request<B>) -> Result<HttpRes
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let peer = SocketAddr::from(([0, 0, 0, 0], 0));
-        tokio::join!(server(hub, theirs, peer, shutdown), pump(ws, ours, write_deadline));
+        tokio::join!(server(hub, theirs, peer, cert, shutdown), pump(ws, ours, write_deadline));
     });
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -1,6 +1,10 @@
 //! SAS authentication and authorization against the hub's policies and device keys
 //! (reference §1.3): who presented a token, and whether that caller may do what it asks.
 //!
+//! X.509 devices authenticate with their TLS client certificate instead ([`Hub::authenticate_x509`],
+//! reference-2 §3.2): `selfSigned` ones by the leaf's thumbprint, `certificateAuthority` ones by
+//! a chain leading to a trusted CA and `CN={deviceId}`.
+//!
 //! Owns the cache of verified policy tokens ([`VerifiedTokens`]): a service sends the same token
 //! with every request, and its signature check (an HMAC over the token's fields) is the same
 //! answer until the token expires, because the hub's policies, their keys and its host name never
@@ -9,7 +13,7 @@
 use crate::error::{ErrorCode, HubError};
 use crate::sas::{ResourceTarget, Rights, SasToken, scope_covers};
 
-use super::{Hub, Status};
+use super::{AuthType, Hub, Status};
 
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +233,76 @@ impl Hub {
         Ok(auth)
     }
 
+    /// Authenticates device `device_id` by the certificate chain its TLS client presented (the
+    /// TLS layer already checked the chain's validity periods and links, see
+    /// [`crate::x509::verifier`]): a `selfSigned` device when the leaf's SHA-1 or SHA-256
+    /// thumbprint equals its primary or secondary thumbprint; a `certificateAuthority` device
+    /// when the leaf's subject CN is the device id and the chain leads to a CA the hub trusts.
+    /// The device must exist and be enabled. Returns the leaf's `notAfter` (seconds since the
+    /// epoch): the connection's credential lasts until then. Every refusal is `401`.
+    pub fn authenticate_x509(
+        &self,
+        chain: &crate::x509::ClientChain,
+        device_id: &str,
+    ) -> Result<u64, HubError> {
+        let leaf = chain.leaf().ok_or_else(|| refused("no client certificate was presented"))?;
+        let leaf = crate::x509::leaf_identity(leaf).map_err(|e| refused(e.to_string()))?;
+        let (auth_type, thumbprints) = {
+            let shard = self.shard_for(device_id);
+            let d = shard
+                .devices
+                .get(device_id)
+                .ok_or_else(|| refused(format!("device '{device_id}' is not registered")))?;
+            if d.status == Status::Disabled {
+                return Err(refused(format!("device '{device_id}' is disabled")));
+            }
+            let (p, s) = d.thumbprints();
+            (d.auth_type, [p.map(str::to_string), s.map(str::to_string)])
+        };
+        match auth_type {
+            AuthType::SelfSigned => {
+                if !thumbprints.iter().flatten().any(|t| leaf.thumbprints.matches(t)) {
+                    return Err(refused(format!(
+                        "the client certificate (SHA-1 thumbprint {}, SHA-256 {}) matches neither thumbprint of device '{device_id}'",
+                        leaf.thumbprints.sha1_hex(),
+                        leaf.thumbprints.sha256_hex()
+                    )));
+                }
+            }
+            AuthType::CertificateAuthority => {
+                if leaf.common_name.as_deref() != Some(device_id) {
+                    return Err(refused(format!(
+                        "the client certificate's subject CN ({}) is not the device id '{device_id}'",
+                        leaf.common_name.as_deref().unwrap_or("none")
+                    )));
+                }
+                if self.shared.x509_cas.anchor(&chain.0).is_none() {
+                    return Err(refused(format!(
+                        "the client certificate of device '{device_id}' does not chain to a CA this hub trusts (add one with --x509-ca or POST /emulator/x509-cas)"
+                    )));
+                }
+            }
+            other => {
+                return Err(refused(format!(
+                    "device '{device_id}' authenticates with '{}', not with a client certificate",
+                    other.as_str()
+                )));
+            }
+        }
+        Ok(u64::try_from(leaf.not_after_secs).unwrap_or(0))
+    }
+
+    /// Trusts the CA certificates in `pem` for `certificateAuthority` devices
+    /// (`POST /emulator/x509-cas`). Returns what was in it.
+    pub fn add_x509_ca(&self, pem: &str) -> Result<Vec<crate::x509::CaSummary>, HubError> {
+        self.shared.x509_cas.add_pem(pem).map_err(|e| HubError::invalid(e.to_string()))
+    }
+
+    /// The CA certificates the hub trusts for `certificateAuthority` devices.
+    pub fn x509_cas(&self) -> Vec<crate::x509::CaSummary> {
+        self.shared.x509_cas.list()
+    }
+
     /// [`Hub::authenticate`] then [`Hub::authorize_service`].
     pub fn authenticate_service(&self, token: &str, rights: Rights) -> Result<Authenticated, HubError> {
         let auth = self.authenticate(token)?;
@@ -242,6 +316,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::hub::{Hub, HubConfig};
     use crate::sas::{Rights, make_token};
 
@@ -274,5 +349,58 @@ mod tests {
         clock.advance((60 + hub.config().sas_skew_secs + 1) * 1000);
         let e = hub.authenticate_service(&token, Rights::SERVICE_CONNECT).unwrap_err();
         assert!(e.message.contains("expired"), "{}", e.message);
+    }
+
+    /// Which device a client certificate may act as: `selfSigned` by either thumbprint (SHA-1 or
+    /// SHA-256), `certificateAuthority` by CN and a trusted CA; never a `sas` or disabled device.
+    #[test]
+    fn x509_devices_are_matched_by_thumbprint_or_by_cn_and_a_trusted_ca() {
+        use crate::hub::DeviceInput;
+        use crate::hub::IfMatch;
+        use crate::x509::{ClientChain, issue};
+        use serde_json::json;
+
+        let chain = |c: &issue::Issued| {
+            ClientChain(rustls_pemfile::certs(&mut c.cert_pem.as_bytes()).map(|c| c.unwrap()).collect())
+        };
+        let put = |hub: &Hub, id: &str, body: serde_json::Value, if_match: Option<IfMatch>| {
+            hub.put_device(id, DeviceInput::from_json(&body).unwrap(), if_match).unwrap();
+        };
+        let hub = Hub::new(HubConfig::default());
+        let (old, new) =
+            (issue::self_signed_device("ss", 30).unwrap(), issue::self_signed_device("ss", 30).unwrap());
+        let thumbs = json!({"primaryThumbprint": old.thumbprints.sha256_hex(), "secondaryThumbprint": new.thumbprints.sha256_hex()});
+        put(&hub, "ss", json!({"authentication": {"type": "selfSigned", "x509Thumbprint": thumbs}}), None);
+        assert!(hub.authenticate_x509(&chain(&old), "ss").is_ok(), "primary");
+        assert!(hub.authenticate_x509(&chain(&new), "ss").is_ok(), "secondary (a certificate rollover)");
+        let stranger = issue::self_signed_device("ss", 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&stranger), "ss").unwrap_err();
+        assert_eq!(e.code, ErrorCode::IotHubUnauthorizedAccess);
+        assert!(hub.authenticate_x509(&chain(&old), "nobody").is_err(), "unknown device");
+        put(
+            &hub,
+            "ss",
+            json!({"status": "disabled", "authentication": {"type": "selfSigned", "x509Thumbprint": thumbs}}),
+            Some(IfMatch::Any),
+        );
+        let e = hub.authenticate_x509(&chain(&old), "ss").unwrap_err();
+        assert!(e.message.contains("disabled"), "{}", e.message);
+
+        hub.put_device("sas", DeviceInput::default(), None).unwrap();
+        let e = hub.authenticate_x509(&chain(&old), "sas").unwrap_err();
+        assert!(e.message.contains("'sas'"), "{}", e.message);
+
+        let ca = issue::test_ca("Unit CA", 30).unwrap();
+        put(&hub, "ca-dev", json!({"authentication": {"type": "certificateAuthority"}}), None);
+        let leaf = issue::ca_signed_device("ca-dev", &ca.cert_pem, &ca.key_pem, 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&leaf), "ca-dev").unwrap_err();
+        assert!(e.message.contains("does not chain to a CA"), "{}", e.message);
+        hub.add_x509_ca(&ca.cert_pem).unwrap();
+        let not_after = hub.authenticate_x509(&chain(&leaf), "ca-dev").unwrap();
+        assert!(not_after > hub.wall_now() / 1000 + 29 * 86_400, "the credential lasts until notAfter");
+        let other = issue::ca_signed_device("other", &ca.cert_pem, &ca.key_pem, 30).unwrap();
+        let e = hub.authenticate_x509(&chain(&other), "ca-dev").unwrap_err();
+        assert!(e.message.contains("CN (other)"), "{}", e.message);
+        assert_eq!(hub.x509_cas().len(), 1);
     }
 }

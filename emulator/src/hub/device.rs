@@ -45,8 +45,9 @@ impl Status {
     }
 }
 
-/// How a device authenticates. Only `sas` devices can connect to the emulator (no client
-/// certificates); the others are stored and reported as given.
+/// How a device authenticates: `sas` devices with SAS tokens, `selfSigned` and
+/// `certificateAuthority` devices with a TLS client certificate (see [`crate::x509`]); `none`
+/// devices cannot connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthType {
     /// Symmetric keys and SAS tokens.
@@ -105,8 +106,9 @@ pub struct Device {
     pub primary_key: Option<String>,
     /// See `primary_key`.
     pub secondary_key: Option<String>,
-    /// X.509 thumbprints, stored as given.
-    pub thumbprints: Option<Box<(Option<String>, Option<String>)>>,
+    /// What few devices have (X.509 thumbprints, a Plug and Play model id): boxed, so a device
+    /// without them pays one pointer.
+    pub extra: Option<Box<DeviceExtra>>,
     /// `capabilities.iotEdge`.
     pub iot_edge: bool,
     /// Whether a device connection (MQTT/AMQP) is open now.
@@ -125,7 +127,39 @@ pub struct Device {
     pub session: u8,
 }
 
+/// Registered X.509 thumbprints: (primary, secondary), as given.
+pub type ThumbprintPair = (Option<String>, Option<String>);
+
+/// The rarely set parts of a [`Device`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceExtra {
+    /// `x509Thumbprint` (primary, secondary), stored as given.
+    pub thumbprints: Option<ThumbprintPair>,
+    /// The Plug and Play model id the device last announced (`model-id=` in its MQTT username).
+    pub model_id: Option<Box<str>>,
+}
+
 impl Device {
+    /// The registered X.509 thumbprints (primary, secondary), as given.
+    pub fn thumbprints(&self) -> (Option<&str>, Option<&str>) {
+        match self.extra.as_deref().and_then(|e| e.thumbprints.as_ref()) {
+            Some((p, s)) => (p.as_deref(), s.as_deref()),
+            None => (None, None),
+        }
+    }
+
+    /// The model id the device announced, if any.
+    pub fn model_id(&self) -> Option<&str> {
+        self.extra.as_deref().and_then(|e| e.model_id.as_deref())
+    }
+
+    /// Changes the extra parts with `f`, dropping the box when nothing is left in it.
+    pub fn update_extra(&mut self, f: impl FnOnce(&mut DeviceExtra)) {
+        let mut extra = self.extra.take().map(|b| *b).unwrap_or_default();
+        f(&mut extra);
+        self.extra = (extra != DeviceExtra::default()).then(|| Box::new(extra));
+    }
+
     /// The identity etag as IoT Hub writes it.
     pub fn etag_str(&self) -> String {
         B64.encode(self.etag.to_string())
@@ -139,7 +173,7 @@ impl Device {
     /// Renders the Device JSON of the registry API. `c2d_count` is the number of pending
     /// C2D messages (computed by the caller after lazy expiry).
     pub fn to_json(&self, c2d_count: usize) -> Value {
-        let (p_thumb, s_thumb) = self.thumbprints.as_deref().cloned().unwrap_or((None, None));
+        let (p_thumb, s_thumb) = self.thumbprints();
         json!({
             "deviceId": self.id,
             "moduleId": null,

@@ -32,7 +32,7 @@ use crate::limits::{FEEDBACK_BATCH_INTERVAL_MS, SAS_DEFAULT_SKEW_SECS};
 use crate::sas::{Policy, default_policies};
 
 pub use auth::{Authenticated, Principal};
-pub use device::{AuthType, Device, Status, validate_device_id};
+pub use device::{AuthType, Device, DeviceExtra, Status, validate_device_id};
 pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
 pub use registry::{BulkResult, DeviceInput, IfMatch, QueryPage, RegistryStats};
@@ -72,6 +72,9 @@ pub struct HubConfig {
     /// IoT Hub tier throttling (`--tier`/`--units`): `None` (the default) enforces no operation
     /// rates and no daily quota. See [`crate::throttle`].
     pub throttle: Option<crate::throttle::Tier>,
+    /// CA certificates (PEM) that `certificateAuthority` devices' chains may lead to
+    /// (`--x509-ca`); more can be added while the hub runs ([`Hub::add_x509_ca`]).
+    pub x509_cas: Vec<String>,
 }
 
 impl Default for HubConfig {
@@ -86,6 +89,7 @@ impl Default for HubConfig {
             admin_api: true,
             telemetry_buffer_messages: crate::limits::TELEMETRY_BUFFER_MESSAGES,
             throttle: None,
+            x509_cas: Vec::new(),
         }
     }
 }
@@ -122,6 +126,8 @@ struct Shared {
     /// Policy tokens that verified, so a service presenting the same token on every request is not
     /// re-verified each time (see `auth`).
     verified_tokens: Mutex<auth::VerifiedTokens>,
+    /// The CAs X.509 devices' chains may lead to (see `crate::x509`).
+    x509_cas: crate::x509::TrustedCas,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +150,12 @@ impl Hub {
         let start = clock.now_ms();
         let telemetry = TelemetryLog::with_capacity(config.telemetry_buffer_messages);
         let throttle = config.throttle.map(|tier| Mutex::new(crate::throttle::Throttle::new(tier)));
+        let x509_cas = crate::x509::TrustedCas::default();
+        for pem in &config.x509_cas {
+            if let Err(e) = x509_cas.add_pem(pem) {
+                tracing::warn!("a configured X.509 CA is not trusted: {e}");
+            }
+        }
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -160,6 +172,7 @@ impl Hub {
                 changed: tokio::sync::Notify::new(),
                 throttle,
                 verified_tokens: Mutex::default(),
+                x509_cas,
             }),
         }
     }

@@ -79,6 +79,48 @@ impl DeviceInput {
         })
     }
 
+    /// `authentication.type`: as given; `selfSigned` when absent but a thumbprint is given (what
+    /// Node's registry client sends); `sas` otherwise.
+    fn auth_type(&self) -> AuthType {
+        match (self.auth_type, &self.thumbprints) {
+            (Some(t), _) => t,
+            (None, Some(_)) => AuthType::SelfSigned,
+            (None, None) => AuthType::Sas,
+        }
+    }
+
+    /// The thumbprints to store for `auth` (as given): a `selfSigned` device needs a primary
+    /// thumbprint, each SHA-1 (40 hex digits) or SHA-256 (64), both of one length (reference-2
+    /// §3.1); other types keep none.
+    fn resolved_thumbprints(
+        &self,
+        auth: AuthType,
+    ) -> Result<Option<super::device::ThumbprintPair>, HubError> {
+        if auth != AuthType::SelfSigned {
+            return Ok(None);
+        }
+        let Some((primary, secondary)) = &self.thumbprints else {
+            return Err(HubError::invalid(
+                "a selfSigned device needs authentication.x509Thumbprint.primaryThumbprint",
+            ));
+        };
+        let Some(p) = primary else {
+            return Err(HubError::invalid(
+                "a selfSigned device needs authentication.x509Thumbprint.primaryThumbprint",
+            ));
+        };
+        let p_len = crate::x509::normalize_thumbprint(p).map_err(HubError::invalid)?.len();
+        if let Some(s) = secondary {
+            let s_len = crate::x509::normalize_thumbprint(s).map_err(HubError::invalid)?.len();
+            if s_len != p_len {
+                return Err(HubError::invalid(
+                    "primaryThumbprint and secondaryThumbprint must both be SHA-1 or both SHA-256",
+                ));
+            }
+        }
+        Ok(Some((primary.clone(), secondary.clone())))
+    }
+
     fn resolved_keys(&self, auth: AuthType) -> Result<(Option<String>, Option<String>), HubError> {
         if auth != AuthType::Sas {
             return Ok((None, None));
@@ -185,7 +227,7 @@ fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
         }
     };
     put("deviceId", &|| Value::from(d.id.as_str()));
-    put("modelId", &|| Value::from(""));
+    put("modelId", &|| Value::from(d.model_id().unwrap_or("")));
     put("etag", &|| Value::from(d.twin.etag_str()));
     put("deviceEtag", &|| Value::from(d.etag_str()));
     put("status", &|| Value::from(d.status.as_str()));
@@ -195,7 +237,10 @@ fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
     put("lastActivityTime", &|| Value::from(time_or_never(d.last_activity)));
     put("cloudToDeviceMessageCount", &|| Value::from(c2d_count));
     put("authenticationType", &|| Value::from(d.auth_type.as_str()));
-    put("x509Thumbprint", &|| json!({ "primaryThumbprint": null, "secondaryThumbprint": null }));
+    put("x509Thumbprint", &|| {
+        let (p, s) = d.thumbprints();
+        json!({ "primaryThumbprint": p, "secondaryThumbprint": s })
+    });
     put("capabilities", &|| json!({ "iotEdge": d.iot_edge }));
     put("version", &|| Value::from(d.twin.version));
     put("tags", &|| Value::Object(d.twin.tags.clone()));
@@ -238,7 +283,7 @@ impl Hub {
                 "deviceId '{body_id}' in the body does not match '{id}' in the path"
             )));
         }
-        let auth_type = input.auth_type.unwrap_or(AuthType::Sas);
+        let auth_type = input.auth_type();
         let now = self.now();
         let mut fb = Vec::new();
         let result = {
@@ -252,6 +297,7 @@ impl Hub {
                 (Some(d), Some(cond)) => {
                     cond.check(&d.etag_str())?;
                     let (pk, sk) = input.resolved_keys(auth_type)?;
+                    let thumbprints = input.resolved_thumbprints(auth_type)?;
                     let status = input.status.unwrap_or(Status::Enabled);
                     if status != d.status {
                         d.status = status;
@@ -266,7 +312,7 @@ impl Hub {
                     d.auth_type = auth_type;
                     d.primary_key = pk;
                     d.secondary_key = sk;
-                    d.thumbprints = input.thumbprints.map(Box::new);
+                    d.update_extra(|e| e.thumbprints = thumbprints);
                     d.iot_edge = input.iot_edge;
                     d.etag = self.next_counter();
                     let n = self.pending_c2d(d, now, &mut fb);
@@ -299,7 +345,10 @@ impl Hub {
         now: u64,
     ) -> Result<Device, HubError> {
         let (pk, sk) = input.resolved_keys(auth_type)?;
+        let thumbprints = input.resolved_thumbprints(auth_type)?;
         let status = input.status.unwrap_or(Status::Enabled);
+        let extra =
+            thumbprints.map(|t| Box::new(super::DeviceExtra { thumbprints: Some(t), model_id: None }));
         Ok(Device {
             id: id.to_string(),
             generation_id: self.next_counter(),
@@ -310,7 +359,7 @@ impl Hub {
             auth_type,
             primary_key: pk,
             secondary_key: sk,
-            thumbprints: input.thumbprints.map(Box::new),
+            extra,
             iot_edge: input.iot_edge,
             connected: false,
             connection_state_updated: 0,
@@ -320,6 +369,17 @@ impl Hub {
             link: None,
             session: 0,
         })
+    }
+
+    /// Records the Plug and Play model id device `id` announced when it connected (reference-2
+    /// §5): its twin's `modelId` until it announces another. Unknown devices are ignored.
+    pub fn announce_model_id(&self, id: &str, model_id: &str) {
+        let mut shard = self.shard_for(id);
+        if let Some(d) = shard.devices.get_mut(id)
+            && d.model_id() != Some(model_id)
+        {
+            d.update_extra(|e| e.model_id = Some(model_id.into()));
+        }
     }
 
     /// `GET /devices/{id}`.

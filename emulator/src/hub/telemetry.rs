@@ -105,13 +105,20 @@ impl TelemetryLog {
 
 impl Hub {
     /// Records a D2C message from `msg.device_id` and wakes long-polling readers; returns its
-    /// sequence number.
-    pub fn record_telemetry(&self, msg: D2cMessage) -> u64 {
+    /// sequence number. A device that announced a Plug and Play model id gets it stamped as the
+    /// system property `dt-dataschema`, as IoT Hub annotates its events (reference-2 §5).
+    pub fn record_telemetry(&self, mut msg: D2cMessage) -> u64 {
         let now = self.now();
+        let mut model_id = None;
         let _ = self.with_device(&msg.device_id, |d| {
             d.last_activity = now;
+            model_id = d.model_id().map(str::to_string);
             Ok(())
         });
+        if let Some(m) = model_id {
+            msg.system_properties.retain(|(k, _)| k != "dt-dataschema");
+            msg.system_properties.push(("dt-dataschema".into(), m));
+        }
         let sequence = self.telemetry_log().push(D2cMessage { enqueued_at: now, ..msg });
         // Wakes `/emulator/telemetry?waitMs=` readers.
         self.shared.changed.notify_waiters();
@@ -163,5 +170,28 @@ mod tests {
         assert_eq!(a.iter().map(|m| m.sequence).collect::<Vec<_>>(), vec![3, 4]);
         assert_eq!(log.read(None, 0, 1, D2cMessage::clone).len(), 1);
         assert_eq!(log.read(None, 3, 10, |m| m.sequence), [4], "starts after `after`");
+    }
+
+    #[test]
+    fn a_pnp_devices_telemetry_carries_its_model_id_as_dt_dataschema() {
+        let hub = Hub::new(Default::default());
+        for id in ["pnp", "plain"] {
+            hub.put_device(id, Default::default(), None).unwrap();
+        }
+        hub.announce_model_id("pnp", "dtmi:com:example:Thermostat;1");
+        let mut forged = msg("pnp");
+        forged.system_properties.push(("dt-dataschema".into(), "dtmi:forged;1".into()));
+        hub.record_telemetry(forged);
+        hub.record_telemetry(msg("plain"));
+        let schema = |id: &str| {
+            let m = hub.read_telemetry(Some(id), 0, 10).pop().unwrap();
+            m.system_properties
+                .iter()
+                .filter(|(k, _)| k == "dt-dataschema")
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(schema("pnp"), ["dtmi:com:example:Thermostat;1"], "the hub's value, once");
+        assert!(schema("plain").is_empty());
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::hub::Hub;
 use crate::limits::{MQTT_CONNECT_TIMEOUT_SECS, MQTT_MAX_PACKET_BYTES};
 
-use super::session::{Close, Session, accept_connect};
+use super::session::{Close, Session, accept_connect_tls};
 use super::wire::{self, Violation};
 
 /// Least the read buffer is grown by when a partial packet fills it.
@@ -176,15 +176,22 @@ async fn write_packets<S: AsyncWrite + Unpin>(
 /// exchange ([`open`]) and the connected loop ([`run`]) are separate futures that share its
 /// storage, the connection has one timer (the keep-alive/token deadline, moved to a write's
 /// deadline only while a write waits) and one shutdown waiter, and no read buffer while idle.
-pub async fn serve<S>(hub: Hub, mut stream: S, peer: SocketAddr, shutdown: CancellationToken)
-where
+/// `client_cert` is the chain the TLS client presented (X.509 devices); it is dropped once the
+/// CONNECT is decided.
+pub async fn serve<S>(
+    hub: Hub,
+    mut stream: S,
+    peer: SocketAddr,
+    client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let write_timeout = hub.config().timeouts.write;
     let Some(Opened { mut session, link, keep_alive, token_deadline, mut out }) =
-        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), peer, &shutdown).await
+        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), peer, client_cert, &shutdown).await
     else {
         return;
     };
@@ -249,6 +256,7 @@ async fn open<S>(
     stream: &mut S,
     (rbuf, wbuf): (&mut BytesMut, &mut BytesMut),
     peer: SocketAddr,
+    client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
     shutdown: &CancellationToken,
 ) -> Option<Opened>
 where
@@ -260,7 +268,7 @@ where
     };
     // Decided without an await in between, so neither the CONNECT nor the session being built is
     // kept in this future's state.
-    let (code, close_write) = match admit(hub, first, peer) {
+    let (code, close_write) = match admit(hub, first, peer, client_cert.as_deref()) {
         Admit::Open(opened) => return Some(opened),
         Admit::Close => return None,
         Admit::Refuse { code, shutdown } => (code, shutdown),
@@ -292,6 +300,7 @@ fn admit(
     hub: &Hub,
     first: Result<Result<Packet, ReadError>, tokio::time::error::Elapsed>,
     peer: SocketAddr,
+    client_cert: Option<&crate::x509::ClientChain>,
 ) -> Admit {
     let connect = match first {
         Ok(Ok(Packet::Connect(c))) => c,
@@ -318,7 +327,7 @@ fn admit(
             return Admit::Close;
         }
     };
-    let accepted = match accept_connect(hub, &connect) {
+    let accepted = match accept_connect_tls(hub, &connect, None, client_cert) {
         Ok(a) => a,
         Err(refused) => {
             tracing::info!(%peer, client_id = %connect.client_id, code = ?refused.code, "MQTT CONNECT refused: {}", refused.reason);
@@ -476,7 +485,7 @@ mod tests {
         let hub = crate::hub::Hub::new(Default::default());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), Default::default());
+        let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), None, Default::default());
         let size = std::mem::size_of_val(&f);
         assert!(size <= 1216, "the plain MQTT connection future grew to {size} bytes");
     }
@@ -514,6 +523,7 @@ mod tests {
                     hub,
                     server,
                     "127.0.0.1:1".parse().unwrap(),
+                    None,
                     Default::default(),
                 ));
                 let mut c = Connect::new("d1");

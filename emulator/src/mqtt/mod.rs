@@ -40,7 +40,7 @@ pub async fn accept_loop(
     accept_connections(listener, name, shutdown, tracker, move |stream, peer| -> ConnectionFuture {
         let (hub, sd) = (hub.clone(), sd.clone());
         match tls.clone() {
-            None => Box::pin(connection::serve(hub, stream, peer, sd)),
+            None => Box::pin(connection::serve(hub, stream, peer, None, sd)),
             Some(acceptor) => Box::pin(serve_tls(acceptor, hub, stream, peer, sd)),
         }
     })
@@ -57,6 +57,7 @@ async fn serve_tls(
     sd: CancellationToken,
 ) {
     if let Some(s) = tls_handshake(&acceptor, stream, peer, "MQTT").await {
-        Box::pin(connection::serve(hub, s, peer, sd)).await
+        let cert = crate::x509::ClientChain::from_tls(s.get_ref().1);
+        Box::pin(connection::serve(hub, s, peer, cert, sd)).await
     }
 }

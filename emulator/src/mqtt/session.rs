@@ -157,6 +157,18 @@ pub fn accept_connect_with(
     c: &Connect,
     ready: Option<crate::hub::link::ReadyHook>,
 ) -> Result<Accepted, Refused> {
+    accept_connect_tls(hub, c, ready, None)
+}
+
+/// [`accept_connect_with`] for a connection whose TLS client presented `client_cert`: a CONNECT
+/// with a user name and no password then authenticates with the certificate (X.509 devices,
+/// reference-2 §3.3); one with a password is a SAS device as ever.
+pub fn accept_connect_tls(
+    hub: &Hub,
+    c: &Connect,
+    ready: Option<crate::hub::link::ReadyHook>,
+    client_cert: Option<&crate::x509::ClientChain>,
+) -> Result<Accepted, Refused> {
     use ConnectReturnCode::*;
     if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
         return Err(refuse(RefusedProtocolVersion, "only MQTT 3.1.1 (protocol level 4) is supported"));
@@ -169,7 +181,10 @@ pub fn accept_connect_with(
         ));
     }
     let Some(login) = &c.login else {
-        return Err(refuse(BadUserNamePassword, "username and password (a SAS token) are required"));
+        return Err(refuse(
+            BadUserNamePassword,
+            "a username and a password (a SAS token) or a TLS client certificate are required",
+        ));
     };
     let expected = format!("{}/{id}/", hub.hostname());
     let user_ok = login.username.get(..expected.len()).is_some_and(|p| p.eq_ignore_ascii_case(&expected))
@@ -180,9 +195,18 @@ pub fn accept_connect_with(
             format!("username '{}' must be '{expected}?api-version=…'", login.username),
         ));
     }
-    let auth = hub
-        .authenticate_device(&login.password, id)
-        .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+    let model_id = model_id(&login.username[expected.len()..]).map_err(|r| refuse(BadUserNamePassword, r))?;
+    let credential_expiry_secs = match client_cert {
+        Some(chain) if login.password.is_empty() => hub
+            .authenticate_x509(chain, id)
+            .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?,
+        _ => {
+            let auth = hub
+                .authenticate_device(&login.password, id)
+                .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+            auth.expiry_secs.saturating_add(hub.config().sas_skew_secs)
+        }
+    };
     // Checked before attaching, so a refused Will does not close the device's current connection.
     let will = match &c.last_will {
         Some(w) => Some(Box::new(validate_will(id, w).map_err(|reason| refuse(NotAuthorized, reason))?)),
@@ -198,6 +222,9 @@ pub fn accept_connect_with(
     let link = hub
         .attach_link_with(id, c.clean_session, ready)
         .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
+    if let Some(m) = &model_id {
+        hub.announce_model_id(id, m);
+    }
     let session_present = !c.clean_session && link.session != 0;
     let keep_alive_secs = match c.keep_alive {
         0 => MQTT_MAX_KEEP_ALIVE_WAIT_SECS,
@@ -211,8 +238,31 @@ pub fn accept_connect_with(
         link,
         connack: Packet::ConnAck(ConnAck::new(Success, session_present)),
         keep_alive_secs,
-        token_expiry_secs: auth.expiry_secs.saturating_add(hub.config().sas_skew_secs),
+        token_expiry_secs: credential_expiry_secs,
     })
+}
+
+/// Longest Plug and Play model id accepted (the DTDL v2 limit on a DTMI).
+pub const MODEL_ID_MAX_CHARS: usize = 4096;
+
+/// The Plug and Play model id in the MQTT username's query (`?api-version=…&model-id=dtmi%3A…`,
+/// reference-2 §5), percent-decoded; `None` without one. A value that is not a DTMI is refused.
+pub fn model_id(query: &str) -> Result<Option<String>, String> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let Some(raw) = query.split('&').find_map(|kv| kv.strip_prefix("model-id=")) else {
+        return Ok(None);
+    };
+    let value = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    let ok = value.len() <= MODEL_ID_MAX_CHARS
+        && value.strip_prefix("dtmi:").is_some_and(|rest| !rest.is_empty())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | ';' | '_'));
+    if !ok {
+        return Err(format!(
+            "model-id '{}' is not a DTMI (dtmi:<path>;<version>, at most {MODEL_ID_MAX_CHARS} characters)",
+            value.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok((!value.is_empty()).then(|| value.into_owned()))
 }
 
 /// One connected device's session.
@@ -634,6 +684,37 @@ mod tests {
 
     fn pending(f: &Fixture, id: &str) -> u64 {
         f.hub.get_device(id).unwrap()["cloudToDeviceMessageCount"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn the_model_id_comes_from_the_username_query_decoded() {
+        assert_eq!(model_id("?api-version=2021-04-12&DeviceClientType=x").unwrap(), None);
+        assert_eq!(model_id("").unwrap(), None);
+        let q = "?api-version=2020-09-30&DeviceClientType=py&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1";
+        assert_eq!(model_id(q).unwrap().as_deref(), Some("dtmi:com:example:Thermostat;1"));
+        assert_eq!(model_id("?model-id=dtmi:a:b;2").unwrap().as_deref(), Some("dtmi:a:b;2"), "unencoded");
+        for bad in ["?model-id=", "?model-id=urn%3Ax", "?model-id=dtmi%3A", "?model-id=dtmi%3Aa%20b%3B1"] {
+            assert!(model_id(bad).is_err(), "{bad}");
+        }
+        let long = format!("?model-id=dtmi:{}", "a".repeat(MODEL_ID_MAX_CHARS));
+        assert!(model_id(&long).is_err());
+    }
+
+    #[test]
+    fn a_connect_with_a_model_id_sets_the_twins_model_id_and_a_bad_one_is_refused() {
+        let f = fixture("pnp");
+        let twin_model = |f: &Fixture| f.hub.get_twin("pnp").unwrap()["modelId"].clone();
+        assert_eq!(twin_model(&f), serde_json::json!(""));
+        let mut c = connect_packet(&f, "pnp", true);
+        c.login.as_mut().unwrap().username.push_str("&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1");
+        accept_connect(&f.hub, &c).unwrap();
+        assert_eq!(twin_model(&f), serde_json::json!("dtmi:com:example:Thermostat;1"));
+        assert!(f.hub.get_device("pnp").unwrap().get("modelId").is_none(), "the identity has no modelId");
+        // Reconnecting without one keeps the last announced value.
+        accept_connect(&f.hub, &connect_packet(&f, "pnp", true)).unwrap();
+        assert_eq!(twin_model(&f), serde_json::json!("dtmi:com:example:Thermostat;1"));
+        c.login.as_mut().unwrap().username.push_str("x%20y");
+        assert_eq!(accept_connect(&f.hub, &c).unwrap_err().code, ConnectReturnCode::BadUserNamePassword);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod device;
 mod ftp;
 mod mqtt;
 mod text;
+mod x509;
 
 use crate::runner::Target;
 
@@ -27,6 +28,7 @@ pub const ALL: &[Target] = &[
     text::TWIN_JSON,
     text::SCENARIO,
     ftp::FTP_PATH,
+    x509::CHAIN,
 ];
 
 /// The target called `name`.

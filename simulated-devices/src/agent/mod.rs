@@ -76,13 +76,30 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// C2D message ids remembered for duplicate detection.
 pub const SEEN_IDS: usize = 8;
 
+/// How an agent authenticates.
+#[derive(Debug, Clone, Default)]
+pub enum AgentAuth {
+    /// SAS tokens signed with the device key: the MQTT and the FTP password.
+    #[default]
+    Sas,
+    /// The X.509 client certificate in [`AgentConfig::tls`]: a CONNECT without a password. FTP has
+    /// no certificate login, so its password is a token of the shared access policy
+    /// `(name, key)` (one with DeviceConnect) scoped to the device.
+    X509 {
+        /// The policy FTP tokens are signed with: (name, base64 key).
+        ftp_policy: Arc<(String, String)>,
+    },
+}
+
 /// How one agent reaches the hub.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The device id (MQTT client id).
     pub device_id: String,
-    /// The device's symmetric key (base64).
+    /// The device's symmetric key (base64); unused with [`AgentAuth::X509`].
     pub device_key: String,
+    /// SAS or X.509.
+    pub auth: AgentAuth,
     /// The hub's host name: SAS audience and MQTT username.
     pub hub_host: String,
     /// Where the MQTT listener is.
@@ -413,8 +430,40 @@ impl<I: InstallBackend> Session<'_, I> {
         DeviceContext {
             device_id: self.cfg.device_id.clone(),
             data_dir: self.cfg.data_dir.clone(),
-            sas_token: self.fresh_token(),
+            sas_token: self.ftp_token(),
             ftp_cuts,
+        }
+    }
+
+    /// The CONNECT password: a fresh device SAS token, or none for an X.509 device.
+    fn mqtt_password(&self) -> String {
+        match &self.cfg.auth {
+            AgentAuth::Sas => self.fresh_token(),
+            AgentAuth::X509 { .. } => String::new(),
+        }
+    }
+
+    /// The FTP password: a fresh SAS token for the device (see [`AgentAuth`]).
+    fn ftp_token(&self) -> String {
+        match &self.cfg.auth {
+            AgentAuth::Sas => self.fresh_token(),
+            AgentAuth::X509 { ftp_policy } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let resource = format!("{}/devices/{}", self.cfg.hub_host, self.cfg.device_id);
+                let (name, key) = &**ftp_policy;
+                iothub_emulator::sas::make_token(
+                    &resource,
+                    key,
+                    Some(name),
+                    now + mqtt_device::TOKEN_LIFETIME_SECS,
+                )
+                .unwrap_or_else(|e| {
+                    tracing::error!(device = %self.cfg.device_id, "cannot sign an FTP token: {e}");
+                    String::new()
+                })
+            }
         }
     }
 
@@ -537,7 +586,7 @@ impl<'a, I: InstallBackend> Agent<'a, I> {
                 let connect = mqtt_device::connect_packet(
                     &cfg.device_id,
                     &cfg.hub_host,
-                    self.session.fresh_token(),
+                    self.session.mqtt_password(),
                     cfg.keep_alive,
                 );
                 self.link = Link::Connecting(Box::pin(async move {
@@ -686,6 +735,34 @@ pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
 /// installer's FTPS uses the same).
 pub use crate::install::ftp::tls_trusting as tls_config;
 
+/// A TLS client configuration trusting only the CA in `ca_pem` (the hub's) and presenting the
+/// device certificate `cert_pem` with its key `key_pem` (an X.509 device).
+pub fn tls_config_with_client_cert(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the CA PEM cannot be read: {e}"))?;
+        roots.add(cert).map_err(|e| format!("the CA certificate is not usable: {e}"))?;
+    }
+    let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the device certificate cannot be read: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| format!("the device key cannot be read: {e}"))?
+        .ok_or("no private key in the device key PEM")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("the device certificate is not usable: {e}"))?;
+    Ok(Arc::new(config))
+}
+
 /// The data directory of `device_id` under `root` (one directory per device).
 pub fn data_dir(root: &Path, device_id: &str) -> PathBuf {
     let safe: String = device_id
@@ -738,6 +815,7 @@ mod tests {
         let cfg = Arc::new(AgentConfig {
             device_id: "d1".into(),
             device_key: iothub_emulator::hub::DEFAULT_OWNER_KEY.into(),
+            auth: AgentAuth::Sas,
             hub_host: "hub.local".into(),
             mqtt_host: "127.0.0.1".into(),
             mqtt_port: 1,

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use iothub_emulator::hub::DEFAULT_OWNER_KEY;
 use simulated_devices::agent::{FtpBackend, tls_config};
 use simulated_devices::amqp_client::AmqpEndpoint;
-use simulated_devices::fleet::{self, Fleet, FleetConfig, IdPattern, Registration, Shard, UpdateRetry};
+use simulated_devices::fleet::{
+    self, Fleet, FleetConfig, FleetX509, IdPattern, Registration, Shard, UpdateRetry,
+};
 use simulated_devices::notice::UpdateNotice;
 use simulated_devices::package;
 use simulated_devices::release::{ReleaseOptions, notify_devices};
@@ -118,6 +120,32 @@ pub struct RunArgs {
     /// (`true` or `false`).
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_RETRY_ON_RECONNECT", default_value_t = true, action = clap::ArgAction::Set)]
     retry_on_reconnect: bool,
+    /// How devices authenticate: `sas` (derived keys) or `x509` (certificateAuthority devices,
+    /// each with a certificate from the fleet CA in --x509-ca-dir, which is created if missing and
+    /// given to the hub through POST /emulator/x509-cas: --service-endpoint must be the plain port).
+    /// x509 needs TLS and --registration seed.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_AUTH", default_value = "sas", value_parser = ["sas", "x509"])]
+    auth: String,
+    /// The fleet CA for --auth x509: ca.pem and ca-key.pem (as `iothub-emulator cert ca` writes
+    /// them). Default: <data-dir>/x509-ca.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_X509_CA_DIR")]
+    x509_ca_dir: Option<PathBuf>,
+}
+
+/// The fleet CA in `dir` (`ca.pem`, `ca-key.pem`), created there if missing.
+fn fleet_ca(dir: &std::path::Path) -> Result<(String, String)> {
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if !cert_path.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = iothub_emulator::x509::issue::test_ca("Simulated Fleet CA", 3650)?;
+        std::fs::write(&key_path, &ca.key_pem).with_context(|| format!("writing {}", key_path.display()))?;
+        std::fs::write(&cert_path, &ca.cert_pem)
+            .with_context(|| format!("writing {}", cert_path.display()))?;
+        eprintln!("created the fleet CA {}", cert_path.display());
+    }
+    let read =
+        |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    Ok((read(&cert_path)?, read(&key_path)?))
 }
 
 /// A `--check-every` period: a humantime duration (`30s`, `10m`, `1h`) above zero.
@@ -185,7 +213,33 @@ pub async fn run(a: RunArgs) -> Result<()> {
     }
     let service = a.service.client()?;
     let hub_host = service.hub_host().to_string();
+    let x509 = a.auth == "x509";
+    if x509 && (a.mqtt_plain || a.registration != "seed") {
+        bail!("--auth x509 needs TLS (no --mqtt-plain) and --registration seed");
+    }
+    let ca = || {
+        a.service
+            .ca_pem()?
+            .with_context(|| format!("TLS needs --ca-file ({} not found)", a.service.ca_file.display()))
+    };
+    let x509 = if x509 {
+        let (ca_cert_pem, ca_key_pem) =
+            fleet_ca(&a.x509_ca_dir.clone().unwrap_or_else(|| a.data_dir.join("x509-ca")))?;
+        service.trust_x509_ca(&ca_cert_pem).await.context(
+            "giving the fleet CA to the hub (POST /emulator/x509-cas on --service-endpoint, the plain port)",
+        )?;
+        let ftp_policy = Arc::new(service.policy().context("the connection string has no policy key")?);
+        Some(Arc::new(FleetX509 { ca_cert_pem, ca_key_pem, hub_ca_pem: ca()?, ftp_policy }))
+    } else {
+        None
+    };
     let registration = match a.registration.as_str() {
+        "seed" if x509.is_some() => {
+            let t = Instant::now();
+            fleet::seed_ca_signed(&service, &ids, 8).await?;
+            eprintln!("seeded {} X.509 devices in {:.1} s", ids.len(), t.elapsed().as_secs_f64());
+            Registration::Seeded
+        }
         "seed" => {
             let t = Instant::now();
             fleet::seed(&service, &a.fleet_key, &ids, 8).await?;
@@ -194,11 +248,6 @@ pub async fn run(a: RunArgs) -> Result<()> {
         }
         "self" => Registration::SelfRegister(Box::new(service)),
         _ => Registration::Seeded,
-    };
-    let ca = || {
-        a.service
-            .ca_pem()?
-            .with_context(|| format!("TLS needs --ca-file ({} not found)", a.service.ca_file.display()))
     };
     let mut backend = FtpBackend::new(a.ftp_addr.clone());
     if a.ftps {
@@ -222,6 +271,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         backoff_max: Duration::from_secs(30),
         initial_version: a.initial_version.clone(),
         update_retry: UpdateRetry { on_reconnect: a.retry_on_reconnect, check_every: a.check_every },
+        x509,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(iothub_emulator::server::shutdown_on_signal(shutdown.clone()));
