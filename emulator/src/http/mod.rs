@@ -8,6 +8,7 @@
 //! requests wait for their turn, refused ones get 429 with `Retry-After`.
 
 mod admin;
+pub use admin::TELEMETRY_MAX_WAIT_MS;
 pub mod connection;
 mod device_api;
 pub mod header_case;

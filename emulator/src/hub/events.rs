@@ -537,6 +537,9 @@ pub struct EventsStatus {
     pub accounted_bytes: usize,
     /// Retained records.
     pub retained: usize,
+    /// The last hub-wide number assigned ([`Event::hub_sequence`]; 0 before the first record): a
+    /// `/emulator/telemetry` reader starting here sees only what arrives next.
+    pub last_hub_sequence: u64,
 }
 
 /// A consumer group.
@@ -755,6 +758,7 @@ impl EventLog {
             max_events: self.max_events,
             accounted_bytes: self.bytes,
             retained: self.order.len(),
+            last_hub_sequence: self.last_hub_sequence,
         }
     }
 
