@@ -1,6 +1,7 @@
 //! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
 //! until Ctrl-C or SIGTERM. `iothub-emulator healthcheck` instead asks a running hub's `/health`
-//! (for container health checks), and `iothub-emulator token` prints a SAS token for curl users.
+//! (for container health checks), `iothub-emulator token` prints a SAS token for curl users, and
+//! `iothub-emulator monitor` prints telemetry as it arrives.
 //! Everything else lives in the library.
 
 use std::io::IsTerminal;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use iothub_emulator::ftp::{self, FtpConfig};
-use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
+use iothub_emulator::hub::{DEFAULT_OWNER_KEY, EventsConfig, HubConfig, events};
 use iothub_emulator::limits::{
     DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
     FTP_DEFAULT_MAX_SESSIONS, SAS_DEFAULT_SKEW_SECS,
@@ -117,6 +118,39 @@ struct Args {
     /// POST /emulator/x509-cas. `iothub-emulator cert ca` makes one.
     #[arg(long = "x509-ca", env = "IOTHUB_EMULATOR_X509_CAS", value_delimiter = ',')]
     x509_cas: Vec<PathBuf>,
+    /// Partitions of the built-in Event Hub-compatible endpoint (2 to 32; a device's messages all
+    /// go to one, chosen from its id).
+    #[arg(long, env = "IOTHUB_EMULATOR_PARTITIONS", default_value_t = events::DEFAULT_PARTITIONS as u16,
+          value_parser = clap::value_parser!(u16).range(events::MIN_PARTITIONS as i64..=events::MAX_PARTITIONS as i64))]
+    partitions: u16,
+
+    /// How long telemetry stays readable on the built-in endpoint (a duration: 1day, 2h, 90s).
+    #[arg(long, env = "IOTHUB_EMULATOR_EVENT_RETENTION", default_value = "1day", value_parser = parse_retention)]
+    event_retention: Duration,
+
+    /// Memory the telemetry log may use, in MiB, before its oldest records are dropped (at least 1).
+    #[arg(long, env = "IOTHUB_EMULATOR_EVENT_MEMORY_MIB", default_value_t = (events::DEFAULT_MEMORY_BUDGET_BYTES / (1024 * 1024)) as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
+    event_memory_mib: u32,
+
+    /// A consumer group to create at startup besides $Default (repeatable; the env twin is
+    /// comma-separated). More can be created at runtime through /emulator/consumer-groups.
+    #[arg(long = "consumer-group", env = "IOTHUB_EMULATOR_CONSUMER_GROUPS", value_delimiter = ',', value_parser = parse_consumer_group)]
+    consumer_groups: Vec<String>,
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration such as 1day or 2h: {e}"))?;
+    if d.as_millis() == 0 {
+        return Err("the retention must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_consumer_group(s: &str) -> Result<String, String> {
+    events::validate_consumer_group_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn parse_sku(s: &str) -> Result<Sku, String> {
@@ -161,6 +195,25 @@ enum Command {
         /// How long the token is valid, in seconds.
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_secs: u64,
+    },
+    /// Prints device telemetry as it arrives, like `az iot hub monitor-events`: one JSON object per
+    /// message, from the hub at --bind (loopback when 0.0.0.0) and --http-port (its admin API).
+    Monitor {
+        /// Only this device's messages.
+        #[arg(long, short = 'd')]
+        device: Option<String>,
+        /// Also print system and application properties and IoT Hub's annotations.
+        #[arg(long)]
+        properties: bool,
+        /// Start with everything the hub still retains instead of only what arrives from now on.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many seconds (default: until stopped).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_secs: Option<u64>,
+        /// Stop after this many messages.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_events: Option<u64>,
     },
     /// Issues test certificates for X.509 devices as PEM files: a local test CA (give it to the
     /// hub with --x509-ca), and device certificates, CA-signed or self-signed. Needs no running hub.
@@ -221,6 +274,24 @@ fn main() -> Result<ExitCode> {
         }
         Some(Command::Cert { what }) => {
             cert(what)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Monitor { device, properties, from_start, timeout_secs, max_events }) => {
+            let options = iothub_emulator::monitor::MonitorOptions {
+                device: device.clone(),
+                properties: *properties,
+                from_start: *from_start,
+                timeout: timeout_secs.map(Duration::from_secs),
+                max_events: *max_events,
+            };
+            let addr = iothub_emulator::healthcheck::probe_addr(args.bind, args.http_port);
+            let started = || match &options.device {
+                Some(d) => eprintln!(
+                    "Starting event monitor on http://{addr}, filtering on device: {d}, use ctrl-c to stop..."
+                ),
+                None => eprintln!("Starting event monitor on http://{addr}, use ctrl-c to stop..."),
+            };
+            iothub_emulator::monitor::run(addr, &options, &mut std::io::stdout().lock(), started)?;
             return Ok(ExitCode::SUCCESS);
         }
         None => {}
@@ -359,6 +430,12 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         admin_api: !args.disable_admin_api,
         throttle: tier,
         x509_cas,
+        events: EventsConfig {
+            partitions: usize::from(args.partitions),
+            retention_ms: args.event_retention.as_millis().min(u128::from(u64::MAX)) as u64,
+            memory_budget_bytes: (args.event_memory_mib as usize).saturating_mul(1024 * 1024),
+            consumer_groups: args.consumer_groups.clone(),
+        },
         ..HubConfig::default()
     };
     let listen = ListenConfig {
@@ -395,6 +472,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     if let Some(t) = tier {
         println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
     }
+    println!("EVENTHUB_CONNECTION_STRING={}", running.event_hub_connection_string());
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(on_signal);

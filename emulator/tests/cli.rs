@@ -92,6 +92,12 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
         key,
         "--sas-skew-secs",
         "0",
+        "--partitions",
+        "8",
+        "--event-retention",
+        "2h",
+        "--consumer-group",
+        "analytics",
     ]);
     let (child, lines) = start(
         &args,
@@ -99,6 +105,7 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
             ("IOTHUB_EMULATOR_BIND", "127.0.0.1"),
             ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1"),
             ("IOTHUB_EMULATOR_TLS_SANS", "hub.compose,10.1.2.3"),
+            ("IOTHUB_EMULATOR_EVENT_MEMORY_MIB", "64"),
         ],
     );
     let https = line(&lines, "https://MyHub.Test:");
@@ -116,6 +123,21 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
     );
     let https_port: u16 = https.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(reqwest::get(format!("{http}/health")).await.unwrap().status(), 200);
+    let amqp_port = line(&lines, "amqps://MyHub.Test:").rsplit(':').next().unwrap().to_string();
+    assert_eq!(
+        line(&lines, "EVENTHUB_CONNECTION_STRING="),
+        format!(
+            "EVENTHUB_CONNECTION_STRING=Endpoint=sb://MyHub.Test:{amqp_port}/;SharedAccessKeyName=iothubowner;\
+             SharedAccessKey={key};EntityPath=MyHub"
+        )
+    );
+    // --partitions, --event-retention, IOTHUB_EMULATOR_EVENT_MEMORY_MIB and --consumer-group.
+    let eh: serde_json::Value =
+        reqwest::get(format!("{http}/emulator/event-hub")).await.unwrap().json().await.unwrap();
+    assert_eq!(eh["partitionIds"].as_array().map(Vec::len), Some(8), "{eh}");
+    assert_eq!(eh["retentionMs"], 2 * 3600 * 1000, "{eh}");
+    assert_eq!(eh["memoryBudgetBytes"], 64 * 1024 * 1024, "{eh}");
+    assert_eq!(eh["consumerGroups"], serde_json::json!(["$Default", "analytics"]), "{eh}");
 
     // --owner-key and --hostname: a token signed with the custom key for MyHub.Test works.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -407,6 +429,10 @@ fn bad_tiers_and_units_exit_2_with_a_clear_message() {
         (vec!["--tier", "S3", "--units", "11"], "S3 takes 1 to 10 units; got 11"),
         (vec!["--tier", "S1", "--units", "0"], "S1 takes 1 to 200 units; got 0"),
         (vec!["--units", "3"], "--tier"),
+        (vec!["--partitions", "1"], "--partitions"),
+        (vec!["--partitions", "33"], "--partitions"),
+        (vec!["--event-retention", "soon"], "is not a duration"),
+        (vec!["--consumer-group", "no spaces"], "consumer group name 'no spaces' is not valid"),
     ] {
         let out = Command::new(BIN).args(FREE_PORTS).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
@@ -482,5 +508,64 @@ async fn cert_issues_a_ca_and_device_certificates_and_x509_ca_makes_the_hub_trus
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert!(listed[0]["subject"].as_str().unwrap().contains("CLI Test CA"), "{listed}");
     assert!(terminate(child).success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_prints_new_telemetry_of_one_device_in_monitor_events_shape() {
+    let dir = temp_dir();
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--data-dir", dir.to_str().unwrap()]);
+    let (hub, lines) = start(&args, &[]);
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    let port = http.rsplit(':').next().unwrap().to_string();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let owner =
+        make_token("localhost", iothub_emulator::hub::DEFAULT_OWNER_KEY, Some("iothubowner"), now + 600)
+            .unwrap();
+    let client = reqwest::Client::new();
+    let send = |id: &'static str, body: &'static str| {
+        let req = client
+            .post(format!("{http}/devices/{id}/messages/events"))
+            .header("authorization", &owner)
+            .header("iothub-app-kind", "reading")
+            .body(body);
+        async move { assert_eq!(req.send().await.unwrap().status(), 204) }
+    };
+    for id in ["mon-a", "mon-b"] {
+        let put = client
+            .put(format!("{http}/devices/{id}"))
+            .header("authorization", &owner)
+            .json(&serde_json::json!({ "deviceId": id }));
+        assert_eq!(put.send().await.unwrap().status(), 200);
+    }
+    send("mon-a", r#"{"old":true}"#).await;
+
+    let mut monitor = Command::new(BIN)
+        .args(["monitor", "--http-port", &port, "--device", "mon-a", "--properties", "--max-events", "2"])
+        .args(["--timeout-secs", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Messages sent once it says it started are the ones it prints (not the one before).
+    let mut stderr = BufReader::new(monitor.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.starts_with("Starting event monitor") && first.contains("mon-a"), "{first}");
+    send("mon-b", r#"{"other":1}"#).await;
+    send("mon-a", r#"{"t":21}"#).await;
+    send("mon-a", "plain text").await;
+    let out = tokio::task::spawn_blocking(move || monitor.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let events: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&stdout).into_iter().map(Result::unwrap).collect();
+    assert_eq!(events.len(), 2, "{stdout}");
+    assert_eq!(events[0]["event"]["origin"], "mon-a");
+    assert_eq!(events[0]["event"]["payload"], serde_json::json!({"t": 21}));
+    assert_eq!(events[0]["event"]["properties"]["application"]["kind"], "reading");
+    assert_eq!(events[1]["event"]["payload"], "plain text");
+    stop(hub);
     let _ = std::fs::remove_dir_all(dir);
 }
