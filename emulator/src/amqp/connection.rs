@@ -180,6 +180,14 @@ impl Connection {
         std::mem::take(&mut self.output)
     }
 
+    /// Swaps the bytes to write into `buf` (cleared first), giving the connection `buf`'s
+    /// allocation for its next output: a driver that writes and swaps back reuses two buffers
+    /// instead of growing a new one for every batch of replies.
+    pub fn swap_output(&mut self, buf: &mut Vec<u8>) {
+        buf.clear();
+        std::mem::swap(&mut self.output, buf);
+    }
+
     /// True once the connection is closed; flush the output, then drop the socket.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed

@@ -23,6 +23,8 @@ use crate::listener::{accept_connections, tls_handshake};
 
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Output buffers larger than this (a burst of feedback or replies) are not kept for reuse.
+const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
 
 /// Accepts AMQP connections on `listener` until `shutdown`: over TLS with `tls`, plain TCP
 /// without (the load-test listener; IoT Hub has none).
@@ -67,6 +69,8 @@ where
     let timeouts = hub.config().timeouts;
     let mut conn = Connection::new(hub.clone());
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    // The bytes being written; swapped with the connection's output (see `swap_output`).
+    let mut out = Vec::new();
     let open_deadline = Instant::now() + timeouts.amqp_open;
     let silence_limit = Duration::from_millis(u64::from(conn.idle_timeout_ms()) * 2);
     let mut last_write = Instant::now();
@@ -86,10 +90,13 @@ where
                 _ = shutdown.cancelled() => conn.shut_down(),
             }
         }
-        let out = conn.take_output();
+        conn.swap_output(&mut out);
         if !out.is_empty() {
             write_within(&mut stream, &out, timeouts.write).await?;
             last_write = Instant::now();
+            if out.capacity() > OUTPUT_KEEP_BYTES {
+                out = Vec::new();
+            }
         }
         if conn.is_closed() {
             break;
