@@ -1,5 +1,6 @@
 //! Smoke test of the C2D fan-out bench (`src/bin/fanout`), cheap enough for CI: 200 devices
-//! against the hub (this build's own copy of the library, `--hub-bin self`), and against
+//! against the hub (this build's own copy of the library, `--hub-bin self`) with each sender (its
+//! REST send extension, and AMQP as the service SDKs send), and against
 //! Mosquitto and rumqttd when they are installed or built. A peer that is missing is reported
 //! SKIPPED, loudly, and never counted as passed; a peer that is there must pass like the hub.
 
@@ -39,10 +40,13 @@ fn fanout_bench_delivers_to_200_devices_and_prints_the_table() {
     assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
     let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
     assert!(result.contains("hub: ok"), "{result}");
-    let hub_row = stdout.lines().find(|l| l.starts_with("hub ")).expect("the hub's row in the table");
-    let numbers: Vec<f64> = hub_row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert!(numbers.len() >= 8, "the hub's row has every column: {hub_row}");
-    assert!(numbers[1] > 0.0, "a fan-out rate: {hub_row}");
+    assert!(result.contains("hub-amqp: ok"), "{result}");
+    for row in ["hub REST", "hub AMQP"] {
+        let hub_row = stdout.lines().find(|l| l.starts_with(row)).expect("the hub's rows in the table");
+        let numbers: Vec<f64> = hub_row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        assert!(numbers.len() >= 8, "the hub's row has every column: {hub_row}");
+        assert!(numbers[1] > 0.0, "a fan-out rate: {hub_row}");
+    }
     for peer in ["mosquitto", "rumqttd"] {
         if result.contains(&format!("{peer}: SKIPPED")) {
             eprintln!(
@@ -51,6 +55,7 @@ fn fanout_bench_delivers_to_200_devices_and_prints_the_table() {
         } else {
             assert!(result.contains(&format!("{peer}: ok")), "{peer}: {result}");
             assert!(stdout.contains(&format!("hub/{peer}")), "a hub/{peer} ratio line");
+            assert!(stdout.contains(&format!("hub-amqp/{peer}")), "a hub-amqp/{peer} ratio line");
         }
     }
 }

@@ -67,6 +67,10 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT", default_value_t = DEFAULT_AMQP_PORT)]
     amqp_port: u16,
 
+    /// AMQP over plain TCP port for load tests on loopback (IoT Hub has none). Off unless given; 0 picks a free one.
+    #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PLAIN_PORT")]
+    amqp_plain_port: Option<u16>,
+
     /// FTP package server port (devices download packages here). 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_FTP_PORT", default_value_t = DEFAULT_FTP_PORT)]
     ftp_port: u16,
@@ -443,6 +447,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         https_port: args.https_port,
         http_port: args.http_port,
         amqp_port: args.amqp_port,
+        amqp_plain_port: args.amqp_plain_port,
         mqtt_port: args.mqtt_port,
         mqtt_plain_port: args.mqtt_plain_port,
         ftp_port: (!args.no_ftp).then_some(args.ftp_port),
@@ -464,6 +469,9 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         println!("mqtt://{plain}");
     }
     println!("amqps://{}:{}", args.hostname, running.amqp_addr.port());
+    if let Some(plain) = running.amqp_plain_addr {
+        println!("amqp://{plain}");
+    }
     if let Some(ftp) = running.ftp_addr {
         println!("ftp://{ftp}");
         println!("FTP packages directory: {}", running.packages_dir.display());

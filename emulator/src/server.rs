@@ -45,6 +45,9 @@ pub struct ListenConfig {
     pub mqtt_plain_port: Option<u16>,
     /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
     pub amqp_port: u16,
+    /// AMQP over plain TCP, for load tests on loopback (the fan-out bench's AMQP sender); off when
+    /// `None`.
+    pub amqp_plain_port: Option<u16>,
     /// The FTP package server (`None`: off).
     pub ftp_port: Option<u16>,
     /// Names the server certificate covers besides the hub's host name, `localhost`, `127.0.0.1`
@@ -61,6 +64,7 @@ impl Default for ListenConfig {
             mqtt_port: DEFAULT_MQTT_PORT,
             mqtt_plain_port: None,
             amqp_port: DEFAULT_AMQP_PORT,
+            amqp_plain_port: None,
             ftp_port: Some(DEFAULT_FTP_PORT),
             tls_names: Vec::new(),
         }
@@ -68,14 +72,15 @@ impl Default for ListenConfig {
 }
 
 impl ListenConfig {
-    /// Every listener on `bind` with a port the OS picks, the plain MQTT listener and the FTP server
-    /// included: what tests, examples and benches use so that parallel hubs never collide.
+    /// Every listener on `bind` with a port the OS picks, the plain MQTT and AMQP listeners and the
+    /// FTP server included: what tests, examples and benches use so that parallel hubs never collide.
     pub fn ephemeral(bind: IpAddr) -> Self {
         Self {
             bind,
             https_port: 0,
             http_port: 0,
             amqp_port: 0,
+            amqp_plain_port: Some(0),
             ftp_port: Some(0),
             mqtt_port: 0,
             mqtt_plain_port: Some(0),
@@ -97,6 +102,8 @@ pub struct Listeners {
     pub mqtt_plain: Option<TcpListener>,
     /// AMQP over TLS: the service endpoint.
     pub amqp: TcpListener,
+    /// AMQP over plain TCP, if enabled.
+    pub amqp_plain: Option<TcpListener>,
     /// The FTP package server, if on.
     pub ftp: Option<TcpListener>,
 }
@@ -113,6 +120,10 @@ impl Listeners {
                 .map(|p| bind_one(cfg.bind, p, "plain MQTT", "--mqtt-plain-port"))
                 .transpose()?,
             amqp: bind_one(cfg.bind, cfg.amqp_port, "AMQP", "--amqp-port")?,
+            amqp_plain: cfg
+                .amqp_plain_port
+                .map(|p| bind_one(cfg.bind, p, "plain AMQP", "--amqp-plain-port"))
+                .transpose()?,
             ftp: cfg.ftp_port.map(|p| bind_one(cfg.bind, p, "FTP", "--ftp-port")).transpose()?,
         })
     }
@@ -167,6 +178,8 @@ pub struct RunningHub {
     pub mqtt_plain_addr: Option<SocketAddr>,
     /// The AMQP listener's address.
     pub amqp_addr: SocketAddr,
+    /// The plain AMQP listener's address, if enabled.
+    pub amqp_plain_addr: Option<SocketAddr>,
     /// The FTP package server's address, if on.
     pub ftp_addr: Option<SocketAddr>,
     /// The directory the FTP server serves.
@@ -212,6 +225,10 @@ impl RunningHub {
             None => None,
         };
         let amqp_addr = listeners.amqp.local_addr().map_err(|e| ServerError::Task(e.to_string()))?;
+        let amqp_plain_addr = match &listeners.amqp_plain {
+            Some(l) => Some(l.local_addr().map_err(|e| ServerError::Task(e.to_string()))?),
+            None => None,
+        };
         let ftp_addr = listeners
             .ftp
             .as_ref()
@@ -245,6 +262,7 @@ impl RunningHub {
             mqtt_addr,
             mqtt_plain_addr,
             amqp_addr,
+            amqp_plain_addr,
             ftp_addr,
             packages_dir,
             ftp_faults,
@@ -324,7 +342,7 @@ pub async fn serve(
         )),
         tokio::spawn(crate::amqp::server::accept_loop(
             listeners.amqp,
-            amqp_tls,
+            Some(amqp_tls),
             hub.clone(),
             shutdown.clone(),
             tracker.clone(),
@@ -339,6 +357,15 @@ pub async fn serve(
     ];
     if let Some(plain) = listeners.mqtt_plain {
         loops.push(tokio::spawn(crate::mqtt::accept_loop(
+            plain,
+            None,
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )));
+    }
+    if let Some(plain) = listeners.amqp_plain {
+        loops.push(tokio::spawn(crate::amqp::server::accept_loop(
             plain,
             None,
             hub.clone(),

@@ -106,11 +106,23 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
             ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1"),
             ("IOTHUB_EMULATOR_TLS_SANS", "hub.compose,10.1.2.3"),
             ("IOTHUB_EMULATOR_EVENT_MEMORY_MIB", "64"),
+            ("IOTHUB_EMULATOR_AMQP_PLAIN_PORT", "0"),
         ],
     );
     let https = line(&lines, "https://MyHub.Test:");
     let http = line(&lines, "http://127.0.0.1:").to_string();
     line(&lines, "amqps://MyHub.Test:");
+    // The plain AMQP listener (load tests) answers a bare AMQP header with its own, no TLS.
+    let amqp_plain = line(&lines, "amqp://127.0.0.1:").strip_prefix("amqp://").unwrap().to_string();
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&amqp_plain).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"AMQP\x00\x01\x00\x00").unwrap();
+        let mut header = [0u8; 8];
+        s.read_exact(&mut header).unwrap();
+        assert_eq!(&header, b"AMQP\x00\x01\x00\x00");
+    }
     line(&lines, "mqtts://MyHub.Test:");
     line(&lines, "ftp://127.0.0.1:");
     let ca_path = line(&lines, "CA certificate: ").strip_prefix("CA certificate: ").unwrap();

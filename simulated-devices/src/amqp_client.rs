@@ -293,7 +293,8 @@ impl ServiceConn {
         self.enqueue(CBS_OUT, m.encode());
     }
 
-    /// Queues a C2D message for `device_id`; returns the tag its [`Event::Settled`] carries.
+    /// Queues a C2D message for `device_id`; returns the tag its [`Event::Settled`] carries. An
+    /// empty `message_id` sends none (the hub then assigns none, as for a REST send without one).
     pub fn send_c2d(&mut self, device_id: &str, msg: &C2dSend) -> u64 {
         let application_properties = match msg.ack {
             "" => vec![],
@@ -301,7 +302,7 @@ impl ServiceConn {
         };
         let m = Message {
             properties: Properties {
-                message_id: Some(Value::str(&msg.message_id)),
+                message_id: (!msg.message_id.is_empty()).then(|| Value::str(&msg.message_id)),
                 to: Some(format!("/devices/{}/messages/devicebound", url_encode(device_id))),
                 content_type: msg.content_type.clone(),
                 absolute_expiry_time: msg.expiry_ms.and_then(|t| i64::try_from(t).ok()),

@@ -180,6 +180,14 @@ impl Connection {
         std::mem::take(&mut self.output)
     }
 
+    /// Swaps the bytes to write into `buf` (cleared first), giving the connection `buf`'s
+    /// allocation for its next output: a driver that writes and swaps back reuses two buffers
+    /// instead of growing a new one for every batch of replies.
+    pub fn swap_output(&mut self, buf: &mut Vec<u8>) {
+        buf.clear();
+        std::mem::swap(&mut self.output, buf);
+    }
+
     /// True once the connection is closed; flush the output, then drop the socket.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
@@ -296,25 +304,36 @@ impl Connection {
         frame::write_frame(&mut self.output, kind, channel, body, payload);
     }
 
+    /// Handles every complete header and frame in the input; the bytes they took are dropped
+    /// from the input once at the end (not shifted out frame by frame).
     fn process(&mut self) -> Result<(), ConnError> {
-        loop {
+        let mut at = 0;
+        let result = loop {
             match self.phase {
-                Phase::Closed => return Ok(()),
+                Phase::Closed => break Ok(()),
                 Phase::Header | Phase::AmqpHeader => {
-                    if self.input.len() < 8 {
-                        return Ok(());
+                    let Some(h) = self.input.get(at..at + 8) else { break Ok(()) };
+                    let header: [u8; 8] = h.try_into().unwrap_or_default();
+                    at += 8;
+                    if let Err(e) = self.on_header(&header) {
+                        break Err(e);
                     }
-                    let header: Vec<u8> = self.input.drain(..8).collect();
-                    self.on_header(&header)?;
                 }
                 Phase::Sasl | Phase::Open | Phase::Opened => {
-                    let Some(f) = frame::parse_frame(&mut self.input, MAX_FRAME_BYTES)? else {
-                        return Ok(());
+                    let (f, size) = match frame::parse_frame_at(&self.input[at..], MAX_FRAME_BYTES) {
+                        Ok(Some(parsed)) => parsed,
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e.into()),
                     };
-                    self.on_frame(f)?;
+                    at += size;
+                    if let Err(e) = self.on_frame(f) {
+                        break Err(e);
+                    }
                 }
             }
-        }
+        };
+        self.input.drain(..at.min(self.input.len()));
+        result
     }
 
     fn on_header(&mut self, header: &[u8]) -> Result<(), ConnError> {
@@ -346,7 +365,7 @@ impl Connection {
         let Some(body) = f.body else {
             return Ok(()); // heartbeat
         };
-        let (c, fields) = frame::described_list(&body)?;
+        let (c, fields) = frame::into_described_list(body)?;
         if self.phase == Phase::Sasl {
             return self.on_sasl(c, &fields);
         }
@@ -655,23 +674,32 @@ impl Connection {
             }
         };
         if !partial.settled {
-            let state = match &outcome {
-                Outcome::Accepted => frame::accepted(),
-                Outcome::Rejected(condition, description) => frame::rejected(condition, description),
-            };
-            let body = list(
-                code::DISPOSITION,
-                vec![
-                    Value::Bool(true),
-                    Value::Uint(partial.delivery_id),
-                    Value::Null,
-                    Value::Bool(true),
-                    state,
-                ],
-            );
-            self.write(channel, &body, &[]);
+            match &outcome {
+                // The common case (every accepted C2D send) written without building the
+                // performative; the same bytes.
+                Outcome::Accepted => {
+                    frame::write_accepted_disposition(&mut self.output, channel, partial.delivery_id)
+                }
+                Outcome::Rejected(condition, description) => {
+                    let body = list(
+                        code::DISPOSITION,
+                        vec![
+                            Value::Bool(true),
+                            Value::Uint(partial.delivery_id),
+                            Value::Null,
+                            Value::Bool(true),
+                            frame::rejected(condition, description),
+                        ],
+                    );
+                    self.write(channel, &body, &[]);
+                }
+            }
         }
-        self.pump();
+        // Only a put-token changes what the sender links may send (its reply, and the
+        // authorization feedback links wait for); the driver pumps before every write anyway.
+        if address == Address::Cbs {
+            self.pump();
+        }
         Ok(())
     }
 

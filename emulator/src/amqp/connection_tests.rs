@@ -589,3 +589,48 @@ fn throttled_sends_are_held_then_rejected_as_device_container_throttled() {
     assert_eq!(outcome(&p.transfer(C2D, &c2d("d", "m12"))), Ok(()));
     assert_eq!(p.conn.take_hold(), None);
 }
+
+#[test]
+fn a_read_of_many_transfers_gets_one_disposition_each_in_one_output() {
+    let mut p = Peer::sender("d1");
+    // 40 transfers in one read, the last one cut in two (its rest arrives with the next read).
+    let mut bytes = Vec::new();
+    for i in 0..40u32 {
+        let fields = vec![
+            Value::Uint(C2D),
+            Value::Uint(100 + i),
+            Value::Binary(i.to_be_bytes().to_vec()),
+            Value::Uint(0),
+            Value::Bool(false),
+            Value::Bool(false),
+        ];
+        frame::write_frame(
+            &mut bytes,
+            FRAME_AMQP,
+            0,
+            &list(code::TRANSFER, fields),
+            &c2d("d1", "m").encode(),
+        );
+    }
+    let cut = bytes.len() - 10;
+    p.conn.receive(&bytes[..cut]);
+    let mut out = vec![0u8; 1000];
+    let reused = out.capacity();
+    p.conn.swap_output(&mut out);
+    let first = parse_all(out.clone());
+    assert_eq!(first.len(), 39, "one disposition per complete transfer, all in one output");
+    for (i, d) in first.iter().enumerate() {
+        assert_eq!((d.code, d.fields.u32(1)), (code::DISPOSITION, Some(100 + i as u32)));
+        assert_eq!(outcome(std::slice::from_ref(d)), Ok(()));
+    }
+    p.conn.receive(&bytes[cut..]);
+    let mut next = Vec::new();
+    p.conn.swap_output(&mut next);
+    assert_eq!(next.capacity(), reused, "the connection wrote into the buffer it was given");
+    let second = parse_all(next);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].fields.u32(1), Some(139));
+    p.conn.swap_output(&mut out);
+    assert!(out.is_empty(), "nothing more to write");
+    assert_eq!(p.hub.get_device("d1").unwrap()["cloudToDeviceMessageCount"], 40);
+}

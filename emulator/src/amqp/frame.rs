@@ -88,6 +88,17 @@ pub enum FrameError {
 
 /// Takes one complete frame off the front of `buf`, or `Ok(None)` when more bytes are needed.
 pub fn parse_frame(buf: &mut Vec<u8>, max_frame_size: u32) -> Result<Option<Frame>, FrameError> {
+    let parsed = parse_frame_at(buf, max_frame_size)?;
+    Ok(parsed.map(|(frame, size)| {
+        buf.drain(..size);
+        frame
+    }))
+}
+
+/// Reads one complete frame from the front of `buf` without consuming it: the frame and its
+/// size in bytes, or `Ok(None)` when more bytes are needed. A reader of many frames from one
+/// buffer advances an offset and drops the consumed bytes once (no shift per frame).
+pub fn parse_frame_at(buf: &[u8], max_frame_size: u32) -> Result<Option<(Frame, usize)>, FrameError> {
     if buf.len() < 8 {
         return Ok(None);
     }
@@ -103,14 +114,14 @@ pub fn parse_frame(buf: &mut Vec<u8>, max_frame_size: u32) -> Result<Option<Fram
     if body_start < 8 || body_start > size as usize {
         return Err(FrameError::Doff(doff));
     }
-    let frame: Vec<u8> = buf.drain(..size as usize).collect();
+    let frame = &buf[..size as usize];
     let (kind, channel) = (frame[5], u16::from_be_bytes([frame[6], frame[7]]));
     let mut rest = &frame[body_start..];
     if rest.is_empty() {
-        return Ok(Some(Frame { kind, channel, body: None, payload: Vec::new() }));
+        return Ok(Some((Frame { kind, channel, body: None, payload: Vec::new() }, size as usize)));
     }
     let body = Value::decode(&mut rest)?;
-    Ok(Some(Frame { kind, channel, body: Some(body), payload: rest.to_vec() }))
+    Ok(Some((Frame { kind, channel, body: Some(body), payload: rest.to_vec() }, size as usize)))
 }
 
 /// Appends one frame (header, performative, payload) to `out`.
@@ -167,6 +178,20 @@ pub fn described_list(v: &Value) -> Result<(u64, Fields), DecodeError> {
     }
 }
 
+/// [`described_list`] of an owned value: the fields are moved, not copied.
+pub fn into_described_list(v: Value) -> Result<(u64, Fields), DecodeError> {
+    match v {
+        Value::Described(d, v) => match (d.as_u64(), *v) {
+            (Some(code), Value::List(items)) => Ok((code, Fields(items))),
+            (_, v) => Err(DecodeError::Shape(format!(
+                "expected a described list, got {:?}",
+                Value::Described(d, Box::new(v))
+            ))),
+        },
+        v => Err(DecodeError::Shape(format!("expected a described list, got {v:?}"))),
+    }
+}
+
 /// A described list value.
 pub fn list(code: u64, fields: Vec<Value>) -> Value {
     // Trailing nulls may be omitted; keeping the list short keeps frames small.
@@ -185,6 +210,36 @@ pub fn error(condition: &str, description: &str) -> Value {
 /// The `accepted` outcome.
 pub fn accepted() -> Value {
     list(code::ACCEPTED, vec![])
+}
+
+/// Appends the frame a receiver sends to settle one delivery as accepted: `disposition(role
+/// receiver, first delivery_id, settled, state accepted)`. The same bytes as [`write_frame`] of
+/// that performative built from [`Value`]s, written directly: the endpoint sends one per C2D
+/// transfer, so this path allocates nothing.
+pub fn write_accepted_disposition(out: &mut Vec<u8>, channel: u16, delivery_id: u32) {
+    let mut id = [0u8; 5];
+    let id: &[u8] = match delivery_id {
+        0 => &[0x43],
+        1..=255 => &[0x52, delivery_id as u8],
+        _ => {
+            id[0] = 0x70;
+            id[1..].copy_from_slice(&delivery_id.to_be_bytes());
+            &id
+        }
+    };
+    // role (true = receiver), first, last (null), settled (true), state: accepted (list0).
+    let items_len = 1 + id.len() + 1 + 1 + 4;
+    let size = 8 + 3 + 1 + 8 + items_len;
+    out.reserve(size);
+    out.extend_from_slice(&(size as u32).to_be_bytes());
+    out.extend_from_slice(&[2, FRAME_AMQP]);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&[0x00, 0x53, code::DISPOSITION as u8, 0xd0]);
+    out.extend_from_slice(&((items_len + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&5u32.to_be_bytes());
+    out.push(0x41);
+    out.extend_from_slice(id);
+    out.extend_from_slice(&[0x40, 0x41, 0x00, 0x53, code::ACCEPTED as u8, 0x45]);
 }
 
 /// The `rejected` outcome carrying `condition`.
@@ -237,6 +292,44 @@ mod tests {
         assert!(matches!(parse_frame(&mut big, 65536), Err(FrameError::Size { .. })));
         let mut doff = vec![0, 0, 0, 8, 1, 0, 0, 0];
         assert_eq!(parse_frame(&mut doff, 65536), Err(FrameError::Doff(1)));
+    }
+
+    #[test]
+    fn frames_parse_in_place_one_after_another() {
+        let mut out = Vec::new();
+        let body = list(code::BEGIN, vec![Value::Null, Value::Uint(1)]);
+        write_frame(&mut out, FRAME_AMQP, 1, &body, b"p");
+        let first = out.len();
+        out.extend_from_slice(&HEARTBEAT);
+        let (f, n) = parse_frame_at(&out, 65536).unwrap().unwrap();
+        assert_eq!((n, f.channel, f.body, f.payload), (first, 1, Some(body), b"p".to_vec()));
+        let (hb, m) = parse_frame_at(&out[n..], 65536).unwrap().unwrap();
+        assert_eq!((m, hb.body), (8, None));
+        assert_eq!(parse_frame_at(&out[n + m..], 65536), Ok(None));
+        assert_eq!(parse_frame_at(&out[..first - 1], 65536), Ok(None));
+    }
+
+    #[test]
+    fn the_direct_accepted_disposition_is_the_performative_s_encoding() {
+        for id in [0, 1, 255, 256, 65_536, u32::MAX] {
+            let body = list(
+                code::DISPOSITION,
+                vec![Value::Bool(true), Value::Uint(id), Value::Null, Value::Bool(true), accepted()],
+            );
+            let mut want = b"prefix".to_vec();
+            write_frame(&mut want, FRAME_AMQP, 7, &body, &[]);
+            let mut got = b"prefix".to_vec();
+            write_accepted_disposition(&mut got, 7, id);
+            assert_eq!(got, want, "delivery id {id}");
+        }
+    }
+
+    #[test]
+    fn owned_described_lists_split_like_borrowed_ones() {
+        let v = list(code::FLOW, vec![Value::Uint(1), Value::Uint(2)]);
+        assert_eq!(into_described_list(v.clone()).unwrap(), described_list(&v).unwrap());
+        assert!(into_described_list(Value::Uint(1)).is_err());
+        assert!(into_described_list(Value::described(code::FLOW, Value::Uint(1))).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The AMQP socket driver: accepts TLS connections on the AMQP listener and runs one
-//! [`Connection`] per socket, moving bytes between them.
+//! The AMQP socket driver: accepts TLS connections on the AMQP listener (and plain TCP ones on the
+//! optional load-test listener, `--amqp-plain-port`) and runs one [`Connection`] per socket,
+//! moving bytes between them.
 //!
 //! A connection task waits on its socket, the hub's notifier (while a feedback link has credit, so
 //! feedback flows without polling) and its timers (the next feedback batch cut, a heartbeat inside
@@ -22,22 +23,31 @@ use crate::listener::{accept_connections, tls_handshake};
 
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Output buffers larger than this (a burst of feedback or replies) are not kept for reuse.
+const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
 
-/// Accepts AMQP-over-TLS connections on `listener` until `shutdown`.
+/// Accepts AMQP connections on `listener` until `shutdown`: over TLS with `tls`, plain TCP
+/// without (the load-test listener; IoT Hub has none).
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: TlsAcceptor,
+    tls: Option<TlsAcceptor>,
     hub: Hub,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let sd = shutdown.clone();
-    accept_connections(listener, "amqp", shutdown, tracker, move |stream, peer| {
+    let name = if tls.is_some() { "amqps" } else { "amqp" };
+    accept_connections(listener, name, shutdown, tracker, move |stream, peer| {
         let (tls, hub, sd) = (tls.clone(), hub.clone(), sd.clone());
         async move {
-            if let Some(stream) = tls_handshake(&tls, stream, peer, "AMQP").await
-                && let Err(e) = serve_connection(stream, hub, sd).await
-            {
+            let result = match tls {
+                Some(tls) => match tls_handshake(&tls, stream, peer, "AMQP").await {
+                    Some(stream) => serve_connection(stream, hub, sd).await,
+                    None => Ok(()),
+                },
+                None => serve_connection(stream, hub, sd).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, "AMQP connection ended: {e}");
             }
         }
@@ -59,6 +69,8 @@ where
     let timeouts = hub.config().timeouts;
     let mut conn = Connection::new(hub.clone());
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    // The bytes being written; swapped with the connection's output (see `swap_output`).
+    let mut out = Vec::new();
     let open_deadline = Instant::now() + timeouts.amqp_open;
     let silence_limit = Duration::from_millis(u64::from(conn.idle_timeout_ms()) * 2);
     let mut last_write = Instant::now();
@@ -78,10 +90,13 @@ where
                 _ = shutdown.cancelled() => conn.shut_down(),
             }
         }
-        let out = conn.take_output();
+        conn.swap_output(&mut out);
         if !out.is_empty() {
             write_within(&mut stream, &out, timeouts.write).await?;
             last_write = Instant::now();
+            if out.capacity() > OUTPUT_KEEP_BYTES {
+                out = Vec::new();
+            }
         }
         if conn.is_closed() {
             break;

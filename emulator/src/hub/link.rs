@@ -139,10 +139,21 @@ pub struct LinkShared {
     queue: Mutex<VecDeque<LinkEvent>>,
     notify: Notify,
     kicked: AtomicBool,
+    /// A C2D message was queued since the receiver last looked: [`LinkEvent::C2dAvailable`] is
+    /// this flag, not a queued event, so a send costs the mailbox no lock or allocation, repeated
+    /// sends wake the connection once, and a full mailbox never loses the wake-up.
+    c2d: AtomicBool,
     ready: Option<ReadyHook>,
 }
 
 impl LinkShared {
+    /// Announces queued C2D (see [`LinkShared::c2d`]); wakes the receiver unless already announced.
+    fn poke_c2d(&self) {
+        if !self.c2d.swap(true, Ordering::AcqRel) {
+            self.wake();
+        }
+    }
+
     /// Queues `event` unless [`LINK_CHANNEL_CAPACITY`] events are already waiting.
     fn push(&self, event: LinkEvent) -> Result<(), LinkEvent> {
         {
@@ -193,6 +204,9 @@ impl LinkReceiver {
 
     /// The next event if one is waiting.
     pub fn try_recv(&self) -> Option<LinkEvent> {
+        if self.0.c2d.load(Ordering::Acquire) && self.0.c2d.swap(false, Ordering::AcqRel) {
+            return Some(LinkEvent::C2dAvailable);
+        }
         let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
         let event = q.pop_front();
         if q.is_empty() && q.capacity() > 0 {
@@ -339,7 +353,7 @@ impl Hub {
     /// Wakes the connection of `d` (if any) because a C2D message was queued.
     pub(super) fn poke_c2d(d: &Device) {
         if let Some(link) = &d.link {
-            let _ = link.shared.push(LinkEvent::C2dAvailable);
+            link.shared.poke_c2d();
         }
     }
 
@@ -480,6 +494,36 @@ mod tests {
         set.drain_into(&mut keys);
         assert_eq!(keys, [7, 9], "rearmed: the next event is announced again; a kick is announced");
         assert!(b.events.is_kicked());
+    }
+
+    #[test]
+    fn c2d_wake_ups_coalesce_and_survive_a_full_mailbox() {
+        let hub = hub_with("d1");
+        let a = hub.attach_link("d1", false).unwrap();
+        hub.save_session("d1", a.conn_id, subscriptions::DESIRED);
+        for v in 0..LINK_CHANNEL_CAPACITY + 5 {
+            hub.notify_desired("d1", serde_json::json!({"v": v, "$version": v}));
+        }
+        for _ in 0..3 {
+            hub.wake_c2d("d1");
+        }
+        let mut c2d = 0;
+        let mut patches = 0;
+        while let Some(e) = a.events.try_recv() {
+            match e {
+                LinkEvent::C2dAvailable => c2d += 1,
+                LinkEvent::DesiredPatch(_) => patches += 1,
+                LinkEvent::Method(_) => panic!("no method was called"),
+            }
+        }
+        assert_eq!(
+            (c2d, patches),
+            (1, LINK_CHANNEL_CAPACITY),
+            "one C2D wake-up for three sends, not refused"
+        );
+        hub.wake_c2d("d1");
+        assert!(matches!(a.events.try_recv(), Some(LinkEvent::C2dAvailable)), "announced again once taken");
+        assert!(a.events.try_recv().is_none());
     }
 
     #[test]

@@ -33,6 +33,8 @@ const IDLE_BUFFER_BYTES: usize = 256;
 const RESERVE_AHEAD_BYTES: usize = 16 * 1024;
 /// What one read takes into the stack when the connection holds no read buffer (see [`fill`]).
 const STACK_READ_BYTES: usize = 4096;
+/// Bytes a packet's fixed header, packet id and topic length take at most (a hint, not a bound).
+const PACKET_OVERHEAD_BYTES: usize = 8;
 /// Write-buffer capacity kept between writes: a CONNACK, SUBACK, PUBACK or PINGRESP fits. A larger
 /// write (a C2D PUBLISH) grows it for that write only, so an idle device does not keep the largest
 /// packet it was ever sent (244 B per device after a fan-out, measured by `bench/examples/fanout_alloc.rs`).
@@ -110,6 +112,18 @@ async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -
     }
 }
 
+/// About the bytes `packets` encode to: publishes by their topic and payload, anything else as a
+/// small fixed-size packet. A hint for one reservation before encoding.
+fn encoded_size_hint(packets: &[Packet]) -> usize {
+    packets
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p) => p.topic.len() + p.payload.len() + PACKET_OVERHEAD_BYTES,
+            _ => PACKET_OVERHEAD_BYTES,
+        })
+        .sum()
+}
+
 /// Writes `buf[*done..]` and flushes (a TLS stream sends its records on flush), advancing `done`.
 fn poll_drain<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -140,6 +154,9 @@ async fn write_packets<S: AsyncWrite + Unpin>(
     if packets.is_empty() {
         return Ok(());
     }
+    // One allocation that fits the turn instead of the codec growing the buffer a few times (a
+    // turn of small acknowledgements fits the kept buffer and allocates nothing).
+    buf.reserve(encoded_size_hint(packets));
     for p in packets.drain(..) {
         p.write(buf, usize::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
     }
@@ -476,6 +493,25 @@ where
 }
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_reservation_fits_a_turn_of_publishes_and_acks() {
+        use rumqttc::mqttbytes::QoS;
+        use rumqttc::mqttbytes::v4::{PubAck, Publish};
+
+        use super::{BytesMut, PACKET_OVERHEAD_BYTES, Packet, encoded_size_hint};
+        let topic = "devices/fanout-000001/messages/devicebound/%24.to=%2Fdevices%2Ffanout-000001%2Fmessages%2FdeviceBound&iothub-ack=none";
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![7u8; 32]);
+        p.pkid = 300;
+        let packets = vec![Packet::Publish(p.clone()), Packet::PubAck(PubAck::new(9)), Packet::Publish(p)];
+        let hint = encoded_size_hint(&packets);
+        let mut buf = BytesMut::new();
+        for p in packets {
+            p.write(&mut buf, usize::MAX).unwrap();
+        }
+        assert!(hint >= buf.len(), "hint {hint} < {} encoded", buf.len());
+        assert!(hint <= buf.len() + 3 * PACKET_OVERHEAD_BYTES, "hint {hint} is close to {}", buf.len());
+    }
+
     /// Each idle connection costs one boxed `serve` future; keep it from growing unnoticed (the
     /// per-connection budget is 2 KiB in all, measured by `examples/mqtt_idle.rs` and
     /// `bench/fanout.sh`; the future was 2,248 B before the CONNECT exchange and the connected

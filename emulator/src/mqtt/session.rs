@@ -352,10 +352,16 @@ impl Session {
 
     /// Handles one packet from the device.
     pub fn handle_packet(&mut self, hub: &Hub, packet: Packet, out: &mut Vec<Packet>) -> Result<(), Close> {
+        if let Packet::PubAck(ack) = &packet {
+            // Settling, recording the activity and publishing the next message are one visit to
+            // the device's shard.
+            self.on_puback(hub, ack.pkid, out);
+            return Ok(());
+        }
         hub.touch_device(&self.device_id);
         match packet {
             Packet::Publish(p) => self.on_publish(hub, p, out)?,
-            Packet::PubAck(ack) => self.on_puback(hub, ack.pkid),
+            Packet::PubAck(_) => unreachable!("handled above"),
             Packet::Subscribe(s) => {
                 let codes = s
                     .filters
@@ -509,52 +515,79 @@ impl Session {
         Ok(())
     }
 
-    fn on_puback(&mut self, hub: &Hub, pkid: u16) {
+    /// A PUBACK: completes its delivery and publishes what the window now has room for, in one
+    /// visit to the hub (which records the device's activity). A PUBACK for nothing in flight
+    /// only records the activity and pumps.
+    fn on_puback(&mut self, hub: &Hub, pkid: u16, out: &mut Vec<Packet>) {
         let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) else {
             tracing::debug!(device = %self.device_id, pkid, "PUBACK for no in-flight message");
+            hub.touch_device(&self.device_id);
+            self.pump_c2d(hub, out);
             return;
         };
-        let settled = self.inflight.remove(i);
-        if self.inflight.is_empty() {
-            // An empty window gives its buffer back: most devices wait idle between messages.
-            self.inflight = VecDeque::new();
-        }
-        if let Some((_, token)) = settled
-            && let Err(e) = hub.settle_c2d(&self.device_id, token, Settlement::Complete)
-        {
+        let settled = self.inflight.remove(i).map(|(_, token)| (token, Settlement::Complete));
+        if let Err(e) = self.settle_and_pump(hub, settled, out) {
             tracing::info!(device = %self.device_id, pkid, "late PUBACK: {}", e.message);
         }
     }
 
     /// Publishes queued C2D messages while the device is subscribed and the window has room.
     fn pump_c2d(&mut self, hub: &Hub, out: &mut Vec<Packet>) {
-        while self.subs & subscriptions::C2D != 0 && self.inflight.len() < MQTT_C2D_INFLIGHT_WINDOW {
-            let delivery = match hub.receive_c2d(&self.device_id, C2D_LOCK_TIMEOUT_MS) {
-                Ok(Some(d)) => d,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(device = %self.device_id, "C2D receive failed: {}", e.message);
-                    return;
-                }
-            };
-            let pkid = self.next_pkid();
+        let _ = self.settle_and_pump(hub, None, out);
+    }
+
+    /// Settles `settle` (if given), then publishes queued C2D messages while the device is
+    /// subscribed and the window has room; one visit to the device's shard. Returns the
+    /// settlement's failure (a lapsed lock), if any.
+    fn settle_and_pump(
+        &mut self,
+        hub: &Hub,
+        settle: Option<(LockToken, Settlement)>,
+        out: &mut Vec<Packet>,
+    ) -> Result<(), HubError> {
+        let room = if self.subs & subscriptions::C2D != 0 {
+            MQTT_C2D_INFLIGHT_WINDOW.saturating_sub(self.inflight.len())
+        } else {
+            0
+        };
+        if room == 0 && settle.is_none() {
+            if self.inflight.is_empty() {
+                self.inflight = VecDeque::new();
+            }
+            return Ok(());
+        }
+        let (inflight, last_pkid, device_id) = (&mut self.inflight, &mut self.last_pkid, &self.device_id);
+        let result = hub.settle_and_receive_c2d(device_id, settle, C2D_LOCK_TIMEOUT_MS, room, |delivery| {
+            let pkid = next_pkid(last_pkid, inflight);
             let mut publish = Publish::from_bytes(
-                topics::c2d_topic(&self.device_id, &delivery),
+                topics::c2d_topic(device_id, &delivery),
                 QoS::AtLeastOnce,
                 delivery.message.body.clone(),
             );
             publish.pkid = pkid;
             out.push(Packet::Publish(publish));
-            self.inflight.push_back((pkid, delivery.lock_token));
+            inflight.push_back((pkid, delivery.lock_token));
+        });
+        if self.inflight.is_empty() {
+            // An empty window gives its buffer back: most devices wait idle between messages.
+            self.inflight = VecDeque::new();
+        }
+        match result {
+            Ok((_, settled)) => settled,
+            Err(e) => {
+                tracing::debug!(device = %self.device_id, "C2D receive failed: {}", e.message);
+                Ok(())
+            }
         }
     }
+}
 
-    fn next_pkid(&mut self) -> u16 {
-        loop {
-            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.iter().any(|(p, _)| *p == self.last_pkid) {
-                return self.last_pkid;
-            }
+/// The next packet id after `last` that no in-flight publish uses.
+fn next_pkid(last: &mut u16, inflight: &VecDeque<(u16, LockToken)>) -> u16 {
+    loop {
+        *last = last.checked_add(1).unwrap_or(1);
+        if !inflight.iter().any(|(p, _)| *p == *last) {
+            return *last;
         }
     }
 }
@@ -979,6 +1012,37 @@ mod tests {
             "m1's lock lapsed: its PUBACK came too late, it is redelivered"
         );
         assert_eq!(pending(&f, "d1"), (MQTT_C2D_INFLIGHT_WINDOW + 1) as u64);
+    }
+
+    #[test]
+    fn a_puback_completes_records_activity_and_publishes_the_next_message_in_one_visit() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        send(&f, "d1", "m1");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::C2dAvailable, &mut out);
+        let first = publishes(&out)[0].pkid;
+        send(&f, "d1", "m2");
+        let before = f.hub.get_device("d1").unwrap()["lastActivityTime"].clone();
+        f.clock.advance(5_000);
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(first)), &mut out).unwrap();
+        let got = publishes(&out);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].payload[..], b"body of m2");
+        assert_ne!(got[0].pkid, first);
+        assert_eq!(pending(&f, "d1"), 1, "m1 completed, m2 locked");
+        let after = f.hub.get_device("d1").unwrap()["lastActivityTime"].clone();
+        assert_ne!(before, after, "the PUBACK recorded the activity");
+        // A PUBACK whose lock lapsed still lets the next message out (the settlement fails alone).
+        send(&f, "d1", "m3");
+        f.clock.advance(C2D_LOCK_TIMEOUT_MS + 1);
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out).unwrap();
+        let again: Vec<_> = publishes(&out).iter().map(|p| p.payload.clone()).collect();
+        assert_eq!(again, [Bytes::from_static(b"body of m2"), Bytes::from_static(b"body of m3")]);
     }
 
     #[test]

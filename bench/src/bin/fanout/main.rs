@@ -45,8 +45,9 @@ struct RunArgs {
     /// Devices (connections), each sent one message.
     #[arg(long, default_value_t = 10_000)]
     devices: usize,
-    /// Servers to measure, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "hub,mosquitto,rumqttd")]
+    /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
+    /// (sent to over AMQP like the service SDKs), `mosquitto`, `rumqttd`.
+    #[arg(long, value_delimiter = ',', default_value = "hub,hub-amqp,mosquitto,rumqttd")]
     servers: Vec<String>,
     /// Repetitions; the table shows medians.
     #[arg(long, default_value_t = 1)]
@@ -180,6 +181,7 @@ async fn hub_serve(data_dir: &Path) -> Result<()> {
     let running = RunningHub::start(iothub_emulator::HubConfig::default(), &listen, data_dir).await?;
     println!("http://{}", running.http_addr);
     println!("mqtt://{}", running.mqtt_plain_addr.context("plain MQTT listener")?);
+    println!("amqp://{}", running.amqp_plain_addr.context("plain AMQP listener")?);
     tokio::spawn(shutdown_on_signal(running.shutdown_token()));
     running.wait().await?;
     Ok(())
@@ -583,9 +585,11 @@ async fn fan_out(
     problems: &mut Vec<String>,
 ) -> Result<(Round, usize)> {
     let (n, pid) = (a.devices, server.pid);
-    let via = match server.http {
-        Some(http) => Via::Rest { http, token: owner_token()? },
-        None => Via::Mqtt { addr: server.mqtt },
+    let via = match (server.kind, server.http, server.amqp) {
+        (Kind::Hub, Some(http), _) => Via::Rest { http, token: owner_token()? },
+        (Kind::HubAmqp, _, Some(addr)) => Via::Amqp { addr, token: owner_token()? },
+        (k, ..) if k.is_hub() => bail!("the hub printed no address for its {} sender", k.name()),
+        _ => Via::Mqtt { addr: server.mqtt },
     };
     let sender = Sender::open(via, a.send_conns, a.send_window, a.payload_bytes).await?;
     settle(pid).await;
@@ -750,28 +754,27 @@ fn print_table(
             }
         }
     }
-    let hub =
-        found.iter().position(|f| f.kind == Kind::Hub).and_then(|i| table.iter().find(|(j, _)| *j == i));
-    let Some((_, h)) = hub else { return };
-    let hr = pick(h);
-    for (i, p) in table {
-        let f = &found[*i];
-        if f.kind == Kind::Hub {
-            continue;
+    let r = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "n/a".into() };
+    for (hi, h) in table.iter().filter(|(i, _)| found[*i].kind.is_hub()) {
+        let hr = pick(h);
+        for (i, p) in table {
+            let f = &found[*i];
+            if f.kind.is_hub() {
+                continue;
+            }
+            let pr = pick(p);
+            println!(
+                "{:<20} connect {}  fan-out {}  p50 {}  p99 {}  CPU/msg {}  mem idle {}  mem after {}",
+                format!("{}/{}", found[*hi].kind.name(), f.kind.name()),
+                r(h.connect_per_s, p.connect_per_s),
+                r(hr.fanout_per_s, pr.fanout_per_s),
+                r(hr.p50_ms, pr.p50_ms),
+                r(hr.p99_ms, pr.p99_ms),
+                r(hr.cpu_us_per_msg, pr.cpu_us_per_msg),
+                r(h.kib_idle, p.kib_idle),
+                r(hr.kib_after, pr.kib_after),
+            );
         }
-        let pr = pick(p);
-        let r = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "n/a".into() };
-        println!(
-            "hub/{:<10} connect {}  fan-out {}  p50 {}  p99 {}  CPU/msg {}  mem idle {}  mem after {}",
-            f.kind.name(),
-            r(h.connect_per_s, p.connect_per_s),
-            r(hr.fanout_per_s, pr.fanout_per_s),
-            r(hr.p50_ms, pr.p50_ms),
-            r(hr.p99_ms, pr.p99_ms),
-            r(hr.cpu_us_per_msg, pr.cpu_us_per_msg),
-            r(h.kib_idle, p.kib_idle),
-            r(hr.kib_after, pr.kib_after),
-        );
     }
     println!("(ratios hub/peer: above 1 is better for the hub for connect and fan-out, worse for the rest)");
     let client: Vec<String> = table
@@ -799,7 +802,7 @@ async fn run(a: RunArgs) -> Result<bool> {
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
-            Kind::Hub => a.hub_bin.as_deref(),
+            Kind::Hub | Kind::HubAmqp => a.hub_bin.as_deref(),
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
         };
@@ -836,7 +839,7 @@ async fn run(a: RunArgs) -> Result<bool> {
     for rep in 1..=a.reps.max(1) {
         for (i, f) in found.iter().enumerate() {
             if let Err(why) = &f.program {
-                if f.kind != Kind::Hub && a.allow_missing_peers {
+                if !f.kind.is_hub() && a.allow_missing_peers {
                     if rep == 1 {
                         eprintln!("\n!!! SKIPPED {}: {why} -- NOT MEASURED, NOT PASSED !!!\n", f.kind.name());
                     }

@@ -2,8 +2,15 @@
 //! connections, each with a window of requests in flight (pipelined: a writer batches what the
 //! window allows, a reader counts answers and reopens the window).
 //!
-//! - Hub: `POST /devices/{id}/messages/deviceBound` (the REST send extension) on the plain HTTP
-//!   port, the body being the payload, with an `iothubowner` SAS token; each answer must be 204.
+//! - Hub, REST: `POST /devices/{id}/messages/deviceBound` (the REST send extension) on the plain
+//!   HTTP port, the body being the payload, with an `iothubowner` SAS token; each answer must be
+//!   204.
+//! - Hub, AMQP: what the service SDKs do (the seed pipeline's path): a connection to the plain AMQP
+//!   listener (bare AMQP header), an `iothubowner` SAS token put on `$cbs`, then one transfer per
+//!   message on a `/messages/devicebound` sender link (`to` = `/devices/{id}/messages/devicebound`,
+//!   no message id, ack `none`), unsettled; each must be settled `accepted` by the hub's
+//!   disposition. The client is the project's own sans-IO service client
+//!   ([`simulated_devices::amqp_client::ServiceConn`]); the hub's link credit bounds the window too.
 //! - Peers: PUBLISH at QoS 1 of the same payload on the topic the hub would publish to the device
 //!   ([`testbench::fanout::c2d_topic`]); each must be PUBACKed.
 //!
@@ -19,6 +26,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 
+use simulated_devices::amqp_client::{Event, ServiceConn};
+use simulated_devices::service_client::C2dSend;
 use testbench::fanout::{self, codec, mono_ns};
 
 /// Deadline of a sender connection's connect (and CONNACK).
@@ -51,6 +60,13 @@ pub enum Via {
         /// The SAS token.
         token: String,
     },
+    /// The hub's AMQP service endpoint (plain listener), authorized with this SAS token on `$cbs`.
+    Amqp {
+        /// The plain AMQP address.
+        addr: SocketAddr,
+        /// The SAS token.
+        token: String,
+    },
     /// An MQTT publisher.
     Mqtt {
         /// The broker's address.
@@ -58,10 +74,18 @@ pub enum Via {
     },
 }
 
+/// One open sender connection.
+enum Conn {
+    /// HTTP or MQTT: the socket.
+    Plain(TcpStream),
+    /// AMQP: the socket and the authorized connection's state.
+    Amqp(TcpStream, Box<ServiceConn>),
+}
+
 /// Open sender connections.
 pub struct Sender {
     via: Via,
-    conns: Vec<TcpStream>,
+    conns: Vec<Conn>,
     window: usize,
     payload_bytes: usize,
 }
@@ -72,10 +96,18 @@ impl Sender {
         let mut open = Vec::new();
         for c in 0..conns.max(1) {
             let s = match &via {
-                Via::Rest { http, .. } => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(http))
-                    .await
-                    .context("connect timeout")?
-                    .with_context(|| format!("connect to {http}"))?,
+                Via::Rest { http, .. } => Conn::Plain(
+                    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(http))
+                        .await
+                        .context("connect timeout")?
+                        .with_context(|| format!("connect to {http}"))?,
+                ),
+                Via::Amqp { addr, token } => {
+                    let (s, conn) = tokio::time::timeout(CONNECT_TIMEOUT, amqp_open(*addr, token))
+                        .await
+                        .context("AMQP connect and put-token timeout")??;
+                    Conn::Amqp(s, conn)
+                }
                 Via::Mqtt { addr } => {
                     let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                         .await
@@ -91,10 +123,12 @@ impl Sender {
                     if buf != [0x20, 2, 0, 0] {
                         bail!("the publisher's CONNECT was answered with {buf:?}");
                     }
-                    s
+                    Conn::Plain(s)
                 }
             };
-            let _ = s.set_nodelay(true);
+            if let Conn::Plain(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
             open.push(s);
         }
         Ok(Self { via, conns: open, window: window.max(1), payload_bytes })
@@ -106,16 +140,24 @@ impl Sender {
     pub async fn run(self, order: &[usize], round: u32, timeout: Duration) -> SendStats {
         let n = self.conns.len();
         let mut jobs = Vec::new();
-        for (c, stream) in self.conns.into_iter().enumerate() {
+        for (c, conn) in self.conns.into_iter().enumerate() {
             let mine: Vec<usize> = order.iter().copied().skip(c).step_by(n).collect();
             let via = self.via.clone();
             let (window, payload_bytes) = (self.window, self.payload_bytes);
             jobs.push(async move {
-                let (rd, wr) = stream.into_split();
                 let total = mine.len();
-                match tokio::time::timeout(timeout, one_conn(via, rd, wr, mine, round, window, payload_bytes))
-                    .await
-                {
+                let job = async {
+                    match conn {
+                        Conn::Plain(stream) => {
+                            let (rd, wr) = stream.into_split();
+                            one_conn(via, rd, wr, mine, round, window, payload_bytes).await
+                        }
+                        Conn::Amqp(stream, conn) => {
+                            one_amqp_conn(stream, conn, mine, round, window, payload_bytes).await
+                        }
+                    }
+                };
+                match tokio::time::timeout(timeout, job).await {
                     Ok(s) => s,
                     Err(_) => SendStats {
                         failed: total,
@@ -193,6 +235,7 @@ async fn one_conn(
                         );
                         buf.extend_from_slice(&body);
                     }
+                    Via::Amqp { .. } => unreachable!("AMQP connections are driven by one_amqp_conn"),
                     Via::Mqtt { .. } => {
                         pkid = pkid.checked_add(1).unwrap_or(1);
                         codec::publish(&mut buf, 1, pkid, fanout::c2d_topic(&id).as_bytes(), &body);
@@ -258,6 +301,104 @@ async fn one_conn(
     stats.ok = ok;
     stats.failed = failed;
     stats.error = read_error.or(write_error);
+    stats
+}
+
+/// Connects to the hub's plain AMQP listener, opens the service client's links and puts `token`
+/// on `$cbs`; returns once the hub accepted the token.
+async fn amqp_open(addr: SocketAddr, token: &str) -> Result<(TcpStream, Box<ServiceConn>)> {
+    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+    let _ = s.set_nodelay(true);
+    let mut conn = Box::new(ServiceConn::new(fanout::HOSTNAME));
+    conn.put_token(fanout::HOSTNAME, token);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        s.write_all(&conn.take_output()).await?;
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the hub closed the AMQP connection during the put-token");
+        }
+        for event in conn.input(&buf[..n])? {
+            if let Event::CbsReply { status, description } = event {
+                if status != 200 {
+                    bail!("the hub refused the CBS token: {status} {description}");
+                }
+                s.write_all(&conn.take_output()).await?;
+                return Ok((s, conn));
+            }
+        }
+    }
+}
+
+/// The AMQP sender: keeps up to `window` transfers unsettled (the hub's link credit may allow
+/// fewer), writes what the client encoded in one write per turn, and counts the hub's
+/// dispositions (accepted = ok).
+async fn one_amqp_conn(
+    mut stream: TcpStream,
+    mut conn: Box<ServiceConn>,
+    devices: Vec<usize>,
+    round: u32,
+    window: usize,
+    payload_bytes: usize,
+) -> SendStats {
+    let total = devices.len();
+    let mut stats = SendStats { first_ns: u64::MAX, ..Default::default() };
+    let mut next = 0;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while next < total && conn.unsettled() < window {
+            let i = devices[next];
+            let now = mono_ns();
+            stats.first_ns = stats.first_ns.min(now);
+            let mut body = Vec::with_capacity(payload_bytes);
+            fanout::payload(&mut body, i, round, now, payload_bytes);
+            let msg =
+                C2dSend { body, message_id: String::new(), ack: "", content_type: None, expiry_ms: None };
+            conn.send_c2d(&fanout::device_id(i), &msg);
+            next += 1;
+        }
+        let out = conn.take_output();
+        if !out.is_empty()
+            && let Err(e) = stream.write_all(&out).await
+        {
+            stats.error = Some(format!("write: {e}"));
+            break;
+        }
+        if stats.ok + stats.failed == total {
+            break;
+        }
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => {
+                stats.error = Some("the hub closed the AMQP connection".into());
+                break;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                stats.error = Some(format!("read: {e}"));
+                break;
+            }
+        };
+        let events = match conn.input(&buf[..n]) {
+            Ok(events) => events,
+            Err(e) => {
+                stats.error = Some(e.to_string());
+                break;
+            }
+        };
+        for event in events {
+            if let Event::Settled { result, .. } = event {
+                stats.last_answer_ns = mono_ns();
+                match result {
+                    Ok(()) => stats.ok += 1,
+                    Err(e) => {
+                        stats.failed += 1;
+                        stats.error.get_or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+    stats.failed = total - stats.ok;
     stats
 }
 

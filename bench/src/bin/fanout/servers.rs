@@ -1,6 +1,7 @@
 //! The servers under test, each started as its own process on free loopback ports and stopped
 //! (SIGTERM, then SIGKILL after a deadline) when its run ends: the hub (`iothub-emulator` with
-//! `--mqtt-plain-port 0`, or this binary's own `hub-serve`, the same library), Mosquitto from a
+//! `--mqtt-plain-port 0 --amqp-plain-port 0`, or this binary's own `hub-serve`, the same library;
+//! measured once per sender, REST and AMQP), Mosquitto from a
 //! generated configuration (persistence off, no queue or in-flight limits, no connection logging)
 //! and `rumqttd-peer` (rumqttd embedded, `bench/rumqttd-peer`). Readiness is awaited, never
 //! slept for: the hub prints its bound addresses on stdout; the peers are polled with TCP
@@ -24,8 +25,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
-    /// The IoT Hub emulator.
+    /// The IoT Hub emulator, sent to through its REST send extension.
     Hub,
+    /// The IoT Hub emulator, sent to over AMQP as the service SDKs do.
+    HubAmqp,
     /// Eclipse Mosquitto (Debian package).
     Mosquitto,
     /// rumqttd (crates.io), embedded in `rumqttd-peer`.
@@ -37,16 +40,23 @@ impl Kind {
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
             "hub" => Ok(Self::Hub),
+            "hub-amqp" => Ok(Self::HubAmqp),
             "mosquitto" => Ok(Self::Mosquitto),
             "rumqttd" => Ok(Self::Rumqttd),
-            other => bail!("unknown server {other:?}: use hub, mosquitto or rumqttd"),
+            other => bail!("unknown server {other:?}: use hub, hub-amqp, mosquitto or rumqttd"),
         }
+    }
+
+    /// Whether this is the hub (with either sender).
+    pub fn is_hub(self) -> bool {
+        matches!(self, Self::Hub | Self::HubAmqp)
     }
 
     /// The short name.
     pub fn name(self) -> &'static str {
         match self {
             Self::Hub => "hub",
+            Self::HubAmqp => "hub-amqp",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
         }
@@ -91,7 +101,8 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Finds the program for `kind` (`explicit` overrides the search).
 pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
     match kind {
-        Kind::Hub => {
+        Kind::Hub | Kind::HubAmqp => {
+            let sender = if kind == Kind::Hub { "REST" } else { "AMQP" };
             let hub = match explicit {
                 Some("self") => HubBin::SelfHosted,
                 Some(p) => HubBin::Binary(PathBuf::from(p)),
@@ -99,12 +110,12 @@ pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
             };
             let (program, label) = match &hub {
                 HubBin::Binary(p) if !p.is_file() => {
-                    (Err(format!("{} does not exist", p.display())), "hub".into())
+                    (Err(format!("{} does not exist", p.display())), format!("hub {sender}"))
                 }
-                HubBin::Binary(p) => (Ok(p.clone()), "hub".into()),
+                HubBin::Binary(p) => (Ok(p.clone()), format!("hub {sender}")),
                 HubBin::SelfHosted => match std::env::current_exe() {
-                    Ok(p) => (Ok(p), "hub (self-hosted)".into()),
-                    Err(e) => (Err(e.to_string()), "hub".into()),
+                    Ok(p) => (Ok(p), format!("hub {sender} (self)")),
+                    Err(e) => (Err(e.to_string()), format!("hub {sender}")),
                 },
             };
             Found { kind, program, label, hub: Some(hub) }
@@ -176,6 +187,8 @@ pub struct Server {
     pub mqtt: SocketAddr,
     /// The hub's plain HTTP address.
     pub http: Option<SocketAddr>,
+    /// The hub's plain AMQP address.
+    pub amqp: Option<SocketAddr>,
     /// Where its logs go.
     pub log: PathBuf,
     child: Child,
@@ -216,7 +229,7 @@ impl Server {
         let log = work.join(format!("{}.log", found.kind.name()));
         let stderr = || -> Result<Stdio> { Ok(std::fs::File::create(&log)?.into()) };
         match found.kind {
-            Kind::Hub => {
+            Kind::Hub | Kind::HubAmqp => {
                 let mut cmd = Command::new(&program);
                 let data = work.join("hub-data");
                 match found.hub.as_ref().context("hub start mode")? {
@@ -232,15 +245,17 @@ impl Server {
                         "0",
                         "--mqtt-plain-port",
                         "0",
+                        "--amqp-plain-port",
+                        "0",
                         "--no-ftp",
                     ]),
                 };
                 let mut child = cmd.stdout(Stdio::piped()).stderr(stderr()?).kill_on_drop(true).spawn()?;
                 let pid = child.id().context("hub pid")?;
                 let mut lines = BufReader::new(child.stdout.take().context("hub stdout")?).lines();
-                let (mut http, mut mqtt) = (None, None);
+                let (mut http, mut mqtt, mut amqp) = (None, None, None);
                 let deadline = Instant::now() + START_TIMEOUT;
-                while http.is_none() || mqtt.is_none() {
+                while http.is_none() || mqtt.is_none() || amqp.is_none() {
                     let line = tokio::time::timeout_at(deadline, lines.next_line())
                         .await
                         .map_err(|_| anyhow!("the hub printed no addresses within {START_TIMEOUT:?}"))??
@@ -251,12 +266,14 @@ impl Server {
                         http = Some(a.parse::<SocketAddr>()?);
                     } else if let Some(a) = line.strip_prefix("mqtt://") {
                         mqtt = Some(a.parse::<SocketAddr>()?);
+                    } else if let Some(a) = line.strip_prefix("amqp://") {
+                        amqp = Some(a.parse::<SocketAddr>()?);
                     }
                 }
                 // Keep reading: the hub prints more lines, and a closed pipe would fail its writes.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
                 let mqtt = mqtt.context("mqtt address")?;
-                Ok(Self { kind: found.kind, pid, mqtt, http, log, child })
+                Ok(Self { kind: found.kind, pid, mqtt, http, amqp, log, child })
             }
             Kind::Mosquitto => {
                 let port = free_port()?;
@@ -289,7 +306,7 @@ impl Server {
                 let pid = child.id().context("mosquitto pid")?;
                 let mqtt = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 accepts(&mut child, mqtt, &log).await.context("mosquitto")?;
-                Ok(Self { kind: found.kind, pid, mqtt, http: None, log, child })
+                Ok(Self { kind: found.kind, pid, mqtt, http: None, amqp: None, log, child })
             }
             Kind::Rumqttd => {
                 let port = free_port()?;
@@ -305,7 +322,7 @@ impl Server {
                     .spawn()?;
                 let pid = child.id().context("rumqttd pid")?;
                 accepts(&mut child, mqtt, &log).await.context("rumqttd")?;
-                Ok(Self { kind: found.kind, pid, mqtt, http: None, log, child })
+                Ok(Self { kind: found.kind, pid, mqtt, http: None, amqp: None, log, child })
             }
         }
     }
