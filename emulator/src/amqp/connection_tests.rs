@@ -484,7 +484,7 @@ fn a_delivery_split_over_several_frames_is_reassembled() {
 fn feedback_flows_to_a_credited_link_and_is_completed_on_accept() {
     let mut p = Peer::sender("d");
     p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
-    assert!(p.conn.wants_feedback());
+    assert!(p.conn.wants_wake());
     assert_eq!(outcome(&p.transfer(C2D, &c2d("d", "fb-1"))), Ok(()));
     let d = p.hub.receive_c2d("d", 60_000).unwrap().unwrap();
     p.hub.settle_c2d("d", d.lock_token, Settlement::Complete).unwrap();
@@ -556,7 +556,7 @@ fn feedback_waits_for_credit_and_a_released_batch_is_redelivered() {
     let sent: Vec<Out> =
         parse_all(p.conn.take_output()).into_iter().filter(|f| f.code == code::TRANSFER).collect();
     assert_eq!(sent.len(), 1, "one credit, one batch");
-    assert!(!p.conn.wants_feedback(), "no credit left: the driver must not wake for feedback");
+    assert!(!p.conn.wants_wake(), "no credit left: the driver must not wake for feedback");
     // Released: the batch goes back to the hub; with new credit both batches come (again).
     let id = sent[0].fields.get(1).clone();
     let released = list(code::RELEASED, vec![]);

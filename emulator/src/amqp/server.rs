@@ -1,8 +1,9 @@
 //! The AMQP socket driver: accepts TLS connections on the AMQP listener and runs one
 //! [`Connection`] per socket, moving bytes between them.
 //!
-//! A connection task waits on its socket, the hub's notifier (while a feedback link has credit, so
-//! feedback flows without polling) and its timers (the next feedback batch cut, a heartbeat inside
+//! A connection task waits on its socket, the hub's notifier (while a link could send once the hub
+//! changes, e.g. a feedback link with credit, so nothing polls) and its timers (a node's next wake-up
+//! such as the next feedback batch cut, a heartbeat inside
 //! the peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing
 //! is spawned per device or per link.
 
@@ -86,9 +87,9 @@ where
         if conn.is_closed() {
             break;
         }
-        let wants_feedback = conn.wants_feedback();
-        let feedback_at = wants_feedback
-            .then(|| hub.feedback_next_due())
+        let wants_wake = conn.wants_wake();
+        let wake_at = wants_wake
+            .then(|| conn.next_wake_at())
             .flatten()
             .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(hub.now())));
         let heartbeat_at =
@@ -103,8 +104,8 @@ where
                 }
                 Err(e) => return Err(e),
             },
-            _ = &mut notified, if wants_feedback => {}
-            _ = tokio::time::sleep_until(feedback_at.unwrap_or_else(Instant::now)), if feedback_at.is_some() => {}
+            _ = &mut notified, if wants_wake => {}
+            _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
             _ = tokio::time::sleep_until(heartbeat_at.unwrap_or_else(Instant::now)), if heartbeat_at.is_some() => {
                 write_within(&mut stream, &HEARTBEAT, timeouts.write).await?;
                 last_write = Instant::now();
