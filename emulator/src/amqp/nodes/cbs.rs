@@ -12,8 +12,9 @@ use super::{Auth, Ctx, Node, Outcome, Outgoing, Received};
 use crate::amqp::MAX_PENDING_REPLIES;
 use crate::amqp::message::{Body, Message, Properties};
 use crate::amqp::types::Value;
-use crate::hub::Hub;
-use crate::sas::Rights;
+use crate::error::HubError;
+use crate::hub::{Authenticated, Hub};
+use crate::sas::{ResourceTarget, Rights, SasToken};
 
 /// The node kind replies are routed by.
 const KIND: &str = "$cbs";
@@ -35,9 +36,15 @@ impl Node for Requests {
     /// (sdk-wire-notes §3, §5.3).
     fn receive(&mut self, ctx: &mut Ctx<'_>, request: &Message) -> Received {
         let (status, description) = match check_put_token(ctx.hub, request) {
-            Ok(expiry_secs) => {
-                ctx.auth.grant(expiry_secs);
-                (200, "OK".to_owned())
+            Ok(auth) => {
+                ctx.auth.grant(&auth.resource, auth.expiry_secs);
+                // The Event Hubs service answers 202; the IoT Hub Node SDKs want exactly 200 on
+                // their own hub tokens (reference-2 §1.2).
+                if crate::sas::scope_covers(&auth.resource, ctx.hub.hostname()) {
+                    (200, "OK".to_owned())
+                } else {
+                    (202, "Accepted".to_owned())
+                }
             }
             Err((status, description)) => {
                 tracing::info!(status, "CBS put-token refused: {description}");
@@ -68,7 +75,9 @@ pub(super) fn reply(request: &Message, status: i32, description: &str) -> Messag
     }
 }
 
-fn check_put_token(hub: &Hub, request: &Message) -> Result<u64, (i32, String)> {
+/// Verifies a put-token: a hub service token (IoT Hub's rules), else a policy token scoped to a
+/// resource on the hub's host such as the Event Hub-compatible entity (`sb://{host}/{eh}`).
+fn check_put_token(hub: &Hub, request: &Message) -> Result<Authenticated, (i32, String)> {
     match request.app_str("operation") {
         Some("put-token") => {}
         other => {
@@ -84,9 +93,19 @@ fn check_put_token(hub: &Hub, request: &Message) -> Result<u64, (i32, String)> {
         Body::Data(b) => String::from_utf8_lossy(b).into_owned(),
         _ => return Err((400, "the put-token body must be the SAS token as a string".into())),
     };
-    hub.authenticate_service(&token, Rights::SERVICE_CONNECT)
-        .map(|auth| auth.expiry_secs)
-        .map_err(|e| (i32::from(e.code.http_status()), e.message))
+    authenticate(hub, &token).map_err(|e| (i32::from(e.code.http_status()), e.message))
+}
+
+/// A token for an IoT Hub resource (`{host}`, `{host}/devices/...`) is checked as a hub service
+/// token; one for any other resource on the host (`sb://{host}/{eh}`, `{host}/messages/events`) as
+/// a scoped policy token.
+fn authenticate(hub: &Hub, token: &str) -> Result<Authenticated, HubError> {
+    let iot_hub_resource = SasToken::parse(token).is_ok_and(|t| ResourceTarget::parse(&t.resource).is_ok());
+    if iot_hub_resource {
+        hub.authenticate_service(token, Rights::SERVICE_CONNECT)
+    } else {
+        hub.authenticate_scoped_policy(token, Rights::SERVICE_CONNECT)
+    }
 }
 
 /// The session's `$cbs` receiver link: replies wait here for the client's credit (bounded).
@@ -124,13 +143,14 @@ impl Node for Replies {
     }
 }
 
-/// Handles SASL PLAIN (`\0{user}\0{password}`): the password is a service SAS token.
+/// Handles SASL PLAIN (`\0{user}\0{password}`): the password is a service SAS token, scoped to
+/// the hub or to a resource on it (the redirect sample signs `{host}/messages/events`).
 pub fn sasl_plain(hub: &Hub, auth: &mut Auth, response: &[u8]) -> bool {
     let mut parts = response.split(|&b| b == 0);
     let password = parts.nth(2).map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
-    match hub.authenticate_service(&password, Rights::SERVICE_CONNECT) {
+    match authenticate(hub, &password) {
         Ok(a) => {
-            auth.grant(a.expiry_secs);
+            auth.grant(&a.resource, a.expiry_secs);
             true
         }
         Err(e) => {

@@ -108,34 +108,80 @@ impl Refusal {
 
 /// The connection's authorization: what the CBS tokens (or the SASL PLAIN password) put on it
 /// allow, and until when. Owned by the connection; nodes read and extend it through [`Ctx`].
+///
+/// Each accepted token is a grant for its resource (`sr`, decoded, scheme and port aside): a hub
+/// token (`{host}`) authorizes every service operation, an Event Hubs token (`sb://{host}/{eh}`)
+/// only what lies under that entity. A newer token for the same resource replaces the older one;
+/// at most [`MAX_GRANTS`] are kept (the one expiring first goes).
 #[derive(Debug, Default)]
 pub struct Auth {
-    /// `se` of the newest accepted service token: service operations are allowed until it (plus
-    /// the hub's clock skew) passes.
-    service_expiry_secs: Option<u64>,
+    grants: Vec<Grant>,
 }
 
+#[derive(Debug, Clone)]
+struct Grant {
+    /// The token's decoded resource.
+    scope: String,
+    /// The token's `se`.
+    expiry_secs: u64,
+}
+
+/// Grants one connection keeps (one per resource it put a token for).
+pub const MAX_GRANTS: usize = 16;
+
 impl Auth {
-    /// Records a service token valid until `expiry_secs`.
-    pub fn grant(&mut self, expiry_secs: u64) {
-        self.service_expiry_secs = Some(expiry_secs);
+    /// Records a token for `scope` valid until `expiry_secs`.
+    pub fn grant(&mut self, scope: &str, expiry_secs: u64) {
+        if let Some(g) = self.grants.iter_mut().find(|g| g.scope.eq_ignore_ascii_case(scope)) {
+            g.expiry_secs = expiry_secs;
+            return;
+        }
+        if self.grants.len() >= MAX_GRANTS
+            && let Some(i) = (0..self.grants.len()).min_by_key(|&i| self.grants[i].expiry_secs)
+        {
+            self.grants.swap_remove(i);
+        }
+        self.grants.push(Grant { scope: scope.to_owned(), expiry_secs });
     }
 
-    /// Whether a token currently authorizes service operations.
-    pub fn authorized(&self, hub: &Hub) -> bool {
+    fn live(&self, hub: &Hub) -> impl Iterator<Item = &Grant> {
         let now_secs = hub.wall_now() / 1000;
-        self.service_expiry_secs.is_some_and(|se| se.saturating_add(hub.config().sas_skew_secs) >= now_secs)
+        let skew = hub.config().sas_skew_secs;
+        self.grants.iter().filter(move |g| g.expiry_secs.saturating_add(skew) >= now_secs)
+    }
+
+    /// Whether an unexpired token covers `target` (a decoded resource such as `{host}/{eh}/...`).
+    pub fn covers(&self, hub: &Hub, target: &str) -> bool {
+        self.live(hub).any(|g| crate::sas::scope_covers(&g.scope, target))
+    }
+
+    /// Whether a hub token currently authorizes service operations.
+    pub fn authorized(&self, hub: &Hub) -> bool {
+        self.covers(hub, hub.hostname())
     }
 
     /// Why service operations are refused right now, or `None` when they are allowed.
     pub fn unauthorized_reason(&self, hub: &Hub) -> Option<String> {
-        match self.service_expiry_secs {
-            None => Some("no valid token: put a SAS token with ServiceConnect on $cbs first".into()),
-            Some(se) if !self.authorized(hub) => {
-                Some(format!("the CBS token expired (se={se}); put a new token on $cbs"))
-            }
-            Some(_) => None,
+        self.reason(hub, hub.hostname())
+    }
+
+    /// Why `target` is not authorized right now, or `None` when it is.
+    pub fn reason(&self, hub: &Hub, target: &str) -> Option<String> {
+        if self.covers(hub, target) {
+            return None;
         }
+        let expired = self
+            .grants
+            .iter()
+            .filter(|g| crate::sas::scope_covers(&g.scope, target))
+            .map(|g| g.expiry_secs)
+            .max();
+        Some(match expired {
+            None => {
+                format!("no valid token for '{target}': put a SAS token with ServiceConnect on $cbs first")
+            }
+            Some(se) => format!("the CBS token expired (se={se}); put a new token on $cbs"),
+        })
     }
 }
 
