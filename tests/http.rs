@@ -300,11 +300,64 @@ async fn json_bodies_of_the_wrong_shape_get_400_in_iot_hubs_error_shape() {
 }
 
 #[tokio::test]
+async fn consumer_groups_are_managed_at_emulator_consumer_groups_in_arms_shape() {
+    let hub = TestHub::start_with(HubConfig {
+        events: iothub_emulator::hub::EventsConfig {
+            consumer_groups: vec!["startup".into()],
+            ..Default::default()
+        },
+        ..HubConfig::default()
+    })
+    .await
+    .unwrap();
+    let names = |json: &serde_json::Value| -> Vec<String> {
+        json["value"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap().to_string()).collect()
+    };
+    let (status, _, list) = send_json(&hub, "GET", "/emulator/consumer-groups", "").await;
+    assert_eq!((status, names(&list)), (200, vec!["$Default".to_string(), "startup".to_string()]));
+    let (status, _, g) = send_json(&hub, "PUT", "/emulator/consumer-groups/analytics", "").await;
+    assert_eq!(status, 201, "{g}");
+    assert_eq!(g["name"], "analytics");
+    assert_eq!(g["type"], "Microsoft.Devices/IotHubs/EventHubEndpoints/ConsumerGroups");
+    assert!(g["properties"]["created"].as_str().is_some(), "{g}");
+    let (status, _, _) = send_json(&hub, "PUT", "/emulator/consumer-groups/Analytics", "").await;
+    assert_eq!(status, 200, "exists (names match case-insensitively): idempotent");
+    let (status, _, g) = send_json(&hub, "GET", "/emulator/consumer-groups/ANALYTICS", "").await;
+    assert_eq!((status, g["name"].as_str()), (200, Some("analytics")));
+    let (status, code, _) = send_json(&hub, "PUT", "/emulator/consumer-groups/bad%20name", "").await;
+    assert_eq!((status, code.as_str()), (400, "ArgumentInvalid"));
+    let (status, code, _) = send_json(&hub, "DELETE", "/emulator/consumer-groups/$Default", "").await;
+    assert_eq!((status, code.as_str()), (400, "ArgumentInvalid"));
+    let (status, _, _) = send_json(&hub, "DELETE", "/emulator/consumer-groups/analytics", "").await;
+    assert_eq!(status, 200);
+    let (status, _, _) = send_json(&hub, "DELETE", "/emulator/consumer-groups/analytics", "").await;
+    assert_eq!(status, 204, "already gone");
+    let (status, code, _) = send_json(&hub, "GET", "/emulator/consumer-groups/analytics", "").await;
+    assert_eq!((status, code.as_str()), (404, "NotFound"));
+    let (status, _, cs) = send_json(&hub, "GET", "/emulator/connection-strings", "").await;
+    assert_eq!(status, 200);
+    let amqp_port = hub.running.amqp_addr.port();
+    let key = cs["iothubowner"].as_str().unwrap().rsplit("SharedAccessKey=").next().unwrap().to_string();
+    assert_eq!(
+        cs["eventHubCompatible"],
+        format!(
+            "Endpoint=sb://{}:{amqp_port}/;SharedAccessKeyName=iothubowner;SharedAccessKey={key};EntityPath={}",
+            hub.hostname(),
+            hub.running.hub.event_hub_name()
+        )
+    );
+    assert_eq!(cs["eventHubCompatibleName"], hub.running.hub.event_hub_name());
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn with_the_admin_api_off_the_emulator_routes_answer_404_and_health_stays() {
     let on = TestHub::start().await.unwrap();
     let off = TestHub::start_with(HubConfig { admin_api: false, ..HubConfig::default() }).await.unwrap();
     let routes = [
         ("GET", "/emulator/connection-strings", ""),
+        ("GET", "/emulator/consumer-groups", ""),
+        ("GET", "/emulator/consumer-groups/$Default", ""),
         ("GET", "/emulator/telemetry", ""),
         ("GET", "/emulator/telemetry?waitMs=10", ""),
         ("GET", "/emulator/ftp/faults", ""),

@@ -87,10 +87,6 @@ pub const TWIN_MAX_DEPTH: usize = 10;
 /// Default SAS clock skew tolerance: a token is refused once `se` + skew is in the past.
 pub const SAS_DEFAULT_SKEW_SECS: u64 = 5 * 60;
 
-/// D2C messages kept in the hub-wide telemetry buffer for tests and tools to read.
-/// Not an IoT Hub number (the real hub keeps 7 days in Event Hubs): a bound on memory.
-pub const TELEMETRY_BUFFER_MESSAGES: usize = 10_000;
-
 /// Default ports the official SDKs dial (fixed in every SDK: see sdk-wire-notes §0).
 pub const DEFAULT_HTTPS_PORT: u16 = 443;
 /// MQTT over TLS.

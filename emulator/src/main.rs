@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use iothub_emulator::ftp::{self, FtpConfig};
-use iothub_emulator::hub::{DEFAULT_OWNER_KEY, HubConfig};
+use iothub_emulator::hub::{DEFAULT_OWNER_KEY, EventsConfig, HubConfig, events};
 use iothub_emulator::limits::{
     DEFAULT_AMQP_PORT, DEFAULT_FTP_PORT, DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT, DEFAULT_MQTT_PORT,
     FTP_DEFAULT_MAX_SESSIONS, SAS_DEFAULT_SKEW_SECS,
@@ -111,6 +111,40 @@ struct Args {
     /// Units of --tier (F1: 1; S1, S2: 1 to 200; S3: 1 to 10).
     #[arg(long, env = "IOTHUB_EMULATOR_UNITS", default_value_t = 1, requires = "tier")]
     units: u32,
+
+    /// Partitions of the built-in Event Hub-compatible endpoint (2 to 32; a device's messages all
+    /// go to one, chosen from its id).
+    #[arg(long, env = "IOTHUB_EMULATOR_PARTITIONS", default_value_t = events::DEFAULT_PARTITIONS as u16,
+          value_parser = clap::value_parser!(u16).range(events::MIN_PARTITIONS as i64..=events::MAX_PARTITIONS as i64))]
+    partitions: u16,
+
+    /// How long telemetry stays readable on the built-in endpoint (a duration: 1day, 2h, 90s).
+    #[arg(long, env = "IOTHUB_EMULATOR_EVENT_RETENTION", default_value = "1day", value_parser = parse_retention)]
+    event_retention: Duration,
+
+    /// Memory the telemetry log may use, in MiB, before its oldest records are dropped (at least 1).
+    #[arg(long, env = "IOTHUB_EMULATOR_EVENT_MEMORY_MIB", default_value_t = (events::DEFAULT_MEMORY_BUDGET_BYTES / (1024 * 1024)) as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
+    event_memory_mib: u32,
+
+    /// A consumer group to create at startup besides $Default (repeatable; the env twin is
+    /// comma-separated). More can be created at runtime through /emulator/consumer-groups.
+    #[arg(long = "consumer-group", env = "IOTHUB_EMULATOR_CONSUMER_GROUPS", value_delimiter = ',', value_parser = parse_consumer_group)]
+    consumer_groups: Vec<String>,
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration such as 1day or 2h: {e}"))?;
+    if d.as_millis() == 0 {
+        return Err("the retention must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_consumer_group(s: &str) -> Result<String, String> {
+    events::validate_consumer_group_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn parse_sku(s: &str) -> Result<Sku, String> {
@@ -233,6 +267,12 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         feedback_batch_interval_ms: args.feedback_interval_ms,
         admin_api: !args.disable_admin_api,
         throttle: tier,
+        events: EventsConfig {
+            partitions: usize::from(args.partitions),
+            retention_ms: args.event_retention.as_millis().min(u128::from(u64::MAX)) as u64,
+            memory_budget_bytes: (args.event_memory_mib as usize).saturating_mul(1024 * 1024),
+            consumer_groups: args.consumer_groups.clone(),
+        },
         ..HubConfig::default()
     };
     let listen = ListenConfig {
@@ -269,6 +309,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     if let Some(t) = tier {
         println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
     }
+    println!("EVENTHUB_CONNECTION_STRING={}", running.event_hub_connection_string());
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(on_signal);

@@ -220,6 +220,7 @@ impl RunningHub {
             .map_err(|e| ServerError::Task(e.to_string()))?;
         let (packages_dir, ftp_faults) = (ftp.packages_dir.clone(), ftp.faults.clone());
         let hub = Hub::new(config);
+        hub.set_amqp_port(amqp_addr.port());
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = {
@@ -252,6 +253,12 @@ impl RunningHub {
             shutdown,
             task,
         })
+    }
+
+    /// The Event Hub-compatible connection string with the `iothubowner` policy (the built-in
+    /// endpoint, `messages/events`).
+    pub fn event_hub_connection_string(&self) -> String {
+        self.hub.event_hub_connection_string(crate::sas::OWNER_POLICY).unwrap_or_default()
     }
 
     /// The `iothubowner` connection string.

@@ -92,6 +92,12 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
         key,
         "--sas-skew-secs",
         "0",
+        "--partitions",
+        "8",
+        "--event-retention",
+        "2h",
+        "--consumer-group",
+        "analytics",
     ]);
     let (child, lines) = start(
         &args,
@@ -99,6 +105,7 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
             ("IOTHUB_EMULATOR_BIND", "127.0.0.1"),
             ("IOTHUB_EMULATOR_FEEDBACK_INTERVAL_MS", "1"),
             ("IOTHUB_EMULATOR_TLS_SANS", "hub.compose,10.1.2.3"),
+            ("IOTHUB_EMULATOR_EVENT_MEMORY_MIB", "64"),
         ],
     );
     let https = line(&lines, "https://MyHub.Test:");
@@ -116,6 +123,21 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
     );
     let https_port: u16 = https.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(reqwest::get(format!("{http}/health")).await.unwrap().status(), 200);
+    let amqp_port = line(&lines, "amqps://MyHub.Test:").rsplit(':').next().unwrap().to_string();
+    assert_eq!(
+        line(&lines, "EVENTHUB_CONNECTION_STRING="),
+        format!(
+            "EVENTHUB_CONNECTION_STRING=Endpoint=sb://MyHub.Test:{amqp_port}/;SharedAccessKeyName=iothubowner;\
+             SharedAccessKey={key};EntityPath=MyHub"
+        )
+    );
+    // --partitions, --event-retention, IOTHUB_EMULATOR_EVENT_MEMORY_MIB and --consumer-group.
+    let eh: serde_json::Value =
+        reqwest::get(format!("{http}/emulator/event-hub")).await.unwrap().json().await.unwrap();
+    assert_eq!(eh["partitionIds"].as_array().map(Vec::len), Some(8), "{eh}");
+    assert_eq!(eh["retentionMs"], 2 * 3600 * 1000, "{eh}");
+    assert_eq!(eh["memoryBudgetBytes"], 64 * 1024 * 1024, "{eh}");
+    assert_eq!(eh["consumerGroups"], serde_json::json!(["$Default", "analytics"]), "{eh}");
 
     // --owner-key and --hostname: a token signed with the custom key for MyHub.Test works.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -407,6 +429,10 @@ fn bad_tiers_and_units_exit_2_with_a_clear_message() {
         (vec!["--tier", "S3", "--units", "11"], "S3 takes 1 to 10 units; got 11"),
         (vec!["--tier", "S1", "--units", "0"], "S1 takes 1 to 200 units; got 0"),
         (vec!["--units", "3"], "--tier"),
+        (vec!["--partitions", "1"], "--partitions"),
+        (vec!["--partitions", "33"], "--partitions"),
+        (vec!["--event-retention", "soon"], "is not a duration"),
+        (vec!["--consumer-group", "no spaces"], "consumer group name 'no spaces' is not valid"),
     ] {
         let out = Command::new(BIN).args(FREE_PORTS).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");

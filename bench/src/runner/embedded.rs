@@ -18,6 +18,8 @@ use super::shared::{Feedback, InstallEvent, Outgoing, Sent, ShardLink, Telemetry
 
 /// Telemetry messages read per call.
 const TELEMETRY_BATCH: usize = 1000;
+/// The least telemetry the embedded hub keeps for the runner.
+const TELEMETRY_BUFFER_MIN: usize = 10_000;
 /// The most telemetry the embedded hub keeps for the runner (a message is a few hundred bytes).
 const TELEMETRY_BUFFER_MAX: usize = 131_072;
 
@@ -43,8 +45,8 @@ impl EmbeddedHub {
         devices: u64,
         dir: &Path,
     ) -> Result<Self, RunError> {
-        let telemetry_buffer_messages = (devices as usize / 8)
-            .clamp(iothub_emulator::limits::TELEMETRY_BUFFER_MESSAGES, TELEMETRY_BUFFER_MAX);
+        let telemetry_buffer_messages =
+            (devices as usize / 8).clamp(TELEMETRY_BUFFER_MIN, TELEMETRY_BUFFER_MAX);
         let config = HubConfig {
             telemetry_buffer_messages,
             throttle: tier,
@@ -138,7 +140,7 @@ impl EmbeddedHub {
         let mut out = Vec::new();
         loop {
             let batch = self.hub.hub.read_telemetry_with(self.telemetry_after, TELEMETRY_BATCH, |m| {
-                (m.sequence, m.device_id.clone(), m.enqueued_at, m.body.clone())
+                (m.hub_sequence, m.device_id.to_string(), m.enqueued_at, m.body.clone())
             });
             let (Some(first), Some(last)) = (batch.first(), batch.last()) else { break };
             self.telemetry_missed += first.0 - self.telemetry_after - 1;

@@ -1,6 +1,10 @@
 //! The emulator's own endpoints on the plain HTTP port: `/health`, `/ca.pem`,
 //! `/emulator/telemetry` (recorded D2C messages; `waitMs` long-polls for new ones),
-//! `/emulator/connection-strings`, `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
+//! `/emulator/connection-strings` (every policy's, plus the Event Hub-compatible one),
+//! `/emulator/event-hub` (the built-in Event Hub-compatible endpoint's name, partitions, their
+//! runtime information and the log's limits and usage), `/emulator/consumer-groups[/{name}]` (the built-in endpoint's consumer groups: list, PUT creates,
+//! GET reads, DELETE removes; real IoT Hub manages them through Azure Resource Manager, whose JSON
+//! shape these answers follow), `/emulator/ftp/faults` (the FTP server's fault knobs: GET reads them,
 //! PUT replaces them), `/emulator/time` (hub time: GET reads it, POST moves it forward; see
 //! [`crate::hub::time`]) and `/emulator/throttle` (the tier throttle's rates and its admitted,
 //! shaped and refused counts; `{"tier": null}` when throttling is off).
@@ -11,8 +15,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::error::HubError;
+use crate::error::{ErrorCode, HubError};
 use crate::ftp::FaultSettings;
+use crate::hub::events::{ConsumerGroup, EventsError};
 
 use super::router::Route;
 use super::{HttpContext, HttpResponse, Req, empty, json_response, method_not_allowed, set_header};
@@ -28,6 +33,9 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         let ms = advance_ms(&req.json()?)?;
         ctx.hub.advance_time(ms).map_err(|e| HubError::invalid(e.to_string()))?;
         return Ok(json_response(StatusCode::OK, &time_json(&ctx.hub)));
+    }
+    if let Route::ConsumerGroup(name) = &req.route {
+        return consumer_group(ctx, req, name);
     }
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
@@ -55,15 +63,24 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(json_response(StatusCode::OK, &Value::Array(items)))
         }
         Route::ConnectionStrings => {
-            let map: serde_json::Map<String, Value> = ctx
-                .hub
+            let hub = &ctx.hub;
+            let mut map: serde_json::Map<String, Value> = hub
                 .policies()
                 .iter()
-                .filter_map(|p| {
-                    Some((p.name.clone(), Value::String(ctx.hub.policy_connection_string(&p.name)?)))
-                })
+                .filter_map(|p| Some((p.name.clone(), Value::String(hub.policy_connection_string(&p.name)?))))
                 .collect();
+            if let Some(eh) = hub.event_hub_connection_string(crate::sas::OWNER_POLICY) {
+                map.insert("eventHubCompatible".into(), Value::String(eh));
+            }
+            let (host, port) = hub.event_hub_endpoint();
+            map.insert("eventHubCompatibleEndpoint".into(), Value::String(format!("sb://{host}:{port}/")));
+            map.insert("eventHubCompatibleName".into(), Value::String(hub.event_hub_name().to_string()));
             Ok(json_response(StatusCode::OK, &Value::Object(map)))
+        }
+        Route::EventHub => Ok(json_response(StatusCode::OK, &event_hub_json(&ctx.hub))),
+        Route::ConsumerGroups => {
+            let groups: Vec<Value> = ctx.hub.consumer_groups().iter().map(consumer_group_json).collect();
+            Ok(json_response(StatusCode::OK, &json!({ "value": groups })))
         }
         Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),
         Route::Time => Ok(json_response(StatusCode::OK, &time_json(&ctx.hub))),
@@ -74,6 +91,81 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
         }
         _ => Ok(empty(StatusCode::NOT_FOUND)),
     }
+}
+
+/// `PUT`, `GET` or `DELETE /emulator/consumer-groups/{name}`.
+fn consumer_group(ctx: &HttpContext, req: &Req, name: &str) -> Result<HttpResponse, HubError> {
+    let hub = &ctx.hub;
+    match req.method {
+        Method::PUT => {
+            let (group, created) = hub.create_consumer_group(name).map_err(events_error)?;
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json_response(status, &consumer_group_json(&group)))
+        }
+        Method::GET => {
+            let group = hub.require_consumer_group(name).map_err(events_error)?;
+            Ok(json_response(StatusCode::OK, &consumer_group_json(&group)))
+        }
+        Method::DELETE => match hub.delete_consumer_group(name).map_err(events_error)? {
+            true => Ok(empty(StatusCode::OK)),
+            // ARM answers a delete of something absent with 204.
+            false => Ok(empty(StatusCode::NO_CONTENT)),
+        },
+        _ => Err(method_not_allowed(req)),
+    }
+}
+
+/// `GET /emulator/event-hub`'s body.
+fn event_hub_json(hub: &crate::hub::Hub) -> Value {
+    let s = hub.events_status();
+    let (host, port) = hub.event_hub_endpoint();
+    let partitions: Vec<Value> = s
+        .partitions
+        .iter()
+        .map(|p| {
+            json!({
+                "partitionId": p.id,
+                "beginSequenceNumber": p.begin_sequence_number,
+                "lastEnqueuedSequenceNumber": p.last_enqueued_sequence_number,
+                "lastEnqueuedOffset": p.last_enqueued_offset_str(),
+                "lastEnqueuedTimeUtc": crate::clock::iso8601(p.last_enqueued_time),
+                "isEmpty": p.is_empty,
+            })
+        })
+        .collect();
+    json!({
+        "name": s.info.name,
+        "endpoint": format!("sb://{host}:{port}/"),
+        "createdAt": crate::clock::iso8601(s.info.created_at),
+        "partitionIds": s.info.partition_ids,
+        "partitions": partitions,
+        "consumerGroups": hub.consumer_groups().iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
+        "retentionMs": s.retention_ms,
+        "memoryBudgetBytes": s.memory_budget_bytes,
+        "maxEvents": (s.max_events != usize::MAX).then_some(s.max_events),
+        "accountedBytes": s.accounted_bytes,
+        "retainedEvents": s.retained,
+    })
+}
+
+/// A consumer group in ARM's `EventHubConsumerGroupInfo` shape.
+fn consumer_group_json(g: &ConsumerGroup) -> Value {
+    json!({
+        "id": format!("/emulator/consumer-groups/{}", g.name),
+        "name": g.name,
+        "type": "Microsoft.Devices/IotHubs/EventHubEndpoints/ConsumerGroups",
+        "properties": { "name": g.name, "created": crate::clock::iso8601(g.created_at) },
+    })
+}
+
+/// An event log error in IoT Hub's HTTP terms.
+fn events_error(e: EventsError) -> HubError {
+    let code = match e {
+        EventsError::ConsumerGroupNotFound { .. } => ErrorCode::NotFound,
+        EventsError::TooManyConsumerGroups => ErrorCode::IotHubQuotaExceeded,
+        _ => ErrorCode::ArgumentInvalid,
+    };
+    HubError::new(code, e.to_string())
 }
 
 /// `GET /emulator/time`'s body: hub time, the wall clock, and the offset between them.
@@ -119,7 +211,7 @@ pub async fn wait_telemetry(ctx: &HttpContext, req: &Req) -> Result<HttpResponse
     let after = req.param("after").and_then(|a| a.parse().ok()).unwrap_or(0);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
     loop {
-        let notified = ctx.hub.notifier().notified();
+        let notified = ctx.hub.events_notifier().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         if !ctx.hub.read_telemetry(device.as_deref(), after, 1).is_empty() {

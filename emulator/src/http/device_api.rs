@@ -105,12 +105,11 @@ fn single_message(id: &str, req: &Req) -> Result<D2cMessage, HubError> {
         }
     }
     Ok(D2cMessage {
-        sequence: 0,
         device_id: id.to_string(),
-        enqueued_at: 0,
         system_properties: system,
         properties,
         body: req.body.clone(),
+        ..D2cMessage::default()
     })
 }
 
@@ -159,12 +158,10 @@ fn batch_messages(id: &str, req: &Req) -> Result<Vec<D2cMessage>, HubError> {
                 })
                 .unwrap_or_default();
             Ok(D2cMessage {
-                sequence: 0,
                 device_id: id.to_string(),
-                enqueued_at: 0,
-                system_properties: Vec::new(),
                 properties,
                 body: Bytes::from(body),
+                ..D2cMessage::default()
             })
         })
         .collect()

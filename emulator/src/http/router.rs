@@ -17,6 +17,12 @@ pub enum Route {
     Telemetry,
     /// `/emulator/connection-strings` (plain port): the policies' connection strings.
     ConnectionStrings,
+    /// `/emulator/event-hub` (plain port): the built-in endpoint's runtime information (GET).
+    EventHub,
+    /// `/emulator/consumer-groups` (plain port): the built-in endpoint's consumer groups (GET).
+    ConsumerGroups,
+    /// `/emulator/consumer-groups/{name}` (plain port): one consumer group (PUT, GET, DELETE).
+    ConsumerGroup(String),
     /// `/emulator/ftp/faults` (plain port): the FTP server's fault knobs (GET, PUT).
     FtpFaults,
     /// `/emulator/time` (plain port): hub time (GET) and time travel (POST).
@@ -75,7 +81,14 @@ impl Route {
     pub fn is_admin_api(&self) -> bool {
         matches!(
             self,
-            Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time | Route::Throttle
+            Route::Telemetry
+                | Route::ConnectionStrings
+                | Route::EventHub
+                | Route::ConsumerGroups
+                | Route::ConsumerGroup(_)
+                | Route::FtpFaults
+                | Route::Time
+                | Route::Throttle
         )
     }
 }
@@ -101,6 +114,11 @@ pub fn route(path: &str) -> Route {
         [c] if eq(c, "ca.pem") => Route::CaPem,
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
         [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,
+        [e, h] if eq(e, "emulator") && eq(h, "event-hub") => Route::EventHub,
+        [e, c] if eq(e, "emulator") && eq(c, "consumer-groups") => Route::ConsumerGroups,
+        [e, c, name] if eq(e, "emulator") && eq(c, "consumer-groups") => {
+            Route::ConsumerGroup(name.to_string())
+        }
         [e, f, x] if eq(e, "emulator") && eq(f, "ftp") && eq(x, "faults") => Route::FtpFaults,
         [e, t] if eq(e, "emulator") && eq(t, "time") => Route::Time,
         [e, t] if eq(e, "emulator") && eq(t, "throttle") => Route::Throttle,

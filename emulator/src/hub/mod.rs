@@ -1,12 +1,13 @@
-//! The hub: the one owner of all IoT Hub state (registry, twins, C2D queues, feedback, telemetry,
-//! scheduled jobs) and the operations protocol front ends call.
+//! The hub: the one owner of all IoT Hub state (registry, twins, C2D queues, feedback, the
+//! telemetry event log and its consumer groups, scheduled jobs) and the operations protocol front ends call.
 //!
 //! Front ends (HTTP today; MQTT and AMQP in their own modules) translate wire traffic into calls on
 //! [`Hub`] and never keep hub state of their own. [`Hub`] is a cheap handle (`Arc` inside).
 //!
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
-//! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! and the telemetry event log have one mutex each (the log's wake-up signals sit outside it, see
+//! `events`); scheduled jobs have theirs inside `crate::jobs::Jobs`.
 //! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
@@ -14,16 +15,16 @@
 mod admission;
 mod auth;
 mod device;
+pub mod events;
 pub mod link;
 pub mod messaging;
 mod registry;
-mod telemetry;
 pub mod time;
 mod twin;
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::c2d::{FeedbackHub, QueueConfig};
@@ -33,10 +34,10 @@ use crate::sas::{Policy, default_policies};
 
 pub use auth::{Authenticated, Principal};
 pub use device::{AuthType, Device, Status, validate_device_id};
+pub use events::{D2cMessage, Event, EventLog, EventPosition, EventsConfig, EventsError};
 pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
 pub use registry::{BulkResult, DeviceInput, IfMatch, QueryPage, RegistryStats};
-pub use telemetry::{D2cMessage, TelemetryLog};
 pub use twin::{Section, Twin};
 
 /// Number of registry shards. A power of two well above the core count keeps contention low
@@ -67,8 +68,12 @@ pub struct HubConfig {
     /// connection strings with the owner key, FTP fault knobs). `--disable-admin-api` turns them
     /// off; `/health` and `/ca.pem` stay.
     pub admin_api: bool,
-    /// D2C messages kept for readers of the emulator's telemetry read-out (the oldest go first).
+    /// Most D2C records the event log keeps (the oldest go first), on top of its time and memory
+    /// limits in [`HubConfig::events`]. No cap by default; the testbench sets one.
     pub telemetry_buffer_messages: usize,
+    /// The built-in Event Hub-compatible endpoint's log: partitions, retention, memory budget and
+    /// consumer groups (see [`events`]).
+    pub events: EventsConfig,
     /// IoT Hub tier throttling (`--tier`/`--units`): `None` (the default) enforces no operation
     /// rates and no daily quota. See [`crate::throttle`].
     pub throttle: Option<crate::throttle::Tier>,
@@ -84,7 +89,8 @@ impl Default for HubConfig {
             feedback_batch_interval_ms: FEEDBACK_BATCH_INTERVAL_MS,
             timeouts: crate::limits::Timeouts::default(),
             admin_api: true,
-            telemetry_buffer_messages: crate::limits::TELEMETRY_BUFFER_MESSAGES,
+            telemetry_buffer_messages: usize::MAX,
+            events: EventsConfig::default(),
             throttle: None,
         }
     }
@@ -107,14 +113,21 @@ struct Shared {
     policies: Vec<Policy>,
     shards: Box<[Mutex<Shard>]>,
     feedback: Mutex<FeedbackHub>,
-    telemetry: Mutex<TelemetryLog>,
+    /// The telemetry event log (see [`events`]).
+    events: Mutex<EventLog>,
+    /// Its wake-up side, read without the log's lock.
+    event_signals: events::EventSignals,
+    /// The Event Hub-compatible name, derived from the host name once.
+    event_hub_name: String,
+    /// The AMQP listener's port once bound (the Event Hub-compatible endpoint's port).
+    amqp_port: AtomicU16,
     /// Source of identity etags and generation ids (unique, increasing).
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
     /// Scheduled jobs: their own table and tasks (see `crate::jobs`).
     jobs: crate::jobs::Jobs,
-    /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
+    /// Woken whenever a feedback record or a C2D message is queued, or a device connects
     /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
     changed: tokio::sync::Notify,
     /// The tier throttle, only when a tier is configured (see `admission`).
@@ -142,7 +155,9 @@ impl Hub {
         feedback.set_batch_interval_ms(config.feedback_batch_interval_ms);
         let shards = (0..SHARD_COUNT).map(|_| Mutex::new(Shard::default())).collect();
         let start = clock.now_ms();
-        let telemetry = TelemetryLog::with_capacity(config.telemetry_buffer_messages);
+        let events = EventLog::new(&config.events, config.telemetry_buffer_messages, start);
+        let event_signals = events::EventSignals::new(events.partition_count());
+        let event_hub_name = events::event_hub_name_for(&config.hostname);
         let throttle = config.throttle.map(|tier| Mutex::new(crate::throttle::Throttle::new(tier)));
         Self {
             shared: Arc::new(Shared {
@@ -153,7 +168,10 @@ impl Hub {
                 policies,
                 shards,
                 feedback: Mutex::new(feedback),
-                telemetry: Mutex::new(telemetry),
+                events: Mutex::new(events),
+                event_signals,
+                event_hub_name,
+                amqp_port: AtomicU16::new(crate::limits::DEFAULT_AMQP_PORT),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
@@ -201,8 +219,9 @@ impl Hub {
         self.shared.device_count.load(Ordering::Relaxed)
     }
 
-    /// Notified (with `notify_waiters`) whenever a C2D message, a feedback record or telemetry is
-    /// queued, or a device connects or changes its subscriptions.
+    /// Notified (with `notify_waiters`) whenever a C2D message or a feedback record is queued, or a
+    /// device connects or changes its subscriptions (telemetry has its own: see
+    /// [`Hub::events_notifier`]).
     /// To wait without missing a wake-up: create `notifier().notified()`, pin it, call
     /// `enable()`, check the hub, then await it.
     pub fn notifier(&self) -> &tokio::sync::Notify {
@@ -248,7 +267,17 @@ impl Hub {
         self.shared.feedback.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn telemetry_log(&self) -> MutexGuard<'_, TelemetryLog> {
-        self.shared.telemetry.lock().unwrap_or_else(|p| p.into_inner())
+    fn event_log(&self) -> MutexGuard<'_, EventLog> {
+        self.shared.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The AMQP listener's port (5671 until the server says otherwise).
+    pub fn amqp_port(&self) -> u16 {
+        self.shared.amqp_port.load(Ordering::Relaxed)
+    }
+
+    /// Tells the hub which port its AMQP listener (and so its Event Hub-compatible endpoint) is on.
+    pub fn set_amqp_port(&self, port: u16) {
+        self.shared.amqp_port.store(port, Ordering::Relaxed);
     }
 }

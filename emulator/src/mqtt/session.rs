@@ -552,12 +552,11 @@ fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Byte
         properties.push(("mqtt-retain".into(), "true".into()));
     }
     D2cMessage {
-        sequence: 0,
         device_id: device_id.to_string(),
-        enqueued_at: 0,
         system_properties: system,
         properties,
         body,
+        ..D2cMessage::default()
     }
 }
 
