@@ -21,7 +21,7 @@ use super::frame::{
     self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, Fields, Frame, FrameError, SASL_HEADER, code, list,
 };
 use super::message::Message;
-use super::nodes::{self, AttachRequest, Auth, Ctx, Node, Outcome, Outgoing, Refusal, Settled};
+use super::nodes::{self, AttachRequest, Auth, Ctx, Node, Outcome, Outgoing, Refusal, Settled, Wake};
 use super::types::Value;
 use super::{
     LINK_CREDIT, MAX_BUFFERED_DELIVERY_BYTES, MAX_FRAME_BYTES, MAX_LINKS_PER_SESSION, MAX_MESSAGE_BYTES,
@@ -151,6 +151,17 @@ pub struct Connection {
     hold_until: Option<Millis>,
 }
 
+/// What a connection's driver waits on (see [`Connection::wakes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wakes {
+    /// Wait on the hub's notifier.
+    pub hub: bool,
+    /// Wait on the event log's notifier.
+    pub events: bool,
+    /// Wake at this hub time even without a notification.
+    pub at: Option<Millis>,
+}
+
 /// Builds the [`Ctx`] a node is called with from the connection's fields (disjoint borrows).
 macro_rules! ctx {
     ($self:ident, $room:expr) => {
@@ -237,38 +248,37 @@ impl Connection {
         self.peer_idle_timeout_ms
     }
 
-    /// True when a link could send once the hub changes (a feedback link with credit on an
-    /// authorized connection, ...): the driver then waits on the hub's notifier and until
-    /// [`Connection::next_wake_at`], and calls [`Connection::pump`]. False while every such link
-    /// is out of credit, session window or unsettled room, so a driver never spins on a delivery
-    /// it could not send.
-    pub fn wants_wake(&mut self) -> bool {
-        self.wake_links().0
-    }
-
-    /// The earliest hub time at which a link may have something to send without a notification
-    /// (the next feedback batch cut), when [`Connection::wants_wake`].
-    pub fn next_wake_at(&mut self) -> Option<Millis> {
-        self.wake_links().1
-    }
-
-    fn wake_links(&mut self) -> (bool, Option<Millis>) {
-        let (mut wants, mut at) = (false, None::<Millis>);
+    /// What the driver should wait on besides the socket: the hub's notifier, the event log's,
+    /// and the earliest hub time a link may have something to send without a notification (the
+    /// next feedback batch cut). Only links that could send (credit, session window, unsettled
+    /// room) or that must notice an eviction count, so a driver never spins on a delivery it
+    /// could not send.
+    pub fn wakes(&mut self) -> Wakes {
+        let mut wakes = Wakes::default();
         for session in self.sessions.values() {
-            if session.remote_incoming_window == 0 {
-                continue;
-            }
             let ctx = ctx!(self, session.unsettled_room());
-            for link in session.links.values().filter(|l| !l.peer_sends && l.credit > 0) {
-                if link.node.wants_wake(&ctx) {
-                    wants = true;
-                    if let Some(t) = link.node.wake_at(&ctx) {
-                        at = Some(at.map_or(t, |a| a.min(t)));
-                    }
+            for link in session.links.values().filter(|l| !l.peer_sends) {
+                let can_send = link.credit > 0 && session.remote_incoming_window > 0;
+                if !can_send && !link.node.watches() {
+                    continue;
+                }
+                match link.node.wants_wake(&ctx) {
+                    Wake::Never => continue,
+                    Wake::OnHubChange => wakes.hub = true,
+                    Wake::OnEvents => wakes.events = true,
+                }
+                if let Some(t) = link.node.wake_at(&ctx) {
+                    wakes.at = Some(wakes.at.map_or(t, |a| a.min(t)));
                 }
             }
         }
-        (wants, at)
+        wakes
+    }
+
+    /// True when [`Connection::wakes`] asks for any notifier.
+    pub fn wants_wake(&mut self) -> bool {
+        let w = self.wakes();
+        w.hub || w.events
     }
 
     /// Sends whatever our sender links can send now (replies, feedback batches, ...).
@@ -493,8 +503,14 @@ impl Connection {
             ));
         }
         let room = session.unsettled_room();
-        let request =
-            AttachRequest { name: &name, peer_sends, address: &raw, source: &source, properties: f.get(13) };
+        let request = AttachRequest {
+            name: &name,
+            peer_sends,
+            address: &raw,
+            source: &source,
+            target: &target,
+            properties: f.get(13),
+        };
         let opened = nodes::attach(&mut ctx!(self, room), &request);
         // The reply echoes source and target (uamqp detaches without them) and asks for
         // rcv-settle-mode first (uamqp never settles under second): sdk-wire-notes §3. A refused
@@ -730,7 +746,16 @@ impl Connection {
     /// reply's `to` (the request's `reply-to`) if any, else the first that takes such replies.
     fn route_reply(&mut self, channel: u16, kind: &'static str, reply: Message) {
         let Some(session) = self.sessions.get_mut(&channel) else { return };
-        let link = session.links.values_mut().find(|l| !l.peer_sends && l.node.takes_replies(kind));
+        let to = reply.properties.to.clone();
+        let takes = |l: &Link| !l.peer_sends && l.node.takes_replies(kind);
+        let addressed = session
+            .links
+            .values()
+            .position(|l| takes(l) && to.is_some() && l.node.reply_address() == to.as_deref());
+        let link = match addressed {
+            Some(i) => session.links.values_mut().nth(i),
+            None => session.links.values_mut().find(|l| takes(l)),
+        };
         match link {
             Some(link) => {
                 link.node.push_reply(reply);
@@ -743,11 +768,21 @@ impl Connection {
         loop {
             let Some(session) = self.sessions.get_mut(&channel) else { return };
             let room = session.unsettled_room();
-            if session.remote_incoming_window == 0 {
+            let window = session.remote_incoming_window;
+            let Some(link) = session.links.get_mut(&handle) else { return };
+            if link.peer_sends {
                 return;
             }
-            let Some(link) = session.links.get_mut(&handle) else { return };
-            if link.peer_sends || link.credit == 0 {
+            if let Some(refusal) = link.node.closing(&mut ctx!(self, room)) {
+                tracing::info!(link = %link.name, condition = refusal.condition, "detaching an AMQP link: {}", refusal.description);
+                let unsettled = session.take_unsettled(handle);
+                if let Some(link) = session.links.remove(&handle) {
+                    self.end_link(link, unsettled);
+                }
+                self.write_detach(channel, handle, &refusal);
+                return;
+            }
+            if link.credit == 0 || window == 0 {
                 return;
             }
             let Some(out) = link.node.next(&mut ctx!(self, room)) else { return };

@@ -19,7 +19,7 @@ pub mod nodes;
 pub mod server;
 pub mod types;
 
-pub use connection::Connection;
+pub use connection::{Connection, Wakes};
 
 /// The max-frame-size we announce: the largest frame a peer may send us.
 pub const MAX_FRAME_BYTES: u32 = 64 * 1024;

@@ -4,7 +4,7 @@
 //! detach, end, close or dropped connection abandons whatever is still unsettled, so it is
 //! redelivered. A peer that asked for settled deliveries completes each batch on hand-off.
 
-use super::{Ctx, Node, Outgoing, Settled};
+use super::{Ctx, Node, Outgoing, Settled, Wake};
 use crate::amqp::message::{Body, Message, Properties};
 use crate::amqp::types::Value;
 use crate::c2d::{Delivery, LockToken};
@@ -44,12 +44,12 @@ impl Node for Feedback {
         false
     }
 
-    fn wants_wake(&self, ctx: &Ctx<'_>) -> bool {
-        ctx.unsettled_room > 0 && ctx.auth.authorized(ctx.hub)
+    fn wants_wake(&self, ctx: &Ctx<'_>) -> Wake {
+        if ctx.unsettled_room > 0 && ctx.auth.authorized(ctx.hub) { Wake::OnHubChange } else { Wake::Never }
     }
 
     fn wake_at(&self, ctx: &Ctx<'_>) -> Option<Millis> {
-        if self.wants_wake(ctx) { ctx.hub.feedback_next_due() } else { None }
+        if self.wants_wake(ctx) == Wake::OnHubChange { ctx.hub.feedback_next_due() } else { None }
     }
 }
 

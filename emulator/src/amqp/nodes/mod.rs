@@ -23,6 +23,9 @@ mod cbs;
 mod devicebound;
 mod feedback;
 mod file_notifications;
+mod management;
+pub mod partition;
+mod redirect;
 
 use super::message::Message;
 use super::types::Value;
@@ -218,6 +221,8 @@ pub struct AttachRequest<'a> {
     pub address: &'a str,
     /// The peer's source terminus (filters live here).
     pub source: &'a Value,
+    /// The peer's target terminus (a reply link's address lives here).
+    pub target: &'a Value,
     /// The attach's link properties (a map, or null).
     pub properties: &'a Value,
 }
@@ -262,16 +267,45 @@ pub trait Node: std::fmt::Debug + Send {
         true
     }
 
-    /// True when [`Node::next`] may have something after the hub's notifier fires: the driver
-    /// then waits on it and pumps.
-    fn wants_wake(&self, _ctx: &Ctx<'_>) -> bool {
+    /// What may give [`Node::next`] (or [`Node::closing`]) something to do: the driver waits on
+    /// that notifier and pumps. Asked only while the link has credit, unless the node
+    /// [`Node::watches`].
+    fn wants_wake(&self, _ctx: &Ctx<'_>) -> Wake {
+        Wake::Never
+    }
+
+    /// True when the node must be woken even while its link has no credit (it can be evicted).
+    fn watches(&self) -> bool {
         false
+    }
+
+    /// Checked on every pump, before credit: `Some` detaches the link with that error (an
+    /// owner-level receiver evicted by a newer one).
+    fn closing(&mut self, _ctx: &mut Ctx<'_>) -> Option<Refusal> {
+        None
+    }
+
+    /// A reply link's own address (the client's target terminus): a reply whose `to` names it is
+    /// routed here rather than to another reply link of the same kind.
+    fn reply_address(&self) -> Option<&str> {
+        None
     }
 
     /// Hub time at which [`Node::next`] may have something even without a notification.
     fn wake_at(&self, _ctx: &Ctx<'_>) -> Option<Millis> {
         None
     }
+}
+
+/// What a node waits on to have something to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Nothing: it sends only in answer to the peer.
+    Never,
+    /// The hub's notifier (C2D, feedback, devices).
+    OnHubChange,
+    /// The event log's notifier (telemetry appended, an owner-level receiver evicted).
+    OnEvents,
 }
 
 /// The AMQP condition IoT Hub uses for a hub error (reference §3.9, from the C# error mapper).
@@ -311,13 +345,16 @@ pub fn address_path(raw: &str) -> &str {
 }
 
 /// The nodes served, as the refusal of an unknown address lists them.
-const SERVED: &str = "$cbs, /messages/devicebound, /messages/serviceBound/feedback and \
-                      /messages/serviceBound/filenotifications";
+const SERVED: &str = "$cbs, /messages/devicebound, /messages/serviceBound/feedback, \
+                      /messages/serviceBound/filenotifications, and the Event Hub-compatible \
+                      $management and {eh}/ConsumerGroups/{group}/Partitions/{id}";
 
 /// Opens the node `req.address` names for one link, or refuses the link. Paths compare
-/// case-insensitively (C# writes `deviceBound`).
+/// case-insensitively (C# writes `deviceBound`); the Event Hub-compatible entity's paths come with
+/// or without a leading `/` and as full `amqps://{host}/...` URIs (Python).
 pub fn attach(ctx: &mut Ctx<'_>, req: &AttachRequest<'_>) -> Result<Box<dyn Node>, Refusal> {
-    let path = address_path(req.address).to_ascii_lowercase();
+    let raw_path = address_path(req.address);
+    let path = raw_path.to_ascii_lowercase();
     let node: Option<Box<dyn Node>> = match (path.as_str(), req.peer_sends) {
         ("$cbs", true) => Some(Box::new(cbs::Requests)),
         ("$cbs", false) => Some(Box::new(cbs::Replies::default())),
@@ -328,13 +365,38 @@ pub fn attach(ctx: &mut Ctx<'_>, req: &AttachRequest<'_>) -> Result<Box<dyn Node
         }
         _ => None,
     };
-    let _ = ctx;
-    node.ok_or_else(|| {
-        Refusal::new(
-            "amqp:not-found",
-            format!("no node {:?} here; this endpoint serves {SERVED}", req.address),
-        )
-    })
+    if let Some(node) = node {
+        return Ok(node);
+    }
+    let segments: Vec<&str> = raw_path.trim_start_matches('/').split('/').collect();
+    let entity = ctx.hub.event_hub_name();
+    let is = |seg: &str, name: &str| seg.eq_ignore_ascii_case(name);
+    match (segments.as_slice(), req.peer_sends) {
+        (["$management"], true) => return Ok(Box::new(management::Requests)),
+        ([eh, "$management"], true) if is(eh, entity) => return Ok(Box::new(management::Requests)),
+        (["$management"], false) => return Ok(Box::new(management::Replies::new(reply_address(req)))),
+        ([eh, "$management"], false) if is(eh, entity) => {
+            return Ok(Box::new(management::Replies::new(reply_address(req))));
+        }
+        ([eh, groups, group, partitions, id], false)
+            if is(eh, entity) && is(groups, "ConsumerGroups") && is(partitions, "Partitions") =>
+        {
+            return partition::open(ctx, req, group, id);
+        }
+        ([messages, events, rest @ ..], false) if is(messages, "messages") && is(events, "events") => {
+            return Err(redirect::refusal(ctx, &rest.join("/")));
+        }
+        _ => {}
+    }
+    Err(Refusal::new(
+        "amqp:not-found",
+        format!("no node {:?} here; this endpoint serves {SERVED}", req.address),
+    ))
+}
+
+/// A reply link's client-side address: the target terminus of the peer's attach.
+fn reply_address(req: &AttachRequest<'_>) -> Option<String> {
+    super::frame::terminus_address(req.target).map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -357,8 +419,14 @@ mod tests {
         let mut auth = Auth::default();
         let mut hold = None;
         let mut ctx = Ctx { hub: &hub, auth: &mut auth, hold_until: &mut hold, unsettled_room: 1 };
-        let req =
-            AttachRequest { name: "l", peer_sends, address, source: &Value::Null, properties: &Value::Null };
+        let req = AttachRequest {
+            name: "l",
+            peer_sends,
+            address,
+            source: &Value::Null,
+            target: &Value::Null,
+            properties: &Value::Null,
+        };
         attach(&mut ctx, &req).map(|n| n.kind()).map_err(|r| r.condition)
     }
 
