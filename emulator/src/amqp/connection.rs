@@ -593,9 +593,12 @@ impl Connection {
             self.pump();
             return Ok(());
         };
-        let link = session.links.get_mut(&handle).ok_or_else(|| {
-            ConnError::new("amqp:session:unattached-handle", format!("flow for unknown handle {handle}"))
-        })?;
+        let Some(link) = session.links.get_mut(&handle) else {
+            // A link we detached (refused, evicted) until the peer's detach answers ours: the
+            // peer may still send its flow (rhea grants credit right after the attach).
+            tracing::debug!(handle, "ignoring a flow for a detached link");
+            return Ok(());
+        };
         let drain = !link.peer_sends && f.bool_or(8, false);
         if !link.peer_sends {
             let peer_count = f.u32(5).unwrap_or(link.delivery_count);
@@ -765,6 +768,7 @@ impl Connection {
     }
 
     fn pump_link(&mut self, channel: u16, handle: u32) {
+        let mut rechecked = false;
         loop {
             let Some(session) = self.sessions.get_mut(&channel) else { return };
             let room = session.unsettled_room();
@@ -785,7 +789,15 @@ impl Connection {
             if link.credit == 0 || window == 0 {
                 return;
             }
-            let Some(out) = link.node.next(&mut ctx!(self, room)) else { return };
+            let Some(out) = link.node.next(&mut ctx!(self, room)) else {
+                // A node may close once it has been asked for a delivery (a redirect waits for
+                // the peer's credit): check again now.
+                if link.node.closing_after_next() && !rechecked {
+                    rechecked = true;
+                    continue;
+                }
+                return;
+            };
             let Outgoing { payload, settled, track } = out;
             let settled = settled || link.presettled;
             if let (Some(token), true) = (track, link.presettled) {
@@ -895,11 +907,13 @@ impl Connection {
             f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "detach without a handle"))?;
         let closed = f.bool_or(1, false);
         let session = self.session(channel)?;
+        // An unknown handle is a link we detached first (refused or evicted): this is the peer's
+        // answer, which needs none.
         if let Some(link) = session.links.remove(&handle) {
             let unsettled = session.take_unsettled(handle);
             self.end_link(link, unsettled);
+            self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(closed)]), &[]);
         }
-        self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(closed)]), &[]);
         Ok(())
     }
 

@@ -285,6 +285,11 @@ pub trait Node: std::fmt::Debug + Send {
         None
     }
 
+    /// True when [`Node::closing`] may have become `Some` because [`Node::next`] was called.
+    fn closing_after_next(&self) -> bool {
+        false
+    }
+
     /// A reply link's own address (the client's target terminus): a reply whose `to` names it is
     /// routed here rather than to another reply link of the same kind.
     fn reply_address(&self) -> Option<&str> {
@@ -384,7 +389,7 @@ pub fn attach(ctx: &mut Ctx<'_>, req: &AttachRequest<'_>) -> Result<Box<dyn Node
             return partition::open(ctx, req, group, id);
         }
         ([messages, events, rest @ ..], false) if is(messages, "messages") && is(events, "events") => {
-            return Err(redirect::refusal(ctx, &rest.join("/")));
+            return Ok(Box::new(redirect::Redirect::new(redirect::refusal(ctx, &rest.join("/")))));
         }
         _ => {}
     }

@@ -5,8 +5,12 @@
 //! (`amqps://{host}:{port}/{eh}/{the same suffix}`; the samples parse the Event Hub name out of it
 //! between `:{port}/` and `/$management` or `/ConsumerGroups`). The link must be authorized by a
 //! token covering `{host}/messages/events` (SASL PLAIN or CBS).
+//!
+//! The link is attached first and detached with the error only once the client granted credit:
+//! the SDK sample (rhea-promise) listens for the link's error only after its attach completed, so
+//! an attach and a detach arriving in one read would go unseen.
 
-use super::{Ctx, Refusal};
+use super::{Ctx, Node, Outgoing, Refusal};
 use crate::amqp::types::Value;
 
 /// The refusal for an attach to `messages/events` followed by `suffix` (without a leading `/`).
@@ -34,5 +38,39 @@ pub fn refusal(ctx: &Ctx<'_>, suffix: &str) -> Refusal {
             (Value::sym("port"), Value::Int(i32::from(port))),
             (Value::sym("address"), Value::str(&address)),
         ],
+    }
+}
+
+/// A link to `messages/events` waiting for the client's credit to be refused (see the module doc).
+#[derive(Debug)]
+pub struct Redirect {
+    refusal: Refusal,
+    /// The client granted credit (it is listening).
+    asked: bool,
+}
+
+impl Redirect {
+    /// A link that will be detached with `refusal`.
+    pub fn new(refusal: Refusal) -> Self {
+        Self { refusal, asked: false }
+    }
+}
+
+impl Node for Redirect {
+    fn kind(&self) -> &'static str {
+        "redirect"
+    }
+
+    fn next(&mut self, _ctx: &mut Ctx<'_>) -> Option<Outgoing> {
+        self.asked = true;
+        None
+    }
+
+    fn closing_after_next(&self) -> bool {
+        self.asked
+    }
+
+    fn closing(&mut self, _ctx: &mut Ctx<'_>) -> Option<Refusal> {
+        self.asked.then(|| self.refusal.clone())
     }
 }
