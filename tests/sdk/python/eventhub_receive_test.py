@@ -7,7 +7,8 @@ the emulator lists at `/emulator/connection-strings`) must see each message with
 device id and the IoT Hub annotations, in the partition the hub runtime information lists. Then the
 IoT Hub connection string is turned into the Event Hubs one by following IoT Hub's `amqp:link:redirect`,
 as the SDK's own sample does (`iot_hub_connection_string_receive_async.py`, uamqp), and a consumer
-client built from it reads the same messages. Run by the Rust harness as
+client built from it reads the same messages; last, a client on AMQP over WebSocket (443,
+`/$servicebus/websocket/`) does too. Run by the Rust harness as
 `python3 tests/sdk/python/eventhub_receive_test.py`. Prints one line per check; exits 1 on the first
 failure.
 """
@@ -22,7 +23,7 @@ import time
 import urllib.parse
 
 import requests
-from azure.eventhub import EventHubConsumerClient
+from azure.eventhub import EventHubConsumerClient, TransportType
 from azure.iot.device import IoTHubDeviceClient, Message
 
 from common import REQUEST_TIMEOUT_S, CheckFailed, check, check_equal, env, registry_manager, run_main
@@ -58,17 +59,17 @@ def send_telemetry(hub_cs, device_id, prefix):
     check(f"device {device_id} sent {COUNT} messages over MQTT", True)
 
 
-def consumer(eh_cs, consumer_group):
+def consumer(eh_cs, consumer_group, **kwargs):
     """The SDK client. pyamqp trusts certifi's bundle, not SSL_CERT_FILE, unless it is given the CA
     with its documented `connection_verify` option."""
     return EventHubConsumerClient.from_connection_string(
-        eh_cs, consumer_group=consumer_group, connection_verify=env("IOTHUB_CA_FILE")
+        eh_cs, consumer_group=consumer_group, connection_verify=env("IOTHUB_CA_FILE"), **kwargs
     )
 
 
-def receive_all(eh_cs, device_id, what, consumer_group="$Default"):
+def receive_all(eh_cs, device_id, what, consumer_group="$Default", **kwargs):
     """Receives from every partition from the start until COUNT events of `device_id` arrived."""
-    client = consumer(eh_cs, consumer_group)
+    client = consumer(eh_cs, consumer_group, **kwargs)
     got = []
     done = threading.Event()
 
@@ -186,6 +187,8 @@ def run():
     check_equal("the redirect names the Event Hub-compatible entity",
                 parse_connection_string(redirected)["EntityPath"], parse_connection_string(eh_cs)["EntityPath"])
     receive_all(redirected, device_id, "a consumer client built from the redirect")
+    receive_all(eh_cs, device_id, "AMQP over WebSocket on 443 (/$servicebus/websocket/)",
+                transport_type=TransportType.AmqpOverWebsocket)
 
 
 if __name__ == "__main__":
