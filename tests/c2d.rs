@@ -265,3 +265,68 @@ async fn device_http_telemetry_is_recorded() {
     assert_eq!(items[0]["systemProperties"]["message-id"], "t1", "the same name MQTT telemetry uses");
     hub.stop().await.unwrap();
 }
+
+/// Sends `request` on a fresh plain-port connection and returns the response's head, byte for byte.
+async fn raw_exchange(hub: &TestHub, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(hub.running.http_addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the hub closed after {:?}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test]
+async fn application_property_names_keep_their_case_over_http_both_ways() {
+    let hub = TestHub::start().await.unwrap();
+    let dev = Device::new(&hub).await;
+    // D2C: the names are recorded as the device spelled them.
+    let body = "{}";
+    let d2c = format!(
+        "POST /devices/{}/messages/events?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: {}\r\niothub-app-firmwareChannel: Beta\r\nIOTHUB-APP-MixedCase: x\r\n\
+         iothub-app-lower: y\r\nContent-Length: {}\r\n\r\n{body}",
+        dev.id,
+        dev.token,
+        body.len()
+    );
+    let head = raw_exchange(&hub, &d2c).await;
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    let got = hub.running.hub.read_telemetry(Some(&dev.id), 0, 10);
+    assert_eq!(got.len(), 1);
+    let names: Vec<&str> = got[0].properties.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["firmwareChannel", "MixedCase", "lower"]);
+    let json: Vec<Value> = reqwest::get(format!("{}/emulator/telemetry?deviceId={}", hub.http_url(), dev.id))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json[0]["properties"]["firmwareChannel"], "Beta");
+
+    // C2D sent through the REST extension with mixed-case names comes back to an HTTP device with
+    // the same spellings, exactly.
+    let send = format!(
+        "POST /devices/{}/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\
+         iothub-app-firmwareChannel: Beta\r\niothub-app-lower: z\r\nContent-Length: 2\r\n\r\nhi",
+        dev.id,
+        hub.owner_token()
+    );
+    let head = raw_exchange(&hub, &send).await;
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    let receive = format!(
+        "GET /devices/{}/messages/devicebound?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: {}\r\n\r\n",
+        dev.id, dev.token
+    );
+    let head = raw_exchange(&hub, &receive).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("\r\niothub-app-firmwareChannel: Beta\r\n"), "{head}");
+    assert!(head.contains("\r\niothub-app-lower: z\r\n"), "{head}");
+    hub.stop().await.unwrap();
+}

@@ -19,6 +19,7 @@ pub mod hub;
 pub mod jobs;
 pub mod limits;
 pub mod listener;
+pub mod monitor;
 pub mod mqtt;
 pub mod query;
 pub mod sas;

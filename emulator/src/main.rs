@@ -1,6 +1,7 @@
 //! `iothub-emulator`: parses flags, binds the listeners, prepares certificates and runs the hub
 //! until Ctrl-C or SIGTERM. `iothub-emulator healthcheck` instead asks a running hub's `/health`
-//! (for container health checks), and `iothub-emulator token` prints a SAS token for curl users.
+//! (for container health checks), `iothub-emulator token` prints a SAS token for curl users, and
+//! `iothub-emulator monitor` prints telemetry as it arrives.
 //! Everything else lives in the library.
 
 use std::io::IsTerminal;
@@ -190,6 +191,25 @@ enum Command {
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_secs: u64,
     },
+    /// Prints device telemetry as it arrives, like `az iot hub monitor-events`: one JSON object per
+    /// message, from the hub at --bind (loopback when 0.0.0.0) and --http-port (its admin API).
+    Monitor {
+        /// Only this device's messages.
+        #[arg(long, short = 'd')]
+        device: Option<String>,
+        /// Also print system and application properties and IoT Hub's annotations.
+        #[arg(long)]
+        properties: bool,
+        /// Start with everything the hub still retains instead of only what arrives from now on.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many seconds (default: until stopped).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_secs: Option<u64>,
+        /// Stop after this many messages.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_events: Option<u64>,
+    },
 }
 
 fn main() -> Result<ExitCode> {
@@ -205,6 +225,24 @@ fn main() -> Result<ExitCode> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
                     + ttl_secs;
             println!("{}", token(&args, policy, connection_string.as_deref(), expiry)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Monitor { device, properties, from_start, timeout_secs, max_events }) => {
+            let options = iothub_emulator::monitor::MonitorOptions {
+                device: device.clone(),
+                properties: *properties,
+                from_start: *from_start,
+                timeout: timeout_secs.map(Duration::from_secs),
+                max_events: *max_events,
+            };
+            let addr = iothub_emulator::healthcheck::probe_addr(args.bind, args.http_port);
+            let started = || match &options.device {
+                Some(d) => eprintln!(
+                    "Starting event monitor on http://{addr}, filtering on device: {d}, use ctrl-c to stop..."
+                ),
+                None => eprintln!("Starting event monitor on http://{addr}, use ctrl-c to stop..."),
+            };
+            iothub_emulator::monitor::run(addr, &options, &mut std::io::stdout().lock(), started)?;
             return Ok(ExitCode::SUCCESS);
         }
         None => {}

@@ -440,3 +440,62 @@ fn bad_tiers_and_units_exit_2_with_a_clear_message() {
         assert!(err.contains(expect), "{args:?}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_prints_new_telemetry_of_one_device_in_monitor_events_shape() {
+    let dir = temp_dir();
+    let mut args = FREE_PORTS.to_vec();
+    args.extend(["--data-dir", dir.to_str().unwrap()]);
+    let (hub, lines) = start(&args, &[]);
+    let http = line(&lines, "http://127.0.0.1:").to_string();
+    let port = http.rsplit(':').next().unwrap().to_string();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let owner =
+        make_token("localhost", iothub_emulator::hub::DEFAULT_OWNER_KEY, Some("iothubowner"), now + 600)
+            .unwrap();
+    let client = reqwest::Client::new();
+    let send = |id: &'static str, body: &'static str| {
+        let req = client
+            .post(format!("{http}/devices/{id}/messages/events"))
+            .header("authorization", &owner)
+            .header("iothub-app-kind", "reading")
+            .body(body);
+        async move { assert_eq!(req.send().await.unwrap().status(), 204) }
+    };
+    for id in ["mon-a", "mon-b"] {
+        let put = client
+            .put(format!("{http}/devices/{id}"))
+            .header("authorization", &owner)
+            .json(&serde_json::json!({ "deviceId": id }));
+        assert_eq!(put.send().await.unwrap().status(), 200);
+    }
+    send("mon-a", r#"{"old":true}"#).await;
+
+    let mut monitor = Command::new(BIN)
+        .args(["monitor", "--http-port", &port, "--device", "mon-a", "--properties", "--max-events", "2"])
+        .args(["--timeout-secs", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Messages sent once it says it started are the ones it prints (not the one before).
+    let mut stderr = BufReader::new(monitor.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.starts_with("Starting event monitor") && first.contains("mon-a"), "{first}");
+    send("mon-b", r#"{"other":1}"#).await;
+    send("mon-a", r#"{"t":21}"#).await;
+    send("mon-a", "plain text").await;
+    let out = tokio::task::spawn_blocking(move || monitor.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let events: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&stdout).into_iter().map(Result::unwrap).collect();
+    assert_eq!(events.len(), 2, "{stdout}");
+    assert_eq!(events[0]["event"]["origin"], "mon-a");
+    assert_eq!(events[0]["event"]["payload"], serde_json::json!({"t": 21}));
+    assert_eq!(events[0]["event"]["properties"]["application"]["kind"], "reading");
+    assert_eq!(events[1]["event"]["payload"], "plain text");
+    stop(hub);
+    let _ = std::fs::remove_dir_all(dir);
+}

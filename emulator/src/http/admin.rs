@@ -145,6 +145,7 @@ fn event_hub_json(hub: &crate::hub::Hub) -> Value {
         "maxEvents": (s.max_events != usize::MAX).then_some(s.max_events),
         "accountedBytes": s.accounted_bytes,
         "retainedEvents": s.retained,
+        "lastTelemetrySequenceNumber": s.last_hub_sequence,
     })
 }
 

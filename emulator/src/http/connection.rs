@@ -72,7 +72,9 @@ where
     builder
         .http1()
         .timer(HeadTimer::new(timeouts.http_header_read, bytes_read.clone()))
-        .header_read_timeout(timeouts.http_header_read);
+        .header_read_timeout(timeouts.http_header_read)
+        // Application property names keep their case (see `header_case`).
+        .preserve_header_case(true);
     builder
         .http2()
         .timer(TokioTimer::new())

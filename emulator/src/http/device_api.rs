@@ -75,8 +75,17 @@ fn receive(hub: &Hub, id: &str) -> Result<HttpResponse, HubError> {
             set_header(&mut resp, name, v);
         }
     }
+    let mut spellings = Vec::new();
     for (k, v) in &m.properties {
-        set_header(&mut resp, &format!("iothub-app-{k}"), v);
+        let name = format!("iothub-app-{k}");
+        set_header(&mut resp, &name, v);
+        if k.bytes().any(|b| b.is_ascii_uppercase()) {
+            spellings.push(name);
+        }
+    }
+    if !spellings.is_empty() {
+        // Written with these spellings on HTTP/1 (see `header_case`).
+        resp.extensions_mut().insert(super::header_case::OriginalNames(spellings));
     }
     Ok(resp)
 }
@@ -96,7 +105,9 @@ fn single_message(id: &str, req: &Req) -> Result<D2cMessage, HubError> {
     let mut properties = Vec::new();
     for (k, v) in &req.headers {
         let (Some(v), name) = (v.to_str().ok(), k.as_str()) else { continue };
-        if let Some(app) = name.strip_prefix("iothub-app-") {
+        if name.starts_with("iothub-app-") {
+            // IoT Hub never modifies application properties: keep the name as the device spelled it.
+            let app = &req.spelled(name)["iothub-app-".len()..];
             properties.push((app.to_string(), v.to_string()));
         } else if let Some(sys) = name.strip_prefix("iothub-")
             && sys != "to"

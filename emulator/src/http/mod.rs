@@ -8,8 +8,10 @@
 //! requests wait for their turn, refused ones get 429 with `Retry-After`.
 
 mod admin;
+pub use admin::TELEMETRY_MAX_WAIT_MS;
 pub mod connection;
 mod device_api;
+pub mod header_case;
 pub mod router;
 mod service_api;
 pub mod websocket;
@@ -95,6 +97,9 @@ pub struct Req {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// How the request spelled its `iothub-app-*` header names (HTTP/1 D2C and C2D sends only; see
+    /// [`header_case`]); empty otherwise.
+    pub app_header_spellings: Vec<String>,
 }
 
 impl Req {
@@ -110,6 +115,11 @@ impl Req {
             k.eq_ignore_ascii_case(name)
                 .then(|| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
         })
+    }
+
+    /// The header name `lower` (as `http` keeps it) as the request spelled it.
+    pub fn spelled<'a>(&'a self, lower: &'a str) -> &'a str {
+        self.app_header_spellings.iter().find(|s| s.eq_ignore_ascii_case(lower)).map_or(lower, String::as_str)
     }
 
     /// The SAS token from `Authorization`.
@@ -170,12 +180,22 @@ where
             return Ok(error_response(&parts.method, &path, &e));
         }
     };
+    let route = router::route(&path);
+    // Only the routes that carry application properties in headers pay for the spellings.
+    let carries_properties =
+        matches!(route, Route::DeviceEvents(_) | Route::DeviceBound(_)) && parts.method == Method::POST;
+    let app_header_spellings = if carries_properties && header_case::has_app_headers(&parts.headers) {
+        header_case::request_spellings(&parts.headers, parts.extensions).await
+    } else {
+        Vec::new()
+    };
     let req = Req {
         method: parts.method,
-        route: router::route(&path),
+        route,
         query: parts.uri.query().unwrap_or_default().to_string(),
         headers: parts.headers,
         body,
+        app_header_spellings,
     };
     let admin_api = ctx.hub.config().admin_api;
     if ctx.hub.throttling()
@@ -201,7 +221,13 @@ where
         }
         _ => service_api::handle(&ctx.hub, &req),
     };
-    Ok(result.unwrap_or_else(|e| error_response(&req.method, &path, &e)))
+    let mut resp = result.unwrap_or_else(|e| error_response(&req.method, &path, &e));
+    if let Some(header_case::OriginalNames(names)) = resp.extensions_mut().remove()
+        && let Some(ext) = header_case::response_extensions(&names).await
+    {
+        resp.extensions_mut().extend(ext);
+    }
+    Ok(resp)
 }
 
 /// The tier throttle's say on an IoT Hub request (reference §5.1): which operation class the

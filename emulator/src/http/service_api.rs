@@ -228,7 +228,11 @@ fn c2d_from_request(req: &Req) -> Result<C2dMessage, HubError> {
         .headers
         .iter()
         .filter_map(|(k, v)| {
-            let name = k.as_str().strip_prefix("iothub-app-")?;
+            if !k.as_str().starts_with("iothub-app-") {
+                return None;
+            }
+            // Names keep the sender's spelling (see `header_case`).
+            let name = &req.spelled(k.as_str())["iothub-app-".len()..];
             Some((name.to_string(), v.to_str().ok()?.to_string()))
         })
         .collect();

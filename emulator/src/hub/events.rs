@@ -537,6 +537,9 @@ pub struct EventsStatus {
     pub accounted_bytes: usize,
     /// Retained records.
     pub retained: usize,
+    /// The last hub-wide number assigned ([`Event::hub_sequence`]; 0 before the first record): a
+    /// `/emulator/telemetry` reader starting here sees only what arrives next.
+    pub last_hub_sequence: u64,
 }
 
 /// A consumer group.
@@ -755,6 +758,7 @@ impl EventLog {
             max_events: self.max_events,
             accounted_bytes: self.bytes,
             retained: self.order.len(),
+            last_hub_sequence: self.last_hub_sequence,
         }
     }
 
@@ -820,14 +824,14 @@ impl EventLog {
         device_id: Option<&str>,
         after: u64,
         limit: usize,
-        mut f: impl FnMut(&Event) -> T,
+        mut f: impl FnMut(&Arc<Event>) -> T,
     ) -> Vec<T> {
         let mut out = Vec::new();
         if let Some(d) = device_id {
             // A device's records are all in its partition.
             let part = &self.partitions[partition_for(d, self.partitions.len())];
             let start = part.index_where(|e| e.hub_sequence <= after);
-            out.extend(part.events.range(start..).filter(|e| &*e.device_id == d).take(limit).map(|e| f(e)));
+            out.extend(part.events.range(start..).filter(|e| &*e.device_id == d).take(limit).map(&mut f));
             return out;
         }
         // Merge the partitions by hub-wide number.
@@ -923,13 +927,18 @@ impl Hub {
 
     /// Up to `limit` records with a hub-wide number above `after`, optionally only from
     /// `device_id`, oldest first (the `/emulator/telemetry` read-out).
-    pub fn read_telemetry(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<Event> {
-        self.event_log_evicted().read_hub_wide(device_id, after, limit, Event::clone)
+    pub fn read_telemetry(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<Arc<Event>> {
+        self.event_log_evicted().read_hub_wide(device_id, after, limit, Arc::clone)
     }
 
     /// [`Self::read_telemetry`] of every device, handing each record to `f` instead of cloning it
     /// (a reader that wants a few fields of many); `f` runs under the log's lock: keep it short.
-    pub fn read_telemetry_with<T>(&self, after: u64, limit: usize, f: impl FnMut(&Event) -> T) -> Vec<T> {
+    pub fn read_telemetry_with<T>(
+        &self,
+        after: u64,
+        limit: usize,
+        f: impl FnMut(&Arc<Event>) -> T,
+    ) -> Vec<T> {
         self.event_log_evicted().read_hub_wide(None, after, limit, f)
     }
 
