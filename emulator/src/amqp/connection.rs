@@ -509,6 +509,7 @@ impl Connection {
             address: &raw,
             source: &source,
             target: &target,
+            desired_capabilities: f.get(12),
             properties: f.get(13),
         };
         let opened = nodes::attach(&mut ctx!(self, room), &request);
@@ -521,6 +522,7 @@ impl Connection {
             Err(_) if peer_sends => (source, Value::Null),
             Err(_) => (Value::Null, target),
         };
+        let offered = opened.as_ref().map_or(Value::Null, |n| n.offered_capabilities());
         let reply = list(
             code::ATTACH,
             vec![
@@ -535,6 +537,7 @@ impl Connection {
                 Value::Null,
                 if peer_sends { Value::Null } else { Value::Uint(0) },
                 Value::Ulong(MAX_MESSAGE_BYTES as u64),
+                offered,
             ],
         );
         self.write(channel, &reply, &[]);

@@ -922,3 +922,51 @@ fn messages_events_on_the_iot_hub_redirects_once_the_client_grants_credit() {
         Some(Value::str(&format!("amqps://localhost:5671/{EH}/ConsumerGroups/$Default/Partitions/0")))
     );
 }
+
+#[test]
+fn the_runtime_metric_is_offered_when_desired_and_annotates_each_delivery() {
+    let mut p = Peer::new();
+    p.record("dev-c", 0);
+    p.record("dev-c", 1);
+    let part = partition_of(&p.hub, "dev-c");
+    p.open();
+    p.cbs_links();
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let mut fields = vec![
+        Value::str("metric"),
+        Value::Uint(PARTITION),
+        Value::Bool(true),
+        Value::Ubyte(0),
+        Value::Ubyte(0),
+        partition_source("$Default", &part, None),
+        list(code::TARGET, vec![Value::str("client")]),
+    ];
+    fields.resize(12, Value::Null);
+    fields.push(Value::Array(vec![Value::sym("com.microsoft:enable-receiver-runtime-metric")]));
+    let out = p.send(list(code::ATTACH, fields));
+    assert_eq!(
+        out[0].fields.get(11),
+        &Value::Array(vec![Value::sym("com.microsoft:enable-receiver-runtime-metric")])
+    );
+    let out = p.send(link_flow(PARTITION, 0, 1));
+    let t = out.iter().find(|f| f.code == code::TRANSFER).expect("an event");
+    let mut rest = &t.payload[..];
+    let section = Value::decode(&mut rest).unwrap();
+    let Some((code::DELIVERY_ANNOTATIONS, Value::Map(pairs))) = section.as_described() else {
+        panic!("delivery annotations first, got {section:?}")
+    };
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == &Value::sym(k)).map(|(_, v)| v.clone());
+    assert_eq!(get("last_enqueued_sequence_number"), Some(Value::Long(1)));
+    assert!(matches!(get("last_enqueued_offset"), Some(Value::String(_))));
+    assert!(matches!(get("last_enqueued_time_utc"), Some(Value::Timestamp(_))));
+    assert!(matches!(get("runtime_info_retrieval_time_utc"), Some(Value::Timestamp(_))));
+    assert_eq!(Message::decode(&t.payload).unwrap().body, Body::Data(b"{\"i\":0}".to_vec()));
+
+    // Without the capability: nothing offered, no delivery annotations.
+    let out = p.attach_receiver(PARTITION + 1, partition_source("$Default", &part, None), Value::Null, 1);
+    assert_eq!(out[0].fields.get(11), &Value::Null);
+    let t = out.iter().find(|f| f.code == code::TRANSFER).expect("an event");
+    let mut rest = &t.payload[..];
+    let first = Value::decode(&mut rest).unwrap();
+    assert_eq!(first.as_described().map(|(c, _)| c), Some(code::MESSAGE_ANNOTATIONS));
+}

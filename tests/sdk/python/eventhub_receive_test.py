@@ -69,6 +69,7 @@ def consumer(eh_cs, consumer_group, **kwargs):
 
 def receive_all(eh_cs, device_id, what, consumer_group="$Default", **kwargs):
     """Receives from every partition from the start until COUNT events of `device_id` arrived."""
+    track = kwargs.pop("track_last_enqueued_event_properties", False)
     client = consumer(eh_cs, consumer_group, **kwargs)
     got = []
     done = threading.Event()
@@ -79,17 +80,26 @@ def receive_all(eh_cs, device_id, what, consumer_group="$Default", **kwargs):
         sysprops = event.system_properties
         if sysprops.get(b"iothub-connection-device-id") == device_id.encode():
             got.append((context.partition_id, event))
+            if track:
+                runtime.append(context.last_enqueued_event_properties)
             if len(got) >= COUNT:
                 done.set()
 
+    runtime = []
     worker = threading.Thread(
-        target=client.receive, kwargs={"on_event": on_event, "starting_position": "-1"}, daemon=True
+        target=client.receive,
+        kwargs={"on_event": on_event, "starting_position": "-1", "track_last_enqueued_event_properties": track},
+        daemon=True,
     )
     worker.start()
     done.wait(RECEIVE_S)
     client.close()
     worker.join(10)
     check_equal(f"{what}: events received from {device_id}", len(got), COUNT)
+    if track:
+        last = runtime[-1] or {}
+        check(f"{what}: last_enqueued_event_properties (runtime metric)",
+              last.get("sequence_number") is not None and last.get("enqueued_time") is not None, runtime)
     return client, got
 
 
@@ -178,7 +188,8 @@ def run():
     strings = requests.get(f"{env('IOTHUB_HTTP_URL')}/emulator/connection-strings", timeout=REQUEST_TIMEOUT_S).json()
     eh_cs = strings["eventHubCompatible"]
     check("the emulator lists an Event Hub-compatible connection string", eh_cs.startswith("Endpoint=sb://"), eh_cs)
-    _, got = receive_all(eh_cs, device_id, "EventHubConsumerClient.receive from every partition")
+    _, got = receive_all(eh_cs, device_id, "EventHubConsumerClient.receive from every partition",
+                         track_last_enqueued_event_properties=True)
     check_events(eh_cs, got, device_id, prefix)
 
     redirected = follow_redirect(hub_cs)

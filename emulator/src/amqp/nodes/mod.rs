@@ -223,6 +223,8 @@ pub struct AttachRequest<'a> {
     pub source: &'a Value,
     /// The peer's target terminus (a reply link's address lives here).
     pub target: &'a Value,
+    /// The attach's desired capabilities (a symbol, an array of symbols, or null).
+    pub desired_capabilities: &'a Value,
     /// The attach's link properties (a map, or null).
     pub properties: &'a Value,
 }
@@ -288,6 +290,11 @@ pub trait Node: std::fmt::Debug + Send {
     /// True when [`Node::closing`] may have become `Some` because [`Node::next`] was called.
     fn closing_after_next(&self) -> bool {
         false
+    }
+
+    /// The capabilities the attach reply offers (a symbol array, or null).
+    fn offered_capabilities(&self) -> Value {
+        Value::Null
     }
 
     /// A reply link's own address (the client's target terminus): a reply whose `to` names it is
@@ -430,6 +437,7 @@ mod tests {
             address,
             source: &Value::Null,
             target: &Value::Null,
+            desired_capabilities: &Value::Null,
             properties: &Value::Null,
         };
         attach(&mut ctx, &req).map(|n| n.kind()).map_err(|r| r.condition)

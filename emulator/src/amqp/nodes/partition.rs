@@ -12,6 +12,10 @@
 //! unsettled (settled when the client asked for settle-on-send); dispositions are not needed:
 //! Event Hubs readers keep their own position.
 //!
+//! Runtime metric: a link that desires `com.microsoft:enable-receiver-runtime-metric` gets it
+//! offered and each event carries the partition's last enqueued sequence number, offset and time
+//! (as of the read that fetched it) in its delivery annotations.
+//!
 //! Owner level: the link's `com.microsoft:epoch` property claims its place through
 //! [`crate::hub::Hub::claim_receiver`]; a receiver a newer epoch overrules detaches with
 //! `amqp:link:stolen`, as the SDKs expect.
@@ -33,6 +37,8 @@ pub const READ_BATCH: usize = 32;
 const SELECTOR: &str = "apache.org:selector-filter:string";
 /// The link property carrying the owner level.
 const EPOCH: &str = "com.microsoft:epoch";
+/// The capability asking for the partition's last enqueued event on every delivery.
+const RUNTIME_METRIC: &str = "com.microsoft:enable-receiver-runtime-metric";
 
 /// One partition receiver link.
 #[derive(Debug)]
@@ -43,6 +49,9 @@ pub struct PartitionReceiver {
     /// Events read but not yet sent (at most [`READ_BATCH`]).
     ready: VecDeque<Arc<Event>>,
     claim: ReceiverClaim,
+    /// The client asked for the runtime metric: the delivery-annotations section written with
+    /// each event of the batch read last (the partition's last enqueued event at that read).
+    runtime_metric: Option<Vec<u8>>,
 }
 
 /// Opens a receiver on partition `id` of consumer group `group`, or refuses it as Event Hubs does.
@@ -71,7 +80,8 @@ pub fn open(
     let next = hub.resolve_event_position(partition, &position).map_err(|e| events_refusal(&e))?;
     let claim = hub.claim_receiver(group, partition, epoch).map_err(|e| claim_refusal(&e))?;
     tracing::debug!(group, partition, next, ?epoch, "partition receiver attached");
-    Ok(Box::new(PartitionReceiver { partition, next, ready: VecDeque::new(), claim }))
+    let runtime_metric = capabilities(req.desired_capabilities).any(|c| c == RUNTIME_METRIC).then(Vec::new);
+    Ok(Box::new(PartitionReceiver { partition, next, ready: VecDeque::new(), claim, runtime_metric }))
 }
 
 fn events_refusal(e: &EventsError) -> Refusal {
@@ -103,6 +113,15 @@ fn selector(source: &Value) -> Option<&str> {
     }
 }
 
+/// The symbols of a capabilities field (one symbol or an array of them).
+fn capabilities(v: &Value) -> impl Iterator<Item = &str> {
+    let items: &[Value] = match v {
+        Value::Array(items) | Value::List(items) => items,
+        single => std::slice::from_ref(single),
+    };
+    items.iter().filter_map(Value::as_str)
+}
+
 fn link_property<'a>(properties: &'a Value, key: &str) -> Option<&'a Value> {
     let Value::Map(pairs) = properties else { return None };
     pairs.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
@@ -128,9 +147,21 @@ impl Node for PartitionReceiver {
             }
             self.next = batch.next;
             self.ready.extend(batch.events);
+            if let Some(section) = &mut self.runtime_metric {
+                *section = runtime_metric(ctx, self.partition);
+            }
         }
         let event = self.ready.pop_front()?;
-        Some(Outgoing { payload: event_message(&event).encode(), settled: false, track: None })
+        let mut payload = self.runtime_metric.clone().unwrap_or_default();
+        payload.extend_from_slice(&event_message(&event).encode());
+        Some(Outgoing { payload, settled: false, track: None })
+    }
+
+    fn offered_capabilities(&self) -> Value {
+        match self.runtime_metric {
+            Some(_) => Value::Array(vec![Value::sym(RUNTIME_METRIC)]),
+            None => Value::Null,
+        }
     }
 
     fn wants_wake(&self, _ctx: &Ctx<'_>) -> Wake {
@@ -157,6 +188,19 @@ impl Node for PartitionReceiver {
     fn detached(&mut self, ctx: &mut Ctx<'_>, _unsettled: Vec<u128>) {
         ctx.hub.release_receiver(&self.claim);
     }
+}
+
+/// The delivery-annotations section of the runtime metric (reference-2 §1.7): the partition's last
+/// enqueued event and when that was read.
+fn runtime_metric(ctx: &Ctx<'_>, partition: usize) -> Vec<u8> {
+    let Ok(info) = ctx.hub.partition_info(partition) else { return Vec::new() };
+    let annotations = vec![
+        (Value::sym("last_enqueued_sequence_number"), Value::Long(info.last_enqueued_sequence_number)),
+        (Value::sym("last_enqueued_offset"), Value::str(&info.last_enqueued_offset_str())),
+        (Value::sym("last_enqueued_time_utc"), Value::Timestamp(info.last_enqueued_time as i64)),
+        (Value::sym("runtime_info_retrieval_time_utc"), Value::Timestamp(ctx.hub.now() as i64)),
+    ];
+    Value::described(code::DELIVERY_ANNOTATIONS, Value::Map(annotations)).to_bytes()
 }
 
 /// An event as IoT Hub's built-in endpoint delivers it (reference-2 §1.7).
