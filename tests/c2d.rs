@@ -330,3 +330,46 @@ async fn application_property_names_keep_their_case_over_http_both_ways() {
     assert!(head.contains("\r\niothub-app-lower: z\r\n"), "{head}");
     hub.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn http_batches_land_in_the_devices_partition_in_order_with_runtime_information() {
+    let hub = TestHub::start().await.unwrap();
+    let dev = Device::new(&hub).await;
+    let batch = serde_json::json!([
+        {"body": "b25l", "properties": {"iothub-app-Seq": "1"}},
+        {"body": "dHdv", "properties": {"Seq": "2"}},
+    ]);
+    let resp = hub
+        .client
+        .post(format!("{}/devices/{}/messages/events?api-version=2021-04-12", hub.https_url(), dev.id))
+        .header("authorization", &dev.token)
+        .header("content-type", "application/vnd.microsoft.iothub.json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let partition = iothub_emulator::hub::events::partition_for(&dev.id, hub.running.hub.partition_count());
+    let items: Vec<Value> =
+        reqwest::get(format!("{}/emulator/telemetry?deviceId={}", hub.http_url(), dev.id))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let bodies: Vec<&str> = items.iter().map(|m| m["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["one", "two"]);
+    assert_eq!(items[0]["properties"]["Seq"], "1", "batch property names keep their case too");
+    for (k, m) in items.iter().enumerate() {
+        assert_eq!(m["eventHub"]["partitionId"], partition.to_string(), "{m}");
+        assert_eq!(m["eventHub"]["sequenceNumber"], k, "the first records of that partition: {m}");
+    }
+    let eh: Value =
+        reqwest::get(format!("{}/emulator/event-hub", hub.http_url())).await.unwrap().json().await.unwrap();
+    let p = &eh["partitions"][partition];
+    assert_eq!(p["lastEnqueuedSequenceNumber"], 1, "{eh}");
+    assert_eq!(p["lastEnqueuedOffset"], items[1]["eventHub"]["offset"], "{eh}");
+    assert_eq!(p["isEmpty"], false, "{eh}");
+    assert_eq!(eh["lastTelemetrySequenceNumber"], items[1]["sequenceNumber"], "{eh}");
+    hub.stop().await.unwrap();
+}

@@ -654,7 +654,8 @@ impl EventLog {
     pub fn partition_index(&self, id: &str) -> Result<usize, EventsError> {
         let out_of_range =
             || EventsError::PartitionOutOfRange { id: id.into(), max: self.partitions.len() - 1 };
-        if id.is_empty() || id.len() > 3 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        let canonical = id.len() == 1 || !id.starts_with('0');
+        if id.is_empty() || id.len() > 3 || !canonical || !id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(out_of_range());
         }
         match id.parse::<usize>() {
@@ -919,7 +920,9 @@ impl Hub {
         let event = self.event_log().append(msg, generation_id, now);
         let p = usize::from(event.partition);
         let signals = &self.shared.event_signals;
-        signals.ends[p].store(event.sequence_number + 1, Ordering::Release);
+        // `fetch_max`: two appenders to one partition may get here in either order, and the end a
+        // reader sees must never move back.
+        signals.ends[p].fetch_max(event.sequence_number + 1, Ordering::AcqRel);
         signals.partitions[p].notify_waiters();
         signals.any.notify_waiters();
         event
@@ -1160,6 +1163,8 @@ mod tests {
         assert!(log.partition_index("4").is_err());
         assert!(log.partition_index("-1").is_err());
         assert!(log.partition_index("01x").is_err());
+        assert!(log.partition_index("01").is_err(), "ids are the plain decimal numbers");
+        assert_eq!(log.partition_index("0"), Ok(0));
     }
 
     /// A partition holding sequence numbers 0..10 at times 10_000, 10_010, …
