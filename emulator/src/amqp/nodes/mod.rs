@@ -14,7 +14,11 @@
 //! * the link goes away (detach, end, close, drop) → [`Node::detached`] gives back what it holds.
 //!
 //! One file per node: `cbs` (put-token), `devicebound` (C2D sends), `feedback` (feedback batches),
-//! `file_notifications`. A new node is a new file plus one arm in [`attach`].
+//! `file_notifications`, and the Event Hub-compatible endpoint's `management` (`$management`
+//! READs), `partition` (receivers on `{eh}/ConsumerGroups/{group}/Partitions/{id}`) and `redirect`
+//! (IoT Hub's `amqp:link:redirect` for `messages/events`). A new node is a new file plus one arm in
+//! [`attach`]. A node may also detach its own link later ([`Node::closing`]: an evicted owner-level
+//! receiver, the redirect once the client granted credit).
 //!
 //! Owned state: each [`Node`] owns its link's state; the connection-wide authorization lives in
 //! [`Auth`], owned by the connection and lent to nodes through [`Ctx`].
