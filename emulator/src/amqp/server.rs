@@ -2,10 +2,10 @@
 //! [`Connection`] per socket, moving bytes between them.
 //!
 //! A connection task waits on its socket, the hub's and the event log's notifiers (while a link
-//! could send once they fire, e.g. a feedback or partition link with credit, so nothing polls) and its timers (a node's next wake-up
-//! such as the next feedback batch cut, a heartbeat inside
-//! the peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing
-//! is spawned per device or per link.
+//! could send once they fire, e.g. a feedback or partition link with credit, so nothing polls) and
+//! its timers (a node's next wake-up such as the next feedback batch cut, a heartbeat inside the
+//! peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing is
+//! spawned per device or per link.
 
 use std::time::Duration;
 
