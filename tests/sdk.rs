@@ -83,3 +83,14 @@ async fn node_service_sdk_gets_429_throttling_and_succeeds_on_retry() {
 async fn python_service_sdk_rides_out_429_throttling_and_retries_what_it_surfaces() {
     iothub_emulator_tests::run_sdk_script_with(Sdk::Python, "throttle_test.py", s1_hub()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_event_hubs_sdk_receives_device_telemetry_and_follows_the_redirect() {
+    run_sdk_script(Sdk::Python, "eventhub_receive_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_event_hubs_sdk_subscribes_from_a_time_in_two_groups_follows_the_redirect_and_owner_levels_evict()
+ {
+    run_sdk_script(Sdk::Node, "eventhub_test.js").await.unwrap();
+}

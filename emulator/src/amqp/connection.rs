@@ -1,29 +1,33 @@
-//! The sans-IO AMQP 1.0 connection of the service endpoint: protocol headers (SASL or bare),
-//! SASL, open/begin/attach/flow/transfer/disposition/detach/end/close, and the link bookkeeping
-//! (credit, session windows, multi-frame deliveries, unsettled feedback).
+//! The link engine of the AMQP endpoint, sans-IO: protocol headers (SASL or bare), SASL,
+//! open/begin/attach/flow/transfer/disposition/detach/end/close, and the link bookkeeping (credit,
+//! session windows, multi-frame deliveries, settlement).
 //!
 //! [`Connection::receive`] takes bytes from the socket and [`Connection::take_output`] hands back
 //! the bytes to write; nothing here touches a socket, reads a wall clock or spawns a task, so every
-//! behaviour is unit-tested by feeding frames. What a complete delivery *means* (CBS put-token,
-//! C2D send, feedback batches) lives in `service.rs`, which calls the [`Hub`].
+//! behaviour is unit-tested by feeding frames. What a link *means* lives in its node
+//! (`super::nodes`, one file per node): the engine opens the node at attach, hands it complete
+//! incoming messages, pulls outgoing deliveries from it only while the link has credit and the
+//! session window has room, routes replies to the session's reply link, and tells it about
+//! settlements and the link's end. The engine never looks at an address itself.
 //!
-//! Owned state: one [`Connection`] per socket owns its sessions and links; the hub owns every
-//! message. Feedback batches handed to a link stay locked in the hub until the peer settles them;
-//! a detach, end, close or dropped connection abandons them so they are redelivered.
+//! Owned state: one [`Connection`] per socket owns its sessions, their links (each with its
+//! node's per-link state) and the connection's authorization; the hub owns every message. Tracked
+//! deliveries (feedback batches) stay with the node until the peer settles them; a detach, end,
+//! close or dropped connection gives them back through the node.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use super::frame::{
     self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, Fields, Frame, FrameError, SASL_HEADER, code, list,
 };
 use super::message::Message;
-use super::service::{self, Address, Outcome};
+use super::nodes::{self, AttachRequest, Auth, Ctx, Node, Outcome, Outgoing, Refusal, Settled, Wake};
 use super::types::Value;
 use super::{
     LINK_CREDIT, MAX_BUFFERED_DELIVERY_BYTES, MAX_FRAME_BYTES, MAX_LINKS_PER_SESSION, MAX_MESSAGE_BYTES,
-    MAX_PENDING_REPLIES, MAX_SESSIONS, MAX_UNSETTLED_FEEDBACK, SESSION_WINDOW,
+    MAX_SESSIONS, MAX_UNSETTLED_DELIVERIES, SESSION_WINDOW,
 };
-use crate::c2d::LockToken;
+use crate::clock::Millis;
 use crate::hub::Hub;
 
 /// Where the connection is in its life.
@@ -88,7 +92,8 @@ struct Partial {
 #[derive(Debug)]
 struct Link {
     name: String,
-    address: Address,
+    /// What the link means: the node's per-link state.
+    node: Box<dyn Node>,
     /// True when the peer sends on this link (we are the receiver).
     peer_sends: bool,
     /// The sender's delivery-count as we know it.
@@ -98,8 +103,6 @@ struct Link {
     /// Sender links: the peer asked to settle on send (snd-settle-mode `settled`).
     presettled: bool,
     partial: Option<Partial>,
-    /// CBS reply links: replies waiting for credit.
-    pending: VecDeque<Message>,
 }
 
 #[derive(Debug, Default)]
@@ -112,11 +115,24 @@ struct Session {
     remote_incoming_window: u32,
     next_delivery_id: u32,
     links: BTreeMap<u32, Link>,
-    /// Feedback deliveries awaiting the peer's disposition: delivery id → (handle, lock).
-    unsettled: BTreeMap<u32, (u32, LockToken)>,
+    /// Tracked deliveries awaiting the peer's disposition: delivery id → (handle, node token).
+    unsettled: BTreeMap<u32, (u32, u128)>,
 }
 
-/// One AMQP connection of the service endpoint.
+impl Session {
+    fn unsettled_room(&self) -> usize {
+        MAX_UNSETTLED_DELIVERIES.saturating_sub(self.unsettled.len())
+    }
+
+    /// Removes the tracked deliveries of link `handle`, returning their tokens.
+    fn take_unsettled(&mut self, handle: u32) -> Vec<u128> {
+        let ids: Vec<u32> =
+            self.unsettled.iter().filter(|(_, (h, _))| *h == handle).map(|(id, _)| *id).collect();
+        ids.iter().filter_map(|id| self.unsettled.remove(id)).map(|(_, t)| t).collect()
+    }
+}
+
+/// One AMQP connection of the endpoint.
 #[derive(Debug)]
 pub struct Connection {
     hub: Hub,
@@ -126,14 +142,36 @@ pub struct Connection {
     peer_max_frame: u32,
     peer_idle_timeout_ms: Option<u32>,
     sessions: BTreeMap<u16, Session>,
-    /// `se` of the newest accepted CBS token (or SASL PLAIN password): sends are allowed
-    /// until it (plus the hub's clock skew) passes.
-    auth_expiry_secs: Option<u64>,
+    /// What the CBS tokens (or the SASL PLAIN password) put on the connection allow.
+    auth: Auth,
     /// Why the connection closed, when we closed it over an error.
     close_reason: Option<ConnError>,
     /// Tier throttling: hub time until which shaped C2D sends hold the connection (the driver
     /// neither writes their dispositions nor reads more before it). Always `None` without a tier.
-    hold_until: Option<crate::clock::Millis>,
+    hold_until: Option<Millis>,
+}
+
+/// What a connection's driver waits on (see [`Connection::wakes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wakes {
+    /// Wait on the hub's notifier.
+    pub hub: bool,
+    /// Wait on the event log's notifier.
+    pub events: bool,
+    /// Wake at this hub time even without a notification.
+    pub at: Option<Millis>,
+}
+
+/// Builds the [`Ctx`] a node is called with from the connection's fields (disjoint borrows).
+macro_rules! ctx {
+    ($self:ident, $room:expr) => {
+        Ctx {
+            hub: &$self.hub,
+            auth: &mut $self.auth,
+            hold_until: &mut $self.hold_until,
+            unsettled_room: $room,
+        }
+    };
 }
 
 impl Connection {
@@ -147,21 +185,16 @@ impl Connection {
             peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
             peer_idle_timeout_ms: None,
             sessions: BTreeMap::new(),
-            auth_expiry_secs: None,
+            auth: Auth::default(),
             close_reason: None,
             hold_until: None,
         }
     }
 
     /// Takes the hold shaped C2D sends put on the connection: the hub time until which the driver
-    /// should neither write the output nor read more (see `service::send_c2d`).
-    pub fn take_hold(&mut self) -> Option<crate::clock::Millis> {
+    /// should neither write the output nor read more (see `nodes::devicebound`).
+    pub fn take_hold(&mut self) -> Option<Millis> {
         self.hold_until.take()
-    }
-
-    /// Holds the connection until hub time `at_ms` (the latest of every shaped send's turn).
-    pub(super) fn hold_until(&mut self, at_ms: crate::clock::Millis) {
-        self.hold_until = Some(self.hold_until.map_or(at_ms, |h| h.max(at_ms)));
     }
 
     /// Feeds bytes read from the socket; replies accumulate in the output.
@@ -223,32 +256,49 @@ impl Connection {
         self.peer_idle_timeout_ms
     }
 
-    /// True when a feedback link has credit and the connection is authorized: the driver then
-    /// wakes on the hub's notifier and at [`Hub::feedback_next_due`] and calls [`Connection::pump`].
-    /// False while every feedback link is out of credit, session window or unsettled room, so a
-    /// driver never spins on a batch it could not take.
-    pub fn wants_feedback(&self) -> bool {
-        self.authorized()
-            && self.sessions.values().any(|s| {
-                s.remote_incoming_window > 0
-                    && s.unsettled.len() < MAX_UNSETTLED_FEEDBACK
-                    && s.links
-                        .values()
-                        .any(|l| l.address == Address::Feedback && l.credit > 0 && !l.peer_sends)
-            })
+    /// What the driver should wait on besides the socket: the hub's notifier, the event log's,
+    /// and the earliest hub time a link may have something to send without a notification (the
+    /// next feedback batch cut). Only links that could send (credit, session window, unsettled
+    /// room) or that must notice an eviction count, so a driver never spins on a delivery it
+    /// could not send.
+    pub fn wakes(&mut self) -> Wakes {
+        let mut wakes = Wakes::default();
+        for session in self.sessions.values() {
+            let ctx = ctx!(self, session.unsettled_room());
+            for link in session.links.values().filter(|l| !l.peer_sends) {
+                let can_send = link.credit > 0 && session.remote_incoming_window > 0;
+                if !can_send && !link.node.watches() {
+                    continue;
+                }
+                match link.node.wants_wake(&ctx) {
+                    Wake::Never => continue,
+                    Wake::OnHubChange => wakes.hub = true,
+                    Wake::OnEvents => wakes.events = true,
+                }
+                if let Some(t) = link.node.wake_at(&ctx) {
+                    wakes.at = Some(wakes.at.map_or(t, |a| a.min(t)));
+                }
+            }
+        }
+        wakes
     }
 
-    /// Sends whatever our sender links can send now (CBS replies, feedback batches).
+    /// True when [`Connection::wakes`] asks for any notifier.
+    pub fn wants_wake(&mut self) -> bool {
+        let w = self.wakes();
+        w.hub || w.events
+    }
+
+    /// Sends whatever our sender links can send now (replies, feedback batches, ...).
     pub fn pump(&mut self) {
         if self.phase != Phase::Opened {
             return;
         }
-        let authorized = self.authorized();
         let channels: Vec<u16> = self.sessions.keys().copied().collect();
         for ch in channels {
             let handles: Vec<u32> = self.sessions[&ch].links.keys().copied().collect();
             for h in handles {
-                self.pump_link(ch, h, authorized);
+                self.pump_link(ch, h);
             }
         }
     }
@@ -265,27 +315,7 @@ impl Connection {
 
     /// Whether a CBS token currently authorizes service operations on this connection.
     pub fn authorized(&self) -> bool {
-        let now_secs = self.hub.wall_now() / 1000;
-        self.auth_expiry_secs.is_some_and(|se| se.saturating_add(self.hub.config().sas_skew_secs) >= now_secs)
-    }
-
-    /// Why sends are refused right now, or `None` when they are allowed.
-    pub(super) fn unauthorized_reason(&self) -> Option<String> {
-        match self.auth_expiry_secs {
-            None => Some("no valid token: put a SAS token with ServiceConnect on $cbs first".into()),
-            Some(se) if !self.authorized() => {
-                Some(format!("the CBS token expired (se={se}); put a new token on $cbs"))
-            }
-            Some(_) => None,
-        }
-    }
-
-    pub(super) fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
-    pub(super) fn grant(&mut self, expiry_secs: u64) {
-        self.auth_expiry_secs = Some(expiry_secs);
+        self.auth.authorized(&self.hub)
     }
 
     fn fail(&mut self, e: ConnError) {
@@ -403,7 +433,7 @@ impl Connection {
             "MSSBCBS" | "ANONYMOUS" => true,
             // PLAIN: `{policy}@sas.root.{hub}` / the SAS token as the password (reference §1.4).
             "PLAIN" => match fields.get(1) {
-                Value::Binary(b) => service::sasl_plain(self, b),
+                Value::Binary(b) => nodes::sasl_plain(&self.hub, &mut self.auth, b),
                 _ => false,
             },
             _ => false,
@@ -484,8 +514,6 @@ impl Connection {
         let (source, target) = (f.get(5).clone(), f.get(6).clone());
         let terminus = if peer_sends { &target } else { &source };
         let raw = frame::terminus_address(terminus).unwrap_or_default().to_owned();
-        let address =
-            Address::classify(&raw).filter(|a| a.peer_sends() == Some(peer_sends) || *a == Address::Cbs);
         let session = self.session(channel)?;
         if session.links.contains_key(&handle) || session.links.len() >= MAX_LINKS_PER_SESSION as usize {
             return Err(ConnError::new(
@@ -493,14 +521,27 @@ impl Connection {
                 format!("handle {handle} in use or too many links"),
             ));
         }
-        // The reply echoes source and target (uamqp detaches without them) and asks for
-        // rcv-settle-mode first (uamqp never settles under second): sdk-wire-notes §3.
-        let snd_settle = f.get(3).clone();
-        let (reply_source, reply_target) = match address {
-            Some(_) => (source, target),
-            None if peer_sends => (source, Value::Null),
-            None => (Value::Null, target),
+        let room = session.unsettled_room();
+        let request = AttachRequest {
+            name: &name,
+            peer_sends,
+            address: &raw,
+            source: &source,
+            target: &target,
+            desired_capabilities: f.get(12),
+            properties: f.get(13),
         };
+        let opened = nodes::attach(&mut ctx!(self, room), &request);
+        // The reply echoes source and target (uamqp detaches without them) and asks for
+        // rcv-settle-mode first (uamqp never settles under second): sdk-wire-notes §3. A refused
+        // link gets no terminus on our side, then a detach with the error.
+        let snd_settle = f.get(3).clone();
+        let (reply_source, reply_target) = match &opened {
+            Ok(_) => (source, target),
+            Err(_) if peer_sends => (source, Value::Null),
+            Err(_) => (Value::Null, target),
+        };
+        let offered = opened.as_ref().map_or(Value::Null, |n| n.offered_capabilities());
         let reply = list(
             code::ATTACH,
             vec![
@@ -515,35 +556,38 @@ impl Connection {
                 Value::Null,
                 if peer_sends { Value::Null } else { Value::Uint(0) },
                 Value::Ulong(MAX_MESSAGE_BYTES as u64),
+                offered,
             ],
         );
         self.write(channel, &reply, &[]);
-        let Some(address) = address else {
-            tracing::info!(link = %name, address = %raw, "refusing an AMQP link to an unknown node");
-            let err = frame::error(
-                "amqp:not-found",
-                &format!(
-                    "no node {raw:?} here; this endpoint serves $cbs, /messages/devicebound, /messages/serviceBound/feedback and /messages/serviceBound/filenotifications"
-                ),
-            );
-            self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(true), err]), &[]);
-            return Ok(());
+        let node = match opened {
+            Ok(node) => node,
+            Err(refusal) => {
+                tracing::info!(link = %name, address = %raw, condition = refusal.condition, "refusing an AMQP link: {}", refusal.description);
+                self.write_detach(channel, handle, &refusal);
+                return Ok(());
+            }
         };
         let link = Link {
             name,
-            address,
+            node,
             peer_sends,
             delivery_count: f.u32(9).unwrap_or(0),
             credit: 0,
             presettled: snd_settle.as_u64() == Some(1),
             partial: None,
-            pending: VecDeque::new(),
         };
         self.session(channel)?.links.insert(handle, link);
         if peer_sends {
             self.grant_credit(channel, handle);
         }
         Ok(())
+    }
+
+    /// Writes a closing detach of `handle` carrying `refusal`'s error.
+    fn write_detach(&mut self, channel: u16, handle: u32, refusal: &Refusal) {
+        let body = list(code::DETACH, vec![Value::Uint(handle), Value::Bool(true), refusal.to_error()]);
+        self.write(channel, &body, &[]);
     }
 
     /// Tops a receiving link's credit up to [`LINK_CREDIT`] and tells the peer.
@@ -562,29 +606,40 @@ impl Connection {
         let window = f.u32(1).unwrap_or(0);
         session.remote_incoming_window =
             next_incoming.wrapping_add(window).wrapping_sub(session.next_outgoing_id);
-        let mut echo = f.bool_or(9, false);
-        if let Some(handle) = f.u32(4) {
-            let link = session.links.get_mut(&handle).ok_or_else(|| {
-                ConnError::new("amqp:session:unattached-handle", format!("flow for unknown handle {handle}"))
-            })?;
-            if !link.peer_sends {
-                let peer_count = f.u32(5).unwrap_or(link.delivery_count);
-                let credit = f.u32(6).unwrap_or(0);
-                link.credit = peer_count.wrapping_add(credit).wrapping_sub(link.delivery_count);
-                if f.bool_or(8, false) && link.pending.is_empty() && link.address != Address::Feedback {
-                    // Drain: nothing to send, so use the credit up.
-                    link.delivery_count = link.delivery_count.wrapping_add(link.credit);
-                    link.credit = 0;
-                    echo = true;
-                }
-            }
+        let echo = f.bool_or(9, false);
+        let Some(handle) = f.u32(4) else {
             if echo {
-                let (count, credit) = (link.delivery_count, link.credit);
-                let body = flow_body(session, Some((handle, count, credit)));
+                let body = flow_body(session, None);
                 self.write(channel, &body, &[]);
             }
-        } else if echo {
-            let body = flow_body(session, None);
+            self.pump();
+            return Ok(());
+        };
+        let Some(link) = session.links.get_mut(&handle) else {
+            // A link we detached (refused, evicted) until the peer's detach answers ours: the
+            // peer may still send its flow (rhea grants credit right after the attach).
+            tracing::debug!(handle, "ignoring a flow for a detached link");
+            return Ok(());
+        };
+        let drain = !link.peer_sends && f.bool_or(8, false);
+        if !link.peer_sends {
+            let peer_count = f.u32(5).unwrap_or(link.delivery_count);
+            let credit = f.u32(6).unwrap_or(0);
+            link.credit = peer_count.wrapping_add(credit).wrapping_sub(link.delivery_count);
+        }
+        // Send what there is first; a drain then uses the rest of the credit up.
+        self.pump();
+        let session = self.session(channel)?;
+        let Some(link) = session.links.get_mut(&handle) else { return Ok(()) };
+        let mut echo = echo;
+        if drain && link.node.honours_drain() {
+            link.delivery_count = link.delivery_count.wrapping_add(link.credit);
+            link.credit = 0;
+            echo = true;
+        }
+        if echo {
+            let (count, credit) = (link.delivery_count, link.credit);
+            let body = flow_body(session, Some((handle, count, credit)));
             self.write(channel, &body, &[]);
         }
         self.pump();
@@ -647,10 +702,10 @@ impl Connection {
         }
         link.credit -= 1;
         link.delivery_count = link.delivery_count.wrapping_add(1);
-        let address = link.address;
         if link.credit < LINK_CREDIT / 2 {
             self.grant_credit(channel, handle);
         }
+        let mut needs_pump = false;
         let outcome = if partial.oversized {
             Outcome::Rejected(
                 "amqp:link:message-size-exceeded",
@@ -662,15 +717,11 @@ impl Connection {
         } else {
             match Message::decode(&partial.bytes) {
                 Err(e) => Outcome::Rejected("amqp:decode-error", format!("the message does not decode: {e}")),
-                Ok(m) => match address {
-                    Address::Cbs => {
-                        let (outcome, reply) = service::put_token(self, &m);
-                        self.queue_reply(channel, reply);
-                        outcome
-                    }
-                    Address::DeviceBound => service::send_c2d(self, &m),
-                    _ => Outcome::Rejected("amqp:not-allowed", "this link does not accept messages".into()),
-                },
+                Ok(m) => {
+                    let (outcome, pump) = self.deliver(channel, handle, &m);
+                    needs_pump = pump;
+                    outcome
+                }
             }
         };
         if !partial.settled {
@@ -695,9 +746,9 @@ impl Connection {
                 }
             }
         }
-        // Only a put-token changes what the sender links may send (its reply, and the
-        // authorization feedback links wait for); the driver pumps before every write anyway.
-        if address == Address::Cbs {
+        // Only a request with a reply (a put-token, a $management read) changes what the sending
+        // links may send; a C2D transfer does not, and the driver pumps before every write anyway.
+        if needs_pump {
             self.pump();
         }
         Ok(())
@@ -713,46 +764,89 @@ impl Connection {
             .sum()
     }
 
-    /// Queues a CBS reply on the session's `$cbs` sender link (bounded).
-    fn queue_reply(&mut self, channel: u16, reply: Message) {
+    /// Hands a complete incoming message to its link's node and routes the node's reply.
+    /// Hands a complete message to its link's node; also says whether the links need a pump (a
+    /// reply was queued, or the node is not the C2D sender's, whose transfers change nothing a
+    /// sending link waits for).
+    fn deliver(&mut self, channel: u16, handle: u32, m: &Message) -> (Outcome, bool) {
+        let Some(session) = self.sessions.get_mut(&channel) else {
+            return (Outcome::Rejected("amqp:not-found", "the session ended".into()), false);
+        };
+        let room = session.unsettled_room();
+        let Some(link) = session.links.get_mut(&handle) else {
+            return (Outcome::Rejected("amqp:not-found", "the link was detached".into()), false);
+        };
+        let kind = link.node.kind();
+        let received = link.node.receive(&mut ctx!(self, room), m);
+        let mut pump = kind != "devicebound";
+        if let Some(reply) = received.reply {
+            self.route_reply(channel, kind, reply);
+            pump = true;
+        }
+        (received.outcome, pump)
+    }
+
+    /// Queues a reply on the session's reply link for `kind`: the one whose source address is the
+    /// reply's `to` (the request's `reply-to`) if any, else the first that takes such replies.
+    fn route_reply(&mut self, channel: u16, kind: &'static str, reply: Message) {
         let Some(session) = self.sessions.get_mut(&channel) else { return };
-        let link = session.links.values_mut().find(|l| l.address == Address::Cbs && !l.peer_sends);
+        let to = reply.properties.to.clone();
+        let takes = |l: &Link| !l.peer_sends && l.node.takes_replies(kind);
+        let addressed = session
+            .links
+            .values()
+            .position(|l| takes(l) && to.is_some() && l.node.reply_address() == to.as_deref());
+        let link = match addressed {
+            Some(i) => session.links.values_mut().nth(i),
+            None => session.links.values_mut().find(|l| takes(l)),
+        };
         match link {
-            Some(link) if link.pending.len() < MAX_PENDING_REPLIES => link.pending.push_back(reply),
-            Some(_) => {
-                tracing::warn!("dropping a CBS reply: the client grants no credit on its $cbs receiver")
+            Some(link) => {
+                link.node.push_reply(reply);
             }
-            None => tracing::info!("a CBS request arrived with no $cbs receiver link to answer on"),
+            None => tracing::info!(node = kind, "a request arrived with no reply link to answer on"),
         }
     }
 
-    fn pump_link(&mut self, channel: u16, handle: u32, authorized: bool) {
+    fn pump_link(&mut self, channel: u16, handle: u32) {
+        let mut rechecked = false;
         loop {
             let Some(session) = self.sessions.get_mut(&channel) else { return };
-            let unsettled = session.unsettled.len();
+            let room = session.unsettled_room();
+            let window = session.remote_incoming_window;
             let Some(link) = session.links.get_mut(&handle) else { return };
-            if link.peer_sends || link.credit == 0 || session.remote_incoming_window == 0 {
+            if link.peer_sends {
                 return;
             }
-            let (message, lock) = match link.address {
-                Address::Cbs => match link.pending.pop_front() {
-                    Some(m) => (m, None),
-                    None => return,
-                },
-                Address::Feedback if authorized && unsettled < MAX_UNSETTLED_FEEDBACK => {
-                    match self.hub.receive_feedback() {
-                        Some(d) => (service::feedback_message(&d), Some(d.lock_token)),
-                        None => return,
-                    }
+            if let Some(refusal) = link.node.closing(&mut ctx!(self, room)) {
+                tracing::info!(link = %link.name, condition = refusal.condition, "detaching an AMQP link: {}", refusal.description);
+                let unsettled = session.take_unsettled(handle);
+                if let Some(link) = session.links.remove(&handle) {
+                    self.end_link(link, unsettled);
                 }
-                _ => return,
-            };
-            let presettled = lock.is_none() || link.presettled;
-            if let (Some(token), true) = (lock, link.presettled) {
-                // The peer asked for settled deliveries: hand-off is the completion.
-                let _ = self.hub.settle_feedback(token, false);
+                self.write_detach(channel, handle, &refusal);
+                return;
             }
-            self.send_delivery(channel, handle, &message.encode(), presettled, lock);
+            if link.credit == 0 || window == 0 {
+                return;
+            }
+            let Some(out) = link.node.next(&mut ctx!(self, room)) else {
+                // A node may close once it has been asked for a delivery (a redirect waits for
+                // the peer's credit): check again now.
+                if link.node.closing_after_next() && !rechecked {
+                    rechecked = true;
+                    continue;
+                }
+                return;
+            };
+            let Outgoing { payload, settled, track } = out;
+            let settled = settled || link.presettled;
+            if let (Some(token), true) = (track, link.presettled) {
+                // The peer asked for settled deliveries: hand-off is the completion.
+                link.node.settled(&mut ctx!(self, room), token, Settled::Done);
+            }
+            let track = if settled { None } else { track };
+            self.send_delivery(channel, handle, &payload, settled, track);
         }
     }
 
@@ -763,13 +857,13 @@ impl Connection {
         handle: u32,
         payload: &[u8],
         settled: bool,
-        lock: Option<LockToken>,
+        track: Option<u128>,
     ) {
         let peer_max = self.peer_max_frame as usize;
         let Some(session) = self.sessions.get_mut(&channel) else { return };
         let delivery_id = session.next_delivery_id;
         session.next_delivery_id = delivery_id.wrapping_add(1);
-        if let (false, Some(token)) = (settled, lock) {
+        if let (false, Some(token)) = (settled, track) {
             session.unsettled.insert(delivery_id, (handle, token));
         }
         if let Some(link) = session.links.get_mut(&handle) {
@@ -820,22 +914,25 @@ impl Connection {
         let last = f.u32(2).unwrap_or(first).max(first);
         let settled = f.bool_or(3, false);
         let state = f.get(4).clone();
-        let abandon = matches!(state.as_described(), Some((code::RELEASED | code::MODIFIED, _)));
+        let how = match state.as_described() {
+            Some((code::RELEASED | code::MODIFIED, _)) => Settled::Returned,
+            _ => Settled::Done,
+        };
         let session = self
             .sessions
             .get_mut(&channel)
             .ok_or_else(|| ConnError::new("amqp:not-found", format!("no session on channel {channel}")))?;
         let ids: Vec<u32> = session.unsettled.range(first..=last).map(|(id, _)| *id).collect();
-        let mut settled_ids = Vec::new();
+        let mut any = false;
         for id in ids {
-            if let Some((_, token)) = session.unsettled.remove(&id) {
-                if let Err(e) = self.hub.settle_feedback(token, abandon) {
-                    tracing::info!("settling a feedback batch: {e}");
-                }
-                settled_ids.push(id);
+            let Some((handle, token)) = session.unsettled.remove(&id) else { continue };
+            any = true;
+            let room = session.unsettled_room();
+            if let Some(link) = session.links.get_mut(&handle) {
+                link.node.settled(&mut ctx!(self, room), token, how);
             }
         }
-        if !settled && !settled_ids.is_empty() {
+        if !settled && any {
             let body = list(
                 code::DISPOSITION,
                 vec![Value::Bool(false), Value::Uint(first), Value::Uint(last), Value::Bool(true), state],
@@ -851,13 +948,13 @@ impl Connection {
             f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "detach without a handle"))?;
         let closed = f.bool_or(1, false);
         let session = self.session(channel)?;
-        session.links.remove(&handle);
-        let tokens: Vec<u32> =
-            session.unsettled.iter().filter(|(_, (h, _))| *h == handle).map(|(id, _)| *id).collect();
-        let locks: Vec<LockToken> =
-            tokens.iter().filter_map(|id| session.unsettled.remove(id)).map(|(_, t)| t).collect();
-        self.abandon(locks);
-        self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(closed)]), &[]);
+        // An unknown handle is a link we detached first (refused or evicted): this is the peer's
+        // answer, which needs none.
+        if let Some(link) = session.links.remove(&handle) {
+            let unsettled = session.take_unsettled(handle);
+            self.end_link(link, unsettled);
+            self.write(channel, &list(code::DETACH, vec![Value::Uint(handle), Value::Bool(closed)]), &[]);
+        }
         Ok(())
     }
 
@@ -866,24 +963,31 @@ impl Connection {
             .sessions
             .remove(&channel)
             .ok_or_else(|| ConnError::new("amqp:not-found", format!("end for unknown channel {channel}")))?;
-        self.abandon(session.unsettled.into_values().map(|(_, t)| t).collect());
+        self.end_session(session);
         self.write(channel, &list(code::END, vec![]), &[]);
         Ok(())
     }
 
-    fn abandon(&self, locks: Vec<LockToken>) {
-        for token in locks {
-            let _ = self.hub.settle_feedback(token, true);
+    /// Tells a removed link's node it is gone, with its unsettled tracked deliveries.
+    fn end_link(&mut self, mut link: Link, unsettled: Vec<u128>) {
+        link.node.detached(&mut ctx!(self, 0), unsettled);
+    }
+
+    fn end_session(&mut self, mut session: Session) {
+        let handles: Vec<u32> = session.links.keys().copied().collect();
+        for handle in handles {
+            let unsettled = session.take_unsettled(handle);
+            if let Some(link) = session.links.remove(&handle) {
+                self.end_link(link, unsettled);
+            }
         }
     }
 
-    /// Returns every unsettled feedback batch to the hub (connection going away).
+    /// Ends every session's links (connection going away): tracked deliveries return to the hub.
     fn release_all(&mut self) {
-        let locks: Vec<LockToken> = std::mem::take(&mut self.sessions)
-            .into_values()
-            .flat_map(|s| s.unsettled.into_values().map(|(_, t)| t))
-            .collect();
-        self.abandon(locks);
+        for session in std::mem::take(&mut self.sessions).into_values() {
+            self.end_session(session);
+        }
     }
 }
 

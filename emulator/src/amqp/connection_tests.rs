@@ -484,7 +484,7 @@ fn a_delivery_split_over_several_frames_is_reassembled() {
 fn feedback_flows_to_a_credited_link_and_is_completed_on_accept() {
     let mut p = Peer::sender("d");
     p.attach(FEEDBACK, false, "/messages/serviceBound/feedback");
-    assert!(p.conn.wants_feedback());
+    assert!(p.conn.wants_wake());
     assert_eq!(outcome(&p.transfer(C2D, &c2d("d", "fb-1"))), Ok(()));
     let d = p.hub.receive_c2d("d", 60_000).unwrap().unwrap();
     p.hub.settle_c2d("d", d.lock_token, Settlement::Complete).unwrap();
@@ -556,7 +556,7 @@ fn feedback_waits_for_credit_and_a_released_batch_is_redelivered() {
     let sent: Vec<Out> =
         parse_all(p.conn.take_output()).into_iter().filter(|f| f.code == code::TRANSFER).collect();
     assert_eq!(sent.len(), 1, "one credit, one batch");
-    assert!(!p.conn.wants_feedback(), "no credit left: the driver must not wake for feedback");
+    assert!(!p.conn.wants_wake(), "no credit left: the driver must not wake for feedback");
     // Released: the batch goes back to the hub; with new credit both batches come (again).
     let id = sent[0].fields.get(1).clone();
     let released = list(code::RELEASED, vec![]);
@@ -633,4 +633,385 @@ fn a_read_of_many_transfers_gets_one_disposition_each_in_one_output() {
     p.conn.swap_output(&mut out);
     assert!(out.is_empty(), "nothing more to write");
     assert_eq!(p.hub.get_device("d1").unwrap()["cloudToDeviceMessageCount"], 40);
+}
+
+// ---- The Event Hub-compatible nodes ($management, partition receivers, owner levels, redirect) ----
+
+const MGMT_SENDER: u32 = 10;
+const MGMT_RECEIVER: u32 = 11;
+const PARTITION: u32 = 12;
+/// The Event Hub-compatible name of a hub at `localhost`.
+const EH: &str = "localhost";
+
+impl Peer {
+    /// A second connection on this peer's hub (owner levels span connections).
+    fn sibling(&self) -> Self {
+        Self {
+            conn: Connection::new(self.hub.clone()),
+            hub: self.hub.clone(),
+            clock: self.clock.clone(),
+            next_delivery: 0,
+        }
+    }
+
+    /// A put-token for `audience` signed as the Event Hubs SDKs sign (the key's text), on CBS
+    /// links it attaches; returns the reply's status.
+    fn put_event_hub_token(&mut self, audience: &str) -> i32 {
+        let key = self.hub.policies().iter().find(|p| p.name == "iothubowner").unwrap().primary_key.clone();
+        let se = START_MS / 1000 + 3600;
+        let sr = crate::sas::url_encode(audience);
+        let sig = crate::sas::sign(key.as_bytes(), &sr, se);
+        let token = format!(
+            "SharedAccessSignature sr={sr}&sig={}&se={se}&skn=iothubowner",
+            crate::sas::url_encode(&sig)
+        );
+        let m = Message {
+            properties: Properties { message_id: Some(Value::Ulong(7)), ..Default::default() },
+            application_properties: vec![
+                ("operation".into(), Value::str("put-token")),
+                ("type".into(), Value::str("servicebus.windows.net:sastoken")),
+                ("name".into(), Value::str(audience)),
+            ],
+            body: Body::Value(Value::str(&token)),
+            ..Default::default()
+        };
+        cbs_status(&self.transfer(CBS_SENDER, &m))
+    }
+
+    /// Attaches a receiver (the peer receives) with a full source terminus and link properties,
+    /// then grants `credit`.
+    fn attach_receiver(&mut self, handle: u32, source: Value, properties: Value, credit: u32) -> Vec<Out> {
+        let mut fields = vec![
+            Value::str(&format!("link-{handle}")),
+            Value::Uint(handle),
+            Value::Bool(true),
+            Value::Ubyte(0),
+            Value::Ubyte(0),
+            source,
+            list(code::TARGET, vec![Value::str("client")]),
+        ];
+        fields.resize(13, Value::Null);
+        fields.push(properties);
+        let mut out = self.send(list(code::ATTACH, fields));
+        if credit > 0 {
+            out.extend(self.send(link_flow(handle, 0, credit)));
+        }
+        out
+    }
+
+    /// A `$management` READ of `kind` (and `partition`), answered on the management reply link.
+    fn management_read(&mut self, kind: &str, partition: Option<&str>) -> Message {
+        let mut app = vec![
+            ("operation".into(), Value::str("READ")),
+            ("type".into(), Value::str(kind)),
+            ("name".into(), Value::str(EH)),
+        ];
+        if let Some(p) = partition {
+            app.push(("partition".into(), Value::str(p)));
+        }
+        let m = Message {
+            properties: Properties {
+                message_id: Some(Value::Uuid([7; 16])),
+                reply_to: Some("mgmt-client".into()),
+                ..Default::default()
+            },
+            application_properties: app,
+            ..Default::default()
+        };
+        let out = self.transfer(MGMT_SENDER, &m);
+        let t = out.iter().find(|f| f.code == code::TRANSFER).expect("a management reply");
+        assert_eq!(t.fields.get(0), &Value::Uint(MGMT_RECEIVER));
+        let reply = Message::decode(&t.payload).unwrap();
+        assert_eq!(reply.properties.correlation_id, Some(Value::Uuid([7; 16])), "correlated by message-id");
+        reply
+    }
+
+    fn record(&self, device: &str, i: usize) {
+        self.hub.record_telemetry(crate::hub::D2cMessage {
+            device_id: device.into(),
+            system_properties: vec![
+                ("message-id".into(), format!("m{i}")),
+                ("content-type".into(), "application/json".into()),
+            ],
+            properties: vec![("firmwareChannel".into(), "beta".into())],
+            body: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
+            ..Default::default()
+        });
+    }
+}
+
+fn status_of(m: &Message) -> i32 {
+    match m.application_properties.iter().find(|(k, _)| k == "status-code") {
+        Some((_, Value::Int(s))) => *s,
+        other => panic!("status-code must be an AMQP int, got {other:?}"),
+    }
+}
+
+fn map_get<'a>(body: &'a Body, key: &str) -> &'a Value {
+    let Body::Value(Value::Map(pairs)) = body else {
+        panic!("the body must be an AMQP-value map, got {body:?}")
+    };
+    pairs.iter().find(|(k, _)| k == &Value::str(key)).map(|(_, v)| v).unwrap_or_else(|| panic!("no {key}"))
+}
+
+fn partition_source(group: &str, partition: &str, filter: Option<&str>) -> Value {
+    let mut fields =
+        vec![Value::str(&format!("amqps://localhost/{EH}/ConsumerGroups/{group}/Partitions/{partition}"))];
+    if let Some(f) = filter {
+        fields.resize(7, Value::Null);
+        // JS's numeric descriptor; the node must find the filter by its key.
+        let described = Value::described(0x0000_468C_0000_0004, Value::str(f));
+        fields.push(Value::Map(vec![(Value::sym("apache.org:selector-filter:string"), described)]));
+    }
+    list(code::SOURCE, fields)
+}
+
+fn detach_error(out: &[Out]) -> (String, Fields) {
+    let d = out.iter().find(|f| f.code == code::DETACH).expect("a detach");
+    let (_, err) = frame::described_list(d.fields.get(2)).expect("an error");
+    (err.str(0).unwrap().to_owned(), err)
+}
+
+/// The partition `device`'s telemetry goes to, as the hub computes it.
+fn partition_of(hub: &Hub, device: &str) -> String {
+    crate::hub::events::partition_for(device, hub.partition_count()).to_string()
+}
+
+#[test]
+fn an_event_hubs_token_signed_with_the_key_text_gets_202_and_covers_only_the_entity() {
+    let mut p = Peer::new();
+    p.open();
+    p.cbs_links();
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    assert!(!p.conn.authorized(), "an entity token does not authorize IoT Hub service operations");
+    let out = p.attach_receiver(PARTITION, partition_source("$Default", "0", None), Value::Null, 10);
+    assert!(!out.iter().any(|f| f.code == code::DETACH), "the entity token covers its partitions");
+    let out = p.attach(MGMT_SENDER, true, "/messages/devicebound");
+    assert!(!out.iter().any(|f| f.code == code::DETACH));
+    let out = p.transfer(MGMT_SENDER, &c2d("d", "x"));
+    assert_eq!(outcome(&out), Err("amqp:unauthorized-access".into()));
+}
+
+#[test]
+fn management_reads_answer_string_keyed_maps_with_the_types_the_sdks_cast_to() {
+    let mut p = Peer::new();
+    p.record("dev-a", 0);
+    p.record("dev-a", 1);
+    p.open();
+    p.cbs_links();
+    p.attach(MGMT_SENDER, true, "$management");
+    let out = p.send(list(
+        code::ATTACH,
+        vec![
+            Value::str("mgmt-client"),
+            Value::Uint(MGMT_RECEIVER),
+            Value::Bool(true),
+            Value::Ubyte(0),
+            Value::Ubyte(0),
+            list(code::SOURCE, vec![Value::str("$management")]),
+            list(code::TARGET, vec![Value::str("mgmt-client")]),
+        ],
+    ));
+    assert_eq!(out[0].code, code::ATTACH);
+    p.send(link_flow(MGMT_RECEIVER, 0, 10));
+    let refused = p.management_read("com.microsoft:eventhub", None);
+    assert_eq!(status_of(&refused), 401, "no token yet");
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}/$management")), 202);
+
+    let hub_info = p.management_read("com.microsoft:eventhub", None);
+    assert_eq!(status_of(&hub_info), 200);
+    assert_eq!(map_get(&hub_info.body, "name"), &Value::str(EH));
+    assert!(matches!(map_get(&hub_info.body, "created_at"), Value::Timestamp(t) if *t == START_MS as i64));
+    assert_eq!(map_get(&hub_info.body, "partition_count"), &Value::Int(4));
+    let ids = ["0", "1", "2", "3"].map(Value::str).to_vec();
+    assert_eq!(map_get(&hub_info.body, "partition_ids"), &Value::Array(ids));
+    assert_eq!(Value::Array(vec![Value::str("0")]).to_bytes()[0], 0xf0, "an AMQP array, not a list");
+
+    let part = partition_of(&p.hub, "dev-a");
+    let info = p.management_read("com.microsoft:partition", Some(&part));
+    assert_eq!(status_of(&info), 200);
+    assert_eq!(map_get(&info.body, "partition"), &Value::str(&part));
+    assert_eq!(map_get(&info.body, "begin_sequence_number"), &Value::Long(0));
+    assert_eq!(map_get(&info.body, "last_enqueued_sequence_number"), &Value::Long(1));
+    assert!(
+        matches!(map_get(&info.body, "last_enqueued_offset"), Value::String(s) if s.parse::<u64>().is_ok())
+    );
+    assert!(matches!(map_get(&info.body, "last_enqueued_time_utc"), Value::Timestamp(_)));
+    assert_eq!(map_get(&info.body, "is_partition_empty"), &Value::Bool(false));
+
+    let bad = p.management_read("com.microsoft:partition", Some("9"));
+    assert_eq!(status_of(&bad), 400);
+    assert_eq!(bad.app_str("error-condition"), Some("com.microsoft:argument-out-of-range"));
+}
+
+#[test]
+fn a_partition_receiver_starts_at_its_filter_and_sends_only_while_it_has_credit() {
+    let mut p = Peer::new();
+    for i in 0..4 {
+        p.record("dev-b", i);
+    }
+    let part = partition_of(&p.hub, "dev-b");
+    p.open();
+    p.cbs_links();
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let source = partition_source("$default", &part, Some("amqp.annotation.x-opt-sequence-number > '1'"));
+    let out = p.attach_receiver(PARTITION, source, Value::Null, 0);
+    assert_eq!(out.len(), 1, "attached, and nothing sent without credit: {out:?}");
+    assert!(frame::terminus_address(out[0].fields.get(5)).is_some(), "the source is echoed");
+    let out = p.send(link_flow(PARTITION, 0, 1));
+    let transfers: Vec<&Out> = out.iter().filter(|f| f.code == code::TRANSFER).collect();
+    assert_eq!(transfers.len(), 1, "one credit, one event");
+    let m = Message::decode(&transfers[0].payload).unwrap();
+    let ann =
+        |k: &str| m.message_annotations.iter().find(|(key, _)| key == &Value::sym(k)).map(|(_, v)| v.clone());
+    assert_eq!(ann("x-opt-sequence-number"), Some(Value::Long(2)), "'> 1' is exclusive");
+    assert!(matches!(ann("x-opt-offset"), Some(Value::String(_))));
+    assert!(matches!(ann("x-opt-enqueued-time"), Some(Value::Timestamp(_))));
+    assert_eq!(ann("iothub-connection-device-id"), Some(Value::str("dev-b")));
+    assert_eq!(ann("iothub-message-source"), Some(Value::str("Telemetry")));
+    assert!(
+        matches!(ann("iothub-connection-auth-method"), Some(Value::String(s)) if s.contains("\"scope\":\"device\""))
+    );
+    assert!(matches!(ann("iothub-enqueuedtime"), Some(Value::Timestamp(_))));
+    assert!(ann("iothub-connection-auth-generation-id").is_some());
+    assert_eq!(m.properties.message_id, Some(Value::str("m2")));
+    assert_eq!(m.properties.content_type.as_deref(), Some("application/json"));
+    assert_eq!(m.application_properties, vec![("firmwareChannel".into(), Value::str("beta"))]);
+    assert_eq!(m.body, Body::Data(b"{\"i\":2}".to_vec()));
+
+    let out = p.send(link_flow(PARTITION, 1, 10));
+    assert_eq!(out.iter().filter(|f| f.code == code::TRANSFER).count(), 1, "only event 3 is left");
+    p.record("dev-b", 4);
+    p.conn.pump();
+    let out = parse_all(p.conn.take_output());
+    assert_eq!(
+        out.iter().filter(|f| f.code == code::TRANSFER).count(),
+        1,
+        "a new event goes out on the credit left"
+    );
+    assert!(p.conn.wakes().events, "the driver waits on the event log");
+}
+
+#[test]
+fn partition_attaches_are_refused_as_event_hubs_refuses_them() {
+    let mut p = Peer::new();
+    p.open();
+    p.cbs_links();
+    let out = p.attach_receiver(PARTITION, partition_source("$Default", "0", None), Value::Null, 0);
+    assert_eq!(detach_error(&out).0, "amqp:unauthorized-access", "no token");
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let out = p.attach_receiver(PARTITION + 1, partition_source("nosuchgroup", "0", None), Value::Null, 0);
+    assert_eq!(detach_error(&out).0, "amqp:not-found");
+    let out = p.attach_receiver(PARTITION + 2, partition_source("$Default", "9", None), Value::Null, 0);
+    assert_eq!(detach_error(&out).0, "com.microsoft:argument-out-of-range");
+    let bad_filter = partition_source("$Default", "0", Some("amqp.annotation.x-opt-offset < '3'"));
+    let out = p.attach_receiver(PARTITION + 3, bad_filter, Value::Null, 0);
+    assert_eq!(detach_error(&out).0, "com.microsoft:argument-error");
+}
+
+#[test]
+fn an_owner_level_receiver_evicts_the_others_on_any_connection_and_refuses_lower_ones() {
+    let epoch = |e: i64| Value::Map(vec![(Value::sym("com.microsoft:epoch"), Value::Long(e))]);
+    let mut a = Peer::new();
+    a.open();
+    a.cbs_links();
+    assert_eq!(a.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let out = a.attach_receiver(PARTITION, partition_source("$Default", "1", None), epoch(1), 0);
+    assert!(!out.iter().any(|f| f.code == code::DETACH));
+    assert!(a.conn.wakes().events, "a receiver without credit still waits: it can be evicted");
+
+    let mut b = a.sibling();
+    b.open();
+    b.cbs_links();
+    assert_eq!(b.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let out = b.attach_receiver(PARTITION, partition_source("$Default", "1", None), Value::Null, 0);
+    assert_eq!(detach_error(&out).0, "amqp:link:stolen", "no epoch while an epoch receiver is attached");
+    let out = b.attach_receiver(PARTITION + 1, partition_source("$Default", "1", None), epoch(0), 0);
+    assert_eq!(detach_error(&out).0, "amqp:link:stolen", "a lower epoch");
+    let out = b.attach_receiver(PARTITION + 2, partition_source("$Default", "1", None), epoch(2), 5);
+    assert!(!out.iter().any(|f| f.code == code::DETACH), "a higher epoch attaches");
+
+    a.conn.pump();
+    let out = parse_all(a.conn.take_output());
+    let (condition, err) = detach_error(&out);
+    assert_eq!(condition, "amqp:link:stolen");
+    assert!(err.str(1).unwrap().contains("higher epoch of '2'"), "{err:?}");
+    let out = a.send(list(code::DETACH, vec![Value::Uint(PARTITION), Value::Bool(true)]));
+    assert!(out.is_empty(), "the peer's answer to our detach needs none: {out:?}");
+    let out = a.attach_receiver(PARTITION, partition_source("$Default", "1", None), epoch(2), 0);
+    assert!(!out.iter().any(|f| f.code == code::DETACH), "an equal epoch takes over again");
+}
+
+#[test]
+fn messages_events_on_the_iot_hub_redirects_once_the_client_grants_credit() {
+    let mut p = Peer::new();
+    p.open();
+    p.cbs_links();
+    p.authorize();
+    let source = list(
+        code::SOURCE,
+        vec![Value::str("amqps://localhost/messages/events/ConsumerGroups/$Default/Partitions/0")],
+    );
+    let out = p.attach_receiver(PARTITION, source, Value::Null, 0);
+    assert_eq!((out.len(), out[0].code), (1, code::ATTACH), "attached first: {out:?}");
+    let out = p.send(link_flow(PARTITION, 0, 10));
+    let (condition, err) = detach_error(&out);
+    assert_eq!(condition, "amqp:link:redirect");
+    let Value::Map(info) = err.get(2) else { panic!("an info map: {err:?}") };
+    let get = |k: &str| info.iter().find(|(key, _)| key == &Value::sym(k)).map(|(_, v)| v.clone());
+    assert_eq!(get("hostname"), Some(Value::str("localhost")));
+    assert_eq!(get("network-host"), Some(Value::str("localhost")));
+    assert_eq!(get("port"), Some(Value::Int(5671)));
+    assert_eq!(
+        get("address"),
+        Some(Value::str(&format!("amqps://localhost:5671/{EH}/ConsumerGroups/$Default/Partitions/0")))
+    );
+}
+
+#[test]
+fn the_runtime_metric_is_offered_when_desired_and_annotates_each_delivery() {
+    let mut p = Peer::new();
+    p.record("dev-c", 0);
+    p.record("dev-c", 1);
+    let part = partition_of(&p.hub, "dev-c");
+    p.open();
+    p.cbs_links();
+    assert_eq!(p.put_event_hub_token(&format!("sb://localhost/{EH}")), 202);
+    let mut fields = vec![
+        Value::str("metric"),
+        Value::Uint(PARTITION),
+        Value::Bool(true),
+        Value::Ubyte(0),
+        Value::Ubyte(0),
+        partition_source("$Default", &part, None),
+        list(code::TARGET, vec![Value::str("client")]),
+    ];
+    fields.resize(12, Value::Null);
+    fields.push(Value::Array(vec![Value::sym("com.microsoft:enable-receiver-runtime-metric")]));
+    let out = p.send(list(code::ATTACH, fields));
+    assert_eq!(
+        out[0].fields.get(11),
+        &Value::Array(vec![Value::sym("com.microsoft:enable-receiver-runtime-metric")])
+    );
+    let out = p.send(link_flow(PARTITION, 0, 1));
+    let t = out.iter().find(|f| f.code == code::TRANSFER).expect("an event");
+    let mut rest = &t.payload[..];
+    let section = Value::decode(&mut rest).unwrap();
+    let Some((code::DELIVERY_ANNOTATIONS, Value::Map(pairs))) = section.as_described() else {
+        panic!("delivery annotations first, got {section:?}")
+    };
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == &Value::sym(k)).map(|(_, v)| v.clone());
+    assert_eq!(get("last_enqueued_sequence_number"), Some(Value::Long(1)));
+    assert!(matches!(get("last_enqueued_offset"), Some(Value::String(_))));
+    assert!(matches!(get("last_enqueued_time_utc"), Some(Value::Timestamp(_))));
+    assert!(matches!(get("runtime_info_retrieval_time_utc"), Some(Value::Timestamp(_))));
+    assert_eq!(Message::decode(&t.payload).unwrap().body, Body::Data(b"{\"i\":0}".to_vec()));
+
+    // Without the capability: nothing offered, no delivery annotations.
+    let out = p.attach_receiver(PARTITION + 1, partition_source("$Default", &part, None), Value::Null, 1);
+    assert_eq!(out[0].fields.get(11), &Value::Null);
+    let t = out.iter().find(|f| f.code == code::TRANSFER).expect("an event");
+    let mut rest = &t.payload[..];
+    let first = Value::decode(&mut rest).unwrap();
+    assert_eq!(first.as_described().map(|(c, _)| c), Some(code::MESSAGE_ANNOTATIONS));
 }

@@ -192,12 +192,36 @@ pub fn into_described_list(v: Value) -> Result<(u64, Fields), DecodeError> {
     }
 }
 
-/// A described list value.
+/// How many fields a composite type has (part 2.7, 2.8, 3.2, 3.5, 5.3), for those we write.
+fn arity(code: u64) -> usize {
+    match code {
+        code::OPEN => 10,
+        code::BEGIN => 8,
+        code::ATTACH => 14,
+        code::FLOW | code::TRANSFER | code::SOURCE => 11,
+        code::DISPOSITION => 6,
+        code::DETACH | code::ERROR | code::MODIFIED => 3,
+        code::END | code::CLOSE | code::SASL_MECHANISMS | code::REJECTED => 1,
+        code::SASL_OUTCOME | code::RECEIVED => 2,
+        code::PROPERTIES => 13,
+        code::TARGET => 7,
+        _ => 0,
+    }
+}
+
+/// A described list value with every field of its type present: absent trailing fields are
+/// written as nulls up to the type's field count (the spec lets them be omitted, but pyamqp, the
+/// Event Hubs Python SDK's AMQP stack, indexes performative fields by position and reads a
+/// transfer's payload as the field after the last one, and decodes top-level frames only as
+/// `list8`/`list32`, never `list0`).
 pub fn list(code: u64, fields: Vec<Value>) -> Value {
-    // Trailing nulls may be omitted; keeping the list short keeps frames small.
     let mut fields = fields;
     while fields.last().is_some_and(Value::is_null) {
         fields.pop();
+    }
+    let n = arity(code);
+    if fields.len() < n {
+        fields.resize(n, Value::Null);
     }
     Value::described(code, Value::List(fields))
 }
@@ -227,8 +251,9 @@ pub fn write_accepted_disposition(out: &mut Vec<u8>, channel: u16, delivery_id: 
             &id
         }
     };
-    // role (true = receiver), first, last (null), settled (true), state: accepted (list0).
-    let items_len = 1 + id.len() + 1 + 1 + 4;
+    // role (true = receiver), first, last (null), settled (true), state: accepted (list0),
+    // batchable (null): every field present, as `list` writes performatives.
+    let items_len = 1 + id.len() + 1 + 1 + 4 + 1;
     let size = 8 + 3 + 1 + 8 + items_len;
     out.reserve(size);
     out.extend_from_slice(&(size as u32).to_be_bytes());
@@ -236,10 +261,10 @@ pub fn write_accepted_disposition(out: &mut Vec<u8>, channel: u16, delivery_id: 
     out.extend_from_slice(&channel.to_be_bytes());
     out.extend_from_slice(&[0x00, 0x53, code::DISPOSITION as u8, 0xd0]);
     out.extend_from_slice(&((items_len + 4) as u32).to_be_bytes());
-    out.extend_from_slice(&5u32.to_be_bytes());
+    out.extend_from_slice(&6u32.to_be_bytes());
     out.push(0x41);
     out.extend_from_slice(id);
-    out.extend_from_slice(&[0x40, 0x41, 0x00, 0x53, code::ACCEPTED as u8, 0x45]);
+    out.extend_from_slice(&[0x40, 0x41, 0x00, 0x53, code::ACCEPTED as u8, 0x45, 0x40]);
 }
 
 /// The `rejected` outcome carrying `condition`.
@@ -333,10 +358,14 @@ mod tests {
     }
 
     #[test]
-    fn trailing_nulls_are_dropped() {
-        let v = list(code::DETACH, vec![Value::Uint(0), Value::Bool(true), Value::Null]);
+    fn performatives_carry_every_field_and_other_lists_drop_trailing_nulls() {
+        let v = list(code::DETACH, vec![Value::Uint(0), Value::Bool(true)]);
         let (c, f) = described_list(&v).unwrap();
-        assert_eq!((c, f.0.len()), (code::DETACH, 2));
+        assert_eq!((c, f.0.len()), (code::DETACH, 3));
         assert_eq!(f.get(2), &Value::Null);
+        let end = list(code::END, vec![]).to_bytes();
+        assert_eq!(&end[..4], &[0x00, 0x53, 0x17, 0xd0], "a list32 with one null, never list0");
+        let (_, f) = described_list(&list(code::ACCEPTED, vec![Value::Null])).unwrap();
+        assert!(f.0.is_empty());
     }
 }

@@ -44,15 +44,15 @@ pub struct Properties {
     pub creation_time: Option<i64>,
 }
 
-/// A message as the endpoint sees it. Header, annotations and footer are skipped on input and
-/// not written on output, except the message annotations the hub stamps.
+/// A message as the endpoint sees it. Header, delivery annotations and footer are skipped on input
+/// and not written on output; message annotations are kept both ways (the hub stamps its own).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Message {
     /// The properties section.
     pub properties: Properties,
     /// Application properties, keys as strings, in wire order.
     pub application_properties: Vec<(String, Value)>,
-    /// Message annotations (written only).
+    /// Message annotations, in wire order.
     pub message_annotations: Vec<(Value, Value)>,
     /// The body.
     pub body: Body,
@@ -115,7 +115,13 @@ impl Message {
                         body => *body = Body::Sequence(items.clone()),
                     }
                 }
-                code::HEADER | code::DELIVERY_ANNOTATIONS | code::MESSAGE_ANNOTATIONS | code::FOOTER => {}
+                code::MESSAGE_ANNOTATIONS => {
+                    let Value::Map(pairs) = v else {
+                        return Err(DecodeError::Shape("message-annotations is not a map".into()));
+                    };
+                    m.message_annotations.extend(pairs.iter().cloned());
+                }
+                code::HEADER | code::DELIVERY_ANNOTATIONS | code::FOOTER => {}
                 other => return Err(DecodeError::Shape(format!("unknown message section 0x{other:x}"))),
             }
         }

@@ -2,10 +2,10 @@
 //! C2D messages and read feedback (reference §3.4, §3.9; sdk-wire-notes §3, §4, §7 item 3).
 //!
 //! Layers, bottom up: [`types`] (the AMQP type system), [`frame`] (framing, performatives),
-//! [`message`] (message sections and the C2D translation), [`connection`] (the sans-IO
-//! connection/session/link state machine), `service` (what `$cbs`, `/messages/devicebound` and
-//! `/messages/serviceBound/feedback` do, via the [`crate::Hub`]) and [`server`] (the socket driver:
-//! TLS, reads, writes, wake-ups).
+//! [`message`] (message sections and the C2D translation), [`connection`] (the sans-IO link
+//! engine: connection, sessions, links, credit, settlement), [`nodes`] (what each node does, one
+//! file per node, behind the small `Node` interface the engine drives) and [`server`] (the socket
+//! driver: TLS, reads, writes, wake-ups).
 //!
 //! One port takes both ways the SDKs open a connection: a SASL header offering `MSSBCBS`
 //! (uamqp, empty initial response), `ANONYMOUS` and `PLAIN`, and a bare AMQP header (rhea).
@@ -15,11 +15,11 @@ pub mod connection;
 mod connection_tests;
 pub mod frame;
 pub mod message;
+pub mod nodes;
 pub mod server;
-mod service;
 pub mod types;
 
-pub use connection::Connection;
+pub use connection::{Connection, Wakes};
 
 /// The max-frame-size we announce: the largest frame a peer may send us.
 pub const MAX_FRAME_BYTES: u32 = 64 * 1024;
@@ -39,7 +39,7 @@ pub const MAX_LINKS_PER_SESSION: u32 = 64;
 pub const SESSION_WINDOW: u32 = 2048;
 /// Credit granted to each link the peer sends on; topped up when half is used.
 pub const LINK_CREDIT: u32 = 100;
-/// CBS replies kept while the client grants no credit on its `$cbs` receiver.
+/// Replies (CBS, management) kept per reply link while the client grants it no credit.
 pub const MAX_PENDING_REPLIES: usize = 16;
-/// Feedback batches one connection may hold unsettled at once.
-pub const MAX_UNSETTLED_FEEDBACK: usize = 64;
+/// Tracked deliveries (feedback batches) one session may hold unsettled at once.
+pub const MAX_UNSETTLED_DELIVERIES: usize = 64;

@@ -2,10 +2,11 @@
 //! optional load-test listener, `--amqp-plain-port`) and runs one [`Connection`] per socket,
 //! moving bytes between them.
 //!
-//! A connection task waits on its socket, the hub's notifier (while a feedback link has credit, so
-//! feedback flows without polling) and its timers (the next feedback batch cut, a heartbeat inside
-//! the peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing
-//! is spawned per device or per link.
+//! A connection task waits on its socket, the hub's and the event log's notifiers (while a link
+//! could send once they fire, e.g. a feedback or partition link with credit, so nothing polls) and
+//! its timers (a node's next wake-up such as the next feedback batch cut, a heartbeat inside the
+//! peer's idle-time-out, and the deadline by which the peer must open or speak again). Nothing is
+//! spawned per device or per link.
 
 use std::time::Duration;
 
@@ -80,6 +81,9 @@ where
         let notified = hub.notifier().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let events = hub.events_notifier().notified();
+        tokio::pin!(events);
+        events.as_mut().enable();
         conn.pump();
         // Tier throttling: shaped C2D sends are settled at their turn, and nothing more is read
         // before it (backpressure on the sender). Bounded by the throttle's backlog; a hub time
@@ -101,11 +105,9 @@ where
         if conn.is_closed() {
             break;
         }
-        let wants_feedback = conn.wants_feedback();
-        let feedback_at = wants_feedback
-            .then(|| hub.feedback_next_due())
-            .flatten()
-            .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(hub.now())));
+        let wakes = conn.wakes();
+        let wake_at =
+            wakes.at.map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(hub.now())));
         let heartbeat_at =
             conn.peer_idle_timeout_ms().map(|ms| last_write + Duration::from_millis(u64::from(ms) / 2));
         let give_up_at = if conn.is_open() { last_read + silence_limit } else { open_deadline };
@@ -118,8 +120,9 @@ where
                 }
                 Err(e) => return Err(e),
             },
-            _ = &mut notified, if wants_feedback => {}
-            _ = tokio::time::sleep_until(feedback_at.unwrap_or_else(Instant::now)), if feedback_at.is_some() => {}
+            _ = &mut notified, if wakes.hub => {}
+            _ = &mut events, if wakes.events => {}
+            _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
             _ = tokio::time::sleep_until(heartbeat_at.unwrap_or_else(Instant::now)), if heartbeat_at.is_some() => {
                 write_within(&mut stream, &HEARTBEAT, timeouts.write).await?;
                 last_write = Instant::now();

@@ -459,21 +459,23 @@ fn put_compound(out: &mut Vec<u8>, code: u8, count: usize, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// Arrays are only written for symbols (sasl mechanisms, capabilities), as `sym32` elements.
-/// Anything else is written as a list: the endpoint never sends other arrays.
+/// Arrays are only written for symbols (sasl mechanisms, capabilities) and strings (Event Hubs'
+/// `partition_ids`), as `sym32`/`str32` elements. Anything else is written as a list: the endpoint
+/// never sends other arrays.
 fn encode_array(items: &[Value], out: &mut Vec<u8>) {
-    if items.iter().all(|v| matches!(v, Value::Symbol(_))) && !items.is_empty() {
-        let mut body = vec![0xb3];
-        for v in items {
-            if let Value::Symbol(s) = v {
-                body.put_u32(s.len() as u32);
-                body.extend_from_slice(s.as_bytes());
-            }
+    let element = match items.first() {
+        Some(Value::Symbol(_)) if items.iter().all(|v| matches!(v, Value::Symbol(_))) => 0xb3,
+        Some(Value::String(_)) if items.iter().all(|v| matches!(v, Value::String(_))) => 0xb1,
+        _ => return Value::List(items.to_vec()).encode(out),
+    };
+    let mut body = vec![element];
+    for v in items {
+        if let Value::Symbol(s) | Value::String(s) = v {
+            body.put_u32(s.len() as u32);
+            body.extend_from_slice(s.as_bytes());
         }
-        put_compound(out, 0xf0, items.len(), &body);
-    } else {
-        Value::List(items.to_vec()).encode(out);
     }
+    put_compound(out, 0xf0, items.len(), &body);
 }
 
 fn take_u8(buf: &mut &[u8]) -> Result<u8, DecodeError> {
@@ -585,6 +587,7 @@ mod tests {
             Value::List(vec![Value::Null, Value::str("a")]),
             Value::Map(vec![(Value::sym("k"), Value::Int(1))]),
             Value::Array(vec![Value::sym("MSSBCBS"), Value::sym("ANONYMOUS")]),
+            Value::Array(vec![Value::str("0"), Value::str("1")]),
             Value::described(0x24, Value::List(vec![])),
         ];
         values.into_iter().for_each(round_trip);

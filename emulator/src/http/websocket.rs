@@ -1,5 +1,6 @@
-//! WebSocket upgrades on the HTTPS port: `GET /$iothub/websocket` with `Upgrade: websocket` is handed
-//! to the protocol named by the client's `Sec-WebSocket-Protocol` (reference §4.1, wire notes §0).
+//! WebSocket upgrades on the HTTPS port: `GET /$iothub/websocket` (and the Event Hubs clients'
+//! `/$servicebus/websocket/`) with `Upgrade: websocket` is handed to the protocol named by the
+//! client's `Sec-WebSocket-Protocol` (reference §4.1, wire notes §0).
 //!
 //! The hook is generic: [`SUBPROTOCOLS`] maps a subprotocol to the byte-stream server that speaks it:
 //! `mqtt` for devices, `AMQPWSB10` for the service endpoint (the service SDKs' AMQP-over-WebSockets
@@ -73,9 +74,18 @@ async fn serve_amqp(hub: Hub, io: DuplexStream, shutdown: CancellationToken) {
     }
 }
 
-/// Whether `req` asks for a WebSocket upgrade on [`WEBSOCKET_PATH`].
+/// The WebSocket path of the Event Hubs and Service Bus AMQP clients (`azure-eventhub`,
+/// `@azure/event-hubs`, uamqp's `AmqpOverWebsocket`), with or without its trailing `/`: the same
+/// AMQP endpoint, including the Event Hub-compatible nodes, as on `AMQPWSB10` over
+/// [`WEBSOCKET_PATH`].
+pub const SERVICEBUS_WEBSOCKET_PATH: &str = "/$servicebus/websocket/";
+
+/// Whether `req` asks for a WebSocket upgrade on [`WEBSOCKET_PATH`] or
+/// [`SERVICEBUS_WEBSOCKET_PATH`].
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.uri().path().eq_ignore_ascii_case(WEBSOCKET_PATH)
+    let path = req.uri().path();
+    (path.eq_ignore_ascii_case(WEBSOCKET_PATH)
+        || path.trim_end_matches('/').eq_ignore_ascii_case(SERVICEBUS_WEBSOCKET_PATH.trim_end_matches('/')))
         && req
             .headers()
             .get(UPGRADE)

@@ -18,6 +18,7 @@ mod device;
 pub mod events;
 pub mod link;
 pub mod messaging;
+pub mod receivers;
 mod registry;
 pub mod time;
 mod twin;
@@ -121,6 +122,8 @@ struct Shared {
     events: Mutex<EventLog>,
     /// Its wake-up side, read without the log's lock.
     event_signals: events::EventSignals,
+    /// The partitions' attached readers, for the owner-level rules (see [`receivers`]).
+    receivers: Mutex<receivers::Receivers>,
     /// The Event Hub-compatible name, derived from the host name once.
     event_hub_name: String,
     /// The AMQP listener's port once bound (the Event Hub-compatible endpoint's port).
@@ -182,6 +185,7 @@ impl Hub {
                 feedback: Mutex::new(feedback),
                 events: Mutex::new(events),
                 event_signals,
+                receivers: Mutex::default(),
                 event_hub_name,
                 amqp_port: AtomicU16::new(crate::limits::DEFAULT_AMQP_PORT),
                 counter: AtomicU64::new(start),

@@ -43,6 +43,11 @@ fn dictionary() -> Vec<Vec<u8>> {
             b"\xff\xff\xff\xff",
             b"\x02\x00\x00\x00",
             b"\xa3\x07MSSBCBS",
+            b"$management",
+            b"ConsumerGroups/$Default/Partitions/",
+            b"messages/events/",
+            b"com.microsoft:epoch",
+            b"amqp.annotation.x-opt-sequence-number >= ",
         ]
         .iter()
         .map(|s| s.to_vec()),
@@ -210,6 +215,62 @@ fn session_after_header(chunk: usize) -> Vec<u8> {
     out
 }
 
+/// What an Event Hubs consumer sends (reference-2 §1): CBS, `$management` links and a READ, a
+/// partition receiver with a selector filter, an epoch and the runtime-metric capability, credit;
+/// then a receiver on IoT Hub's `messages/events` (redirected once it has credit).
+fn event_hub_session() -> Vec<u8> {
+    let mut out = open_begin();
+    out.extend(attach(0, true, "$cbs"));
+    out.extend(attach(1, false, "$cbs"));
+    out.extend(flow(1, 100));
+    out.extend(transfer(0, 0, &put_token_message(&token()), usize::MAX));
+    out.extend(attach(2, true, "$management"));
+    out.extend(attach(3, false, "$management"));
+    out.extend(flow(3, 10));
+    let read = Message {
+        properties: Properties {
+            message_id: Some(Value::Uuid([1; 16])),
+            reply_to: Some("client".into()),
+            ..Default::default()
+        },
+        application_properties: vec![
+            ("operation".into(), Value::str("READ")),
+            ("type".into(), Value::str("com.microsoft:partition")),
+            ("name".into(), Value::str("localhost")),
+            ("partition".into(), Value::str("0")),
+        ],
+        ..Default::default()
+    };
+    out.extend(transfer(2, 1, &read, usize::MAX));
+    let filter = Value::Map(vec![(
+        Value::sym("apache.org:selector-filter:string"),
+        Value::described(0x0000_468C_0000_0004, Value::str("amqp.annotation.x-opt-offset > '-1'")),
+    )]);
+    let mut source = vec![Value::str("localhost/ConsumerGroups/$Default/Partitions/0")];
+    source.resize(7, Value::Null);
+    source.push(filter);
+    let mut fields = vec![
+        Value::str("partition-0"),
+        Value::Uint(4),
+        Value::Bool(true),
+        Value::Ubyte(0),
+        Value::Ubyte(0),
+        list(code::SOURCE, source),
+        list(code::TARGET, vec![Value::str("client")]),
+    ];
+    fields.resize(12, Value::Null);
+    fields.push(Value::Array(vec![Value::sym("com.microsoft:enable-receiver-runtime-metric")]));
+    fields.push(Value::Map(vec![(Value::sym("com.microsoft:epoch"), Value::Long(1))]));
+    out.extend(amqp(list(code::ATTACH, fields)));
+    out.extend(flow(4, 10));
+    out.extend(attach(5, false, "amqps://localhost/messages/events/$management"));
+    out.extend(flow(5, 1));
+    out.extend(amqp(list(code::DETACH, vec![Value::Uint(4), Value::Bool(true)])));
+    out.extend(amqp(list(code::END, vec![])));
+    out.extend(amqp(list(code::CLOSE, vec![])));
+    out
+}
+
 fn sasl(mechanism: &str, response: &[u8]) -> Vec<u8> {
     let mut out = SASL_HEADER.to_vec();
     let init = list(
@@ -233,6 +294,9 @@ fn connection_seeds() -> Vec<Vec<u8>> {
         s.extend(session_after_header(chunk));
         seeds.push(s);
     }
+    let mut event_hub = AMQP_HEADER.to_vec();
+    event_hub.extend(event_hub_session());
+    seeds.push(event_hub);
     seeds.push(sasl("ANONYMOUS", &[]));
     let mut open_only = AMQP_HEADER.to_vec();
     open_only.extend(open_begin());
@@ -395,6 +459,15 @@ fn hub_serves(hub: &Hub) -> Result<(), String> {
 fn check_connection() -> Check {
     let hub = Hub::new(Default::default());
     let _ = hub.put_device(DEVICE, DeviceInput::default(), None);
+    // Telemetry in every partition, so partition receivers have events to send.
+    for i in 0..16 {
+        hub.record_telemetry(iothub_emulator::hub::D2cMessage {
+            device_id: format!("fuzz-device-{i}"),
+            properties: vec![("k".into(), "v".into())],
+            body: bytes::Bytes::from_static(b"{}"),
+            ..Default::default()
+        });
+    }
     Box::new(move |input| {
         let mut conn = Connection::new(hub.clone());
         let mut output = 0;
@@ -549,6 +622,44 @@ mod tests {
             assert!(conn.close_reason().is_none(), "seed {i}: {:?}", conn.close_reason());
             assert_eq!(hub.purge_c2d(DEVICE).unwrap(), 2, "seed {i} did not queue both messages");
         }
+    }
+
+    /// The Event Hubs seed reaches the deep states too: the management reply, events on the
+    /// partition receiver and the redirect.
+    #[test]
+    fn the_event_hub_seed_reads_events_and_is_redirected() {
+        let mut check = check_connection();
+        let seed = connection_seeds().remove(3);
+        assert!(check(&seed).is_ok(), "the target's checks hold on the seed");
+        let hub = Hub::new(Default::default());
+        for i in 0..16 {
+            hub.record_telemetry(iothub_emulator::hub::D2cMessage {
+                device_id: format!("fuzz-device-{i}"),
+                ..Default::default()
+            });
+        }
+        let mut conn = Connection::new(hub);
+        conn.receive(&seed);
+        assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+        let mut out = conn.take_output();
+        out.drain(..8);
+        let mut transfers_on = Vec::new();
+        let mut conditions = Vec::new();
+        while let Ok(Some(f)) = frame::parse_frame(&mut out, u32::MAX) {
+            let Some(body) = f.body else { continue };
+            let (c, fields) = frame::described_list(&body).unwrap();
+            if c == code::TRANSFER {
+                transfers_on.push(fields.u32(0).unwrap());
+            }
+            if c == code::DETACH
+                && let Ok((_, err)) = frame::described_list(fields.get(2))
+            {
+                conditions.push(err.str(0).unwrap_or_default().to_owned());
+            }
+        }
+        assert!(transfers_on.contains(&3), "a management reply: {transfers_on:?}");
+        assert!(transfers_on.contains(&4), "events on the partition receiver: {transfers_on:?}");
+        assert_eq!(conditions, vec!["amqp:link:redirect".to_owned()]);
     }
 
     /// The recorded server traffic holds the CBS reply and the dispositions, not only the opening.
