@@ -23,6 +23,13 @@ pub enum Route {
     Time,
     /// `/emulator/throttle` (plain port): the tier throttle's settings and counters (GET).
     Throttle,
+    /// `/` (plain port): redirects to `/dashboard`.
+    Root,
+    /// `/dashboard` (plain port): the dashboard page.
+    Dashboard,
+    /// `/emulator/dashboard/{part}` (plain port): the dashboard's JSON (`overview`, `devices`,
+    /// `device`).
+    DashboardApi(String),
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -71,11 +78,19 @@ impl Route {
         matches!(self, Route::Health | Route::CaPem) || self.is_admin_api()
     }
 
-    /// The `/emulator/*` admin routes `--disable-admin-api` turns off.
+    /// The `/emulator/*` admin routes `--disable-admin-api` turns off (and the dashboard page that
+    /// reads them).
     pub fn is_admin_api(&self) -> bool {
         matches!(
             self,
-            Route::Telemetry | Route::ConnectionStrings | Route::FtpFaults | Route::Time | Route::Throttle
+            Route::Telemetry
+                | Route::ConnectionStrings
+                | Route::FtpFaults
+                | Route::Time
+                | Route::Throttle
+                | Route::Root
+                | Route::Dashboard
+                | Route::DashboardApi(_)
         )
     }
 }
@@ -97,6 +112,11 @@ pub fn route(path: &str) -> Route {
     let segs = segments(path);
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     match s.as_slice() {
+        [] => Route::Root,
+        [d] if eq(d, "dashboard") => Route::Dashboard,
+        [e, d, part] if eq(e, "emulator") && eq(d, "dashboard") => {
+            Route::DashboardApi(part.to_ascii_lowercase())
+        }
         [h] if eq(h, "health") => Route::Health,
         [c] if eq(c, "ca.pem") => Route::CaPem,
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
@@ -185,5 +205,8 @@ mod tests {
         assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
         assert_eq!(route("/emulator/time"), Route::Time);
         assert_eq!(route("/emulator/throttle"), Route::Throttle);
+        assert_eq!(route("/"), Route::Root);
+        assert_eq!(route("/Dashboard"), Route::Dashboard);
+        assert_eq!(route("/emulator/dashboard/Overview"), Route::DashboardApi("overview".into()));
     }
 }

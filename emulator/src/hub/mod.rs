@@ -6,13 +6,15 @@
 //!
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
-//! and the telemetry log have one mutex each; scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! and the telemetry log have one mutex each (the dashboard's cache and scenario status too, see
+//! [`dashboard`]); scheduled jobs have theirs inside `crate::jobs::Jobs`.
 //! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
 
 mod admission;
 mod auth;
+pub mod dashboard;
 mod device;
 pub mod link;
 pub mod messaging;
@@ -119,6 +121,8 @@ struct Shared {
     changed: tokio::sync::Notify,
     /// The tier throttle, only when a tier is configured (see `admission`).
     throttle: Option<Mutex<crate::throttle::Throttle>>,
+    /// The dashboard's cache, feedback counts and scenario status (see [`dashboard`]).
+    dashboard: dashboard::DashboardState,
     /// Policy tokens that verified, so a service presenting the same token on every request is not
     /// re-verified each time (see `auth`).
     verified_tokens: Mutex<auth::VerifiedTokens>,
@@ -160,6 +164,7 @@ impl Hub {
                 changed: tokio::sync::Notify::new(),
                 throttle,
                 verified_tokens: Mutex::default(),
+                dashboard: dashboard::DashboardState::default(),
             }),
         }
     }

@@ -83,6 +83,22 @@ impl TelemetryLog {
         self.last_sequence
     }
 
+    /// The last sequence number handed out (0 before the first message).
+    fn last_sequence(&self) -> u64 {
+        self.last_sequence
+    }
+
+    /// Up to `limit` of the newest messages (from `device_id` only, if given), newest first.
+    fn newest<T>(&self, device_id: Option<&str>, limit: usize, f: impl FnMut(&D2cMessage) -> T) -> Vec<T> {
+        self.ring
+            .iter()
+            .rev()
+            .filter(|m| device_id.is_none_or(|d| d == m.device_id))
+            .take(limit)
+            .map(f)
+            .collect()
+    }
+
     fn read<T>(
         &self,
         device_id: Option<&str>,
@@ -122,6 +138,23 @@ impl Hub {
     /// from `device_id`, oldest first.
     pub fn read_telemetry(&self, device_id: Option<&str>, after: u64, limit: usize) -> Vec<D2cMessage> {
         self.telemetry_log().read(device_id, after, limit, D2cMessage::clone)
+    }
+
+    /// Up to `limit` of the newest recorded messages (only `device_id`'s, if given), newest first,
+    /// each passed through `f` under the log's lock. Scans the ring from its end: with a device
+    /// filter, a device that sent nothing recently costs one pass over the ring.
+    pub fn newest_telemetry<T>(
+        &self,
+        device_id: Option<&str>,
+        limit: usize,
+        f: impl FnMut(&D2cMessage) -> T,
+    ) -> Vec<T> {
+        self.telemetry_log().newest(device_id, limit, f)
+    }
+
+    /// Messages recorded since the hub started (the last sequence number handed out).
+    pub fn telemetry_received(&self) -> u64 {
+        self.telemetry_log().last_sequence()
     }
 
     /// [`Self::read_telemetry`] handing each message to `f` instead of cloning it all (a reader
