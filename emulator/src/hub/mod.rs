@@ -114,6 +114,8 @@ struct Shared {
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
+    /// Devices with `connected` set, kept by [`Hub::set_connected`] (the dashboard reads it live).
+    connected_count: AtomicUsize,
     /// Scheduled jobs: their own table and tasks (see `crate::jobs`).
     jobs: crate::jobs::Jobs,
     /// Woken whenever a feedback record, a C2D message or telemetry is queued, or a device connects
@@ -160,6 +162,7 @@ impl Hub {
                 telemetry: Mutex::new(telemetry),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
+                connected_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
                 throttle,
@@ -204,6 +207,25 @@ impl Hub {
     /// Registered devices.
     pub fn device_count(&self) -> usize {
         self.shared.device_count.load(Ordering::Relaxed)
+    }
+
+    /// Devices connected now (a counter, no scan).
+    pub fn connected_count(&self) -> usize {
+        self.shared.connected_count.load(Ordering::Relaxed)
+    }
+
+    /// Sets `d.connected` (and when it changed) keeping [`Hub::connected_count`] in step; every
+    /// change of `connected` goes through here.
+    fn set_connected(&self, d: &mut Device, connected: bool, now: Millis) {
+        if d.connected != connected {
+            if connected {
+                self.shared.connected_count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        d.connected = connected;
+        d.connection_state_updated = now;
     }
 
     /// Notified (with `notify_waiters`) whenever a C2D message, a feedback record or telemetry is
