@@ -1,5 +1,5 @@
 //! The hub's dashboard in a real browser: `testbench run` plays a small scenario on its embedded
-//! hub (60 fridges connecting over 12 s, release 2.0.0 at 16 s), Debian's headless `chromium`
+//! hub (60 fridges connecting over 20 s, release 2.0.0 at 24 s), Debian's headless `chromium`
 //! driven through `chromedriver` (WebDriver, via `fantoccini`) opens the dashboard URL the run
 //! prints, and the test asserts what the page shows as devices connect and the release runs: the
 //! scenario panel, registered and connected counts, app versions, installs, feedback, device
@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 const SCENARIO: &str = r#"
 name = "dashboard-demo"
-description = "60 fridges connect over 12 s; release 2.0.0 at 16 s; release 3.0.0 far ahead keeps the hub up."
+description = "60 fridges connect over 20 s; release 2.0.0 at 24 s; release 3.0.0 far ahead keeps the hub up."
 seed = 7
 time_limit = "10m"
 time = "real"
@@ -40,7 +40,7 @@ feedback_interval = "1s"
 [fleet]
 devices = 60
 id_pattern = "fridge-{n}"
-connect_ramp = "12s"
+connect_ramp = "20s"
 initial_version = "1.0.0"
 
 [[package]]
@@ -52,7 +52,7 @@ version = "3.0.0"
 size = "64KiB"
 
 [[event]]
-at = "16s"
+at = "24s"
 action = "release"
 version = "2.0.0"
 
