@@ -292,10 +292,55 @@ async fn json_bodies_of_the_wrong_shape_get_400_in_iot_hubs_error_shape() {
         ("POST", "/emulator/time", r#"{"rewind":"1h"}"#, "ArgumentInvalid"),
         ("POST", "/emulator/time", r#"{"advance":"100years"}"#, "ArgumentInvalid"),
         ("PATCH", &twin, "{not json", "IotHubFormatError"),
+        ("GET", "/emulator/dashboard/devices?limit=many", "", "ArgumentInvalid"),
+        ("GET", "/emulator/dashboard/device", "", "ArgumentInvalid"),
     ] {
         let (status, code, json) = send_json(&hub, method, path, body).await;
         assert_eq!((status, code.as_str()), (400, want), "{method} {path} {body}: {json}");
     }
+    hub.stop().await.unwrap();
+}
+
+/// The dashboard's JSON over HTTP: devices page by id with a cursor, one device in detail with its
+/// telemetry, the overview's live counts; the page itself is HTML with no external assets.
+#[tokio::test]
+async fn the_dashboard_json_pages_devices_and_details_one() {
+    let hub = TestHub::start().await.unwrap();
+    let prefix = iothub_emulator_tests::unique("dash");
+    for i in 0..5 {
+        hub.create_device(&format!("{prefix}-{i}")).await.unwrap();
+    }
+    let page = |after: &str| format!("/emulator/dashboard/devices?prefix={prefix}&limit=3&after={after}");
+    let (status, _, first) = send_json(&hub, "GET", &page(""), "").await;
+    assert_eq!(status, 200, "{first}");
+    let ids = |v: &serde_json::Value| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["deviceId"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&first), (0..3).map(|i| format!("{prefix}-{i}")).collect::<Vec<_>>());
+    let next = first["next"].as_str().expect("a cursor to the next page").to_string();
+    let (_, _, second) = send_json(&hub, "GET", &page(&next), "").await;
+    assert_eq!(ids(&second), [format!("{prefix}-3"), format!("{prefix}-4")]);
+    assert!(second["next"].is_null(), "{second}");
+    assert_eq!(second["items"][0]["connectionState"], "Disconnected");
+    let (status, _, one) =
+        send_json(&hub, "GET", &format!("/emulator/dashboard/device?id={prefix}-1"), "").await;
+    assert_eq!((status, one["c2dQueueDepth"].as_u64()), (200, Some(0)), "{one}");
+    assert!(one["recentTelemetry"].as_array().is_some_and(Vec::is_empty), "{one}");
+    let (status, code, _) = send_json(&hub, "GET", "/emulator/dashboard/device?id=nobody-here", "").await;
+    assert_eq!((status, code.as_str()), (404, "DeviceNotFound"));
+    let (_, _, overview) = send_json(&hub, "GET", "/emulator/dashboard/overview", "").await;
+    assert!(overview["devices"]["registered"].as_u64().is_some_and(|n| n >= 5), "{overview}");
+    let html = reqwest::get(format!("{}/", hub.http_url())).await.unwrap();
+    assert_eq!(html.url().path(), "/dashboard", "/ redirects to the dashboard");
+    assert!(html.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let text = html.text().await.unwrap();
+    assert!(text.contains("/emulator/dashboard/overview"));
+    assert!(!text.contains("src=\"http") && !text.contains("href=\"http"), "no external assets");
     hub.stop().await.unwrap();
 }
 
@@ -364,6 +409,10 @@ async fn with_the_admin_api_off_the_emulator_routes_answer_404_and_health_stays(
         ("PUT", "/emulator/ftp/faults", r#"{"dropTimes":1}"#),
         ("GET", "/emulator/time", ""),
         ("POST", "/emulator/time", r#"{"advance":"1s"}"#),
+        ("GET", "/", ""),
+        ("GET", "/dashboard", ""),
+        ("GET", "/emulator/dashboard/overview", ""),
+        ("GET", "/emulator/dashboard/devices?prefix=a", ""),
     ];
     for (method, path, body) in routes {
         let (status, _, _) = send_json(&on, method, path, body).await;

@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_HTTPS_PORT", default_value_t = DEFAULT_HTTPS_PORT)]
     https_port: u16,
 
-    /// Plain HTTP port: health, CA download, telemetry read-out and the same REST API for curl. 0 picks a free one.
+    /// Plain HTTP port: health, CA download, telemetry read-out, the dashboard (/dashboard) and the same REST API for curl. 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT, global = true)]
     http_port: u16,
 
@@ -100,7 +100,8 @@ struct Args {
     sas_skew_secs: u64,
 
     /// Turns off the plain port's /emulator/* routes (telemetry read-out, connection strings with
-    /// the owner key, FTP fault knobs): they answer 404. /health and /ca.pem stay.
+    /// the owner key, FTP fault knobs, the dashboard and its data): they answer 404. /health and
+    /// /ca.pem stay.
     #[arg(long, env = "IOTHUB_EMULATOR_DISABLE_ADMIN_API")]
     disable_admin_api: bool,
 

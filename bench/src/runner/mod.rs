@@ -283,6 +283,9 @@ async fn run_with_hub(
     let ids: Vec<String> = (0..n).map(|i| plan.fleet.ids.id(i)).collect();
     let index: HashMap<String, usize> = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
     let svc = hub.service_client()?;
+    if let Some(embedded) = hub.embedded() {
+        log(format!("dashboard: http://{}/dashboard", embedded.http_addr));
+    }
     let mut rng = StdRng::seed_from_u64(plan.seed);
     tracing::debug!("building packages");
     let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
@@ -902,6 +905,15 @@ impl Run {
             installed,
             time_limit: self.plan.time_limit,
         };
+        // An embedded hub's dashboard shows the run too: a small value replaced each report.
+        if let Some(embedded) = self.hub.embedded() {
+            embedded.hub.set_scenario_status(Some(progress::status_json(
+                &self.plan.name,
+                &snapshot,
+                events,
+                next,
+            )));
+        }
         (self.progress)(&snapshot);
     }
 

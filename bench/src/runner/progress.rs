@@ -1,6 +1,7 @@
 //! How far a run is, as plain data handed to the caller's callback a few times a second: the
 //! runner library stays free of terminal code; `testbench run` draws a progress bar on a terminal
-//! or prints a line now and then otherwise.
+//! or prints a line now and then otherwise. The same snapshot, with the scenario's timeline
+//! ([`status_json`]), is what an embedded hub's dashboard shows.
 
 use std::time::Duration;
 
@@ -28,7 +29,11 @@ pub struct Progress {
     pub time_limit: Duration,
 }
 
-fn what(action: &Action) -> String {
+/// Timeline entries a published status carries at most (a window around the next event).
+pub const STATUS_TIMELINE_MAX: usize = 40;
+
+/// What an event does, in a few words ("release 2.0.0", "offline").
+pub fn what(action: &Action) -> String {
     match action {
         Action::Release { version, .. } => format!("release {version}"),
         Action::Offline { .. } => "offline".to_string(),
@@ -53,6 +58,35 @@ pub fn phase(events: &[Event], next: usize) -> String {
     }
 }
 
+/// The status an embedded hub's dashboard shows for the run (see
+/// `iothub_emulator::Hub::set_scenario_status`): the snapshot, the scenario's name, and up to
+/// [`STATUS_TIMELINE_MAX`] timeline events around the next one, each marked done or not.
+pub fn status_json(name: &str, p: &Progress, events: &[Event], next: usize) -> serde_json::Value {
+    let from = next.saturating_sub(STATUS_TIMELINE_MAX / 4);
+    let timeline: Vec<serde_json::Value> = events
+        .iter()
+        .enumerate()
+        .skip(from)
+        .take(STATUS_TIMELINE_MAX)
+        .map(|(i, e)| {
+            serde_json::json!({ "atMs": e.at.as_millis() as u64, "what": what(&e.action), "done": i < next })
+        })
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "phase": p.phase,
+        "elapsedMs": p.elapsed.as_millis() as u64,
+        "timeLimitMs": p.time_limit.as_millis() as u64,
+        "devices": p.devices,
+        "connected": p.connected,
+        "targeted": p.targeted,
+        "installed": p.installed,
+        "events": events.len(),
+        "eventsDone": next,
+        "timeline": timeline,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +108,32 @@ mod tests {
         assert_eq!(phase(&events, 1), "after release 2.0.0 at 5s (next: release 2.0.0 at 20s)");
         assert!(phase(&events, 2).starts_with("settling"));
         assert!(phase(&[], 0).starts_with("settling"));
+    }
+
+    #[test]
+    fn the_published_status_marks_done_events_and_bounds_the_timeline() {
+        let release = Event {
+            at: Duration::from_secs(5),
+            action: Action::Release {
+                version: "2.0.0".into(),
+                ttl: None,
+                target: Target::All,
+                pipeline: false,
+            },
+        };
+        let p = Progress { targeted: 4, installed: 1, phase: "x".into(), ..Progress::default() };
+        let s = status_json("demo", &p, &[release.clone(), release.clone()], 1);
+        assert_eq!(s["name"], "demo");
+        assert_eq!((s["targeted"].as_u64(), s["installed"].as_u64()), (Some(4), Some(1)));
+        assert_eq!(
+            s["timeline"][0],
+            serde_json::json!({"atMs": 5000, "what": "release 2.0.0", "done": true})
+        );
+        assert_eq!(s["timeline"][1]["done"], false);
+        let many = vec![release; 500];
+        let s = status_json("demo", &p, &many, 300);
+        let timeline = s["timeline"].as_array().unwrap();
+        assert_eq!(timeline.len(), STATUS_TIMELINE_MAX);
+        assert!(timeline.iter().any(|e| e["done"] == false) && timeline.iter().any(|e| e["done"] == true));
     }
 }

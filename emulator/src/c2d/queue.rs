@@ -224,6 +224,14 @@ impl DeviceQueue {
         self.entries.len()
     }
 
+    /// Messages still alive at `now` and the oldest one's enqueued time, without changing
+    /// anything (no lazy expiry, no feedback): for read-only views such as the dashboard.
+    pub fn live(&self, now: Millis) -> (usize, Option<Millis>) {
+        let mut alive = self.entries.iter().filter(|e| e.expires_at > now);
+        let oldest = alive.next().map(|e| e.enqueued_at);
+        (oldest.map_or(0, |_| 1 + alive.count()), oldest)
+    }
+
     /// Whether the queue holds nothing at all, not even messages that expired unnoticed.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

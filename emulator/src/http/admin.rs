@@ -9,7 +9,10 @@
 //! [`crate::hub::time`]) and `/emulator/throttle` (the tier throttle's rates and its admitted,
 //! shaped and refused counts; `{"tier": null}` when throttling is off) and `/emulator/x509-cas`
 //! (the CAs `certificateAuthority` devices may chain to: GET lists them, POST adds the PEM body's
-//! certificates; IoT Hub's equivalent is the hub's ARM certificates).
+//! certificates; IoT Hub's equivalent is the hub's ARM certificates), and the dashboard: the page
+//! at `/dashboard` (`/` redirects there; one self-contained HTML file, no external assets) and its
+//! JSON at `/emulator/dashboard/overview`, `/emulator/dashboard/devices?prefix=&after=&limit=` and
+//! `/emulator/dashboard/device?id=` (see [`crate::hub::dashboard`]).
 //! None of these exist in IoT Hub; they are for tests, tools and containers. `--disable-admin-api`
 //! ([`crate::HubConfig::admin_api`]) turns the `/emulator/*` ones off (they answer 404).
 
@@ -20,6 +23,7 @@ use serde_json::{Value, json};
 use crate::error::{ErrorCode, HubError};
 use crate::ftp::FaultSettings;
 use crate::hub::events::{ConsumerGroup, EventsError};
+use crate::hub::dashboard::DEVICE_PAGE_MAX;
 
 use super::router::Route;
 use super::{HttpContext, HttpResponse, Req, empty, json_response, method_not_allowed, set_header};
@@ -51,8 +55,21 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
     }
-    match req.route {
+    match &req.route {
         Route::X509Cas => Ok(json_response(StatusCode::OK, &json!(ctx.hub.x509_cas()))),
+        Route::Root => {
+            let mut resp = empty(StatusCode::FOUND);
+            set_header(&mut resp, "location", "/dashboard");
+            Ok(resp)
+        }
+        Route::Dashboard => {
+            let mut resp =
+                http::Response::new(http_body_util::Full::new(Bytes::from_static(DASHBOARD_HTML.as_bytes())));
+            set_header(&mut resp, "content-type", "text/html; charset=utf-8");
+            set_header(&mut resp, "cache-control", "no-store");
+            Ok(resp)
+        }
+        Route::DashboardApi(part) => dashboard_api(ctx, req, part),
         Route::Health => {
             let (status, state) = if ctx.is_ready() {
                 (StatusCode::OK, "healthy")
@@ -179,6 +196,39 @@ fn events_error(e: EventsError) -> HubError {
         _ => ErrorCode::ArgumentInvalid,
     };
     HubError::new(code, e.to_string())
+}
+
+/// The dashboard page: one HTML file with its CSS and script inline.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// `GET /emulator/dashboard/{part}`.
+fn dashboard_api(ctx: &HttpContext, req: &Req, part: &str) -> Result<HttpResponse, HubError> {
+    let hub = &ctx.hub;
+    match part {
+        "overview" => Ok(json_response(StatusCode::OK, &hub.dashboard_overview())),
+        "devices" => {
+            let prefix = req.param("prefix").unwrap_or_default();
+            let after = req.param("after").filter(|a| !a.is_empty());
+            let limit = match req.param("limit") {
+                None => 50,
+                Some(l) => l.parse::<usize>().map_err(|_| {
+                    HubError::invalid(format!("limit '{l}' is not a number (1 to {DEVICE_PAGE_MAX})"))
+                })?,
+            };
+            let (items, more) = hub.dashboard_devices(&prefix, after.as_deref(), limit);
+            let next = more.then(|| items.last().and_then(|d| d["deviceId"].as_str()).map(str::to_string));
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "items": items, "next": next.flatten(), "registered": hub.device_count() }),
+            ))
+        }
+        "device" => {
+            let id =
+                req.param("id").filter(|i| !i.is_empty()).ok_or_else(|| HubError::invalid("missing id"))?;
+            Ok(json_response(StatusCode::OK, &hub.dashboard_device(&id)?))
+        }
+        _ => Ok(empty(StatusCode::NOT_FOUND)),
+    }
 }
 
 /// `GET /emulator/time`'s body: hub time, the wall clock, and the offset between them.

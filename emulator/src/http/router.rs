@@ -31,6 +31,13 @@ pub enum Route {
     Throttle,
     /// `/emulator/x509-cas` (plain port): trusted device CAs (GET lists, POST adds PEM).
     X509Cas,
+    /// `/` (plain port): redirects to `/dashboard`.
+    Root,
+    /// `/dashboard` (plain port): the dashboard page.
+    Dashboard,
+    /// `/emulator/dashboard/{part}` (plain port): the dashboard's JSON (`overview`, `devices`,
+    /// `device`).
+    DashboardApi(String),
     /// `/devices`: list (GET), bulk (POST).
     Devices,
     /// `/devices/query`.
@@ -79,7 +86,8 @@ impl Route {
         matches!(self, Route::Health | Route::CaPem) || self.is_admin_api()
     }
 
-    /// The `/emulator/*` admin routes `--disable-admin-api` turns off.
+    /// The `/emulator/*` admin routes `--disable-admin-api` turns off (and the dashboard page that
+    /// reads them).
     pub fn is_admin_api(&self) -> bool {
         matches!(
             self,
@@ -92,6 +100,9 @@ impl Route {
                 | Route::FtpFaults
                 | Route::Time
                 | Route::Throttle
+                | Route::Root
+                | Route::Dashboard
+                | Route::DashboardApi(_)
         )
     }
 }
@@ -113,6 +124,11 @@ pub fn route(path: &str) -> Route {
     let segs = segments(path);
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     match s.as_slice() {
+        [] => Route::Root,
+        [d] if eq(d, "dashboard") => Route::Dashboard,
+        [e, d, part] if eq(e, "emulator") && eq(d, "dashboard") => {
+            Route::DashboardApi(part.to_ascii_lowercase())
+        }
         [h] if eq(h, "health") => Route::Health,
         [c] if eq(c, "ca.pem") => Route::CaPem,
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
@@ -208,5 +224,8 @@ mod tests {
         assert_eq!(route("/emulator/time"), Route::Time);
         assert_eq!(route("/emulator/throttle"), Route::Throttle);
         assert_eq!(route("/emulator/x509-cas"), Route::X509Cas);
+        assert_eq!(route("/"), Route::Root);
+        assert_eq!(route("/Dashboard"), Route::Dashboard);
+        assert_eq!(route("/emulator/dashboard/Overview"), Route::DashboardApi("overview".into()));
     }
 }

@@ -853,6 +853,37 @@ impl EventLog {
         out
     }
 
+    /// Up to `limit` of the newest records (only `device_id`'s, if given), newest first, each
+    /// handed to `f`. With a device, its partition is scanned from the end (a device that sent
+    /// nothing recently costs one pass over that partition); without, the partitions are merged
+    /// from their ends by hub-wide number.
+    pub fn newest<T>(&self, device_id: Option<&str>, limit: usize, mut f: impl FnMut(&Arc<Event>) -> T) -> Vec<T> {
+        if let Some(d) = device_id {
+            let part = &self.partitions[partition_for(d, self.partitions.len())];
+            return part.events.iter().rev().filter(|e| &*e.device_id == d).take(limit).map(f).collect();
+        }
+        let mut out = Vec::with_capacity(limit.min(self.order.len()));
+        let mut next: Vec<usize> = self.partitions.iter().map(|part| part.events.len()).collect();
+        while out.len() < limit {
+            let best = self
+                .partitions
+                .iter()
+                .zip(&next)
+                .enumerate()
+                .filter_map(|(p, (part, &i))| i.checked_sub(1).map(|i| (part.events[i].hub_sequence, p)))
+                .max();
+            let Some((_, p)) = best else { break };
+            next[p] -= 1;
+            out.push(f(&self.partitions[p].events[next[p]]));
+        }
+        out
+    }
+
+    /// The last hub-wide number assigned: records appended since the hub started.
+    pub fn appended(&self) -> u64 {
+        self.last_hub_sequence
+    }
+
     /// The consumer group named `name` (case-insensitively).
     pub fn group(&self, name: &str) -> Option<&ConsumerGroup> {
         self.groups.iter().find(|g| g.name.eq_ignore_ascii_case(name))
@@ -960,6 +991,22 @@ impl Hub {
         f: impl FnMut(&Arc<Event>) -> T,
     ) -> Vec<T> {
         self.event_log_evicted().read_hub_wide(None, after, limit, f)
+    }
+
+    /// Up to `limit` of the newest records (only `device_id`'s, if given), newest first, each
+    /// passed through `f` under the log's lock (the dashboard's recent telemetry).
+    pub fn newest_telemetry<T>(
+        &self,
+        device_id: Option<&str>,
+        limit: usize,
+        f: impl FnMut(&Arc<Event>) -> T,
+    ) -> Vec<T> {
+        self.event_log_evicted().newest(device_id, limit, f)
+    }
+
+    /// Messages recorded since the hub started.
+    pub fn telemetry_received(&self) -> u64 {
+        self.event_log().appended()
     }
 
     /// The Event Hub-compatible name (`EntityPath`): see [`event_hub_name_for`].
@@ -1527,5 +1574,18 @@ mod tests {
         };
         assert_eq!(schema("pnp"), ["dtmi:com:example:Thermostat;1"], "the hub's value, once");
         assert!(schema("plain").is_empty());
+    }
+
+    #[test]
+    fn newest_records_come_newest_first_across_partitions_or_for_one_device() {
+        let mut log = log(4);
+        for i in 0..12 {
+            log.append(msg(&format!("dev-{}", i % 5), b"x"), 0, 1_000 + i);
+        }
+        assert_eq!(log.newest(None, 5, |e| e.hub_sequence), [12, 11, 10, 9, 8]);
+        assert_eq!(log.newest(None, 100, |e| e.hub_sequence).len(), 12);
+        assert_eq!(log.newest(Some("dev-1"), 10, |e| e.hub_sequence), [12, 7, 2]);
+        assert!(log.newest(Some("nobody"), 10, |e| e.hub_sequence).is_empty());
+        assert_eq!(log.appended(), 12);
     }
 }

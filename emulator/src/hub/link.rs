@@ -287,8 +287,7 @@ impl Hub {
                     "ConnectionForcefullyClosedOnNewConnection: a new connection replaced the old one"
                 );
             }
-            d.connected = true;
-            d.connection_state_updated = now;
+            self.set_connected(d, true, now);
             d.last_activity = now;
             Ok(d.session)
         })?;
@@ -303,8 +302,7 @@ impl Hub {
         let _ = self.with_device(device_id, |d| {
             if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
                 d.link = None;
-                d.connected = false;
-                d.connection_state_updated = now;
+                self.set_connected(d, false, now);
                 if !keep_session {
                     d.session = 0;
                 }

@@ -156,6 +156,7 @@ impl Hub {
         {
             let mut feedback = self.feedback();
             for (id, generation, outcome) in outcomes {
+                self.count_feedback(outcome.status);
                 feedback.push(FeedbackRecord::from_outcome(outcome, &id, &format!("{generation:018}")), now);
             }
         }

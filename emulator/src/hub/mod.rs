@@ -7,13 +7,15 @@
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
 //! and the telemetry event log have one mutex each (the log's wake-up signals sit outside it, see
-//! `events`); scheduled jobs have theirs inside `crate::jobs::Jobs`.
+//! `events`; the dashboard's cache and scenario status have theirs, see [`dashboard`]); scheduled
+//! jobs have theirs inside `crate::jobs::Jobs`.
 //! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
 
 mod admission;
 mod auth;
+pub mod dashboard;
 mod device;
 pub mod events;
 pub mod link;
@@ -132,6 +134,8 @@ struct Shared {
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
+    /// Devices with `connected` set, kept by [`Hub::set_connected`] (the dashboard reads it live).
+    connected_count: AtomicUsize,
     /// Scheduled jobs: their own table and tasks (see `crate::jobs`).
     jobs: crate::jobs::Jobs,
     /// Woken whenever a feedback record or a C2D message is queued, or a device connects
@@ -139,6 +143,8 @@ struct Shared {
     changed: tokio::sync::Notify,
     /// The tier throttle, only when a tier is configured (see `admission`).
     throttle: Option<Mutex<crate::throttle::Throttle>>,
+    /// The dashboard's cache, feedback counts and scenario status (see [`dashboard`]).
+    dashboard: dashboard::DashboardState,
     /// Policy tokens that verified, so a service presenting the same token on every request is not
     /// re-verified each time (see `auth`).
     verified_tokens: Mutex<auth::VerifiedTokens>,
@@ -190,11 +196,13 @@ impl Hub {
                 amqp_port: AtomicU16::new(crate::limits::DEFAULT_AMQP_PORT),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
+                connected_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),
                 throttle,
                 verified_tokens: Mutex::default(),
                 x509_cas,
+                dashboard: dashboard::DashboardState::default(),
             }),
         }
     }
@@ -234,6 +242,25 @@ impl Hub {
     /// Registered devices.
     pub fn device_count(&self) -> usize {
         self.shared.device_count.load(Ordering::Relaxed)
+    }
+
+    /// Devices connected now (a counter, no scan).
+    pub fn connected_count(&self) -> usize {
+        self.shared.connected_count.load(Ordering::Relaxed)
+    }
+
+    /// Sets `d.connected` (and when it changed) keeping [`Hub::connected_count`] in step; every
+    /// change of `connected` goes through here.
+    fn set_connected(&self, d: &mut Device, connected: bool, now: Millis) {
+        if d.connected != connected {
+            if connected {
+                self.shared.connected_count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        d.connected = connected;
+        d.connection_state_updated = now;
     }
 
     /// Notified (with `notify_waiters`) whenever a C2D message or a feedback record is queued, or a

@@ -304,8 +304,7 @@ impl Hub {
                         d.status_updated = now;
                         // A disabled device loses its open connection (dropping the link kicks it).
                         if status == Status::Disabled && d.link.take().is_some() {
-                            d.connected = false;
-                            d.connection_state_updated = now;
+                            self.set_connected(d, false, now);
                         }
                     }
                     d.status_reason = input.status_reason;
@@ -406,7 +405,9 @@ impl Hub {
         if let Some(cond) = if_match {
             cond.check(&d.etag_str())?;
         }
-        shard.devices.remove(id);
+        if shard.devices.remove(id).is_some_and(|d| d.connected) {
+            self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+        }
         self.shared.device_count.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }

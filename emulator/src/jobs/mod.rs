@@ -133,6 +133,11 @@ impl Hub {
         self.jobs().lock().table.query(job_type, status, continuation, page_size)
     }
 
+    /// Jobs per status and the `latest` newest jobs' `JobResponse`s (see [`JobTable::summary`]).
+    pub fn jobs_summary(&self, latest: usize) -> (Vec<(&'static str, usize)>, Vec<Value>) {
+        self.jobs().lock().table.summary(latest)
+    }
+
     /// Stops every job task (the hub is shutting down). Unfinished jobs end as `failed`.
     pub fn shutdown_jobs(&self) {
         self.jobs().shutdown.cancel();

@@ -614,6 +614,18 @@ impl JobTable {
         })
     }
 
+    /// How many jobs the table holds in each status (by wire name, every status present) and the
+    /// `latest` most recently created ones, newest first. The table is bounded, so this is cheap.
+    pub fn summary(&self, latest: usize) -> (Vec<(&'static str, usize)>, Vec<Value>) {
+        let counts = JobStatus::ALL
+            .into_iter()
+            .map(|st| (st.name(), self.jobs.values().filter(|j| j.status == st).count()))
+            .collect();
+        let mut newest: Vec<&Job> = self.jobs.values().collect();
+        newest.sort_by_key(|j| std::cmp::Reverse(j.seq));
+        (counts, newest.iter().take(latest).map(|j| j.to_json()).collect())
+    }
+
     /// One page of the jobs query: jobs of `job_type` and `status` (any when `None`) in creation
     /// order, starting after `continuation`.
     pub fn query(
