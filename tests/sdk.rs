@@ -83,3 +83,8 @@ async fn node_service_sdk_gets_429_throttling_and_succeeds_on_retry() {
 async fn python_service_sdk_rides_out_429_throttling_and_retries_what_it_surfaces() {
     iothub_emulator_tests::run_sdk_script_with(Sdk::Python, "throttle_test.py", s1_hub()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_dps_group_enrollment_registers_and_the_device_connects_to_its_assigned_hub() {
+    run_sdk_script(Sdk::Python, "dps_symmetric_key_test.py").await.unwrap();
+}

@@ -117,6 +117,19 @@ struct Args {
     /// POST /emulator/x509-cas. `iothub-emulator cert ca` makes one.
     #[arg(long = "x509-ca", env = "IOTHUB_EMULATOR_X509_CAS", value_delimiter = ',')]
     x509_cas: Vec<PathBuf>,
+
+    /// The Device Provisioning Service's ID scope devices name (`0ne` + 8 hex digits is DPS's
+    /// form; any 1..=64 letters, digits or '-' are accepted). Generated when not given.
+    #[arg(long, env = "IOTHUB_EMULATOR_DPS_ID_SCOPE", value_parser = parse_id_scope)]
+    dps_id_scope: Option<String>,
+}
+
+fn parse_id_scope(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not an ID scope: 1 to 64 letters, digits or '-'"))
+    }
 }
 
 fn parse_sku(s: &str) -> Result<Sku, String> {
@@ -359,6 +372,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         admin_api: !args.disable_admin_api,
         throttle: tier,
         x509_cas,
+        dps_id_scope: args.dps_id_scope.clone().unwrap_or_else(iothub_emulator::dps::generate_id_scope),
         ..HubConfig::default()
     };
     let listen = ListenConfig {
@@ -396,6 +410,9 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
     }
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
+    let dps = running.hub.dps();
+    println!("DPS_ID_SCOPE={}", dps.id_scope());
+    println!("DPS_CONNECTION_STRING={}", dps.service_connection_string(&args.hostname));
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(on_signal);
     running.wait().await?;

@@ -67,7 +67,7 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(json_response(StatusCode::OK, &Value::Array(items)))
         }
         Route::ConnectionStrings => {
-            let map: serde_json::Map<String, Value> = ctx
+            let mut map: serde_json::Map<String, Value> = ctx
                 .hub
                 .policies()
                 .iter()
@@ -75,6 +75,12 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
                     Some((p.name.clone(), Value::String(ctx.hub.policy_connection_string(&p.name)?)))
                 })
                 .collect();
+            let dps = ctx.hub.dps();
+            map.insert(
+                crate::dps::SERVICE_POLICY.into(),
+                dps.service_connection_string(ctx.hub.hostname()).into(),
+            );
+            map.insert("dpsIdScope".into(), dps.id_scope().into());
             Ok(json_response(StatusCode::OK, &Value::Object(map)))
         }
         Route::FtpFaults => Ok(json_response(StatusCode::OK, &ctx.ftp_faults.settings().to_json())),

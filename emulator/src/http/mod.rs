@@ -10,6 +10,7 @@
 mod admin;
 pub mod connection;
 mod device_api;
+mod dps_api;
 pub mod router;
 mod service_api;
 pub mod websocket;
@@ -194,6 +195,7 @@ where
         }
         (r, Port::Plain) if r.is_emulator_own() => admin::handle(&ctx, &req),
         (r, Port::Https) if r.is_emulator_own() => Err(not_found(&path)),
+        (r, _) if r.is_dps() => Ok(dps_api::handle(&ctx.hub, &req)),
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
             if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
         {
