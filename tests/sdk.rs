@@ -88,3 +88,8 @@ async fn python_service_sdk_rides_out_429_throttling_and_retries_what_it_surface
 async fn python_dps_group_enrollment_registers_and_the_device_connects_to_its_assigned_hub() {
     run_sdk_script(Sdk::Python, "dps_symmetric_key_test.py").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_dps_group_over_mqtt_individual_over_https_and_the_enrollment_service_client() {
+    run_sdk_script(Sdk::Node, "dps_test.js").await.unwrap();
+}
