@@ -1,7 +1,9 @@
 //! The Device Provisioning Service on the hub's host (reference-2 §2), socket-free: the enrollment
-//! store (individual enrollments and enrollment groups with symmetric-key attestation), device
-//! authentication against it (a registration's SAS token signed by the enrollment key or the key
-//! derived from the group key), and the registration state machine: a register request assigns the
+//! store (individual enrollments and enrollment groups with symmetric-key or X.509 attestation),
+//! device authentication against it (a registration's SAS token signed by the enrollment key or
+//! the key derived from the group key; or the TLS client certificate: an individual enrollment's
+//! certificate by thumbprint, a group's signing CA by chain, CN = registration id, checked with
+//! [`crate::x509`]), and the registration state machine: a register request assigns the
 //! device to this hub at once (DPS clients accept `assigned` on the register response), creating
 //! or updating its identity with the key it used and, on its first assignment, the enrollment's
 //! initial twin; the operation id is remembered so polls (`operations/{id}`) answer the same
@@ -15,7 +17,7 @@
 pub mod mqtt;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -24,8 +26,9 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::clock::iso8601;
-use crate::hub::{DeviceInput, Hub, IfMatch};
+use crate::hub::{AuthType, DeviceInput, Hub, IfMatch};
 use crate::sas::SasToken;
+use crate::x509::{ClientChain, Thumbprints, TrustedCas};
 
 /// The service policy the provisioning service SDKs' connection strings name.
 pub const SERVICE_POLICY: &str = "provisioningserviceowner";
@@ -74,7 +77,7 @@ impl DpsError {
 }
 
 /// How an enrollment's devices prove themselves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Attestation {
     /// Symmetric keys (base64). For a group, each device's keys derive from these.
     SymmetricKey {
@@ -83,6 +86,32 @@ pub enum Attestation {
         /// Secondary key.
         secondary: String,
     },
+    /// X.509, individual: the device's own certificate(s) (`clientCertificates`), matched by
+    /// thumbprint.
+    X509Client {
+        /// The certificates as given (PEM), primary first.
+        pems: Vec<String>,
+        /// Their thumbprints.
+        thumbprints: Vec<Thumbprints>,
+    },
+    /// X.509, group: the signing CA certificate(s) (`signingCertificates`) devices' chains lead to.
+    X509Ca {
+        /// The certificates as given (PEM), primary first.
+        pems: Vec<String>,
+        /// The same, as the chain checker's trust store.
+        cas: Arc<TrustedCas>,
+    },
+}
+
+/// How the assigned device authenticates with the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAuth {
+    /// SAS with these (derived or enrollment) keys: primary, secondary.
+    Keys(String, String),
+    /// `selfSigned` with this SHA-256 thumbprint (an individual X.509 enrollment).
+    Thumbprint(String),
+    /// `certificateAuthority`, with the group's signing CA (PEM), which the hub is made to trust.
+    CertificateAuthority(String),
 }
 
 /// One enrollment (individual or group).
@@ -114,14 +143,14 @@ pub enum EnrollmentRef {
     Group(String),
 }
 
-/// A device that authenticated: its enrollment, the key it signed with (the identity's key in the
-/// hub) and when its credential expires.
+/// A device that authenticated: its enrollment, how its hub identity authenticates and when its
+/// credential expires.
 #[derive(Debug, Clone)]
 pub struct Credential {
     /// The enrollment that matched.
     pub enrollment: EnrollmentRef,
-    /// The device's (derived or enrollment) primary and secondary keys.
-    pub keys: (String, String),
+    /// The identity's authentication in the hub.
+    pub auth: DeviceAuth,
     /// Token expiry, seconds since the epoch.
     pub expiry_secs: u64,
 }
@@ -261,32 +290,91 @@ impl Dps {
             return Err(DpsError::unauthorized("the token has expired"));
         }
         let store = lock(&self.store);
-        let verify = |p: &str, s: &str| (t.verify(p) || t.verify(s)).then(|| (p.to_string(), s.to_string()));
+        let verify = |p: &str, s: &str| {
+            (t.verify(p) || t.verify(s)).then(|| DeviceAuth::Keys(p.to_string(), s.to_string()))
+        };
         if let Some(e) = store.individuals.get(reg) {
-            let Attestation::SymmetricKey { primary, secondary } = &e.attestation;
+            let Attestation::SymmetricKey { primary, secondary } = &e.attestation else {
+                return Err(DpsError::unauthorized(format!(
+                    "the enrollment of '{reg}' attests with X.509: present its certificate"
+                )));
+            };
             return verify(primary, secondary)
-                .map(|keys| Credential {
+                .map(|auth| Credential {
                     enrollment: EnrollmentRef::Individual(reg.into()),
-                    keys,
+                    auth,
                     expiry_secs: t.expiry_secs,
                 })
                 .ok_or_else(|| DpsError::unauthorized("the token is not signed by the enrollment's key"));
         }
         for g in store.groups.values() {
-            let Attestation::SymmetricKey { primary, secondary } = &g.attestation;
+            let Attestation::SymmetricKey { primary, secondary } = &g.attestation else {
+                continue;
+            };
             let (Ok(p), Ok(s)) = (derive_device_key(primary, reg), derive_device_key(secondary, reg)) else {
                 continue;
             };
-            if let Some(keys) = verify(&p, &s) {
+            if let Some(auth) = verify(&p, &s) {
                 return Ok(Credential {
                     enrollment: EnrollmentRef::Group(g.id.clone()),
-                    keys,
+                    auth,
                     expiry_secs: t.expiry_secs,
                 });
             }
         }
         Err(DpsError::unauthorized(format!(
             "no enrollment for registration '{reg}' accepts the token (individual key or group-derived key)"
+        )))
+    }
+
+    /// Authenticates registration `reg` by the certificate chain its TLS client presented (the TLS
+    /// layer checked validity and links): the leaf's CN must be `reg`; an individual X.509
+    /// enrollment for `reg` matches by the leaf's thumbprint, otherwise the first X.509 group whose
+    /// signing certificate the chain leads to. The credential lasts until the leaf's `notAfter`.
+    pub fn authenticate_device_x509(&self, reg: &str, chain: &ClientChain) -> Result<Credential, DpsError> {
+        validate_registration_id(reg)?;
+        let leaf =
+            chain.leaf().ok_or_else(|| DpsError::unauthorized("no client certificate was presented"))?;
+        let leaf = crate::x509::leaf_identity(leaf).map_err(|e| DpsError::unauthorized(e.to_string()))?;
+        if leaf.common_name.as_deref() != Some(reg) {
+            return Err(DpsError::unauthorized(format!(
+                "the certificate's subject CN ({}) is not the registration id '{reg}'",
+                leaf.common_name.as_deref().unwrap_or("none")
+            )));
+        }
+        let expiry_secs = u64::try_from(leaf.not_after_secs).unwrap_or(0);
+        let store = lock(&self.store);
+        if let Some(e) = store.individuals.get(reg) {
+            let Attestation::X509Client { thumbprints, .. } = &e.attestation else {
+                return Err(DpsError::unauthorized(format!(
+                    "the enrollment of '{reg}' attests with a symmetric key, not a certificate"
+                )));
+            };
+            if !thumbprints.contains(&leaf.thumbprints) {
+                return Err(DpsError::unauthorized(format!(
+                    "the certificate (SHA-256 {}) is not the enrollment's",
+                    leaf.thumbprints.sha256_hex()
+                )));
+            }
+            return Ok(Credential {
+                enrollment: EnrollmentRef::Individual(reg.into()),
+                auth: DeviceAuth::Thumbprint(leaf.thumbprints.sha256_hex()),
+                expiry_secs,
+            });
+        }
+        for g in store.groups.values() {
+            if let Attestation::X509Ca { pems, cas } = &g.attestation
+                && cas.anchor(&chain.0).is_some()
+            {
+                return Ok(Credential {
+                    enrollment: EnrollmentRef::Group(g.id.clone()),
+                    auth: DeviceAuth::CertificateAuthority(pems.join("\n")),
+                    expiry_secs,
+                });
+            }
+        }
+        Err(DpsError::unauthorized(format!(
+            "no enrollment for '{reg}' accepts the certificate (individual thumbprint or a group's signing CA)"
         )))
     }
 
@@ -314,12 +402,27 @@ impl Dps {
             return Err(DpsError::unauthorized(format!("the enrollment '{}' is disabled", enrollment.id)));
         }
         let device_id = enrollment.device_id.clone().unwrap_or_else(|| reg.to_string());
-        let input = || DeviceInput {
-            primary_key: Some(cred.keys.0.clone()),
-            secondary_key: Some(cred.keys.1.clone()),
-            iot_edge: enrollment.iot_edge,
-            ..DeviceInput::default()
+        let input = || {
+            let base = DeviceInput { iot_edge: enrollment.iot_edge, ..DeviceInput::default() };
+            match &cred.auth {
+                DeviceAuth::Keys(p, s) => {
+                    DeviceInput { primary_key: Some(p.clone()), secondary_key: Some(s.clone()), ..base }
+                }
+                DeviceAuth::Thumbprint(t) => DeviceInput {
+                    auth_type: Some(AuthType::SelfSigned),
+                    thumbprints: Some((Some(t.clone()), None)),
+                    ..base
+                },
+                DeviceAuth::CertificateAuthority(_) => {
+                    DeviceInput { auth_type: Some(AuthType::CertificateAuthority), ..base }
+                }
+            }
         };
+        if let DeviceAuth::CertificateAuthority(pem) = &cred.auth {
+            // The device will chain to the group's CA when it connects to the hub.
+            hub.add_x509_ca(pem)
+                .map_err(|e| DpsError::new(500, 500000, format!("trusting the group's CA: {e}")))?;
+        }
         let created = match hub.put_device(&device_id, input(), None) {
             Ok(_) => true,
             Err(_) => {
@@ -444,9 +547,10 @@ impl Dps {
                 };
                 Attestation::SymmetricKey { primary: key("primaryKey")?, secondary: key("secondaryKey")? }
             }
+            Some("x509") => x509_attestation(group, body)?,
             Some(other) => {
                 return Err(DpsError::bad_request(format!(
-                    "attestation type '{other}' is not supported by the emulator (symmetricKey is)"
+                    "attestation type '{other}' is not supported by the emulator (symmetricKey and x509 are)"
                 )));
             }
             None => return Err(DpsError::bad_request("attestation.type is required")),
@@ -511,10 +615,79 @@ impl Dps {
     }
 }
 
+/// Reads a PEM or base64-DER certificate into (PEM, DER).
+fn certificate(text: &str, field: &str) -> Result<(String, Vec<u8>), DpsError> {
+    let bad = |why: String| DpsError::bad_request(format!("{field}: {why}"));
+    if text.contains("-----BEGIN") {
+        let der = rustls_pemfile::certs(&mut text.as_bytes())
+            .next()
+            .ok_or_else(|| bad("no CERTIFICATE block".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        return Ok((text.to_string(), der.to_vec()));
+    }
+    let der =
+        STANDARD.decode(text.trim().as_bytes()).map_err(|_| bad("neither PEM nor base64 DER".into()))?;
+    crate::x509::leaf_identity(&der).map_err(|e| bad(e.to_string()))?;
+    let b64 = STANDARD.encode(&der);
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    Ok((format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n")), der))
+}
+
+/// `attestation.x509`: `clientCertificates` (individual) or `signingCertificates` (group), each
+/// `{primary: {certificate}, secondary: {certificate}}`. `caReferences` (CAs uploaded to DPS) are
+/// not supported.
+fn x509_attestation(group: bool, body: &Value) -> Result<Attestation, DpsError> {
+    let kind = if group { "signingCertificates" } else { "clientCertificates" };
+    let mut pems = Vec::new();
+    let mut ders = Vec::new();
+    for slot in ["primary", "secondary"] {
+        let ptr = format!("/attestation/x509/{kind}/{slot}/certificate");
+        if let Some(text) = str_field(body, &ptr) {
+            let (pem, der) = certificate(text, &format!("attestation.x509.{kind}.{slot}.certificate"))?;
+            pems.push(pem);
+            ders.push(der);
+        }
+    }
+    if pems.is_empty() {
+        return Err(DpsError::bad_request(format!(
+            "an x509 {} needs attestation.x509.{kind}.primary.certificate (caReferences are not supported)",
+            if group { "enrollment group" } else { "individual enrollment" }
+        )));
+    }
+    if group {
+        let cas = TrustedCas::default();
+        for pem in &pems {
+            cas.add_pem(pem).map_err(|e| DpsError::bad_request(format!("signing certificate: {e}")))?;
+        }
+        Ok(Attestation::X509Ca { pems, cas: Arc::new(cas) })
+    } else {
+        Ok(Attestation::X509Client { pems, thumbprints: ders.iter().map(|d| Thumbprints::of(d)).collect() })
+    }
+}
+
+fn attestation_json(a: &Attestation, group: bool) -> Value {
+    let certs = |pems: &[String]| {
+        let mut v = json!({"primary": {"certificate": pems[0]}});
+        if let Some(s) = pems.get(1) {
+            v["secondary"] = json!({"certificate": s});
+        }
+        v
+    };
+    match a {
+        Attestation::SymmetricKey { primary, secondary } => {
+            json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}})
+        }
+        Attestation::X509Client { pems, .. } | Attestation::X509Ca { pems, .. } => {
+            let kind = if group { "signingCertificates" } else { "clientCertificates" };
+            json!({"type": "x509", "x509": {kind: certs(pems)}})
+        }
+    }
+}
+
 fn enrollment_json(group: bool, e: &Enrollment) -> Value {
-    let Attestation::SymmetricKey { primary, secondary } = &e.attestation;
     let mut v = json!({
-        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}},
+        "attestation": attestation_json(&e.attestation, group),
         "capabilities": {"iotEdge": e.iot_edge},
         "provisioningStatus": if e.enabled { "enabled" } else { "disabled" },
         "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": true},

@@ -52,12 +52,14 @@ pub enum DpsClose {
 }
 
 /// Checks a provisioning CONNECT (`registration` from [`registration_of`]): client id = the
-/// registration id, password a SAS token the enrollment store verifies. Returns the session and its
-/// CONNACK, or the refusal code and reason.
+/// registration id, password a SAS token the enrollment store verifies, or no password and the
+/// TLS client certificate `client_cert` (X.509 attestation). Returns the session and its CONNACK,
+/// or the refusal code and reason.
 pub fn accept(
     hub: &Hub,
     c: &Connect,
     registration: &str,
+    client_cert: Option<&crate::x509::ClientChain>,
 ) -> Result<(DpsSession, Packet), (ConnectReturnCode, String)> {
     if c.client_id != registration {
         return Err((
@@ -66,17 +68,18 @@ pub fn accept(
         ));
     }
     let password = c.login.as_ref().map(|l| l.password.as_str()).unwrap_or_default();
-    if password.is_empty() {
-        return Err((
-            ConnectReturnCode::BadUserNamePassword,
-            "a provisioning CONNECT needs a SAS token (X.509 attestation is not supported)".into(),
-        ));
-    }
     let now_secs = hub.wall_now() / 1000;
-    let credential = hub
-        .dps()
-        .authenticate_device(registration, password, now_secs, hub.config().sas_skew_secs)
-        .map_err(|e| (ConnectReturnCode::NotAuthorized, e.message))?;
+    let credential = match client_cert {
+        Some(chain) if password.is_empty() => hub.dps().authenticate_device_x509(registration, chain),
+        _ if password.is_empty() => {
+            return Err((
+                ConnectReturnCode::BadUserNamePassword,
+                "a provisioning CONNECT needs a SAS token or a TLS client certificate".into(),
+            ));
+        }
+        _ => hub.dps().authenticate_device(registration, password, now_secs, hub.config().sas_skew_secs),
+    }
+    .map_err(|e| (ConnectReturnCode::NotAuthorized, e.message))?;
     let session = DpsSession { registration_id: registration.to_string(), credential, next_pkid: 0 };
     Ok((session, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))))
 }

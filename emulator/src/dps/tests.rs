@@ -45,7 +45,7 @@ fn connect(
     let user = format!("{}/registrations/{reg}/api-version=2019-03-31&ClientVersion=x", hub.dps().id_scope());
     c.set_login(user.clone(), password);
     let reg = mqtt::registration_of(&user, hub.dps().id_scope()).unwrap().to_string();
-    mqtt::accept(hub, &c, &reg)
+    mqtt::accept(hub, &c, &reg, None)
 }
 
 fn request(s: &mut DpsSession, hub: &Hub, topic: &str, body: &[u8]) -> (String, Value) {
@@ -204,4 +204,60 @@ fn bad_enrollments_and_bad_requests_are_refused_in_dps_terms() {
     let mut out = Vec::new();
     let p = Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, b"x".to_vec());
     assert!(s.handle_packet(&hub, Packet::Publish(p), &mut out).is_err());
+}
+
+fn chain_of(pems: &[&str]) -> crate::x509::ClientChain {
+    let mut ders = Vec::new();
+    for pem in pems {
+        for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            ders.push(c.unwrap());
+        }
+    }
+    crate::x509::ClientChain(ders)
+}
+
+#[test]
+fn x509_group_and_individual_enrollments_authenticate_by_certificate_and_create_x509_devices() {
+    use crate::x509::issue;
+    let hub = hub();
+    let ca = issue::test_ca("DPS Group CA", 30).unwrap();
+    let body = json!({"enrollmentGroupId": "xg", "attestation": {"type": "x509",
+        "x509": {"signingCertificates": {"primary": {"certificate": ca.cert_pem}}}}});
+    let stored = hub.dps().put_enrollment(true, "xg", &body, 0).unwrap();
+    assert_eq!(stored["attestation"]["type"], "x509");
+    // A CA-signed device with CN = its registration id is provisioned as a certificateAuthority device,
+    // and the hub then accepts its certificate.
+    let dev = issue::ca_signed_device("x-1", &ca.cert_pem, &ca.key_pem, 30).unwrap();
+    let chain = chain_of(&[&dev.cert_pem]);
+    let cred = hub.dps().authenticate_device_x509("x-1", &chain).unwrap();
+    let state = hub.dps().register(&hub, "x-1", &cred, None).unwrap();
+    assert_eq!(state["registrationState"]["deviceId"], "x-1");
+    assert_eq!(hub.get_device("x-1").unwrap()["authentication"]["type"], "certificateAuthority");
+    assert!(hub.authenticate_x509(&chain, "x-1").is_ok());
+    // CN other than the registration id, or a CA no group names: refused.
+    assert_eq!(hub.dps().authenticate_device_x509("x-2", &chain).unwrap_err().status, 401);
+    let rogue_ca = issue::test_ca("Rogue", 30).unwrap();
+    let rogue = issue::ca_signed_device("x-3", &rogue_ca.cert_pem, &rogue_ca.key_pem, 30).unwrap();
+    assert!(hub.dps().authenticate_device_x509("x-3", &chain_of(&[&rogue.cert_pem])).is_err());
+
+    // An individual enrollment with the device's own certificate: a selfSigned device by thumbprint.
+    let own = issue::self_signed_device("s-1", 30).unwrap();
+    let body = json!({"registrationId": "s-1", "attestation": {"type": "x509",
+        "x509": {"clientCertificates": {"primary": {"certificate": own.cert_pem}}}}});
+    hub.dps().put_enrollment(false, "s-1", &body, 0).unwrap();
+    let own_chain = chain_of(&[&own.cert_pem]);
+    let cred = hub.dps().authenticate_device_x509("s-1", &own_chain).unwrap();
+    hub.dps().register(&hub, "s-1", &cred, None).unwrap();
+    let device = hub.get_device("s-1").unwrap();
+    assert_eq!(device["authentication"]["type"], "selfSigned");
+    assert!(hub.authenticate_x509(&own_chain, "s-1").is_ok());
+    let other = issue::self_signed_device("s-1", 30).unwrap();
+    assert!(hub.dps().authenticate_device_x509("s-1", &chain_of(&[&other.cert_pem])).is_err());
+    // A symmetric-key token for an X.509 enrollment is refused.
+    let token = token(&hub, "s-1", GROUP_KEY, None);
+    assert!(hub.dps().authenticate_device("s-1", &token, hub.wall_now() / 1000, 300).is_err());
+    // A non-CA signing certificate is a 400.
+    let body = json!({"enrollmentGroupId": "bad", "attestation": {"type": "x509",
+        "x509": {"signingCertificates": {"primary": {"certificate": own.cert_pem}}}}});
+    assert_eq!(hub.dps().put_enrollment(true, "bad", &body, 0).unwrap_err().status, 400);
 }

@@ -1,6 +1,7 @@
 //! The Device Provisioning Service's HTTPS routes (reference-2 §2.4, §2.6): the device API
 //! (`PUT /{idScope}/registrations/{id}/register`, `GET …/operations/{operationId}`, authenticated
-//! by the registration's SAS token) and the enrollment service API (`/enrollments/{id}`,
+//! by the registration's SAS token, or by the TLS client certificate when there is no
+//! `Authorization` header) and the enrollment service API (`/enrollments/{id}`,
 //! `/enrollmentGroups/{id}`, their `query`, `/registrations/{id}`, authenticated by a
 //! `provisioningserviceowner` token). Errors carry DPS's body (`errorCode`, `trackingId`,
 //! `message`, `timestampUtc`) and `x-ms-error-code`. The logic is in [`crate::dps`].
@@ -60,7 +61,10 @@ fn route(hub: &Hub, req: &Req) -> Result<HttpResponse, DpsError> {
             if scope != dps.id_scope() {
                 return Err(DpsError::unauthorized(format!("'{scope}' is not this service's ID scope")));
             }
-            let cred = dps.authenticate_device(reg, token(req)?, now_secs, skew)?;
+            let cred = match (&req.client_cert, req.header("authorization")) {
+                (Some(chain), None) => dps.authenticate_device_x509(reg, chain)?,
+                _ => dps.authenticate_device(reg, token(req)?, now_secs, skew)?,
+            };
             let status = match &req.route {
                 Route::DpsRegister(..) if m == Method::PUT => {
                     let payload = crate::dps::mqtt::parse_register_body(&req.body, reg)?;

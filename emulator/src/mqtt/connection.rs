@@ -355,7 +355,7 @@ fn admit(
         .as_ref()
         .and_then(|l| crate::dps::mqtt::registration_of(&l.username, hub.dps().id_scope()))
     {
-        return match crate::dps::mqtt::accept(hub, &connect, reg) {
+        return match crate::dps::mqtt::accept(hub, &connect, reg, client_cert) {
             Ok((session, connack)) => {
                 tracing::debug!(%peer, registration = reg, "DPS MQTT device connected");
                 Admit::Dps(session, connack, connect.keep_alive)
