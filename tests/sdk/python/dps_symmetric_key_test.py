@@ -116,6 +116,13 @@ def run():
     check_equal("re-provisioning: the device kept its key",
                 rm.get_device(registration_id).authentication.symmetric_key.primary_key, device_key)
 
+    ws_id = f"{prefix}-ws-1"
+    ws = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host=host, registration_id=ws_id, id_scope=scope, symmetric_key=derive(group_key, ws_id),
+        websockets=True,
+    ).register()
+    check_equal("register over MQTT on WebSocket (443): device id", ws.registration_state.device_id, ws_id)
+
     try:
         provisioning_client(host, f"{prefix}-dev-2", scope, group_key).register()
     except Exception as err:  # the SDK raises its own error type for the refused CONNECT
