@@ -409,10 +409,11 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     if let Some(t) = tier {
         println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
     }
-    println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     let dps = running.hub.dps();
     println!("DPS_ID_SCOPE={}", dps.id_scope());
     println!("DPS_CONNECTION_STRING={}", dps.service_connection_string(&args.hostname));
+    // Last: supervisors read the startup lines up to this one.
+    println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(on_signal);
     running.wait().await?;

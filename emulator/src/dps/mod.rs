@@ -265,7 +265,8 @@ impl Dps {
 
     /// Authenticates registration `reg` by a SAS token for `{idScope}/registrations/{reg}` (with
     /// `skn=registration` or none): its individual enrollment's key, else the first enrollment
-    /// group whose derived key verifies. A disabled enrollment still authenticates here; the
+    /// group whose derived key verifies. Groups are tried in id order, two HMACs each: the cost grows with
+    /// the number of symmetric-key groups (a handful in practice), not with the fleet. A disabled enrollment still authenticates here; the
     /// register request is refused ([`Dps::register`]), as DPS answers it.
     pub fn authenticate_device(
         &self,
@@ -565,7 +566,8 @@ impl Dps {
             return Err(DpsError::bad_request("initialTwin must be an object"));
         }
         let mut store = lock(&self.store);
-        if store.individuals.len() + store.groups.len() >= MAX_ENROLLMENTS {
+        let exists = if group { store.groups.contains_key(id) } else { store.individuals.contains_key(id) };
+        if !exists && store.individuals.len() + store.groups.len() >= MAX_ENROLLMENTS {
             return Err(DpsError::new(429, 429001, format!("the store holds {MAX_ENROLLMENTS} enrollments")));
         }
         store.counter += 1;
