@@ -380,7 +380,7 @@ impl Dps {
     }
 
     /// A register request from authenticated registration `reg` with the request `payload`
-    /// (`{"modelId": …}` sets the device's model id). Assigns the device to `hub` at once and
+    /// (`{"modelId": …}`, a DTMI, sets the device's model id; anything else there is a 400). Assigns the device to `hub` at once and
     /// returns the operation status JSON (`status: assigned`). A second registration keeps the
     /// device's identity and twin (the hub does not change): `substatus` is `initialAssignment`
     /// when the device was created, `deviceDataMigrated` when it already existed.
@@ -391,6 +391,18 @@ impl Dps {
         cred: &Credential,
         payload: Option<&Value>,
     ) -> Result<Value, DpsError> {
+        let model_id = match payload.and_then(|p| p.get("modelId")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(m)) => {
+                let encoded: String =
+                    percent_encoding::utf8_percent_encode(m, percent_encoding::NON_ALPHANUMERIC).to_string();
+                crate::mqtt::session::model_id(&format!("model-id={encoded}"))
+                    .map_err(|e| DpsError::bad_request(format!("payload.modelId: {e}")))?
+            }
+            Some(other) => {
+                return Err(DpsError::bad_request(format!("payload.modelId must be a string, not {other}")));
+            }
+        };
         let enrollment = {
             let store = lock(&self.store);
             match &cred.enrollment {
@@ -436,7 +448,7 @@ impl Dps {
             hub.update_twin(&device_id, twin, None, false)
                 .map_err(|e| DpsError::bad_request(format!("the enrollment's initialTwin: {e}")))?;
         }
-        if let Some(model) = payload.and_then(|p| p.get("modelId")).and_then(Value::as_str) {
+        if let Some(model) = &model_id {
             hub.announce_model_id(&device_id, model);
         }
         let now = hub.now();

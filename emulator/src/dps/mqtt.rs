@@ -33,7 +33,7 @@ pub fn registration_of<'a>(username: &'a str, id_scope: &str) -> Option<&'a str>
 }
 
 /// One provisioning connection, past its CONNECT.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DpsSession {
     registration_id: String,
     credential: Credential,

@@ -201,6 +201,14 @@ fn bad_enrollments_and_bad_requests_are_refused_in_dps_terms() {
         br#"{"registrationId":"other"}"#,
     );
     assert_eq!(topic, "$dps/registrations/res/400/?$rid=2");
+    let (topic, v) = request(
+        &mut s,
+        &hub,
+        "$dps/registrations/PUT/iotdps-register/?$rid=3",
+        br#"{"payload":{"modelId":"not a dtmi"}}"#,
+    );
+    assert_eq!(topic, "$dps/registrations/res/400/?$rid=3");
+    assert!(v["message"].as_str().unwrap().contains("modelId"), "{v}");
     let mut out = Vec::new();
     let p = Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, b"x".to_vec());
     assert!(s.handle_packet(&hub, Packet::Publish(p), &mut out).is_err());
