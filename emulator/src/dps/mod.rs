@@ -380,8 +380,8 @@ impl Dps {
     }
 
     /// A register request from authenticated registration `reg` with the request `payload`
-    /// (`{"modelId": …}`, a DTMI, sets the device's model id; anything else there is a 400). Assigns the device to `hub` at once and
-    /// returns the operation status JSON (`status: assigned`). A second registration keeps the
+    /// (`{"modelId": …}`, a DTMI, sets the device's model id; anything else there is a 400).
+    /// Assigns the device to `hub` at once and returns the operation status JSON (`status: assigned`). A second registration keeps the
     /// device's identity and twin (the hub does not change): `substatus` is `initialAssignment`
     /// when the device was created, `deviceDataMigrated` when it already existed.
     pub fn register(
@@ -436,13 +436,19 @@ impl Dps {
             hub.add_x509_ca(pem)
                 .map_err(|e| DpsError::new(500, 500000, format!("trusting the group's CA: {e}")))?;
         }
+        // The hub's refusal (a bad device id, the device quota) in DPS's terms: its status, and
+        // the status × 1000 as the code.
+        let hub_error = |e: crate::error::HubError| {
+            let status = e.code.http_status();
+            DpsError::new(status, u32::from(status) * 1000, format!("assigning device '{device_id}': {e}"))
+        };
         let created = match hub.put_device(&device_id, input(), None) {
             Ok(_) => true,
-            Err(_) => {
-                hub.put_device(&device_id, input(), Some(IfMatch::Any))
-                    .map_err(|e| DpsError::new(500, 500000, format!("assigning the device failed: {e}")))?;
+            Err(e) if e.code == crate::error::ErrorCode::DeviceAlreadyExists => {
+                hub.put_device(&device_id, input(), Some(IfMatch::Any)).map_err(hub_error)?;
                 false
             }
+            Err(e) => return Err(hub_error(e)),
         };
         if created && let Some(twin) = &enrollment.initial_twin {
             hub.update_twin(&device_id, twin, None, false)

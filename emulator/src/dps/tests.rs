@@ -172,6 +172,18 @@ fn individual_enrollments_use_their_own_key_and_device_id() {
     assert_eq!(v["registrationState"]["deviceId"], "thermo-9");
     assert_eq!(hub.device_primary_key("thermo-9").unwrap().as_deref(), Some(key.as_str()));
     assert_eq!(hub.dps().get_registration(&hub, "dev-9").unwrap()["deviceId"], "thermo-9");
+    // A deviceId the hub refuses: the register request gets the hub's 400, not a 500.
+    hub.dps()
+        .put_enrollment(
+            false,
+            "dev-8",
+            &json!({"deviceId": "bad id/x", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY}}}),
+            0,
+        )
+        .unwrap();
+    let (mut s8, _) = connect(&hub, "dev-8", &token(&hub, "dev-8", GROUP_KEY, None)).unwrap();
+    let (topic, _) = request(&mut s8, &hub, "$dps/registrations/PUT/iotdps-register/?$rid=8", b" ");
+    assert_eq!(topic, "$dps/registrations/res/400/?$rid=8");
     // The store's service API: get, query, delete.
     assert_eq!(hub.dps().get_enrollment(false, "dev-9").unwrap()["deviceId"], "thermo-9");
     assert_eq!(hub.dps().query_enrollments(true, 10).as_array().unwrap().len(), 1);
