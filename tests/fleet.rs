@@ -266,6 +266,32 @@ async fn self_registered_agents_over_tls_read_latest_skip_the_active_version_and
     hub.stop().await
 }
 
+/// `--registration dps`: the agents provision through the hub's DPS with keys derived from the
+/// enrollment group's key, then connect to the hub with them and get the group's twin; a key
+/// from the wrong group is refused at registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dps_fleet_provisions_through_an_enrollment_group_and_connects() -> Result<()> {
+    let hub = TestHub::start().await?;
+    let work = tempfile::tempdir()?;
+    let svc = service(&hub)?;
+    svc.put_enrollment_group("fleet", FLEET_KEY).await?;
+    let id_scope = hub.running.hub.dps().id_scope().to_string();
+    let ids =
+        fleet::device_ids(&format!("{}-{{n}}", unique("dps")).parse::<IdPattern>()?, 3, Shard::default());
+    let registration = Registration::Dps { service: Box::new(svc.clone()), id_scope: id_scope.clone() };
+    let fleet =
+        Fleet::start(fleet_config(&hub, ids.clone(), work.path(), registration, true)?, backend(&hub)?).await;
+    ensure!(fleet.wait_connected(3, POLL, Duration::from_secs(20)).await, "DPS agents did not connect");
+    let key = iothub_emulator::dps::derive_device_key(FLEET_KEY, &ids[0])?;
+    let identity = svc.get_device(&ids[0]).await?.context("DPS created the device")?;
+    ensure!(identity.primary_key == key, "the device holds the DPS-derived key");
+    let other_key =
+        iothub_emulator::dps::derive_device_key("b3RoZXIta2V5LW90aGVyLWtleS1vdGhlcg==", "stranger")?;
+    ensure!(svc.dps_register(&id_scope, "stranger", &other_key).await.is_err(), "a foreign key was refused");
+    fleet.stop().await;
+    hub.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_cut_mid_download_resumes_from_the_saved_command_and_installs_once() -> Result<()> {
     use iothub_emulator::ftp::FaultSettings;

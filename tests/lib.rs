@@ -297,6 +297,8 @@ async fn run_script_extra(hub: &TestHub, sdk: Sdk, script: &str, extra: &[(&str,
         ("REQUESTS_CA_BUNDLE", ca.clone()),
         ("SSL_CERT_FILE", ca.clone()),
         ("NODE_EXTRA_CA_CERTS", ca),
+        ("DPS_ID_SCOPE", hub.running.hub.dps().id_scope().to_string()),
+        ("DPS_CONNECTION_STRING", hub.running.hub.dps().service_connection_string(&hub.hostname())),
     ];
     env.extend(extra.iter().cloned());
     run_script_with_env(sdk, script, &env).await

@@ -94,3 +94,18 @@ async fn node_event_hubs_sdk_subscribes_from_a_time_in_two_groups_follows_the_re
  {
     run_sdk_script(Sdk::Node, "eventhub_test.js").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_dps_group_enrollment_registers_and_the_device_connects_to_its_assigned_hub() {
+    run_sdk_script(Sdk::Python, "dps_symmetric_key_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_dps_group_over_mqtt_individual_over_https_and_the_enrollment_service_client() {
+    run_sdk_script(Sdk::Node, "dps_test.js").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_dps_x509_group_and_individual_enrollments_provision_and_connect() {
+    iothub_emulator_tests::run_sdk_script_x509(Sdk::Python, "dps_x509_test.py").await.unwrap();
+}

@@ -5,6 +5,7 @@ mod amqp;
 mod auth;
 mod c2d;
 mod containers;
+mod dps;
 mod fleet;
 mod ftp_installer;
 mod http;

@@ -142,6 +142,11 @@ struct Args {
     /// comma-separated). More can be created at runtime through /emulator/consumer-groups.
     #[arg(long = "consumer-group", env = "IOTHUB_EMULATOR_CONSUMER_GROUPS", value_delimiter = ',', value_parser = parse_consumer_group)]
     consumer_groups: Vec<String>,
+
+    /// The Device Provisioning Service's ID scope devices name (`0ne` + 8 hex digits is DPS's
+    /// form; any 1..=64 letters, digits or '-' are accepted). Generated when not given.
+    #[arg(long, env = "IOTHUB_EMULATOR_DPS_ID_SCOPE", value_parser = parse_id_scope)]
+    dps_id_scope: Option<String>,
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {
@@ -156,6 +161,14 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
 fn parse_consumer_group(s: &str) -> Result<String, String> {
     events::validate_consumer_group_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
+}
+
+fn parse_id_scope(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not an ID scope: 1 to 64 letters, digits or '-'"))
+    }
 }
 
 fn parse_sku(s: &str) -> Result<Sku, String> {
@@ -441,6 +454,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
             memory_budget_bytes: (args.event_memory_mib as usize).saturating_mul(1024 * 1024),
             consumer_groups: args.consumer_groups.clone(),
         },
+        dps_id_scope: args.dps_id_scope.clone().unwrap_or_else(iothub_emulator::dps::generate_id_scope),
         ..HubConfig::default()
     };
     let listen = ListenConfig {
@@ -482,6 +496,10 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         println!("throttling as IoT Hub {t}: operation rates and the daily message quota");
     }
     println!("EVENTHUB_CONNECTION_STRING={}", running.event_hub_connection_string());
+    let dps = running.hub.dps();
+    println!("DPS_ID_SCOPE={}", dps.id_scope());
+    println!("DPS_CONNECTION_STRING={}", dps.service_connection_string(&args.hostname));
+    // Last: supervisors read the startup lines up to this one.
     println!("IOTHUB_CONNECTION_STRING={}", running.owner_connection_string());
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "hub ready");
     tokio::spawn(on_signal);

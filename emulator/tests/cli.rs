@@ -187,6 +187,49 @@ async fn flags_reach_the_server_and_sigterm_stops_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// --dps-id-scope (and its env twin) reaches the provisioning service: printed before the final
+/// line, listed at /emulator/connection-strings; without it a `0ne` + 8 hex scope is generated; a
+/// malformed one exits 2 naming the flag.
+#[tokio::test]
+async fn dps_id_scope_from_flag_and_env_and_a_generated_default() {
+    for (args, envs, expected) in [
+        (vec!["--dps-id-scope", "0neCAFE0001"], vec![], Some("0neCAFE0001")),
+        (vec![], vec![("IOTHUB_EMULATOR_DPS_ID_SCOPE", "0neBEEF0002")], Some("0neBEEF0002")),
+        (vec![], vec![], None),
+    ] {
+        let dir = temp_dir();
+        let mut all = FREE_PORTS.to_vec();
+        all.extend(["--data-dir", dir.to_str().unwrap()]);
+        all.extend(args);
+        let (child, lines) = start(&all, &envs);
+        let scope = line(&lines, "DPS_ID_SCOPE=").strip_prefix("DPS_ID_SCOPE=").unwrap().to_string();
+        match expected {
+            Some(e) => assert_eq!(scope, e),
+            None => assert!(
+                scope.len() == 11
+                    && scope.starts_with("0ne")
+                    && scope[3..].bytes().all(|b| b.is_ascii_hexdigit()),
+                "{scope}"
+            ),
+        }
+        let dps_cs = line(&lines, "DPS_CONNECTION_STRING=");
+        assert!(dps_cs.contains("SharedAccessKeyName=provisioningserviceowner;"), "{dps_cs}");
+        let http = line(&lines, "http://127.0.0.1:").to_string();
+        let listed: serde_json::Value =
+            reqwest::get(format!("{http}/emulator/connection-strings")).await.unwrap().json().await.unwrap();
+        assert_eq!(listed["dpsIdScope"], scope.as_str());
+        assert_eq!(
+            listed["provisioningserviceowner"],
+            dps_cs.strip_prefix("DPS_CONNECTION_STRING=").unwrap()
+        );
+        stop(child);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let out = Command::new(BIN).args(FREE_PORTS).args(["--dps-id-scope", "bad/scope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dps-id-scope"), "{out:?}");
+}
+
 #[test]
 fn bad_input_exits_non_zero_with_a_clear_message() {
     let out = Command::new(BIN)

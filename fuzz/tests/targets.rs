@@ -71,6 +71,7 @@ targets! {
     mqtt_packet => "mqtt_packet", 20_000;
     mqtt_topic => "mqtt_topic", 20_000;
     device_mqtt => "device_mqtt", 10_000;
+    dps_mqtt => "dps_mqtt", 5_000;
     sas_token => "sas_token", 20_000;
     connection_string => "connection_string", 20_000;
     query => "query", 10_000;

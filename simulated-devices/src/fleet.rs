@@ -213,6 +213,16 @@ pub enum Registration {
     /// Each agent checks the registry on start and registers itself if it is missing (the
     /// client needs a policy with registryWrite). An existing device keeps its key.
     SelfRegister(Box<ServiceClient>),
+    /// Each agent provisions itself through the emulator's Device Provisioning Service (HTTPS) with
+    /// the key derived from the enrollment group's key, the fleet key
+    /// (`base64(HMAC-SHA256(base64decode(fleetKey), deviceId))`, DPS's formula), as factory
+    /// devices do; the group must exist ([`ServiceClient::put_enrollment_group`]).
+    Dps {
+        /// The client whose endpoint serves DPS (the hub's HTTPS or plain port).
+        service: Box<ServiceClient>,
+        /// The DPS ID scope.
+        id_scope: String,
+    },
 }
 
 /// When agents whose install failed try again (see [`crate::agent::core`]).
@@ -303,7 +313,12 @@ impl Fleet {
             let status = Arc::new(AgentStatus::default());
             let agent_cfg = AgentConfig {
                 device_id: device_id.clone(),
-                device_key: device_key(&cfg.fleet_key, device_id),
+                device_key: match &cfg.registration {
+                    Registration::Dps { .. } => {
+                        iothub_emulator::dps::derive_device_key(&cfg.fleet_key, device_id).unwrap_or_default()
+                    }
+                    _ => device_key(&cfg.fleet_key, device_id),
+                },
                 auth: match &cfg.x509 {
                     Some(x) => AgentAuth::X509 { ftp_policy: x.ftp_policy.clone() },
                     None => AgentAuth::Sas,
@@ -509,12 +524,17 @@ async fn register(
     registration: &Registration,
     shutdown: &CancellationToken,
 ) -> Option<AgentConfig> {
-    let Registration::SelfRegister(service) = registration else { return Some(cfg) };
     let id = cfg.device_id.clone();
     let work = async {
-        match service.get_device(&id).await? {
-            Some(existing) => Ok(existing),
-            None => service.create_device(&id, &cfg.device_key).await,
+        match registration {
+            Registration::Seeded => Ok(None),
+            Registration::SelfRegister(service) => match service.get_device(&id).await? {
+                Some(existing) => Ok(Some(existing)),
+                None => service.create_device(&id, &cfg.device_key).await.map(Some),
+            },
+            Registration::Dps { service, id_scope } => {
+                service.dps_register(id_scope, &id, &cfg.device_key).await.map(Some)
+            }
         }
     };
     let result = tokio::select! {
@@ -522,10 +542,11 @@ async fn register(
         r = work => r,
     };
     match result {
-        Ok(identity) => {
+        Ok(Some(identity)) => {
             cfg.device_key = identity.primary_key;
             Some(cfg)
         }
+        Ok(None) => Some(cfg),
         Err(e) => {
             tracing::error!(device = %id, "cannot register: {e}");
             None

@@ -249,6 +249,78 @@ impl ServiceClient {
         Self::send(OP, req).await.map(drop)
     }
 
+    /// Creates or replaces the symmetric-key enrollment group `group_id` with `group_key` on the
+    /// Device Provisioning Service the emulator serves on the hub's host (`PUT /enrollmentGroups/{id}`).
+    /// Its `provisioningserviceowner` key derives from the owner key (as the emulator derives it),
+    /// so this client's policy must be `iothubowner`.
+    pub async fn put_enrollment_group(&self, group_id: &str, group_key: &str) -> Result<(), ServiceError> {
+        const OP: &str = "put enrollment group";
+        let c = &self.credentials;
+        let owner_key = match (c.shared_access_key_name.as_deref(), c.shared_access_key.as_deref()) {
+            (Some("iothubowner"), Some(k)) => k,
+            _ => {
+                return Err(ServiceError::ConnectionString(SasError::MissingKey(
+                    "iothubowner's SharedAccessKey",
+                )));
+            }
+        };
+        let dps_key = iothub_emulator::sas::policy::derive_key(
+            owner_key,
+            &format!("{}/primary", iothub_emulator::dps::SERVICE_POLICY),
+        );
+        let token = iothub_emulator::sas::make_token(
+            &c.host_name,
+            &dps_key,
+            Some(iothub_emulator::dps::SERVICE_POLICY),
+            now_secs() + TOKEN_LIFETIME_SECS,
+        )?;
+        let body = json!({
+            "enrollmentGroupId": group_id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}},
+            "provisioningStatus": "enabled",
+        });
+        let url =
+            format!("{}/enrollmentGroups/{}?api-version=2021-10-01", self.endpoint, url_encode(group_id));
+        let req = self.http.put(url).header("authorization", token).json(&body);
+        Self::send(OP, req).await.map(drop)
+    }
+
+    /// Provisions `registration_id` through the emulator's DPS over HTTPS
+    /// (`PUT /{idScope}/registrations/{id}/register`), signing with `device_key` (the key derived
+    /// from its enrollment group's key): the identity DPS assigned, with that key.
+    pub async fn dps_register(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        device_key: &str,
+    ) -> Result<DeviceIdentity, ServiceError> {
+        const OP: &str = "DPS register";
+        let token = iothub_emulator::sas::make_token(
+            &format!("{id_scope}/registrations/{registration_id}"),
+            device_key,
+            Some("registration"),
+            now_secs() + TOKEN_LIFETIME_SECS,
+        )?;
+        let url = format!(
+            "{}/{}/registrations/{}/register?api-version=2021-06-01",
+            self.endpoint,
+            url_encode(id_scope),
+            url_encode(registration_id)
+        );
+        let req = self
+            .http
+            .put(url)
+            .header("authorization", token)
+            .json(&json!({"registrationId": registration_id}));
+        let v = Self::json(OP, Self::send(OP, req).await?).await?;
+        let device_id = v
+            .pointer("/registrationState/deviceId")
+            .and_then(Value::as_str)
+            .filter(|_| v["status"] == "assigned")
+            .ok_or_else(|| ServiceError::Protocol { op: OP, reason: format!("not assigned: {v}") })?;
+        Ok(DeviceIdentity { device_id: device_id.to_string(), primary_key: device_key.to_string() })
+    }
+
     /// Merges `tags` into each device's twin in bulk (`POST /devices`, `importMode: updateTwin`),
     /// [`BULK_MAX_DEVICES`] at most per call: `(device id, tags object)`.
     pub async fn bulk_update_tags(&self, devices: &[(String, Value)]) -> Result<(), ServiceError> {
@@ -396,6 +468,10 @@ fn identity_from_json(op: &'static str, v: &Value) -> Result<DeviceIdentity, Ser
         (Some(d), Some(k)) => Ok(DeviceIdentity { device_id: d.to_string(), primary_key: k.to_string() }),
         _ => Err(ServiceError::Protocol { op, reason: format!("no deviceId or primary key in {v}") }),
     }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]

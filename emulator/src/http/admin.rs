@@ -104,6 +104,12 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             let (host, port) = hub.event_hub_endpoint();
             map.insert("eventHubCompatibleEndpoint".into(), Value::String(format!("sb://{host}:{port}/")));
             map.insert("eventHubCompatibleName".into(), Value::String(hub.event_hub_name().to_string()));
+            let dps = ctx.hub.dps();
+            map.insert(
+                crate::dps::SERVICE_POLICY.into(),
+                dps.service_connection_string(ctx.hub.hostname()).into(),
+            );
+            map.insert("dpsIdScope".into(), dps.id_scope().into());
             Ok(json_response(StatusCode::OK, &Value::Object(map)))
         }
         Route::EventHub => Ok(json_response(StatusCode::OK, &event_hub_json(&ctx.hub))),

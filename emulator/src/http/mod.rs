@@ -11,6 +11,7 @@ mod admin;
 pub use admin::TELEMETRY_MAX_WAIT_MS;
 pub mod connection;
 mod device_api;
+mod dps_api;
 pub mod header_case;
 pub mod router;
 mod service_api;
@@ -214,6 +215,7 @@ where
         }
         (r, Port::Plain) if r.is_emulator_own() => admin::handle(&ctx, &req),
         (r, Port::Https) if r.is_emulator_own() => Err(not_found(&path)),
+        (r, _) if r.is_dps() => Ok(dps_api::handle(&ctx.hub, &req)),
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
             if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
         {

@@ -74,6 +74,24 @@ pub enum Route {
     JobCancel(String),
     /// `/jobs/v2/query` (GET): the jobs query.
     JobsQuery,
+    /// DPS device API: `PUT /{idScope}/registrations/{registrationId}/register`.
+    DpsRegister(String, String),
+    /// DPS device API: `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
+    DpsOperation(String, String, String),
+    /// DPS service API: `/enrollments/{id}` (`group: false`) or `/enrollmentGroups/{id}`.
+    DpsEnrollment {
+        /// An enrollment group.
+        group: bool,
+        /// Its id.
+        id: String,
+    },
+    /// DPS service API: `POST /enrollments/query` or `/enrollmentGroups/query`.
+    DpsEnrollmentQuery {
+        /// Enrollment groups.
+        group: bool,
+    },
+    /// DPS service API: `/registrations/{id}` (device registration state).
+    DpsRegistration(String),
     /// A part of IoT Hub's API the emulator does not implement; names it.
     NotImplemented(&'static str),
     /// No such route.
@@ -81,6 +99,18 @@ pub enum Route {
 }
 
 impl Route {
+    /// The Device Provisioning Service's routes (device and service API), see `crate::dps`.
+    pub fn is_dps(&self) -> bool {
+        matches!(
+            self,
+            Route::DpsRegister(..)
+                | Route::DpsOperation(..)
+                | Route::DpsEnrollment { .. }
+                | Route::DpsEnrollmentQuery { .. }
+                | Route::DpsRegistration(_)
+        )
+    }
+
     /// The emulator's own endpoints (not IoT Hub's): served on the plain port only.
     pub fn is_emulator_own(&self) -> bool {
         matches!(self, Route::Health | Route::CaPem) || self.is_admin_api()
@@ -182,6 +212,19 @@ pub fn route(path: &str) -> Route {
         [j, ..] if eq(j, "jobs") => Route::NotImplemented("import/export jobs"),
         [c, ..] if eq(c, "configurations") => Route::NotImplemented("configurations"),
         [d, ..] if eq(d, "digitaltwins") => Route::NotImplemented("digital twins"),
+        [e, q] if (eq(e, "enrollments") || eq(e, "enrollmentGroups")) && eq(q, "query") => {
+            Route::DpsEnrollmentQuery { group: eq(e, "enrollmentGroups") }
+        }
+        [e, id] if eq(e, "enrollments") || eq(e, "enrollmentGroups") => {
+            Route::DpsEnrollment { group: eq(e, "enrollmentGroups"), id: id.to_string() }
+        }
+        [r, id] if eq(r, "registrations") => Route::DpsRegistration(id.to_string()),
+        [scope, r, reg, x] if eq(r, "registrations") && eq(x, "register") => {
+            Route::DpsRegister(scope.to_string(), reg.to_string())
+        }
+        [scope, r, reg, o, op] if eq(r, "registrations") && eq(o, "operations") => {
+            Route::DpsOperation(scope.to_string(), reg.to_string(), op.to_string())
+        }
         _ => Route::Unknown,
     }
 }
@@ -219,6 +262,17 @@ mod tests {
         assert_eq!(route("/jobs/create"), Route::NotImplemented("import/export jobs"));
         assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
         assert_eq!(route("/nothing"), Route::Unknown);
+        assert_eq!(
+            route("/0ne1/registrations/d-1/register"),
+            Route::DpsRegister("0ne1".into(), "d-1".into())
+        );
+        assert_eq!(
+            route("/0ne1/registrations/d-1/operations/5.a"),
+            Route::DpsOperation("0ne1".into(), "d-1".into(), "5.a".into())
+        );
+        assert_eq!(route("/enrollmentgroups/g"), Route::DpsEnrollment { group: true, id: "g".into() });
+        assert_eq!(route("/enrollments/query"), Route::DpsEnrollmentQuery { group: false });
+        assert_eq!(route("/registrations/r"), Route::DpsRegistration("r".into()));
         assert_eq!(route("/health"), Route::Health);
         assert_eq!(route("/emulator/ftp/faults"), Route::FtpFaults);
         assert_eq!(route("/emulator/time"), Route::Time);

@@ -83,6 +83,8 @@ pub struct HubConfig {
     /// CA certificates (PEM) that `certificateAuthority` devices' chains may lead to
     /// (`--x509-ca`); more can be added while the hub runs ([`Hub::add_x509_ca`]).
     pub x509_cas: Vec<String>,
+    /// The Device Provisioning Service's ID scope (`--dps-id-scope`; generated when not given).
+    pub dps_id_scope: String,
 }
 
 impl Default for HubConfig {
@@ -99,6 +101,7 @@ impl Default for HubConfig {
             events: EventsConfig::default(),
             throttle: None,
             x509_cas: Vec::new(),
+            dps_id_scope: crate::dps::generate_id_scope(),
         }
     }
 }
@@ -150,6 +153,8 @@ struct Shared {
     verified_tokens: Mutex<auth::VerifiedTokens>,
     /// The CAs X.509 devices' chains may lead to (see `crate::x509`).
     x509_cas: crate::x509::TrustedCas,
+    /// The Device Provisioning Service on this host (see `crate::dps`).
+    dps: crate::dps::Dps,
 }
 
 #[derive(Debug, Default)]
@@ -180,8 +185,10 @@ impl Hub {
                 tracing::warn!("a configured X.509 CA is not trusted: {e}");
             }
         }
+        let dps = crate::dps::Dps::new(config.dps_id_scope.clone(), &config.owner_key);
         Self {
             shared: Arc::new(Shared {
+                dps,
                 config,
                 clock,
                 time_offset: AtomicU64::new(0),
@@ -205,6 +212,11 @@ impl Hub {
                 dashboard: dashboard::DashboardState::default(),
             }),
         }
+    }
+
+    /// The Device Provisioning Service on this host.
+    pub fn dps(&self) -> &crate::dps::Dps {
+        &self.shared.dps
     }
 
     /// The hub's settings.

@@ -81,6 +81,13 @@ pub fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
 /// Reads what the peer sent into `buf`. An empty buffer holds no allocation while the connection
 /// waits (an idle device costs no read buffer): the bytes are read into the stack and copied into
 /// a buffer of their own size. A partial packet is read on into `buf` itself.
+pub(crate) async fn fill_buf<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(), ReadError> {
+    fill(stream, buf).await
+}
+
 async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<(), ReadError> {
     let n = if buf.capacity() == 0 {
         std::future::poll_fn(|cx| {
@@ -264,6 +271,8 @@ enum Admit {
         shutdown: bool,
     },
     Close,
+    /// A Device Provisioning Service connection (see [`crate::dps::mqtt`]).
+    Dps(crate::dps::mqtt::DpsSession, Packet, u16),
 }
 
 /// The CONNECT exchange: reads the first packet (within [`MQTT_CONNECT_TIMEOUT_SECS`]), admits it
@@ -289,6 +298,20 @@ where
         Admit::Open(opened) => return Some(opened),
         Admit::Close => return None,
         Admit::Refuse { code, shutdown } => (code, shutdown),
+        Admit::Dps(session, connack, keep_alive) => {
+            // Boxed: provisioning connections are short-lived and rare next to hub connections.
+            Box::pin(crate::dps::mqtt::serve(
+                hub.clone(),
+                stream,
+                session,
+                keep_alive,
+                connack,
+                rbuf,
+                shutdown,
+            ))
+            .await;
+            return None;
+        }
     };
     // Boxed: a refusal is rare, and its write state would otherwise enlarge every connection.
     Box::pin(refuse(stream, wbuf, code, close_write, hub.config().timeouts.write)).await;
@@ -344,6 +367,22 @@ fn admit(
             return Admit::Close;
         }
     };
+    if let Some(reg) = connect
+        .login
+        .as_ref()
+        .and_then(|l| crate::dps::mqtt::registration_of(&l.username, hub.dps().id_scope()))
+    {
+        return match crate::dps::mqtt::accept(hub, &connect, reg, client_cert) {
+            Ok((session, connack)) => {
+                tracing::debug!(%peer, registration = reg, "DPS MQTT device connected");
+                Admit::Dps(session, connack, connect.keep_alive)
+            }
+            Err((code, reason)) => {
+                tracing::info!(%peer, registration = reg, ?code, "DPS MQTT CONNECT refused: {reason}");
+                Admit::Refuse { code, shutdown: true }
+            }
+        };
+    }
     let accepted = match accept_connect_tls(hub, &connect, None, client_cert) {
         Ok(a) => a,
         Err(refused) => {

@@ -5,6 +5,7 @@
 
 mod amqp;
 mod device;
+mod dps;
 mod ftp;
 mod mqtt;
 mod text;
@@ -22,6 +23,7 @@ pub const ALL: &[Target] = &[
     mqtt::PACKET,
     mqtt::TOPIC,
     device::DEVICE_MQTT,
+    dps::DPS_MQTT,
     text::SAS_TOKEN,
     text::CONNECTION_STRING,
     text::QUERY,

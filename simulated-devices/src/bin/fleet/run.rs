@@ -79,9 +79,15 @@ pub struct RunArgs {
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_KEY", default_value = DEFAULT_OWNER_KEY)]
     fleet_key: String,
     /// How devices get identities: `seed` registers this shard in bulk first (POST /devices);
-    /// `self` makes each agent register itself if missing; `none` assumes they exist.
-    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_REGISTRATION", default_value = "seed", value_parser = ["seed", "self", "none"])]
+    /// `self` makes each agent register itself if missing; `dps` creates the enrollment group
+    /// `fleet` (symmetric key = --fleet-key; needs the iothubowner connection string) and each
+    /// agent provisions itself through the emulator's DPS over HTTPS with its derived key;
+    /// `none` assumes they exist.
+    #[arg(long, env = "IOTHUB_EMULATOR_FLEET_REGISTRATION", default_value = "seed", value_parser = ["seed", "self", "dps", "none"])]
     registration: String,
+    /// The DPS ID scope for --registration dps (the hub prints it at startup as DPS_ID_SCOPE).
+    #[arg(long, env = "IOTHUB_EMULATOR_DPS_ID_SCOPE")]
+    dps_id_scope: Option<String>,
     /// Per-device data directories (releases, `current`) go under here.
     #[arg(long, env = "IOTHUB_EMULATOR_FLEET_DATA_DIR", default_value = "./.fleet")]
     data_dir: PathBuf,
@@ -247,6 +253,14 @@ pub async fn run(a: RunArgs) -> Result<()> {
             Registration::Seeded
         }
         "self" => Registration::SelfRegister(Box::new(service)),
+        "dps" => {
+            let id_scope = a.dps_id_scope.clone().context("--registration dps needs --dps-id-scope")?;
+            service
+                .put_enrollment_group("fleet", &a.fleet_key)
+                .await
+                .context("creating the DPS enrollment group 'fleet'")?;
+            Registration::Dps { service: Box::new(service), id_scope }
+        }
         _ => Registration::Seeded,
     };
     let mut backend = FtpBackend::new(a.ftp_addr.clone());
