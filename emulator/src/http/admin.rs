@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, HubError};
 use crate::ftp::FaultSettings;
-use crate::hub::events::{ConsumerGroup, EventsError};
 use crate::hub::dashboard::DEVICE_PAGE_MAX;
+use crate::hub::events::{ConsumerGroup, EventsError};
 
 use super::router::Route;
 use super::{HttpContext, HttpResponse, Req, empty, json_response, method_not_allowed, set_header};

@@ -857,7 +857,12 @@ impl EventLog {
     /// handed to `f`. With a device, its partition is scanned from the end (a device that sent
     /// nothing recently costs one pass over that partition); without, the partitions are merged
     /// from their ends by hub-wide number.
-    pub fn newest<T>(&self, device_id: Option<&str>, limit: usize, mut f: impl FnMut(&Arc<Event>) -> T) -> Vec<T> {
+    pub fn newest<T>(
+        &self,
+        device_id: Option<&str>,
+        limit: usize,
+        mut f: impl FnMut(&Arc<Event>) -> T,
+    ) -> Vec<T> {
         if let Some(d) = device_id {
             let part = &self.partitions[partition_for(d, self.partitions.len())];
             return part.events.iter().rev().filter(|e| &*e.device_id == d).take(limit).map(f).collect();
