@@ -206,6 +206,43 @@ pub async fn run_sdk_script(sdk: Sdk, script: &str) -> Result<()> {
 
 /// Like [`run_sdk_script`] against a hub configured with `config` (its host name aside).
 pub async fn run_sdk_script_with(sdk: Sdk, script: &str, config: HubConfig) -> Result<()> {
+    run_sdk_script_env(sdk, script, config, Vec::new()).await
+}
+
+/// Like [`run_sdk_script`] for a Python script that also needs Azure Storage: Azurite's blob
+/// service from the Node SDK cache (npm `azurite`, pinned in `tests/sdk/node/package.json`), whose
+/// `azurite-blob` binary the script gets as `AZURITE_BLOB` and starts itself.
+pub async fn run_sdk_script_with_azurite(script: &str) -> Result<()> {
+    let blob = match sdk_setup::ensure(Sdk::Node) {
+        Ok(node) => {
+            let bin = node.dir.join(".bin").join("azurite-blob");
+            if bin.exists() { Ok(bin) } else { Err(format!("npm ci left no {}", bin.display())) }
+        }
+        Err(why) => Err(why),
+    };
+    match blob {
+        Ok(bin) => {
+            let extra = vec![("AZURITE_BLOB", bin.display().to_string())];
+            run_sdk_script_env(Sdk::Python, script, HubConfig::default(), extra).await
+        }
+        Err(why) if sdk_tests_required() => {
+            bail!(
+                "{script} cannot run: Azurite: {why} (IOTHUB_SDK_TESTS=skip opts out of the official-SDK tests)"
+            )
+        }
+        Err(why) => {
+            sdk_setup::note_skip(script, &format!("Azurite: {why}"));
+            Ok(())
+        }
+    }
+}
+
+async fn run_sdk_script_env(
+    sdk: Sdk,
+    script: &str,
+    config: HubConfig,
+    extra: Vec<(&str, String)>,
+) -> Result<()> {
     if let Some(why) = sdk_missing(sdk) {
         if sdk_tests_required() {
             bail!("{script} cannot run: {why} (IOTHUB_SDK_TESTS=skip opts out of the official-SDK tests)");
@@ -229,7 +266,7 @@ pub async fn run_sdk_script_with(sdk: Sdk, script: &str, config: HubConfig) -> R
             return Ok(());
         }
     };
-    let result = run_script(&hub, sdk, script).await;
+    let result = run_script_extra(&hub, sdk, script, &extra).await;
     hub.stop().await?;
     result
 }
@@ -281,10 +318,6 @@ pub fn issue_x509_fixtures(dir: &Path) -> Result<()> {
     write("wrong", &issue::self_signed_device("x509-self", 30)?)?;
     write("rogue", &issue::ca_signed_device("x509-ca", &untrusted.cert_pem, &untrusted.key_pem, 30)?)?;
     Ok(())
-}
-
-async fn run_script(hub: &TestHub, sdk: Sdk, script: &str) -> Result<()> {
-    run_script_extra(hub, sdk, script, &[]).await
 }
 
 async fn run_script_extra(hub: &TestHub, sdk: Sdk, script: &str, extra: &[(&str, String)]) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The official Azure IoT SDKs, unmodified, against the hub (scripts under `tests/sdk/`).
 //! Each test starts its own hub on a separate loopback address with the SDKs' fixed ports.
 
-use iothub_emulator_tests::{Sdk, run_sdk_script};
+use iothub_emulator_tests::{Sdk, run_sdk_script, run_sdk_script_with_azurite};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_service_sdk_registry_and_twins() {
@@ -87,6 +87,11 @@ async fn python_service_sdk_rides_out_429_throttling_and_retries_what_it_surface
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_event_hubs_sdk_receives_device_telemetry_and_follows_the_redirect() {
     run_sdk_script(Sdk::Python, "eventhub_receive_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_event_processor_with_blob_checkpoints_in_azurite_resumes_after_a_restart() {
+    run_sdk_script_with_azurite("eventhub_checkpoint_test.py").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,11 @@
 //!   messages; `last_ns`: the latest arrival; `cpu_us`: this process's CPU time; `lat_us`: each
 //!   new message's send→receive latency). The payload names its round, so a repeated round is
 //!   a duplicate.
+//! - `publish ROUND IN_FLIGHT` (instead of `subscribe`, for the telemetry bench): every
+//!   connected device publishes one QoS 1 telemetry message of round ROUND
+//!   ([`super::telemetry::telemetry_topic`], the payload stamped when it is encoded) and waits for
+//!   its PUBACK, IN_FLIGHT devices at once; answers `published ok= failed= first_ns= last_ns=
+//!   cpu_us= error=` (`first_ns`: the first send; `last_ns`: the last PUBACK).
 //! - `stop`: closes every connection with a reset (no TIME_WAIT left behind) and answers `stopped`.
 //!
 //! A device costs one task, its socket and a read buffer of a few hundred bytes; packets are
@@ -141,6 +146,33 @@ async fn subscribe_one(s: &mut TcpStream, index: usize) -> Result<(), FanoutErro
     match codec::decode(&buf[frame])? {
         Packet::SubAck { pkid: 1, codes: [c] } if *c != 0x80 => Ok(()),
         other => Err(FanoutError::Protocol(format!("{id}: SUBSCRIBE answered with {other:?}"))),
+    }
+}
+
+/// When one publish was sent and PUBACKed (`CLOCK_MONOTONIC` ns), or why not.
+type Published = Result<(u64, u64), FanoutError>;
+
+/// Publishes device `index`'s telemetry message of `round` at QoS 1 and reads its PUBACK; returns
+/// when it was sent and when the PUBACK arrived (`CLOCK_MONOTONIC` ns).
+async fn publish_one(
+    s: &mut TcpStream,
+    index: usize,
+    round: u32,
+    payload_bytes: usize,
+) -> Result<(u64, u64), FanoutError> {
+    let id = device_id(index);
+    let pkid = (round % 0xffff) as u16 + 1;
+    let mut body = Vec::with_capacity(payload_bytes);
+    let sent = mono_ns();
+    super::payload(&mut body, index, round, sent, payload_bytes);
+    let mut out = Vec::with_capacity(payload_bytes + 64);
+    codec::publish(&mut out, 1, pkid, super::telemetry::telemetry_topic(&id).as_bytes(), &body);
+    s.write_all(&out).await.map_err(|e| FanoutError::io("write PUBLISH", e))?;
+    let mut buf = Vec::with_capacity(16);
+    let frame = read_packet_into(s, &mut buf).await?;
+    match codec::decode(&buf[frame])? {
+        Packet::PubAck { pkid: p } if p == pkid => Ok((sent, mono_ns())),
+        other => Err(FanoutError::Protocol(format!("{id}: PUBLISH answered with {other:?}"))),
     }
 }
 
@@ -397,6 +429,59 @@ async fn run_local<R: AsyncBufRead + Unpin>(cfg: DevicesConfig, commands: R) -> 
                 ))?;
                 st.received = 0;
                 cpu_mark = cpu;
+            }
+            Some("publish") => {
+                let round: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
+                let in_flight: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(256);
+                let cpu0 = super::procfs::cpu_us(std::process::id()).unwrap_or(0);
+                let taken: Vec<(usize, TcpStream)> =
+                    streams.iter_mut().enumerate().filter_map(|(k, s)| Some((k, s.take()?))).collect();
+                let payload_bytes = cfg.payload_bytes;
+                let results: Vec<(usize, TcpStream, Published)> = futures_util::stream::iter(taken)
+                    .map(|(k, mut s)| {
+                        let index = cfg.indices[k];
+                        async move {
+                            let r = tokio::time::timeout(
+                                OP_TIMEOUT,
+                                publish_one(&mut s, index, round, payload_bytes),
+                            )
+                            .await;
+                            (
+                                k,
+                                s,
+                                r.unwrap_or_else(|_| {
+                                    Err(FanoutError::Timeout(format!("PUBACK to device {index}")))
+                                }),
+                            )
+                        }
+                    })
+                    .buffer_unordered(in_flight.max(1))
+                    .collect()
+                    .await;
+                let (mut ok, mut failed, mut error) = (0, 0, None);
+                let (mut first, mut last) = (u64::MAX, 0);
+                for (k, s, r) in results {
+                    match r {
+                        Ok((sent, acked)) => {
+                            ok += 1;
+                            first = first.min(sent);
+                            last = last.max(acked);
+                            streams[k] = Some(s);
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            error.get_or_insert_with(|| e.to_string());
+                            set_zero_linger(&s);
+                        }
+                    }
+                }
+                let cpu = super::procfs::cpu_us(std::process::id()).unwrap_or(0);
+                answer(&format!(
+                    "published ok={ok} failed={failed} first_ns={} last_ns={last} cpu_us={} error={}",
+                    if first == u64::MAX { 0 } else { first },
+                    cpu.saturating_sub(cpu0),
+                    one_line(error.as_deref().unwrap_or("-"))
+                ))?;
             }
             Some("stop") | None => break,
             Some(other) => return Err(FanoutError::Protocol(format!("unknown command {other:?}"))),

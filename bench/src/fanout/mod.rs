@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod devices;
 pub mod procfs;
+pub mod telemetry;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -9,6 +9,13 @@
 //! and after the first message; then one table with the medians over `--reps` and the hub/peer
 //! ratios. Exits non-zero when a server lost messages (or a send, connect or subscribe failed).
 //! See `bench/README.md` ("C2D fan-out side by side") for what each number means.
+//!
+//! With `--telemetry` the direction turns: the same devices publish QoS 1 telemetry instead of
+//! subscribing, and one reader takes every message out ([`testbench::fanout::telemetry`]: from the
+//! hub an Event Hubs receiver on every partition of its Event Hub-compatible endpoint, from a peer
+//! an MQTT subscriber on every device's telemetry topic); the table's fan-out column is then
+//! messages/s in→out (first send to last receipt) and the latencies are send→receive
+//! (`bench/README.md`, "Telemetry in over MQTT, out through the Event Hub-compatible endpoint").
 
 mod sender;
 mod servers;
@@ -99,6 +106,16 @@ struct RunArgs {
     /// for investigation, not for the table's CPU numbers).
     #[arg(long)]
     syscalls: bool,
+    /// Telemetry instead of C2D: every device publishes QoS 1 telemetry (each round one message
+    /// a device, `--publish-in-flight` devices at once over all client processes) and one reader
+    /// takes them all out: from the hub, an Event Hubs receiver on every partition of its Event
+    /// Hub-compatible endpoint (AMQP); from an MQTT peer, a subscriber on
+    /// `devices/+/messages/events/#`. Measures in→out messages/s and send→receive latency.
+    #[arg(long)]
+    telemetry: bool,
+    /// With `--telemetry`: publishes waiting for their PUBACK at once, over all client processes.
+    #[arg(long, default_value_t = 512)]
+    publish_in_flight: usize,
     /// Keep the work directory (server logs, configurations).
     #[arg(long)]
     keep_work: bool,
@@ -530,7 +547,11 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
             first_error(&connected).unwrap_or_default()
         ));
     }
-    let subscribed = clients.command("subscribe", "subscribed", Duration::from_secs(300)).await?;
+    let subscribed = if a.telemetry {
+        Vec::new()
+    } else {
+        clients.command("subscribe", "subscribed", Duration::from_secs(300)).await?
+    };
     if sum(&subscribed, "failed") > 0 {
         m.problems.push(format!(
             "{} subscribes failed (first: {})",
@@ -551,10 +572,22 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
     );
 
     let mut received_all = 0;
+    let mut reader = None;
     let result = async {
+        if a.telemetry {
+            let source = telemetry_source(server)?;
+            reader = Some(
+                tokio::time::timeout(Duration::from_secs(30), testbench::fanout::telemetry::open(&source))
+                    .await
+                    .context("the telemetry reader did not attach within 30 s")??,
+            );
+        }
         for round in 1..=a.rounds {
-            let (r, received) =
-                fan_out(a, server, &mut clients, round, rep, rss_base, &mut m.problems).await?;
+            let (r, received) = if let Some(reader) = &mut reader {
+                telemetry_round(a, server, &mut clients, reader, round, rss_base, &mut m.problems).await?
+            } else {
+                fan_out(a, server, &mut clients, round, rep, rss_base, &mut m.problems).await?
+            };
             received_all += received;
             m.rounds.push(r);
         }
@@ -562,6 +595,9 @@ async fn measure_started(a: &RunArgs, server: &mut Server, run_no: usize, rep: u
     }
     .await;
     clients.stop().await?;
+    if let Some(r) = reader {
+        r.close();
+    }
     result?;
     m.lost = (n * a.rounds as usize).saturating_sub(received_all);
     if m.lost > 0 {
@@ -682,6 +718,103 @@ async fn fan_out(
     Ok((r, received))
 }
 
+/// Where the telemetry reader reads `server`'s telemetry: the hub's Event Hub-compatible endpoint
+/// (an entity token of its owner policy), or an MQTT peer's broker.
+fn telemetry_source(server: &Server) -> Result<testbench::fanout::telemetry::Source> {
+    use testbench::fanout::telemetry::Source;
+    Ok(match (server.kind.is_hub(), server.amqp) {
+        (true, Some(addr)) => {
+            let host = fanout::HOSTNAME;
+            let event_hub = iothub_emulator::hub::events::event_hub_name_for(host);
+            let expiry =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 86_400;
+            let token = iothub_emulator::sas::make_token(
+                &format!("sb://{host}/{event_hub}"),
+                iothub_emulator::hub::DEFAULT_OWNER_KEY,
+                Some(iothub_emulator::sas::OWNER_POLICY),
+                expiry,
+            )?;
+            Source::EventHub {
+                addr,
+                host: host.into(),
+                event_hub,
+                partitions: iothub_emulator::hub::events::DEFAULT_PARTITIONS as u32,
+                token,
+            }
+        }
+        (true, None) => bail!("the hub printed no AMQP address"),
+        (false, _) => Source::Mqtt(server.mqtt),
+    })
+}
+
+/// One telemetry round: every device publishes one QoS 1 message, one reader takes them all out
+/// (see `--telemetry`); returns the round's numbers and how many messages the reader got.
+async fn telemetry_round(
+    a: &RunArgs,
+    server: &Server,
+    clients: &mut Clients,
+    reader: &mut testbench::fanout::telemetry::Reader,
+    round: u32,
+    rss_base: u64,
+    problems: &mut Vec<String>,
+) -> Result<(Round, usize)> {
+    let (n, pid) = (a.devices, server.pid);
+    settle(pid).await;
+    let cpu0 = procfs::cpu_us(pid).context("server CPU")?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
+    let in_flight = (a.publish_in_flight / a.client_procs.max(1)).max(1);
+    let cmd = format!("publish {round} {in_flight}");
+    let (got, published) = tokio::join!(
+        testbench::fanout::telemetry::read(reader, n, round, n, deadline),
+        clients.command(&cmd, "published", Duration::from_secs(a.timeout_secs + 30),)
+    );
+    let published = published?;
+    settle(pid).await;
+    let cpu1 = procfs::cpu_us(pid).context("server CPU")?;
+    let rss_after = procfs::rss_kib(pid).context("server RSS")?;
+    let first_ns = published.iter().map(|c| num(c, "first_ns") as u64).filter(|&t| t > 0).min().unwrap_or(0);
+    let mut lat = got.lat_us.clone();
+    lat.sort_unstable();
+    let secs = got.last_ns.saturating_sub(first_ns) as f64 / 1e9;
+    let received = got.received;
+    let r = Round {
+        fanout_per_s: if secs > 0.0 { received as f64 / secs } else { 0.0 },
+        p50_ms: fanout::quantile(&lat, 0.50).unwrap_or(0) as f64 / 1000.0,
+        p99_ms: fanout::quantile(&lat, 0.99).unwrap_or(0) as f64 / 1000.0,
+        cpu_us_per_msg: cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64,
+        client_cpu_us_per_msg: sum(&published, "cpu_us") as f64 / received.max(1) as f64,
+        kib_after: rss_after.saturating_sub(rss_base) as f64 / n as f64,
+    };
+    if sum(&published, "failed") > 0 {
+        problems.push(format!(
+            "round {round}: {} publishes failed (first: {})",
+            sum(&published, "failed"),
+            first_error(&published).unwrap_or_default()
+        ));
+    }
+    if got.dups > 0 || got.bad > 0 || got.error.is_some() {
+        problems.push(format!(
+            "round {round}: reader: {} duplicates, {} foreign messages, {}",
+            got.dups,
+            got.bad,
+            got.error.as_deref().unwrap_or("no error")
+        ));
+    }
+    println!(
+        "  round {round}: telemetry in {} PUBACKed, out {received}/{n} in {secs:.3} s ({:.0} msg/s), p50 {:.2} ms, \
+         p99 {:.2} ms; server CPU {:.3} s ({:.1} µs/msg); RSS +{:.1} MiB after ({:.2} KiB/conn)",
+        sum(&published, "ok"),
+        r.fanout_per_s,
+        r.p50_ms,
+        r.p99_ms,
+        cpu1.saturating_sub(cpu0) as f64 / 1e6,
+        r.cpu_us_per_msg,
+        rss_after.saturating_sub(rss_base) as f64 / 1024.0,
+        r.kib_after,
+    );
+    Ok((r, received))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -798,7 +931,12 @@ async fn run(a: RunArgs) -> Result<bool> {
             a.devices
         );
     }
-    let kinds: Vec<Kind> = a.servers.iter().map(|s| Kind::parse(s)).collect::<Result<_>>()?;
+    let mut kinds: Vec<Kind> = a.servers.iter().map(|s| Kind::parse(s)).collect::<Result<_>>()?;
+    if a.telemetry {
+        // `hub-amqp` names the C2D sender; telemetry has one path out of the hub (its Event
+        // Hub-compatible endpoint), measured as `hub`.
+        kinds.retain(|k| *k != Kind::HubAmqp);
+    }
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
@@ -806,13 +944,18 @@ async fn run(a: RunArgs) -> Result<bool> {
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
         };
-        found.push(servers::find(*k, explicit).await);
+        let mut f = servers::find(*k, explicit).await;
+        if a.telemetry && k.is_hub() {
+            f.label = f.label.replace("hub REST", "hub MQTT→EH");
+        }
+        found.push(f);
     }
     let work = std::env::temp_dir().join(format!("fanout-bench-{}", std::process::id()));
     let load_before = procfs::loadavg();
     println!(
-        "fan-out bench: {} devices, {} client processes, connect in flight {}, sender {} conns x {} in flight, \
+        "{} bench: {} devices, {} client processes, connect in flight {}, sender {} conns x {} in flight, \
          {}-byte payload, QoS 1, {} round(s), {} rep(s); {} cores; load average {load_before}",
+        if a.telemetry { "telemetry" } else { "fan-out" },
         a.devices,
         a.client_procs,
         a.connect_in_flight,
@@ -870,7 +1013,12 @@ async fn run(a: RunArgs) -> Result<bool> {
 
     let table: Vec<(usize, Measured)> = results.iter().map(|(i, runs)| (*i, medians(runs))).collect();
     println!(
-        "\nC2D fan-out, {} devices, {} of {} rep(s) per server{}; load average {load_before} before, {} after",
+        "\n{}, {} devices, {} of {} rep(s) per server{}; load average {load_before} before, {} after",
+        if a.telemetry {
+            "Telemetry MQTT QoS 1 in, reader out (fan-out/s = in→out msg/s)"
+        } else {
+            "C2D fan-out"
+        },
         a.devices,
         if a.reps > 1 { "medians" } else { "one" },
         a.reps.max(1),
