@@ -1,15 +1,12 @@
 //! The `$cbs` node (claims-based security): put-token requests arrive on a link the peer sends on
-//! ([`Requests`]); each reply goes out on the session's `$cbs` receiver link ([`Replies`]), which
-//! holds at most [`MAX_PENDING_REPLIES`] while the client grants no credit. Also SASL PLAIN, whose
+//! ([`Requests`]); each reply goes out on the session's `$cbs` receiver link (a [`super::ReplyLink`]),
+//! which holds at most [`crate::amqp::MAX_PENDING_REPLIES`] while the client grants no credit. Also SASL PLAIN, whose
 //! password is a service SAS token (reference §1.4).
 //!
 //! A put-token's SAS is verified like every other service token; an accepted one authorizes the
 //! connection's service operations until it expires (the connection's [`Auth`]).
 
-use std::collections::VecDeque;
-
-use super::{Auth, Ctx, Node, Outcome, Outgoing, Received};
-use crate::amqp::MAX_PENDING_REPLIES;
+use super::{Auth, Ctx, Node, Outcome, Received};
 use crate::amqp::message::{Body, Message, Properties};
 use crate::amqp::types::Value;
 use crate::error::HubError;
@@ -17,7 +14,7 @@ use crate::hub::{Authenticated, Hub};
 use crate::sas::{ResourceTarget, Rights, SasToken};
 
 /// The node kind replies are routed by.
-const KIND: &str = "$cbs";
+pub(super) const KIND: &str = "$cbs";
 
 /// The CBS token types accepted in put-token.
 const TOKEN_TYPES: [&str; 2] = ["servicebus.windows.net:sastoken", "azure-devices.net:sastoken"];
@@ -105,41 +102,6 @@ fn authenticate(hub: &Hub, token: &str) -> Result<Authenticated, HubError> {
         hub.authenticate_service(token, Rights::SERVICE_CONNECT)
     } else {
         hub.authenticate_scoped_policy(token, Rights::SERVICE_CONNECT)
-    }
-}
-
-/// The session's `$cbs` receiver link: replies wait here for the client's credit (bounded).
-#[derive(Debug, Default)]
-pub struct Replies {
-    pending: VecDeque<Message>,
-}
-
-impl Node for Replies {
-    fn kind(&self) -> &'static str {
-        "$cbs-replies"
-    }
-
-    fn takes_replies(&self, kind: &str) -> bool {
-        kind == KIND
-    }
-
-    fn push_reply(&mut self, reply: Message) -> bool {
-        if self.pending.len() >= MAX_PENDING_REPLIES {
-            tracing::warn!("dropping a CBS reply: the client grants no credit on its $cbs receiver");
-            return false;
-        }
-        self.pending.push_back(reply);
-        true
-    }
-
-    fn next(&mut self, _ctx: &mut Ctx<'_>) -> Option<Outgoing> {
-        let m = self.pending.pop_front()?;
-        Some(Outgoing { payload: m.encode(), settled: true, track: None })
-    }
-
-    /// Drain uses the credit up only when no reply is waiting.
-    fn honours_drain(&self) -> bool {
-        self.pending.is_empty()
     }
 }
 

@@ -9,10 +9,7 @@
 //! `partition_ids` as an AMQP array of strings, as every SDK parses it; the status is an int in
 //! `status-code`, with `error-condition` on errors.
 
-use std::collections::VecDeque;
-
-use super::{Ctx, Node, Outcome, Outgoing, Received};
-use crate::amqp::MAX_PENDING_REPLIES;
+use super::{Ctx, Node, Outcome, Received};
 use crate::amqp::message::{Body, Message};
 use crate::amqp::types::Value;
 use crate::hub::Hub;
@@ -20,7 +17,7 @@ use crate::hub::events::EventsError;
 use crate::sas::Rights;
 
 /// The node kind replies are routed by.
-const KIND: &str = "$management";
+pub(super) const KIND: &str = "$management";
 
 /// A link the peer sends management requests on.
 #[derive(Debug)]
@@ -139,52 +136,4 @@ fn answer(ctx: &mut Ctx<'_>, request: &Message) -> Result<Value, Refused> {
 
 fn out_of_range(e: &EventsError) -> Refused {
     refused(400, "com.microsoft:argument-out-of-range", e.to_string())
-}
-
-/// The session's `$management` receiver link: replies wait here for the client's credit
-/// (bounded).
-#[derive(Debug)]
-pub struct Replies {
-    /// The client's address for replies (its target terminus; JS puts it in `reply-to`).
-    address: Option<String>,
-    pending: VecDeque<Message>,
-}
-
-impl Replies {
-    /// A reply link whose client-side address is `address`.
-    pub fn new(address: Option<String>) -> Self {
-        Self { address, pending: VecDeque::new() }
-    }
-}
-
-impl Node for Replies {
-    fn kind(&self) -> &'static str {
-        "$management-replies"
-    }
-
-    fn takes_replies(&self, kind: &str) -> bool {
-        kind == KIND
-    }
-
-    fn reply_address(&self) -> Option<&str> {
-        self.address.as_deref()
-    }
-
-    fn push_reply(&mut self, reply: Message) -> bool {
-        if self.pending.len() >= MAX_PENDING_REPLIES {
-            tracing::warn!("dropping a $management reply: the client grants no credit on its receiver");
-            return false;
-        }
-        self.pending.push_back(reply);
-        true
-    }
-
-    fn next(&mut self, _ctx: &mut Ctx<'_>) -> Option<Outgoing> {
-        let m = self.pending.pop_front()?;
-        Some(Outgoing { payload: m.encode(), settled: true, track: None })
-    }
-
-    fn honours_drain(&self) -> bool {
-        self.pending.is_empty()
-    }
 }

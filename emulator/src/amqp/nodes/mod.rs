@@ -373,7 +373,7 @@ pub fn attach(ctx: &mut Ctx<'_>, req: &AttachRequest<'_>) -> Result<Box<dyn Node
     let path = raw_path.to_ascii_lowercase();
     let node: Option<Box<dyn Node>> = match (path.as_str(), req.peer_sends) {
         ("$cbs", true) => Some(Box::new(cbs::Requests)),
-        ("$cbs", false) => Some(Box::new(cbs::Replies::default())),
+        ("$cbs", false) => Some(Box::new(ReplyLink::new("$cbs-replies", cbs::KIND, None))),
         ("/messages/devicebound", true) => Some(Box::new(devicebound::DeviceBound)),
         ("/messages/servicebound/feedback", false) => Some(Box::new(feedback::Feedback)),
         ("/messages/servicebound/filenotifications", false) => {
@@ -390,9 +390,11 @@ pub fn attach(ctx: &mut Ctx<'_>, req: &AttachRequest<'_>) -> Result<Box<dyn Node
     match (segments.as_slice(), req.peer_sends) {
         (["$management"], true) => return Ok(Box::new(management::Requests)),
         ([eh, "$management"], true) if is(eh, entity) => return Ok(Box::new(management::Requests)),
-        (["$management"], false) => return Ok(Box::new(management::Replies::new(reply_address(req)))),
+        (["$management"], false) => {
+            return Ok(Box::new(ReplyLink::new("$management-replies", management::KIND, reply_address(req))));
+        }
         ([eh, "$management"], false) if is(eh, entity) => {
-            return Ok(Box::new(management::Replies::new(reply_address(req))));
+            return Ok(Box::new(ReplyLink::new("$management-replies", management::KIND, reply_address(req))));
         }
         ([eh, groups, group, partitions, id], false)
             if is(eh, entity) && is(groups, "ConsumerGroups") && is(partitions, "Partitions") =>
@@ -473,5 +475,61 @@ mod tests {
         assert_eq!(condition(ErrorCode::InvalidMessageExpiryTime), "com.microsoft:argument-error");
         assert_eq!(condition(ErrorCode::ThrottlingException), "com.microsoft:device-container-throttled");
         assert_eq!(condition(ErrorCode::IotHubQuotaExceeded), "com.microsoft:quota-exceeded");
+    }
+}
+
+/// A receiver link that carries a request node's replies (the session's `$cbs` or
+/// `$management` receiver): they wait here, at most [`super::MAX_PENDING_REPLIES`], for the
+/// client's credit, and go out settled.
+#[derive(Debug)]
+pub struct ReplyLink {
+    kind: &'static str,
+    /// The kind of the request node whose replies this link takes.
+    serves: &'static str,
+    /// The client-side address replies may name in their `to` (a `reply-to`).
+    address: Option<String>,
+    pending: std::collections::VecDeque<Message>,
+}
+
+impl ReplyLink {
+    /// A reply link of `kind` for the request node `serves`, at the client's `address`.
+    pub fn new(kind: &'static str, serves: &'static str, address: Option<String>) -> Self {
+        Self { kind, serves, address, pending: std::collections::VecDeque::new() }
+    }
+}
+
+impl Node for ReplyLink {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn takes_replies(&self, kind: &str) -> bool {
+        kind == self.serves
+    }
+
+    fn reply_address(&self) -> Option<&str> {
+        self.address.as_deref()
+    }
+
+    fn push_reply(&mut self, reply: Message) -> bool {
+        if self.pending.len() >= super::MAX_PENDING_REPLIES {
+            tracing::warn!(
+                node = self.serves,
+                "dropping a reply: the client grants no credit on its receiver"
+            );
+            return false;
+        }
+        self.pending.push_back(reply);
+        true
+    }
+
+    fn next(&mut self, _ctx: &mut Ctx<'_>) -> Option<Outgoing> {
+        let m = self.pending.pop_front()?;
+        Some(Outgoing { payload: m.encode(), settled: true, track: None })
+    }
+
+    /// Drain uses the credit up only when no reply is waiting.
+    fn honours_drain(&self) -> bool {
+        self.pending.is_empty()
     }
 }
