@@ -13,7 +13,10 @@
 //! one channel), for its links' hub events (one [`ReadySet`], fed by the hub when a C2D message is
 //! queued or a connection is kicked) and for its next due connect (the ramp cursor and a heap of
 //! reconnects). Every step runs to quiescence at once: a C2D delivery, the agent's install
-//! against [`MemoryPackages`] and every report it publishes happen in one go. Work is done in
+//! against [`MemoryPackages`] and every report it publishes happen in one go, unless tier
+//! throttling shapes a request: then the session is held as a socket connection would be (its
+//! answers reach the device, and the device is heard again, when hub time reaches the request's
+//! turn; one heap of hold ends per partition). Work is done in
 //! batches of [`BATCH`] with a yield between, so other tasks (the hub's listeners, the runner)
 //! keep running.
 //!
@@ -35,7 +38,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use iothub_emulator::Hub;
-use iothub_emulator::clock::{Clock, SystemClock};
+use iothub_emulator::clock::{Clock, Millis, SystemClock};
 use iothub_emulator::hub::link::{Attached, ReadyHook, ReadySet};
 use iothub_emulator::mqtt::session::{Session, accept_connect_with};
 use rumqttc::mqttbytes::v4::Packet;
@@ -269,6 +272,16 @@ struct Shared {
 struct Conn {
     session: Session,
     link: Attached,
+    /// Set while tier throttling holds the session (see [`Session::take_hold`]).
+    held: Option<Box<Held>>,
+}
+
+/// A session held by tier throttling: like a socket connection that neither writes its answers
+/// nor reads more packets until the shaped requests' turn, the device gets `to_device` and the
+/// session hears from the device (and from the hub) only once hub time reaches `until`.
+struct Held {
+    until: Millis,
+    to_device: VecDeque<Packet>,
 }
 
 /// One device, owned by its partition.
@@ -297,6 +310,8 @@ struct Partition {
     ready: Arc<ReadySet>,
     counters: Arc<Counters>,
     reconnects: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Held sessions by the hub time their hold ends (stale entries are skipped).
+    holds: BinaryHeap<Reverse<(Millis, u32)>>,
     ramp_next: usize,
     ramp_start: Instant,
     ramp_gap: Option<Duration>,
@@ -321,6 +336,7 @@ impl Partition {
             ready: ReadySet::new(),
             counters,
             reconnects: BinaryHeap::new(),
+            holds: BinaryHeap::new(),
             ramp_next: 0,
             ramp_start: Instant::now(),
             ramp_gap,
@@ -365,11 +381,14 @@ impl Partition {
                 done += 1;
             }
             done += self.connect_due(Instant::now(), BATCH.saturating_sub(done).max(1));
+            done += self.release_holds(BATCH.saturating_sub(done).max(1));
             if done > 0 {
                 tokio::task::yield_now().await;
                 continue;
             }
             let next = self.next_due();
+            let hold_end = self.holds.peek().map(|Reverse((at, _))| *at);
+            let hub = self.shared.hub.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -382,6 +401,7 @@ impl Partition {
                 },
                 _ = self.ready.wait() => {}
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
+                _ = hub.sleep_until(hold_end.unwrap_or(0)), if hold_end.is_some() => {}
             }
         }
         // The hub stops with the run: close sessions without recording Wills.
@@ -502,6 +522,45 @@ impl Partition {
         }
     }
 
+    /// Ends the holds whose hub time has come, at most `budget`: the held answers reach their
+    /// devices, then what the devices and the hub queued meanwhile is carried.
+    fn release_holds(&mut self, budget: usize) -> usize {
+        let now = self.shared.hub.now();
+        let mut done = 0;
+        while done < budget
+            && let Some(&Reverse((at, k))) = self.holds.peek()
+            && at <= now
+        {
+            self.holds.pop();
+            let k = k as usize;
+            let Some(conn) = self.devs[k].conn.as_mut() else { continue };
+            // A stale entry: the link was lost, or a later hold extended this one.
+            let Some(held) = conn.held.take_if(|h| h.until <= now) else { continue };
+            self.exchange(k, held.to_device);
+            self.on_ready(k);
+            done += 1;
+        }
+        done
+    }
+
+    /// Takes device `k`'s hold, if its last requests were shaped, and parks `to_device` in it.
+    /// Returns whether the session is held.
+    fn hold(&mut self, k: usize, to_device: &mut VecDeque<Packet>) -> bool {
+        let Some(conn) = self.devs[k].conn.as_mut() else { return false };
+        if let Some(until) = conn.session.take_hold() {
+            let held = conn.held.get_or_insert_with(|| Box::new(Held { until, to_device: VecDeque::new() }));
+            held.until = held.until.max(until);
+            self.holds.push(Reverse((held.until, k as u32)));
+        }
+        match conn.held.as_mut() {
+            Some(held) => {
+                held.to_device.append(to_device);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Sends device `k`'s CONNECT (a fresh SAS token) through the hub's admission.
     fn connect(&mut self, k: usize) {
         let id = self.id(k).to_string();
@@ -530,7 +589,7 @@ impl Partition {
         let mut to_device = vec![accepted.connack];
         session.start(&self.shared.hub, &mut to_device);
         let dev = &mut self.devs[k];
-        dev.conn = Some(Box::new(Conn { session, link: accepted.link }));
+        dev.conn = Some(Box::new(Conn { session, link: accepted.link, held: None }));
         dev.failures = 0;
         if dev.core.is_none() {
             let version = dev.installed.clone().or_else(|| self.initial.clone());
@@ -570,6 +629,10 @@ impl Partition {
     fn on_ready(&mut self, k: usize) {
         let hub = &self.shared.hub;
         let Some(conn) = self.devs[k].conn.as_mut() else { return };
+        if conn.held.is_some() {
+            // Heard when the hold ends (`release_holds`), as a held socket reads nothing.
+            return;
+        }
         conn.link.events.rearm();
         if conn.link.events.is_kicked() {
             self.lose_link(k, "the hub closed the connection");
@@ -584,11 +647,15 @@ impl Partition {
         }
     }
 
-    /// Carries packets between device `k` and its session until neither side has more.
+    /// Carries packets between device `k` and its session until neither side has more, or
+    /// until tier throttling holds the session.
     fn exchange(&mut self, k: usize, mut to_device: VecDeque<Packet>) {
         let hub = self.shared.hub.clone();
         let mut out = Vec::new();
         loop {
+            if self.hold(k, &mut to_device) {
+                return;
+            }
             while let Some(p) = to_device.pop_front() {
                 self.device_packet(k, p);
             }
@@ -602,6 +669,8 @@ impl Partition {
                 }
             }
             if out.is_empty() {
+                // A shaped request holds the session even before anything answers it.
+                self.hold(k, &mut to_device);
                 return;
             }
             to_device.extend(out.drain(..));

@@ -134,3 +134,35 @@ async fn an_unplugged_device_gets_its_queued_notice_when_it_is_back() {
     assert_eq!(fleet.installs(2), 1);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_connect_is_answered_at_its_turn_in_hub_time() {
+    use iothub_emulator::clock::ManualClock;
+    use iothub_emulator::throttle::{Admission, Op, Sku, Tier};
+
+    const START_MS: u64 = 1_700_000_000_000;
+    let clock = ManualClock::new(START_MS);
+    let tier = Tier::new(Sku::S1, 1).unwrap();
+    let hub =
+        Hub::with_clock(HubConfig { throttle: Some(tier), ..HubConfig::default() }, Arc::new(clock.clone()));
+    let key = crate::fleet::device_key(KEY, "dev-0");
+    let input =
+        DeviceInput { primary_key: Some(key.clone()), secondary_key: Some(key), ..Default::default() };
+    hub.put_device("dev-0", input, None).unwrap();
+    // S1 admits 100 connects a second with 1 s of burst: use the burst up, so the device's
+    // CONNECT is shaped to START + 10 ms.
+    for _ in 0..101 {
+        assert_eq!(hub.admit(Op::DeviceConnect, 1), Admission::Now);
+    }
+    let ids: Arc<[String]> = vec!["dev-0".to_string()].into();
+    let (packages, _) = package("2.0.0");
+    let fleet = InProcessFleet::start(hub.clone(), config(ids), packages);
+    until("the hub took the CONNECT", || fleet.connected() == 1).await;
+    // A command is handled after the step that connected the device has run to its end.
+    fleet.check_for_update(0);
+    until("the connect step is over", || fleet.unsettled() == 0).await;
+    assert_eq!(reported_version(&hub, "dev-0"), None, "the CONNACK waits for hub time to reach its turn");
+    clock.advance(10);
+    until("the device reports once its turn came", || reported_version(&hub, "dev-0").is_some()).await;
+    fleet.stop().await;
+}
