@@ -478,6 +478,59 @@ mod tests {
     }
 
     #[test]
+    fn module_tokens_name_the_module_and_verify_with_its_key_only() {
+        use crate::hub::Principal;
+        use crate::sas::make_token;
+        let hub = hub();
+        let (m, _) = hub.put_module("d1", "m1", ModuleInput::default(), None).unwrap();
+        hub.put_module("d1", "m2", ModuleInput::default(), None).unwrap();
+        let mkey = m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap();
+        let skey = m["authentication"]["symmetricKey"]["secondaryKey"].as_str().unwrap();
+        let dkey = hub.device_primary_key("d1").unwrap().unwrap();
+        let exp = hub.wall_now() / 1000 + 600;
+        let token = |sr: &str, key: &str, skn: Option<&str>| make_token(sr, key, skn, exp).unwrap();
+        let sr = "localhost/devices/d1/modules/m1";
+
+        for key in [mkey, skey] {
+            let auth = hub.authenticate(&token(sr, key, None)).unwrap();
+            assert_eq!(auth.principal, Principal::Module { device_id: "d1".into(), module_id: "m1".into() });
+        }
+        let auth = hub.authenticate_client(&token(sr, mkey, None), "d1/m1").unwrap();
+        assert_eq!(auth.resource, sr);
+        let refused = |t: String, client: &str| hub.authenticate_client(&t, client).unwrap_err().code;
+        assert_eq!(
+            refused(token(sr, &dkey, None), "d1/m1"),
+            ErrorCode::IotHubUnauthorizedAccess,
+            "device key"
+        );
+        assert_eq!(refused(token(sr, mkey, None), "d1/m2"), ErrorCode::IotHubUnauthorized, "other module");
+        assert_eq!(
+            refused(token(sr, mkey, None), "d1"),
+            ErrorCode::IotHubUnauthorized,
+            "module acting as its device"
+        );
+        assert_eq!(
+            refused(token("localhost/devices/d1", &dkey, None), "d1/m1"),
+            ErrorCode::IotHubUnauthorized,
+            "a device token does not cover its modules"
+        );
+        assert_eq!(
+            refused(token("localhost/devices/d1/modules/nope", mkey, None), "d1/nope"),
+            ErrorCode::IotHubUnauthorizedAccess
+        );
+        let device_policy = hub.policies().iter().find(|p| p.name == "device").unwrap().primary_key.clone();
+        hub.authenticate_client(&token(sr, &device_policy, Some("device")), "d1/m1").unwrap();
+        hub.authenticate_client(&token("localhost", &device_policy, Some("device")), "d1/m2").unwrap();
+        assert_eq!(
+            refused(token("localhost", &device_policy, Some("device")), "d1/nope"),
+            ErrorCode::IotHubUnauthorizedAccess,
+            "a policy cannot connect a module that does not exist"
+        );
+        let service = hub.policies().iter().find(|p| p.name == "service").unwrap().primary_key.clone();
+        assert_eq!(refused(token(sr, &service, Some("service")), "d1/m1"), ErrorCode::IotHubUnauthorized);
+    }
+
+    #[test]
     fn client_ids_split_at_the_slash() {
         assert_eq!(split_client_id("d1"), ("d1", None));
         assert_eq!(split_client_id("d1/m1"), ("d1", Some("m1")));

@@ -1363,6 +1363,21 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].module_id.as_deref(), Some("m1"));
         assert_eq!(got[0].auth, crate::hub::events::AuthMethod::ModuleSas);
+        // The built-in Event Hub-compatible endpoint annotates it with both ids and the module scope.
+        let amqp = crate::amqp::nodes::partition::event_message(&got[0]);
+        let annotation = |name: &str| {
+            amqp.message_annotations
+                .iter()
+                .find(|(k, _)| *k == crate::amqp::types::Value::sym(name))
+                .map(|(_, v)| v.clone())
+        };
+        let text = crate::amqp::types::Value::str;
+        assert_eq!(annotation("iothub-connection-device-id"), Some(text("d1")));
+        assert_eq!(annotation("iothub-connection-module-id"), Some(text("m1")));
+        assert_eq!(
+            annotation("iothub-connection-auth-method"),
+            Some(text(r#"{"scope":"module","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#))
+        );
         // A module publishes only to its own telemetry topic.
         let other = Publish::new("devices/d1/messages/events/", QoS::AtMostOnce, "x");
         assert!(matches!(
@@ -1397,5 +1412,15 @@ mod tests {
         assert_eq!(e.code, crate::error::ErrorCode::DeviceNotOnline, "the device itself is not connected");
         f.hub.delete_module("d1", "m1", None).unwrap();
         assert!(a.link.events.is_kicked(), "deleting the module closes its connection");
+
+        let (m, _) = f.hub.put_module("d1", "m2", crate::hub::ModuleInput::default(), None).unwrap();
+        let mkey = m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+        let c = module_connect_packet(&mkey, "localhost/devices/d1/modules/m2", "d1/m2");
+        let b = accept_connect(&f.hub, &c).unwrap();
+        let disable = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
+        f.hub.put_device("d1", disable, Some(crate::hub::IfMatch::Any)).unwrap();
+        assert!(b.link.events.is_kicked(), "disabling the device closes its modules' connections");
+        assert_eq!(f.hub.get_module("d1", "m2").unwrap()["connectionState"], "Disconnected");
+        assert_eq!(accept_connect(&f.hub, &c).unwrap_err().code, ConnectReturnCode::NotAuthorized);
     }
 }
