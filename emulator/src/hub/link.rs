@@ -463,7 +463,8 @@ impl Hub {
         })
     }
 
-    /// Invokes direct method `name` on `device_id` (reference §2.7): waits up to `connect` for the
+    /// Invokes direct method `name` on `device_id` (reference §2.7; a module's `{deviceId}/{moduleId}`,
+    /// reference-2 §4.1): waits up to `connect` for the
     /// device to be online and subscribed (404103 `DeviceNotOnline` otherwise), then up to
     /// `response` for its answer (504101 `GatewayTimeout` otherwise).
     pub async fn invoke_method(
@@ -474,8 +475,11 @@ impl Hub {
         connect: Duration,
         response: Duration,
     ) -> Result<MethodReply, HubError> {
-        let offline =
-            || HubError::new(ErrorCode::DeviceNotOnline, format!("device '{device_id}' is not online"));
+        let who = match super::module::split_client_id(device_id) {
+            (d, Some(m)) => format!("module '{m}' of device '{d}'"),
+            (d, None) => format!("device '{d}'"),
+        };
+        let offline = || HubError::new(ErrorCode::DeviceNotOnline, format!("{who} is not online"));
         let deadline = tokio::time::Instant::now() + connect;
         let events = loop {
             let notified = self.shared.changed.notified();
@@ -496,10 +500,7 @@ impl Hub {
             Ok(Err(_)) => Err(offline()),
             Err(_) => Err(HubError::new(
                 ErrorCode::GatewayTimeout,
-                format!(
-                    "device '{device_id}' did not answer method '{name}' within {} s",
-                    response.as_secs()
-                ),
+                format!("{who} did not answer method '{name}' within {} s", response.as_secs()),
             )),
         }
     }
