@@ -6,16 +6,19 @@ module's connection string connects over MQTT (client id `{device}/{module}`, a 
 `{host}/devices/{device}/modules/{module}` signed with the module key), gets its module twin, patches reported
 properties (seen through `get_module_twin`), receives a desired-property patch written with
 `update_module_twin`, answers a module method invoked with `invoke_device_module_method`, and sends telemetry
-that the hub records with `iothub-connection-module-id`. A query over `devices.modules` finds the module twin;
+that the hub records with `iothub-connection-module-id` (read back with the Event Hubs SDK's
+`EventHubConsumerClient` from the built-in endpoint). A query over `devices.modules` finds the module twin;
 `delete_module` removes the module, and deleting the device removes the rest. Prints one line per check;
 exits 1 on the first failure.
 """
 
 import queue
 import sys
+import threading
 import urllib.parse
 
 import requests
+from azure.eventhub import EventHubConsumerClient
 from azure.iot.device import IoTHubModuleClient, Message, MethodResponse
 from azure.iot.hub.models import CloudToDeviceMethod, QuerySpecification, Twin, TwinProperties
 
@@ -31,6 +34,30 @@ def take(q, what):
         return q.get(timeout=WAIT_S)
     except queue.Empty:
         check(f"{what} arrived within {WAIT_S} s", False)
+
+
+def read_module_event(device_id, module_id):
+    """Reads the module's message from the built-in Event Hub-compatible endpoint with the Python Event Hubs SDK
+    (from the start of every partition) and returns its system properties."""
+    strings = requests.get(f"{env('IOTHUB_HTTP_URL')}/emulator/connection-strings", timeout=REQUEST_TIMEOUT_S).json()
+    client = EventHubConsumerClient.from_connection_string(
+        strings["eventHubCompatible"], consumer_group="$Default", connection_verify=env("IOTHUB_CA_FILE")
+    )
+    found = []
+    done = threading.Event()
+
+    def on_event(_context, event):
+        if event is not None and event.system_properties.get(b"iothub-connection-device-id") == device_id.encode():
+            found.append(event.system_properties)
+            done.set()
+
+    worker = threading.Thread(target=client.receive, kwargs={"on_event": on_event, "starting_position": "-1"}, daemon=True)
+    worker.start()
+    done.wait(WAIT_S)
+    client.close()
+    worker.join(10)
+    check_equal("Event Hubs SDK: the module's message read from the built-in endpoint", len(found), 1)
+    return found[0]
 
 
 def run():
@@ -111,6 +138,9 @@ def run():
         check_equal("telemetry: one message from the module's device", len(seen), 1)
         check_equal("telemetry: iothub-connection-module-id", seen[0].get("moduleId"), module_id)
         check_equal("telemetry: application property", seen[0].get("properties", {}).get("unit"), "C")
+        sysprops = read_module_event(device_id, module_id)
+        check_equal("Event Hubs SDK: iothub-connection-module-id", sysprops.get(b"iothub-connection-module-id"), module_id.encode())
+        check("Event Hubs SDK: auth method has module scope", b'"scope":"module"' in sysprops.get(b"iothub-connection-auth-method", b""), sysprops)
     finally:
         client.shutdown()
 
