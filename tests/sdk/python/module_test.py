@@ -144,6 +144,14 @@ def run():
     finally:
         client.shutdown()
 
+    ws = IoTHubModuleClient.create_from_connection_string(cs, websockets=True, connection_retry=False)
+    ws.connect()
+    try:
+        twin = ws.get_twin()
+        check_equal("module over MQTT on WebSocket (443): get_twin sees its reported firmware", twin["reported"].get("firmware"), "2.0.0")
+    finally:
+        ws.shutdown()
+
     spec = QuerySpecification(query=f"SELECT * FROM devices.modules WHERE properties.reported.firmware = '2.0.0' AND deviceId = '{device_id}'")
     found = [(t.device_id, t.module_id) for t in rm.query_iot_hub(spec).items]
     check_equal("query_iot_hub FROM devices.modules: the module twin", found, [(device_id, module_id)])
