@@ -11,7 +11,7 @@
 //!
 //! A module's connection (client id `{deviceId}/{moduleId}`) is served the same way: its link and
 //! session live in its [`super::Module`], and every function here that takes a `device_id` takes
-//! such a client identity too (device ids never contain `/`), see [`Endpoint`].
+//! such a client identity too (device ids never contain `/`), see `Endpoint`.
 //!
 //! A connection served without a task of its own (the in-process device transport drives a
 //! million sessions from a few tasks) attaches with a [`ReadyHook`]: every event and the kick then
