@@ -68,6 +68,16 @@ async fn python_pnp_device_model_id_shows_in_its_twin_and_is_queryable() {
     run_sdk_script(Sdk::Python, "pnp_model_id_test.py").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_module_client_twin_methods_and_telemetry_through_the_registry_manager() {
+    run_sdk_script(Sdk::Python, "module_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_module_client_over_mqtt_twin_methods_and_telemetry() {
+    run_sdk_script(Sdk::Node, "module_test.js").await.unwrap();
+}
+
 /// A hub throttling as IoT Hub S1 × 1 unit (reference §5.1).
 fn s1_hub() -> iothub_emulator::HubConfig {
     let tier = iothub_emulator::throttle::Tier::new(iothub_emulator::throttle::Sku::S1, 1).expect("tier");

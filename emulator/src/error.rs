@@ -34,12 +34,16 @@ pub enum ErrorCode {
     DeviceNotFound,
     /// 404: the device is not connected (direct methods).
     DeviceNotOnline,
+    /// 404: no such module on the device (404010).
+    ModuleNotFound,
     /// 404: no such route.
     NotFound,
     /// 404: no scheduled job with this id (404002).
     JobNotFound,
     /// 409: the device exists already.
     DeviceAlreadyExists,
+    /// 409: the module exists already on the device (409301).
+    ModuleAlreadyExistsOnDevice,
     /// 409: a scheduled job with this id exists already (IoT Hub's numeric code is unconfirmed).
     JobAlreadyExists,
     /// 412: the etag in `If-Match` does not match.
@@ -50,6 +54,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// 413: too many devices in one request.
     TooManyDevices,
+    /// 413: the device holds as many modules as IoT Hub allows (413003).
+    TooManyModulesOnDevice,
     /// 405: the method is not allowed on this route.
     MethodNotAllowed,
     /// 429: as many jobs as the hub allows are scheduled or running already (429004).
@@ -82,6 +88,9 @@ impl ErrorCode {
             Self::IotHubQuotaExceeded => "IotHubQuotaExceeded",
             Self::DeviceNotFound => "DeviceNotFound",
             Self::DeviceNotOnline => "DeviceNotOnline",
+            Self::ModuleNotFound => "ModuleNotFound",
+            Self::ModuleAlreadyExistsOnDevice => "ModuleAlreadyExistsOnDevice",
+            Self::TooManyModulesOnDevice => "TooManyModulesOnDevice",
             Self::NotFound => "NotFound",
             Self::JobNotFound => "JobNotFound",
             Self::JobAlreadyExists => "JobAlreadyExists",
@@ -120,6 +129,9 @@ impl ErrorCode {
             Self::ThrottlingException => 429001,
             Self::ThrottleBacklogLimitExceeded => 429002,
             Self::DeviceNotOnline => 404103,
+            Self::ModuleNotFound => 404010,
+            Self::ModuleAlreadyExistsOnDevice => 409301,
+            Self::TooManyModulesOnDevice => 413003,
             Self::MethodNotAllowed => 405000,
             Self::DeviceAlreadyExists => 409001,
             Self::PreconditionFailed => 412001,
@@ -171,6 +183,14 @@ impl HubError {
             message: refusal.describe(tier),
             retry_after_ms: Some(refusal.retry_after_ms),
         }
+    }
+
+    /// `ModuleNotFound` for module `module_id` of device `device_id`.
+    pub fn module_not_found(device_id: &str, module_id: &str) -> Self {
+        Self::new(
+            ErrorCode::ModuleNotFound,
+            format!("Module {module_id} on device {device_id} not registered"),
+        )
     }
 
     /// `DeviceNotFound` for `id`.

@@ -60,6 +60,9 @@ pub const BULK_MAX_DEVICES: usize = 100;
 /// Longest device id: 128 characters.
 pub const DEVICE_ID_MAX_CHARS: usize = 128;
 
+/// Module identities per device (IoT Hub's current limit; older pages say 20).
+pub const MODULES_PER_DEVICE_MAX: usize = 50;
+
 /// Devices (plus modules) per hub.
 pub const HUB_MAX_DEVICES: usize = 1_000_000;
 

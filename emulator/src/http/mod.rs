@@ -222,7 +222,7 @@ where
             device_api::handle(&ctx.hub, &req)
         }
         (Route::DeviceEvents(_), _) => device_api::handle(&ctx.hub, &req),
-        (Route::TwinMethods(_), _) if req.method == Method::POST => {
+        (Route::TwinMethods(_) | Route::ModuleMethods(..), _) if req.method == Method::POST => {
             service_api::invoke_method(&ctx.hub, &req).await
         }
         _ => service_api::handle(&ctx.hub, &req),
@@ -249,11 +249,13 @@ async fn admit(hub: &Hub, req: &Req) -> Result<(), HubError> {
     }
     let m = &req.method;
     let (op, cost, message) = match &req.route {
-        Route::Devices | Route::Device(_) => (Op::Registry, 1, false),
+        Route::Devices | Route::Device(_) | Route::Modules(_) | Route::Module(..) => (Op::Registry, 1, false),
         Route::Query if m == Method::POST => (Op::Query, 1, false),
-        Route::Twin(_) if m == Method::GET => (Op::TwinRead, 1, false),
-        Route::Twin(_) => (Op::TwinUpdate, 1, false),
-        Route::TwinMethods(_) => (Op::DirectMethod, method_chunks(req.body.len()), false),
+        Route::Twin(_) | Route::ModuleTwin(..) if m == Method::GET => (Op::TwinRead, 1, false),
+        Route::Twin(_) | Route::ModuleTwin(..) => (Op::TwinUpdate, 1, false),
+        Route::TwinMethods(_) | Route::ModuleMethods(..) => {
+            (Op::DirectMethod, method_chunks(req.body.len()), false)
+        }
         Route::DeviceBound(_) if m == Method::POST => (Op::C2dSend, 1, true),
         Route::DeviceBound(_) if m == Method::GET => (Op::C2dReceive, 1, false),
         Route::DeviceEvents(_) if m == Method::POST => (Op::D2cSend, 1, true),

@@ -54,6 +54,14 @@ pub enum Route {
     DeviceBoundAbandon(String, String),
     /// `/devices/{id}/messages/events`: D2C (POST).
     DeviceEvents(String),
+    /// `/devices/{id}/modules`: list a device's modules (GET).
+    Modules(String),
+    /// `/devices/{id}/modules/{mid}`: a module identity (PUT, GET, DELETE).
+    Module(String, String),
+    /// `/twins/{id}/modules/{mid}`: a module twin (GET, PATCH, PUT).
+    ModuleTwin(String, String),
+    /// `/twins/{id}/modules/{mid}/methods`: a module direct method (POST).
+    ModuleMethods(String, String),
     /// `/statistics/devices`.
     StatsDevices,
     /// `/statistics/service`.
@@ -176,7 +184,10 @@ pub fn route(path: &str) -> Route {
         [d, q] if eq(d, "devices") && eq(q, "query") => Route::Query,
         [d, id] if eq(d, "devices") => Route::Device(id.to_string()),
         [d, id, c] if eq(d, "devices") && eq(c, "commands") => Route::DeviceCommands(id.to_string()),
-        [d, _, m, ..] if eq(d, "devices") && eq(m, "modules") => Route::NotImplemented("modules"),
+        [d, id, m] if eq(d, "devices") && eq(m, "modules") => Route::Modules(id.to_string()),
+        [d, id, m, mid] if eq(d, "devices") && eq(m, "modules") => {
+            Route::Module(id.to_string(), mid.to_string())
+        }
         [d, _, f, ..] if eq(d, "devices") && eq(f, "files") => Route::NotImplemented("file upload"),
         [d, id, m, b] if eq(d, "devices") && eq(m, "messages") && eq(b, "devicebound") => {
             Route::DeviceBound(id.to_string())
@@ -196,7 +207,12 @@ pub fn route(path: &str) -> Route {
         [st, sv] if eq(st, "statistics") && eq(sv, "service") => Route::StatsService,
         [t, id] if eq(t, "twins") => Route::Twin(id.to_string()),
         [t, id, m] if eq(t, "twins") && eq(m, "methods") => Route::TwinMethods(id.to_string()),
-        [t, _, m, ..] if eq(t, "twins") && eq(m, "modules") => Route::NotImplemented("modules"),
+        [t, id, m, mid] if eq(t, "twins") && eq(m, "modules") => {
+            Route::ModuleTwin(id.to_string(), mid.to_string())
+        }
+        [t, id, m, mid, x] if eq(t, "twins") && eq(m, "modules") && eq(x, "methods") => {
+            Route::ModuleMethods(id.to_string(), mid.to_string())
+        }
         [m, s, f] if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") => Route::Feedback,
         [m, s, f, lock] if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") => {
             Route::FeedbackLock(lock.to_string())
@@ -260,7 +276,11 @@ mod tests {
         assert_eq!(route("/jobs/v2/j%2B1/cancel"), Route::JobCancel("j+1".into()));
         assert_eq!(route("/jobs/v2/query"), Route::JobsQuery);
         assert_eq!(route("/jobs/create"), Route::NotImplemented("import/export jobs"));
-        assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
+        assert_eq!(route("/devices/d/modules/m"), Route::Module("d".into(), "m".into()));
+        assert_eq!(route("/devices/d/Modules/"), Route::Modules("d".into()));
+        assert_eq!(route("/twins/d/modules/m%24x"), Route::ModuleTwin("d".into(), "m$x".into()));
+        assert_eq!(route("/twins/d/modules/m/methods"), Route::ModuleMethods("d".into(), "m".into()));
+        assert_eq!(route("/devices/d/modules/m/extra"), Route::Unknown);
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(
             route("/0ne1/registrations/d-1/register"),

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::c2d::{AckMode, C2dMessage, FEEDBACK_CONTENT_TYPE, LockToken};
 use crate::clock::{iso8601, parse_iso8601};
 use crate::error::{ErrorCode, HubError};
-use crate::hub::{DeviceInput, Hub, IfMatch};
+use crate::hub::{DeviceInput, Hub, IfMatch, ModuleInput};
 use crate::jobs::model::{JobType, MethodSpec};
 use crate::sas::Rights;
 
@@ -38,12 +38,14 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
             return Err(HubError::new(ErrorCode::NotFound, "no IoT Hub API at this path"));
         }
         (Route::Devices | Route::Device(_) | Route::StatsDevices, &Method::GET) => READ,
-        (Route::Devices, &Method::POST) | (Route::Device(_), &Method::PUT | &Method::DELETE) => WRITE,
+        (Route::Modules(_) | Route::Module(..), &Method::GET) => READ,
+        (Route::Devices, &Method::POST)
+        | (Route::Device(_) | Route::Module(..), &Method::PUT | &Method::DELETE) => WRITE,
         (Route::Query, &Method::POST) => READ,
         (Route::Job(_), &Method::GET) | (Route::JobsQuery, &Method::GET) => READ,
         (Route::Job(_), &Method::PUT) | (Route::JobCancel(_), &Method::POST) => SERVICE.union(WRITE),
-        (Route::Twin(_), &Method::GET) => READ,
-        (Route::Twin(_), &Method::PATCH | &Method::PUT) => SERVICE.union(WRITE),
+        (Route::Twin(_) | Route::ModuleTwin(..), &Method::GET) => READ,
+        (Route::Twin(_) | Route::ModuleTwin(..), &Method::PATCH | &Method::PUT) => SERVICE.union(WRITE),
         (Route::StatsService, &Method::GET)
         | (Route::TwinMethods(_), &Method::POST)
         | (Route::DeviceCommands(_), &Method::DELETE)
@@ -74,6 +76,27 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
         Route::Device(id) => {
             hub.delete_device(id, if_match)?;
             Ok(empty(StatusCode::NO_CONTENT))
+        }
+        Route::Modules(id) => Ok(json_response(StatusCode::OK, &Value::Array(hub.list_modules(id)?))),
+        Route::Module(id, mid) if m == Method::GET => {
+            Ok(json_response(StatusCode::OK, &hub.get_module(id, mid)?))
+        }
+        Route::Module(id, mid) if m == Method::PUT => {
+            let input = ModuleInput::from_json(&req.json()?)?;
+            let (module, created) = hub.put_module(id, mid, input, if_match)?;
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json_response(status, &module))
+        }
+        Route::Module(id, mid) => {
+            hub.delete_module(id, mid, if_match)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        Route::ModuleTwin(id, mid) if m == Method::GET => {
+            Ok(json_response(StatusCode::OK, &hub.get_module_twin(id, mid)?))
+        }
+        Route::ModuleTwin(id, mid) => {
+            let twin = hub.update_module_twin(id, mid, &req.json()?, if_match, m == Method::PUT)?;
+            Ok(json_response(StatusCode::OK, &twin))
         }
         Route::Query => query(hub, req),
         Route::Job(id) if m == Method::GET => Ok(json_response(StatusCode::OK, &hub.get_job(id)?)),
@@ -126,16 +149,27 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
     }
 }
 
-/// `POST /twins/{id}/methods` (reference §2.7): forwards the call to the device's connection and
-/// answers `200 {"status","payload"}` with what the device returned.
+/// `POST /twins/{id}/methods` (reference §2.7), or `POST /twins/{id}/modules/{mid}/methods` for a
+/// module (reference-2 §4.1): forwards the call to the device's (module's) connection and answers
+/// `200 {"status","payload"}` with what it returned.
 pub async fn invoke_method(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
-    let Route::TwinMethods(id) = &req.route else { return Err(method_not_allowed(req)) };
-    hub.authenticate_service(req.token()?, SERVICE)?;
+    let client = match &req.route {
+        Route::TwinMethods(id) => {
+            hub.authenticate_service(req.token()?, SERVICE)?;
+            hub.get_device(id)?;
+            id.clone()
+        }
+        Route::ModuleMethods(id, mid) => {
+            hub.authenticate_service(req.token()?, SERVICE)?;
+            hub.get_module(id, mid)?;
+            format!("{id}/{mid}")
+        }
+        _ => return Err(method_not_allowed(req)),
+    };
     let spec = MethodSpec::from_json(&req.json()?, "")?;
-    hub.get_device(id)?;
     let reply = hub
         .invoke_method(
-            id,
+            &client,
             &spec.name,
             Bytes::from(spec.payload_bytes()),
             std::time::Duration::from_secs(spec.connect_timeout_secs),

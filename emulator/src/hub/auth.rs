@@ -30,6 +30,13 @@ pub enum Principal {
         /// The device id.
         id: String,
     },
+    /// A module, by its own key (a token for `{host}/devices/{id}/modules/{mid}`).
+    Module {
+        /// The device id.
+        device_id: String,
+        /// The module id.
+        module_id: String,
+    },
 }
 
 /// A token that verified: its principal, the decoded resource it is scoped to, and its expiry.
@@ -145,12 +152,25 @@ impl Hub {
                 "a token without skn must be scoped to a device ({host}/devices/{deviceId})",
             ));
         };
-        if target.module_id.is_some() {
-            return Err(refused("module identities are not supported by the emulator"));
-        }
         let shard = self.shard_for(id);
         let device =
             shard.devices.get(id).ok_or_else(|| refused(format!("device '{id}' is not registered")))?;
+        if let Some(mid) = &target.module_id {
+            // A module token: `sr={host}/devices/{id}/modules/{mid}`, signed with the module's key.
+            let m = device
+                .module(mid)
+                .ok_or_else(|| refused(format!("module '{mid}' is not registered on device '{id}'")))?;
+            if ![&m.primary_key, &m.secondary_key]
+                .iter()
+                .any(|k| k.as_deref().is_some_and(|k| token.verify(k)))
+            {
+                return Err(refused(format!("the signature does not verify with module '{id}/{mid}' keys")));
+            }
+            if device.status == Status::Disabled {
+                return Err(refused(format!("device '{id}' of module '{mid}' is disabled")));
+            }
+            return Ok(Principal::Module { device_id: id.clone(), module_id: mid.clone() });
+        }
         let keys = [&device.primary_key, &device.secondary_key];
         if !keys.iter().any(|k| k.as_deref().is_some_and(|k| token.verify(k))) {
             return Err(refused(format!("the signature does not verify with device '{id}' keys")));
@@ -167,6 +187,9 @@ impl Hub {
         match &auth.principal {
             Principal::Device { id } => Err(refused(format!(
                 "device '{id}' credentials cannot call service operations (needs {rights})"
+            ))),
+            Principal::Module { device_id, module_id } => Err(refused(format!(
+                "module '{device_id}/{module_id}' credentials cannot call service operations (needs {rights})"
             ))),
             Principal::Policy { name, rights: have } => {
                 if !have.intersects(rights) {
@@ -199,6 +222,10 @@ impl Hub {
                 ErrorCode::IotHubUnauthorized,
                 format!("a token for device '{id}' cannot act as device '{device_id}'"),
             )),
+            Principal::Module { device_id: d, module_id: m } => Err(HubError::new(
+                ErrorCode::IotHubUnauthorized,
+                format!("a token for module '{d}/{m}' cannot act as device '{device_id}'"),
+            )),
             Principal::Policy { name, rights } => {
                 if !rights.contains(Rights::DEVICE_CONNECT) {
                     return Err(HubError::new(
@@ -223,6 +250,69 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Checks that `auth` may act as module `module_id` of `device_id`: the module's own key, or a
+    /// policy with DeviceConnect scoped to the module (or wider). The module must exist and its
+    /// device be enabled. A device's own token does not cover its modules (an IoT Edge gateway
+    /// feature the emulator does not have).
+    pub fn authorize_module(
+        &self,
+        auth: &Authenticated,
+        device_id: &str,
+        module_id: &str,
+    ) -> Result<(), HubError> {
+        match &auth.principal {
+            Principal::Module { device_id: d, module_id: m } if d == device_id && m == module_id => Ok(()),
+            Principal::Module { device_id: d, module_id: m } => Err(HubError::new(
+                ErrorCode::IotHubUnauthorized,
+                format!("a token for module '{d}/{m}' cannot act as module '{device_id}/{module_id}'"),
+            )),
+            Principal::Device { id } => Err(HubError::new(
+                ErrorCode::IotHubUnauthorized,
+                format!(
+                    "a token for device '{id}' cannot act as module '{device_id}/{module_id}': sign for {{host}}/devices/{device_id}/modules/{module_id} with the module's key"
+                ),
+            )),
+            Principal::Policy { name, rights } => {
+                if !rights.contains(Rights::DEVICE_CONNECT) {
+                    return Err(HubError::new(
+                        ErrorCode::IotHubUnauthorized,
+                        format!("policy '{name}' has {rights}; module connections need DeviceConnect"),
+                    ));
+                }
+                let target = format!("{}/devices/{device_id}/modules/{module_id}", self.hostname());
+                if !scope_covers(&auth.resource, &target) {
+                    return Err(HubError::new(
+                        ErrorCode::IotHubUnauthorized,
+                        format!("token scoped to '{}' does not cover '{target}'", auth.resource),
+                    ));
+                }
+                let shard = self.shard_for(device_id);
+                match shard.devices.get(device_id) {
+                    None => Err(refused(format!("device '{device_id}' is not registered"))),
+                    Some(d) if d.status == Status::Disabled => {
+                        Err(refused(format!("device '{device_id}' is disabled")))
+                    }
+                    Some(d) if d.module(module_id).is_none() => Err(refused(format!(
+                        "module '{module_id}' is not registered on device '{device_id}'"
+                    ))),
+                    Some(_) => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// [`Hub::authenticate`] then [`Hub::authorize_device`] or [`Hub::authorize_module`]:
+    /// the check a connection with client identity `client_id` (`{deviceId}` or
+    /// `{deviceId}/{moduleId}`) makes.
+    pub fn authenticate_client(&self, token: &str, client_id: &str) -> Result<Authenticated, HubError> {
+        let auth = self.authenticate(token)?;
+        match super::module::split_client_id(client_id) {
+            (d, Some(m)) => self.authorize_module(&auth, d, m)?,
+            (d, None) => self.authorize_device(&auth, d)?,
+        }
+        Ok(auth)
     }
 
     /// [`Hub::authenticate`] then [`Hub::authorize_device`]: the check every device-facing

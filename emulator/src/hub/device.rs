@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::c2d::DeviceQueue;
 use crate::clock::{Millis, NEVER, iso8601};
 use crate::error::HubError;
+use crate::hub::module::Module;
 use crate::hub::twin::Twin;
 use crate::limits::DEVICE_ID_MAX_CHARS;
 
@@ -131,12 +132,22 @@ pub struct Device {
 pub type ThumbprintPair = (Option<String>, Option<String>);
 
 /// The rarely set parts of a [`Device`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct DeviceExtra {
     /// `x509Thumbprint` (primary, secondary), stored as given.
     pub thumbprints: Option<ThumbprintPair>,
     /// The Plug and Play model id the device last announced (`model-id=` in its MQTT username).
     pub model_id: Option<Box<str>>,
+    /// The device's module identities, ordered by module id (at most
+    /// [`crate::limits::MODULES_PER_DEVICE_MAX`]); see [`crate::hub::module`].
+    pub modules: Vec<Module>,
+}
+
+impl DeviceExtra {
+    /// Whether nothing is set (the device then drops the box).
+    pub fn is_empty(&self) -> bool {
+        self.thumbprints.is_none() && self.model_id.is_none() && self.modules.is_empty()
+    }
 }
 
 impl Device {
@@ -155,9 +166,24 @@ impl Device {
 
     /// Changes the extra parts with `f`, dropping the box when nothing is left in it.
     pub fn update_extra(&mut self, f: impl FnOnce(&mut DeviceExtra)) {
-        let mut extra = self.extra.take().map(|b| *b).unwrap_or_default();
+        let mut extra = self.extra.take().unwrap_or_default();
         f(&mut extra);
-        self.extra = (extra != DeviceExtra::default()).then(|| Box::new(extra));
+        self.extra = (!extra.is_empty()).then_some(extra);
+    }
+
+    /// The device's modules, ordered by id.
+    pub fn modules(&self) -> &[Module] {
+        self.extra.as_deref().map_or(&[], |e| e.modules.as_slice())
+    }
+
+    /// Module `module_id` of this device.
+    pub fn module(&self, module_id: &str) -> Option<&Module> {
+        self.modules().iter().find(|m| &*m.id == module_id)
+    }
+
+    /// Module `module_id` of this device, to change.
+    pub fn module_mut(&mut self, module_id: &str) -> Option<&mut Module> {
+        self.extra.as_deref_mut()?.modules.iter_mut().find(|m| &*m.id == module_id)
     }
 
     /// The identity etag as IoT Hub writes it.

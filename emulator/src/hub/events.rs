@@ -951,6 +951,15 @@ impl Hub {
         let mut x509 = false;
         let generation_id = self
             .with_device(&msg.device_id, |d| {
+                if let Some(mid) = msg.module_id.as_deref() {
+                    // A module's message: its own activity, generation id and model id.
+                    let m = d
+                        .module_mut(mid)
+                        .ok_or_else(|| crate::error::HubError::module_not_found(&msg.device_id, mid))?;
+                    m.last_activity = now;
+                    model_id = m.model_id.as_deref().map(str::to_string);
+                    return Ok(m.generation_id);
+                }
                 d.last_activity = now;
                 model_id = d.model_id().map(str::to_string);
                 x509 = matches!(

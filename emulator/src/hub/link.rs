@@ -9,6 +9,10 @@
 //! a new link drops the old one, and dropping a link kicks its connection (IoT Hub's `400027
 //! ConnectionForcefullyClosedOnNewConnection`). Deleting or disabling the device drops it too.
 //!
+//! A module's connection (client id `{deviceId}/{moduleId}`) is served the same way: its link and
+//! session live in its [`super::Module`], and every function here that takes a `device_id` takes
+//! such a client identity too (device ids never contain `/`), see `Endpoint`.
+//!
 //! A connection served without a task of its own (the in-process device transport drives a
 //! million sessions from a few tasks) attaches with a [`ReadyHook`]: every event and the kick then
 //! also put the link's key on a shared [`ReadySet`] (once until the driver looks), so one waiter
@@ -257,7 +261,88 @@ pub struct Attached {
     pub session: u8,
 }
 
+/// The connection-facing fields of a device or of one of its modules, borrowed from the registry
+/// shard: what `hub::link` and the twin operations of a connection need, whichever identity it is.
+pub(super) struct Endpoint<'a> {
+    /// The open connection.
+    pub link: &'a mut Option<Link>,
+    /// The persisted MQTT subscriptions.
+    pub session: &'a mut u8,
+    /// Last activity.
+    pub last_activity: &'a mut crate::clock::Millis,
+    /// The twin (the device twin or the module twin).
+    pub twin: &'a mut super::Twin,
+    /// Whether the identity may connect and send (its device is enabled).
+    pub enabled: bool,
+    connected: &'a mut bool,
+    connection_state_updated: &'a mut crate::clock::Millis,
+    /// A device (counted in [`Hub::connected_count`]) rather than a module.
+    is_device: bool,
+}
+
+impl Device {
+    /// The connection-facing fields of the device (`module == None`) or of its module `module`.
+    pub(super) fn endpoint(&mut self, module: Option<&str>) -> Option<Endpoint<'_>> {
+        let enabled = self.status == super::device::Status::Enabled;
+        match module {
+            None => Some(Endpoint {
+                link: &mut self.link,
+                session: &mut self.session,
+                last_activity: &mut self.last_activity,
+                twin: &mut self.twin,
+                enabled,
+                connected: &mut self.connected,
+                connection_state_updated: &mut self.connection_state_updated,
+                is_device: true,
+            }),
+            Some(mid) => {
+                let m = self.module_mut(mid)?;
+                Some(Endpoint {
+                    link: &mut m.link,
+                    session: &mut m.session,
+                    last_activity: &mut m.last_activity,
+                    twin: &mut m.twin,
+                    enabled,
+                    connected: &mut m.connected,
+                    connection_state_updated: &mut m.connection_state_updated,
+                    is_device: false,
+                })
+            }
+        }
+    }
+}
+
 impl Hub {
+    /// Runs `f` on the endpoint of connection identity `client_id` — `{deviceId}` or
+    /// `{deviceId}/{moduleId}` (see [`super::module::split_client_id`]) — under its shard lock.
+    pub(super) fn with_endpoint<T>(
+        &self,
+        client_id: &str,
+        f: impl FnOnce(Endpoint<'_>) -> Result<T, HubError>,
+    ) -> Result<T, HubError> {
+        let (device_id, module_id) = super::module::split_client_id(client_id);
+        self.with_device(device_id, |d| {
+            let e = d
+                .endpoint(module_id)
+                .ok_or_else(|| HubError::module_not_found(device_id, module_id.unwrap_or_default()))?;
+            f(e)
+        })
+    }
+
+    /// Sets an endpoint's `connected` (and when it changed); a device's through
+    /// [`Hub::set_connected`]'s counter.
+    fn set_endpoint_connected(&self, e: &mut Endpoint<'_>, connected: bool, now: crate::clock::Millis) {
+        if e.is_device && *e.connected != connected {
+            if connected {
+                self.shared.connected_count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        *e.connected = connected;
+        *e.connection_state_updated = now;
+    }
+
     /// Registers a new connection for `device_id` (closing any older one), marks the device
     /// connected and returns the persisted session, cleared first when `clean_session`.
     pub fn attach_link(&self, device_id: &str, clean_session: bool) -> Result<Attached, HubError> {
@@ -276,9 +361,9 @@ impl Hub {
         let conn_id = self.next_counter();
         let shared = Arc::new(LinkShared { ready, ..LinkShared::default() });
         let link = Link { conn_id, shared: shared.clone() };
-        let session = self.with_device(device_id, |d| {
+        let session = self.with_endpoint(device_id, |mut d| {
             if clean_session {
-                d.session = 0;
+                *d.session = 0;
             }
             if d.link.replace(link).is_some() {
                 tracing::info!(
@@ -287,9 +372,9 @@ impl Hub {
                     "ConnectionForcefullyClosedOnNewConnection: a new connection replaced the old one"
                 );
             }
-            self.set_connected(d, true, now);
-            d.last_activity = now;
-            Ok(d.session)
+            self.set_endpoint_connected(&mut d, true, now);
+            *d.last_activity = now;
+            Ok(*d.session)
         })?;
         self.shared.changed.notify_waiters();
         Ok(Attached { conn_id, events: LinkReceiver(shared), session })
@@ -299,12 +384,12 @@ impl Hub {
     /// `keep_session == false` (clean session) the persisted subscriptions are dropped too.
     pub fn detach_link(&self, device_id: &str, conn_id: u64, keep_session: bool) {
         let now = self.now();
-        let _ = self.with_device(device_id, |d| {
+        let _ = self.with_endpoint(device_id, |mut d| {
             if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
-                d.link = None;
-                self.set_connected(d, false, now);
+                *d.link = None;
+                self.set_endpoint_connected(&mut d, false, now);
                 if !keep_session {
-                    d.session = 0;
+                    *d.session = 0;
                 }
             }
             Ok(())
@@ -314,9 +399,9 @@ impl Hub {
     /// Stores the subscriptions of connection `conn_id` so the next session of the device finds
     /// them (the connection calls this after every SUBSCRIBE/UNSUBSCRIBE).
     pub fn save_session(&self, device_id: &str, conn_id: u64, session: u8) {
-        let _ = self.with_device(device_id, |d| {
+        let _ = self.with_endpoint(device_id, |d| {
             if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
-                d.session = session;
+                *d.session = session;
             }
             Ok(())
         });
@@ -327,14 +412,14 @@ impl Hub {
     /// Whether `device_id` still exists and is enabled: a dropped connection's MQTT Will is
     /// recorded only then (a deleted or disabled device sends nothing).
     pub fn device_may_send(&self, device_id: &str) -> bool {
-        self.with_device(device_id, |d| Ok(d.status == super::device::Status::Enabled)).unwrap_or(false)
+        self.with_endpoint(device_id, |d| Ok(d.enabled)).unwrap_or(false)
     }
 
     /// Records device activity (any packet from it).
     pub fn touch_device(&self, device_id: &str) {
         let now = self.now();
-        let _ = self.with_device(device_id, |d| {
-            d.last_activity = now;
+        let _ = self.with_endpoint(device_id, |d| {
+            *d.last_activity = now;
             Ok(())
         });
     }
@@ -358,8 +443,8 @@ impl Hub {
     /// Sends `patch` (with `$version`) to the device if it is connected and subscribed to desired
     /// property updates. Like IoT Hub, a device that is offline only sees it in its next GET.
     pub fn notify_desired(&self, device_id: &str, patch: Value) {
-        let _ = self.with_device(device_id, |d| {
-            if d.session & subscriptions::DESIRED == 0 {
+        let _ = self.with_endpoint(device_id, |d| {
+            if *d.session & subscriptions::DESIRED == 0 {
                 return Ok(());
             }
             if let Some(link) = &d.link
@@ -373,12 +458,13 @@ impl Hub {
 
     /// Whether `device_id` is connected and subscribed to direct methods.
     fn method_link(&self, device_id: &str) -> Result<Option<Arc<LinkShared>>, HubError> {
-        self.with_device(device_id, |d| {
-            Ok(d.link.as_ref().filter(|_| d.session & subscriptions::METHODS != 0).map(|l| l.shared.clone()))
+        self.with_endpoint(device_id, |d| {
+            Ok(d.link.as_ref().filter(|_| *d.session & subscriptions::METHODS != 0).map(|l| l.shared.clone()))
         })
     }
 
-    /// Invokes direct method `name` on `device_id` (reference §2.7): waits up to `connect` for the
+    /// Invokes direct method `name` on `device_id` (reference §2.7; a module's `{deviceId}/{moduleId}`,
+    /// reference-2 §4.1): waits up to `connect` for the
     /// device to be online and subscribed (404103 `DeviceNotOnline` otherwise), then up to
     /// `response` for its answer (504101 `GatewayTimeout` otherwise).
     pub async fn invoke_method(
@@ -389,8 +475,11 @@ impl Hub {
         connect: Duration,
         response: Duration,
     ) -> Result<MethodReply, HubError> {
-        let offline =
-            || HubError::new(ErrorCode::DeviceNotOnline, format!("device '{device_id}' is not online"));
+        let who = match super::module::split_client_id(device_id) {
+            (d, Some(m)) => format!("module '{m}' of device '{d}'"),
+            (d, None) => format!("device '{d}'"),
+        };
+        let offline = || HubError::new(ErrorCode::DeviceNotOnline, format!("{who} is not online"));
         let deadline = tokio::time::Instant::now() + connect;
         let events = loop {
             let notified = self.shared.changed.notified();
@@ -411,10 +500,7 @@ impl Hub {
             Ok(Err(_)) => Err(offline()),
             Err(_) => Err(HubError::new(
                 ErrorCode::GatewayTimeout,
-                format!(
-                    "device '{device_id}' did not answer method '{name}' within {} s",
-                    response.as_secs()
-                ),
+                format!("{who} did not answer method '{name}' within {} s", response.as_secs()),
             )),
         }
     }

@@ -20,6 +20,7 @@ mod device;
 pub mod events;
 pub mod link;
 pub mod messaging;
+pub mod module;
 pub mod receivers;
 mod registry;
 pub mod time;
@@ -40,6 +41,7 @@ pub use device::{AuthType, Device, DeviceExtra, Status, validate_device_id};
 pub use events::{D2cMessage, Event, EventLog, EventPosition, EventsConfig, EventsError};
 pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
+pub use module::{Module, ModuleInput};
 pub use registry::{BulkResult, DeviceInput, IfMatch, QueryPage, RegistryStats};
 pub use twin::{Section, Twin};
 
@@ -137,6 +139,8 @@ struct Shared {
     counter: AtomicU64,
     /// Registered devices, kept beside the shards so statistics need no scan.
     device_count: AtomicUsize,
+    /// Module identities registered (devices' modules), for the hub's identity cap.
+    module_count: AtomicUsize,
     /// Devices with `connected` set, kept by [`Hub::set_connected`] (the dashboard reads it live).
     connected_count: AtomicUsize,
     /// Scheduled jobs: their own table and tasks (see `crate::jobs`).
@@ -203,6 +207,7 @@ impl Hub {
                 amqp_port: AtomicU16::new(crate::limits::DEFAULT_AMQP_PORT),
                 counter: AtomicU64::new(start),
                 device_count: AtomicUsize::new(0),
+                module_count: AtomicUsize::new(0),
                 connected_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
                 changed: tokio::sync::Notify::new(),

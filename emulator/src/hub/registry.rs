@@ -81,7 +81,7 @@ impl DeviceInput {
 
     /// `authentication.type`: as given; `selfSigned` when absent but a thumbprint is given (what
     /// Node's registry client sends); `sas` otherwise.
-    fn auth_type(&self) -> AuthType {
+    pub(super) fn auth_type(&self) -> AuthType {
         match (self.auth_type, &self.thumbprints) {
             (Some(t), _) => t,
             (None, Some(_)) => AuthType::SelfSigned,
@@ -92,7 +92,7 @@ impl DeviceInput {
     /// The thumbprints to store for `auth` (as given): a `selfSigned` device needs a primary
     /// thumbprint, each SHA-1 (40 hex digits) or SHA-256 (64), both of one length (reference-2
     /// §3.1); other types keep none.
-    fn resolved_thumbprints(
+    pub(super) fn resolved_thumbprints(
         &self,
         auth: AuthType,
     ) -> Result<Option<super::device::ThumbprintPair>, HubError> {
@@ -121,7 +121,7 @@ impl DeviceInput {
         Ok(Some((primary.clone(), secondary.clone())))
     }
 
-    fn resolved_keys(&self, auth: AuthType) -> Result<(Option<String>, Option<String>), HubError> {
+    pub(super) fn resolved_keys(&self, auth: AuthType) -> Result<(Option<String>, Option<String>), HubError> {
         if auth != AuthType::Sas {
             return Ok((None, None));
         }
@@ -160,7 +160,7 @@ impl IfMatch {
         }
     }
 
-    fn check(&self, current: &str) -> Result<(), HubError> {
+    pub(super) fn check(&self, current: &str) -> Result<(), HubError> {
         match self {
             Self::Any => Ok(()),
             Self::Etag(e) if e == current => Ok(()),
@@ -303,8 +303,17 @@ impl Hub {
                         d.status = status;
                         d.status_updated = now;
                         // A disabled device loses its open connection (dropping the link kicks it).
-                        if status == Status::Disabled && d.link.take().is_some() {
-                            self.set_connected(d, false, now);
+                        if status == Status::Disabled {
+                            if d.link.take().is_some() {
+                                self.set_connected(d, false, now);
+                            }
+                            // Its modules' connections close too.
+                            for m in d.extra.as_deref_mut().map_or(&mut [][..], |e| &mut e.modules[..]) {
+                                if m.link.take().is_some() {
+                                    m.connected = false;
+                                    m.connection_state_updated = now;
+                                }
+                            }
                         }
                     }
                     d.status_reason = input.status_reason;
@@ -318,7 +327,7 @@ impl Hub {
                     Ok((d.to_json(n), false))
                 }
                 (None, None) => {
-                    if self.shared.device_count.load(Ordering::Relaxed) >= HUB_MAX_DEVICES {
+                    if self.identity_count() >= HUB_MAX_DEVICES {
                         return Err(HubError::new(
                             ErrorCode::IotHubQuotaExceeded,
                             format!("the hub holds {HUB_MAX_DEVICES} devices, IoT Hub's maximum"),
@@ -347,7 +356,7 @@ impl Hub {
         let thumbprints = input.resolved_thumbprints(auth_type)?;
         let status = input.status.unwrap_or(Status::Enabled);
         let extra =
-            thumbprints.map(|t| Box::new(super::DeviceExtra { thumbprints: Some(t), model_id: None }));
+            thumbprints.map(|t| Box::new(super::DeviceExtra { thumbprints: Some(t), ..Default::default() }));
         Ok(Device {
             id: id.to_string(),
             generation_id: self.next_counter(),
@@ -372,12 +381,19 @@ impl Hub {
 
     /// Records the Plug and Play model id device `id` announced when it connected (reference-2
     /// §5): its twin's `modelId` until it announces another. Unknown devices are ignored.
+    /// `id` may also be a module connection's `{deviceId}/{moduleId}` (the module twin's `modelId`).
     pub fn announce_model_id(&self, id: &str, model_id: &str) {
+        let (id, module) = super::module::split_client_id(id);
         let mut shard = self.shard_for(id);
-        if let Some(d) = shard.devices.get_mut(id)
-            && d.model_id() != Some(model_id)
-        {
-            d.update_extra(|e| e.model_id = Some(model_id.into()));
+        let Some(d) = shard.devices.get_mut(id) else { return };
+        match module {
+            Some(mid) => {
+                if let Some(m) = d.module_mut(mid) {
+                    m.model_id = Some(model_id.into());
+                }
+            }
+            None if d.model_id() != Some(model_id) => d.update_extra(|e| e.model_id = Some(model_id.into())),
+            None => {}
         }
     }
 
@@ -405,8 +421,12 @@ impl Hub {
         if let Some(cond) = if_match {
             cond.check(&d.etag_str())?;
         }
-        if shard.devices.remove(id).is_some_and(|d| d.connected) {
-            self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(d) = shard.devices.remove(id) {
+            if d.connected {
+                self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            // Its modules go with it (dropping their links closes their connections).
+            self.shared.module_count.fetch_sub(d.modules().len(), Ordering::Relaxed);
         }
         self.shared.device_count.fetch_sub(1, Ordering::Relaxed);
         Ok(())
@@ -504,6 +524,9 @@ impl Hub {
         mut sink: impl FnMut(Value),
     ) -> (usize, Option<String>, bool) {
         use std::ops::Bound::{Excluded, Unbounded};
+        if query.collection == crate::query::Collection::Modules {
+            return scan_shard_modules(shard, after, budget, query, sink);
+        }
         let start = after.map_or(Unbounded, |k| Excluded(k.to_string()));
         let mut taken = 0;
         let mut last = None;
@@ -560,9 +583,10 @@ impl Hub {
         self.with_device(id, |d| Ok(d.twin.reported.get(name).cloned())).ok().flatten()
     }
 
-    /// The twin's `properties` as a device sees them (`{"desired":…,"reported":…}`).
+    /// The twin's `properties` as a device sees them (`{"desired":…,"reported":…}`); `id` may
+    /// also be a module connection's `{deviceId}/{moduleId}` (its module twin).
     pub fn device_twin_properties(&self, id: &str) -> Result<Value, HubError> {
-        self.with_device(id, |d| Ok(d.twin.properties_json()))
+        self.with_endpoint(id, |d| Ok(d.twin.properties_json()))
     }
 
     /// `PATCH /twins/{id}` (merge) or `PUT /twins/{id}` (replace `replace == true`): tags and
@@ -575,56 +599,15 @@ impl Hub {
         if_match: Option<IfMatch>,
         replace: bool,
     ) -> Result<(Value, Option<Value>), HubError> {
-        if !body.is_object() {
-            return Err(HubError::invalid(format!(
-                "the twin must be a JSON object with tags and/or properties.desired, not {}",
-                super::twin::json_kind(body)
-            )));
-        }
-        if let Some(p) = body.get("properties").filter(|p| !p.is_null() && !p.is_object()) {
-            return Err(HubError::invalid(format!(
-                "properties must be a JSON object, not {}",
-                super::twin::json_kind(p)
-            )));
-        }
+        let (tags, desired) = twin_update_parts(body)?;
         let now = self.now();
-        let tags = body.get("tags").filter(|v| !v.is_null());
-        let desired = body.pointer("/properties/desired").filter(|v| !v.is_null());
-        if body.pointer("/properties/reported").is_some_and(|v| {
-            !v.is_null() && v.as_object().is_some_and(|m| m.keys().any(|k| !k.starts_with('$')))
-        }) {
-            return Err(HubError::invalid("reported properties are written by the device, not the service"));
-        }
         let mut fb = Vec::new();
         let r = self.with_device(id, |d| {
             if let Some(cond) = &if_match {
                 cond.check(&d.twin.etag_str())?;
             }
-            let mut staged = d.twin.clone();
-            let empty = Value::Object(Map::new());
-            let mut desired_changed = false;
-            if replace {
-                staged.replace(Section::Tags, tags.unwrap_or(&empty), now)?;
-                desired_changed = staged.replace(Section::Desired, desired.unwrap_or(&empty), now)?;
-            } else {
-                if let Some(t) = tags {
-                    staged.patch(Section::Tags, t, now)?;
-                }
-                if let Some(p) = desired {
-                    desired_changed = staged.patch(Section::Desired, p, now)?;
-                }
-            }
-            d.twin = staged;
+            let notice = apply_twin_update(&mut d.twin, tags, desired, replace, now)?;
             let n = self.pending_c2d(d, now, &mut fb);
-            let notice = desired_changed.then(|| {
-                let mut patch = if replace {
-                    d.twin.desired.clone()
-                } else {
-                    desired.and_then(Value::as_object).cloned().unwrap_or_default()
-                };
-                patch.insert("$version".into(), Value::from(d.twin.desired_version));
-                Value::Object(patch)
-            });
             Ok((twin_json(d, n), notice))
         });
         self.emit_feedback(fb);
@@ -634,13 +617,14 @@ impl Hub {
         r
     }
 
-    /// A device's reported-properties patch (MQTT `$iothub/twin/PATCH/properties/reported`).
-    /// Returns the new reported `$version`.
+    /// A device's reported-properties patch (MQTT `$iothub/twin/PATCH/properties/reported`);
+    /// `id` may also be a module connection's `{deviceId}/{moduleId}`. Returns the new reported
+    /// `$version`.
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, HubError> {
         let now = self.now();
-        self.with_device(id, |d| {
+        self.with_endpoint(id, |d| {
             d.twin.patch(Section::Reported, patch, now)?;
-            d.last_activity = now;
+            *d.last_activity = now;
             Ok(d.twin.reported_version)
         })
     }
@@ -733,6 +717,114 @@ impl Hub {
         }
         Ok(())
     }
+}
+
+/// The tags and desired properties a service twin update (`PATCH`/`PUT /twins/...`) carries,
+/// checked: a JSON object whose `properties` is an object and which writes no reported property.
+pub(super) fn twin_update_parts(body: &Value) -> Result<(Option<&Value>, Option<&Value>), HubError> {
+    if !body.is_object() {
+        return Err(HubError::invalid(format!(
+            "the twin must be a JSON object with tags and/or properties.desired, not {}",
+            super::twin::json_kind(body)
+        )));
+    }
+    if let Some(p) = body.get("properties").filter(|p| !p.is_null() && !p.is_object()) {
+        return Err(HubError::invalid(format!(
+            "properties must be a JSON object, not {}",
+            super::twin::json_kind(p)
+        )));
+    }
+    let tags = body.get("tags").filter(|v| !v.is_null());
+    let desired = body.pointer("/properties/desired").filter(|v| !v.is_null());
+    if body
+        .pointer("/properties/reported")
+        .is_some_and(|v| !v.is_null() && v.as_object().is_some_and(|m| m.keys().any(|k| !k.starts_with('$'))))
+    {
+        return Err(HubError::invalid("reported properties are written by the device, not the service"));
+    }
+    Ok((tags, desired))
+}
+
+/// Applies a service twin update to `twin` (all or nothing): merges (`replace == false`) or
+/// replaces tags and desired properties. Returns the desired patch the device or module should be
+/// told about (with `$version`), if desired changed.
+pub(super) fn apply_twin_update(
+    twin: &mut Twin,
+    tags: Option<&Value>,
+    desired: Option<&Value>,
+    replace: bool,
+    now: u64,
+) -> Result<Option<Value>, HubError> {
+    let mut staged = twin.clone();
+    let empty = Value::Object(Map::new());
+    let mut desired_changed = false;
+    if replace {
+        staged.replace(Section::Tags, tags.unwrap_or(&empty), now)?;
+        desired_changed = staged.replace(Section::Desired, desired.unwrap_or(&empty), now)?;
+    } else {
+        if let Some(t) = tags {
+            staged.patch(Section::Tags, t, now)?;
+        }
+        if let Some(p) = desired {
+            desired_changed = staged.patch(Section::Desired, p, now)?;
+        }
+    }
+    *twin = staged;
+    Ok(desired_changed.then(|| {
+        let mut patch = if replace {
+            twin.desired.clone()
+        } else {
+            desired.and_then(Value::as_object).cloned().unwrap_or_default()
+        };
+        patch.insert("$version".into(), Value::from(twin.desired_version));
+        Value::Object(patch)
+    }))
+}
+
+/// [`Hub::scan_shard`] for `FROM devices.modules`: the module twins of the shard's devices, in
+/// device then module order; the continuation key is the last module visited, `{deviceId}/{moduleId}`.
+fn scan_shard_modules(
+    shard: &mut Shard,
+    after: Option<&str>,
+    budget: usize,
+    query: &Query,
+    mut sink: impl FnMut(Value),
+) -> (usize, Option<String>, bool) {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let (after_device, after_module) = match after {
+        Some(k) => {
+            let (d, m) = super::module::split_client_id(k);
+            (Some(d), m)
+        }
+        None => (None, None),
+    };
+    let start = match (after_device, after_module) {
+        (None, _) => Unbounded,
+        (Some(d), Some(_)) => Included(d.to_string()),
+        (Some(d), None) => Excluded(d.to_string()),
+    };
+    let mut taken = 0;
+    let mut last = None;
+    let filter_roots = query.filter_roots();
+    let select_roots = query.select_roots();
+    for (id, d) in shard.devices.range((start, Unbounded)) {
+        for m in d.modules() {
+            if Some(id.as_str()) == after_device && after_module.is_some_and(|a| *m.id <= *a) {
+                continue;
+            }
+            if taken == budget {
+                return (taken, last, false);
+            }
+            last = Some(format!("{id}/{}", m.id));
+            if query.matches(&super::module::module_twin_parts(d, m, Some(&filter_roots))) {
+                taken += 1;
+                if !query.is_count() {
+                    sink(query.project(&super::module::module_twin_parts(d, m, select_roots.as_deref())));
+                }
+            }
+        }
+    }
+    (taken, last, true)
 }
 
 fn encode_continuation(c: &Continuation) -> String {

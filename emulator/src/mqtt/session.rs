@@ -142,7 +142,10 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refused {
 }
 
 /// Checks a CONNECT (reference §4.2): protocol 3.1.1, client id = device id, username
-/// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device. On success the
+/// `{hostname}/{deviceId}/?api-version=…`, password a SAS token for that device; or, for a module
+/// (reference-2 §4.2), client id `{deviceId}/{moduleId}`, username
+/// `{hostname}/{deviceId}/{moduleId}/?api-version=…` and a token for
+/// `{hostname}/devices/{deviceId}/modules/{moduleId}` signed with the module's key. On success the
 /// device's connection is registered with the hub (closing an older one). With a tier, a CONNECT
 /// past the new-connections backlog is refused with `0x03 Server unavailable`, and a shaped one
 /// holds the session (its CONNACK goes out at its turn, see [`Session::take_hold`]).
@@ -174,10 +177,13 @@ pub fn accept_connect_tls(
         return Err(refuse(RefusedProtocolVersion, "only MQTT 3.1.1 (protocol level 4) is supported"));
     }
     let id = c.client_id.as_str();
-    if id.is_empty() || id.contains('/') || crate::hub::validate_device_id(id).is_err() {
+    let (device_id, module_id) = crate::hub::module::split_client_id(id);
+    let id_ok = crate::hub::validate_device_id(device_id).is_ok()
+        && module_id.is_none_or(|m| crate::hub::module::validate_module_id(m).is_ok());
+    if !id_ok {
         return Err(refuse(
             BadClientId,
-            format!("client id '{id}' is not a device id (modules are not supported)"),
+            format!("client id '{id}' is not a device id or a '{{deviceId}}/{{moduleId}}' module identity"),
         ));
     }
     let Some(login) = &c.login else {
@@ -197,12 +203,20 @@ pub fn accept_connect_tls(
     }
     let model_id = model_id(&login.username[expected.len()..]).map_err(|r| refuse(BadUserNamePassword, r))?;
     let credential_expiry_secs = match client_cert {
+        Some(_) if login.password.is_empty() && module_id.is_some() => {
+            return Err(refuse(
+                NotAuthorized,
+                format!(
+                    "module '{id}' presented a client certificate: the emulator authenticates modules with SAS tokens only"
+                ),
+            ));
+        }
         Some(chain) if login.password.is_empty() => hub
             .authenticate_x509(chain, id)
             .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?,
         _ => {
             let auth = hub
-                .authenticate_device(&login.password, id)
+                .authenticate_client(&login.password, id)
                 .map_err(|e| refuse(NotAuthorized, format!("{}: {}", e.code.name(), e.message)))?;
             auth.expiry_secs.saturating_add(hub.config().sas_skew_secs)
         }
@@ -610,7 +624,10 @@ fn twin_error(device_id: &str, rid: &str, e: &HubError) -> Packet {
 
 /// A telemetry PUBLISH as a D2C message: `$.`-keys become system properties under their AMQP
 /// names, the rest application properties (`mqtt-retain` added for RETAIN, as IoT Hub does).
-fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Bytes) -> D2cMessage {
+/// `client_id` is the device id or a module's `{deviceId}/{moduleId}` (then the message carries
+/// `iothub-connection-module-id` and the module auth method).
+fn telemetry(client_id: &str, bag: topics::PropertyBag, retain: bool, body: Bytes) -> D2cMessage {
+    let (device_id, module_id) = crate::hub::module::split_client_id(client_id);
     let mut system = Vec::new();
     let mut properties = Vec::new();
     for (k, v) in bag {
@@ -636,10 +653,15 @@ fn telemetry(device_id: &str, bag: topics::PropertyBag, retain: bool, body: Byte
     }
     D2cMessage {
         device_id: device_id.to_string(),
+        module_id: module_id.map(str::to_string),
+        auth: if module_id.is_some() {
+            crate::hub::events::AuthMethod::ModuleSas
+        } else {
+            crate::hub::events::AuthMethod::DeviceSas
+        },
         system_properties: system,
         properties,
         body,
-        ..D2cMessage::default()
     }
 }
 
@@ -773,8 +795,14 @@ mod tests {
         );
 
         let mut bad_id = connect_packet(&f, "d1", false);
-        bad_id.client_id = "d1/module".into();
-        assert_eq!(accept_connect(&f.hub, &bad_id).unwrap_err().code, ConnectReturnCode::BadClientId);
+        for bad in ["d1/module/x", "d1/", "/m", "has space"] {
+            bad_id.client_id = bad.into();
+            assert_eq!(
+                accept_connect(&f.hub, &bad_id).unwrap_err().code,
+                ConnectReturnCode::BadClientId,
+                "{bad}"
+            );
+        }
 
         let mut v5 = connect_packet(&f, "d1", false);
         v5.protocol = rumqttc::mqttbytes::Protocol::V5;
@@ -1256,5 +1284,143 @@ mod tests {
         let refused = accept_connect(&f.hub, &connect_packet(&f, "d1", true)).unwrap_err();
         assert_eq!(refused.code, ConnectReturnCode::ServiceUnavailable);
         assert!(refused.reason.contains("deviceConnections"), "{}", refused.reason);
+    }
+
+    /// A module's CONNECT: client id `{d}/{m}`, username `{host}/{d}/{m}/?…`, a token for
+    /// `{host}/devices/{d}/modules/{m}` signed with the module's key.
+    fn module_connect_packet(module_key: &str, sr: &str, client: &str) -> Connect {
+        let token = make_token(sr, module_key, None, START_MS / 1000 + 3600).unwrap();
+        let mut c = Connect::new(client);
+        c.clean_session = false;
+        c.keep_alive = 60;
+        c.set_login(
+            format!("localhost/{client}/?api-version=2021-04-12&DeviceClientType=x&model-id=dtmi%3Acom%3Aexample%3AM%3B1"),
+            token,
+        );
+        c
+    }
+
+    #[test]
+    fn a_module_connects_with_its_own_key_and_gets_its_own_twin_methods_and_telemetry() {
+        let f = fixture("d1");
+        let (m, _) = f.hub.put_module("d1", "m1", crate::hub::ModuleInput::default(), None).unwrap();
+        let mkey = m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+        let sr = "localhost/devices/d1/modules/m1";
+        // The device's key, another module's audience, or a device client id do not pass.
+        let refused = |c: Connect| accept_connect(&f.hub, &c).unwrap_err().code;
+        assert_eq!(refused(module_connect_packet(&f.key, sr, "d1/m1")), ConnectReturnCode::NotAuthorized);
+        assert_eq!(
+            refused(module_connect_packet(&mkey, "localhost/devices/d1", "d1/m1")),
+            ConnectReturnCode::NotAuthorized
+        );
+        assert_eq!(refused(module_connect_packet(&mkey, sr, "d1/nope")), ConnectReturnCode::NotAuthorized);
+        assert_eq!(refused(module_connect_packet(&mkey, sr, "d1/m 1")), ConnectReturnCode::BadClientId);
+
+        let mut a = accept_connect(&f.hub, &module_connect_packet(&mkey, sr, "d1/m1")).unwrap();
+        assert_eq!(f.hub.get_module("d1", "m1").unwrap()["connectionState"], "Connected");
+        assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected", "the device is apart");
+        assert_eq!(f.hub.get_module_twin("d1", "m1").unwrap()["modelId"], "dtmi:com:example:M;1");
+        let s = &mut a.session;
+        // Module connections have twin and method topics, not C2D.
+        let out = subscribe(
+            s,
+            &f.hub,
+            &[
+                "$iothub/twin/PATCH/properties/desired/#",
+                "$iothub/methods/POST/#",
+                "devices/d1/messages/devicebound/#",
+            ],
+        );
+        let Packet::SubAck(ack) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(ack.return_codes[2], SubscribeReasonCode::Failure);
+
+        let mut out = Vec::new();
+        let patch =
+            Publish::new("$iothub/twin/PATCH/properties/reported/?$rid=p1", QoS::AtMostOnce, r#"{"r":1}"#);
+        s.handle_packet(&f.hub, Packet::Publish(patch), &mut out).unwrap();
+        assert_eq!(publishes(&out)[0].topic, "$iothub/twin/res/204/?$rid=p1&$version=2");
+        assert_eq!(f.hub.get_module_twin("d1", "m1").unwrap()["properties"]["reported"]["r"], 1);
+        assert_eq!(f.hub.get_twin("d1").unwrap()["properties"]["reported"].get("r"), None);
+
+        f.hub
+            .update_module_twin("d1", "m1", &json!({"properties": {"desired": {"x": 5}}}), None, false)
+            .unwrap();
+        f.hub.update_twin("d1", &json!({"properties": {"desired": {"y": 6}}}), None, false).unwrap();
+        let event = a.link.events.try_recv().expect("the module's desired patch");
+        assert!(a.link.events.try_recv().is_none(), "the device's patch is not the module's");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, event, &mut out);
+        assert_eq!(publishes(&out)[0].topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
+
+        let mut p = Publish::new(
+            "devices/d1/modules/m1/messages/events/%24.ct=text%2Fplain&k=v",
+            QoS::AtLeastOnce,
+            "hi",
+        );
+        p.pkid = 4;
+        s.handle_packet(&f.hub, Packet::Publish(p), &mut Vec::new()).unwrap();
+        let got = f.hub.read_telemetry(Some("d1"), 0, 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].module_id.as_deref(), Some("m1"));
+        assert_eq!(got[0].auth, crate::hub::events::AuthMethod::ModuleSas);
+        // The built-in Event Hub-compatible endpoint annotates it with both ids and the module scope.
+        let amqp = crate::amqp::nodes::partition::event_message(&got[0]);
+        let annotation = |name: &str| {
+            amqp.message_annotations
+                .iter()
+                .find(|(k, _)| *k == crate::amqp::types::Value::sym(name))
+                .map(|(_, v)| v.clone())
+        };
+        let text = crate::amqp::types::Value::str;
+        assert_eq!(annotation("iothub-connection-device-id"), Some(text("d1")));
+        assert_eq!(annotation("iothub-connection-module-id"), Some(text("m1")));
+        assert_eq!(
+            annotation("iothub-connection-auth-method"),
+            Some(text(r#"{"scope":"module","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#))
+        );
+        // A module publishes only to its own telemetry topic.
+        let other = Publish::new("devices/d1/messages/events/", QoS::AtMostOnce, "x");
+        assert!(matches!(
+            s.handle_packet(&f.hub, Packet::Publish(other), &mut Vec::new()),
+            Err(Close::Topic(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_module_method_reaches_the_module_connection_and_its_answer_the_caller() {
+        let f = fixture("d1");
+        let (m, _) = f.hub.put_module("d1", "m1", crate::hub::ModuleInput::default(), None).unwrap();
+        let mkey = m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+        let c = module_connect_packet(&mkey, "localhost/devices/d1/modules/m1", "d1/m1");
+        let mut a = accept_connect(&f.hub, &c).unwrap();
+        subscribe(&mut a.session, &f.hub, &["$iothub/methods/POST/#"]);
+        let hub = f.hub.clone();
+        let call = tokio::spawn(async move {
+            let t = std::time::Duration::from_secs(5);
+            hub.invoke_method("d1/m1", "ping", Bytes::from_static(b"1"), t, t).await
+        });
+        let event = a.link.events.recv().await.expect("the method call");
+        let mut out = Vec::new();
+        a.session.handle_event(&f.hub, event, &mut out);
+        assert_eq!(publishes(&out)[0].topic, "$iothub/methods/POST/ping/?$rid=1");
+        let res = Publish::new("$iothub/methods/res/200/?$rid=1", QoS::AtMostOnce, r#""pong""#);
+        a.session.handle_packet(&f.hub, Packet::Publish(res), &mut Vec::new()).unwrap();
+        let reply = call.await.unwrap().unwrap();
+        assert_eq!((reply.status, &reply.payload[..]), (200, &br#""pong""#[..]));
+        let t = std::time::Duration::ZERO;
+        let e = f.hub.invoke_method("d1", "ping", Bytes::new(), t, t).await.unwrap_err();
+        assert_eq!(e.code, crate::error::ErrorCode::DeviceNotOnline, "the device itself is not connected");
+        f.hub.delete_module("d1", "m1", None).unwrap();
+        assert!(a.link.events.is_kicked(), "deleting the module closes its connection");
+
+        let (m, _) = f.hub.put_module("d1", "m2", crate::hub::ModuleInput::default(), None).unwrap();
+        let mkey = m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+        let c = module_connect_packet(&mkey, "localhost/devices/d1/modules/m2", "d1/m2");
+        let b = accept_connect(&f.hub, &c).unwrap();
+        let disable = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
+        f.hub.put_device("d1", disable, Some(crate::hub::IfMatch::Any)).unwrap();
+        assert!(b.link.events.is_kicked(), "disabling the device closes its modules' connections");
+        assert_eq!(f.hub.get_module("d1", "m2").unwrap()["connectionState"], "Disconnected");
+        assert_eq!(accept_connect(&f.hub, &c).unwrap_err().code, ConnectReturnCode::NotAuthorized);
     }
 }

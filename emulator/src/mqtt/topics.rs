@@ -82,7 +82,17 @@ fn rid_of(query: &str) -> Option<String> {
     parse_bag(query).into_iter().find(|(k, _)| k == "$rid").and_then(|(_, v)| v)
 }
 
-/// Classifies a PUBLISH topic from device `device_id`.
+/// The topic base of a connection's identity: `devices/{id}` for a device, `devices/{id}/modules/{mid}`
+/// for a module (client id `{id}/{mid}`).
+pub fn identity_base(client_id: &str) -> String {
+    match crate::hub::module::split_client_id(client_id) {
+        (d, Some(m)) => format!("devices/{d}/modules/{m}"),
+        (d, None) => format!("devices/{d}"),
+    }
+}
+
+/// Classifies a PUBLISH topic from the connection of `device_id` (a device id, or a module's
+/// client id `{deviceId}/{moduleId}`, whose telemetry goes to `devices/{id}/modules/{mid}/messages/events`).
 pub fn parse_publish_topic(device_id: &str, topic: &str) -> Result<DeviceTopic, TopicError> {
     let refuse = |reason| TopicError { device_id: device_id.into(), topic: topic.into(), reason };
     if let Some(rest) = topic.strip_prefix("$iothub/") {
@@ -100,7 +110,7 @@ pub fn parse_publish_topic(device_id: &str, topic: &str) -> Result<DeviceTopic, 
             },
         };
     }
-    let prefix = format!("devices/{device_id}/messages/events");
+    let prefix = format!("{}/messages/events", identity_base(device_id));
     match topic.strip_prefix(&prefix) {
         Some("") => Ok(DeviceTopic::Telemetry(Vec::new())),
         Some(rest) if rest.starts_with('/') => Ok(DeviceTopic::Telemetry(parse_bag(&rest[1..]))),
@@ -112,14 +122,17 @@ pub fn parse_publish_topic(device_id: &str, topic: &str) -> Result<DeviceTopic, 
 }
 
 /// The subscription kind (a `hub::link::subscriptions` bit) of filter `filter` for device
-/// `device_id`, or `None` when IoT Hub does not allow it.
+/// `device_id`, or `None` when IoT Hub does not allow it. A module connection (client id
+/// `{deviceId}/{moduleId}`) has the twin and method topics but no C2D (module clients have no C2D
+/// API; module inputs are routed by IoT Edge, which the emulator is not).
 pub fn parse_subscription(device_id: &str, filter: &str) -> Option<u8> {
     match filter {
         "$iothub/twin/res/#" => Some(subscriptions::TWIN_RESPONSES),
         "$iothub/twin/PATCH/properties/desired/#" => Some(subscriptions::DESIRED),
         "$iothub/methods/POST/#" => Some(subscriptions::METHODS),
-        f if f.strip_prefix("devices/").and_then(|r| r.strip_prefix(device_id))
-            == Some("/messages/devicebound/#") =>
+        f if !device_id.contains('/')
+            && f.strip_prefix("devices/").and_then(|r| r.strip_prefix(device_id))
+                == Some("/messages/devicebound/#") =>
         {
             Some(subscriptions::C2D)
         }
@@ -339,5 +352,30 @@ mod tests {
         assert_eq!(twin_response_topic(200, "r1", None), "$iothub/twin/res/200/?$rid=r1");
         assert_eq!(desired_patch_topic(5), "$iothub/twin/PATCH/properties/desired/?$version=5");
         assert_eq!(method_request_topic("reboot", "1"), "$iothub/methods/POST/reboot/?$rid=1");
+    }
+
+    #[test]
+    fn module_connections_publish_on_their_own_telemetry_topic_and_have_no_c2d() {
+        assert_eq!(identity_base("d1/m1"), "devices/d1/modules/m1");
+        assert_eq!(identity_base("d1"), "devices/d1");
+        assert_eq!(
+            parse_publish_topic("d1/m1", "devices/d1/modules/m1/messages/events/a=1").unwrap(),
+            DeviceTopic::Telemetry(vec![("a".into(), Some("1".into()))])
+        );
+        assert_eq!(
+            parse_publish_topic("d1/m1", "devices/d1/modules/m1/messages/events").unwrap(),
+            DeviceTopic::Telemetry(Vec::new())
+        );
+        assert!(parse_publish_topic("d1/m1", "devices/d1/messages/events/").is_err());
+        assert!(parse_publish_topic("d1/m1", "devices/d1/modules/m2/messages/events/").is_err());
+        assert!(parse_publish_topic("d1", "devices/d1/modules/m1/messages/events/").is_err());
+        assert_eq!(
+            parse_publish_topic("d1/m1", "$iothub/twin/GET/?$rid=3").unwrap(),
+            DeviceTopic::TwinGet { rid: "3".into() }
+        );
+        assert_eq!(parse_subscription("d1/m1", "$iothub/methods/POST/#"), Some(subscriptions::METHODS));
+        assert_eq!(parse_subscription("d1/m1", "devices/d1/m1/messages/devicebound/#"), None);
+        assert_eq!(parse_subscription("d1/m1", "devices/d1/modules/m1/inputs/#"), None);
+        assert_eq!(parse_subscription("d1", "devices/d1/messages/devicebound/#"), Some(subscriptions::C2D));
     }
 }

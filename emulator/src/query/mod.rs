@@ -42,6 +42,18 @@ pub struct Query {
     pub select: Select,
     /// The `WHERE` condition; `None` selects every twin.
     pub filter: Option<Expr>,
+    /// What the query runs over (`FROM devices` or `FROM devices.modules`).
+    pub collection: Collection,
+}
+
+/// The collection a query reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Collection {
+    /// `FROM devices`: device twins.
+    #[default]
+    Devices,
+    /// `FROM devices.modules`: module twins.
+    Modules,
 }
 
 /// The `SELECT` list.
@@ -590,7 +602,6 @@ mod tests {
     #[test]
     fn unsupported_constructs_are_named() {
         let cases = [
-            ("SELECT * FROM devices.modules", "FROM devices.modules"),
             ("SELECT * FROM devices.jobs WHERE devices.jobs.jobId = 'x'", "FROM devices.jobs"),
             ("SELECT tags.a AS a, COUNT() AS n FROM devices GROUP BY tags.a", "COUNT() together"),
             ("SELECT * FROM devices GROUP BY tags.a", "GROUP BY"),
@@ -726,5 +737,13 @@ mod tests {
             }
         }
         assert!(parsed > 0, "the generator should produce some valid queries");
+    }
+
+    #[test]
+    fn from_devices_modules_reads_module_twins() {
+        let q = Query::parse("SELECT * FROM devices.modules WHERE moduleId = 'm1'").unwrap();
+        assert_eq!(q.collection, Collection::Modules);
+        assert_eq!(Query::parse("SELECT * FROM devices").unwrap().collection, Collection::Devices);
+        assert!(Query::parse("SELECT * FROM devices.modules.x").is_err());
     }
 }

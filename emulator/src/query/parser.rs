@@ -7,7 +7,7 @@
 //! errors, so users know their query is fine and the emulator is the limit.
 
 use super::lexer::{Tok, Token};
-use super::{CmpOp, Expr, Field, Literal, Operand, Path, Query, QueryError, Select};
+use super::{CmpOp, Collection, Expr, Field, Literal, Operand, Path, Query, QueryError, Select};
 
 /// Output key of `COUNT()` when the query gives no `AS` alias.
 pub(super) const DEFAULT_COUNT_ALIAS: &str = "$1";
@@ -86,10 +86,10 @@ impl Parser {
         let top = if self.eat_keyword("TOP") { Some(self.top()?) } else { None };
         let select = self.select()?;
         self.expect_keyword("FROM", "FROM after the selection")?;
-        self.from()?;
+        let collection = self.from()?;
         let filter = if self.eat_keyword("WHERE") { Some(self.or()?) } else { None };
         self.end(filter.is_some())?;
-        Ok(Query { top, select, filter })
+        Ok(Query { top, select, filter, collection })
     }
 
     /// Checks that nothing but the end of the query follows.
@@ -124,20 +124,22 @@ impl Parser {
         }
     }
 
-    fn from(&mut self) -> Parsed<()> {
+    fn from(&mut self) -> Parsed<Collection> {
         if !self.at_keyword("devices") {
             return Err(self.error("`devices` after FROM (the collection of device twins)"));
         }
         self.i += 1;
         if self.peek().tok != Tok::Dot {
-            return Ok(());
+            return Ok(Collection::Devices);
         }
         let next = self.peek_at(1);
-        for collection in ["modules", "jobs"] {
-            if is_keyword(next, collection) {
-                self.i += 1;
-                return Err(self.unsupported(format!("FROM devices.{collection}")));
-            }
+        if is_keyword(next, "modules") {
+            self.i += 2;
+            return Ok(Collection::Modules);
+        }
+        if is_keyword(next, "jobs") {
+            self.i += 1;
+            return Err(self.unsupported("FROM devices.jobs".to_string()));
         }
         self.i += 1;
         Err(self.error("`modules` or `jobs` after `devices.`"))
