@@ -68,6 +68,12 @@ pub enum Route {
     FeedbackLock(String),
     /// `/messages/serviceBound/feedback/{lockToken}/abandon`.
     FeedbackAbandon(String),
+    /// `/configurations`: list (GET, `?top=N`).
+    Configurations,
+    /// `/configurations/testQueries` (POST).
+    ConfigurationTestQueries,
+    /// `/configurations/{id}`: create or update (PUT), read (GET), delete (DELETE).
+    Configuration(String),
     /// `/jobs/v2/{jobId}`: create (PUT) or read (GET) a scheduled job.
     Job(String),
     /// `/jobs/v2/{jobId}/cancel` (POST).
@@ -210,7 +216,12 @@ pub fn route(path: &str) -> Route {
         [j, v, id] if eq(j, "jobs") && eq(v, "v2") => Route::Job(id.to_string()),
         [j, v, id, c] if eq(j, "jobs") && eq(v, "v2") && eq(c, "cancel") => Route::JobCancel(id.to_string()),
         [j, ..] if eq(j, "jobs") => Route::NotImplemented("import/export jobs"),
-        [c, ..] if eq(c, "configurations") => Route::NotImplemented("configurations"),
+        [c] if eq(c, "configurations") => Route::Configurations,
+        [c, t] if eq(c, "configurations") && eq(t, "testQueries") => Route::ConfigurationTestQueries,
+        [c, id] if eq(c, "configurations") => Route::Configuration(id.to_string()),
+        [d, _, a] if eq(d, "devices") && eq(a, "applyConfigurationContent") => {
+            Route::NotImplemented("applyConfigurationContent (IoT Edge deployments)")
+        }
         [d, ..] if eq(d, "digitaltwins") => Route::NotImplemented("digital twins"),
         [e, q] if (eq(e, "enrollments") || eq(e, "enrollmentGroups")) && eq(q, "query") => {
             Route::DpsEnrollmentQuery { group: eq(e, "enrollmentGroups") }

@@ -137,6 +137,9 @@ pub struct DeviceExtra {
     pub thumbprints: Option<ThumbprintPair>,
     /// The Plug and Play model id the device last announced (`model-id=` in its MQTT username).
     pub model_id: Option<Box<str>>,
+    /// The configurations that target the device and the desired paths they wrote (see
+    /// `crate::configs`).
+    pub configurations: crate::configs::model::DeviceConfigs,
 }
 
 impl Device {
