@@ -10,7 +10,8 @@
 //! link is down or the window is full, at most [`OUTBOX_CAPACITY`] reports; acknowledgements are
 //! discarded with the link, since the hub redelivers what was not acknowledged). It builds the
 //! CONNECT ([`connect_packet`]: client id = device id, IoT Hub's username and SAS password,
-//! clean_session=0) and, on the CONNACK, the SUBSCRIBE (C2D at QoS 1, twin responses at QoS 0),
+//! clean_session=0) and, on the CONNACK, the SUBSCRIBE (C2D at QoS 1, twin responses and desired
+//! patches at QoS 0; a desired patch carrying an `update` notice becomes [`Incoming::Desired`]),
 //! and tells a C2D delivery seen before (the agent's [`SeenIds`]) from a new command, which the
 //! driver saves and acts on before it calls [`DeviceMqtt::ack`]. Keep-alive timing is a separate
 //! [`KeepAlive`] (only sockets need it): a deadline the driver sleeps until.
@@ -107,6 +108,9 @@ pub enum Incoming {
         /// Its id.
         message_id: Option<String>,
     },
+    /// A desired-properties patch announcing an update (its notice, as JSON): hand it to
+    /// [`super::core::AgentCore::on_desired`]. Patches are QoS 0: nothing to acknowledge.
+    Desired(Bytes),
     /// Nothing for the device (a twin response, SUBACK, PUBACK, PINGRESP).
     Nothing,
     /// A PINGRESP: the hub is alive ([`KeepAlive::on_pingresp`]).
@@ -281,6 +285,7 @@ impl DeviceMqtt {
                 let filters = vec![
                     SubscribeFilter::new(contract::c2d_filter(device_id), QoS::AtLeastOnce),
                     SubscribeFilter::new(contract::TWIN_RESPONSE_FILTER.into(), QoS::AtMostOnce),
+                    SubscribeFilter::new(contract::DESIRED_PATCH_FILTER.into(), QoS::AtMostOnce),
                 ];
                 // With clean_session=0 the hub keeps the subscriptions, but subscribing again is
                 // harmless and covers a hub that lost the session. First, before any resend.
@@ -297,6 +302,12 @@ impl DeviceMqtt {
                     return Incoming::Duplicate { message_id };
                 }
                 Incoming::Command(C2dCommand { pkid: p.pkid, message_id, payload: p.payload })
+            }
+            Packet::Publish(p) if contract::is_desired_patch_topic(&p.topic) => {
+                match contract::update_from_desired(&p.payload) {
+                    Some(notice) => Incoming::Desired(Bytes::from(notice)),
+                    None => Incoming::Nothing,
+                }
             }
             Packet::Publish(p) => {
                 if p.qos == QoS::AtLeastOnce {
@@ -410,6 +421,30 @@ mod tests {
     }
 
     #[test]
+    fn a_desired_patch_with_an_update_is_handed_over_and_others_are_not() {
+        let mut m = DeviceMqtt::default();
+        m.handle(ID, connack(), &SeenIds::default());
+        let patch = |body: &str| {
+            Packet::Publish(Publish::new(
+                "$iothub/twin/PATCH/properties/desired/?$version=2",
+                QoS::AtMostOnce,
+                body.as_bytes().to_vec(),
+            ))
+        };
+        let got = m.handle(
+            ID,
+            patch(r#"{"update":{"version":"2.0.0","url":"x","sha256":"s","size":1},"$version":2}"#),
+            &SeenIds::default(),
+        );
+        let Incoming::Desired(notice) = got else { panic!("{got:?}") };
+        assert!(std::str::from_utf8(&notice).unwrap().contains("\"2.0.0\""));
+        assert_eq!(
+            m.handle(ID, patch(r#"{"interval":5,"$version":3}"#), &SeenIds::default()),
+            Incoming::Nothing
+        );
+    }
+
+    #[test]
     fn nothing_leaves_before_the_connack_then_subscribe_comes_first() {
         let mut m = DeviceMqtt::default();
         m.publish("$iothub/twin/PATCH/properties/reported/?$rid=1".into(), b"{}".to_vec(), false);
@@ -423,7 +458,8 @@ mod tests {
             filters,
             [
                 ("devices/d1/messages/devicebound/#", QoS::AtLeastOnce),
-                ("$iothub/twin/res/#", QoS::AtMostOnce)
+                ("$iothub/twin/res/#", QoS::AtMostOnce),
+                ("$iothub/twin/PATCH/properties/desired/#", QoS::AtMostOnce)
             ]
         );
         assert!(matches!(&out[1], Packet::Publish(p) if p.qos == QoS::AtMostOnce && p.pkid == 0));
