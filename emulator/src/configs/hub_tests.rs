@@ -136,3 +136,32 @@ async fn the_sweeper_applies_without_being_asked() {
     }
     hub.shutdown_configurations();
 }
+
+/// Rough cost of a full sweep and of reading a configuration's metrics (run by hand:
+/// `cargo test -p iothub-emulator --release --lib configs::hub_tests::sweep_cost -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn sweep_cost() {
+    let n = 100_000;
+    let hub = Hub::new(HubConfig::default());
+    for i in 0..n {
+        let id = format!("d{i}");
+        hub.put_device(&id, DeviceInput::default(), None).unwrap();
+        if i % 10 == 0 {
+            hub.update_twin(&id, &json!({ "tags": { "env": "test" } }), None, false).unwrap();
+        }
+    }
+    let t = std::time::Instant::now();
+    hub.put_configuration("fw", &fw_config("2.0", "tags.env = 'test'", 1), None).unwrap();
+    hub.settle_configurations();
+    println!("full sweep over {n} devices (1 in 10 targeted): {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let c = hub.get_configuration("fw").unwrap();
+    println!("GET with 1 custom metric: {:?} -> {}", t.elapsed(), c["systemMetrics"]["results"]);
+    let t = std::time::Instant::now();
+    for i in 0..1000 {
+        hub.patch_reported(&format!("d{i}"), &json!({ "x": i })).unwrap();
+    }
+    hub.settle_configurations();
+    println!("1000 reported patches + their re-evaluation: {:?}", t.elapsed());
+}

@@ -272,6 +272,14 @@ mod tests {
         assert_eq!(route("/jobs/v2/query"), Route::JobsQuery);
         assert_eq!(route("/jobs/create"), Route::NotImplemented("import/export jobs"));
         assert_eq!(route("/devices/d/modules/m"), Route::NotImplemented("modules"));
+        assert_eq!(route("/configurations"), Route::Configurations);
+        assert_eq!(route("/configurations/"), Route::Configurations, "C# sends /configurations/?top=N");
+        assert_eq!(route("/configurations/testQueries"), Route::ConfigurationTestQueries);
+        assert_eq!(route("/configurations/fw-1.0"), Route::Configuration("fw-1.0".into()));
+        assert_eq!(
+            route("/devices/edge1/applyConfigurationContent"),
+            Route::NotImplemented("applyConfigurationContent (IoT Edge deployments)")
+        );
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(
             route("/0ne1/registrations/d-1/register"),
