@@ -317,18 +317,21 @@ impl ConfigInput {
         let content = match b.get("content") {
             None | Some(Value::Null) => None,
             Some(Value::Object(c)) => {
-                let present = |k: &str| c.get(k).is_some_and(|v| !v.is_null());
+                // The C# SDK sends all three members, the unused ones as empty objects.
+                let present = |k: &str| c.get(k).is_some_and(|v| !v.is_null() && v != &json!({}));
                 if present("modulesContent") || present("moduleContent") {
                     return Err(HubError::new(
                         ErrorCode::NotImplemented,
                         "module configurations (content.moduleContent / content.modulesContent) are not supported by this emulator; use content.deviceContent",
                     ));
                 }
+                let empty = Map::new();
                 let device = match c.get("deviceContent") {
                     Some(Value::Object(d)) => d,
-                    _ => {
+                    None | Some(Value::Null) => &empty,
+                    Some(_) => {
                         return Err(HubError::invalid(
-                            "content must hold deviceContent: an object of twin paths (properties.desired.…) to values",
+                            "content.deviceContent must be an object of twin paths (properties.desired.…) to values",
                         ));
                     }
                 };

@@ -117,6 +117,12 @@ fn bodies_are_validated_in_iot_hub_terms() {
     let e = parse(json!({ "content": { "modulesContent": { "$edgeAgent": {} } } }));
     assert_eq!(e.code, ErrorCode::NotImplemented);
     assert!(e.message.contains("module configurations"), "{}", e.message);
+    // C#'s empty module members, and no device content at all, are a device configuration.
+    let ok = json!({ "content": { "deviceContent": { "properties.desired.a": 1 }, "moduleContent": {}, "modulesContent": {} } });
+    assert_eq!(ConfigInput::parse("cfg", &ok).unwrap().content.unwrap().1.len(), 1);
+    assert!(ConfigInput::parse("cfg", &json!({ "content": {} })).unwrap().content.unwrap().1.is_empty());
+    let e = parse(json!({ "content": { "deviceContent": [1] } }));
+    assert!(e.message.contains("must be an object"), "{}", e.message);
     let e = parse(json!({ "content": { "deviceContent": { "tags.x": 1 } } }));
     assert!(e.message.contains("properties.desired"), "{}", e.message);
     let e = parse(
