@@ -229,10 +229,13 @@ impl Hub {
         Ok(self.configuration_json(&config))
     }
 
-    /// `GET /configurations?top=N`: every configuration (IoT Hub does not page them).
+    /// `GET /configurations?top=N`: every configuration (IoT Hub does not page them); the system
+    /// metrics of all of them from one pass over the registry.
     pub fn list_configurations(&self, top: Option<usize>) -> Vec<Value> {
         let configs = self.configs().lock().table.list(top);
-        configs.iter().map(|c| self.configuration_json(c)).collect()
+        let ids: Vec<&str> = configs.iter().map(|c| &*c.id).collect();
+        let system = self.config_status_counts(&ids);
+        configs.iter().zip(system).map(|(c, s)| c.to_json(s, &self.custom_metrics(c))).collect()
     }
 
     /// `DELETE /configurations/{id}`: the configuration's settings leave every twin it was
@@ -255,10 +258,13 @@ impl Hub {
     }
 
     fn configuration_json(&self, config: &Configuration) -> Value {
-        let system = self.config_status_counts(&config.id);
-        let custom: BTreeMap<String, usize> =
-            config.metrics.iter().map(|(name, m)| (name.clone(), self.count_matching(&m.query))).collect();
-        config.to_json(system, &custom)
+        let system = self.config_status_counts(&[&config.id])[0];
+        config.to_json(system, &self.custom_metrics(config))
+    }
+
+    /// Runs `config`'s custom metric queries now.
+    fn custom_metrics(&self, config: &Configuration) -> BTreeMap<String, usize> {
+        config.metrics.iter().map(|(name, m)| (name.clone(), self.count_matching(&m.query))).collect()
     }
 }
 

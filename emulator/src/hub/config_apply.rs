@@ -74,18 +74,28 @@ impl Hub {
         notices
     }
 
-    /// (targeted, applied) devices of configuration `id`, from the devices' records.
-    pub(crate) fn config_status_counts(&self, id: &str) -> (usize, usize) {
-        let mut total = (0, 0);
+    /// (targeted, applied) devices of each configuration in `ids`, from the devices' records, in
+    /// one pass over the registry.
+    pub(crate) fn config_status_counts(&self, ids: &[&str]) -> Vec<(usize, usize)> {
+        let mut totals = vec![(0, 0); ids.len()];
         for i in 0..SHARD_COUNT {
             let shard = self.shard(i);
-            let records =
-                shard.devices.values().filter_map(|d| d.extra.as_deref()).map(|e| &e.configurations);
-            let (t, a) = model::count_statuses(id, records);
-            total.0 += t;
-            total.1 += a;
+            let records: Vec<&DeviceConfigs> = shard
+                .devices
+                .values()
+                .filter_map(|d| d.extra.as_deref())
+                .map(|e| &e.configurations)
+                .collect();
+            if records.is_empty() {
+                continue;
+            }
+            for (total, id) in totals.iter_mut().zip(ids) {
+                let (t, a) = model::count_statuses(id, records.iter().copied());
+                total.0 += t;
+                total.1 += a;
+            }
         }
-        total
+        totals
     }
 
     /// How many twins `query`'s WHERE selects (`TOP` ignored), for custom metrics.
