@@ -124,3 +124,13 @@ async fn node_dps_group_over_mqtt_individual_over_https_and_the_enrollment_servi
 async fn python_dps_x509_group_and_individual_enrollments_provision_and_connect() {
     iothub_emulator_tests::run_sdk_script_x509(Sdk::Python, "dps_x509_test.py").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_configuration_manager_applies_desired_content_to_matching_twins_and_counts_them() {
+    run_sdk_script(Sdk::Python, "configurations_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registry_configurations_apply_update_and_remove() {
+    run_sdk_script(Sdk::Node, "configurations_test.js").await.unwrap();
+}

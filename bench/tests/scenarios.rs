@@ -17,6 +17,7 @@ fn every_shipped_scenario_validates() {
     assert_eq!(
         names,
         [
+            "config-rollout",
             "fault-storm",
             "flaky-network",
             "long-weekend",

@@ -70,6 +70,10 @@ pub enum ErrorCode {
     ServerError,
     /// 504: the device did not answer in time.
     GatewayTimeout,
+    /// No configuration with that id (reference-2 §6.1; numeric code unconfirmed).
+    ConfigurationNotFound,
+    /// Creating a configuration whose id exists (reference-2 §6.1; numeric code unconfirmed).
+    ConfigurationAlreadyExists,
 }
 
 impl ErrorCode {
@@ -106,6 +110,8 @@ impl ErrorCode {
             Self::NotImplemented => "NotImplemented",
             Self::ServerError => "ServerError",
             Self::GatewayTimeout => "GatewayTimeout",
+            Self::ConfigurationNotFound => "ConfigurationNotFound",
+            Self::ConfigurationAlreadyExists => "ConfigurationAlreadyExists",
         }
     }
 
@@ -141,6 +147,8 @@ impl ErrorCode {
             Self::ServerError => 500001,
             Self::NotImplemented => 501000,
             Self::GatewayTimeout => 504101,
+            Self::ConfigurationNotFound => 404000,
+            Self::ConfigurationAlreadyExists => 409000,
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod amqp;
 pub mod c2d;
 pub mod clock;
+pub mod configs;
 pub mod dps;
 pub mod error;
 pub mod ftp;

@@ -383,6 +383,7 @@ pub async fn serve(
     }
     ctx.ready.store(false, Ordering::Release);
     hub.shutdown_jobs();
+    hub.shutdown_configurations();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "connections still open after the shutdown grace period");

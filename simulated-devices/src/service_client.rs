@@ -453,6 +453,21 @@ impl ServiceClient {
         Self::send("complete feedback", self.request(Method::DELETE, &path)?).await.map(drop)
     }
 
+    /// Creates configuration `id` (automatic device management, `PUT /configurations/{id}`
+    /// without `If-Match`) from its Configuration JSON; returns the hub's answer.
+    pub async fn create_configuration(&self, id: &str, body: &Value) -> Result<Value, ServiceError> {
+        const OP: &str = "create configuration";
+        let req = self.request(Method::PUT, &format!("/configurations/{}", url_encode(id)))?.json(body);
+        Self::json(OP, Self::send(OP, req).await?).await
+    }
+
+    /// Configuration `id` with its metrics (`GET /configurations/{id}`).
+    pub async fn get_configuration(&self, id: &str) -> Result<Value, ServiceError> {
+        const OP: &str = "get configuration";
+        let req = self.request(Method::GET, &format!("/configurations/{}", url_encode(id)))?;
+        Self::json(OP, Self::send(OP, req).await?).await
+    }
+
     /// The device's twin JSON.
     pub async fn get_twin(&self, device_id: &str) -> Result<Value, ServiceError> {
         const OP: &str = "get twin";

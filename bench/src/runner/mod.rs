@@ -199,6 +199,11 @@ struct Tracking {
     started: usize,
     /// Positions that reported `installed` and whose twin has not been seen with the version.
     to_check: Vec<usize>,
+    /// The notices travel as desired-property patches of a configuration (a rollout with
+    /// `via = "configuration"`): the hub pushed them when it applied the configuration, with no
+    /// C2D queue to show them in flight, so every powered-on device that has not finished counts
+    /// as work under way (compressed time does not jump past it).
+    desired: bool,
 }
 
 impl Tracking {
@@ -650,6 +655,7 @@ impl Run {
                 open: targets.len(),
                 started: 0,
                 to_check: Vec::new(),
+                desired: false,
             };
             let mut notices = Vec::with_capacity(targets.len());
             for (p, &i) in targets.iter().enumerate() {
@@ -680,6 +686,7 @@ impl Run {
             open: 0,
             started: 0,
             to_check: Vec::new(),
+            desired: false,
         });
         // In rounds, with a look at the hub between them: a big release takes a while to send,
         // and the hub's telemetry ring and feedback queue are bounded.
@@ -944,10 +951,15 @@ impl Run {
         // now, before the jump, so their device timestamps map to the hub time they belong to.
         self.observe().await?;
         // Only a release with work under way needs the scan (the counters say which).
-        let open =
-            self.obs.releases.iter().zip(&self.tracking).filter(|(_, tr)| tr.started > 0).any(|(rel, tr)| {
+        let open = self
+            .obs
+            .releases
+            .iter()
+            .zip(&self.tracking)
+            .filter(|(_, tr)| tr.started > 0 || tr.desired)
+            .any(|(rel, tr)| {
                 rel.devices.iter().zip(&tr.terminal).any(|((i, t), done)| {
-                    !*done && t.delivered.is_some() && t.reported.is_none() && !self.off[*i]
+                    !*done && (t.delivered.is_some() || tr.desired) && t.reported.is_none() && !self.off[*i]
                 })
             });
         if open {

@@ -11,16 +11,28 @@
 //! `phase_timeout`, or can no longer reach it (the rest failed, expired or were refused), halts
 //! the rollout and is an unmet expectation naming the phase. This module owns the per-phase
 //! records ([`RolloutRecord`]); the notices and device timings are ordinary releases of the run.
+//!
+//! With `via = "configuration"` a phase's notices are not C2D messages: the phase becomes one
+//! IoT Hub configuration (automatic device management) targeting the phase's `where`, whose
+//! content writes the notice into `properties.desired.update`; the hub pushes the desired patch
+//! to every matching twin and the agents install from it. Installs are tracked from the devices'
+//! telemetry as for C2D; there is no feedback.
 
 use std::collections::HashSet;
 use std::ops::Range;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use iothub_emulator::clock::parse_iso8601;
 use serde_json::{Value, json};
+use simulated_devices::notice::UpdateNotice;
+use simulated_devices::package;
 use simulated_devices::service_client::{BULK_MAX_DEVICES, ServiceClient, ServiceError};
 
-use super::{Run, RunError, setup};
-use crate::scenario::plan::{Group, RolloutPlan, Target};
+use super::metrics::{DeviceTimes, ReleaseRecord};
+use super::{Run, RunError, Tracking, setup};
+use crate::scenario::plan::{Group, RolloutPlan, RolloutVia, Target};
 
 /// Bulk tag requests in flight at once.
 const TAG_CONCURRENCY: usize = 4;
@@ -138,6 +150,8 @@ pub struct RolloutRecord {
     pub at: Duration,
     /// Phases in order.
     pub phases: Vec<PhaseRecord>,
+    /// How the notices travel.
+    pub via: RolloutVia,
 }
 
 impl RolloutRecord {
@@ -148,6 +162,7 @@ impl RolloutRecord {
             success_share: plan.success_share,
             phase_timeout: plan.phase_timeout,
             at: plan.at,
+            via: plan.via,
             phases: plan
                 .phases
                 .iter()
@@ -205,6 +220,7 @@ impl RolloutRecord {
         let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
         json!({
             "version": self.version,
+            "via": match self.via { RolloutVia::C2d => "c2d", RolloutVia::Configuration => "configuration" },
             "successShare": self.success_share,
             "phaseTimeoutMs": self.phase_timeout.as_millis() as u64,
             "halted": self.halted(),
@@ -243,6 +259,27 @@ impl RolloutRecord {
     }
 }
 
+/// Longest wait for the hub to apply a phase's configuration before the timeline goes on.
+const CONFIGURATION_APPLY_WAIT: Duration = Duration::from_secs(60);
+/// How often the configuration's metrics are read while waiting.
+const CONFIGURATION_POLL: Duration = Duration::from_millis(20);
+
+/// The configuration id of phase `i` of the rollout of `version`: IoT Hub's id rules (lowercase,
+/// no spaces or `& ^ [ ] { } \ | " < > /`) with anything else replaced by `-`.
+fn configuration_id(version: &str, i: usize) -> String {
+    let v: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("rollout-{v}-{i}")
+}
+
 /// Installs `ceil(share · n)`, with a little slack for floating point (`0.95 · 20` is 19).
 fn needed(share: f64, n: usize) -> u64 {
     ((share * n as f64) - 1e-9).ceil().max(0.0) as u64
@@ -276,8 +313,8 @@ impl Run {
                 return Ok(());
             };
             let phase = rollout.phases[i].clone();
-            let (share, timeout, version) =
-                (rollout.success_share, rollout.phase_timeout, rollout.version.clone());
+            let (share, timeout, version, via) =
+                (rollout.success_share, rollout.phase_timeout, rollout.version.clone(), rollout.via);
             match phase.outcome {
                 PhaseOutcome::NotStarted => {
                     let earlier: HashSet<usize> = rollout.phases[..i]
@@ -297,7 +334,12 @@ impl Run {
                         phase.condition,
                         targets.len()
                     ));
-                    let r = self.notify(&version, None, &targets, now, None).await?;
+                    let r = match via {
+                        RolloutVia::C2d => self.notify(&version, None, &targets, now, None).await?,
+                        RolloutVia::Configuration => {
+                            self.release_by_configuration(&version, i, &phase, &targets, now, svc).await?
+                        }
+                    };
                     let p = &mut self.rollout_mut().phases[i];
                     p.release = Some(r);
                     p.targeted = targets.len() as u64;
@@ -342,6 +384,88 @@ impl Run {
                 PhaseOutcome::Passed | PhaseOutcome::TimedOut | PhaseOutcome::Unreachable => return Ok(()),
             }
         }
+    }
+
+    /// Releases `version` to phase `i` through a configuration: writes `latest.json`, creates
+    /// configuration `rollout-{version}-{i}` whose target condition is the phase's `where` and
+    /// whose content sets `properties.desired.update` to the update notice, and waits (bounded)
+    /// until the hub applied it to every target, so the notices are on their way before the
+    /// timeline moves on. The release's devices are those the phase's query returned; its `sent`
+    /// time is the configuration's creation. Returns the release's index.
+    async fn release_by_configuration(
+        &mut self,
+        version: &str,
+        i: usize,
+        phase: &PhaseRecord,
+        targets: &[usize],
+        at: Duration,
+        svc: &ServiceClient,
+    ) -> Result<usize, RunError> {
+        let release = self.releases[version].clone();
+        package::write_latest(self.hub.packages_dir(), &release)
+            .map_err(|e| setup("latest.json")(e.to_string()))?;
+        if let Some(memory) = &self.memory {
+            memory.set_latest(release.clone());
+        }
+        let notice = serde_json::to_value(UpdateNotice::for_release(&release, &self.hub.ftp_addr()))
+            .map_err(|e| setup("notice")(e.to_string()))?;
+        let id = configuration_id(version, i);
+        let body = json!({
+            "id": id,
+            "labels": { "rollout": version, "phase": phase.name },
+            "content": { "deviceContent": { "properties.desired.update": notice } },
+            "targetCondition": phase.condition,
+            "priority": i + 1,
+        });
+        let created = svc
+            .create_configuration(&id, &body)
+            .await
+            .map_err(|e| setup("rollout configuration")(e.to_string()))?;
+        let sent =
+            created["createdTimeUtc"].as_str().and_then(parse_iso8601).unwrap_or_else(|| self.hub.now());
+        let r = self.obs.releases.len();
+        let mut record = ReleaseRecord {
+            version: version.to_string(),
+            at,
+            devices: Vec::with_capacity(targets.len()),
+            send_failed: 0,
+        };
+        let mut tracking = Tracking {
+            pos: HashMap::with_capacity(targets.len()),
+            terminal: vec![false; targets.len()],
+            open: targets.len(),
+            started: 0,
+            to_check: Vec::new(),
+            desired: true,
+        };
+        for (p, &d) in targets.iter().enumerate() {
+            tracking.pos.insert(d, p);
+            record.devices.push((d, DeviceTimes { sent: Some(sent), ..DeviceTimes::default() }));
+        }
+        self.obs.releases.push(record);
+        self.tracking.push(tracking);
+        let deadline = tokio::time::Instant::now() + CONFIGURATION_APPLY_WAIT;
+        loop {
+            let c = svc
+                .get_configuration(&id)
+                .await
+                .map_err(|e| setup("rollout configuration")(e.to_string()))?;
+            let applied = c["systemMetrics"]["results"]["appliedCount"].as_u64().unwrap_or(0);
+            if applied >= targets.len() as u64 {
+                self.say(format!("release {version}: configuration {id} applied to {applied} twins"));
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.say(format!(
+                    "release {version}: configuration {id} applied to {applied} of {} twins after {}",
+                    targets.len(),
+                    humantime::format_duration(CONFIGURATION_APPLY_WAIT)
+                ));
+                break;
+            }
+            tokio::time::sleep(CONFIGURATION_POLL).await;
+        }
+        Ok(r)
     }
 
     fn rollout_mut(&mut self) -> &mut RolloutRecord {
@@ -392,6 +516,13 @@ mod tests {
     }
 
     #[test]
+    fn configuration_ids_follow_iot_hubs_rules() {
+        assert_eq!(configuration_id("2.0.0", 1), "rollout-2.0.0-1");
+        assert_eq!(configuration_id("V2 beta/1", 0), "rollout-v2-beta-1-0");
+        assert!(crate::scenario::plan::RolloutVia::default() == RolloutVia::C2d);
+    }
+
+    #[test]
     fn the_gate_needs_the_rounded_up_share() {
         assert_eq!(needed(0.95, 20), 19);
         assert_eq!(needed(0.95, 1), 1);
@@ -408,6 +539,7 @@ mod tests {
             success_share: 1.0,
             phase_timeout: Duration::from_secs(30),
             phases: vec![("canary".into(), "tags.group = 'canary'".into()), ("rest".into(), "x = 1".into())],
+            via: RolloutVia::C2d,
         };
         let mut r = RolloutRecord::new(&plan);
         assert!(!r.done() && r.unmet().is_none());

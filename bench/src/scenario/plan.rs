@@ -263,6 +263,19 @@ pub struct RolloutPlan {
     pub phase_timeout: Duration,
     /// `(name, WHERE clause)` in order.
     pub phases: Vec<(String, String)>,
+    /// How the notices travel.
+    pub via: RolloutVia,
+}
+
+/// How a rollout phase reaches its devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RolloutVia {
+    /// An update notice per device as a C2D message (`ack: full`).
+    #[default]
+    C2d,
+    /// One configuration (automatic device management) per phase: its target condition is the
+    /// phase's `where`, its content sets `properties.desired.update` to the notice.
+    Configuration,
 }
 
 /// Latency bounds (end to end: release sent → installed version reported).
@@ -871,7 +884,18 @@ fn rollout(cx: &Ctx<'_>, raw: RawRollout, packages: &[PackagePlan]) -> Result<Ro
             })?;
         phases.push((p.name, p.condition));
     }
+    let via = match raw.via.as_deref() {
+        None | Some("c2d") => RolloutVia::C2d,
+        Some("configuration") => RolloutVia::Configuration,
+        Some(other) => {
+            return Err(cx.err(
+                "rollout.via",
+                format!("'{other}' is not a way to roll out; use \"c2d\" or \"configuration\""),
+            ));
+        }
+    };
     Ok(RolloutPlan {
+        via,
         version: raw.version,
         at: cx.opt_duration("rollout.at", &raw.at)?.unwrap_or_default(),
         success_share: cx.share("rollout.success_share", raw.success_share.unwrap_or(0.95))?,

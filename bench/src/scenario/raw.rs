@@ -204,6 +204,10 @@ pub struct RawRollout {
     pub success_share: Option<f64>,
     /// Longest wait for a phase to reach the success share before the rollout halts.
     pub phase_timeout: Option<String>,
+    /// How each phase's notice travels: `"c2d"` (default, a C2D message per device) or
+    /// `"configuration"` (one IoT Hub configuration per phase whose `properties.desired.update`
+    /// carries the notice to the twins its `where` selects).
+    pub via: Option<String>,
     /// Phases in order.
     #[serde(rename = "phase")]
     pub phases: Vec<RawPhase>,

@@ -76,6 +76,12 @@ pub enum Route {
     FeedbackLock(String),
     /// `/messages/serviceBound/feedback/{lockToken}/abandon`.
     FeedbackAbandon(String),
+    /// `/configurations`: list (GET, `?top=N`).
+    Configurations,
+    /// `/configurations/testQueries` (POST).
+    ConfigurationTestQueries,
+    /// `/configurations/{id}`: create or update (PUT), read (GET), delete (DELETE).
+    Configuration(String),
     /// `/jobs/v2/{jobId}`: create (PUT) or read (GET) a scheduled job.
     Job(String),
     /// `/jobs/v2/{jobId}/cancel` (POST).
@@ -226,7 +232,12 @@ pub fn route(path: &str) -> Route {
         [j, v, id] if eq(j, "jobs") && eq(v, "v2") => Route::Job(id.to_string()),
         [j, v, id, c] if eq(j, "jobs") && eq(v, "v2") && eq(c, "cancel") => Route::JobCancel(id.to_string()),
         [j, ..] if eq(j, "jobs") => Route::NotImplemented("import/export jobs"),
-        [c, ..] if eq(c, "configurations") => Route::NotImplemented("configurations"),
+        [c] if eq(c, "configurations") => Route::Configurations,
+        [c, t] if eq(c, "configurations") && eq(t, "testQueries") => Route::ConfigurationTestQueries,
+        [c, id] if eq(c, "configurations") => Route::Configuration(id.to_string()),
+        [d, _, a] if eq(d, "devices") && eq(a, "applyConfigurationContent") => {
+            Route::NotImplemented("applyConfigurationContent (IoT Edge deployments)")
+        }
         [d, ..] if eq(d, "digitaltwins") => Route::NotImplemented("digital twins"),
         [e, q] if (eq(e, "enrollments") || eq(e, "enrollmentGroups")) && eq(q, "query") => {
             Route::DpsEnrollmentQuery { group: eq(e, "enrollmentGroups") }
@@ -281,6 +292,14 @@ mod tests {
         assert_eq!(route("/twins/d/modules/m%24x"), Route::ModuleTwin("d".into(), "m$x".into()));
         assert_eq!(route("/twins/d/modules/m/methods"), Route::ModuleMethods("d".into(), "m".into()));
         assert_eq!(route("/devices/d/modules/m/extra"), Route::Unknown);
+        assert_eq!(route("/configurations"), Route::Configurations);
+        assert_eq!(route("/configurations/"), Route::Configurations, "C# sends /configurations/?top=N");
+        assert_eq!(route("/configurations/testQueries"), Route::ConfigurationTestQueries);
+        assert_eq!(route("/configurations/fw-1.0"), Route::Configuration("fw-1.0".into()));
+        assert_eq!(
+            route("/devices/edge1/applyConfigurationContent"),
+            Route::NotImplemented("applyConfigurationContent (IoT Edge deployments)")
+        );
         assert_eq!(route("/nothing"), Route::Unknown);
         assert_eq!(
             route("/0ne1/registrations/d-1/register"),

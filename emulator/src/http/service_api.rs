@@ -1,5 +1,6 @@
 //! Service-facing REST routes: registry, query, bulk, statistics, twins, direct methods, scheduled
-//! jobs, C2D send (an emulator extension) and purge, and feedback (reference §2.2).
+//! jobs, configurations (reference-2 §6), C2D send (an emulator extension) and purge, and feedback
+//! (reference §2.2).
 //!
 //! Rights for jobs (reference §1.5 and §2.10; IoT Hub's exact demand is undocumented, so the
 //! emulator is lenient the way twins are): reading a job or the jobs query needs RegistryRead or
@@ -45,6 +46,9 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
         (Route::Job(_), &Method::GET) | (Route::JobsQuery, &Method::GET) => READ,
         (Route::Job(_), &Method::PUT) | (Route::JobCancel(_), &Method::POST) => SERVICE.union(WRITE),
         (Route::Twin(_) | Route::ModuleTwin(..), &Method::GET) => READ,
+        (Route::Configurations | Route::Configuration(_), &Method::GET) => READ,
+        (Route::ConfigurationTestQueries, &Method::POST) => READ,
+        (Route::Configuration(_), &Method::PUT | &Method::DELETE) => WRITE,
         (Route::Twin(_) | Route::ModuleTwin(..), &Method::PATCH | &Method::PUT) => SERVICE.union(WRITE),
         (Route::StatsService, &Method::GET)
         | (Route::TwinMethods(_), &Method::POST)
@@ -99,6 +103,23 @@ pub fn handle(hub: &Hub, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(json_response(StatusCode::OK, &twin))
         }
         Route::Query => query(hub, req),
+        Route::Configurations => {
+            let top = req.param("top").and_then(|t| t.parse().ok());
+            Ok(json_response(StatusCode::OK, &Value::Array(hub.list_configurations(top))))
+        }
+        Route::ConfigurationTestQueries => {
+            Ok(json_response(StatusCode::OK, &hub.test_configuration_queries(&req.json()?)?))
+        }
+        Route::Configuration(id) if m == Method::GET => {
+            Ok(json_response(StatusCode::OK, &hub.get_configuration(id)?))
+        }
+        Route::Configuration(id) if m == Method::PUT => {
+            Ok(json_response(StatusCode::OK, &hub.put_configuration(id, &req.json()?, if_match)?))
+        }
+        Route::Configuration(id) => {
+            hub.delete_configuration(id, if_match)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
         Route::Job(id) if m == Method::GET => Ok(json_response(StatusCode::OK, &hub.get_job(id)?)),
         Route::Job(id) => {
             let body = req.json()?;

@@ -141,12 +141,18 @@ pub struct DeviceExtra {
     /// The device's module identities, ordered by module id (at most
     /// [`crate::limits::MODULES_PER_DEVICE_MAX`]); see [`crate::hub::module`].
     pub modules: Vec<Module>,
+    /// The configurations that target the device and the desired paths they wrote (see
+    /// `crate::configs`).
+    pub configurations: crate::configs::model::DeviceConfigs,
 }
 
 impl DeviceExtra {
     /// Whether nothing is set (the device then drops the box).
     pub fn is_empty(&self) -> bool {
-        self.thumbprints.is_none() && self.model_id.is_none() && self.modules.is_empty()
+        self.thumbprints.is_none()
+            && self.model_id.is_none()
+            && self.modules.is_empty()
+            && self.configurations.is_empty()
     }
 }
 

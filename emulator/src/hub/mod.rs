@@ -8,13 +8,14 @@
 //! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
 //! and the telemetry event log have one mutex each (the log's wake-up signals sit outside it, see
 //! `events`; the dashboard's cache and scenario status have theirs, see [`dashboard`]); scheduled
-//! jobs have theirs inside `crate::jobs::Jobs`.
+//! jobs have theirs inside `crate::jobs::Jobs`, configurations theirs inside `crate::configs::Configs`.
 //! With a tier configured, the tier throttle has one mutex too (see `admission`).
 //! Every critical section is short and synchronous: no lock is ever held across an `.await`, and no
 //! two shard locks are held at once.
 
 mod admission;
 mod auth;
+mod config_apply;
 pub mod dashboard;
 mod device;
 pub mod events;
@@ -159,6 +160,8 @@ struct Shared {
     x509_cas: crate::x509::TrustedCas,
     /// The Device Provisioning Service on this host (see `crate::dps`).
     dps: crate::dps::Dps,
+    /// Configurations and the re-evaluation work they owe (see `crate::configs`).
+    configs: crate::configs::Configs,
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +196,7 @@ impl Hub {
         Self {
             shared: Arc::new(Shared {
                 dps,
+                configs: crate::configs::Configs::default(),
                 config,
                 clock,
                 time_offset: AtomicU64::new(0),

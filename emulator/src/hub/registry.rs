@@ -160,7 +160,7 @@ impl IfMatch {
         }
     }
 
-    pub(super) fn check(&self, current: &str) -> Result<(), HubError> {
+    pub(crate) fn check(&self, current: &str) -> Result<(), HubError> {
         match self {
             Self::Any => Ok(()),
             Self::Etag(e) if e == current => Ok(()),
@@ -219,7 +219,7 @@ fn twin_json(d: &Device, c2d_count: usize) -> Value {
 
 /// The Twin JSON of `device` with only the top-level properties in `only` (all when `None`):
 /// queries build just what their `WHERE` reads, which keeps scans over a million twins cheap.
-fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
+pub(super) fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
     let mut twin = Map::new();
     let mut put = |key: &str, value: &dyn Fn() -> Value| {
         if only.is_none_or(|keys| keys.contains(&key)) {
@@ -245,6 +245,11 @@ fn twin_parts(d: &Device, c2d_count: usize, only: Option<&[&str]>) -> Value {
     put("version", &|| Value::from(d.twin.version));
     put("tags", &|| Value::Object(d.twin.tags.clone()));
     put("properties", &|| d.twin.properties_json());
+    if let Some(e) = d.extra.as_deref().filter(|e| !e.configurations.statuses.is_empty())
+        && only.is_none_or(|keys| keys.contains(&"configurations"))
+    {
+        twin.insert("configurations".into(), e.configurations.to_json());
+    }
     Value::Object(twin)
 }
 
@@ -342,6 +347,9 @@ impl Hub {
             }
         };
         self.emit_feedback(fb);
+        if result.is_ok() {
+            self.config_touch(id);
+        }
         result
     }
 
@@ -614,6 +622,9 @@ impl Hub {
         if let Ok((_, Some(patch))) = &r {
             self.notify_desired(id, patch.clone());
         }
+        if r.is_ok() {
+            self.config_touch(id);
+        }
         r
     }
 
@@ -622,11 +633,15 @@ impl Hub {
     /// `$version`.
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, HubError> {
         let now = self.now();
-        self.with_endpoint(id, |d| {
+        let version = self.with_endpoint(id, |d| {
             d.twin.patch(Section::Reported, patch, now)?;
             *d.last_activity = now;
             Ok(d.twin.reported_version)
-        })
+        })?;
+        if !id.contains('/') {
+            self.config_touch(id);
+        }
+        Ok(version)
     }
 
     /// Bulk `POST /devices`: up to 100 create/update/delete operations, each independent.

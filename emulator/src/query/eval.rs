@@ -79,6 +79,14 @@ impl Expr {
             }
             Expr::Not(inner) => inner.eval(twin).not(),
             Expr::Compare { left, op, right } => match (resolve(left, twin), resolve(right, twin)) {
+                // A configuration's status is written `applied` in twins and compared with
+                // `'Applied'` in IoT Hub's own metric queries: compare it ignoring case.
+                (Some(Prim::Str(l)), Some(Prim::Str(r)))
+                    if matches!(op, CmpOp::Eq | CmpOp::Ne)
+                        && (is_config_status(left) || is_config_status(right)) =>
+                {
+                    Truth::from_bool(l.eq_ignore_ascii_case(r) == (*op == CmpOp::Eq))
+                }
                 (Some(l), Some(r)) => compare(*op, l, r),
                 _ => Truth::Undefined,
             },
@@ -93,6 +101,11 @@ impl Expr {
             },
         }
     }
+}
+
+/// Whether `operand` is `configurations.{id}.status`.
+fn is_config_status(operand: &Operand) -> bool {
+    matches!(operand, Operand::Path(p) if matches!(p.segments(), [c, _, s] if c == "configurations" && s == "status"))
 }
 
 /// `operand IN list`: undefined unless the operand is a primitive.

@@ -130,6 +130,9 @@ impl Lexer {
 
     fn symbol(&mut self, start: usize, c: char) -> Result<Token, QueryError> {
         let next = self.peek_at(1);
+        if c == '[' && next == Some('[') {
+            return self.bracketed_name(start);
+        }
         let (tok, len) = match (c, next) {
             ('<', Some('=')) => (Tok::Op(CmpOp::Le), 2),
             ('>', Some('=')) => (Tok::Op(CmpOp::Ge), 2),
@@ -156,6 +159,33 @@ impl Lexer {
         };
         self.i += len;
         Ok(self.token(tok, start))
+    }
+
+    /// `[[name]]`: a property name quoted so it may hold characters a plain name may not (IoT
+    /// Hub's `configurations.[[my-config]].status`). Read as a plain name.
+    fn bracketed_name(&mut self, start: usize) -> Result<Token, QueryError> {
+        self.i += 2;
+        let name_start = self.i;
+        while self.i < self.chars.len() && !(self.chars[self.i] == ']' && self.peek_at(1) == Some(']')) {
+            self.i += 1;
+        }
+        if self.i >= self.chars.len() {
+            return Err(QueryError::Syntax {
+                position: start + 1,
+                expected: "`]]` to close the `[[` name".to_string(),
+                found: "the end of the query".to_string(),
+            });
+        }
+        let name: String = self.chars[name_start..self.i].iter().collect();
+        self.i += 2;
+        if name.is_empty() {
+            return Err(QueryError::Syntax {
+                position: start + 1,
+                expected: "a property name inside `[[ ]]`".to_string(),
+                found: "`[[]]`".to_string(),
+            });
+        }
+        Ok(self.token(Tok::Ident(name), start))
     }
 
     fn number(&mut self, start: usize) -> Result<Token, QueryError> {

@@ -140,6 +140,10 @@ impl Device {
                 self.act(actions);
                 self.mqtt.ack(cmd.pkid);
             }
+            Incoming::Desired(notice) => {
+                let actions = self.core.on_desired(&notice, self.now);
+                self.act(actions);
+            }
             Incoming::Duplicate { .. } | Incoming::Nothing | Incoming::Pong => {}
         }
         if self.mqtt.inflight() > INFLIGHT {

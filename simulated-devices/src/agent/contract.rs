@@ -50,6 +50,51 @@ pub fn c2d_message_id(topic: &str) -> Option<String> {
     })
 }
 
+/// Desired-property patches (reference §4.6): how a configuration (automatic device management)
+/// or a service twin update reaches the device.
+pub const DESIRED_PATCH_FILTER: &str = "$iothub/twin/PATCH/properties/desired/#";
+
+/// The desired property that announces an update: an [`crate::notice::UpdateNotice`] object,
+/// written by a configuration's `properties.desired.update` (or a service twin patch).
+pub const DESIRED_UPDATE_KEY: &str = "update";
+
+/// True if `topic` is a desired-properties patch.
+pub fn is_desired_patch_topic(topic: &str) -> bool {
+    topic.starts_with("$iothub/twin/PATCH/properties/desired/")
+}
+
+/// The update notice (JSON) in a desired-properties patch, if it announces one: the
+/// [`DESIRED_UPDATE_KEY`] member when it is an object naming a version.
+pub fn update_from_desired(payload: &[u8]) -> Option<Vec<u8>> {
+    let patch: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let update = patch.get(DESIRED_UPDATE_KEY)?;
+    update.get("version")?.as_str().filter(|v| !v.is_empty())?;
+    serde_json::to_vec(update).ok()
+}
+
+/// The request id of the twin GET an agent sends on every connect, to catch up with desired
+/// properties (an update announced while it was offline), as the device SDKs do.
+pub const DESIRED_SYNC_RID: &str = "desired-sync";
+
+/// The twin GET topic with request id `rid`.
+pub fn twin_get_topic(rid: &str) -> String {
+    format!("$iothub/twin/GET/?$rid={rid}")
+}
+
+/// True if `topic` is the hub's successful answer to the agent's [`DESIRED_SYNC_RID`] GET.
+pub fn is_desired_sync_response(topic: &str) -> bool {
+    topic
+        .strip_prefix("$iothub/twin/res/200/?")
+        .is_some_and(|bag| bag.split('&').any(|kv| kv == format!("$rid={DESIRED_SYNC_RID}")))
+}
+
+/// The update notice (JSON) in a full twin (`{"desired": {...}, "reported": {...}}`), if its
+/// desired properties announce one.
+pub fn update_from_twin(payload: &[u8]) -> Option<Vec<u8>> {
+    let twin: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    update_from_desired(&serde_json::to_vec(twin.get("desired")?).ok()?)
+}
+
 /// Twin responses (the agent subscribes so the hub can answer its PATCHes).
 pub const TWIN_RESPONSE_FILTER: &str = "$iothub/twin/res/#";
 
@@ -88,6 +133,25 @@ mod tests {
         assert_eq!(c2d_message_id(t).as_deref(), Some("release/2.0.0"));
         assert_eq!(c2d_message_id("devices/d1/messages/devicebound/iothub-ack=none"), None);
         assert_eq!(c2d_message_id("devices/d1/messages/devicebound/"), None);
+    }
+
+    #[test]
+    fn reads_an_update_notice_from_a_desired_patch() {
+        assert!(is_desired_patch_topic("$iothub/twin/PATCH/properties/desired/?$version=3"));
+        assert!(!is_desired_patch_topic("$iothub/twin/res/200/?$rid=1"));
+        let patch =
+            br#"{"update":{"version":"2.0.0","url":"ftp://h/p","sha256":"ab","size":3},"$version":3}"#;
+        let notice: serde_json::Value = serde_json::from_slice(&update_from_desired(patch).unwrap()).unwrap();
+        assert_eq!(notice["version"], "2.0.0");
+        assert_eq!(update_from_desired(br#"{"interval":5,"$version":2}"#), None);
+        assert_eq!(update_from_desired(br#"{"update":null,"$version":4}"#), None);
+        assert_eq!(update_from_desired(b"not json"), None);
+        assert!(is_desired_sync_response("$iothub/twin/res/200/?$rid=desired-sync"));
+        assert!(!is_desired_sync_response("$iothub/twin/res/204/?$rid=desired-sync&$version=2"));
+        assert!(!is_desired_sync_response("$iothub/twin/res/200/?$rid=desired-sync-2"));
+        let twin = br#"{"desired":{"update":{"version":"3.0.0","url":"u","sha256":"s","size":1},"$version":4},"reported":{}}"#;
+        assert!(update_from_twin(twin).is_some());
+        assert_eq!(update_from_twin(br#"{"desired":{"$version":1},"reported":{}}"#), None);
     }
 
     #[test]

@@ -191,6 +191,17 @@ impl AgentCore {
         self.start(cmd, now)
     }
 
+    /// A desired-properties patch announced an update (`notice`: its JSON): the desired state.
+    /// Nothing to do when that version is already active (a desired state is met silently, unlike
+    /// a C2D notice, which is answered with `already-installed`); otherwise handled as a notice.
+    pub fn on_desired(&mut self, notice: &[u8], now: Millis) -> Vec<Action> {
+        let version = serde_json::from_slice::<UpdateNotice>(notice).ok().map(|n| n.version);
+        if version.is_some() && version.as_deref() == self.app_version.as_deref() {
+            return Vec::new();
+        }
+        self.on_c2d(notice, now)
+    }
+
     fn start(&mut self, cmd: Command, now: Millis) -> Vec<Action> {
         match cmd {
             Command::CheckLatest => {
@@ -381,6 +392,20 @@ mod tests {
         assert_eq!(events, ["downloading", "verifying", "installing", "installed"]);
         assert_eq!(twin.last().unwrap(), &json!({"appVersion": "2.0.0", "installState": "installed"}));
         assert_eq!((a.app_version(), a.installs, a.is_busy()), (Some("2.0.0"), 1, false));
+    }
+
+    #[test]
+    fn a_desired_update_installs_once_and_is_silent_when_already_met() {
+        let mut a = AgentCore::new("d1".into(), Some("1.0.0".into()));
+        let out = a.on_desired(&notice("2.0.0"), 1000);
+        assert!(matches!(&out[..], [Action::Install(n)] if n.version == "2.0.0"), "{out:?}");
+        a.on_install_done(InstallResult::Installed, 1000);
+        assert_eq!(a.app_version(), Some("2.0.0"));
+        // The same desired state again (a later patch, a reconnect): nothing, not even a report.
+        assert!(a.on_desired(&notice("2.0.0"), 2000).is_empty());
+        // A C2D notice for the active version is still answered.
+        let (_, events) = reports(&a.on_c2d(&notice("2.0.0"), 1000));
+        assert_eq!(events, ["already-installed"]);
     }
 
     #[test]

@@ -673,6 +673,7 @@ impl<'a, I: InstallBackend> Agent<'a, I> {
                 Vec::new()
             }
             Incoming::Nothing => Vec::new(),
+            Incoming::Desired(notice) => self.core.on_desired(&notice, SystemClock.now_ms()),
             Incoming::Duplicate { message_id } => {
                 // Saved and acted on before; the hub never got the PUBACK.
                 self.session.status.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);

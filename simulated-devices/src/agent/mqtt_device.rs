@@ -10,7 +10,9 @@
 //! link is down or the window is full, at most [`OUTBOX_CAPACITY`] reports; acknowledgements are
 //! discarded with the link, since the hub redelivers what was not acknowledged). It builds the
 //! CONNECT ([`connect_packet`]: client id = device id, IoT Hub's username and SAS password,
-//! clean_session=0) and, on the CONNACK, the SUBSCRIBE (C2D at QoS 1, twin responses at QoS 0),
+//! clean_session=0) and, on the CONNACK, the SUBSCRIBE (C2D at QoS 1, twin responses and desired
+//! patches at QoS 0; a desired patch carrying an `update` notice becomes [`Incoming::Desired`]), then a
+//! twin GET whose answer is read the same way (an update announced while the device was offline),
 //! and tells a C2D delivery seen before (the agent's [`SeenIds`]) from a new command, which the
 //! driver saves and acts on before it calls [`DeviceMqtt::ack`]. Keep-alive timing is a separate
 //! [`KeepAlive`] (only sockets need it): a deadline the driver sleeps until.
@@ -107,6 +109,9 @@ pub enum Incoming {
         /// Its id.
         message_id: Option<String>,
     },
+    /// A desired-properties patch announcing an update (its notice, as JSON): hand it to
+    /// [`super::core::AgentCore::on_desired`]. Patches are QoS 0: nothing to acknowledge.
+    Desired(Bytes),
     /// Nothing for the device (a twin response, SUBACK, PUBACK, PINGRESP).
     Nothing,
     /// A PINGRESP: the hub is alive ([`KeepAlive::on_pingresp`]).
@@ -281,12 +286,24 @@ impl DeviceMqtt {
                 let filters = vec![
                     SubscribeFilter::new(contract::c2d_filter(device_id), QoS::AtLeastOnce),
                     SubscribeFilter::new(contract::TWIN_RESPONSE_FILTER.into(), QoS::AtMostOnce),
+                    SubscribeFilter::new(contract::DESIRED_PATCH_FILTER.into(), QoS::AtMostOnce),
                 ];
                 // With clean_session=0 the hub keeps the subscriptions, but subscribing again is
                 // harmless and covers a hub that lost the session. First, before any resend.
                 let mut subscribe = Subscribe::new_many(filters);
                 subscribe.pkid = 0;
-                self.queues().waiting.push_front(Packet::Subscribe(subscribe));
+                // Last, after the resends, read the twin: desired properties set while the link was
+                // down (an update a configuration announced) arrive as its answer.
+                let get = Publish::new(
+                    contract::twin_get_topic(contract::DESIRED_SYNC_RID),
+                    QoS::AtMostOnce,
+                    Vec::new(),
+                );
+                let waiting = &mut self.queues().waiting;
+                waiting
+                    .retain(|p| !matches!(p, Packet::Publish(p) if p.topic.starts_with("$iothub/twin/GET/")));
+                waiting.push_front(Packet::Subscribe(subscribe));
+                waiting.push_back(Packet::Publish(get));
                 Incoming::Connected
             }
             Packet::ConnAck(ack) => Incoming::Refused(ack.code),
@@ -297,6 +314,18 @@ impl DeviceMqtt {
                     return Incoming::Duplicate { message_id };
                 }
                 Incoming::Command(C2dCommand { pkid: p.pkid, message_id, payload: p.payload })
+            }
+            Packet::Publish(p) if contract::is_desired_sync_response(&p.topic) => {
+                match contract::update_from_twin(&p.payload) {
+                    Some(notice) => Incoming::Desired(Bytes::from(notice)),
+                    None => Incoming::Nothing,
+                }
+            }
+            Packet::Publish(p) if contract::is_desired_patch_topic(&p.topic) => {
+                match contract::update_from_desired(&p.payload) {
+                    Some(notice) => Incoming::Desired(Bytes::from(notice)),
+                    None => Incoming::Nothing,
+                }
             }
             Packet::Publish(p) => {
                 if p.qos == QoS::AtLeastOnce {
@@ -410,6 +439,38 @@ mod tests {
     }
 
     #[test]
+    fn a_desired_patch_with_an_update_is_handed_over_and_others_are_not() {
+        let mut m = DeviceMqtt::default();
+        m.handle(ID, connack(), &SeenIds::default());
+        let patch = |body: &str| {
+            Packet::Publish(Publish::new(
+                "$iothub/twin/PATCH/properties/desired/?$version=2",
+                QoS::AtMostOnce,
+                body.as_bytes().to_vec(),
+            ))
+        };
+        let got = m.handle(
+            ID,
+            patch(r#"{"update":{"version":"2.0.0","url":"x","sha256":"s","size":1},"$version":2}"#),
+            &SeenIds::default(),
+        );
+        let Incoming::Desired(notice) = got else { panic!("{got:?}") };
+        assert!(std::str::from_utf8(&notice).unwrap().contains("\"2.0.0\""));
+        assert_eq!(
+            m.handle(ID, patch(r#"{"interval":5,"$version":3}"#), &SeenIds::default()),
+            Incoming::Nothing
+        );
+        // The answer to the twin GET sent on connect is read the same way.
+        let twin = r#"{"desired":{"update":{"version":"2.0.0","url":"x","sha256":"s","size":1},"$version":2},"reported":{}}"#;
+        let answer = Publish::new(
+            "$iothub/twin/res/200/?$rid=desired-sync",
+            QoS::AtMostOnce,
+            twin.as_bytes().to_vec(),
+        );
+        assert!(matches!(m.handle(ID, Packet::Publish(answer), &SeenIds::default()), Incoming::Desired(_)));
+    }
+
+    #[test]
     fn nothing_leaves_before_the_connack_then_subscribe_comes_first() {
         let mut m = DeviceMqtt::default();
         m.publish("$iothub/twin/PATCH/properties/reported/?$rid=1".into(), b"{}".to_vec(), false);
@@ -423,11 +484,16 @@ mod tests {
             filters,
             [
                 ("devices/d1/messages/devicebound/#", QoS::AtLeastOnce),
-                ("$iothub/twin/res/#", QoS::AtMostOnce)
+                ("$iothub/twin/res/#", QoS::AtMostOnce),
+                ("$iothub/twin/PATCH/properties/desired/#", QoS::AtMostOnce)
             ]
         );
         assert!(matches!(&out[1], Packet::Publish(p) if p.qos == QoS::AtMostOnce && p.pkid == 0));
-        assert_eq!(out.len(), 2);
+        assert!(
+            matches!(&out[2], Packet::Publish(p) if p.topic == "$iothub/twin/GET/?$rid=desired-sync" && p.qos == QoS::AtMostOnce),
+            "then the twin GET that catches up with desired properties: {out:?}"
+        );
+        assert_eq!(out.len(), 3);
         assert!(m.is_idle(), "QoS 0 is not kept once sent");
         let refused = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
         assert_eq!(
@@ -499,7 +565,8 @@ mod tests {
         assert!(
             matches!(&out[2], Packet::Publish(p) if p.payload.as_ref() == b"{\"n\":2}" && p.pkid != first.pkid)
         );
-        assert_eq!(out.len(), 3, "the PUBACK of the lost link is not sent: {out:?}");
+        assert!(matches!(&out[3], Packet::Publish(p) if p.topic.starts_with("$iothub/twin/GET/")), "{out:?}");
+        assert_eq!(out.len(), 4, "the PUBACK of the lost link is not sent: {out:?}");
     }
 
     #[test]
@@ -554,6 +621,8 @@ mod tests {
         m.handle(ID, connack(), &SeenIds::default());
         let Some(Packet::Subscribe(s)) = m.poll_transmit() else { panic!() };
         assert_eq!(s.pkid, u16::MAX);
+        let Some(Packet::Publish(get)) = m.poll_transmit() else { panic!() };
+        assert_eq!(get.pkid, 0, "the twin GET is QoS 0");
         let (t, p) = telemetry(0);
         m.publish(t, p, true);
         let Some(Packet::Publish(p1)) = m.poll_transmit() else { panic!() };

@@ -708,6 +708,11 @@ impl Partition {
                 dev.mqtt.ack(cmd.pkid);
                 self.run_actions(k, actions);
             }
+            Incoming::Desired(notice) => {
+                let now = SystemClock.now_ms();
+                let actions = dev.core.as_mut().map(|c| c.on_desired(&notice, now)).unwrap_or_default();
+                self.run_actions(k, actions);
+            }
             Incoming::Nothing | Incoming::Pong => {}
         }
     }
