@@ -574,6 +574,27 @@ impl Hub {
         Ok(())
     }
 
+    /// Applies the records of a state file's bytes (`segment-N.log` or `snapshot-N.snap`) to this
+    /// hub as recovery does, stopping at a torn tail; returns the valid prefix's length and the
+    /// records applied. For the fuzz target and tools: the hub does not journal what it applies.
+    pub fn replay_state_bytes(&self, bytes: &[u8]) -> Result<(usize, u64), DecodeError> {
+        let mut max_counter = 0;
+        let mut records = 0u64;
+        let end = crate::persist::codec::scan(bytes, |_, payload| {
+            self.apply(Record::decode(payload)?, &mut max_counter)?;
+            records += 1;
+            Ok::<_, DecodeError>(())
+        })?;
+        let valid = match end {
+            crate::persist::codec::ScanEnd::Clean => bytes.len(),
+            crate::persist::codec::ScanEnd::Torn { at } => at,
+        };
+        let devices: usize = (0..SHARD_COUNT).map(|i| self.shard(i).devices.len()).sum();
+        self.shared.device_count.store(devices, Ordering::Relaxed);
+        self.shared.counter.fetch_max(max_counter, Ordering::Relaxed);
+        Ok((valid, records))
+    }
+
     fn with_generation(&self, id: &str, generation: u64, f: impl FnOnce(&mut Device)) {
         let mut shard = self.shard_for(id);
         if let Some(d) = shard.devices.get_mut(id).filter(|d| d.generation_id == generation) {
