@@ -143,7 +143,7 @@ struct Args {
     #[arg(long = "consumer-group", env = "IOTHUB_EMULATOR_CONSUMER_GROUPS", value_delimiter = ',', value_parser = parse_consumer_group)]
     consumer_groups: Vec<String>,
 
-    /// Keep the hub's state (registry, twins, C2D queues, feedback) under <data-dir>/state/: a
+    /// Keep the hub's state (registry, twins, C2D queues, feedback, jobs) under <data-dir>/state/: a
     /// change answered with success survives kill -9 of the hub. Off: everything is in memory.
     #[arg(long, env = "IOTHUB_EMULATOR_PERSIST")]
     persist: bool,

@@ -11,9 +11,10 @@
 //!
 //! What is stored (records in `crate::persist::records`): registry entries, twins, every C2D
 //! queue's messages with delivery counts and expiry, pending feedback records and unread feedback
-//! batches, the MQTT session bits kept under `clean_session=0`. Not stored: C2D and feedback locks
+//! batches, the MQTT session bits kept under `clean_session=0`, jobs (as created, started and ended;
+//! one the hub was running when it died comes back failed). Not stored: C2D and feedback locks
 //! (they lapse on restart: the message is delivered again), connection state, telemetry,
-//! throttling counters, jobs, DPS enrollments.
+//! throttling counters, DPS enrollments.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -464,6 +465,14 @@ impl Hub {
         }
     }
 
+    /// Appends job `id`'s stored state (see `crate::jobs::model::Job::stored`).
+    pub(crate) fn record_job(&self, id: &str, stored: &Value) {
+        if self.journal().is_some() {
+            let state = serde_json::to_vec(stored).expect("a JSON value serializes");
+            self.record(&Record::Job { id, state: &state });
+        }
+    }
+
     /// The ticket of the records this thread appended since the last take (`None`: nothing to
     /// wait for, or no `--persist`). Take it right after the synchronous handling, before any
     /// `.await`, then [`Hub::durable`] before answering.
@@ -603,8 +612,18 @@ impl Hub {
                 self.feedback().restore_pushed(f.serial, record);
             }
             Record::FeedbackCut { next } => self.feedback().restore_cut(next),
-            // Jobs are not kept (see the module documentation); a record is skipped.
-            Record::Job { .. } => {}
+            Record::Job { id, state } => {
+                let v: Value = serde_json::from_slice(state)
+                    .map_err(|e| DecodeError::Invalid { what: "job state", detail: e.to_string() })?;
+                let mut job = crate::jobs::model::Job::from_stored(id, &v)
+                    .map_err(|e| DecodeError::Invalid { what: "job state", detail: e.message })?;
+                // A job the hub was running (or waiting to run) when it died ends as failed, as at
+                // a graceful shutdown: its devices are not walked again behind the service's back.
+                if !job.status.is_terminal() {
+                    job.fail(self.now(), "the hub restarted before the job finished");
+                }
+                self.jobs().with_table(|t| t.restore(job));
+            }
         }
         Ok(())
     }
@@ -679,6 +698,15 @@ impl Hub {
                     put(&mut frames, &Record::C2dSequence { id: "", generation: 0, last: q.last_sequence() });
             }
         }
+        // The jobs under their own lock, not nested in the feedback lock.
+        records += self.jobs().with_table(|t| {
+            let mut n = 0;
+            for job in t.all() {
+                let state = serde_json::to_vec(&job.stored()).expect("a JSON value serializes");
+                n += put(&mut frames, &Record::Job { id: &job.request.id, state: &state });
+            }
+            n
+        });
         w.push_framed(&frames, records)?;
         let stats = SnapshotStats { number: n, records: w.records, bytes: w.bytes, elapsed: Duration::ZERO };
         w.finish()?;

@@ -38,10 +38,16 @@ fn msg(id: &str, ack: AckMode) -> C2dMessage {
     }
 }
 
-/// Kill -9: nothing more is written, then the hub goes away.
-fn crash(hub: Hub) {
+/// Kill -9: nothing more is written, then the hub goes away (its job tasks too, which hold
+/// handles to it; the state directory is unlocked once the last handle is gone).
+async fn crash(hub: Hub) {
     hub.halt_persistence();
+    hub.shutdown_jobs();
+    let gone = Arc::downgrade(&hub.shared);
     drop(hub);
+    while gone.strong_count() > 0 {
+        tokio::task::yield_now().await;
+    }
 }
 
 #[tokio::test]
@@ -96,7 +102,7 @@ async fn everything_acknowledged_survives_a_crash() {
     let twin_before = hub.get_twin("fridge-1").unwrap();
     let cam_before = hub.get_device("cam-1").unwrap();
     let old_before = hub.get_device("old-1").unwrap();
-    crash(hub);
+    crash(hub).await;
 
     let (hub, recovered) = open(tmp.path(), &clock);
     assert_eq!(recovered.devices, 3);
@@ -158,7 +164,7 @@ async fn what_was_not_acknowledged_may_be_lost_but_nothing_else() {
     acked(&hub).await;
     // Appended but halted before the committer may have written it: either outcome is allowed.
     hub.send_c2d("d", msg("unacked", AckMode::None)).unwrap();
-    crash(hub);
+    crash(hub).await;
     let (hub, _) = open(tmp.path(), &clock);
     let first = hub.receive_c2d("d", 60_000).unwrap().unwrap();
     assert_eq!(first.message.message_id.as_deref(), Some("acked"));
@@ -172,7 +178,7 @@ async fn a_torn_tail_is_cut_and_the_hub_starts() {
     let (hub, _) = open(tmp.path(), &clock);
     hub.put_device("d", DeviceInput::default(), None).unwrap();
     acked(&hub).await;
-    crash(hub);
+    crash(hub).await;
     // A write the hub was killed in the middle of.
     let seg = crate::persist::store::segment_path(tmp.path(), 0);
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -183,7 +189,7 @@ async fn a_torn_tail_is_cut_and_the_hub_starts() {
     assert!(hub.get_device("d").is_ok());
     hub.put_device("e", DeviceInput::default(), None).unwrap();
     acked(&hub).await;
-    crash(hub);
+    crash(hub).await;
     let (hub, recovered) = open(tmp.path(), &clock);
     assert_eq!(recovered.devices, 2);
     assert_eq!(recovered.replayed.torn_bytes, 0);
@@ -220,7 +226,7 @@ async fn a_snapshot_replaces_the_history_and_changes_during_it_replay_over_it() 
     hub.send_c2d("d2", msg("after", AckMode::None)).unwrap();
     hub.patch_reported("d3", &json!({ "k": "after" })).unwrap();
     acked(&hub).await;
-    crash(hub);
+    crash(hub).await;
     let (hub, recovered) = open(tmp.path(), &clock);
     assert_eq!(recovered.devices, 199);
     assert_eq!(hub.get_device("d0").unwrap()["cloudToDeviceMessageCount"], 0);
@@ -271,9 +277,54 @@ async fn the_mqtt_session_survives_so_a_device_need_not_subscribe_again() {
     let link = hub.attach_link("d", false).unwrap();
     hub.save_session("d", link.conn_id, subscriptions::C2D | subscriptions::METHODS);
     acked(&hub).await;
-    crash(hub);
+    crash(hub).await;
     let (hub, _) = open(tmp.path(), &clock);
     let again = hub.attach_link("d", false).unwrap();
     assert_eq!(again.session, subscriptions::C2D | subscriptions::METHODS);
     assert_eq!(hub.get_device("d").unwrap()["connectionState"], "Connected");
+}
+
+#[tokio::test]
+async fn finished_jobs_are_kept_and_a_job_cut_short_by_the_crash_ends_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (hub, _) = open(tmp.path(), &clock);
+    hub.put_device("d", DeviceInput::default(), None).unwrap();
+    let now_job = json!({
+        "jobId": "now", "type": "scheduleUpdateTwin", "queryCondition": "deviceId = 'd'",
+        "updateTwin": {"tags": {"rolled": true}}, "maxExecutionTimeInSeconds": 60,
+    });
+    hub.create_job("now", &now_job).unwrap();
+    acked(&hub).await;
+    let later = json!({
+        "jobId": "later", "type": "scheduleUpdateTwin", "queryCondition": "deviceId = 'd'",
+        "updateTwin": {"tags": {"late": true}}, "startTime": crate::clock::iso8601(T0 + 3_600_000),
+        "maxExecutionTimeInSeconds": 60,
+    });
+    assert_eq!(hub.create_job("later", &later).unwrap()["status"], "scheduled");
+    acked(&hub).await;
+    // The first job runs on its task: poll until it completed (its end is recorded then).
+    while hub.get_job("now").unwrap()["status"] != "completed" {
+        tokio::task::yield_now().await;
+    }
+    hub.durable_all().await.unwrap();
+    let done = hub.get_job("now").unwrap();
+    crash(hub).await;
+
+    let (hub, _) = open(tmp.path(), &clock);
+    assert_eq!(hub.get_job("now").unwrap(), done);
+    let cut = hub.get_job("later").unwrap();
+    assert_eq!(cut["status"], "failed");
+    assert_eq!(cut["failureReason"], "the hub restarted before the job finished");
+    assert_eq!(hub.get_twin("d").unwrap()["tags"], json!({"rolled": true}));
+    // The ids stay taken; new jobs are accepted.
+    assert!(hub.create_job("now", &now_job).is_err());
+    let again = json!({
+        "jobId": "again", "type": "scheduleUpdateTwin", "queryCondition": "deviceId = 'd'",
+        "updateTwin": {"tags": {"x": 1}},
+    });
+    hub.create_job("again", &again).unwrap();
+    let listed = hub.query_jobs(None, None, None, 10).unwrap();
+    let ids: Vec<&str> = listed.items.iter().map(|j| j["jobId"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["now", "later", "again"], "creation order survives");
 }

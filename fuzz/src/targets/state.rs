@@ -93,7 +93,11 @@ fn samples() -> Vec<Record<'static>> {
             },
         },
         Record::DeviceRemoved { id: "fridge-1", generation: 7 },
-        Record::Job { id: "job-1", state: b"{}" },
+        Record::Job {
+            id: "job-1",
+            state: br#"{"body":{"type":"scheduleUpdateTwin","queryCondition":"deviceId = 'fridge-1'","updateTwin":{"tags":{"a":1}}},"created":1,"started":2,"ended":3,"status":"completed","failureReason":null,"statusMessage":"1 of 1 devices succeeded, 0 failed","stats":[1,0,1,0,0],"seq":1}"#,
+        },
+        Record::Job { id: "job-2", state: b"{}" },
     ]
 }
 
