@@ -184,7 +184,10 @@ struct TwinText {
 
 impl TwinText {
     fn of(t: &Twin) -> Self {
-        let text = |m: &Map<String, Value>| serde_json::to_vec(m).expect("a JSON map serializes");
+        let text = |m: &Map<String, Value>| {
+            // Most twins have empty sections (a new device's, a tags-only twin's).
+            if m.is_empty() { b"{}".to_vec() } else { serde_json::to_vec(m).expect("a JSON map serializes") }
+        };
         Self { tags: text(&t.tags), desired: text(&t.desired), reported: text(&t.reported) }
     }
 
