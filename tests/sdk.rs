@@ -134,3 +134,8 @@ async fn python_configuration_manager_applies_desired_content_to_matching_twins_
 async fn node_registry_configurations_apply_update_and_remove() {
     run_sdk_script(Sdk::Node, "configurations_test.js").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_c2d_to_an_offline_device_survives_sigkill_of_a_persist_hub() {
+    iothub_emulator_tests::run_sdk_script_across_hub_kill("persist_restart_test.py").await.unwrap();
+}

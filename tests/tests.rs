@@ -11,6 +11,7 @@ mod ftp_installer;
 mod http;
 mod jobs;
 mod mqtt;
+mod persist;
 mod registry;
 mod release;
 mod sdk;

@@ -52,6 +52,7 @@ impl Hub {
                 done += 1;
                 last = Some(id.clone());
                 if let Some(patch) = reconcile(d, configs, &roots, now) {
+                    self.record_twin(d);
                     notices.push((id.clone(), patch));
                 }
             }
@@ -66,7 +67,16 @@ impl Hub {
         let now = self.now();
         let mut notices = Vec::new();
         for id in ids {
-            let patch = self.with_device(id, |d| Ok(reconcile(d, configs, &roots, now))).ok().flatten();
+            let patch = self
+                .with_device(id, |d| {
+                    let patch = reconcile(d, configs, &roots, now);
+                    if patch.is_some() {
+                        self.record_twin(d);
+                    }
+                    Ok(patch)
+                })
+                .ok()
+                .flatten();
             if let Some(p) = patch {
                 notices.push((id.clone(), p));
             }

@@ -33,6 +33,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::error::{ErrorCode, HubError};
 
+use super::durable::Kept;
 use super::{Device, Hub};
 
 /// Events queued per connection before the hub starts dropping wake-ups.
@@ -329,6 +330,24 @@ impl Hub {
         })
     }
 
+    /// [`Self::with_endpoint`] for changes to what `--persist` keeps: `f` says what it changed
+    /// of the endpoint's kept state, and that is journaled (see [`Hub::record_endpoint`]).
+    pub(super) fn with_endpoint_kept<T>(
+        &self,
+        client_id: &str,
+        f: impl FnOnce(Endpoint<'_>) -> Result<(T, Kept), HubError>,
+    ) -> Result<T, HubError> {
+        let (device_id, module_id) = super::module::split_client_id(client_id);
+        self.with_device(device_id, |d| {
+            let e = d
+                .endpoint(module_id)
+                .ok_or_else(|| HubError::module_not_found(device_id, module_id.unwrap_or_default()))?;
+            let (t, kept) = f(e)?;
+            self.record_endpoint(d, module_id, kept);
+            Ok(t)
+        })
+    }
+
     /// Sets an endpoint's `connected` (and when it changed); a device's through
     /// [`Hub::set_connected`]'s counter.
     fn set_endpoint_connected(&self, e: &mut Endpoint<'_>, connected: bool, now: crate::clock::Millis) {
@@ -361,8 +380,9 @@ impl Hub {
         let conn_id = self.next_counter();
         let shared = Arc::new(LinkShared { ready, ..LinkShared::default() });
         let link = Link { conn_id, shared: shared.clone() };
-        let session = self.with_endpoint(device_id, |mut d| {
-            if clean_session {
+        let session = self.with_endpoint_kept(device_id, |mut d| {
+            let cleared = clean_session && *d.session != 0;
+            if cleared {
                 *d.session = 0;
             }
             if d.link.replace(link).is_some() {
@@ -374,7 +394,7 @@ impl Hub {
             }
             self.set_endpoint_connected(&mut d, true, now);
             *d.last_activity = now;
-            Ok(*d.session)
+            Ok((*d.session, Kept::identity_if(cleared)))
         })?;
         self.shared.changed.notify_waiters();
         Ok(Attached { conn_id, events: LinkReceiver(shared), session })
@@ -384,26 +404,31 @@ impl Hub {
     /// `keep_session == false` (clean session) the persisted subscriptions are dropped too.
     pub fn detach_link(&self, device_id: &str, conn_id: u64, keep_session: bool) {
         let now = self.now();
-        let _ = self.with_endpoint(device_id, |mut d| {
+        let _ = self.with_endpoint_kept(device_id, |mut d| {
+            let mut cleared = false;
             if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
                 *d.link = None;
                 self.set_endpoint_connected(&mut d, false, now);
-                if !keep_session {
+                if !keep_session && *d.session != 0 {
                     *d.session = 0;
+                    cleared = true;
                 }
             }
-            Ok(())
+            Ok(((), Kept::identity_if(cleared)))
         });
     }
 
     /// Stores the subscriptions of connection `conn_id` so the next session of the device finds
     /// them (the connection calls this after every SUBSCRIBE/UNSUBSCRIBE).
     pub fn save_session(&self, device_id: &str, conn_id: u64, session: u8) {
-        let _ = self.with_endpoint(device_id, |d| {
-            if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
+        let _ = self.with_endpoint_kept(device_id, |d| {
+            // Kept with --persist: a device reconnecting after a hub restart under
+            // clean_session=0 need not subscribe again (the Python SDK does not).
+            let changed = d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) && *d.session != session;
+            if changed {
                 *d.session = session;
             }
-            Ok(())
+            Ok(((), Kept::identity_if(changed)))
         });
         // A method call may be waiting (connect timeout) for this device to subscribe.
         self.shared.changed.notify_waiters();

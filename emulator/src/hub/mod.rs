@@ -18,6 +18,7 @@ mod auth;
 mod config_apply;
 pub mod dashboard;
 mod device;
+mod durable;
 pub mod events;
 pub mod link;
 pub mod messaging;
@@ -39,6 +40,7 @@ use crate::sas::{Policy, default_policies};
 
 pub use auth::{Authenticated, Principal};
 pub use device::{AuthType, Device, DeviceExtra, Status, validate_device_id};
+pub use durable::{Recovered, SnapshotStats};
 pub use events::{D2cMessage, Event, EventLog, EventPosition, EventsConfig, EventsError};
 pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
@@ -88,6 +90,10 @@ pub struct HubConfig {
     pub x509_cas: Vec<String>,
     /// The Device Provisioning Service's ID scope (`--dps-id-scope`; generated when not given).
     pub dps_id_scope: String,
+    /// `--persist`: keep the hub's state under `<data-dir>/state/` with this sync mode
+    /// (`--persist-sync`: `Sync`); `None` (the default) keeps everything in memory only. Read by
+    /// `server::RunningHub`, which opens the state directory (see [`Hub::open_persistent`]).
+    pub persist: Option<crate::persist::SyncMode>,
 }
 
 impl Default for HubConfig {
@@ -105,6 +111,7 @@ impl Default for HubConfig {
             throttle: None,
             x509_cas: Vec::new(),
             dps_id_scope: crate::dps::generate_id_scope(),
+            persist: None,
         }
     }
 }
@@ -162,6 +169,8 @@ struct Shared {
     dps: crate::dps::Dps,
     /// Configurations and the re-evaluation work they owe (see `crate::configs`).
     configs: crate::configs::Configs,
+    /// The journal and snapshots with `--persist` (see `durable`); empty otherwise.
+    durable: std::sync::OnceLock<durable::Durability>,
 }
 
 #[derive(Debug, Default)]
@@ -219,6 +228,7 @@ impl Hub {
                 verified_tokens: Mutex::default(),
                 x509_cas,
                 dashboard: dashboard::DashboardState::default(),
+                durable: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -18,6 +18,7 @@ use crate::query::Query;
 use crate::sas;
 
 use super::device::time_or_never;
+use super::durable::Kept;
 use super::{AuthType, Device, Hub, SHARD_COUNT, Section, Shard, Status, Twin};
 use std::sync::atomic::Ordering;
 
@@ -328,6 +329,7 @@ impl Hub {
                     d.update_extra(|e| e.thumbprints = thumbprints);
                     d.iot_edge = input.iot_edge;
                     d.etag = self.next_counter();
+                    self.record(&super::durable::device_record(d));
                     let n = self.pending_c2d(d, now, &mut fb);
                     Ok((d.to_json(n), false))
                 }
@@ -340,6 +342,8 @@ impl Hub {
                     }
                     let d = self.new_device(id, input, auth_type, now)?;
                     let json = d.to_json(0);
+                    self.record(&super::durable::device_record(&d));
+                    self.record_twin(&d);
                     shard.devices.insert(id.to_string(), d);
                     self.shared.device_count.fetch_add(1, Ordering::Relaxed);
                     Ok((json, true))
@@ -396,11 +400,17 @@ impl Hub {
         let Some(d) = shard.devices.get_mut(id) else { return };
         match module {
             Some(mid) => {
-                if let Some(m) = d.module_mut(mid) {
+                if let Some(m) = d.module_mut(mid)
+                    && m.model_id.as_deref() != Some(model_id)
+                {
                     m.model_id = Some(model_id.into());
+                    self.record_endpoint(d, module, Kept::Identity);
                 }
             }
-            None if d.model_id() != Some(model_id) => d.update_extra(|e| e.model_id = Some(model_id.into())),
+            None if d.model_id() != Some(model_id) => {
+                d.update_extra(|e| e.model_id = Some(model_id.into()));
+                self.record(&super::durable::device_record(d));
+            }
             None => {}
         }
     }
@@ -429,6 +439,8 @@ impl Hub {
         if let Some(cond) = if_match {
             cond.check(&d.etag_str())?;
         }
+        let removed = crate::persist::records::Record::DeviceRemoved { id, generation: d.generation_id };
+        self.record(&removed);
         if let Some(d) = shard.devices.remove(id) {
             if d.connected {
                 self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
@@ -615,6 +627,7 @@ impl Hub {
                 cond.check(&d.twin.etag_str())?;
             }
             let notice = apply_twin_update(&mut d.twin, tags, desired, replace, now)?;
+            self.record_twin(d);
             let n = self.pending_c2d(d, now, &mut fb);
             Ok((twin_json(d, n), notice))
         });
@@ -633,10 +646,10 @@ impl Hub {
     /// `$version`.
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, HubError> {
         let now = self.now();
-        let version = self.with_endpoint(id, |d| {
-            d.twin.patch(Section::Reported, patch, now)?;
+        let version = self.with_endpoint_kept(id, |d| {
+            let changed = d.twin.patch(Section::Reported, patch, now)?;
             *d.last_activity = now;
-            Ok(d.twin.reported_version)
+            Ok((d.twin.reported_version, if changed { Kept::Twin } else { Kept::Nothing }))
         })?;
         if !id.contains('/') {
             self.config_touch(id);

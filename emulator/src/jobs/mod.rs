@@ -68,6 +68,11 @@ impl Jobs {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Runs `f` on the job table under the jobs lock (the durable hub's recovery and snapshots).
+    pub(crate) fn with_table<T>(&self, f: impl FnOnce(&mut JobTable) -> T) -> T {
+        f(&mut self.lock().table)
+    }
 }
 
 /// How a job's device walk ended.
@@ -91,6 +96,13 @@ impl Hub {
         let json = {
             let mut state = jobs.lock();
             let json = state.table.create(request, now)?.to_json();
+            if self.is_persistent() {
+                let stored = state.table.update(id, |j| {
+                    j.body = Some(body.clone());
+                    j.stored()
+                })?;
+                self.record_job(id, &stored);
+            }
             state.tokens.insert(id.to_string(), token.clone());
             json
         };
@@ -111,6 +123,11 @@ impl Hub {
         let (json, token) = {
             let mut state = self.jobs().lock();
             let json = state.table.cancel(id, now)?;
+            if self.is_persistent()
+                && let Ok(stored) = state.table.get(id).map(model::Job::stored)
+            {
+                self.record_job(id, &stored);
+            }
             (json, state.tokens.remove(id))
         };
         if let Some(t) = token {
@@ -145,7 +162,18 @@ impl Hub {
 
     /// Runs `f` on job `id` under the jobs lock; `None` if the job is gone.
     fn with_job<T>(&self, id: &str, f: impl FnOnce(&mut model::Job) -> T) -> Option<T> {
-        self.jobs().lock().table.update(id, f).ok()
+        let mut state = self.jobs().lock();
+        let persist = self.is_persistent();
+        // With --persist a job is stored when it is created, starts and ends (not per device).
+        let before = persist.then(|| state.table.get(id).map(|j| j.status).ok()).flatten();
+        let out = state.table.update(id, f).ok();
+        if let Some(before) = before
+            && let Ok(job) = state.table.get(id)
+            && job.status != before
+        {
+            self.record_job(id, &job.stored());
+        }
+        out
     }
 }
 

@@ -363,6 +363,8 @@ pub struct Job {
     pub status_message: Option<String>,
     /// Per-device counts.
     pub stats: DeviceJobStatistics,
+    /// The `PUT /jobs/v2/{id}` body it was made from (kept by `--persist` to rebuild the request).
+    pub body: Option<Value>,
     /// Creation order, for the jobs query's order and continuation.
     seq: u64,
 }
@@ -383,8 +385,60 @@ impl Job {
             failure_reason: None,
             status_message: None,
             stats: DeviceJobStatistics::default(),
+            body: None,
             seq: 0,
         }
+    }
+
+    /// The job as `--persist` stores it: its request body and where it is.
+    pub fn stored(&self) -> Value {
+        let s = &self.stats;
+        json!({
+            "body": self.body,
+            "created": self.created,
+            "started": self.started,
+            "ended": self.ended,
+            "status": self.status.name(),
+            "failureReason": self.failure_reason,
+            "statusMessage": self.status_message,
+            "stats": [s.device_count, s.failed_count, s.succeeded_count, s.running_count, s.pending_count],
+            "seq": self.seq,
+        })
+    }
+
+    /// Rebuilds job `id` from [`Job::stored`]'s JSON.
+    pub fn from_stored(id: &str, v: &Value) -> Result<Self, HubError> {
+        let bad = |what: &str| HubError::invalid(format!("stored job '{id}': {what}"));
+        let body = v.get("body").filter(|b| !b.is_null()).ok_or_else(|| bad("no request body"))?;
+        let request = JobRequest::parse(id, body)?;
+        let num = |k: &str| v.get(k).and_then(Value::as_u64);
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let status =
+            JobStatus::parse(v.get("status").and_then(Value::as_str).ok_or_else(|| bad("no status"))?)?;
+        let stats: Vec<u64> = v
+            .get("stats")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let stat = |i: usize| stats.get(i).copied().unwrap_or(0);
+        Ok(Self {
+            request,
+            created: num("created").ok_or_else(|| bad("no created time"))?,
+            started: num("started"),
+            ended: num("ended"),
+            status,
+            failure_reason: text("failureReason"),
+            status_message: text("statusMessage"),
+            stats: DeviceJobStatistics {
+                device_count: stat(0),
+                failed_count: stat(1),
+                succeeded_count: stat(2),
+                running_count: stat(3),
+                pending_count: stat(4),
+            },
+            body: Some(body.clone()),
+            seq: num("seq").unwrap_or(0),
+        })
     }
 
     /// When the job is due.
@@ -583,6 +637,28 @@ impl JobTable {
         job.seq = self.next_seq;
         let id = job.request.id.clone();
         Ok(self.jobs.entry(id).or_insert(job))
+    }
+
+    /// Recovery: puts `job` back as stored (replacing one of its id), finished jobs into the
+    /// history.
+    pub fn restore(&mut self, job: Job) {
+        let id = job.request.id.clone();
+        self.next_seq = self.next_seq.max(job.seq);
+        let terminal = job.status.is_terminal();
+        self.jobs.insert(id.clone(), job);
+        if terminal && !self.finished.contains(&id) {
+            self.finished.push_back(id);
+            while self.finished.len() > self.max_history {
+                if let Some(old) = self.finished.pop_front() {
+                    self.jobs.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Every job, for a snapshot.
+    pub fn all(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
     }
 
     /// Job `id`, or `404 JobNotFound`.
