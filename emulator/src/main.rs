@@ -143,6 +143,16 @@ struct Args {
     #[arg(long = "consumer-group", env = "IOTHUB_EMULATOR_CONSUMER_GROUPS", value_delimiter = ',', value_parser = parse_consumer_group)]
     consumer_groups: Vec<String>,
 
+    /// Keep the hub's state (registry, twins, C2D queues, feedback) under <data-dir>/state/: a
+    /// change answered with success survives kill -9 of the hub. Off: everything is in memory.
+    #[arg(long, env = "IOTHUB_EMULATOR_PERSIST")]
+    persist: bool,
+
+    /// With --persist, also fdatasync each group of changes before answering: survives a power
+    /// cut too, at a few milliseconds per group.
+    #[arg(long, env = "IOTHUB_EMULATOR_PERSIST_SYNC", requires = "persist")]
+    persist_sync: bool,
+
     /// The Device Provisioning Service's ID scope devices name (`0ne` + 8 hex digits is DPS's
     /// form; any 1..=64 letters, digits or '-' are accepted). Generated when not given.
     #[arg(long, env = "IOTHUB_EMULATOR_DPS_ID_SCOPE", value_parser = parse_id_scope)]
@@ -455,6 +465,11 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
             consumer_groups: args.consumer_groups.clone(),
         },
         dps_id_scope: args.dps_id_scope.clone().unwrap_or_else(iothub_emulator::dps::generate_id_scope),
+        persist: args.persist.then_some(if args.persist_sync {
+            iothub_emulator::persist::SyncMode::Sync
+        } else {
+            iothub_emulator::persist::SyncMode::Write
+        }),
         ..HubConfig::default()
     };
     let listen = ListenConfig {

@@ -151,6 +151,9 @@ pub enum ServerError {
     /// The FTP server's settings are unusable.
     #[error(transparent)]
     Ftp(#[from] ftp::Error),
+    /// The state directory (`--persist`) cannot be opened or recovered.
+    #[error("--persist: {0}")]
+    Persist(#[from] crate::persist::PersistError),
     /// The server task failed.
     #[error("the server task failed: {0}")]
     Task(String),
@@ -236,7 +239,20 @@ impl RunningHub {
             .transpose()
             .map_err(|e| ServerError::Task(e.to_string()))?;
         let (packages_dir, ftp_faults) = (ftp.packages_dir.clone(), ftp.faults.clone());
-        let hub = Hub::new(config);
+        let hub = match config.persist {
+            None => Hub::new(config),
+            // Recovery runs before anything is served: the listeners accept nothing (and
+            // `/health` does not answer) until the state is back.
+            Some(sync) => {
+                let persist = crate::persist::PersistConfig { dir: data_dir.join("state"), sync };
+                tokio::task::spawn_blocking(move || {
+                    Hub::open_persistent(config, Arc::new(crate::clock::SystemClock), &persist)
+                })
+                .await
+                .map_err(|e| ServerError::Task(e.to_string()))??
+                .0
+            }
+        };
         hub.set_amqp_port(amqp_addr.port());
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -79,6 +79,7 @@ targets! {
     scenario => "scenario", 3_000;
     ftp_path => "ftp_path", 2_000;
     x509_chain => "x509_chain", 5_000;
+    state_journal => "state_journal", 10_000;
 }
 
 #[test]

@@ -85,6 +85,14 @@ where
         tokio::pin!(events);
         events.as_mut().enable();
         conn.pump();
+        // With --persist: the dispositions answering what this turn changed (C2D sends, feedback
+        // settlements) go out once its records are written.
+        let ticket = hub.take_durability_ticket();
+        if ticket.is_some()
+            && let Err(e) = hub.durable(ticket).await
+        {
+            return Err(std::io::Error::other(e.message));
+        }
         // Tier throttling: shaped C2D sends are settled at their turn, and nothing more is read
         // before it (backpressure on the sender). Bounded by the throttle's backlog; a hub time
         // jump ends it early.

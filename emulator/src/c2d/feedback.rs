@@ -79,6 +79,8 @@ pub struct FeedbackHub {
     hub_name: String,
     config: QueueConfig,
     pending: Vec<FeedbackRecord>,
+    /// The serial of `pending[0]` in the hub's stream of records (for the durable hub's records).
+    pending_base: u64,
     last_cut: Option<Millis>,
     batches: DeviceQueue,
     dropped_batches: u64,
@@ -92,6 +94,7 @@ impl FeedbackHub {
             hub_name: hub_name.into(),
             config: feedback_config(),
             pending: Vec::new(),
+            pending_base: 0,
             last_cut: None,
             batches: DeviceQueue::new(),
             dropped_batches: 0,
@@ -166,16 +169,61 @@ impl FeedbackHub {
         self.pending.len()
     }
 
+    /// The serial the next pushed record gets (records are numbered from 0 in push order).
+    pub fn next_serial(&self) -> u64 {
+        self.pending_base + self.pending.len() as u64
+    }
+
+    /// The serial of the first record still pending.
+    pub fn pending_base(&self) -> u64 {
+        self.pending_base
+    }
+
+    /// The records waiting for the next cut, oldest first.
+    pub fn pending_list(&self) -> &[FeedbackRecord] {
+        &self.pending
+    }
+
+    /// The queue of cut batches.
+    pub fn batches(&self) -> &DeviceQueue {
+        &self.batches
+    }
+
+    /// Recovery: the queue of cut batches, to restore entries into.
+    pub fn batches_mut(&mut self) -> &mut DeviceQueue {
+        &mut self.batches
+    }
+
+    /// Recovery: the record with `serial` is pending (ignored when it was cut or is there).
+    pub fn restore_pushed(&mut self, serial: u64, record: FeedbackRecord) {
+        if serial < self.next_serial() {
+            return;
+        }
+        if self.pending.is_empty() {
+            self.pending_base = serial;
+        }
+        self.pending.push(record);
+    }
+
+    /// Recovery: the records before `next` were cut into batches.
+    pub fn restore_cut(&mut self, next: u64) {
+        let k = next.saturating_sub(self.pending_base).min(self.pending.len() as u64) as usize;
+        self.pending.drain(..k);
+        self.pending_base = self.pending_base.max(next);
+    }
+
     /// Cuts full batches, then a partial one if the interval has passed.
     fn cut_due(&mut self, now: Millis) {
         while self.pending.len() >= limits::FEEDBACK_MAX_BATCH_RECORDS {
             let rest = self.pending.split_off(limits::FEEDBACK_MAX_BATCH_RECORDS);
             let batch = std::mem::replace(&mut self.pending, rest);
+            self.pending_base += batch.len() as u64;
             self.enqueue(batch, now);
         }
         let interval_passed = self.last_cut.is_none_or(|t| now.saturating_sub(t) >= self.batch_interval_ms);
         if !self.pending.is_empty() && interval_passed {
             let batch = std::mem::take(&mut self.pending);
+            self.pending_base += batch.len() as u64;
             self.enqueue(batch, now);
         }
     }

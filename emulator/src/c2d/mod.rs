@@ -22,7 +22,7 @@ use crate::clock::Millis;
 use crate::limits;
 
 pub use feedback::{FEEDBACK_CONTENT_TYPE, FeedbackHub, FeedbackRecord};
-pub use queue::{Delivery, DeviceQueue, SendReceipt, Settlement};
+pub use queue::{Delivery, DeviceQueue, SendReceipt, Settlement, StoredEntry};
 
 /// The lock token of one delivery: the HTTP `ETag`, the AMQP `x-opt-lock-token`.
 ///

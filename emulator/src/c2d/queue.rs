@@ -41,6 +41,21 @@ pub struct Delivery {
     pub locked_until: Millis,
 }
 
+/// A pending entry as the durable hub stores it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredEntry<'a> {
+    /// The message.
+    pub message: &'a C2dMessage,
+    /// Its sequence number.
+    pub sequence_number: u64,
+    /// When the hub accepted it.
+    pub enqueued_at: Millis,
+    /// When it expires.
+    pub expires_at: Millis,
+    /// Abandons so far.
+    pub delivery_count: u32,
+}
+
 /// A lock held by a receiver: the message is Invisible until `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Lock {
@@ -320,6 +335,80 @@ impl DeviceQueue {
         }
         self.release_if_empty();
         Ok(())
+    }
+
+    /// The last sequence number handed out (0: none yet).
+    pub fn last_sequence(&self) -> u64 {
+        self.last_sequence
+    }
+
+    /// `(sequence, delivery count)` of every pending entry, in order: what the durable hub
+    /// compares before and after an operation to know which records to write.
+    pub fn states(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.entries.iter().map(|e| (e.sequence_number, e.delivery_count))
+    }
+
+    /// Every pending entry as the durable hub stores it (no lock: locks are not stored).
+    pub fn stored(&self) -> impl Iterator<Item = StoredEntry<'_>> + '_ {
+        self.entries.iter().map(|e| StoredEntry {
+            message: &e.message,
+            sequence_number: e.sequence_number,
+            enqueued_at: e.enqueued_at,
+            expires_at: e.expires_at,
+            delivery_count: e.delivery_count,
+        })
+    }
+
+    /// The stored form of the entry with `sequence`, if pending.
+    pub fn stored_entry(&self, sequence: u64) -> Option<StoredEntry<'_>> {
+        self.stored().find(|e| e.sequence_number == sequence)
+    }
+
+    /// Recovery: puts a stored entry back (unlocked), in sequence order; an entry already there
+    /// is left as it is (records are replayed idempotently).
+    pub fn restore(
+        &mut self,
+        message: C2dMessage,
+        sequence_number: u64,
+        enqueued_at: Millis,
+        expires_at: Millis,
+        delivery_count: u32,
+    ) {
+        self.last_sequence = self.last_sequence.max(sequence_number);
+        let at = self.entries.partition_point(|e| e.sequence_number < sequence_number);
+        if self.entries.get(at).is_some_and(|e| e.sequence_number == sequence_number) {
+            return;
+        }
+        self.entries.insert(
+            at,
+            Entry {
+                message: Arc::new(message),
+                sequence_number,
+                enqueued_at,
+                expires_at,
+                delivery_count,
+                lock: None,
+            },
+        );
+    }
+
+    /// Recovery: removes the entry with `sequence`, if there.
+    pub fn restore_removed(&mut self, sequence: u64) {
+        self.last_sequence = self.last_sequence.max(sequence);
+        self.entries.retain(|e| e.sequence_number != sequence);
+        self.release_if_empty();
+    }
+
+    /// Recovery: sets the delivery count of the entry with `sequence`, if there.
+    pub fn restore_delivery_count(&mut self, sequence: u64, delivery_count: u32) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.sequence_number == sequence) {
+            e.delivery_count = delivery_count;
+        }
+    }
+
+    /// Recovery: sequence numbers up to `last` were handed out.
+    pub fn restore_last_sequence(&mut self, last: u64) {
+        self.last_sequence = self.last_sequence.max(last);
     }
 
     /// Every entry as `(sequence, delivery count, lock, expiry)`, for the model test.

@@ -260,6 +260,11 @@ pub async fn serve<S>(
                 }
             }
         }
+        // With --persist: a registration's answer goes out once the device it assigned is
+        // written (everything appended so far: assignments are rare).
+        if !out.is_empty() && hub.durable_all().await.is_err() {
+            break;
+        }
         if !out.is_empty() {
             let mut wbuf = BytesMut::new();
             for p in out.drain(..) {

@@ -215,7 +215,11 @@ where
         }
         (r, Port::Plain) if r.is_emulator_own() => admin::handle(&ctx, &req),
         (r, Port::Https) if r.is_emulator_own() => Err(not_found(&path)),
-        (r, _) if r.is_dps() => Ok(dps_api::handle(&ctx.hub, &req)),
+        // A registration's answer waits for everything written so far (assignments are rare).
+        (r, _) if r.is_dps() => {
+            let resp = dps_api::handle(&ctx.hub, &req);
+            ctx.hub.durable_all().await.map(|()| resp)
+        }
         (Route::DeviceBound(_) | Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..), _)
             if req.method != Method::POST || matches!(req.route, Route::DeviceBoundAbandon(..)) =>
         {
@@ -226,6 +230,12 @@ where
             service_api::invoke_method(&ctx.hub, &req).await
         }
         _ => service_api::handle(&ctx.hub, &req),
+    };
+    // With --persist: what the handler changed is written before the answer says it was done.
+    let ticket = ctx.hub.take_durability_ticket();
+    let result = match ctx.hub.durable(ticket).await {
+        Ok(()) => result,
+        Err(e) => Err(e),
     };
     let mut resp = result.unwrap_or_else(|e| error_response(&req.method, &path, &e));
     if let Some(header_case::OriginalNames(names)) = resp.extensions_mut().remove()

@@ -46,7 +46,9 @@ impl Hub {
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
             let mut out = Vec::new();
+            let before = self.queue_before(&d.c2d);
             let r = d.c2d.send(msg, now, &self.config().c2d, &mut out);
+            self.record_queue(d, before);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             if r.is_ok() {
                 Hub::poke_c2d(d);
@@ -67,7 +69,9 @@ impl Hub {
         let r = self.with_device(device_id, |d| {
             let mut out = Vec::new();
             d.last_activity = now;
+            let before = self.queue_before(&d.c2d);
             let got = d.c2d.receive_with(now, lock_ms, LockToken::random, &self.config().c2d, &mut out);
+            self.record_queue(d, before);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             Ok(got)
         });
@@ -94,6 +98,7 @@ impl Hub {
             let cfg = &self.config().c2d;
             let mut out = Vec::new();
             d.last_activity = now;
+            let before = self.queue_before(&d.c2d);
             let settled = match settle {
                 Some((token, how)) => {
                     d.c2d.settle(token, how, now, cfg, &mut out).map_err(|e| lock_lost(device_id, token, e))
@@ -110,6 +115,7 @@ impl Hub {
                     None => break,
                 }
             }
+            self.record_queue(d, before);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             Ok((n, settled))
         });
@@ -125,7 +131,9 @@ impl Hub {
             let cfg = &self.config().c2d;
             let mut out = Vec::new();
             d.last_activity = now;
+            let before = self.queue_before(&d.c2d);
             let r = d.c2d.settle(token, how, now, cfg, &mut out);
+            self.record_queue(d, before);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             r.map_err(|e| lock_lost(device_id, token, e))
         });
@@ -139,7 +147,9 @@ impl Hub {
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
             let mut out = Vec::new();
+            let before = self.queue_before(&d.c2d);
             let n = d.c2d.purge(now, &self.config().c2d, &mut out);
+            self.record_queue(d, before);
             fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
             Ok(n)
         });
@@ -155,24 +165,35 @@ impl Hub {
         let now = self.now();
         {
             let mut feedback = self.feedback();
+            let before = self.feedback_before(&feedback);
             for (id, generation, outcome) in outcomes {
                 self.count_feedback(outcome.status);
-                feedback.push(FeedbackRecord::from_outcome(outcome, &id, &format!("{generation:018}")), now);
+                let record = FeedbackRecord::from_outcome(outcome, &id, &format!("{generation:018}"));
+                self.record_feedback_push(feedback.next_serial(), &record);
+                feedback.push(record, now);
             }
+            self.record_feedback(&feedback, before);
         }
         self.shared.changed.notify_waiters();
     }
 
     /// Locks and returns the next feedback batch, if one is ready.
     pub fn receive_feedback(&self) -> Option<FeedbackDelivery> {
-        self.feedback().receive_with(self.now(), LockToken::random)
+        let mut feedback = self.feedback();
+        let before = self.feedback_before(&feedback);
+        let got = feedback.receive_with(self.now(), LockToken::random);
+        self.record_feedback(&feedback, before);
+        got
     }
 
     /// Completes (`abandon == false`) or abandons a feedback batch.
     pub fn settle_feedback(&self, token: LockToken, abandon: bool) -> Result<(), HubError> {
         let now = self.now();
         let mut feedback = self.feedback();
+        let before = self.feedback_before(&feedback);
         let r = if abandon { feedback.abandon(token, now) } else { feedback.complete(token, now) };
+        self.record_feedback(&feedback, before);
+        drop(feedback);
         r.map_err(|_| {
             HubError::new(
                 ErrorCode::DeviceMessageLockLost,

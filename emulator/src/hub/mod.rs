@@ -17,6 +17,7 @@ mod admission;
 mod auth;
 pub mod dashboard;
 mod device;
+mod durable;
 pub mod events;
 pub mod link;
 pub mod messaging;
@@ -37,6 +38,7 @@ use crate::sas::{Policy, default_policies};
 
 pub use auth::{Authenticated, Principal};
 pub use device::{AuthType, Device, DeviceExtra, Status, validate_device_id};
+pub use durable::{Recovered, SnapshotStats};
 pub use events::{D2cMessage, Event, EventLog, EventPosition, EventsConfig, EventsError};
 pub use link::{LinkEvent, MethodCall, MethodReply};
 pub use messaging::{C2dDelivery, FeedbackDelivery};
@@ -85,6 +87,10 @@ pub struct HubConfig {
     pub x509_cas: Vec<String>,
     /// The Device Provisioning Service's ID scope (`--dps-id-scope`; generated when not given).
     pub dps_id_scope: String,
+    /// `--persist`: keep the hub's state under `<data-dir>/state/` with this sync mode
+    /// (`--persist-sync`: `Sync`); `None` (the default) keeps everything in memory only. Read by
+    /// `server::RunningHub`, which opens the state directory (see [`Hub::open_persistent`]).
+    pub persist: Option<crate::persist::SyncMode>,
 }
 
 impl Default for HubConfig {
@@ -102,6 +108,7 @@ impl Default for HubConfig {
             throttle: None,
             x509_cas: Vec::new(),
             dps_id_scope: crate::dps::generate_id_scope(),
+            persist: None,
         }
     }
 }
@@ -155,6 +162,8 @@ struct Shared {
     x509_cas: crate::x509::TrustedCas,
     /// The Device Provisioning Service on this host (see `crate::dps`).
     dps: crate::dps::Dps,
+    /// The journal and snapshots with `--persist` (see `durable`); empty otherwise.
+    durable: std::sync::OnceLock<durable::Durability>,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +219,7 @@ impl Hub {
                 verified_tokens: Mutex::default(),
                 x509_cas,
                 dashboard: dashboard::DashboardState::default(),
+                durable: std::sync::OnceLock::new(),
             }),
         }
     }

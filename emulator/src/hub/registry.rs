@@ -314,6 +314,7 @@ impl Hub {
                     d.update_extra(|e| e.thumbprints = thumbprints);
                     d.iot_edge = input.iot_edge;
                     d.etag = self.next_counter();
+                    self.record(&super::durable::device_record(d));
                     let n = self.pending_c2d(d, now, &mut fb);
                     Ok((d.to_json(n), false))
                 }
@@ -326,6 +327,8 @@ impl Hub {
                     }
                     let d = self.new_device(id, input, auth_type, now)?;
                     let json = d.to_json(0);
+                    self.record(&super::durable::device_record(&d));
+                    self.record_twin(&d);
                     shard.devices.insert(id.to_string(), d);
                     self.shared.device_count.fetch_add(1, Ordering::Relaxed);
                     Ok((json, true))
@@ -378,6 +381,7 @@ impl Hub {
             && d.model_id() != Some(model_id)
         {
             d.update_extra(|e| e.model_id = Some(model_id.into()));
+            self.record(&super::durable::device_record(d));
         }
     }
 
@@ -405,6 +409,8 @@ impl Hub {
         if let Some(cond) = if_match {
             cond.check(&d.etag_str())?;
         }
+        let removed = crate::persist::records::Record::DeviceRemoved { id, generation: d.generation_id };
+        self.record(&removed);
         if shard.devices.remove(id).is_some_and(|d| d.connected) {
             self.shared.connected_count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -615,6 +621,7 @@ impl Hub {
                 }
             }
             d.twin = staged;
+            self.record_twin(d);
             let n = self.pending_c2d(d, now, &mut fb);
             let notice = desired_changed.then(|| {
                 let mut patch = if replace {
@@ -639,7 +646,9 @@ impl Hub {
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, HubError> {
         let now = self.now();
         self.with_device(id, |d| {
-            d.twin.patch(Section::Reported, patch, now)?;
+            if d.twin.patch(Section::Reported, patch, now)? {
+                self.record_twin(d);
+            }
             d.last_activity = now;
             Ok(d.twin.reported_version)
         })

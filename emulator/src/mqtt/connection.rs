@@ -479,6 +479,13 @@ where
                 Err(e) => return Ended::Read(e),
             }
         }
+        // With --persist: the answers to what this turn changed (a reported-properties patch, a
+        // C2D settlement) go out once its records are written. Boxed: rare next to the idle
+        // connection's state, which must stay small.
+        let ticket = hub.take_durability_ticket();
+        if ticket.is_some() && Box::pin(hub.durable(ticket)).await.is_err() {
+            return Ended::Write(std::io::Error::other("the state journal failed"));
+        }
         if closing.is_none()
             && let Some(at_ms) = session.take_hold()
         {

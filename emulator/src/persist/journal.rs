@@ -14,6 +14,8 @@
 //! fails the journal for good: every waiter and every later append gets [`JournalError::Failed`],
 //! since the file may now hold a torn group and nothing after it may be answered as written.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -81,9 +83,20 @@ struct Pending {
     failed: Option<String>,
 }
 
+/// Tells journals apart in [`Journal::take_thread_ticket`].
+static NEXT_JOURNAL_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The journal id and end position of the last record appended on this thread: a protocol
+    /// driver handles its input synchronously (the hub appends under its locks), then takes this
+    /// ticket before its first `.await` and awaits durability before it writes its answers.
+    static LAST_APPENDED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Journal {
+    id: u64,
     pending: Mutex<Pending>,
     work: Condvar,
     durable: watch::Sender<Durable>,
@@ -101,6 +114,7 @@ impl Journal {
     /// its committer thread writing to `sink`.
     pub fn start(sink: impl Sink, mode: SyncMode, position: u64) -> (Arc<Self>, CommitterHandle) {
         let journal = Arc::new(Self {
+            id: NEXT_JOURNAL_ID.fetch_add(1, Ordering::Relaxed),
             pending: Mutex::new(Pending { base: position, ..Pending::default() }),
             work: Condvar::new(),
             durable: watch::Sender::new(Durable::Upto(position)),
@@ -117,6 +131,10 @@ impl Journal {
     /// it under the lock that orders the change it records.
     pub fn append(&self, write: impl FnOnce(&mut Writer<'_>)) -> Result<Ticket, JournalError> {
         let mut p = self.pending.lock().expect("journal lock");
+        if p.failed.is_some() || p.closed {
+            // A ticket no write reaches: whoever takes this thread's ticket fails its wait too.
+            LAST_APPENDED.with(|c| c.set((self.id, u64::MAX)));
+        }
         if let Some(why) = &p.failed {
             return Err(JournalError::Failed(why.clone()));
         }
@@ -130,7 +148,34 @@ impl Journal {
         if was_empty {
             self.work.notify_one();
         }
+        LAST_APPENDED.with(|c| c.set((self.id, end)));
         Ok(Ticket(end))
+    }
+
+    /// The ticket of the last record this thread appended to this journal since the last take, if
+    /// any (a record appended to another journal in between is not this journal's to wait for).
+    /// Call it in the same synchronous stretch that appended: another task on this thread may
+    /// append later, and its ticket is not yours to take (waiting for it too would be harmless).
+    pub fn take_thread_ticket(&self) -> Option<Ticket> {
+        let (id, end) = LAST_APPENDED.with(|c| c.replace((0, 0)));
+        (id == self.id).then_some(Ticket(end))
+    }
+
+    /// The end of everything appended so far: durable once every record appended until now is.
+    pub fn appended_position(&self) -> Ticket {
+        let p = self.pending.lock().expect("journal lock");
+        Ticket(p.base + p.buf.len() as u64)
+    }
+
+    /// Stops the journal as a kill -9 would: what is not written yet is dropped, never written,
+    /// and every later append and wait fails. For crash tests.
+    pub fn halt(&self) {
+        let mut p = self.pending.lock().expect("journal lock");
+        p.buf.clear();
+        p.failed = Some("the journal was halted".into());
+        self.durable.send_replace(Durable::Failed("the journal was halted".into()));
+        drop(p);
+        self.work.notify_one();
     }
 
     /// Waits until `ticket` is durable.
@@ -165,8 +210,12 @@ impl Journal {
         loop {
             let (end, closing) = {
                 let mut p = self.pending.lock().expect("journal lock");
-                while p.buf.is_empty() && !p.closed {
+                while p.buf.is_empty() && !p.closed && p.failed.is_none() {
                     p = self.work.wait(p).expect("journal lock");
+                }
+                if p.failed.is_some() {
+                    // Halted: nothing more is written.
+                    return;
                 }
                 group.clear();
                 std::mem::swap(&mut group, &mut p.buf);
@@ -184,6 +233,11 @@ impl Journal {
                     self.durable.send_replace(Durable::Failed(why));
                     return;
                 }
+                let p = self.pending.lock().expect("journal lock");
+                if p.failed.is_some() {
+                    return;
+                }
+                // Published under the lock, so a halt cannot be overwritten.
                 self.durable.send_replace(Durable::Upto(end));
             }
             // Keep a large group's buffer only while groups stay large.

@@ -8,6 +8,7 @@ mod device;
 mod dps;
 mod ftp;
 mod mqtt;
+mod state;
 mod text;
 mod x509;
 
@@ -31,6 +32,7 @@ pub const ALL: &[Target] = &[
     text::SCENARIO,
     ftp::FTP_PATH,
     x509::CHAIN,
+    state::STATE_JOURNAL,
 ];
 
 /// The target called `name`.
