@@ -5,7 +5,7 @@
 //! connections of its device (delivered, but its PUBACK not applied before the crash: IoT Hub's
 //! at-least-once), never twice on one connection, and nothing received that was never sent.
 //!
-//! `CRASH_SEEDS` (default 24) and `CRASH_SEED_BASE` (default 1) choose the seeds; a failure names
+//! `CRASH_SEEDS` (default 48) and `CRASH_SEED_BASE` (default 1) choose the seeds; a failure names
 //! its seed and the command that replays it alone. Needs the binary beside the test (built by
 //! `cargo test --workspace`, or `cargo build -p iothub-emulator`) or at `IOTHUB_EMULATOR_BIN`.
 //!
@@ -30,7 +30,7 @@ const FLEET_KEY: &str = "Y3Jhc2gtY29uc2lzdGVuY3ktZmxlZXQta2V5LTAwMDA=";
 /// Devices per seed.
 const DEVICES: usize = 12;
 /// Messages sent per seed, round-robin over the devices.
-const MESSAGES: usize = 240;
+const MESSAGES: usize = 400;
 /// Every this many devices one is offline during the fan-out (it connects afterwards).
 const OFFLINE_EVERY: usize = 3;
 /// Sends in flight at once.
@@ -283,7 +283,7 @@ async fn healthy(http: &reqwest::Client, url: &str) -> bool {
 
 fn seeds() -> Vec<u64> {
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let (base, n) = (env("CRASH_SEED_BASE", 1), env("CRASH_SEEDS", 24));
+    let (base, n) = (env("CRASH_SEED_BASE", 1), env("CRASH_SEEDS", 48));
     (base..base + n).collect()
 }
 
@@ -310,6 +310,7 @@ async fn kill_9_during_a_fanout_loses_no_acknowledged_c2d_message() {
         seeds().len(),
         started.elapsed().as_secs_f64()
     );
+    assert!(kills >= seeds().len() && acked > 0, "the seeds killed nothing or sent nothing");
     assert!(
         failures.is_empty(),
         "{}\nreplay one: CRASH_SEED_BASE=<seed> CRASH_SEEDS=1 cargo test -p testbench --test crash kill_9",

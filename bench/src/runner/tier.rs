@@ -50,9 +50,9 @@ impl TierArgs {
                 *t = Some(tier);
                 Ok(())
             }
-            HubPlan::External { .. } | HubPlan::Child { .. } => Err(
-                "--tier throttles the embedded hub; an external or child hub has its own tier".into(),
-            ),
+            HubPlan::External { .. } | HubPlan::Child { .. } => {
+                Err("--tier throttles the embedded hub; an external or child hub has its own tier".into())
+            }
         }
     }
 }

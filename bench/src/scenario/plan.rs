@@ -530,7 +530,9 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
             ("hub.data_dir", raw.data_dir.is_some()),
         ] {
             if set {
-                return Err(cx.err(key, "only a child hub takes this key; set hub.mode = \"child\" or remove it"));
+                return Err(
+                    cx.err(key, "only a child hub takes this key; set hub.mode = \"child\" or remove it")
+                );
             }
         }
     }
