@@ -19,6 +19,7 @@ fn every_shipped_scenario_validates() {
         [
             "fault-storm",
             "flaky-network",
+            "hub-crash",
             "long-weekend",
             "million",
             "offline-fridges",
