@@ -417,7 +417,7 @@ impl Observed {
                 "expect.no_lost_messages",
                 (!lost.is_empty()).then(|| {
                     format!(
-                        "expect.no_lost_messages: {} acknowledged notices never reached their device (first: {})",
+                        "expect.no_lost_messages: {} acknowledged notices never reached their device and got no feedback (first: {})",
                         lost.len(),
                         lost[..lost.len().min(3)].join(", ")
                     )
@@ -766,11 +766,27 @@ mod tests {
     }
 
     #[test]
+    fn an_acknowledged_notice_without_report_or_feedback_is_lost() {
+        let mut o = observed();
+        let expect = Expectations { no_lost_messages: true, ..Default::default() };
+        let unmet = o.unmet(&expect);
+        assert_eq!(unmet.len(), 1, "{unmet:?}");
+        assert!(
+            unmet[0]
+                .contains("1 acknowledged notices never reached their device and got no feedback (first: c)"),
+            "{unmet:?}"
+        );
+        o.releases[0].devices[2].1.feedback = Some("Expired".into());
+        assert!(o.unmet(&expect).is_empty(), "the hub accounted for it");
+    }
+
+    #[test]
     fn every_unmet_expectation_is_named() {
         let expect = Expectations {
             final_version: Some("2.0.0".into()),
             all_installed_within: Some(Duration::from_secs(1)),
             no_duplicate_installs: true,
+            no_lost_messages: true,
             expired: Some(0),
             failed: Some(0),
             feedback: FeedbackTallies { success: Some(3), ..Default::default() },
@@ -784,6 +800,7 @@ mod tests {
                 "expect.final_version",
                 "expect.all_installed_within",
                 "expect.no_duplicate_installs",
+                "expect.no_lost_messages",
                 "expect.expired",
                 "expect.failed",
                 "expect.feedback.success"

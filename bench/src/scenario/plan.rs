@@ -320,8 +320,9 @@ pub struct Expectations {
     pub final_version: Option<String>,
     /// No device installs a version twice.
     pub no_duplicate_installs: bool,
-    /// Every release notice the hub acknowledged reached its device (a state reported, the twin
-    /// on the version, or feedback): nothing accepted was lost, across hub restarts too.
+    /// Every release notice the hub acknowledged is accounted for (its device reported a state,
+    /// its twin is on the version, or the hub sent feedback about it): nothing accepted was lost,
+    /// across hub restarts too.
     pub no_lost_messages: bool,
     /// Expired messages.
     pub expired: Option<u64>,
