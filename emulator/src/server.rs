@@ -403,6 +403,12 @@ pub async fn serve(
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "connections still open after the shutdown grace period");
     }
+    // With --persist: what is pending is written and the journal closed (off the runtime: it
+    // joins the committer and snapshot threads).
+    if hub.is_persistent() {
+        let h = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || h.close_persistence()).await;
+    }
     Ok(())
 }
 

@@ -55,6 +55,12 @@ pub(crate) struct Durability {
     snapshot_pos: AtomicU64,
     /// The last snapshot's size.
     snapshot_bytes: AtomicU64,
+    /// Set by [`Hub::close_persistence`]: the snapshot thread ends.
+    stop: std::sync::atomic::AtomicBool,
+    /// The snapshot thread, joined by [`Hub::close_persistence`].
+    snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The state directory's lock: one hub per directory.
+    _lock: store::DirLock,
 }
 
 impl Drop for Durability {
@@ -339,6 +345,7 @@ impl Hub {
         persist: &PersistConfig,
     ) -> Result<(Self, Recovered), PersistError> {
         let started = Instant::now();
+        let lock = store::DirLock::acquire(&persist.dir)?;
         let hub = Self::with_clock(config, clock);
         let mut max_counter = 0u64;
         let mut failure = None;
@@ -368,9 +375,15 @@ impl Hub {
             recovered_log: AtomicU64::new(replayed.log_bytes),
             snapshot_pos: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(replayed.bytes - replayed.log_bytes),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            snapshot_thread: Mutex::new(None),
+            _lock: lock,
         };
         hub.shared.durable.set(durability).expect("a new hub has no journal yet");
-        spawn_snapshotter(Arc::downgrade(&hub.shared));
+        let thread = spawn_snapshotter(Arc::downgrade(&hub.shared));
+        if let Some(d) = hub.shared.durable.get() {
+            *d.snapshot_thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
+        }
         let recovered = Recovered { replayed, devices, elapsed: started.elapsed() };
         tracing::info!(
             devices,
@@ -467,6 +480,25 @@ impl Hub {
     pub async fn durable_all(&self) -> Result<(), HubError> {
         let t = self.journal().map(Journal::appended_position);
         self.durable(t).await
+    }
+
+    /// Graceful shutdown of the state: stops the snapshot thread (after a snapshot in progress),
+    /// writes what is pending and closes the journal; later changes are not journaled (their
+    /// waits fail). The directory stays locked until the hub is dropped.
+    pub fn close_persistence(&self) {
+        let Some(d) = self.shared.durable.get() else { return };
+        d.stop.store(true, Ordering::Release);
+        let thread = d.snapshot_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            t.thread().unpark();
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        let committer = d.committer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(c) = committer {
+            c.close();
+        }
     }
 
     /// Stops journaling as kill -9 would: what is not written yet is never written, and every
@@ -639,7 +671,7 @@ impl Hub {
             for e in q.stored() {
                 records += put(&mut frames, &c2d_record("", 0, e));
             }
-            if q.last_sequence() > 0 {
+            if q.last_sequence() > q.states().last().map_or(0, |(s, _)| s) {
                 records +=
                     put(&mut frames, &Record::C2dSequence { id: "", generation: 0, last: q.last_sequence() });
             }
@@ -678,7 +710,8 @@ fn snapshot_shard(shard: &Shard, out: &mut Vec<u8>) -> u64 {
         for e in d.c2d.stored() {
             n += put(out, &c2d_record(&d.id, d.generation_id, e));
         }
-        if d.c2d.last_sequence() > 0 {
+        // Only when the queue's newest entry does not already say it.
+        if d.c2d.last_sequence() > d.c2d.states().last().map_or(0, |(s, _)| s) {
             n += put(
                 out,
                 &Record::C2dSequence { id: &d.id, generation: d.generation_id, last: d.c2d.last_sequence() },
@@ -689,14 +722,18 @@ fn snapshot_shard(shard: &Shard, out: &mut Vec<u8>) -> u64 {
 }
 
 /// Takes a snapshot whenever the log has grown past the last snapshot's size (and at least
-/// [`SNAPSHOT_MIN_LOG_BYTES`]) since the last one; ends with the hub.
-fn spawn_snapshotter(shared: Weak<super::Shared>) {
+/// [`SNAPSHOT_MIN_LOG_BYTES`]) since the last one; ends with the hub or at
+/// [`Hub::close_persistence`].
+fn spawn_snapshotter(shared: Weak<super::Shared>) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new().name("state-snapshots".into()).spawn(move || {
         loop {
-            std::thread::sleep(SNAPSHOT_CHECK_EVERY);
+            std::thread::park_timeout(SNAPSHOT_CHECK_EVERY);
             let Some(shared) = shared.upgrade() else { return };
             let hub = Hub { shared };
             let Some(d) = hub.shared.durable.get() else { return };
+            if d.stop.load(Ordering::Acquire) {
+                return;
+            }
             let grown = d.recovered_log.load(Ordering::Acquire)
                 + d.journal.durable_position().saturating_sub(d.snapshot_pos.load(Ordering::Acquire));
             let due = grown >= SNAPSHOT_MIN_LOG_BYTES.max(d.snapshot_bytes.load(Ordering::Acquire));
@@ -705,8 +742,12 @@ fn spawn_snapshotter(shared: Weak<super::Shared>) {
             }
         }
     });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the state snapshot thread: {e}");
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!("cannot start the state snapshot thread: {e}");
+            None
+        }
     }
 }
 

@@ -241,3 +241,22 @@ async fn without_persist_nothing_is_journaled() {
     assert_eq!(hub.take_durability_ticket(), None);
     assert!(hub.snapshot().is_none());
 }
+
+#[tokio::test]
+async fn one_hub_per_state_directory_and_a_graceful_close_keeps_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (hub, _) = open(tmp.path(), &clock);
+    let persist = PersistConfig { dir: tmp.path().to_path_buf(), sync: SyncMode::Write };
+    let second = Hub::open_persistent(HubConfig::default(), clock.clone(), &persist);
+    assert!(matches!(second, Err(crate::persist::PersistError::Locked(_))), "{second:?}");
+    hub.put_device("d", DeviceInput::default(), None).unwrap();
+    // Not awaited: a graceful close writes what is pending.
+    hub.close_persistence();
+    let t = hub.take_durability_ticket();
+    hub.durable(t).await.unwrap();
+    drop(hub);
+    let (hub, recovered) = open(tmp.path(), &clock);
+    assert_eq!(recovered.devices, 1);
+    drop(hub);
+}

@@ -43,6 +43,9 @@ pub enum PersistError {
         /// What is wrong.
         source: DecodeError,
     },
+    /// Another process (or hub) holds the state directory.
+    #[error("{0} is in use by another hub (one hub per state directory)")]
+    Locked(PathBuf),
     /// A snapshot ends in a torn or damaged frame (snapshots are synced before they are named).
     #[error("snapshot {path} is damaged at byte {offset}; move it away to start from the log segments")]
     DamagedSnapshot {
@@ -55,6 +58,41 @@ pub enum PersistError {
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PersistError + 'a {
     move |source| PersistError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// An exclusive lock on a state directory (`LOCK`, `flock`), released when dropped or when the
+/// process dies (kill -9 included).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Locks `dir` (creating it), or fails with [`PersistError::Locked`] when another holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, PersistError> {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let path = dir.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("opening", &path))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a file descriptor this function owns for the call's duration.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    return Err(PersistError::Locked(dir.to_path_buf()));
+                }
+                return Err(PersistError::Io { what: "locking", path, source: e });
+            }
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 /// The numbered files of a state directory.
