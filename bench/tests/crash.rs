@@ -79,6 +79,11 @@ fn device_ids(seed: u64) -> Vec<String> {
     (0..DEVICES).map(|i| format!("crash-{seed}-{i:02}")).collect()
 }
 
+/// Notes that the message with `body` arrived on connection `conn`.
+fn record(receipts: &Receipts, body: &[u8], conn: u32) {
+    receipts.lock().unwrap().entry(String::from_utf8_lossy(body).to_string()).or_default().push(conn);
+}
+
 /// One device over plain MQTT: subscribes after every CONNACK (a restarted hub has no sessions),
 /// records each message body with its connection number, and reconnects on its own.
 fn device(
@@ -109,14 +114,21 @@ fn device(
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     connected.fetch_add(1, Ordering::SeqCst);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let body = String::from_utf8_lossy(&p.payload).to_string();
-                    receipts.lock().unwrap().entry(body).or_default().push(conn);
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => record(&receipts, &p.payload, conn),
                 Ok(_) => {}
-                // The hub is down (killed): rumqttc dials again on the next poll; a short pause
-                // keeps the dialing from spinning while nothing listens.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => {
+                    // Packets read in the same read as the connection's end are still queued in
+                    // rumqttc, which hands them out after the next CONNACK: they belong to this
+                    // connection, not the next.
+                    for ev in events.state.events.drain(..) {
+                        if let Event::Incoming(Packet::Publish(p)) = ev {
+                            record(&receipts, &p.payload, conn);
+                        }
+                    }
+                    // The hub is down (killed): rumqttc dials again on the next poll; a short
+                    // pause keeps the dialing from spinning while nothing listens.
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
             }
         }
     })
