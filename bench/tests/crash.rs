@@ -1,9 +1,10 @@
 //! Crash consistency of C2D (issue 15): the real `iothub-emulator` binary as a child process with
 //! `--persist` is killed with SIGKILL at seeded points during a fan-out, restarted on the same data
-//! directory and ports, and every send the hub acknowledged (REST `204`) is compared with what the
-//! devices finally receive: none lost, and a message received twice only on two different
-//! connections of its device (delivered, but its PUBACK not applied before the crash: IoT Hub's
-//! at-least-once), never twice on one connection, and nothing received that was never sent.
+//! directory and ports, and every send the hub acknowledged (REST `204` for even seeds, the AMQP
+//! disposition `accepted` for odd ones) is compared with what the devices finally receive: none
+//! lost, and a message received twice only on two different connections of its device (delivered,
+//! but its PUBACK not applied before the crash: IoT Hub's at-least-once), never twice on one
+//! connection, and nothing received that was never sent.
 //!
 //! `CRASH_SEEDS` (default 48) and `CRASH_SEED_BASE` (default 1) choose the seeds; a failure names
 //! its seed and the command that replays it alone. Needs the binary beside the test (built by
@@ -12,6 +13,7 @@
 //! `cargo build -p iothub-emulator && cargo test -p testbench --test crash`
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +22,7 @@ use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use simulated_devices::amqp_client::{AmqpEndpoint, AmqpService, TOKEN_RENEWAL, TokenSource};
 use simulated_devices::fleet;
 use simulated_devices::service_client::{C2dSend, ServiceClient};
 use testbench::child_hub::{ChildHub, ChildHubConfig, StopKind, find_binary};
@@ -210,11 +213,28 @@ async fn one_seed(seed: u64, persist: bool, delivery_wait: Duration) -> Result<S
     let health = format!("{}/health", s_http);
     let all: Vec<(usize, String)> =
         (0..MESSAGES).map(|k| (k % DEVICES, format!("m-{seed}-{k:04}"))).collect();
+    // Odd seeds send over AMQP (as the service SDKs do), even ones over REST.
+    let amqp_endpoint = AmqpEndpoint {
+        addr: SocketAddr::from(([127, 0, 0, 1], s.ports.amqp)),
+        server_name: "localhost".into(),
+        ca_pem: ca.clone(),
+    };
+    let token: TokenSource = {
+        let svc = svc.clone();
+        Arc::new(move || svc.token().map_err(|e| e.to_string()))
+    };
+    let mut amqp: Option<AmqpService> = None;
     for window in all.chunks(WINDOW) {
         let gen0 = *up.borrow();
+        if seed % 2 == 1 && amqp.is_none() {
+            // A failed connect (the hub is down) leaves the window's sends unacknowledged.
+            amqp = AmqpService::connect_renewing(&amqp_endpoint, "localhost", token.clone(), TOKEN_RENEWAL)
+                .await
+                .ok();
+        }
         let outcomes: Vec<(String, bool)> = futures_util::stream::iter(window.iter().cloned())
             .map(|(d, mid)| {
-                let (svc, ids) = (&svc, &ids);
+                let (svc, ids, amqp) = (&svc, &ids, &amqp);
                 async move {
                     let msg = C2dSend {
                         body: mid.clone().into_bytes(),
@@ -223,7 +243,11 @@ async fn one_seed(seed: u64, persist: bool, delivery_wait: Duration) -> Result<S
                         content_type: None,
                         expiry_ms: None,
                     };
-                    let ok = svc.send_c2d(&ids[d], &msg).await.is_ok();
+                    let ok = match (seed % 2, amqp) {
+                        (0, _) => svc.send_c2d(&ids[d], &msg).await.is_ok(),
+                        (_, Some(a)) => a.send_c2d(&ids[d], &msg).await.is_ok(),
+                        (_, None) => false,
+                    };
                     (mid, ok)
                 }
             })
@@ -231,6 +255,10 @@ async fn one_seed(seed: u64, persist: bool, delivery_wait: Duration) -> Result<S
             .collect()
             .await;
         let failed = outcomes.iter().any(|(_, ok)| !ok);
+        if failed {
+            // The connection is gone with the hub: a new one after the restart.
+            amqp = None;
+        }
         for (mid, ok) in outcomes {
             sent.insert(mid.clone());
             if ok {
