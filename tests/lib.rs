@@ -6,6 +6,7 @@
 //! for that IP (`--bind 127.0.0.N --hostname 127.0.0.N`), and several can run side by side.
 
 pub mod hostile;
+pub mod hub_process;
 pub mod sdk_setup;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -340,6 +341,75 @@ async fn run_script_extra(hub: &TestHub, sdk: Sdk, script: &str, extra: &[(&str,
 /// Runs the official-SDK script `script` with `env` (plus a unique `TEST_DEVICE_PREFIX`) and fails
 /// with its output unless it exits 0 within 180 s. The caller provides the hub.
 pub async fn run_script_with_env(sdk: Sdk, script: &str, env: &[(&str, String)]) -> Result<()> {
+    run_script_args(sdk, script, &[], env, &unique("sdk")).await.map(drop)
+}
+
+/// The official Python SDK script `script` in two runs around a SIGKILL of the hub (issue 15):
+/// the hub runs as a child process (the real binary) with `--persist` on an SDK loopback address;
+/// `script send` runs, the hub is killed with SIGKILL and started again on the same data
+/// directory, then `script receive` runs with every `NAME=value` line the first run printed in
+/// its environment. Skips and fails like [`run_sdk_script`].
+pub async fn run_sdk_script_across_hub_kill(script: &str) -> Result<()> {
+    use hub_process::{HubProcess, StartError, hub_binary};
+    if let Some(why) = sdk_missing(Sdk::Python) {
+        if sdk_tests_required() {
+            bail!("{script} cannot run: {why} (IOTHUB_SDK_TESTS=skip opts out of the official-SDK tests)");
+        }
+        sdk_setup::note_skip(script, &why);
+        return Ok(());
+    }
+    let bin = tokio::task::spawn_blocking(hub_binary).await??;
+    let data_dir = scratch_dir();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Addresses apart from the in-process SDK hubs' (`TestHub::start_for_sdk_with`).
+    let base = 210 + std::process::id() % 20;
+    let mut started = None;
+    for _ in 0..100 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (base + n / 250) as u8, (2 + n % 250) as u8));
+        match HubProcess::start(&bin, ip, &data_dir, &["--persist"]).await {
+            Ok(hub) => {
+                started = Some(hub);
+                break;
+            }
+            Err(StartError::AddressInUse(_)) => continue,
+            Err(StartError::Other(e)) => return Err(e),
+        }
+    }
+    let Some(hub) = started else { bail!("no loopback address had the SDK ports free") };
+    let ip = hub.ip;
+    let prefix = unique("sdk");
+    let printed = run_script_args(Sdk::Python, script, &["send"], &hub.script_env(), &prefix).await?;
+    hub.kill().await?;
+    let hub = match HubProcess::start(&bin, ip, &data_dir, &["--persist"]).await {
+        Ok(h) => h,
+        Err(StartError::AddressInUse(e)) => bail!("the restarted hub cannot bind {ip} again: {e}"),
+        Err(StartError::Other(e)) => return Err(e),
+    };
+    let mut env = hub.script_env();
+    for line in printed.lines() {
+        if let Some((k, v)) = line.split_once('=')
+            && !k.is_empty()
+            && k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+        {
+            env.push((Box::leak(k.to_string().into_boxed_str()), v.to_string()));
+        }
+    }
+    let result = run_script_args(Sdk::Python, script, &["receive"], &env, &prefix).await;
+    hub.kill().await?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result.map(drop)
+}
+
+/// Runs `script` with `args` and `env` (plus `TEST_DEVICE_PREFIX=prefix`); returns its stdout, or
+/// fails with its output unless it exits 0 within 180 s.
+async fn run_script_args(
+    sdk: Sdk,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    prefix: &str,
+) -> Result<String> {
     let (program, path) = match sdk {
         Sdk::Python => ("python3", format!("tests/sdk/python/{script}")),
         Sdk::Node => ("node", format!("tests/sdk/node/{script}")),
@@ -347,10 +417,11 @@ pub async fn run_script_with_env(sdk: Sdk, script: &str, env: &[(&str, String)])
     let paths = sdk_setup::ensure(sdk).map_err(anyhow::Error::msg)?;
     let child = tokio::process::Command::new(program)
         .arg(&path)
+        .args(args)
         .env(paths.var, &paths.dir)
         .current_dir(repo_root())
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("TEST_DEVICE_PREFIX", unique("sdk"))
+        .env("TEST_DEVICE_PREFIX", prefix)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -365,7 +436,7 @@ pub async fn run_script_with_env(sdk: Sdk, script: &str, env: &[(&str, String)])
         bail!("{path} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", out.status);
     }
     println!("{stdout}");
-    Ok(())
+    Ok(stdout.into_owned())
 }
 
 /// Why `sdk` cannot run here (not installed), if so.

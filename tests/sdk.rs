@@ -114,3 +114,8 @@ async fn node_dps_group_over_mqtt_individual_over_https_and_the_enrollment_servi
 async fn python_dps_x509_group_and_individual_enrollments_provision_and_connect() {
     iothub_emulator_tests::run_sdk_script_x509(Sdk::Python, "dps_x509_test.py").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_c2d_to_an_offline_device_survives_sigkill_of_a_persist_hub() {
+    iothub_emulator_tests::run_sdk_script_across_hub_kill("persist_restart_test.py").await.unwrap();
+}

@@ -11,8 +11,9 @@
 //!
 //! What is stored (records in `crate::persist::records`): registry entries, twins, every C2D
 //! queue's messages with delivery counts and expiry, pending feedback records and unread feedback
-//! batches. Not stored: C2D and feedback locks (they lapse on restart: the message is delivered
-//! again), connection state and sessions, telemetry, throttling counters, jobs.
+//! batches, the MQTT session bits kept under `clean_session=0`. Not stored: C2D and feedback locks
+//! (they lapse on restart: the message is delivered again), connection state, telemetry,
+//! throttling counters, jobs, DPS enrollments.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,6 +170,7 @@ pub(crate) fn device_record(d: &Device) -> Record<'_> {
         secondary_thumbprint: st,
         model_id: d.model_id(),
         iot_edge: d.iot_edge,
+        mqtt_session: d.session,
     })
 }
 
@@ -325,6 +327,7 @@ fn set_identity(d: &mut Device, r: &DeviceRec<'_>) {
     d.primary_key = r.primary_key.map(str::to_owned);
     d.secondary_key = r.secondary_key.map(str::to_owned);
     d.iot_edge = r.iot_edge;
+    d.session = r.mqtt_session;
     let thumbprints = r
         .has_thumbprints
         .then(|| (r.primary_thumbprint.map(str::to_owned), r.secondary_thumbprint.map(str::to_owned)));

@@ -260,3 +260,20 @@ async fn one_hub_per_state_directory_and_a_graceful_close_keeps_everything() {
     assert_eq!(recovered.devices, 1);
     drop(hub);
 }
+
+#[tokio::test]
+async fn the_mqtt_session_survives_so_a_device_need_not_subscribe_again() {
+    use crate::hub::link::subscriptions;
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (hub, _) = open(tmp.path(), &clock);
+    hub.put_device("d", DeviceInput::default(), None).unwrap();
+    let link = hub.attach_link("d", false).unwrap();
+    hub.save_session("d", link.conn_id, subscriptions::C2D | subscriptions::METHODS);
+    acked(&hub).await;
+    crash(hub);
+    let (hub, _) = open(tmp.path(), &clock);
+    let again = hub.attach_link("d", false).unwrap();
+    assert_eq!(again.session, subscriptions::C2D | subscriptions::METHODS);
+    assert_eq!(hub.get_device("d").unwrap()["connectionState"], "Connected");
+}

@@ -277,8 +277,9 @@ impl Hub {
         let shared = Arc::new(LinkShared { ready, ..LinkShared::default() });
         let link = Link { conn_id, shared: shared.clone() };
         let session = self.with_device(device_id, |d| {
-            if clean_session {
+            if clean_session && d.session != 0 {
                 d.session = 0;
+                self.record(&super::durable::device_record(d));
             }
             if d.link.replace(link).is_some() {
                 tracing::info!(
@@ -303,8 +304,9 @@ impl Hub {
             if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
                 d.link = None;
                 self.set_connected(d, false, now);
-                if !keep_session {
+                if !keep_session && d.session != 0 {
                     d.session = 0;
+                    self.record(&super::durable::device_record(d));
                 }
             }
             Ok(())
@@ -315,8 +317,11 @@ impl Hub {
     /// them (the connection calls this after every SUBSCRIBE/UNSUBSCRIBE).
     pub fn save_session(&self, device_id: &str, conn_id: u64, session: u8) {
         let _ = self.with_device(device_id, |d| {
-            if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
+            if d.link.as_ref().is_some_and(|l| l.conn_id == conn_id) && d.session != session {
                 d.session = session;
+                // Kept with --persist: a device reconnecting after a hub restart under
+                // clean_session=0 need not subscribe again (the Python SDK does not).
+                self.record(&super::durable::device_record(d));
             }
             Ok(())
         });

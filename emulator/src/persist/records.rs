@@ -57,6 +57,8 @@ pub struct DeviceRec<'a> {
     pub model_id: Option<&'a str>,
     /// `capabilities.iotEdge`.
     pub iot_edge: bool,
+    /// The MQTT session kept under `clean_session=0`: a bitset of `hub::link::subscriptions`.
+    pub mqtt_session: u8,
 }
 
 /// A twin (`Twin` record): the three documents as JSON objects, with versions and times.
@@ -223,6 +225,7 @@ impl Record<'_> {
                 w.opt_str(d.secondary_thumbprint);
                 w.opt_str(d.model_id);
                 w.bool(d.iot_edge);
+                w.u8(d.mqtt_session);
             }
             Self::DeviceRemoved { id, generation } => {
                 w.u8(tag::DEVICE_REMOVED);
@@ -327,6 +330,7 @@ impl<'a> Record<'a> {
                     secondary_thumbprint: r.opt_str("secondary thumbprint")?,
                     model_id: r.opt_str("model id")?,
                     iot_edge: r.bool("iotEdge")?,
+                    mqtt_session: r.u8("MQTT session")?,
                 };
                 if d.auth_type > 3 {
                     return Err(invalid("authentication type", d.auth_type));
@@ -470,6 +474,7 @@ mod tests {
                 secondary_thumbprint: None,
                 model_id: Some("dtmi:com:example:Fridge;1"),
                 iot_edge: true,
+                mqtt_session: 5,
             }),
             Record::DeviceRemoved { id: "gone", generation: 3 },
             Record::Twin {

@@ -26,6 +26,7 @@ fn samples() -> Vec<Record<'static>> {
             secondary_thumbprint: None,
             model_id: Some("dtmi:com:example:Fridge;1"),
             iot_edge: false,
+            mqtt_session: 1,
         }),
         Record::Twin {
             id: "fridge-1",
