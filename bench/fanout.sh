@@ -7,6 +7,7 @@
 #   apt-get install -y mosquitto                      # the Debian package (2.0.11 on bookworm)
 #   bash bench/fanout.sh                              # 10,000 devices, one repetition
 #   bash bench/fanout.sh --devices 19000 --reps 3     # medians of 3; any other fanout flag too
+#   bash bench/fanout.sh --servers hub,hub-persist,hub-amqp,hub-amqp-persist   # --persist against in memory
 #
 # Builds what it runs (release): iothub-emulator, the fanout binary and rumqttd-peer (rumqttd
 # embedded; its own lock file, built into the same target directory).

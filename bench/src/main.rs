@@ -27,8 +27,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Runs a scenario with an embedded hub, FTP server and fleet (or against an external hub and
-    /// fleet); exits non-zero naming every unmet expectation.
+    /// Runs a scenario with an embedded hub, FTP server and fleet (or the iothub-emulator binary as a
+    /// child process, or against an external hub and fleet); exits non-zero naming every unmet
+    /// expectation.
     Run {
         /// The scenario file (TOML).
         file: PathBuf,

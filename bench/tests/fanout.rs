@@ -108,3 +108,33 @@ fn fanout_bench_delivers_to_200_devices_and_prints_the_table() {
         }
     }
 }
+
+/// `--persist` beside the in-memory hub: the iothub-emulator binary beside the test (built by
+/// `cargo test --workspace`, or `cargo build -p iothub-emulator`); the persisted hub writes its
+/// journal (bytes handed to `write` per message) on top of what the in-memory one writes.
+#[test]
+fn fanout_bench_measures_the_hub_with_and_without_persist_side_by_side() {
+    let hub = testbench::child_hub::find_binary(None).expect("the iothub-emulator binary");
+    let (status, stdout, stderr) = run_bench(&[
+        "--devices",
+        "200",
+        "--servers",
+        "hub-amqp,hub-amqp-persist",
+        "--hub-bin",
+        hub.to_str().unwrap(),
+        "--timeout-secs",
+        "60",
+    ]);
+    assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
+    let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
+    assert!(result.contains("hub-amqp: ok") && result.contains("hub-amqp-persist: ok"), "{result}");
+    // The wchar column (bytes handed to write per message; the disk column stays 0 on a tmpfs).
+    let written = |row: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} row"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols[cols.len() - 2].parse().expect("a wchar B/msg column")
+    };
+    // The persisted hub writes at least a C2D record per message into its journal.
+    assert!(written("hub AMQP persist") > written("hub AMQP  ") + 50.0, "{stdout}");
+    assert!(stdout.contains("hub-amqp-persist/hub-amqp"), "the ratio line:\n{stdout}");
+}

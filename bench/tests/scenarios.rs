@@ -20,6 +20,7 @@ fn every_shipped_scenario_validates() {
             "config-rollout",
             "fault-storm",
             "flaky-network",
+            "hub-crash",
             "long-weekend",
             "million",
             "offline-fridges",

@@ -3,7 +3,8 @@
 //! configurations) and `queue-overflow` (the 51st message to each offline
 //! device refused, the 50 queued ones delivered when it comes back). The ones that span minutes or
 //! days of scenario time (`offline-fridges`, `ttl-expiry`, `long-weekend`) run as shipped in
-//! `time.rs`; `flaky-network` and `phased-rollout` run scaled down in `events.rs`.
+//! `time.rs`; `flaky-network` and `phased-rollout` run scaled down in `events.rs`; `hub-crash` (a
+//! child hub killed twice, real time) runs as shipped in `restart.rs`.
 
 mod common;
 

@@ -117,7 +117,7 @@ impl HubOverrides {
                     *packages_dir = Some(v.clone());
                 }
             }
-            HubPlan::Embedded { .. } => {
+            HubPlan::Embedded { .. } | HubPlan::Child { .. } => {
                 for (flag, env, set) in [
                     ("--hub-ca", "CA_FILE", self.ca_file.is_some()),
                     ("--hub-http-url", "HTTP_URL", self.http_url.is_some()),
@@ -144,10 +144,13 @@ impl HubOverrides {
 }
 
 /// Refuses what a mode cannot do, naming the key: events that switch devices (`offline`,
-/// `link-flap`) with an external fleet, `ftp-fault` with an external hub, and an external fleet
-/// with the embedded hub (whose ports only this process knows).
+/// `link-flap`) with an external fleet, `ftp-fault` with a hub not in this process, `hub-restart`
+/// with a hub the runner does not own as a child process, and an external fleet with the
+/// embedded or child hub (whose ports only this process knows).
 pub fn check_modes(plan: &ScenarioPlan) -> Result<(), RunError> {
     let external_hub = matches!(plan.hub, HubPlan::External { .. });
+    let embedded_hub = matches!(plan.hub, HubPlan::Embedded { .. });
+    let child_hub = matches!(plan.hub, HubPlan::Child { .. });
     if plan.fleet.external && !external_hub {
         return Err(RunError::Mode {
             key: "fleet.mode".into(),
@@ -169,11 +172,20 @@ pub fn check_modes(plan: &ScenarioPlan) -> Result<(), RunError> {
                     ),
                 });
             }
-            Action::FtpFault { .. } if external_hub => {
+            Action::FtpFault { .. } if !embedded_hub => {
                 return Err(RunError::Mode {
                     key,
-                    why: "'ftp-fault' needs the embedded hub's FTP server; an external hub \
-                          (hub.mode = \"external\", --hub-connection-string) cannot be faulted from here"
+                    why: "'ftp-fault' needs the embedded hub's FTP server; an external or child hub \
+                          (hub.mode = \"external\" or \"child\", --hub-connection-string) cannot be \
+                          faulted from here"
+                        .into(),
+                });
+            }
+            Action::HubRestart { .. } if !child_hub => {
+                return Err(RunError::Mode {
+                    key,
+                    why: "'hub-restart' restarts a hub the runner owns as a child process; set \
+                          hub.mode = \"child\" (the iothub-emulator binary, with --persist by default)"
                         .into(),
                 });
             }
@@ -221,6 +233,21 @@ impl ExternalHub {
     /// the packages directory, opens the AMQP connection (the host name resolved once) and starts
     /// reading telemetry after the newest message already recorded.
     pub async fn connect(plan: &HubPlan) -> Result<Self, RunError> {
+        Self::connect_with_nonce(plan, format!("{:x}", unix_ms())).await
+    }
+
+    /// Connects again to the hub `plan` names (after it restarted), keeping this run's nonce so
+    /// feedback about messages sent before the restart is still recognised, and the count of
+    /// throttled retries. Telemetry is read from the newest message the restarted hub holds.
+    pub async fn reconnect(&mut self, plan: &HubPlan) -> Result<(), RunError> {
+        let fresh = Self::connect_with_nonce(plan, self.nonce.clone()).await?;
+        fresh.throttled.fetch_add(self.throttled.load(Ordering::Relaxed), Ordering::Relaxed);
+        // The old readers stop when the old value drops.
+        *self = fresh;
+        Ok(())
+    }
+
+    async fn connect_with_nonce(plan: &HubPlan, nonce: String) -> Result<Self, RunError> {
         let HubPlan::External {
             connection_string,
             ca_file,
@@ -262,7 +289,6 @@ impl ExternalHub {
         wait_healthy(&http, &http_url).await?;
         let amqp = connect_amqp(&host, *amqp_port, &ca_pem, &svc).await?;
         let after = newest_sequence(&http, &http_url).await?;
-        let nonce = format!("{:x}", unix_ms());
         let (ttx, telemetry) = mpsc::channel(CHANNEL_BATCHES);
         let (ftx, feedback) = mpsc::channel(CHANNEL_BATCHES);
         let tasks = vec![

@@ -91,6 +91,12 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
         summary
             .push(Row { label: format!("release {} at {}", r.version, secs(r.at)), value: r.stage_counts() });
     }
+    for (k, h) in obs.hub_restarts.iter().enumerate() {
+        summary.push(Row {
+            label: format!("hub restart {} ({}) at {}", k + 1, h.kind, secs(h.at)),
+            value: format!("healthy again after {:.2} s", h.down.as_secs_f64()),
+        });
+    }
     let f = obs.feedback;
     summary.push(Row {
         label: "feedback".into(),
@@ -174,6 +180,10 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
             .releases
             .iter()
             .map(|r| Marker { at_s: r.at.as_secs_f64(), label: format!("release {}", r.version) })
+            .chain(obs.hub_restarts.iter().map(|h| Marker {
+                at_s: h.at.as_secs_f64(),
+                label: format!("hub {}", if h.kind == "crash" { "killed" } else { "restarted" }),
+            }))
             .collect(),
         latency_cdf: STAGES
             .iter()

@@ -1,5 +1,6 @@
-//! The hub the runner drives, in either mode: [`EmbeddedHub`] (started here, read through its
-//! in-process handle) or [`ExternalHub`] (reached only over the wire). [`HubSide`] only dispatches;
+//! The hub the runner drives, in any mode: [`EmbeddedHub`] (started here, read through its
+//! in-process handle), [`ExternalHub`] (reached only over the wire) or [`ChildSide`] (the
+//! `iothub-emulator` binary started here as a child process, reached over the wire, restartable). [`HubSide`] only dispatches;
 //! each side owns its handles and read positions (telemetry sequence, feedback) in its own module,
 //! and the types they exchange with the runner live in the leaf [`super::shared`].
 
@@ -11,6 +12,7 @@ use iothub_emulator::server::RunningHub;
 use simulated_devices::service_client::ServiceClient;
 
 use super::RunError;
+use super::child::ChildSide;
 use super::embedded::EmbeddedHub;
 use super::external::ExternalHub;
 use super::shared::{Feedback, Outgoing, Sent, ShardLink, Telemetry, unix_ms};
@@ -22,6 +24,8 @@ pub enum HubSide {
     Embedded(Box<EmbeddedHub>),
     /// Running elsewhere; reached over REST, AMQP and the admin endpoints only.
     External(Box<ExternalHub>),
+    /// A child process of the runner, reached like an external hub.
+    Child(Box<ChildSide>),
 }
 
 impl HubSide {
@@ -35,6 +39,23 @@ impl HubSide {
                 Ok(Self::Embedded(Box::new(hub)))
             }
             HubPlan::External { .. } => Ok(Self::External(Box::new(ExternalHub::connect(plan).await?))),
+            HubPlan::Child { .. } => Ok(Self::Child(Box::new(ChildSide::start(plan, work_dir).await?))),
+        }
+    }
+
+    /// Restarts a child hub (`hub-restart`); returns how long it was unavailable.
+    pub async fn restart(&mut self, kind: crate::child_hub::StopKind) -> Result<Duration, RunError> {
+        match self {
+            Self::Child(c) => c.restart(kind).await,
+            _ => Err(RunError::Setup("only a child hub (hub.mode = \"child\") can be restarted".into())),
+        }
+    }
+
+    /// Restarts so far (child hub only).
+    pub fn restarts(&self) -> u64 {
+        match self {
+            Self::Child(c) => c.restarts,
+            _ => 0,
         }
     }
 
@@ -42,7 +63,7 @@ impl HubSide {
     pub fn embedded(&self) -> Option<&RunningHub> {
         match self {
             Self::Embedded(e) => Some(&e.hub),
-            Self::External(_) => None,
+            Self::External(_) | Self::Child(_) => None,
         }
     }
 
@@ -52,6 +73,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => e.service_client(),
             Self::External(x) => Ok(x.service().clone()),
+            Self::Child(c) => Ok(c.ext.service().clone()),
         }
     }
 
@@ -68,6 +90,7 @@ impl HubSide {
                 ca_pem: Some(x.ca_pem().to_string()),
                 ftp_addr: self.ftp_addr(),
             }),
+            Self::Child(c) => Ok(c.link(tls)),
         }
     }
 
@@ -76,6 +99,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => &e.hub.packages_dir,
             Self::External(x) => x.packages_dir(),
+            Self::Child(c) => c.ext.packages_dir(),
         }
     }
 
@@ -84,6 +108,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => e.ftp_addr(),
             Self::External(x) => x.ftp_addr().to_string(),
+            Self::Child(c) => c.ext.ftp_addr().to_string(),
         }
     }
 
@@ -91,7 +116,7 @@ impl HubSide {
     pub fn now(&self) -> u64 {
         match self {
             Self::Embedded(e) => e.hub.hub.now(),
-            Self::External(_) => unix_ms(),
+            Self::External(_) | Self::Child(_) => unix_ms(),
         }
     }
 
@@ -100,7 +125,7 @@ impl HubSide {
     pub fn time_offset_ms(&self) -> u64 {
         match self {
             Self::Embedded(e) => e.hub.hub.time_offset_ms(),
-            Self::External(_) => 0,
+            Self::External(_) | Self::Child(_) => 0,
         }
     }
 
@@ -114,7 +139,7 @@ impl HubSide {
                 .advance_time(gap.as_millis() as u64)
                 .map(drop)
                 .map_err(|err| RunError::Setup(format!("moving hub time: {err}"))),
-            Self::External(_) => {
+            Self::External(_) | Self::Child(_) => {
                 Err(RunError::Setup("an external hub's time is not the runner's to move".into()))
             }
         }
@@ -128,7 +153,7 @@ impl HubSide {
                 let hub = &e.hub.hub;
                 hub.feedback_next_due().map(|at| Duration::from_millis(at.saturating_sub(hub.now())))
             }
-            Self::External(_) => None,
+            Self::External(_) | Self::Child(_) => None,
         }
     }
 
@@ -137,7 +162,7 @@ impl HubSide {
     pub fn deliveries_in_flight(&self) -> Option<usize> {
         match self {
             Self::Embedded(e) => Some(e.hub.hub.connected_with_c2d()),
-            Self::External(_) => None,
+            Self::External(_) | Self::Child(_) => None,
         }
     }
 
@@ -147,6 +172,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => e.send_all(msgs),
             Self::External(x) => x.send_all(msgs).await,
+            Self::Child(c) => c.ext.send_all(msgs).await,
         }
     }
 
@@ -155,6 +181,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => Ok(e.telemetry()),
             Self::External(x) => x.telemetry(),
+            Self::Child(c) => c.ext.telemetry(),
         }
     }
 
@@ -164,6 +191,7 @@ impl HubSide {
         match self {
             Self::Embedded(_) => 0,
             Self::External(x) => x.throttled_retries(),
+            Self::Child(c) => c.ext.throttled_retries(),
         }
     }
 
@@ -177,15 +205,19 @@ impl HubSide {
     {
         match self {
             Self::Embedded(e) => Ok(Some((e.amqp_connections(svc, n).await?, e.hub.hub.clone()))),
-            Self::External(_) => Ok(None),
+            Self::External(_) | Self::Child(_) => Ok(None),
         }
     }
 
-    /// Telemetry messages the embedded hub's ring dropped before the runner read them.
+    /// Telemetry messages the embedded hub's ring dropped before the runner read them; for a
+    /// child hub, its restarts (each may have lost unread telemetry). Non-zero makes the runner
+    /// check open devices through their twins.
     pub fn telemetry_missed(&self) -> u64 {
         match self {
             Self::Embedded(e) => e.telemetry_missed,
             Self::External(_) => 0,
+            // A restart loses the telemetry the hub held unread (it is not kept across restarts).
+            Self::Child(c) => c.restarts,
         }
     }
 
@@ -194,6 +226,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => Ok(e.feedback()),
             Self::External(x) => x.feedback(),
+            Self::Child(c) => c.ext.feedback(),
         }
     }
 
@@ -202,6 +235,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => Ok(e.reporting(version, ids)),
             Self::External(x) => x.reporting(version, ids).await,
+            Self::Child(c) => c.ext.reporting(version, ids).await,
         }
     }
 
@@ -211,6 +245,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => Ok(e.app_versions(ids)),
             Self::External(x) => x.app_versions().await,
+            Self::Child(c) => c.ext.app_versions().await,
         }
     }
 
@@ -219,6 +254,7 @@ impl HubSide {
         match self {
             Self::Embedded(e) => e.stop().await,
             Self::External(x) => x.close(),
+            Self::Child(c) => c.stop().await,
         }
     }
 }

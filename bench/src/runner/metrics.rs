@@ -98,6 +98,17 @@ impl Tally {
     }
 }
 
+/// One `hub-restart` of a child hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubRestart {
+    /// Scenario time of the event.
+    pub at: Duration,
+    /// `crash` or `graceful`.
+    pub kind: &'static str,
+    /// From the stop until `/health` answered again and the runner reconnected.
+    pub down: Duration,
+}
+
 /// Everything a run observed.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
@@ -129,6 +140,11 @@ pub struct Observed {
     pub duplicate_deliveries: Vec<(usize, u32)>,
     /// The phased rollout, if the scenario has one.
     pub rollout: Option<RolloutRecord>,
+    /// Restarts of a child hub (`hub-restart` events), in timeline order.
+    pub hub_restarts: Vec<HubRestart>,
+    /// Feedback records received again for a message that already had its feedback (a batch
+    /// delivered again after a hub restart); counted once in [`Self::feedback`].
+    pub duplicate_feedback: u64,
     /// The run hit `time_limit` before settling.
     pub timed_out: bool,
     /// Scenario time of the run (wall time, plus what compressed time skipped).
@@ -387,6 +403,27 @@ impl Observed {
                 }),
             );
         }
+        if expect.no_lost_messages {
+            let lost: Vec<&str> = self
+                .releases
+                .iter()
+                .flat_map(|r| r.devices.iter())
+                .filter(|(_, t)| {
+                    t.sent.is_some() && t.delivered.is_none() && t.reported.is_none() && t.feedback.is_none()
+                })
+                .map(|(i, _)| self.device_ids[*i].as_str())
+                .collect();
+            check(
+                "expect.no_lost_messages",
+                (!lost.is_empty()).then(|| {
+                    format!(
+                        "expect.no_lost_messages: {} acknowledged notices never reached their device and got no feedback (first: {})",
+                        lost.len(),
+                        lost[..lost.len().min(3)].join(", ")
+                    )
+                }),
+            );
+        }
         let mut exact = |key: &str, want: Option<u64>, got: u64| {
             if let Some(w) = want {
                 check(key, (w != got).then(|| format!("{key}: expected {w}, got {got}")));
@@ -541,6 +578,12 @@ impl Observed {
                     .collect::<Vec<_>>(),
             },
             "linkFlaps": self.link_flaps,
+            "hubRestarts": self.hub_restarts.iter().map(|h| json!({
+                "atMs": h.at.as_millis() as u64,
+                "kind": h.kind,
+                "downMs": h.down.as_millis() as u64,
+            })).collect::<Vec<_>>(),
+            "duplicateFeedback": self.duplicate_feedback,
             "duplicateInstallCount": self.duplicate_installs().iter().map(|(_, _, n)| u64::from(*n) - 1).sum::<u64>(),
             "rollout": self.rollout.as_ref().map(RolloutRecord::to_json),
             "failedDevices": self.failed_devices(),
@@ -608,6 +651,15 @@ impl Observed {
         }
         if let Some(r) = &self.rollout {
             lines.extend(r.summary_lines());
+        }
+        for (k, h) in self.hub_restarts.iter().enumerate() {
+            lines.push(format!(
+                "  hub restart {} ({}) at {:.1} s: healthy again after {:.2} s",
+                k + 1,
+                h.kind,
+                h.at.as_secs_f64(),
+                h.down.as_secs_f64()
+            ));
         }
         for (k, w) in self.offline.windows.iter().enumerate() {
             lines.push(format!(
@@ -714,11 +766,27 @@ mod tests {
     }
 
     #[test]
+    fn an_acknowledged_notice_without_report_or_feedback_is_lost() {
+        let mut o = observed();
+        let expect = Expectations { no_lost_messages: true, ..Default::default() };
+        let unmet = o.unmet(&expect);
+        assert_eq!(unmet.len(), 1, "{unmet:?}");
+        assert!(
+            unmet[0]
+                .contains("1 acknowledged notices never reached their device and got no feedback (first: c)"),
+            "{unmet:?}"
+        );
+        o.releases[0].devices[2].1.feedback = Some("Expired".into());
+        assert!(o.unmet(&expect).is_empty(), "the hub accounted for it");
+    }
+
+    #[test]
     fn every_unmet_expectation_is_named() {
         let expect = Expectations {
             final_version: Some("2.0.0".into()),
             all_installed_within: Some(Duration::from_secs(1)),
             no_duplicate_installs: true,
+            no_lost_messages: true,
             expired: Some(0),
             failed: Some(0),
             feedback: FeedbackTallies { success: Some(3), ..Default::default() },
@@ -732,6 +800,7 @@ mod tests {
                 "expect.final_version",
                 "expect.all_installed_within",
                 "expect.no_duplicate_installs",
+                "expect.no_lost_messages",
                 "expect.expired",
                 "expect.failed",
                 "expect.feedback.success"

@@ -6,6 +6,7 @@
 //! targeted device is final or `time_limit` passes. It owns the run's work directory and its
 //! [`hub_side::HubSide`] / [`fleet_side::FleetSide`]; the hub's state stays owned by the hub.
 
+pub mod child;
 pub mod clock;
 pub mod embedded;
 pub mod events;
@@ -613,6 +614,15 @@ impl Run {
             Action::FtpFault { rate_limit, drop_after, refuse_logins, refuse_sessions, lasting } => {
                 self.ftp_fault(*rate_limit, *drop_after, *refuse_logins, *refuse_sessions, *lasting, at);
             }
+            Action::HubRestart { kind } => {
+                let down = self.hub.restart(*kind).await?;
+                self.obs.hub_restarts.push(metrics::HubRestart { at, kind: kind.name(), down });
+                self.say(format!(
+                    "hub-restart ({}): the child hub is healthy again after {:.2} s; the fleet reconnects",
+                    kind.name(),
+                    down.as_secs_f64()
+                ));
+            }
         }
         Ok(())
     }
@@ -792,8 +802,17 @@ impl Run {
             }
         }
         for rec in self.hub.feedback().await? {
+            let slot = self.by_message.get(&rec.original_message_id).copied();
+            if let Some((r, p)) = slot
+                && self.obs.releases[r].devices[p].1.feedback.is_some()
+            {
+                // The same record again: a feedback batch whose completion a hub restart lost is
+                // delivered again (at least once).
+                self.obs.duplicate_feedback += 1;
+                continue;
+            }
             self.obs.feedback.add(&rec.status);
-            if let Some(&(r, p)) = self.by_message.get(&rec.original_message_id) {
+            if let Some((r, p)) = slot {
                 let t = &mut self.obs.releases[r].devices[p].1;
                 if rec.status != "Success" {
                     self.tracking[r].finish_terminal(p, t);
@@ -811,10 +830,17 @@ impl Run {
         let missed = self.hub.telemetry_missed();
         if missed > self.telemetry_missed_seen {
             self.telemetry_missed_seen = missed;
-            self.say(format!(
-                "telemetry: the hub's ring dropped {missed} messages before they were read; open devices are \
-                 checked through their twins"
-            ));
+            let line = if self.hub.restarts() > 0 {
+                "telemetry: the hub restarted and lost what it held unread; open devices are checked through \
+                 their twins"
+                    .to_string()
+            } else {
+                format!(
+                    "telemetry: the hub's ring dropped {missed} messages before they were read; open devices are \
+                     checked through their twins"
+                )
+            };
+            self.say(line);
         }
         // Devices whose `installed` event was lost are found through their twins instead: every
         // open device once a second.

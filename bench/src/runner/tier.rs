@@ -50,8 +50,8 @@ impl TierArgs {
                 *t = Some(tier);
                 Ok(())
             }
-            HubPlan::External { .. } => {
-                Err("--tier throttles the embedded hub; an external hub has its own tier".into())
+            HubPlan::External { .. } | HubPlan::Child { .. } => {
+                Err("--tier throttles the embedded hub; an external or child hub has its own tier".into())
             }
         }
     }
@@ -70,7 +70,7 @@ impl TierInputs {
     pub fn from_plan(plan: &ScenarioPlan) -> Self {
         let tier = match plan.hub {
             HubPlan::Embedded { tier, .. } => tier,
-            HubPlan::External { .. } => None,
+            HubPlan::External { .. } | HubPlan::Child { .. } => None,
         };
         let mut queried: HashSet<String> = plan
             .events

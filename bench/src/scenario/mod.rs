@@ -235,6 +235,39 @@ mod tests {
     }
 
     #[test]
+    fn child_hub_keys_and_hub_restart_events() {
+        let p = parse_str(
+            "t.toml",
+            "[hub]\nmode = \"child\"\nbinary = \"/bin/hub\"\nfeedback_interval = \"1s\"\n[fleet]\ndevices = 2\n\
+             [[event]]\nat = \"1s\"\naction = \"hub-restart\"\n\
+             [[event]]\nat = \"2s\"\naction = \"hub-restart\"\nkind = \"graceful\"\n",
+        )
+        .unwrap();
+        let HubPlan::Child { binary, data_dir, persist, feedback_interval } = &p.hub else {
+            panic!("not a child hub: {:?}", p.hub)
+        };
+        assert_eq!((binary.as_deref(), data_dir.as_deref(), *persist), (Some("/bin/hub"), None, true));
+        assert_eq!(*feedback_interval, Duration::from_secs(1));
+        use crate::child_hub::StopKind;
+        assert_eq!(p.events[0].action, Action::HubRestart { kind: StopKind::Crash }, "crash is the default");
+        assert_eq!(p.events[1].action, Action::HubRestart { kind: StopKind::Graceful });
+        let e = err(
+            "[hub]\nmode = \"child\"\n[fleet]\ndevices = 1\n[[event]]\nat = \"1s\"\naction = \"hub-restart\"\nkind = \"nap\"\n",
+        );
+        assert_eq!(e.key, "event[0].kind");
+        assert_eq!(err("[hub]\npersist = true\n[fleet]\ndevices = 1\n").key, "hub.persist");
+        assert_eq!(err("[hub]\nmode = \"child\"\ntier = \"S1\"\n[fleet]\ndevices = 1\n").key, "hub.tier");
+        let e = err("[fleet]\ndevices = 1\n[[event]]\nat = \"1s\"\naction = \"send\"\nkind = \"crash\"\n");
+        assert_eq!(e.key, "event[0].kind");
+        // A restart needs a hub the runner owns as a child process.
+        let p =
+            parse_str("t.toml", "[fleet]\ndevices = 1\n[[event]]\nat = \"1s\"\naction = \"hub-restart\"\n")
+                .unwrap();
+        let e = crate::runner::check_supported(&p).unwrap_err().to_string();
+        assert!(e.starts_with("event[0].action: 'hub-restart' restarts a hub the runner owns"), "{e}");
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(plan::parse_size("64KiB"), Some(65536));
         assert_eq!(plan::parse_size("10kB"), Some(10_000));

@@ -49,6 +49,18 @@ pub enum HubPlan {
         /// FTP port on that host.
         ftp_port: u16,
     },
+    /// The `iothub-emulator` binary, started by the runner as a child process on free loopback
+    /// ports and driven over the wire like an external hub; `hub-restart` events restart it.
+    Child {
+        /// The binary (default: `IOTHUB_EMULATOR_BIN`, else beside the runner's executable).
+        binary: Option<String>,
+        /// `--data-dir` (default: in the run's work directory).
+        data_dir: Option<String>,
+        /// `--persist`.
+        persist: bool,
+        /// Feedback batch interval (`--feedback-interval-ms`).
+        feedback_interval: Duration,
+    },
 }
 
 /// A device id pattern: `prefix` + zero-padded index + `suffix`.
@@ -228,6 +240,12 @@ pub enum Action {
         /// How long (until the end when absent).
         lasting: Option<Duration>,
     },
+    /// Stop the child hub (`hub.mode = "child"`) and start it again on the same data directory
+    /// and ports; devices reconnect on their own.
+    HubRestart {
+        /// SIGKILL (`crash`) or SIGTERM (`graceful`).
+        kind: crate::child_hub::StopKind,
+    },
     /// Send plain C2D messages (for example past the queue limit).
     Send {
         /// Who.
@@ -315,6 +333,10 @@ pub struct Expectations {
     pub final_version: Option<String>,
     /// No device installs a version twice.
     pub no_duplicate_installs: bool,
+    /// Every release notice the hub acknowledged is accounted for (its device reported a state,
+    /// its twin is on the version, or the hub sent feedback about it): nothing accepted was lost,
+    /// across hub restarts too.
+    pub no_lost_messages: bool,
     /// Expired messages.
     pub expired: Option<u64>,
     /// Devices ending `failed` / `rolled-back`.
@@ -387,7 +409,7 @@ pub const DEFAULT_AMQP_PORT: u16 = 5671;
 pub const DEFAULT_MQTT_PORT: u16 = 8883;
 /// The emulator's FTP package server port.
 pub const DEFAULT_FTP_PORT: u16 = 2121;
-const ACTIONS: &str = "release, offline, link-flap, ftp-fault, send";
+const ACTIONS: &str = "release, offline, link-flap, ftp-fault, send, hub-restart";
 
 /// Validation context: the file name for error messages.
 struct Ctx<'a> {
@@ -515,6 +537,19 @@ fn hub_tier(
 }
 
 fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
+    if raw.mode.as_deref() != Some("child") {
+        for (key, set) in [
+            ("hub.persist", raw.persist.is_some()),
+            ("hub.binary", raw.binary.is_some()),
+            ("hub.data_dir", raw.data_dir.is_some()),
+        ] {
+            if set {
+                return Err(
+                    cx.err(key, "only a child hub takes this key; set hub.mode = \"child\" or remove it")
+                );
+            }
+        }
+    }
     match raw.mode.as_deref().unwrap_or("embedded") {
         "embedded" => {
             for (key, set) in [
@@ -574,9 +609,40 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
                 ftp_port: port("hub.ftp_port", raw.ftp_port, DEFAULT_FTP_PORT)?,
             })
         }
-        other => {
-            Err(cx.err("hub.mode", format!("'{other}' is not a hub mode; use \"embedded\" or \"external\"")))
+        "child" => {
+            for (key, set) in [
+                ("hub.connection_string", raw.connection_string.is_some()),
+                ("hub.ca_file", raw.ca_file.is_some()),
+                ("hub.http_url", raw.http_url.is_some()),
+                ("hub.packages_dir", raw.packages_dir.is_some()),
+                ("hub.amqp_port", raw.amqp_port.is_some()),
+                ("hub.mqtt_port", raw.mqtt_port.is_some()),
+                ("hub.ftp_port", raw.ftp_port.is_some()),
+                ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
+                ("hub.tier", raw.tier.is_some()),
+                ("hub.units", raw.units.is_some()),
+            ] {
+                if set {
+                    return Err(cx.err(
+                        key,
+                        "a child hub (hub.mode = \"child\") takes persist, binary, data_dir and \
+                         feedback_interval only (it picks its own ports); remove this key",
+                    ));
+                }
+            }
+            Ok(HubPlan::Child {
+                binary: raw.binary,
+                data_dir: raw.data_dir,
+                persist: raw.persist.unwrap_or(true),
+                feedback_interval: cx
+                    .opt_duration("hub.feedback_interval", &raw.feedback_interval)?
+                    .unwrap_or(Duration::from_secs(15)),
+            })
         }
+        other => Err(cx.err(
+            "hub.mode",
+            format!("'{other}' is not a hub mode; use \"embedded\", \"external\" or \"child\""),
+        )),
     }
 }
 
@@ -718,6 +784,7 @@ fn allowed_keys(action: &str) -> &'static [&'static str] {
         "link-flap" => &["target", "share", "count", "interval", "ftp"],
         "ftp-fault" => &["rate_limit", "drop_after", "refuse_logins", "refuse_sessions", "lasting"],
         "send" => &["target", "count", "body", "ttl"],
+        "hub-restart" => &["kind"],
         _ => &[],
     }
 }
@@ -739,6 +806,7 @@ fn set_keys(e: &RawEvent) -> Vec<&'static str> {
         ("lasting", e.lasting.is_some()),
         ("body", e.body.is_some()),
         ("via", e.via.is_some()),
+        ("kind", e.kind.is_some()),
     ];
     present.into_iter().filter(|(_, set)| *set).map(|(k, _)| k).collect()
 }
@@ -830,6 +898,18 @@ fn event(
             }
             fault
         }
+        "hub-restart" => Action::HubRestart {
+            kind: match e.kind.as_deref() {
+                None | Some("crash") => crate::child_hub::StopKind::Crash,
+                Some("graceful") => crate::child_hub::StopKind::Graceful,
+                Some(other) => {
+                    return Err(cx.err(
+                        key("kind"),
+                        format!("'{other}' is not a restart kind; use \"crash\" (SIGKILL) or \"graceful\" (SIGTERM)"),
+                    ));
+                }
+            },
+        },
         _ => Action::Send {
             target: tgt,
             count: e.count.unwrap_or(1).max(1),
@@ -930,6 +1010,7 @@ fn expect(cx: &Ctx<'_>, raw: RawExpect) -> Result<Expectations, ScenarioError> {
         all_installed_within: cx.opt_duration("expect.all_installed_within", &raw.all_installed_within)?,
         final_version: raw.final_version,
         no_duplicate_installs: raw.no_duplicate_installs.unwrap_or(false),
+        no_lost_messages: raw.no_lost_messages.unwrap_or(false),
         expired: raw.expired,
         failed: raw.failed,
         latency,

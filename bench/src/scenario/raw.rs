@@ -41,8 +41,17 @@ pub struct RawScenario {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHub {
-    /// `embedded` (default) or `external`.
+    /// `embedded` (default), `external` or `child` (the runner starts the `iothub-emulator`
+    /// binary as a child process, and may restart it: `hub-restart` events).
     pub mode: Option<String>,
+    /// Child hub: run with `--persist` (default true).
+    pub persist: Option<bool>,
+    /// Child hub: the `iothub-emulator` binary (default: `IOTHUB_EMULATOR_BIN`, else the one
+    /// beside `testbench`).
+    pub binary: Option<String>,
+    /// Child hub: its `--data-dir` (default: a directory in the run's work directory, removed
+    /// afterwards).
+    pub data_dir: Option<String>,
     /// External hub: the `iothubowner` connection string.
     pub connection_string: Option<String>,
     /// External hub: the CA file to trust.
@@ -166,6 +175,8 @@ pub struct RawEvent {
     /// `pipeline` (the seed pipeline's way: device ids paged through the query API, notices sent
     /// by a service client over AMQP).
     pub via: Option<String>,
+    /// hub-restart: `crash` (SIGKILL) or `graceful` (SIGTERM).
+    pub kind: Option<String>,
 }
 
 /// A duration: a fixed string (`"60s"`) or a distribution table.
@@ -234,6 +245,8 @@ pub struct RawExpect {
     pub final_version: Option<String>,
     /// No device installs the same version twice.
     pub no_duplicate_installs: Option<bool>,
+    /// Every release notice the hub acknowledged reaches its device.
+    pub no_lost_messages: Option<bool>,
     /// Exactly this many messages expire.
     pub expired: Option<u64>,
     /// Exactly this many devices end in `failed` or `rolled-back`.

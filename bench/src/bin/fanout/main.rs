@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 use sender::{SendStats, Sender, Via};
 use servers::{Found, Kind, Server};
+use testbench::child_hub::write_counters;
 use testbench::fanout::{self, procfs};
 
 /// C2D fan-out: the hub against Mosquitto and rumqttd, same client, same packets, one table.
@@ -53,7 +54,9 @@ struct RunArgs {
     #[arg(long, default_value_t = 10_000)]
     devices: usize,
     /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
-    /// (sent to over AMQP like the service SDKs), `mosquitto`, `rumqttd`.
+    /// (sent to over AMQP like the service SDKs), `hub-persist` and `hub-amqp-persist` (the same
+    /// with `--persist`: compared with the in-memory hub in their own line), `mosquitto`,
+    /// `rumqttd`.
     #[arg(long, value_delimiter = ',', default_value = "hub,hub-amqp,mosquitto,rumqttd")]
     servers: Vec<String>,
     /// Repetitions; the table shows medians.
@@ -215,6 +218,12 @@ struct Round {
     client_cpu_us_per_msg: f64,
     /// Server RSS growth since before the connects, per device, after this round.
     kib_after: f64,
+    /// Bytes the server handed to `write`-like calls during the round (sockets and files,
+    /// `/proc/<pid>/io` `wchar`), per delivered message.
+    wchar_per_msg: f64,
+    /// Bytes the server caused to be written to storage during the round (`write_bytes`), per
+    /// delivered message.
+    disk_per_msg: f64,
 }
 
 /// One server's numbers from one run.
@@ -622,8 +631,8 @@ async fn fan_out(
 ) -> Result<(Round, usize)> {
     let (n, pid) = (a.devices, server.pid);
     let via = match (server.kind, server.http, server.amqp) {
-        (Kind::Hub, Some(http), _) => Via::Rest { http, token: owner_token()? },
-        (Kind::HubAmqp, _, Some(addr)) => Via::Amqp { addr, token: owner_token()? },
+        (k, Some(http), _) if k.is_rest_hub() => Via::Rest { http, token: owner_token()? },
+        (k, _, Some(addr)) if k.is_hub() && !k.is_rest_hub() => Via::Amqp { addr, token: owner_token()? },
         (k, ..) if k.is_hub() => bail!("the hub printed no address for its {} sender", k.name()),
         _ => Via::Mqtt { addr: server.mqtt },
     };
@@ -635,6 +644,7 @@ async fn fan_out(
         a.syscalls.then(|| a.perf_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fanout-perf")));
     let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true).await?;
     let cpu0 = procfs::cpu_us(pid).context("server CPU")?;
+    let io0 = write_counters(pid).context("server /proc/<pid>/io")?;
     let order: Vec<usize> = (0..n).collect();
     let sent: SendStats = sender.run(&order, round, Duration::from_secs(a.timeout_secs)).await;
     let collected = clients
@@ -646,6 +656,7 @@ async fn fan_out(
         .await?;
     settle(pid).await;
     let cpu1 = procfs::cpu_us(pid).context("server CPU")?;
+    let io1 = write_counters(pid).context("server /proc/<pid>/io")?;
     stop_perf(perf).await;
     let syscalls = stop_perf(stat).await;
     settle(pid).await;
@@ -667,6 +678,8 @@ async fn fan_out(
         cpu_us_per_msg: cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64,
         client_cpu_us_per_msg: sum(&collected, "cpu_us") as f64 / received.max(1) as f64,
         kib_after: rss_after.saturating_sub(rss_base) as f64 / n as f64,
+        wchar_per_msg: io1.wchar.saturating_sub(io0.wchar) as f64 / received.max(1) as f64,
+        disk_per_msg: io1.write_bytes.saturating_sub(io0.write_bytes) as f64 / received.max(1) as f64,
     };
     if sent.failed > 0 {
         problems.push(format!(
@@ -690,7 +703,8 @@ async fn fan_out(
     }
     println!(
         "  round {round}: fan-out {received}/{n} in {secs:.3} s ({:.0} msg/s), p50 {:.2} ms, p99 {:.2} ms; \
-         server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg; RSS +{:.1} MiB after ({:.2} KiB/conn)",
+         server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg; RSS +{:.1} MiB after ({:.2} KiB/conn); \
+         server writes {:.0} B/msg (wchar), {:.0} B/msg to storage",
         r.fanout_per_s,
         r.p50_ms,
         r.p99_ms,
@@ -699,6 +713,8 @@ async fn fan_out(
         r.client_cpu_us_per_msg,
         rss_after.saturating_sub(rss_base) as f64 / 1024.0,
         r.kib_after,
+        r.wchar_per_msg,
+        r.disk_per_msg,
     );
     if !syscalls.is_empty() {
         let per: Vec<String> = SYSCALL_EVENTS
@@ -784,6 +800,8 @@ async fn telemetry_round(
         cpu_us_per_msg: cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64,
         client_cpu_us_per_msg: sum(&published, "cpu_us") as f64 / received.max(1) as f64,
         kib_after: rss_after.saturating_sub(rss_base) as f64 / n as f64,
+        // Not measured for telemetry (the table's write columns show 0).
+        ..Round::default()
     };
     if sum(&published, "failed") > 0 {
         problems.push(format!(
@@ -838,6 +856,8 @@ fn medians(runs: &[Measured]) -> Measured {
                 cpu_us_per_msg: f(&|m| m.rounds[i].cpu_us_per_msg),
                 client_cpu_us_per_msg: f(&|m| m.rounds[i].client_cpu_us_per_msg),
                 kib_after: f(&|m| m.rounds[i].kib_after),
+                wchar_per_msg: f(&|m| m.rounds[i].wchar_per_msg),
+                disk_per_msg: f(&|m| m.rounds[i].disk_per_msg),
             })
             .collect(),
         lost: runs.iter().map(|m| m.lost).max().unwrap_or(0),
@@ -856,12 +876,22 @@ fn print_table(
     let pick = |m: &Measured| m.rounds.get(round).cloned().unwrap_or_default();
     println!("{title}");
     println!(
-        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6}",
-        "server", "connect/s", "fan-out/s", "p50 ms", "p99 ms", "CPU µs/msg", "KiB/conn", "KiB/conn", "lost"
+        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "server",
+        "connect/s",
+        "fan-out/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/msg",
+        "KiB/conn",
+        "KiB/conn",
+        "lost",
+        "wchar",
+        "disk"
     );
     println!(
-        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6}",
-        "", "", "", "", "", "", "idle", "after", ""
+        "{:<20} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "", "", "", "", "", "", "idle", "after", "", "B/msg", "B/msg"
     );
     for (i, f) in found.iter().enumerate() {
         if let Some(why) = skipped.get(&i) {
@@ -873,7 +903,7 @@ fn print_table(
             Some((_, m)) => {
                 let r = pick(m);
                 println!(
-                    "{:<20} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>11.1} {:>9.2} {:>9.2} {:>6}",
+                    "{:<20} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>11.1} {:>9.2} {:>9.2} {:>6} {:>9.0} {:>9.0}",
                     f.label,
                     m.connect_per_s,
                     r.fanout_per_s,
@@ -882,13 +912,31 @@ fn print_table(
                     r.cpu_us_per_msg,
                     m.kib_idle,
                     r.kib_after,
-                    m.lost
+                    m.lost,
+                    r.wchar_per_msg,
+                    r.disk_per_msg
                 )
             }
         }
     }
     let r = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "n/a".into() };
-    for (hi, h) in table.iter().filter(|(i, _)| found[*i].kind.is_hub()) {
+    // The hub with `--persist` against the same hub in memory, same run.
+    for (pi, p) in table.iter() {
+        let Some(twin) = found[*pi].kind.in_memory_twin() else { continue };
+        let Some((mi, m)) = table.iter().find(|(i, _)| found[*i].kind == twin) else { continue };
+        let (pr, mr) = (pick(p), pick(m));
+        println!(
+            "{:<20} fan-out {}  p50 {}  p99 {}  CPU/msg {}  wchar +{:.0} B/msg  disk +{:.0} B/msg",
+            format!("{}/{}", found[*pi].kind.name(), found[*mi].kind.name()),
+            r(pr.fanout_per_s, mr.fanout_per_s),
+            r(pr.p50_ms, mr.p50_ms),
+            r(pr.p99_ms, mr.p99_ms),
+            r(pr.cpu_us_per_msg, mr.cpu_us_per_msg),
+            pr.wchar_per_msg - mr.wchar_per_msg,
+            pr.disk_per_msg - mr.disk_per_msg,
+        );
+    }
+    for (hi, h) in table.iter().filter(|(i, _)| found[*i].kind.is_hub() && !found[*i].kind.persist()) {
         let hr = pick(h);
         for (i, p) in table {
             let f = &found[*i];
@@ -935,12 +983,12 @@ async fn run(a: RunArgs) -> Result<bool> {
     if a.telemetry {
         // `hub-amqp` names the C2D sender; telemetry has one path out of the hub (its Event
         // Hub-compatible endpoint), measured as `hub`.
-        kinds.retain(|k| *k != Kind::HubAmqp);
+        kinds.retain(|k| *k != Kind::HubAmqp && *k != Kind::HubAmqpPersist);
     }
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
-            Kind::Hub | Kind::HubAmqp => a.hub_bin.as_deref(),
+            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => a.hub_bin.as_deref(),
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
         };

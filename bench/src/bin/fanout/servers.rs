@@ -1,7 +1,8 @@
 //! The servers under test, each started as its own process on free loopback ports and stopped
 //! (SIGTERM, then SIGKILL after a deadline) when its run ends: the hub (`iothub-emulator` with
 //! `--mqtt-plain-port 0 --amqp-plain-port 0`, or this binary's own `hub-serve`, the same library;
-//! measured once per sender, REST and AMQP), Mosquitto from a
+//! measured once per sender, REST and AMQP, in memory and, as `hub-persist` / `hub-amqp-persist`,
+//! with `--persist`), Mosquitto from a
 //! generated configuration (persistence off, no queue or in-flight limits, no connection logging)
 //! and `rumqttd-peer` (rumqttd embedded, `bench/rumqttd-peer`). Readiness is awaited, never
 //! slept for: the hub prints its bound addresses on stdout; the peers are polled with TCP
@@ -29,6 +30,10 @@ pub enum Kind {
     Hub,
     /// The IoT Hub emulator, sent to over AMQP as the service SDKs do.
     HubAmqp,
+    /// [`Kind::Hub`] with `--persist` (its state journaled under the data directory).
+    HubPersist,
+    /// [`Kind::HubAmqp`] with `--persist`.
+    HubAmqpPersist,
     /// Eclipse Mosquitto (Debian package).
     Mosquitto,
     /// rumqttd (crates.io), embedded in `rumqttd-peer`.
@@ -41,15 +46,38 @@ impl Kind {
         match s.trim() {
             "hub" => Ok(Self::Hub),
             "hub-amqp" => Ok(Self::HubAmqp),
+            "hub-persist" => Ok(Self::HubPersist),
+            "hub-amqp-persist" => Ok(Self::HubAmqpPersist),
             "mosquitto" => Ok(Self::Mosquitto),
             "rumqttd" => Ok(Self::Rumqttd),
-            other => bail!("unknown server {other:?}: use hub, hub-amqp, mosquitto or rumqttd"),
+            other => bail!(
+                "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, mosquitto or rumqttd"
+            ),
         }
     }
 
-    /// Whether this is the hub (with either sender).
+    /// Whether this is the hub (with either sender, in memory or with `--persist`).
     pub fn is_hub(self) -> bool {
-        matches!(self, Self::Hub | Self::HubAmqp)
+        matches!(self, Self::Hub | Self::HubAmqp | Self::HubPersist | Self::HubAmqpPersist)
+    }
+
+    /// Whether this is the hub sent to through its REST extension.
+    pub fn is_rest_hub(self) -> bool {
+        matches!(self, Self::Hub | Self::HubPersist)
+    }
+
+    /// Whether this is the hub with `--persist`.
+    pub fn persist(self) -> bool {
+        matches!(self, Self::HubPersist | Self::HubAmqpPersist)
+    }
+
+    /// For a hub with `--persist`, the same hub in memory (its row to compare with).
+    pub fn in_memory_twin(self) -> Option<Self> {
+        match self {
+            Self::HubPersist => Some(Self::Hub),
+            Self::HubAmqpPersist => Some(Self::HubAmqp),
+            _ => None,
+        }
     }
 
     /// The short name.
@@ -57,6 +85,8 @@ impl Kind {
         match self {
             Self::Hub => "hub",
             Self::HubAmqp => "hub-amqp",
+            Self::HubPersist => "hub-persist",
+            Self::HubAmqpPersist => "hub-amqp-persist",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
         }
@@ -101,8 +131,13 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Finds the program for `kind` (`explicit` overrides the search).
 pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
     match kind {
-        Kind::Hub | Kind::HubAmqp => {
-            let sender = if kind == Kind::Hub { "REST" } else { "AMQP" };
+        Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => {
+            let sender = match (kind.is_rest_hub(), kind.persist()) {
+                (true, false) => "REST",
+                (false, false) => "AMQP",
+                (true, true) => "REST persist",
+                (false, true) => "AMQP persist",
+            };
             let hub = match explicit {
                 Some("self") => HubBin::SelfHosted,
                 Some(p) => HubBin::Binary(PathBuf::from(p)),
@@ -229,10 +264,16 @@ impl Server {
         let log = work.join(format!("{}.log", found.kind.name()));
         let stderr = || -> Result<Stdio> { Ok(std::fs::File::create(&log)?.into()) };
         match found.kind {
-            Kind::Hub | Kind::HubAmqp => {
+            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => {
                 let mut cmd = Command::new(&program);
                 let data = work.join("hub-data");
                 match found.hub.as_ref().context("hub start mode")? {
+                    HubBin::SelfHosted if found.kind.persist() => {
+                        bail!(
+                            "{} needs the iothub-emulator binary (--hub-bin): hub-serve has no --persist",
+                            found.kind.name()
+                        )
+                    }
                     HubBin::SelfHosted => cmd.arg("hub-serve").arg("--data-dir").arg(&data),
                     HubBin::Binary(_) => cmd.arg("--data-dir").arg(&data).args([
                         "--https-port",
@@ -250,6 +291,9 @@ impl Server {
                         "--no-ftp",
                     ]),
                 };
+                if found.kind.persist() {
+                    cmd.arg("--persist");
+                }
                 let mut child = cmd.stdout(Stdio::piped()).stderr(stderr()?).kill_on_drop(true).spawn()?;
                 let pid = child.id().context("hub pid")?;
                 let mut lines = BufReader::new(child.stdout.take().context("hub stdout")?).lines();
