@@ -10,6 +10,7 @@ mod fleet;
 mod ftp_installer;
 mod http;
 mod jobs;
+mod metrics;
 mod mqtt;
 mod registry;
 mod release;

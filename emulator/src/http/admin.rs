@@ -70,6 +70,14 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(resp)
         }
         Route::DashboardApi(part) => dashboard_api(ctx, req, part),
+        Route::Metrics if req.method == Method::GET => {
+            let text = ctx.hub.prometheus_text();
+            let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(text)));
+            set_header(&mut resp, "content-type", crate::metrics::CONTENT_TYPE);
+            set_header(&mut resp, "cache-control", "no-store");
+            Ok(resp)
+        }
+        Route::Metrics => Err(super::method_not_allowed(req)),
         Route::Health => {
             let (status, state) = if ctx.is_ready() {
                 (StatusCode::OK, "healthy")

@@ -17,6 +17,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+
+use crate::metrics::{Operation, Protocol, RefusalReason, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -207,6 +209,7 @@ pub async fn serve<S>(
     mut stream: S,
     peer: SocketAddr,
     client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
+    transport: Transport,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -215,10 +218,11 @@ pub async fn serve<S>(
     let mut wbuf = BytesMut::new();
     let write_timeout = hub.config().timeouts.write;
     let Some(Opened { mut session, link, keep_alive, token_deadline, mut out }) =
-        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), peer, client_cert, &shutdown).await
+        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), (peer, transport), client_cert, &shutdown).await
     else {
         return;
     };
+    let _open = OpenConnection::new(hub.metrics(), transport);
     let ended = run(
         &hub,
         &mut session,
@@ -247,6 +251,25 @@ pub async fn serve<S>(
         session.discard_will();
     }
     session.close(&hub);
+}
+
+/// Counts an open device connection in the metrics while it lives.
+struct OpenConnection<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    transport: Transport,
+}
+
+impl<'a> OpenConnection<'a> {
+    fn new(metrics: &'a crate::metrics::Metrics, transport: Transport) -> Self {
+        metrics.connection_moved(transport, 1);
+        Self { metrics, transport }
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.metrics.connection_moved(self.transport, -1);
+    }
 }
 
 /// A connection past its CONNECT: what [`run`] needs.
@@ -281,7 +304,7 @@ async fn open<S>(
     hub: &Hub,
     stream: &mut S,
     (rbuf, wbuf): (&mut BytesMut, &mut BytesMut),
-    peer: SocketAddr,
+    (peer, transport): (SocketAddr, Transport),
     client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
     shutdown: &CancellationToken,
 ) -> Option<Opened>
@@ -294,7 +317,14 @@ where
     };
     // Decided without an await in between, so neither the CONNECT nor the session being built is
     // kept in this future's state.
-    let (code, close_write) = match admit(hub, first, peer, client_cert.as_deref()) {
+    let admitted = {
+        let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, Operation::Connect));
+        admit(hub, first, peer, client_cert.as_deref())
+    };
+    if let Admit::Refuse { code, .. } = &admitted {
+        hub.metrics().connection_refused(transport, refusal_reason(*code));
+    }
+    let (code, close_write) = match admitted {
         Admit::Open(opened) => return Some(opened),
         Admit::Close => return None,
         Admit::Refuse { code, shutdown } => (code, shutdown),
@@ -333,6 +363,18 @@ async fn refuse<S: AsyncWrite + Unpin>(
     let _ = write_packets(stream, wbuf, &mut out, timer.as_mut(), |_| deadline).await;
     if close_write {
         let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    }
+}
+
+/// The metrics' reason for a refusing CONNACK code.
+fn refusal_reason(code: ConnectReturnCode) -> RefusalReason {
+    match code {
+        ConnectReturnCode::RefusedProtocolVersion => RefusalReason::UnsupportedProtocolVersion,
+        ConnectReturnCode::BadClientId => RefusalReason::BadClientId,
+        ConnectReturnCode::BadUserNamePassword => RefusalReason::BadUsernamePassword,
+        ConnectReturnCode::NotAuthorized => RefusalReason::NotAuthorized,
+        ConnectReturnCode::ServiceUnavailable => RefusalReason::Throttled,
+        _ => RefusalReason::Other,
     }
 }
 
@@ -470,6 +512,8 @@ where
         loop {
             match take_packet(rbuf) {
                 Ok(Some(p)) => {
+                    let op = super::session::operation(&p);
+                    let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, op));
                     if let Err(close) = session.handle_packet(hub, p, out) {
                         closing = Some(close);
                         break;
@@ -560,7 +604,14 @@ mod tests {
         let hub = crate::hub::Hub::new(Default::default());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), None, Default::default());
+        let f = super::serve(
+            hub,
+            s,
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            super::Transport::Mqtt,
+            Default::default(),
+        );
         let size = std::mem::size_of_val(&f);
         assert!(size <= 1216, "the plain MQTT connection future grew to {size} bytes");
     }
@@ -599,6 +650,7 @@ mod tests {
                     server,
                     "127.0.0.1:1".parse().unwrap(),
                     None,
+                    super::Transport::Mqtt,
                     Default::default(),
                 ));
                 let mut c = Connect::new("d1");
