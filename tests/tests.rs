@@ -4,6 +4,7 @@ mod abuse;
 mod amqp;
 mod auth;
 mod c2d;
+mod ci_examples;
 mod containers;
 mod dps;
 mod fleet;
