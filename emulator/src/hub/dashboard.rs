@@ -34,6 +34,8 @@ pub const AGGREGATE_COST_FACTOR: u64 = 20;
 /// Distinct `appVersion` / `installState` values counted one by one; the rest count as "(other)"
 /// (twins are written by devices: a million distinct values must not make a million rows).
 pub const DISTINCT_VALUES_MAX: usize = 32;
+/// Largest scenario status a runner may publish over HTTP (`PUT /emulator/dashboard/scenario`).
+pub const SCENARIO_STATUS_MAX_BYTES: usize = 64 * 1024;
 /// Most devices one page returns.
 pub const DEVICE_PAGE_MAX: usize = 200;
 /// Recent telemetry messages shown (hub-wide and per device).
