@@ -13,6 +13,7 @@ mod http;
 mod jobs;
 mod metrics;
 mod mqtt;
+mod nonroot;
 mod registry;
 mod release;
 mod sdk;
