@@ -222,7 +222,9 @@ pub async fn serve<S>(
     else {
         return;
     };
-    let _open = OpenConnection::new(hub.metrics(), transport);
+    // Counted open until `run` returns (a shutdown ends it too): explicit calls rather than a drop
+    // guard, whose reference would grow every connection's future.
+    hub.metrics().connection_moved(transport, 1);
     let ended = run(
         &hub,
         &mut session,
@@ -234,6 +236,7 @@ pub async fn serve<S>(
         (&mut rbuf, &mut wbuf),
     )
     .await;
+    hub.metrics().connection_moved(transport, -1);
     match &ended {
         Ended::Closed(Close::ClientDisconnect) => {
             tracing::debug!(%peer, device = %session.device_id(), "MQTT device disconnected")
@@ -251,25 +254,6 @@ pub async fn serve<S>(
         session.discard_will();
     }
     session.close(&hub);
-}
-
-/// Counts an open device connection in the metrics while it lives.
-struct OpenConnection<'a> {
-    metrics: &'a crate::metrics::Metrics,
-    transport: Transport,
-}
-
-impl<'a> OpenConnection<'a> {
-    fn new(metrics: &'a crate::metrics::Metrics, transport: Transport) -> Self {
-        metrics.connection_moved(transport, 1);
-        Self { metrics, transport }
-    }
-}
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.metrics.connection_moved(self.transport, -1);
-    }
 }
 
 /// A connection past its CONNECT: what [`run`] needs.
@@ -317,14 +301,7 @@ where
     };
     // Decided without an await in between, so neither the CONNECT nor the session being built is
     // kept in this future's state.
-    let admitted = {
-        let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, Operation::Connect));
-        admit(hub, first, peer, client_cert.as_deref())
-    };
-    if let Admit::Refuse { code, .. } = &admitted {
-        hub.metrics().connection_refused(transport, refusal_reason(*code));
-    }
-    let (code, close_write) = match admitted {
+    let (code, close_write) = match admit_counted(hub, first, (peer, transport), client_cert.as_deref()) {
         Admit::Open(opened) => return Some(opened),
         Admit::Close => return None,
         Admit::Refuse { code, shutdown } => (code, shutdown),
@@ -364,6 +341,23 @@ async fn refuse<S: AsyncWrite + Unpin>(
     if close_write {
         let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
     }
+}
+
+/// [`admit`], timed and with a refusal counted in the metrics. A plain function returning the
+/// decision, so `open` matches on a temporary: nothing of the decision stays in its future while
+/// a provisioning session is served (which would enlarge every connection's future).
+fn admit_counted(
+    hub: &Hub,
+    first: Result<Result<Packet, ReadError>, tokio::time::error::Elapsed>,
+    (peer, transport): (SocketAddr, Transport),
+    client_cert: Option<&crate::x509::ClientChain>,
+) -> Admit {
+    let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, Operation::Connect));
+    let admitted = admit(hub, first, peer, client_cert);
+    if let Admit::Refuse { code, .. } = &admitted {
+        hub.metrics().connection_refused(transport, refusal_reason(*code));
+    }
+    admitted
 }
 
 /// The metrics' reason for a refusing CONNACK code.
