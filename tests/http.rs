@@ -341,6 +341,30 @@ async fn the_dashboard_json_pages_devices_and_details_one() {
     let text = html.text().await.unwrap();
     assert!(text.contains("/emulator/dashboard/overview"));
     assert!(!text.contains("src=\"http") && !text.contains("href=\"http"), "no external assets");
+
+    // An external scenario runner publishes its status for the page (bounded, an object only).
+    let scenario = "/emulator/dashboard/scenario";
+    assert_eq!(send_json(&hub, "GET", scenario, "").await.2, serde_json::Value::Null);
+    let status = r#"{"name":"quickstart","phase":"before the first event","devices":20,"timeline":[]}"#;
+    assert_eq!(send_json(&hub, "PUT", scenario, status).await.0, 204);
+    let (_, _, overview) = send_json(&hub, "GET", "/emulator/dashboard/overview", "").await;
+    assert_eq!(overview["scenario"]["name"], "quickstart", "{overview}");
+    assert_eq!(send_json(&hub, "GET", scenario, "").await.2["devices"], 20);
+    let (status, code, _) = send_json(&hub, "PUT", scenario, "[1,2]").await;
+    assert_eq!((status, code.as_str()), (400, "ArgumentInvalid"));
+    let big =
+        format!(r#"{{"name":"{}"}}"#, "x".repeat(iothub_emulator::hub::dashboard::SCENARIO_STATUS_MAX_BYTES));
+    let (status, code, _) = send_json(&hub, "PUT", scenario, &big).await;
+    assert_eq!((status, code.as_str()), (413, "MessageTooLarge"));
+    assert_eq!(
+        send_json(&hub, "GET", scenario, "").await.2["name"],
+        "quickstart",
+        "a refused PUT changes nothing"
+    );
+    assert_eq!(send_json(&hub, "POST", scenario, "{}").await.0, 405);
+    assert_eq!(send_json(&hub, "DELETE", scenario, "").await.0, 204);
+    let (_, _, overview) = send_json(&hub, "GET", "/emulator/dashboard/overview", "").await;
+    assert!(overview["scenario"].is_null(), "{overview}");
     hub.stop().await.unwrap();
 }
 

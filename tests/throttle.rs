@@ -74,6 +74,13 @@ async fn a_query_burst_is_shaped_then_refused_with_429_and_retry_after() {
     assert_eq!(refused.headers()["iothub-errorcode"], "ThrottlingException");
     let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=6).contains(&retry_after), "{retry_after}");
+    // The metrics count the two shaped and the two refused queries (the forged ones are not
+    // throttled).
+    let m = crate::metrics::scrape(&hub).await.unwrap();
+    let throttled = |outcome: &str| {
+        m[&format!("iothub_throttled_requests_total{{operation=\"queries\",outcome=\"{outcome}\"}}")]
+    };
+    assert_eq!((throttled("shaped"), throttled("refused")), (2.0, 2.0));
     // Time travel past the backlog: the next query passes at once.
     hub.running.hub.advance_time(60_000).unwrap();
     assert_eq!(query().await.unwrap().status(), 200);

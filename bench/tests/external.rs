@@ -104,6 +104,20 @@ async fn quickstart_passes_against_an_external_hub_with_the_runners_own_fleet() 
     // The runner's devices live in the external hub's registry and report the release there.
     let twin = hub.hub.get_twin("fridge-07").expect("the runner registered fridge-07");
     assert_eq!(twin.pointer("/properties/reported/appVersion"), Some(&Value::from("2.0.0")));
+    // The reports link the external hub's dashboard, which shows the run's status, finished.
+    let dashboard = format!("http://127.0.0.1:{}/dashboard", hub.http_addr.port());
+    assert!(text.contains(&format!("dashboard: {dashboard}")), "{text}");
+    assert_eq!(r["dashboardUrl"], dashboard.as_str(), "{r}");
+    let html = std::fs::read_to_string(dir.path().join("out/report.html")).expect("report.html");
+    assert!(html.contains(&format!("<a href=\"{dashboard}\">")), "the HTML report links the dashboard");
+    let status = hub.hub.scenario_status().expect("the runner published its status to the hub");
+    assert_eq!(
+        (status["name"].as_str(), status["finished"].as_bool()),
+        (Some("quickstart"), Some(true)),
+        "{status}"
+    );
+    assert_eq!(status["devices"], DEVICES, "{status}");
+    assert!(status["timeline"].as_array().is_some_and(|t| t.iter().all(|e| e["done"] == true)), "{status}");
     hub.stop().await.unwrap();
 }
 

@@ -21,6 +21,7 @@ pub mod hub;
 pub mod jobs;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod monitor;
 pub mod mqtt;
 pub mod persist;

@@ -72,6 +72,10 @@ pub struct ReportData {
     pub offline_windows: Vec<Window>,
     /// Footnotes (how memory was measured, ...).
     pub notes: Vec<String>,
+    /// The hub's live dashboard (an external hub's), linked under the verdict; only `http://`
+    /// and `https://` URLs are linked.
+    #[serde(default)]
+    pub dashboard_url: Option<String>,
 }
 
 /// One row of the summary table.
@@ -181,6 +185,12 @@ pub fn render(data: &ReportData) -> Result<String, Error> {
             let _ = write!(h, "<li>{}</li>", escape(u));
         }
         h.push_str("</ul></div>\n");
+    }
+    if let Some(url) =
+        data.dashboard_url.as_deref().filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+    {
+        let url = escape(url);
+        let _ = writeln!(h, "<p class=\"desc\">The hub's live dashboard: <a href=\"{url}\">{url}</a></p>");
     }
     h.push_str("<h2>Summary</h2>\n<table>");
     for r in &data.summary {
@@ -587,6 +597,16 @@ mod tests {
     #[test]
     fn a_run_with_nothing_released_and_no_samples_still_renders() {
         let html = render(&ReportData { title: "empty".into(), ..ReportData::default() }).unwrap();
+        assert!(!html.contains("live dashboard"), "no dashboard, no link");
+        let linked = ReportData {
+            dashboard_url: Some("http://hub:8080/dashboard?a=1&b=\"2\"".into()),
+            ..ReportData::default()
+        };
+        let page = render(&linked).unwrap();
+        assert!(page.contains("<a href=\"http://hub:8080/dashboard?a=1&amp;b=&quot;2&quot;\">"), "{page}");
+        let script =
+            ReportData { dashboard_url: Some("javascript:alert(1)".into()), ..ReportData::default() };
+        assert!(!render(&script).unwrap().contains("javascript:"), "only http(s) URLs are linked");
         assert_eq!(html.matches("<svg").count(), 3);
         assert!(html.contains("nothing was released in this run"));
         assert!(html.contains("no latency samples in this run"));

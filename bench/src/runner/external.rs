@@ -52,6 +52,10 @@ const IDS_PER_QUERY: usize = 500;
 const TWIN_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How often the wait for an external fleet logs its progress.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often the run's status is published to the hub's dashboard (at most).
+pub const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Deadline of one status publication.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Command-line settings that point a scenario at an external hub or fleet; each overrides the
 /// file's `[hub]` / `[fleet]` key of the same meaning.
@@ -218,6 +222,84 @@ pub struct ExternalHub {
     telemetry: mpsc::Receiver<Result<Vec<Telemetry>, String>>,
     feedback: mpsc::Receiver<Result<Vec<Feedback>, String>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The dashboard's scenario status (see [`ExternalHub::publish_status`]).
+    status: StatusPublisher,
+    /// `{http_url}/dashboard`.
+    dashboard_url: String,
+}
+
+/// Publishes the run's status to an external hub's dashboard (`PUT {http_url}/emulator/dashboard/
+/// scenario`): at most once per [`STATUS_EVERY`], one request in flight (a slow hub makes the
+/// runner skip updates, never queue them), each within [`STATUS_TIMEOUT`]. Failures are logged
+/// once and never fail the run: a hub started with `--disable-admin-api` answers 404.
+struct StatusPublisher {
+    http: reqwest::Client,
+    url: String,
+    /// When the last request started, and the newest status handed in.
+    state: std::sync::Mutex<(Option<Instant>, Option<Value>)>,
+    in_flight: Arc<std::sync::atomic::AtomicBool>,
+    warned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StatusPublisher {
+    fn new(http: reqwest::Client, http_url: &str) -> Self {
+        Self {
+            http,
+            url: format!("{http_url}/emulator/dashboard/scenario"),
+            state: std::sync::Mutex::new((None, None)),
+            in_flight: Arc::default(),
+            warned: Arc::default(),
+        }
+    }
+
+    fn publish(&self, status: Value) {
+        let now = Instant::now();
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.1 = Some(status.clone());
+            if state.0.is_some_and(|t| now.duration_since(t) < STATUS_EVERY)
+                || self.in_flight.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            state.0 = Some(now);
+        }
+        let (http, url, in_flight, warned) =
+            (self.http.clone(), self.url.clone(), self.in_flight.clone(), self.warned.clone());
+        tokio::spawn(async move {
+            put_status(&http, &url, &status, &warned).await;
+            in_flight.store(false, Ordering::Release);
+        });
+    }
+
+    /// Sends the newest status marked finished, and waits for it (bounded).
+    async fn finish(&self) {
+        let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).1.take();
+        if let Some(mut status) = last {
+            status["phase"] = Value::from("finished");
+            status["finished"] = Value::from(true);
+            put_status(&self.http, &self.url, &status, &self.warned).await;
+        }
+    }
+}
+
+async fn put_status(
+    http: &reqwest::Client,
+    url: &str,
+    status: &Value,
+    warned: &std::sync::atomic::AtomicBool,
+) {
+    let sent = http.put(url).json(status).timeout(STATUS_TIMEOUT).send().await;
+    let failure = match sent {
+        Ok(r) if r.status().is_success() => return,
+        Ok(r) => format!("HTTP {}", r.status()),
+        Err(e) => e.to_string(),
+    };
+    if !warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "publishing the run's status to the hub's dashboard ({url}): {failure}; the run goes on"
+        );
+    }
 }
 
 impl Drop for ExternalHub {
@@ -291,8 +373,9 @@ impl ExternalHub {
         let after = newest_sequence(&http, &http_url).await?;
         let (ttx, telemetry) = mpsc::channel(CHANNEL_BATCHES);
         let (ftx, feedback) = mpsc::channel(CHANNEL_BATCHES);
+        let status = StatusPublisher::new(http.clone(), &http_url);
         let tasks = vec![
-            tokio::spawn(read_telemetry(http, http_url, after, ttx)),
+            tokio::spawn(read_telemetry(http, http_url.clone(), after, ttx)),
             tokio::spawn(read_feedback(amqp.clone(), nonce.clone(), ftx)),
         ];
         Ok(Self {
@@ -309,7 +392,25 @@ impl ExternalHub {
             telemetry,
             feedback,
             tasks,
+            status,
+            dashboard_url: format!("{http_url}/dashboard"),
         })
+    }
+
+    /// The hub's dashboard page.
+    pub fn dashboard_url(&self) -> &str {
+        &self.dashboard_url
+    }
+
+    /// Hands the run's status to the hub's dashboard (rate-limited, in the background; see
+    /// `StatusPublisher`).
+    pub fn publish_status(&self, status: Value) {
+        self.status.publish(status);
+    }
+
+    /// Publishes the last status as finished and waits for the hub's answer (bounded).
+    pub async fn publish_final_status(&self) {
+        self.status.finish().await;
     }
 
     /// The REST service client (registry, twins, queries over `hub.http_url`).

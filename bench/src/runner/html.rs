@@ -156,6 +156,7 @@ pub fn report_data(obs: &Observed, unmet: &[String]) -> ReportData {
     );
     ReportData {
         title: obs.scenario.clone(),
+        dashboard_url: obs.dashboard_url.clone(),
         description: obs.description.clone(),
         passed: unmet.is_empty(),
         unmet: unmet.to_vec(),

@@ -94,6 +94,35 @@ impl HubSide {
         }
     }
 
+    /// The hub's dashboard page (`/dashboard` on its plain port).
+    pub fn dashboard_url(&self) -> String {
+        match self {
+            Self::Embedded(e) => format!("http://{}/dashboard", e.hub.http_addr),
+            Self::External(x) => x.dashboard_url().to_string(),
+            Self::Child(c) => c.ext.dashboard_url().to_string(),
+        }
+    }
+
+    /// Shows the run's status on the hub's dashboard: set in process on the embedded hub, sent
+    /// (at most once a second, in the background) to an external one.
+    pub fn publish_status(&self, status: serde_json::Value) {
+        match self {
+            Self::Embedded(e) => e.hub.hub.set_scenario_status(Some(status)),
+            Self::External(x) => x.publish_status(status),
+            Self::Child(c) => c.ext.publish_status(status),
+        }
+    }
+
+    /// At the end of the run: an external (or child) hub's dashboard gets the last status marked finished
+    /// (the embedded hub stops with the run).
+    pub async fn publish_final_status(&self) {
+        match self {
+            Self::External(x) => x.publish_final_status().await,
+            Self::Child(c) => c.ext.publish_final_status().await,
+            Self::Embedded(_) => {}
+        }
+    }
+
     /// The directory the hub's FTP server serves packages from.
     pub fn packages_dir(&self) -> &Path {
         match self {

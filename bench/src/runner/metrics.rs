@@ -172,6 +172,8 @@ pub struct Observed {
     pub hub_in_process: bool,
     /// How the runner's own devices reached the hub (`None`: an external or sharded fleet).
     pub transport: Option<crate::scenario::plan::Transport>,
+    /// An external hub's dashboard, linked from the reports (the embedded hub's ends with the run).
+    pub dashboard_url: Option<String>,
 }
 
 /// p50/p90/p99/max of one latency, in milliseconds, with the sample count.
@@ -549,6 +551,7 @@ impl Observed {
             },
             "devices": self.device_ids.len(),
             "transport": self.transport.map(|t| t.as_str()),
+            "dashboardUrl": self.dashboard_url,
             "latency": {
                 "delivery": lat.delivery.to_json(),
                 "install": lat.install.to_json(),
@@ -703,6 +706,9 @@ impl Observed {
                 "  throttling: {} sends throttled by the hub and retried",
                 self.throttled_retries
             ));
+        }
+        if let Some(url) = &self.dashboard_url {
+            lines.push(format!("  dashboard: {url} (the external hub's, still live)"));
         }
         if unmet.is_empty() {
             lines.push("verdict: every expectation met".to_string());

@@ -289,9 +289,7 @@ async fn run_with_hub(
     let ids: Vec<String> = (0..n).map(|i| plan.fleet.ids.id(i)).collect();
     let index: HashMap<String, usize> = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
     let svc = hub.service_client()?;
-    if let Some(embedded) = hub.embedded() {
-        log(format!("dashboard: http://{}/dashboard", embedded.http_addr));
-    }
+    log(format!("dashboard: {}", hub.dashboard_url()));
     let mut rng = StdRng::seed_from_u64(plan.seed);
     tracing::debug!("building packages");
     let releases = build_packages(&plan, hub.packages_dir(), work_dir, &mut rng)?;
@@ -371,6 +369,8 @@ async fn run_with_hub(
             hub_in_process: hub.embedded().is_some() && fleet.in_process(),
             transport: (!plan.fleet.external && shards <= 1).then_some(transport),
             time_mode: plan.time,
+            // The embedded hub's dashboard ends with the run; an external one stays up.
+            dashboard_url: hub.embedded().is_none().then(|| hub.dashboard_url()),
             ..Observed::default()
         },
         plan,
@@ -391,6 +391,7 @@ async fn run_with_hub(
         sending: Vec::new(),
     };
     let outcome = run.play(&fleet, &svc).await;
+    run.hub.publish_final_status().await;
     tracing::debug!("timeline done; stopping the fleet");
     fleet.stop().await;
     tracing::debug!("fleet stopped; stopping the hub");
@@ -938,15 +939,9 @@ impl Run {
             installed,
             time_limit: self.plan.time_limit,
         };
-        // An embedded hub's dashboard shows the run too: a small value replaced each report.
-        if let Some(embedded) = self.hub.embedded() {
-            embedded.hub.set_scenario_status(Some(progress::status_json(
-                &self.plan.name,
-                &snapshot,
-                events,
-                next,
-            )));
-        }
+        // The hub's dashboard shows the run too: a small value replaced each report (sent to an
+        // external hub at most once a second).
+        self.hub.publish_status(progress::status_json(&self.plan.name, &snapshot, events, next));
         (self.progress)(&snapshot);
     }
 

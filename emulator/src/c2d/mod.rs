@@ -232,6 +232,23 @@ pub struct Outcome {
     pub status: FeedbackStatus,
 }
 
+/// Where queue operations report how messages end. A `Vec<Outcome>` keeps the outcomes the
+/// messages' ack modes ask feedback for; the hub's sink also counts every end for its metrics.
+pub trait OutcomeSink {
+    /// `message` reached the final state `status` at `at` (whatever its ack mode).
+    fn finished(&mut self, message: &C2dMessage, status: FeedbackStatus, at: Millis);
+    /// A delivery was abandoned (counted before a possible dead-lettering is reported).
+    fn abandoned(&mut self) {}
+}
+
+impl OutcomeSink for Vec<Outcome> {
+    fn finished(&mut self, message: &C2dMessage, status: FeedbackStatus, at: Millis) {
+        if message.ack.wants(status) {
+            self.push(Outcome { message_id: message.message_id.clone(), enqueued_at: at, status });
+        }
+    }
+}
+
 /// Why a send was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{C2dMessage, FeedbackStatus, LockToken, Outcome, QueueConfig, SendError, SettleError};
+use super::{C2dMessage, FeedbackStatus, LockToken, OutcomeSink, QueueConfig, SendError, SettleError};
 use crate::clock::Millis;
 
 /// What a successful send tells the sender.
@@ -107,7 +107,7 @@ impl DeviceQueue {
         msg: C2dMessage,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<SendReceipt, SendError> {
         self.expire(now, out);
         let size = msg.size_bytes();
@@ -145,7 +145,7 @@ impl DeviceQueue {
         lock_ms: u64,
         token: LockToken,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Option<Delivery> {
         self.receive_with(now, lock_ms, || token, cfg, out)
     }
@@ -158,7 +158,7 @@ impl DeviceQueue {
         lock_ms: u64,
         token: impl FnOnce() -> LockToken,
         _cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Option<Delivery> {
         self.expire(now, out);
         let entry = self.entries.iter_mut().find(|e| e.lock.is_none())?;
@@ -182,7 +182,7 @@ impl DeviceQueue {
         token: LockToken,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<(), SettleError> {
         self.settle(token, Settlement::Complete, now, cfg, out)
     }
@@ -194,7 +194,7 @@ impl DeviceQueue {
         token: LockToken,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<(), SettleError> {
         self.settle(token, Settlement::Abandon, now, cfg, out)
     }
@@ -205,7 +205,7 @@ impl DeviceQueue {
         token: LockToken,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<(), SettleError> {
         self.settle(token, Settlement::Reject, now, cfg, out)
     }
@@ -217,13 +217,13 @@ impl DeviceQueue {
         token: LockToken,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<(), SettleError> {
         self.settle(token, Settlement::Release, now, cfg, out)
     }
 
     /// Removes every pending message (`Purged` feedback if asked) and returns how many.
-    pub fn purge(&mut self, now: Millis, _cfg: &QueueConfig, out: &mut Vec<Outcome>) -> usize {
+    pub fn purge(&mut self, now: Millis, _cfg: &QueueConfig, out: &mut impl OutcomeSink) -> usize {
         self.expire(now, out);
         let purged = self.entries.len();
         for entry in self.entries.drain(..) {
@@ -234,7 +234,7 @@ impl DeviceQueue {
     }
 
     /// Pending (non-final) messages after lazy expiry: IoT Hub's `cloudToDeviceMessageCount`.
-    pub fn pending(&mut self, now: Millis, _cfg: &QueueConfig, out: &mut Vec<Outcome>) -> usize {
+    pub fn pending(&mut self, now: Millis, _cfg: &QueueConfig, out: &mut impl OutcomeSink) -> usize {
         self.expire(now, out);
         self.entries.len()
     }
@@ -245,6 +245,12 @@ impl DeviceQueue {
         let mut alive = self.entries.iter().filter(|e| e.expires_at > now);
         let oldest = alive.next().map(|e| e.enqueued_at);
         (oldest.map_or(0, |_| 1 + alive.count()), oldest)
+    }
+
+    /// Messages held, counting those that expired unnoticed (no lazy expiry): what the hub's
+    /// queue-depth metric tracks, compared before and after each operation.
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
 
     /// Whether the queue holds nothing at all, not even messages that expired unnoticed.
@@ -273,7 +279,7 @@ impl DeviceQueue {
 
     /// Drops the oldest pending message whatever its state (`Purged` feedback if asked); used to
     /// make room in a bounded queue that must not refuse new messages.
-    pub(super) fn drop_oldest(&mut self, now: Millis, out: &mut Vec<Outcome>) -> bool {
+    pub(super) fn drop_oldest(&mut self, now: Millis, out: &mut impl OutcomeSink) -> bool {
         let dropped = self.entries.pop_front().map(|entry| report(&entry, FeedbackStatus::Purged, now, out));
         self.release_if_empty();
         dropped.is_some()
@@ -287,7 +293,7 @@ impl DeviceQueue {
     }
 
     /// Dead-letters expired messages and unlocks lapsed locks; the lazy clock of the queue.
-    fn expire(&mut self, now: Millis, out: &mut Vec<Outcome>) {
+    fn expire(&mut self, now: Millis, out: &mut impl OutcomeSink) {
         self.entries.retain_mut(|entry| {
             if entry.expires_at <= now {
                 report(entry, FeedbackStatus::Expired, entry.expires_at, out);
@@ -308,7 +314,7 @@ impl DeviceQueue {
         action: Settlement,
         now: Millis,
         cfg: &QueueConfig,
-        out: &mut Vec<Outcome>,
+        out: &mut impl OutcomeSink,
     ) -> Result<(), SettleError> {
         self.expire(now, out);
         let index = self
@@ -323,6 +329,7 @@ impl DeviceQueue {
             Settlement::Reject => FeedbackStatus::Rejected,
             Settlement::Release => return Ok(()),
             Settlement::Abandon => {
+                out.abandoned();
                 entry.delivery_count = entry.delivery_count.saturating_add(1);
                 if entry.delivery_count < cfg.max_delivery_count {
                     return Ok(());
@@ -428,16 +435,14 @@ impl DeviceQueue {
 #[cfg(test)]
 pub(super) type EntrySnapshot = (u64, u32, Option<(LockToken, Millis)>, Millis);
 
-/// Pushes the feedback `entry`'s ack mode asks for when it ends with `status` at `at`.
-fn report(entry: &Entry, status: FeedbackStatus, at: Millis, out: &mut Vec<Outcome>) {
-    if entry.message.ack.wants(status) {
-        out.push(Outcome { message_id: entry.message.message_id.clone(), enqueued_at: at, status });
-    }
+/// Tells `out` that `entry` ended with `status` at `at`.
+fn report(entry: &Entry, status: FeedbackStatus, at: Millis, out: &mut impl OutcomeSink) {
+    out.finished(&entry.message, status, at);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::AckMode;
+    use super::super::{AckMode, Outcome};
     use super::*;
 
     const T0: Millis = 1_700_000_000_000;

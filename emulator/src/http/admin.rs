@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, HubError};
 use crate::ftp::FaultSettings;
-use crate::hub::dashboard::DEVICE_PAGE_MAX;
+use crate::hub::dashboard::{DEVICE_PAGE_MAX, SCENARIO_STATUS_MAX_BYTES};
 use crate::hub::events::{ConsumerGroup, EventsError};
 
 use super::router::Route;
@@ -52,6 +52,9 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
     if let Route::ConsumerGroup(name) = &req.route {
         return consumer_group(ctx, req, name);
     }
+    if matches!(&req.route, Route::DashboardApi(part) if part == "scenario") {
+        return scenario_api(ctx, req);
+    }
     if req.method != Method::GET {
         return Err(method_not_allowed(req));
     }
@@ -70,6 +73,13 @@ pub fn handle(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
             Ok(resp)
         }
         Route::DashboardApi(part) => dashboard_api(ctx, req, part),
+        Route::Metrics => {
+            let text = ctx.hub.prometheus_text();
+            let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(text)));
+            set_header(&mut resp, "content-type", crate::metrics::CONTENT_TYPE);
+            set_header(&mut resp, "cache-control", "no-store");
+            Ok(resp)
+        }
         Route::Health => {
             let (status, state) = if ctx.is_ready() {
                 (StatusCode::OK, "healthy")
@@ -234,6 +244,44 @@ fn dashboard_api(ctx: &HttpContext, req: &Req, part: &str) -> Result<HttpRespons
             Ok(json_response(StatusCode::OK, &hub.dashboard_device(&id)?))
         }
         _ => Ok(empty(StatusCode::NOT_FOUND)),
+    }
+}
+
+/// `/emulator/dashboard/scenario`: what an external scenario runner publishes for the page (the
+/// embedded runner calls `Hub::set_scenario_status` in process). GET reads it (`null`: none), PUT
+/// replaces it, DELETE clears it.
+fn scenario_api(ctx: &HttpContext, req: &Req) -> Result<HttpResponse, HubError> {
+    let hub = &ctx.hub;
+    match req.method {
+        Method::GET => {
+            let status = hub.scenario_status().map_or(Value::Null, |s| (*s).clone());
+            Ok(json_response(StatusCode::OK, &status))
+        }
+        Method::PUT => {
+            hub.set_scenario_status(Some(scenario_status(&req.body)?));
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        Method::DELETE => {
+            hub.set_scenario_status(None);
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        _ => Err(method_not_allowed(req)),
+    }
+}
+
+/// A `PUT /emulator/dashboard/scenario` body: a JSON object of at most
+/// [`SCENARIO_STATUS_MAX_BYTES`] (it is cloned into every overview the page polls).
+fn scenario_status(body: &[u8]) -> Result<Value, HubError> {
+    if body.len() > SCENARIO_STATUS_MAX_BYTES {
+        return Err(HubError::new(
+            ErrorCode::MessageTooLarge,
+            format!("the scenario status is {} bytes; at most {SCENARIO_STATUS_MAX_BYTES}", body.len()),
+        ));
+    }
+    match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(HubError::invalid("the scenario status must be a JSON object")),
+        Err(e) => Err(HubError::invalid(format!("the scenario status is not JSON: {e}"))),
     }
 }
 

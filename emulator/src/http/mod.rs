@@ -185,6 +185,12 @@ where
         }
     };
     let route = router::route(&path);
+    let protocol = match port {
+        Port::Https => crate::metrics::Protocol::Https,
+        Port::Plain => crate::metrics::Protocol::Http,
+    };
+    let _timer =
+        crate::metrics::Timer::start(ctx.hub.metrics().latency(protocol, operation(&route, &parts.method)));
     // Only the routes that carry application properties in headers pay for the spellings.
     let carries_properties =
         matches!(route, Route::DeviceEvents(_) | Route::DeviceBound(_)) && parts.method == Method::POST;
@@ -244,6 +250,33 @@ where
         resp.extensions_mut().extend(ext);
     }
     Ok(resp)
+}
+
+/// The `operation` label a request's latency is recorded under.
+fn operation(route: &Route, m: &Method) -> crate::metrics::Operation {
+    use crate::metrics::Operation as O;
+    match route {
+        Route::Devices if m == Method::POST => O::RegistryWrite,
+        Route::Devices => O::RegistryRead,
+        Route::Device(_) if m == Method::GET => O::RegistryRead,
+        Route::Device(_) => O::RegistryWrite,
+        Route::Query => O::Query,
+        Route::Twin(_) if m == Method::GET => O::TwinRead,
+        Route::Twin(_) => O::TwinUpdate,
+        Route::TwinMethods(_) => O::DirectMethod,
+        Route::DeviceCommands(_) => O::C2dPurge,
+        Route::DeviceBound(_) if m == Method::POST => O::C2dSend,
+        Route::DeviceBound(_) => O::C2dReceive,
+        Route::DeviceBoundLock(..) | Route::DeviceBoundAbandon(..) => O::C2dSettle,
+        Route::DeviceEvents(_) => O::D2cSend,
+        Route::Feedback => O::FeedbackReceive,
+        Route::FeedbackLock(_) | Route::FeedbackAbandon(_) => O::FeedbackSettle,
+        Route::StatsDevices | Route::StatsService => O::Statistics,
+        Route::Job(_) | Route::JobCancel(_) | Route::JobsQuery => O::Jobs,
+        r if r.is_dps() => O::Dps,
+        r if r.is_emulator_own() => O::Emulator,
+        _ => O::Other,
+    }
 }
 
 /// The tier throttle's say on an IoT Hub request (reference §5.1): which operation class the

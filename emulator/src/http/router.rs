@@ -13,6 +13,8 @@ pub enum Route {
     Health,
     /// `/ca.pem` (plain port).
     CaPem,
+    /// `/metrics` (plain port): Prometheus text format (see `crate::metrics`).
+    Metrics,
     /// `/emulator/telemetry` (plain port): recorded D2C messages.
     Telemetry,
     /// `/emulator/connection-strings` (plain port): the policies' connection strings.
@@ -127,7 +129,7 @@ impl Route {
 
     /// The emulator's own endpoints (not IoT Hub's): served on the plain port only.
     pub fn is_emulator_own(&self) -> bool {
-        matches!(self, Route::Health | Route::CaPem) || self.is_admin_api()
+        matches!(self, Route::Health | Route::CaPem | Route::Metrics) || self.is_admin_api()
     }
 
     /// The `/emulator/*` admin routes `--disable-admin-api` turns off (and the dashboard page that
@@ -174,6 +176,7 @@ pub fn route(path: &str) -> Route {
             Route::DashboardApi(part.to_ascii_lowercase())
         }
         [h] if eq(h, "health") => Route::Health,
+        [m] if eq(m, "metrics") => Route::Metrics,
         [c] if eq(c, "ca.pem") => Route::CaPem,
         [e, t] if eq(e, "emulator") && eq(t, "telemetry") => Route::Telemetry,
         [e, c] if eq(e, "emulator") && eq(c, "connection-strings") => Route::ConnectionStrings,

@@ -62,7 +62,14 @@ type ClientCert = Option<Arc<crate::x509::ClientChain>>;
 /// Subprotocols served over WebSocket, and the server for each.
 pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] = &[
     ("mqtt", |hub, io, peer, cert, shutdown| {
-        Box::pin(crate::mqtt::connection::serve(hub, io, peer, cert, shutdown))
+        Box::pin(crate::mqtt::connection::serve(
+            hub,
+            io,
+            peer,
+            cert,
+            crate::metrics::Transport::MqttWs,
+            shutdown,
+        ))
     }),
     ("AMQPWSB10", |hub, io, _peer, _cert, shutdown| Box::pin(serve_amqp(hub, io, shutdown))),
 ];

@@ -37,7 +37,18 @@ impl Hub {
             return Admission::Now;
         }
         let now = self.now();
-        self.with_throttle(|t| t.admit(op, cost, now))
+        let a = self.with_throttle(|t| t.admit(op, cost, now));
+        self.count_throttled(op, &a);
+        a
+    }
+
+    /// Counts a shaped or refused admission in the metrics.
+    fn count_throttled(&self, op: Op, a: &Admission) {
+        match a {
+            Admission::Now => {}
+            Admission::Shaped { .. } => self.metrics().throttled(op, false),
+            Admission::Refused(_) => self.metrics().throttled(op, true),
+        }
     }
 
     /// Asks the throttle for a message send of `bytes`: the daily quota, then the rate of `op`.
@@ -46,7 +57,9 @@ impl Hub {
             return Admission::Now;
         }
         let now = self.now();
-        self.with_throttle(|t| t.admit_message(op, bytes, now))
+        let a = self.with_throttle(|t| t.admit_message(op, bytes, now));
+        self.count_throttled(op, &a);
+        a
     }
 
     /// The hub error for a refusal, in IoT Hub's words.

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::c2d::FeedbackStatus;
 use crate::clock::{Millis, iso8601};
+use crate::metrics::FEEDBACK_STATUSES;
 
 use super::device::time_or_never;
 use super::{Device, Hub, SHARD_COUNT, Status};
@@ -33,6 +34,8 @@ pub const AGGREGATE_COST_FACTOR: u64 = 20;
 /// Distinct `appVersion` / `installState` values counted one by one; the rest count as "(other)"
 /// (twins are written by devices: a million distinct values must not make a million rows).
 pub const DISTINCT_VALUES_MAX: usize = 32;
+/// Largest scenario status a runner may publish over HTTP (`PUT /emulator/dashboard/scenario`).
+pub const SCENARIO_STATUS_MAX_BYTES: usize = 64 * 1024;
 /// Most devices one page returns.
 pub const DEVICE_PAGE_MAX: usize = 200;
 /// Recent telemetry messages shown (hub-wide and per device).
@@ -43,14 +46,6 @@ pub const LATEST_JOBS: usize = 5;
 pub const APP_VERSION_PROPERTY: &str = "appVersion";
 /// Twin property the simulated agents report their install state in.
 pub const INSTALL_STATE_PROPERTY: &str = "installState";
-
-const FEEDBACK_STATUSES: [FeedbackStatus; 5] = [
-    FeedbackStatus::Success,
-    FeedbackStatus::Expired,
-    FeedbackStatus::DeliveryCountExceeded,
-    FeedbackStatus::Rejected,
-    FeedbackStatus::Purged,
-];
 
 /// The dashboard's own state inside the hub (see the module doc).
 #[derive(Debug, Default)]
@@ -132,7 +127,7 @@ impl Counter {
 }
 
 fn feedback_index(status: FeedbackStatus) -> usize {
-    FEEDBACK_STATUSES.iter().position(|s| *s == status).unwrap_or(0)
+    crate::metrics::status_index(status)
 }
 
 /// A device as a dashboard row: identity, connection, app version and C2D queue.
@@ -172,6 +167,11 @@ impl Hub {
     /// Counts a feedback record of `status` for the dashboard.
     pub(super) fn count_feedback(&self, status: FeedbackStatus) {
         self.shared.dashboard.feedback[feedback_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Feedback records emitted since start, in the order of `crate::metrics::FEEDBACK_STATUSES`.
+    pub(super) fn feedback_counts(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.shared.dashboard.feedback[i].load(Ordering::Relaxed))
     }
 
     /// Replaces the status a scenario runner publishes (`None`: no runner). The dashboard shows

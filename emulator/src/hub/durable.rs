@@ -384,7 +384,16 @@ impl Hub {
         if let Some(source) = failure {
             return Err(PersistError::Corrupt { path: persist.dir.clone(), offset: 0, source });
         }
-        let devices: usize = (0..SHARD_COUNT).map(|i| hub.shard(i).devices.len()).sum();
+        // The counts kept incrementally elsewhere start from what was recovered: devices, and
+        // the metrics' queue-depth histogram (replay fills queues without `c2d_visit`).
+        let mut devices = 0;
+        for i in 0..SHARD_COUNT {
+            let shard = hub.shard(i);
+            devices += shard.devices.len();
+            for d in shard.devices.values() {
+                hub.metrics().c2d_depth_moved(0, d.c2d.len());
+            }
+        }
         hub.shared.device_count.store(devices, Ordering::Relaxed);
         hub.shared.counter.fetch_max(max_counter, Ordering::Relaxed);
         let (segments, rotation) =

@@ -4,9 +4,11 @@
 
 pub use crate::c2d::Settlement;
 use crate::c2d::{
-    C2dMessage, Delivery, FeedbackRecord, LockToken, Outcome, SendError, SendReceipt, SettleError,
+    C2dMessage, Delivery, DeviceQueue, FeedbackRecord, FeedbackStatus, LockToken, Outcome, OutcomeSink,
+    SendError, SendReceipt, SettleError,
 };
 use crate::error::{ErrorCode, HubError};
+use crate::metrics::{C2dCounts, status_index};
 
 use super::Hub;
 
@@ -38,6 +40,25 @@ fn lock_lost(device_id: &str, token: LockToken, _e: SettleError) -> HubError {
     )
 }
 
+/// The outcome sink of the hub's queue operations: the feedback outcomes the ack modes ask for,
+/// and counts of everything for the metrics (see [`Hub::c2d_visit`]).
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    outcomes: Vec<Outcome>,
+    counts: C2dCounts,
+}
+
+impl OutcomeSink for Tally {
+    fn finished(&mut self, message: &C2dMessage, status: FeedbackStatus, at: crate::clock::Millis) {
+        self.counts.finished[status_index(status)] += 1;
+        self.outcomes.finished(message, status, at);
+    }
+
+    fn abandoned(&mut self) {
+        self.counts.abandoned += 1;
+    }
+}
+
 impl Hub {
     /// Queues `msg` for `device_id`. Fails with IoT Hub's error when the device does not exist,
     /// the queue holds 50 messages, the message is too large or its expiry too far away.
@@ -45,11 +66,11 @@ impl Hub {
         let now = self.now();
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
-            let mut out = Vec::new();
-            let before = self.queue_before(&d.c2d);
-            let r = d.c2d.send(msg, now, &self.config().c2d, &mut out);
-            self.record_queue(d, before);
-            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            let r = self.c2d_visit(d, &mut fb, |q, t| {
+                let r = q.send(msg, now, &self.config().c2d, t);
+                t.counts.sent += u64::from(r.is_ok());
+                r
+            });
             if r.is_ok() {
                 Hub::poke_c2d(d);
             }
@@ -67,13 +88,12 @@ impl Hub {
         let now = self.now();
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
-            let mut out = Vec::new();
             d.last_activity = now;
-            let before = self.queue_before(&d.c2d);
-            let got = d.c2d.receive_with(now, lock_ms, LockToken::random, &self.config().c2d, &mut out);
-            self.record_queue(d, before);
-            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
-            Ok(got)
+            Ok(self.c2d_visit(d, &mut fb, |q, t| {
+                let got = q.receive_with(now, lock_ms, LockToken::random, &self.config().c2d, t);
+                t.counts.delivered += u64::from(got.is_some());
+                got
+            }))
         });
         self.emit_feedback(fb);
         r
@@ -96,28 +116,27 @@ impl Hub {
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
             let cfg = &self.config().c2d;
-            let mut out = Vec::new();
             d.last_activity = now;
-            let before = self.queue_before(&d.c2d);
-            let settled = match settle {
-                Some((token, how)) => {
-                    d.c2d.settle(token, how, now, cfg, &mut out).map_err(|e| lock_lost(device_id, token, e))
-                }
-                None => Ok(()),
-            };
-            let mut n = 0;
-            while n < max {
-                match d.c2d.receive_with(now, lock_ms, LockToken::random, cfg, &mut out) {
-                    Some(delivery) => {
-                        each(delivery);
-                        n += 1;
+            Ok(self.c2d_visit(d, &mut fb, |q, t| {
+                let settled = match settle {
+                    Some((token, how)) => {
+                        q.settle(token, how, now, cfg, t).map_err(|e| lock_lost(device_id, token, e))
                     }
-                    None => break,
+                    None => Ok(()),
+                };
+                let mut n = 0;
+                while n < max {
+                    match q.receive_with(now, lock_ms, LockToken::random, cfg, t) {
+                        Some(delivery) => {
+                            each(delivery);
+                            n += 1;
+                        }
+                        None => break,
+                    }
                 }
-            }
-            self.record_queue(d, before);
-            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
-            Ok((n, settled))
+                t.counts.delivered += n as u64;
+                (n, settled)
+            }))
         });
         self.emit_feedback(fb);
         r
@@ -129,12 +148,8 @@ impl Hub {
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
             let cfg = &self.config().c2d;
-            let mut out = Vec::new();
             d.last_activity = now;
-            let before = self.queue_before(&d.c2d);
-            let r = d.c2d.settle(token, how, now, cfg, &mut out);
-            self.record_queue(d, before);
-            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+            let r = self.c2d_visit(d, &mut fb, |q, t| q.settle(token, how, now, cfg, t));
             r.map_err(|e| lock_lost(device_id, token, e))
         });
         self.emit_feedback(fb);
@@ -146,14 +161,34 @@ impl Hub {
         let now = self.now();
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
-            let mut out = Vec::new();
-            let before = self.queue_before(&d.c2d);
-            let n = d.c2d.purge(now, &self.config().c2d, &mut out);
-            self.record_queue(d, before);
-            fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
-            Ok(n)
+            Ok(self.c2d_visit(d, &mut fb, |q, t| q.purge(now, &self.config().c2d, t)))
         });
         self.emit_feedback(fb);
+        r
+    }
+
+    /// Runs `f` on `d`'s C2D queue with a [`Tally`] as its outcome sink: the feedback outcomes go
+    /// to `fb`, and what happened (ends, the queue's length before and after, and the sends and
+    /// deliveries `f` adds to the tally's counts) to the hub's metrics. Every queue operation of
+    /// the hub goes through here, which keeps the queue-depth histogram exact without a scan, and
+    /// journals what changed in the queue (`--persist`).
+    pub(super) fn c2d_visit<T>(
+        &self,
+        d: &mut super::Device,
+        fb: &mut Vec<(String, u64, Outcome)>,
+        f: impl FnOnce(&mut DeviceQueue, &mut Tally) -> T,
+    ) -> T {
+        let before = d.c2d.len();
+        let kept = self.queue_before(&d.c2d);
+        let mut tally = Tally::default();
+        let r = f(&mut d.c2d, &mut tally);
+        self.record_queue(d, kept);
+        let metrics = self.metrics();
+        metrics.c2d_depth_moved(before, d.c2d.len());
+        metrics.add_c2d(&tally.counts);
+        if !tally.outcomes.is_empty() {
+            fb.extend(tally.outcomes.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+        }
         r
     }
 

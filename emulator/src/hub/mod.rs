@@ -25,6 +25,7 @@ pub mod messaging;
 pub mod module;
 pub mod receivers;
 mod registry;
+mod scrape;
 pub mod time;
 mod twin;
 
@@ -160,6 +161,8 @@ struct Shared {
     throttle: Option<Mutex<crate::throttle::Throttle>>,
     /// The dashboard's cache, feedback counts and scenario status (see [`dashboard`]).
     dashboard: dashboard::DashboardState,
+    /// Counters and histograms for `/metrics` (see `crate::metrics`).
+    metrics: crate::metrics::Metrics,
     /// Policy tokens that verified, so a service presenting the same token on every request is not
     /// re-verified each time (see `auth`).
     verified_tokens: Mutex<auth::VerifiedTokens>,
@@ -228,6 +231,7 @@ impl Hub {
                 verified_tokens: Mutex::default(),
                 x509_cas,
                 dashboard: dashboard::DashboardState::default(),
+                metrics: crate::metrics::Metrics::default(),
                 durable: std::sync::OnceLock::new(),
             }),
         }
@@ -236,6 +240,11 @@ impl Hub {
     /// The Device Provisioning Service on this host.
     pub fn dps(&self) -> &crate::dps::Dps {
         &self.shared.dps
+    }
+
+    /// The hub's metrics (see `crate::metrics`; [`Hub::prometheus_text`] renders them).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.shared.metrics
     }
 
     /// The hub's settings.

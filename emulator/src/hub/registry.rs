@@ -267,10 +267,7 @@ struct Continuation {
 impl Hub {
     /// Lazily expires `d`'s queue and returns its pending count, collecting feedback into `out`.
     fn pending_c2d(&self, d: &mut Device, now: u64, out: &mut Vec<(String, u64, Outcome)>) -> usize {
-        let mut o = Vec::new();
-        let n = d.c2d.pending(now, &self.config().c2d, &mut o);
-        out.extend(o.into_iter().map(|x| (d.id.clone(), d.generation_id, x)));
-        n
+        self.c2d_visit(d, out, |q, t| q.pending(now, &self.config().c2d, t))
     }
 
     /// `PUT /devices/{id}`: creates the device (no `If-Match`), or updates it (`If-Match` `*` or
@@ -447,6 +444,7 @@ impl Hub {
             }
             // Its modules go with it (dropping their links closes their connections).
             self.shared.module_count.fetch_sub(d.modules().len(), Ordering::Relaxed);
+            self.metrics().c2d_depth_moved(d.c2d.len(), 0);
         }
         self.shared.device_count.fetch_sub(1, Ordering::Relaxed);
         Ok(())

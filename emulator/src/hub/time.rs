@@ -93,11 +93,9 @@ impl Hub {
             {
                 let mut shard = self.shard(s);
                 for d in shard.devices.values_mut().filter(|d| d.connected && !d.c2d.is_empty()) {
-                    let mut out = Vec::new();
-                    if d.c2d.pending(now, cfg, &mut out) > 0 {
+                    if self.c2d_visit(d, &mut fb, |q, t| q.pending(now, cfg, t)) > 0 {
                         count += 1;
                     }
-                    fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
                 }
             }
             self.emit_feedback(fb);
@@ -118,9 +116,7 @@ impl Hub {
                     if d.c2d.is_empty() {
                         continue;
                     }
-                    let mut out = Vec::new();
-                    let visible = d.c2d.pending(now, cfg, &mut out);
-                    fb.extend(out.into_iter().map(|o| (d.id.clone(), d.generation_id, o)));
+                    let visible = self.c2d_visit(d, &mut fb, |q, t| q.pending(now, cfg, t));
                     if visible > 0 {
                         Hub::poke_c2d(d);
                     }

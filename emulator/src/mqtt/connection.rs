@@ -17,6 +17,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+
+use crate::metrics::{Operation, Protocol, RefusalReason, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -207,6 +209,7 @@ pub async fn serve<S>(
     mut stream: S,
     peer: SocketAddr,
     client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
+    transport: Transport,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -215,10 +218,13 @@ pub async fn serve<S>(
     let mut wbuf = BytesMut::new();
     let write_timeout = hub.config().timeouts.write;
     let Some(Opened { mut session, link, keep_alive, token_deadline, mut out }) =
-        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), peer, client_cert, &shutdown).await
+        open(&hub, &mut stream, (&mut rbuf, &mut wbuf), (peer, transport), client_cert, &shutdown).await
     else {
         return;
     };
+    // Counted open until `run` returns (a shutdown ends it too): explicit calls rather than a drop
+    // guard, whose reference would grow every connection's future.
+    hub.metrics().connection_moved(transport, 1);
     let ended = run(
         &hub,
         &mut session,
@@ -230,6 +236,7 @@ pub async fn serve<S>(
         (&mut rbuf, &mut wbuf),
     )
     .await;
+    hub.metrics().connection_moved(transport, -1);
     match &ended {
         Ended::Closed(Close::ClientDisconnect) => {
             tracing::debug!(%peer, device = %session.device_id(), "MQTT device disconnected")
@@ -281,7 +288,7 @@ async fn open<S>(
     hub: &Hub,
     stream: &mut S,
     (rbuf, wbuf): (&mut BytesMut, &mut BytesMut),
-    peer: SocketAddr,
+    (peer, transport): (SocketAddr, Transport),
     client_cert: Option<std::sync::Arc<crate::x509::ClientChain>>,
     shutdown: &CancellationToken,
 ) -> Option<Opened>
@@ -294,7 +301,7 @@ where
     };
     // Decided without an await in between, so neither the CONNECT nor the session being built is
     // kept in this future's state.
-    let (code, close_write) = match admit(hub, first, peer, client_cert.as_deref()) {
+    let (code, close_write) = match admit_counted(hub, first, (peer, transport), client_cert.as_deref()) {
         Admit::Open(opened) => return Some(opened),
         Admit::Close => return None,
         Admit::Refuse { code, shutdown } => (code, shutdown),
@@ -333,6 +340,35 @@ async fn refuse<S: AsyncWrite + Unpin>(
     let _ = write_packets(stream, wbuf, &mut out, timer.as_mut(), |_| deadline).await;
     if close_write {
         let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    }
+}
+
+/// [`admit`], timed and with a refusal counted in the metrics. A plain function returning the
+/// decision, so `open` matches on a temporary: nothing of the decision stays in its future while
+/// a provisioning session is served (which would enlarge every connection's future).
+fn admit_counted(
+    hub: &Hub,
+    first: Result<Result<Packet, ReadError>, tokio::time::error::Elapsed>,
+    (peer, transport): (SocketAddr, Transport),
+    client_cert: Option<&crate::x509::ClientChain>,
+) -> Admit {
+    let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, Operation::Connect));
+    let admitted = admit(hub, first, peer, client_cert);
+    if let Admit::Refuse { code, .. } = &admitted {
+        hub.metrics().connection_refused(transport, refusal_reason(*code));
+    }
+    admitted
+}
+
+/// The metrics' reason for a refusing CONNACK code.
+fn refusal_reason(code: ConnectReturnCode) -> RefusalReason {
+    match code {
+        ConnectReturnCode::RefusedProtocolVersion => RefusalReason::UnsupportedProtocolVersion,
+        ConnectReturnCode::BadClientId => RefusalReason::BadClientId,
+        ConnectReturnCode::BadUserNamePassword => RefusalReason::BadUsernamePassword,
+        ConnectReturnCode::NotAuthorized => RefusalReason::NotAuthorized,
+        ConnectReturnCode::ServiceUnavailable => RefusalReason::Throttled,
+        _ => RefusalReason::Other,
     }
 }
 
@@ -470,6 +506,8 @@ where
         loop {
             match take_packet(rbuf) {
                 Ok(Some(p)) => {
+                    let op = super::session::operation(&p);
+                    let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, op));
                     if let Err(close) = session.handle_packet(hub, p, out) {
                         closing = Some(close);
                         break;
@@ -567,7 +605,14 @@ mod tests {
         let hub = crate::hub::Hub::new(Default::default());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let f = super::serve(hub, s, "127.0.0.1:1".parse().unwrap(), None, Default::default());
+        let f = super::serve(
+            hub,
+            s,
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            super::Transport::Mqtt,
+            Default::default(),
+        );
         let size = std::mem::size_of_val(&f);
         assert!(size <= 1216, "the plain MQTT connection future grew to {size} bytes");
     }
@@ -606,6 +651,7 @@ mod tests {
                     server,
                     "127.0.0.1:1".parse().unwrap(),
                     None,
+                    super::Transport::Mqtt,
                     Default::default(),
                 ));
                 let mut c = Connect::new("d1");

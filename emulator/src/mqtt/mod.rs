@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 use crate::listener::{accept_connections, tls_handshake};
+use crate::metrics::Transport;
 
 /// Accepts MQTT connections on `listener` (TLS when `tls` is set) until `shutdown`.
 pub async fn accept_loop(
@@ -40,7 +41,7 @@ pub async fn accept_loop(
     accept_connections(listener, name, shutdown, tracker, move |stream, peer| -> ConnectionFuture {
         let (hub, sd) = (hub.clone(), sd.clone());
         match tls.clone() {
-            None => Box::pin(connection::serve(hub, stream, peer, None, sd)),
+            None => Box::pin(connection::serve(hub, stream, peer, None, Transport::Mqtt, sd)),
             Some(acceptor) => Box::pin(serve_tls(acceptor, hub, stream, peer, sd)),
         }
     })
@@ -58,6 +59,6 @@ async fn serve_tls(
 ) {
     if let Some(s) = tls_handshake(&acceptor, stream, peer, "MQTT").await {
         let cert = crate::x509::ClientChain::from_tls(s.get_ref().1);
-        Box::pin(connection::serve(hub, s, peer, cert, sd)).await
+        Box::pin(connection::serve(hub, s, peer, cert, Transport::Mqtt, sd)).await
     }
 }

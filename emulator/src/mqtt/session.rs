@@ -364,7 +364,7 @@ impl Session {
         self.pump_c2d(hub, out);
     }
 
-    /// Handles one packet from the device.
+    /// Handles one packet from the device (see [`operation`] for how its handling is timed).
     pub fn handle_packet(&mut self, hub: &Hub, packet: Packet, out: &mut Vec<Packet>) -> Result<(), Close> {
         if let Packet::PubAck(ack) = &packet {
             // Settling, recording the activity and publishing the next message are one visit to
@@ -662,6 +662,22 @@ fn telemetry(client_id: &str, bag: topics::PropertyBag, retain: bool, body: Byte
         system_properties: system,
         properties,
         body,
+    }
+}
+
+/// The `operation` a device packet's handling is timed under in the metrics (by topic for a
+/// PUBLISH, without parsing it).
+pub fn operation(packet: &Packet) -> crate::metrics::Operation {
+    use crate::metrics::Operation as O;
+    match packet {
+        Packet::Publish(p) if p.topic.starts_with("$iothub/twin/GET") => O::TwinRead,
+        Packet::Publish(p) if p.topic.starts_with("$iothub/twin/") => O::TwinUpdate,
+        Packet::Publish(p) if p.topic.starts_with("$iothub/methods/") => O::DirectMethod,
+        Packet::Publish(_) => O::D2cSend,
+        Packet::PubAck(_) => O::C2dSettle,
+        Packet::Subscribe(_) | Packet::Unsubscribe(_) => O::Subscribe,
+        Packet::PingReq => O::Ping,
+        _ => O::Other,
     }
 }
 
