@@ -131,6 +131,11 @@ async fn python_configuration_manager_applies_desired_content_to_matching_twins_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_module_configuration_writes_matching_module_twins_and_counts_them() {
+    run_sdk_script(Sdk::Python, "module_configurations_test.py").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_registry_configurations_apply_update_and_remove() {
     run_sdk_script(Sdk::Node, "configurations_test.js").await.unwrap();
 }

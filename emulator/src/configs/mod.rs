@@ -1,13 +1,19 @@
-//! Configurations — IoT Hub's automatic device management (reference-2 §6): the REST operations
-//! (`PUT/GET/DELETE /configurations/{id}`, list, `testQueries`) and the background sweeper that
-//! writes each configuration's `deviceContent` into the desired properties of the twins its
-//! target condition selects.
+//! Configurations — IoT Hub's automatic device and module management (reference-2 §6): the REST
+//! operations (`PUT/GET/DELETE /configurations/{id}`, list, `testQueries`) and the background
+//! sweeper that writes each configuration's content into the desired properties of the twins its
+//! target condition selects. A device configuration (`content.deviceContent`, a condition over
+//! device twins) writes device twins; a module configuration (`content.moduleContent`, a
+//! condition `FROM devices.modules WHERE …`) writes module twins. Priority is resolved per twin
+//! among the configurations of its kind only, so the two never compete. IoT Edge deployments
+//! (`modulesContent`) answer 501.
 //!
 //! Ownership: [`Configs`] lives in the hub's shared state and is the one owner of the
 //! configuration table and of the pending re-evaluation work. Its one `std::sync::Mutex` is never
-//! held together with a registry shard lock nor across an `.await`. What a device received
-//! (statuses and the paths written) lives with the device, in its `DeviceExtra` (see
-//! [`model::DeviceConfigs`]), so a device nobody configures pays nothing.
+//! held together with a registry shard lock nor across an `.await`. What a twin received
+//! (statuses and the paths written, [`model::TwinConfigs`]) lives with the twin: a device's in its
+//! `DeviceExtra`, a module's in its `Module` (itself inside its device's `DeviceExtra`), so a
+//! device nobody configures pays nothing, and a device without modules pays nothing for module
+//! configurations.
 //!
 //! When twins are evaluated (the design for a million devices): never inside the request that
 //! changed something. A change only records work and wakes ONE sweeper task per hub:
@@ -16,14 +22,17 @@
 //!   lock, yielding between chunks (a million devices × 100 configurations stays a background
 //!   job that never blocks a shard for long);
 //! - a twin write (tags, desired, reported), a device created or updated marks that device
-//!   **dirty** (only while configurations exist: one atomic load otherwise); the sweeper
-//!   re-evaluates dirty devices [`SWEEP_CHUNK`] at a time. At most [`DIRTY_MAX`] ids are kept;
-//!   beyond that a full sweep is owed instead.
+//!   **dirty** (only while configurations exist: one atomic load otherwise); so does a write to
+//!   one of its module twins or a module created or updated. The sweeper re-evaluates dirty
+//!   devices [`SWEEP_CHUNK`] at a time: a device is re-evaluated together with its modules, all
+//!   under one shard lock. At most [`DIRTY_MAX`] ids are kept; beyond that a full sweep is owed
+//!   instead.
 //!
 //! The lag is the time the sweeper needs to reach the device: immediate for a dirty device on an
 //! idle hub, up to one full sweep after a configuration change (IoT Hub itself documents minutes).
-//! Metrics are computed when a configuration is read: system metrics from the devices' recorded
-//! statuses, custom metrics by running their queries.
+//! Metrics are computed when a configuration is read: system metrics from the twins' recorded
+//! statuses (devices' and modules'), custom metrics by running their queries (over `devices` or
+//! `devices.modules`, whichever they name).
 
 pub mod model;
 
@@ -129,8 +138,8 @@ impl Hub {
         self.configs_state()
     }
 
-    /// Marks device `id` for re-evaluation after a change to its twin or identity (cheap when the
-    /// hub has no configurations).
+    /// Marks device `id` (with its modules) for re-evaluation after a change to its twin, its
+    /// identity, one of its modules or module twins (cheap when the hub has no configurations).
     pub(crate) fn config_touch(&self, id: &str) {
         let c = self.configs();
         if c.count.load(Ordering::Relaxed) == 0 {

@@ -1,5 +1,7 @@
-//! Sans-IO configurations (reference-2 §6): parsing and validating a `Configuration` body, the
-//! table of configurations with their etags, and the rules that decide what a twin receives —
+//! Sans-IO configurations (reference-2 §6): parsing and validating a `Configuration` body (device
+//! configurations with `deviceContent`, module configurations with `moduleContent` and a target
+//! condition over `devices.modules`), the table of configurations with their etags, and the rules
+//! that decide what a twin (device or module) receives —
 //! priority resolution across the configurations that target it ([`resolve`]), writing the
 //! winners into the desired properties and removing what no longer applies ([`apply`]), and the
 //! merge patch that tells the device ([`diff`]).
@@ -15,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::clock::{Millis, iso8601};
 use crate::error::{ErrorCode, HubError};
-use crate::query::Query;
+use crate::query::{Collection, Query};
 
 /// Most configurations a hub holds (IoT Hub's paid tiers; free hubs allow 20).
 pub const CONFIGURATIONS_MAX: usize = 100;
@@ -23,7 +25,7 @@ pub const CONFIGURATIONS_MAX: usize = 100;
 pub const CUSTOM_METRICS_MAX: usize = 5;
 /// Longest configuration id.
 pub const CONFIGURATION_ID_MAX: usize = 128;
-/// Most `deviceContent` paths per configuration (a bound for hostile bodies; the content must
+/// Most `deviceContent` / `moduleContent` paths per configuration (a bound for hostile bodies; the content must
 /// also fit the 32 KB of desired properties).
 pub const CONTENT_PATHS_MAX: usize = 512;
 
@@ -47,11 +49,12 @@ impl ConfigStatus {
     }
 }
 
-/// What a device keeps about configurations (inside its rarely set `DeviceExtra`): which ones
-/// target it with their status, and which desired paths the configurations wrote, so the next
-/// evaluation can take back what no longer applies even after a configuration was deleted.
+/// What a twin keeps about the configurations of its kind (a device inside its rarely set
+/// `DeviceExtra`, a module in its `Module`): which ones target it with their status, and which
+/// desired paths the configurations wrote, so the next evaluation can take back what no longer
+/// applies even after a configuration was deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceConfigs {
+pub struct TwinConfigs {
     /// `(configuration id, status)`, sorted by id.
     pub statuses: Vec<(Arc<str>, ConfigStatus)>,
     /// Desired paths below `properties.desired`, segments joined with `.` (twin keys cannot
@@ -59,7 +62,7 @@ pub struct DeviceConfigs {
     pub paths: Vec<Box<str>>,
 }
 
-impl DeviceConfigs {
+impl TwinConfigs {
     /// Whether nothing is recorded.
     pub fn is_empty(&self) -> bool {
         self.statuses.is_empty() && self.paths.is_empty()
@@ -75,6 +78,35 @@ impl DeviceConfigs {
     /// The status recorded for configuration `id`.
     pub fn status(&self, id: &str) -> Option<ConfigStatus> {
         self.statuses.iter().find(|(c, _)| &**c == id).map(|(_, s)| *s)
+    }
+}
+
+/// Which twins a configuration writes: device twins (`content.deviceContent`, a condition over
+/// `devices`) or module twins (`content.moduleContent`, a condition `FROM devices.modules WHERE …`).
+/// The two kinds are resolved separately: a module twin only ever sees module configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    /// Automatic device configuration.
+    Device,
+    /// Automatic module configuration.
+    Module,
+}
+
+impl ConfigKind {
+    /// The `content` member that holds this kind's paths.
+    pub fn content_key(self) -> &'static str {
+        match self {
+            Self::Device => "deviceContent",
+            Self::Module => "moduleContent",
+        }
+    }
+
+    /// The query collection this kind's target condition selects from.
+    pub fn collection(self) -> Collection {
+        match self {
+            Self::Device => Collection::Devices,
+            Self::Module => Collection::Modules,
+        }
     }
 }
 
@@ -99,13 +131,15 @@ pub struct Configuration {
     pub schema_version: Value,
     /// `labels`: string → string.
     pub labels: Map<String, Value>,
+    /// Device or module twins (fixed by the content, which cannot change).
+    pub kind: ConfigKind,
     /// `content` as given (echoed back).
     pub content: Value,
-    /// The `deviceContent` paths (segments below `properties.desired`) and their values.
+    /// The content's paths (segments below `properties.desired`) and their values.
     pub writes: Writes,
     /// `targetCondition` as given.
     pub target_condition: String,
-    /// Parsed; `None` when the condition is empty (targets no device).
+    /// Parsed, over the kind's collection; `None` when the condition is empty (targets nothing).
     pub target: Option<Query>,
     /// Higher wins.
     pub priority: i64,
@@ -139,10 +173,18 @@ impl Configuration {
 
     /// The Configuration JSON; `system` and `custom` are the metric results.
     pub fn to_json(&self, system: (usize, usize), custom: &BTreeMap<String, usize>) -> Value {
-        let target_query = if self.target_condition.trim().is_empty() {
+        // Module configurations: the queries over devices.modules are SDK-inferred (reference-2 §6.3).
+        let (select, from) = match self.kind {
+            ConfigKind::Device => ("select deviceId", "devices"),
+            ConfigKind::Module => ("select deviceId, moduleId", "devices.modules"),
+        };
+        let condition = self.target_condition.trim();
+        let target_query = if condition.is_empty() {
             String::new()
+        } else if starts_with_from(condition) {
+            format!("{select} {condition}")
         } else {
-            format!("select deviceId from devices where {}", self.target_condition)
+            format!("{select} from {from} where {condition}")
         };
         let metric_queries: Map<String, Value> =
             self.metrics.iter().map(|(k, m)| (k.clone(), Value::from(m.text.as_str()))).collect();
@@ -163,7 +205,7 @@ impl Configuration {
                 "queries": {
                     "targetedCount": target_query,
                     "appliedCount": format!(
-                        "select deviceId from devices where configurations.[[{}]].status = 'Applied'",
+                        "{select} from {from} where configurations.[[{}]].status = 'Applied'",
                         self.id
                     ),
                 },
@@ -180,7 +222,7 @@ pub struct ConfigInput {
     schema_version: Value,
     labels: Map<String, Value>,
     /// `None` when the body has no `content` (an update that leaves it as it is).
-    content: Option<(Value, Writes)>,
+    content: Option<(ConfigKind, Value, Writes)>,
     target_condition: String,
     target: Option<Query>,
     priority: i64,
@@ -205,7 +247,15 @@ pub fn validate_id(id: &str) -> Result<(), HubError> {
     Ok(())
 }
 
-/// Parses a target condition into a query over device twins.
+/// Whether a target condition names its collection (`FROM devices.modules WHERE …`).
+fn starts_with_from(condition: &str) -> bool {
+    let mut words = condition.split_whitespace();
+    words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) && words.next().is_some()
+}
+
+/// Parses a target condition into a query: a WHERE clause over device twins (`tags.env = 'x'`),
+/// `*` for every device, or a condition that names its collection (`FROM devices.modules WHERE
+/// moduleId = 'm'`, what module configurations use); the query's `collection` tells which.
 pub fn parse_condition(condition: &str) -> Result<Option<Query>, String> {
     let c = condition.trim();
     if c.is_empty() {
@@ -213,6 +263,8 @@ pub fn parse_condition(condition: &str) -> Result<Option<Query>, String> {
     }
     let text = if c == "*" {
         "SELECT * FROM devices".to_string()
+    } else if starts_with_from(c) {
+        format!("SELECT * {c}")
     } else {
         format!("SELECT * FROM devices WHERE {c}")
     };
@@ -220,14 +272,25 @@ pub fn parse_condition(condition: &str) -> Result<Option<Query>, String> {
     Ok(Some(q))
 }
 
-/// Parses a custom metric query (`SELECT deviceId FROM devices WHERE …`).
-pub fn parse_metric(text: &str) -> Result<Query, String> {
-    if text.to_ascii_lowercase().contains("devices.modules") {
-        return Err(
-            "metric queries over devices.modules (module configurations) are not supported by this emulator"
-                .into(),
-        );
+/// Checks that a target condition selects the twins of `kind`: module configurations need a
+/// condition `FROM devices.modules WHERE …` (as the Azure CLI enforces), device configurations
+/// one over device twins.
+fn check_target(kind: ConfigKind, target: Option<&Query>) -> Result<(), HubError> {
+    match (kind, target.map(|q| q.collection)) {
+        (_, None) => Ok(()),
+        (kind, Some(c)) if c == kind.collection() => Ok(()),
+        (ConfigKind::Module, Some(_)) => Err(HubError::invalid(
+            "the targetCondition of a module configuration (content.moduleContent) must start with 'FROM devices.modules WHERE'",
+        )),
+        (ConfigKind::Device, Some(_)) => Err(HubError::invalid(
+            "a device configuration (content.deviceContent) cannot target module twins (FROM devices.modules); put the content in content.moduleContent",
+        )),
     }
+}
+
+/// Parses a custom metric query (`SELECT deviceId FROM devices WHERE …`, or over
+/// `devices.modules` for module twins).
+pub fn parse_metric(text: &str) -> Result<Query, String> {
     Query::parse(text).map_err(|e| e.to_string())
 }
 
@@ -244,8 +307,9 @@ fn str_map(v: Option<&Value>, what: &str) -> Result<Map<String, Value>, HubError
     }
 }
 
-/// Parses `deviceContent` into writes: keys are `properties.desired[.a.b…]`.
-fn parse_device_content(content: &Map<String, Value>) -> Result<Writes, HubError> {
+/// Parses `deviceContent` or `moduleContent` (`what`) into writes: keys are
+/// `properties.desired[.a.b…]`.
+fn parse_content(content: &Map<String, Value>, what: &str) -> Result<Writes, HubError> {
     let mut writes: Writes = Vec::new();
     for (key, value) in content {
         let rest = key
@@ -253,12 +317,12 @@ fn parse_device_content(content: &Map<String, Value>) -> Result<Writes, HubError
             .filter(|r| r.is_empty() || r.starts_with('.'))
             .ok_or_else(|| {
                 HubError::invalid(format!(
-                    "deviceContent key '{key}' is not a twin path under properties.desired (such as properties.desired.firmware)"
+                    "{what} key '{key}' is not a twin path under properties.desired (such as properties.desired.firmware)"
                 ))
             })?;
         if rest.is_empty() {
             let Value::Object(section) = value else {
-                return Err(HubError::invalid("deviceContent 'properties.desired' must be a JSON object"));
+                return Err(HubError::invalid(format!("{what} 'properties.desired' must be a JSON object")));
             };
             for (k, v) in section {
                 writes.push((vec![k.clone()], v.clone()));
@@ -268,18 +332,18 @@ fn parse_device_content(content: &Map<String, Value>) -> Result<Writes, HubError
         let segments: Vec<String> = rest[1..].split('.').map(str::to_string).collect();
         if let Some(s) = segments.iter().find(|s| s.is_empty() || s.starts_with('$')) {
             return Err(HubError::invalid(format!(
-                "deviceContent key '{key}' has an invalid segment '{s}' (empty or starting with '$')"
+                "{what} key '{key}' has an invalid segment '{s}' (empty or starting with '$')"
             )));
         }
         writes.push((segments, value.clone()));
     }
     if writes.len() > CONTENT_PATHS_MAX {
-        return Err(HubError::invalid(format!("deviceContent sets more than {CONTENT_PATHS_MAX} paths")));
+        return Err(HubError::invalid(format!("{what} sets more than {CONTENT_PATHS_MAX} paths")));
     }
     for (i, (a, _)) in writes.iter().enumerate() {
         if let Some((b, _)) = writes[..i].iter().find(|(b, _)| overlaps(a, b)) {
             return Err(HubError::invalid(format!(
-                "deviceContent paths properties.desired.{} and properties.desired.{} overlap",
+                "{what} paths properties.desired.{} and properties.desired.{} overlap",
                 b.join("."),
                 a.join(".")
             )));
@@ -316,29 +380,7 @@ impl ConfigInput {
         let labels = str_map(b.get("labels"), "labels")?;
         let content = match b.get("content") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(c)) => {
-                // The C# SDK sends all three members, the unused ones as empty objects.
-                let present = |k: &str| c.get(k).is_some_and(|v| !v.is_null() && v != &json!({}));
-                if present("modulesContent") || present("moduleContent") {
-                    return Err(HubError::new(
-                        ErrorCode::NotImplemented,
-                        "module configurations (content.moduleContent / content.modulesContent) are not supported by this emulator; use content.deviceContent",
-                    ));
-                }
-                let empty = Map::new();
-                let device = match c.get("deviceContent") {
-                    Some(Value::Object(d)) => d,
-                    None | Some(Value::Null) => &empty,
-                    Some(_) => {
-                        return Err(HubError::invalid(
-                            "content.deviceContent must be an object of twin paths (properties.desired.…) to values",
-                        ));
-                    }
-                };
-                let writes = parse_device_content(device)?;
-                let echoed = json!({ "deviceContent": device });
-                Some((echoed, writes))
-            }
+            Some(Value::Object(c)) => Some(parse_content_member(c)?),
             Some(_) => return Err(HubError::invalid("content must be a JSON object")),
         };
         let target_condition = match b.get("targetCondition") {
@@ -346,14 +388,11 @@ impl ConfigInput {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(HubError::invalid("targetCondition must be a string")),
         };
-        if target_condition.to_ascii_lowercase().contains("from devices.modules") {
-            return Err(HubError::new(
-                ErrorCode::NotImplemented,
-                "module configurations (targetCondition FROM devices.modules) are not supported by this emulator",
-            ));
-        }
         let target = parse_condition(&target_condition)
             .map_err(|e| HubError::invalid(format!("targetCondition is not valid: {e}")))?;
+        if let Some((kind, _, _)) = &content {
+            check_target(*kind, target.as_ref())?;
+        }
         let priority = match b.get("priority") {
             None | Some(Value::Null) => 0,
             Some(v) => v
@@ -379,6 +418,43 @@ impl ConfigInput {
         }
         Ok(Self { schema_version, labels, content, target_condition, target, priority, metrics })
     }
+}
+
+/// Reads `content`: exactly one of `deviceContent` and `moduleContent` (the C# SDK sends all
+/// three members, the unused ones as empty objects, so empty ones do not count). `modulesContent`
+/// (IoT Edge deployments) answers 501. Returns the kind, the content to echo and its writes.
+fn parse_content_member(c: &Map<String, Value>) -> Result<(ConfigKind, Value, Writes), HubError> {
+    let present = |k: &str| c.get(k).is_some_and(|v| !v.is_null() && v != &json!({}));
+    if present("modulesContent") {
+        return Err(HubError::new(
+            ErrorCode::NotImplemented,
+            "IoT Edge deployments (content.modulesContent) are not supported by this emulator; use content.deviceContent or content.moduleContent",
+        ));
+    }
+    let kind = match (present("deviceContent"), present("moduleContent")) {
+        (true, true) => {
+            return Err(HubError::invalid(
+                "a configuration holds content.deviceContent or content.moduleContent, not both",
+            ));
+        }
+        (false, true) => ConfigKind::Module,
+        _ => ConfigKind::Device,
+    };
+    let key = kind.content_key();
+    let empty = Map::new();
+    let paths = match c.get(key) {
+        Some(Value::Object(d)) => d,
+        None | Some(Value::Null) => &empty,
+        Some(_) => {
+            return Err(HubError::invalid(format!(
+                "content.{key} must be an object of twin paths (properties.desired.…) to values"
+            )));
+        }
+    };
+    let writes = parse_content(paths, key)?;
+    let mut echoed = Map::new();
+    echoed.insert(key.to_string(), Value::Object(paths.clone()));
+    Ok((kind, Value::Object(echoed), writes))
 }
 
 /// The hub's configurations, keyed by id.
@@ -429,17 +505,19 @@ impl ConfigTable {
                 cond.check(&old.etag_str())?;
                 let (content, writes) = match input.content {
                     None => (old.content.clone(), old.writes.clone()),
-                    Some((c, w)) if w == old.writes => (c, w),
+                    Some((k, c, w)) if k == old.kind && w == old.writes => (c, w),
                     Some(_) => {
                         return Err(HubError::invalid(format!(
                             "the content of configuration '{id}' cannot be updated; only targetCondition, priority, labels and metrics can"
                         )));
                     }
                 };
+                check_target(old.kind, input.target.as_ref())?;
                 let retarget =
                     old.target_condition != input.target_condition || old.priority != input.priority;
                 let new = Arc::new(Configuration {
                     id: old.id.clone(),
+                    kind: old.kind,
                     schema_version: input.schema_version,
                     labels: input.labels,
                     content,
@@ -463,13 +541,16 @@ impl ConfigTable {
                         format!("the hub holds {CONFIGURATIONS_MAX} configurations, IoT Hub's maximum"),
                     ));
                 }
-                let (content, writes) = input
-                    .content
-                    .ok_or_else(|| HubError::invalid("a new configuration needs content.deviceContent"))?;
+                let (kind, content, writes) = input.content.ok_or_else(|| {
+                    HubError::invalid(
+                        "a new configuration needs content.deviceContent or content.moduleContent",
+                    )
+                })?;
                 self.next_seq += 1;
                 let id: Arc<str> = Arc::from(id);
                 let new = Arc::new(Configuration {
                     id: id.clone(),
+                    kind,
                     schema_version: input.schema_version,
                     labels: input.labels,
                     content,
@@ -609,7 +690,7 @@ fn remove_path(map: &mut Map<String, Value>, path: &[String]) {
 
 /// The desired properties after applying `writes`, having first removed the paths configurations
 /// wrote before (`old_paths`) that no winning write covers any more. Also returns the paths now
-/// written (to record in [`DeviceConfigs::paths`]).
+/// written (to record in [`TwinConfigs::paths`]).
 pub fn apply(
     desired: &Map<String, Value>,
     old_paths: &[Box<str>],
@@ -655,7 +736,7 @@ pub fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, V
 
 /// Counts for `systemMetrics.results` of configuration `id` over the devices' records:
 /// (targeted, applied).
-pub fn count_statuses<'a>(id: &str, devices: impl IntoIterator<Item = &'a DeviceConfigs>) -> (usize, usize) {
+pub fn count_statuses<'a>(id: &str, devices: impl IntoIterator<Item = &'a TwinConfigs>) -> (usize, usize) {
     let mut targeted = 0;
     let mut applied = 0;
     for d in devices {

@@ -7,9 +7,10 @@ use crate::hub::IfMatch;
 fn config(id: &str, priority: i64, seq: u64, content: Value) -> Configuration {
     let body = json!({ "id": id, "content": { "deviceContent": content }, "targetCondition": "*", "priority": priority });
     let input = ConfigInput::parse(id, &body).unwrap();
-    let (content, writes) = input.content.unwrap();
+    let (kind, content, writes) = input.content.unwrap();
     Configuration {
         id: Arc::from(id),
+        kind,
         schema_version: Value::Null,
         labels: Map::new(),
         content,
@@ -95,7 +96,7 @@ fn diff_is_the_merge_patch_between_two_sections() {
 
 #[test]
 fn status_counts() {
-    let mk = |s: &[(&str, ConfigStatus)]| DeviceConfigs {
+    let mk = |s: &[(&str, ConfigStatus)]| TwinConfigs {
         statuses: s.iter().map(|(i, st)| (Arc::from(*i), *st)).collect(),
         paths: vec![],
     };
@@ -103,7 +104,7 @@ fn status_counts() {
         mk(&[("c", ConfigStatus::Applied)]),
         mk(&[("c", ConfigStatus::Targeted), ("d", ConfigStatus::Applied)]),
         mk(&[("d", ConfigStatus::Applied)]),
-        DeviceConfigs::default(),
+        TwinConfigs::default(),
     ];
     assert_eq!(count_statuses("c", devices.iter()), (2, 1));
     assert_eq!(count_statuses("d", devices.iter()), (2, 2));
@@ -116,11 +117,11 @@ fn bodies_are_validated_in_iot_hub_terms() {
     let parse = |b: Value| ConfigInput::parse("cfg", &b).map(drop).unwrap_err();
     let e = parse(json!({ "content": { "modulesContent": { "$edgeAgent": {} } } }));
     assert_eq!(e.code, ErrorCode::NotImplemented);
-    assert!(e.message.contains("module configurations"), "{}", e.message);
+    assert!(e.message.contains("modulesContent"), "{}", e.message);
     // C#'s empty module members, and no device content at all, are a device configuration.
     let ok = json!({ "content": { "deviceContent": { "properties.desired.a": 1 }, "moduleContent": {}, "modulesContent": {} } });
-    assert_eq!(ConfigInput::parse("cfg", &ok).unwrap().content.unwrap().1.len(), 1);
-    assert!(ConfigInput::parse("cfg", &json!({ "content": {} })).unwrap().content.unwrap().1.is_empty());
+    assert_eq!(ConfigInput::parse("cfg", &ok).unwrap().content.unwrap().2.len(), 1);
+    assert!(ConfigInput::parse("cfg", &json!({ "content": {} })).unwrap().content.unwrap().2.is_empty());
     let e = parse(json!({ "content": { "deviceContent": [1] } }));
     assert!(e.message.contains("must be an object"), "{}", e.message);
     let e = parse(json!({ "content": { "deviceContent": { "tags.x": 1 } } }));
@@ -145,6 +146,91 @@ fn bodies_are_validated_in_iot_hub_terms() {
     assert!(validate_id("a b").is_err());
     assert!(validate_id(&"a".repeat(129)).is_err());
     assert!(validate_id("fw-update_1.0").is_ok());
+}
+
+#[test]
+fn module_content_makes_a_module_configuration_over_devices_modules() {
+    let body = |content: Value, condition: &str| json!({ "content": content, "targetCondition": condition });
+    let module = json!({ "moduleContent": { "properties.desired.settings": { "k": 1 } } });
+    let input = ConfigInput::parse(
+        "cfg",
+        &body(module.clone(), "FROM devices.modules WHERE moduleId = 'm1' AND tags.env = 'test'"),
+    )
+    .unwrap();
+    let (kind, echoed, writes) = input.content.clone().unwrap();
+    assert_eq!(kind, ConfigKind::Module);
+    assert_eq!(echoed, module);
+    assert_eq!(writes, vec![(vec!["settings".to_string()], json!({ "k": 1 }))]);
+    let target = input.target.unwrap();
+    assert_eq!(target.collection, Collection::Modules);
+    assert!(target.matches(&json!({ "moduleId": "m1", "tags": { "env": "test" } })));
+    assert!(!target.matches(&json!({ "moduleId": "m2", "tags": { "env": "test" } })));
+    // Lower case, and the C# SDK's empty members, work too; an empty condition targets nothing.
+    let csharp =
+        json!({ "deviceContent": {}, "moduleContent": { "properties.desired.a": 1 }, "modulesContent": {} });
+    let input = ConfigInput::parse("cfg", &body(csharp, "from devices.modules where tags.a = 1")).unwrap();
+    assert_eq!(input.content.unwrap().0, ConfigKind::Module);
+    assert!(ConfigInput::parse("cfg", &body(module.clone(), "")).unwrap().target.is_none());
+
+    let refused = |content: Value, condition: &str| {
+        ConfigInput::parse("cfg", &body(content, condition)).map(drop).unwrap_err()
+    };
+    for condition in ["tags.env = 'test'", "*", "FROM devices WHERE tags.env = 'test'"] {
+        let e = refused(module.clone(), condition);
+        assert_eq!(e.code, ErrorCode::ArgumentInvalid, "{condition}");
+        assert!(e.message.contains("FROM devices.modules WHERE"), "{}", e.message);
+    }
+    let device = json!({ "deviceContent": { "properties.desired.a": 1 } });
+    let e = refused(device.clone(), "FROM devices.modules WHERE tags.env = 'test'");
+    assert!(e.message.contains("cannot target module twins"), "{}", e.message);
+    let both = json!({ "deviceContent": { "properties.desired.a": 1 }, "moduleContent": { "properties.desired.b": 1 } });
+    let e = refused(both, "");
+    assert_eq!(e.code, ErrorCode::ArgumentInvalid);
+    assert!(e.message.contains("not both"), "{}", e.message);
+    let e = refused(json!({ "moduleContent": { "tags.x": 1 } }), "");
+    assert!(e.message.starts_with("moduleContent key 'tags.x'"), "{}", e.message);
+    let e = refused(module, "FROM devices.modules WHERE");
+    assert!(e.message.starts_with("targetCondition is not valid"), "{}", e.message);
+    // A condition naming `devices` is a device condition.
+    let input = ConfigInput::parse("cfg", &body(device, "FROM devices WHERE tags.a = 1")).unwrap();
+    assert_eq!(input.target.unwrap().collection, Collection::Devices);
+}
+
+#[test]
+fn a_module_configuration_stays_one() {
+    let condition = "FROM devices.modules WHERE tags.a = 1";
+    let body = json!({ "content": { "moduleContent": { "properties.desired.x": 1 } }, "targetCondition": condition });
+    let mut t = ConfigTable::default();
+    let (c, _) = t.put("cfg", ConfigInput::parse("cfg", &body).unwrap(), None, 10, 100).unwrap();
+    assert_eq!(c.kind, ConfigKind::Module);
+    // Retargeting keeps to module twins, with or without the content in the body.
+    let mut retargeted = json!({ "targetCondition": "FROM devices.modules WHERE tags.a = 2" });
+    let (c, w) =
+        t.put("cfg", ConfigInput::parse("cfg", &retargeted).unwrap(), Some(&IfMatch::Any), 11, 101).unwrap();
+    assert!(w.retarget);
+    assert_eq!(c.kind, ConfigKind::Module);
+    retargeted["targetCondition"] = json!("tags.a = 2");
+    let e = t
+        .put("cfg", ConfigInput::parse("cfg", &retargeted).unwrap(), Some(&IfMatch::Any), 12, 102)
+        .unwrap_err();
+    assert!(e.message.contains("FROM devices.modules WHERE"), "{}", e.message);
+    // The same paths as device content are a content change.
+    let device =
+        json!({ "content": { "deviceContent": { "properties.desired.x": 1 } }, "targetCondition": "" });
+    let e =
+        t.put("cfg", ConfigInput::parse("cfg", &device).unwrap(), Some(&IfMatch::Any), 13, 103).unwrap_err();
+    assert!(e.message.contains("cannot be updated"), "{}", e.message);
+    // The JSON names devices.modules in its system metric queries.
+    let j = t.get("cfg").unwrap().to_json((1, 1), &BTreeMap::new());
+    assert_eq!(
+        j["systemMetrics"]["queries"]["targetedCount"],
+        "select deviceId, moduleId FROM devices.modules WHERE tags.a = 2"
+    );
+    assert_eq!(
+        j["systemMetrics"]["queries"]["appliedCount"],
+        "select deviceId, moduleId from devices.modules where configurations.[[cfg]].status = 'Applied'"
+    );
+    assert_eq!(j["content"], json!({ "moduleContent": { "properties.desired.x": 1 } }));
 }
 
 #[test]
@@ -220,6 +306,19 @@ fn test_queries_reports_errors_per_query() {
     assert!(r["customMetricQueryErrors"].get("ok").is_none());
     let r = test_queries(&json!({ "targetCondition": "*" })).unwrap();
     assert_eq!(r, json!({ "targetConditionError": "", "customMetricQueryErrors": {} }));
+    // Module conditions and metric queries over devices.modules.
+    let r = test_queries(&json!({
+        "targetCondition": "FROM devices.modules WHERE moduleId = 'm1' AND tags.env = 'test'",
+        "customMetricQueries": {
+            "ok": "SELECT deviceId, moduleId FROM devices.modules WHERE configurations.[[cfg]].status = 'Applied'",
+            "bad": "SELECT deviceId FROM devices.modules WHERE",
+        }
+    }))
+    .unwrap();
+    assert_eq!(r["targetConditionError"], "");
+    assert_eq!(r["customMetricQueryErrors"].as_object().unwrap().keys().collect::<Vec<_>>(), ["bad"]);
+    let r = test_queries(&json!({ "targetCondition": "FROM devices.modules WHERE moduleId = " })).unwrap();
+    assert!(r["targetConditionError"].as_str().unwrap().contains("syntax error"), "{r}");
 }
 
 #[test]

@@ -1,19 +1,22 @@
-//! The registry side of configurations (see `crate::configs`): re-evaluating devices against the
-//! configurations under their shard lock, and the scans the metrics need. Owns no state; the
-//! configuration table belongs to `crate::configs::Configs`, each device's record to its
-//! `DeviceExtra`.
+//! The registry side of configurations (see `crate::configs`): re-evaluating a device against the
+//! device configurations and its module twins against the module configurations, under the
+//! device's shard lock, and the scans the metrics need. Owns no state; the configuration table
+//! belongs to `crate::configs::Configs`, each device's record to its `DeviceExtra`, each module's
+//! to its `Module`.
 
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::module::module_twin_parts;
 use super::registry::twin_parts;
-use super::{Device, Hub, SHARD_COUNT, Section};
+use super::{Device, Hub, SHARD_COUNT, Section, Twin};
 use crate::clock::Millis;
-use crate::configs::model::{self, ConfigStatus, Configuration, DeviceConfigs};
-use crate::query::Query;
+use crate::configs::model::{self, ConfigKind, ConfigStatus, Configuration, TwinConfigs};
+use crate::query::{Collection, Query};
 
-/// A desired patch to send to a device once its shard lock is released.
+/// A desired patch to send once the shard lock is released: to device `{deviceId}` or module
+/// `{deviceId}/{moduleId}`.
 type Notice = (String, Value);
 
 impl Hub {
@@ -37,7 +40,7 @@ impl Hub {
         configs: &[Arc<Configuration>],
     ) -> (Vec<Notice>, Option<(usize, Option<String>)>) {
         use std::ops::Bound::{Excluded, Unbounded};
-        let roots = roots(configs);
+        let by_kind = ByKind::new(configs);
         let now = self.now();
         let mut notices = Vec::new();
         let mut last = None;
@@ -51,10 +54,11 @@ impl Hub {
                 }
                 done += 1;
                 last = Some(id.clone());
-                if let Some(patch) = reconcile(d, configs, &roots, now) {
+                let (mut sent, device_changed) = reconcile(d, &by_kind, now);
+                if device_changed {
                     self.record_twin(d);
-                    notices.push((id.clone(), patch));
                 }
+                notices.append(&mut sent);
             }
         }
         let next = (shard + 1 < SHARD_COUNT).then_some((shard + 1, None));
@@ -63,38 +67,36 @@ impl Hub {
 
     /// Re-evaluates devices `ids` (those that no longer exist are skipped).
     pub(crate) fn reconcile_devices(&self, ids: &[String], configs: &[Arc<Configuration>]) -> Vec<Notice> {
-        let roots = roots(configs);
+        let by_kind = ByKind::new(configs);
         let now = self.now();
         let mut notices = Vec::new();
         for id in ids {
-            let patch = self
-                .with_device(id, |d| {
-                    let patch = reconcile(d, configs, &roots, now);
-                    if patch.is_some() {
-                        self.record_twin(d);
-                    }
-                    Ok(patch)
-                })
-                .ok()
-                .flatten();
-            if let Some(p) = patch {
-                notices.push((id.clone(), p));
-            }
+            let sent = self.with_device(id, |d| {
+                let (sent, device_changed) = reconcile(d, &by_kind, now);
+                if device_changed {
+                    self.record_twin(d);
+                }
+                Ok(sent)
+            });
+            notices.extend(sent.unwrap_or_default());
         }
         notices
     }
 
-    /// (targeted, applied) devices of each configuration in `ids`, from the devices' records, in
-    /// one pass over the registry.
+    /// (targeted, applied) twins of each configuration in `ids`, from the records of the devices
+    /// and their modules, in one pass over the registry.
     pub(crate) fn config_status_counts(&self, ids: &[&str]) -> Vec<(usize, usize)> {
         let mut totals = vec![(0, 0); ids.len()];
         for i in 0..SHARD_COUNT {
             let shard = self.shard(i);
-            let records: Vec<&DeviceConfigs> = shard
+            let records: Vec<&TwinConfigs> = shard
                 .devices
                 .values()
                 .filter_map(|d| d.extra.as_deref())
-                .map(|e| &e.configurations)
+                .flat_map(|e| {
+                    std::iter::once(&e.configurations).chain(e.modules.iter().map(|m| &m.configurations))
+                })
+                .filter(|r| !r.is_empty())
                 .collect();
             if records.is_empty() {
                 continue;
@@ -108,60 +110,136 @@ impl Hub {
         totals
     }
 
-    /// How many twins `query`'s WHERE selects (`TOP` ignored), for custom metrics.
+    /// How many twins `query`'s WHERE selects (`TOP` ignored), for custom metrics: device twins,
+    /// or module twins for a query `FROM devices.modules`.
     pub(crate) fn count_matching(&self, query: &Query) -> usize {
         let roots = query.filter_roots();
         let mut n = 0;
         for i in 0..SHARD_COUNT {
             let shard = self.shard(i);
-            n += shard.devices.values().filter(|d| query.matches(&twin_parts(d, 0, Some(&roots)))).count();
+            n += match query.collection {
+                Collection::Devices => {
+                    shard.devices.values().filter(|d| query.matches(&twin_parts(d, 0, Some(&roots)))).count()
+                }
+                Collection::Modules => shard
+                    .devices
+                    .values()
+                    .flat_map(|d| d.modules().iter().map(move |m| (d, m)))
+                    .filter(|(d, m)| query.matches(&module_twin_parts(d, m, Some(&roots))))
+                    .count(),
+            };
         }
         n
     }
 }
 
-/// The top-level twin properties any configuration's condition reads.
-fn roots(configs: &[Arc<Configuration>]) -> Vec<&str> {
-    let mut roots: Vec<&str> = Vec::new();
-    for c in configs {
-        for r in c.roots() {
-            if !roots.contains(&r) {
-                roots.push(r);
-            }
-        }
-    }
-    roots
+/// A snapshot's configurations split by kind, each with the top-level twin properties its
+/// conditions read (so twins are built with just those).
+struct ByKind<'a> {
+    devices: Vec<&'a Configuration>,
+    device_roots: Vec<&'a str>,
+    modules: Vec<&'a Configuration>,
+    module_roots: Vec<&'a str>,
 }
 
-/// Brings `d` in line with `configs`: which target it, what they write into its desired
-/// properties, what earlier configurations wrote that must go. Returns the desired patch to
-/// notify the device with, when its desired properties changed.
-fn reconcile(d: &mut Device, configs: &[Arc<Configuration>], roots: &[&str], now: Millis) -> Option<Value> {
-    let empty = DeviceConfigs::default();
+impl<'a> ByKind<'a> {
+    fn new(configs: &'a [Arc<Configuration>]) -> Self {
+        let mut k = ByKind {
+            devices: Vec::new(),
+            device_roots: Vec::new(),
+            modules: Vec::new(),
+            module_roots: Vec::new(),
+        };
+        for c in configs {
+            let (list, roots) = match c.kind {
+                ConfigKind::Device => (&mut k.devices, &mut k.device_roots),
+                ConfigKind::Module => (&mut k.modules, &mut k.module_roots),
+            };
+            list.push(&**c);
+            for r in c.roots() {
+                if !roots.contains(&r) {
+                    roots.push(r);
+                }
+            }
+        }
+        k
+    }
+}
+
+/// Brings `d` and its module twins in line with the configurations: device configurations for
+/// the device twin, module configurations for each module twin. Returns the desired patches to
+/// notify (the device under its id, a module under `{deviceId}/{moduleId}`) and whether the
+/// device twin changed (to journal it; module twins are not journaled).
+fn reconcile(d: &mut Device, k: &ByKind<'_>, now: Millis) -> (Vec<Notice>, bool) {
+    let mut notices = Vec::new();
+    let empty = TwinConfigs::default();
     let old = d.extra.as_deref().map_or(&empty, |e| &e.configurations);
-    let matching: Vec<&Configuration> = if configs.is_empty() {
+    let matching: Vec<&Configuration> = if k.devices.is_empty() {
         Vec::new()
     } else {
-        let doc = twin_parts(d, 0, Some(roots));
-        configs.iter().filter(|c| c.targets(&doc)).map(|c| &**c).collect()
+        let doc = twin_parts(d, 0, Some(&k.device_roots));
+        k.devices.iter().copied().filter(|c| c.targets(&doc)).collect()
     };
-    if matching.is_empty() && old.is_empty() {
-        return None;
+    let mut device_changed = false;
+    if !(matching.is_empty() && old.is_empty()) {
+        let (patch, new) = reconcile_twin(&mut d.twin, old, &matching, now, &d.id);
+        if new != *old {
+            d.update_extra(|e| e.configurations = new);
+        }
+        if let Some(p) = patch {
+            notices.push((d.id.clone(), p));
+            device_changed = true;
+        }
     }
-    let resolution = model::resolve(&matching);
-    let (desired, mut paths) = model::apply(&d.twin.desired, &old.paths, &resolution.writes);
+    // A device without modules stops here; one without module configurations only looks at
+    // modules that still hold something from one.
+    for i in 0..d.modules().len() {
+        let m = &d.modules()[i];
+        let matching: Vec<&Configuration> = if k.modules.is_empty() {
+            Vec::new()
+        } else {
+            let doc = module_twin_parts(d, m, Some(&k.module_roots));
+            k.modules.iter().copied().filter(|c| c.targets(&doc)).collect()
+        };
+        if matching.is_empty() && m.configurations.is_empty() {
+            continue;
+        }
+        let who = format!("{}/{}", d.id, m.id);
+        let Some(m) = d.extra.as_deref_mut().map(|e| &mut e.modules[i]) else { break };
+        let (patch, new) = reconcile_twin(&mut m.twin, &m.configurations, &matching, now, &who);
+        m.configurations = new;
+        if let Some(p) = patch {
+            notices.push((who, p));
+        }
+    }
+    (notices, device_changed)
+}
+
+/// Brings one twin in line with the configurations of its kind that target it (`matching`):
+/// what they write into its desired properties, what earlier configurations wrote (`old`) that
+/// must go. Returns the desired patch to notify, when the desired properties changed, and the
+/// twin's new record.
+fn reconcile_twin(
+    twin: &mut Twin,
+    old: &TwinConfigs,
+    matching: &[&Configuration],
+    now: Millis,
+    who: &str,
+) -> (Option<Value>, TwinConfigs) {
+    let resolution = model::resolve(matching);
+    let (desired, mut paths) = model::apply(&twin.desired, &old.paths, &resolution.writes);
     let mut statuses = resolution.statuses;
     let mut notice = None;
-    if desired != d.twin.desired {
-        let before = d.twin.desired.clone();
-        match d.twin.replace(Section::Desired, &Value::Object(desired), now) {
+    if desired != twin.desired {
+        let before = twin.desired.clone();
+        match twin.replace(Section::Desired, &Value::Object(desired), now) {
             Ok(_) => {
-                let mut patch: Map<String, Value> = model::diff(&before, &d.twin.desired);
-                patch.insert("$version".into(), Value::from(d.twin.desired_version));
+                let mut patch: Map<String, Value> = model::diff(&before, &twin.desired);
+                patch.insert("$version".into(), Value::from(twin.desired_version));
                 notice = Some(Value::Object(patch));
             }
             Err(e) => {
-                tracing::warn!(device = %d.id, "configurations could not be applied: {}", e.message);
+                tracing::warn!(twin = %who, "configurations could not be applied: {}", e.message);
                 paths = old.paths.clone();
                 for s in &mut statuses {
                     s.1 = ConfigStatus::Targeted;
@@ -169,9 +247,5 @@ fn reconcile(d: &mut Device, configs: &[Arc<Configuration>], roots: &[&str], now
             }
         }
     }
-    let new = DeviceConfigs { statuses, paths };
-    if d.extra.as_deref().map_or(&empty, |e| &e.configurations) != &new {
-        d.update_extra(|e| e.configurations = new);
-    }
-    notice
+    (notice, TwinConfigs { statuses, paths })
 }

@@ -143,7 +143,7 @@ pub struct DeviceExtra {
     pub modules: Vec<Module>,
     /// The configurations that target the device and the desired paths they wrote (see
     /// `crate::configs`).
-    pub configurations: crate::configs::model::DeviceConfigs,
+    pub configurations: crate::configs::model::TwinConfigs,
 }
 
 impl DeviceExtra {

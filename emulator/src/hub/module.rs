@@ -53,6 +53,9 @@ pub struct Module {
     pub link: Option<super::link::Link>,
     /// The module's persisted MQTT subscriptions (`hub::link::subscriptions` bits).
     pub session: u8,
+    /// The module configurations that target the module twin and the desired paths they wrote
+    /// (see `crate::configs`; empty unless a module configuration ever targeted it).
+    pub configurations: crate::configs::model::TwinConfigs,
 }
 
 impl Module {
@@ -110,6 +113,9 @@ pub(super) fn module_twin_parts(d: &Device, m: &Module, only: Option<&[&str]>) -
     put("version", &|| Value::from(m.twin.version));
     put("tags", &|| Value::Object(m.twin.tags.clone()));
     put("properties", &|| m.twin.properties_json());
+    if !m.configurations.statuses.is_empty() && only.is_none_or(|keys| keys.contains(&"configurations")) {
+        twin.insert("configurations".into(), m.configurations.to_json());
+    }
     Value::Object(twin)
 }
 
@@ -247,6 +253,7 @@ impl Hub {
                         twin: Twin::new(now),
                         link: None,
                         session: 0,
+                        configurations: Default::default(),
                     };
                     let json = m.to_json(device_id);
                     d.update_extra(|e| e.modules.insert(i, m));
@@ -256,6 +263,9 @@ impl Hub {
         });
         if matches!(result, Ok((_, true))) {
             self.shared.module_count.fetch_add(1, Ordering::Relaxed);
+        }
+        if result.is_ok() {
+            self.config_touch(device_id);
         }
         result
     }
@@ -327,6 +337,7 @@ impl Hub {
         if let Some(patch) = notice {
             self.notify_desired(&format!("{device_id}/{module_id}"), patch);
         }
+        self.config_touch(device_id);
         Ok(twin)
     }
 }

@@ -649,9 +649,8 @@ impl Hub {
             *d.last_activity = now;
             Ok((d.twin.reported_version, if changed { Kept::Twin } else { Kept::Nothing }))
         })?;
-        if !id.contains('/') {
-            self.config_touch(id);
-        }
+        // A module's reported properties may move it in or out of a module configuration's scope.
+        self.config_touch(super::module::split_client_id(id).0);
         Ok(version)
     }
 

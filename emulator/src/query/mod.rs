@@ -5,10 +5,10 @@
 //! [`Query::project`] (or to [`Query::run`]) and does its own paging, so a query over a million
 //! devices allocates nothing per non-matching device.
 //!
-//! Supported: `SELECT [TOP n] * | COUNT() [AS a] | path [AS a], ... FROM devices [WHERE cond]`.
-//! Conditions use `= != <> < > <= >=`, `AND`/`OR`/`NOT`, parentheses, `IN [...]`, `NIN [...]`,
-//! `NOT IN [...]` and `IS_DEFINED(path)`. Keywords are case-insensitive; property names are not.
-//! `FROM devices.modules`, `FROM devices.jobs`, `GROUP BY`, `ORDER BY`, `AVG`/`SUM`/`MIN`/`MAX`,
+//! Supported: `SELECT [TOP n] * | COUNT() [AS a] | path [AS a], ... FROM devices[.modules]
+//! [WHERE cond]`. Conditions use `= != <> < > <= >=`, `AND`/`OR`/`NOT`, parentheses, `IN [...]`,
+//! `NIN [...]`, `NOT IN [...]` and `IS_DEFINED(path)`. Keywords are case-insensitive; property
+//! names are not. `FROM devices.jobs`, `GROUP BY`, `ORDER BY`, `AVG`/`SUM`/`MIN`/`MAX`,
 //! other functions and arithmetic return [`QueryError::Unsupported`].
 //!
 //! Semantics, chosen to follow the SQL-like model IoT Hub inherits (see [`Truth`]):
@@ -80,7 +80,7 @@ pub struct Field {
 }
 
 /// A dotted property path into the twin, such as `properties.reported.$version`.
-/// A leading `devices.` is stripped at parse time.
+/// A leading `devices.` (or `devices.modules.`) is stripped at parse time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
     segments: Vec<String>,
@@ -745,5 +745,7 @@ mod tests {
         assert_eq!(q.collection, Collection::Modules);
         assert_eq!(Query::parse("SELECT * FROM devices").unwrap().collection, Collection::Devices);
         assert!(Query::parse("SELECT * FROM devices.modules.x").is_err());
+        let q = Query::parse("SELECT * FROM devices.modules WHERE devices.modules.moduleId = 'm1'").unwrap();
+        assert!(q.matches(&serde_json::json!({ "moduleId": "m1" })));
     }
 }

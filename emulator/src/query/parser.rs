@@ -234,6 +234,10 @@ impl Parser {
         }
         if segments.len() > 1 && segments[0].eq_ignore_ascii_case("devices") {
             segments.remove(0);
+            // `devices.modules.moduleId`: how module queries name a module twin's properties.
+            if segments.len() > 1 && segments[0].eq_ignore_ascii_case("modules") {
+                segments.remove(0);
+            }
         }
         Ok(Path::new(segments))
     }

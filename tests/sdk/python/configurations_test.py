@@ -7,8 +7,9 @@
 the device tagged `prod` is untouched, and `systemMetrics` count targeted = applied = 2; a custom metric query
 counts the device that reported the new firmware. `test_configuration_queries` reports query errors;
 `get_configurations` lists it; `update_configuration` changes the priority and labels with the etag, refuses a
-stale etag (412) and a content change (400); creating the same id again is refused (409); module content is
-refused (501). `delete_configuration` takes the setting back from the twins and the device is told (a patch
+stale etag (412) and a content change (400); creating the same id again is refused (409); IoT Edge deployment
+content (`modulesContent`) is refused (501; module configurations have their own test,
+module_configurations_test.py). `delete_configuration` takes the setting back from the twins and the device is told (a patch
 with `firmware: null`). Prints one line per check; exits 1 on the first failure.
 """
 
