@@ -2,8 +2,10 @@
 // (iothub-reference-2.md §6): addConfiguration (the SDK fills in schemaVersion "1.0"), the desired
 // content reaching the tagged twin and not the other one, the twin's `configurations` status, the
 // system metrics, getConfigurations (no `top`), updateConfiguration with the quoted etag and forced
-// with "*", removeConfiguration taking the setting back, and getConfiguration of a removed id failing
-// with 404 ConfigurationNotFound. Run by the Rust harness as `node tests/sdk/node/configurations_test.js`.
+// with "*", removeConfiguration taking the setting back, getConfiguration of a removed id failing
+// with 404 ConfigurationNotFound, and a module configuration (moduleContent, FROM devices.modules)
+// reaching the tagged module twin only (getModuleTwin) and counted in its metrics. Run by the Rust
+// harness as `node tests/sdk/node/configurations_test.js`.
 'use strict';
 
 const { Registry } = require('azure-iothub');
@@ -95,10 +97,48 @@ async function main() {
   checkEqual('getConfiguration after remove: HTTP 404', err.response && err.response.statusCode, 404);
   check('getConfiguration after remove: ConfigurationNotFound', String(err.responseBody).includes('ErrorCode:ConfigurationNotFound;'), err.responseBody);
 
+  await moduleConfiguration(registry, call, hub.devicePrefix, tagged);
+
   for (const dev of [tagged, other]) {
     await call(registry.delete(dev), 'Registry.delete');
   }
   finish(SCRIPT);
+}
+
+/** A module configuration (`moduleContent`, a condition over `devices.modules`): the tagged module twin of
+ * `device` gets the content, its sibling does not, the system metrics count module twins, and removing the
+ * configuration takes the content back. */
+async function moduleConfiguration(registry, call, prefix, device) {
+  for (const moduleId of ['m-tagged', 'm-other']) {
+    await call(registry.addModule({ deviceId: device, moduleId }), 'Registry.addModule');
+  }
+  await call(registry.updateModuleTwin(device, 'm-tagged', { tags: { ring: prefix } }, '*'), 'Registry.updateModuleTwin');
+  const id = `${prefix}-module`.toLowerCase();
+  const config = {
+    id,
+    content: { moduleContent: { 'properties.desired.sampling': { rate: 3 } } },
+    targetCondition: `FROM devices.modules WHERE tags.ring = '${prefix}'`,
+    priority: 1,
+    metrics: { queries: { tagged: `SELECT deviceId, moduleId FROM devices.modules WHERE tags.ring = '${prefix}'` } },
+  };
+  const added = await call(registry.addConfiguration(config), 'Registry.addConfiguration(moduleContent)');
+  checkJson('addConfiguration: moduleContent echoed', added.responseBody.content, config.content);
+  const moduleTwin = async (m) => (await call(registry.getModuleTwin(device, m), 'Registry.getModuleTwin')).responseBody;
+  const twin = await waitFor('the tagged module twin gets desired.sampling', async () => {
+    const t = await moduleTwin('m-tagged');
+    return t.properties.desired.sampling ? t : null;
+  });
+  checkJson('module twin desired.sampling is the content', twin.properties.desired.sampling, { rate: 3 });
+  checkJson('module twin configurations status', twin.configurations && twin.configurations[id], { status: 'applied' });
+  checkEqual('the sibling module twin is untouched', (await moduleTwin('m-other')).properties.desired.sampling, undefined);
+  const got = await waitFor('systemMetrics count the module twin', async () => {
+    const c = (await call(registry.getConfiguration(id), 'Registry.getConfiguration')).responseBody;
+    return c.systemMetrics.results.appliedCount === 1 ? c : null;
+  });
+  checkJson('module configuration systemMetrics.results', got.systemMetrics.results, { targetedCount: 1, appliedCount: 1 });
+  checkJson('module configuration custom metric over devices.modules', got.metrics.results, { tagged: 1 });
+  await call(registry.removeConfiguration(id), 'Registry.removeConfiguration(module)');
+  await waitFor('the setting leaves the module twin', async () => (await moduleTwin('m-tagged')).properties.desired.sampling === undefined);
 }
 
 main().catch((err) => {
