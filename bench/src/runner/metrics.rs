@@ -49,6 +49,11 @@ pub struct ReleaseRecord {
 }
 
 impl ReleaseRecord {
+    /// A release of `version` at `at`, with room for `targets` devices and none in it yet.
+    pub fn new(version: &str, at: Duration, targets: usize) -> Self {
+        Self { version: version.to_string(), at, devices: Vec::with_capacity(targets), send_failed: 0 }
+    }
+
     /// How far the release got: "targeted N, sent N, delivered N, installed N, reported N, refused N".
     pub fn stage_counts(&self) -> String {
         let n = |f: fn(&DeviceTimes) -> bool| self.devices.iter().filter(|(_, t)| f(t)).count();

@@ -208,6 +208,18 @@ struct Tracking {
 }
 
 impl Tracking {
+    /// `n` targeted devices, every one open (a release registered before its sends finish).
+    fn all_open(n: usize, desired: bool) -> Self {
+        Self {
+            pos: HashMap::with_capacity(n),
+            terminal: vec![false; n],
+            open: n,
+            started: 0,
+            to_check: Vec::new(),
+            desired,
+        }
+    }
+
     fn is_done(&self, p: usize, t: &DeviceTimes) -> bool {
         self.terminal[p] || t.reported.is_some()
     }
@@ -654,20 +666,8 @@ impl Run {
         {
             // Registered up front (every device open, nothing sent yet); the outcomes arrive
             // while the timeline goes on ([`Self::take_send_outcomes`]).
-            let mut record = ReleaseRecord {
-                version: version.to_string(),
-                at,
-                devices: Vec::with_capacity(targets.len()),
-                send_failed: 0,
-            };
-            let mut tracking = Tracking {
-                pos: HashMap::with_capacity(targets.len()),
-                terminal: vec![false; targets.len()],
-                open: targets.len(),
-                started: 0,
-                to_check: Vec::new(),
-                desired: false,
-            };
+            let mut record = ReleaseRecord::new(version, at, targets.len());
+            let mut tracking = Tracking::all_open(targets.len(), false);
             let mut notices = Vec::with_capacity(targets.len());
             for (p, &i) in targets.iter().enumerate() {
                 let message_id = format!("release-{version}-{r}-{}", self.ids[i]);
@@ -685,20 +685,12 @@ impl Run {
             ));
             return Ok(r);
         }
-        self.obs.releases.push(ReleaseRecord {
-            version: version.to_string(),
-            at,
-            devices: Vec::with_capacity(targets.len()),
-            send_failed: 0,
-        });
-        self.tracking.push(Tracking {
-            pos: HashMap::with_capacity(targets.len()),
-            terminal: Vec::with_capacity(targets.len()),
-            open: 0,
-            started: 0,
-            to_check: Vec::new(),
-            desired: false,
-        });
+        self.obs.releases.push(ReleaseRecord::new(version, at, targets.len()));
+        // Filled in as the rounds are sent.
+        let mut tracking = Tracking::all_open(0, false);
+        tracking.pos.reserve(targets.len());
+        tracking.terminal.reserve(targets.len());
+        self.tracking.push(tracking);
         // In rounds, with a look at the hub between them: a big release takes a while to send,
         // and the hub's telemetry ring and feedback queue are bounded.
         for chunk in targets.chunks(SEND_ROUND) {

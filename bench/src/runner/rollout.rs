@@ -22,8 +22,6 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use iothub_emulator::clock::parse_iso8601;
 use serde_json::{Value, json};
 use simulated_devices::notice::UpdateNotice;
@@ -424,20 +422,8 @@ impl Run {
         let sent =
             created["createdTimeUtc"].as_str().and_then(parse_iso8601).unwrap_or_else(|| self.hub.now());
         let r = self.obs.releases.len();
-        let mut record = ReleaseRecord {
-            version: version.to_string(),
-            at,
-            devices: Vec::with_capacity(targets.len()),
-            send_failed: 0,
-        };
-        let mut tracking = Tracking {
-            pos: HashMap::with_capacity(targets.len()),
-            terminal: vec![false; targets.len()],
-            open: targets.len(),
-            started: 0,
-            to_check: Vec::new(),
-            desired: true,
-        };
+        let mut record = ReleaseRecord::new(version, at, targets.len());
+        let mut tracking = Tracking::all_open(targets.len(), true);
         for (p, &d) in targets.iter().enumerate() {
             tracking.pos.insert(d, p);
             record.devices.push((d, DeviceTimes { sent: Some(sent), ..DeviceTimes::default() }));

@@ -417,6 +417,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The first of `keys` that is set, refused with `message`.
+    fn refuse_set(&self, keys: &[(&str, bool)], message: &str) -> Result<(), ScenarioError> {
+        match keys.iter().find(|(_, set)| *set) {
+            Some((key, _)) => Err(self.err(*key, message)),
+            None => Ok(()),
+        }
+    }
+
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ScenarioError {
         ScenarioError { file: self.file.to_string(), key: key.into(), message: message.into() }
     }
@@ -552,22 +560,18 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
     }
     match raw.mode.as_deref().unwrap_or("embedded") {
         "embedded" => {
-            for (key, set) in [
-                ("hub.connection_string", raw.connection_string.is_some()),
-                ("hub.ca_file", raw.ca_file.is_some()),
-                ("hub.http_url", raw.http_url.is_some()),
-                ("hub.packages_dir", raw.packages_dir.is_some()),
-                ("hub.amqp_port", raw.amqp_port.is_some()),
-                ("hub.mqtt_port", raw.mqtt_port.is_some()),
-                ("hub.ftp_port", raw.ftp_port.is_some()),
-            ] {
-                if set {
-                    return Err(cx.err(
-                        key,
-                        "only an external hub takes this key; set hub.mode = \"external\" or remove it",
-                    ));
-                }
-            }
+            cx.refuse_set(
+                &[
+                    ("hub.connection_string", raw.connection_string.is_some()),
+                    ("hub.ca_file", raw.ca_file.is_some()),
+                    ("hub.http_url", raw.http_url.is_some()),
+                    ("hub.packages_dir", raw.packages_dir.is_some()),
+                    ("hub.amqp_port", raw.amqp_port.is_some()),
+                    ("hub.mqtt_port", raw.mqtt_port.is_some()),
+                    ("hub.ftp_port", raw.ftp_port.is_some()),
+                ],
+                "only an external hub takes this key; set hub.mode = \"external\" or remove it",
+            )?;
             Ok(HubPlan::Embedded {
                 feedback_interval: cx
                     .opt_duration("hub.feedback_interval", &raw.feedback_interval)?
@@ -581,19 +585,15 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
         "external" => {
             let need =
                 |key: &str, v: Option<String>| v.ok_or_else(|| cx.err(key, "an external hub needs this key"));
-            for (key, set) in [
-                ("hub.feedback_interval", raw.feedback_interval.is_some()),
-                ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
-                ("hub.tier", raw.tier.is_some()),
-                ("hub.units", raw.units.is_some()),
-            ] {
-                if set {
-                    return Err(cx.err(
-                        key,
-                        "only an embedded hub takes this key (an external hub has its own settings); remove it",
-                    ));
-                }
-            }
+            cx.refuse_set(
+                &[
+                    ("hub.feedback_interval", raw.feedback_interval.is_some()),
+                    ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
+                    ("hub.tier", raw.tier.is_some()),
+                    ("hub.units", raw.units.is_some()),
+                ],
+                "only an embedded hub takes this key (an external hub has its own settings); remove it",
+            )?;
             let port = |key: &str, v: Option<u16>, default: u16| match v {
                 Some(0) => Err(cx.err(key, "0 is not a port; use 1 to 65535")),
                 Some(p) => Ok(p),
@@ -610,26 +610,22 @@ fn hub(cx: &Ctx<'_>, raw: RawHub) -> Result<HubPlan, ScenarioError> {
             })
         }
         "child" => {
-            for (key, set) in [
-                ("hub.connection_string", raw.connection_string.is_some()),
-                ("hub.ca_file", raw.ca_file.is_some()),
-                ("hub.http_url", raw.http_url.is_some()),
-                ("hub.packages_dir", raw.packages_dir.is_some()),
-                ("hub.amqp_port", raw.amqp_port.is_some()),
-                ("hub.mqtt_port", raw.mqtt_port.is_some()),
-                ("hub.ftp_port", raw.ftp_port.is_some()),
-                ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
-                ("hub.tier", raw.tier.is_some()),
-                ("hub.units", raw.units.is_some()),
-            ] {
-                if set {
-                    return Err(cx.err(
-                        key,
-                        "a child hub (hub.mode = \"child\") takes persist, binary, data_dir and \
+            cx.refuse_set(
+                &[
+                    ("hub.connection_string", raw.connection_string.is_some()),
+                    ("hub.ca_file", raw.ca_file.is_some()),
+                    ("hub.http_url", raw.http_url.is_some()),
+                    ("hub.packages_dir", raw.packages_dir.is_some()),
+                    ("hub.amqp_port", raw.amqp_port.is_some()),
+                    ("hub.mqtt_port", raw.mqtt_port.is_some()),
+                    ("hub.ftp_port", raw.ftp_port.is_some()),
+                    ("hub.c2d_default_ttl", raw.c2d_default_ttl.is_some()),
+                    ("hub.tier", raw.tier.is_some()),
+                    ("hub.units", raw.units.is_some()),
+                ],
+                "a child hub (hub.mode = \"child\") takes persist, binary, data_dir and \
                          feedback_interval only (it picks its own ports); remove this key",
-                    ));
-                }
-            }
+            )?;
             Ok(HubPlan::Child {
                 binary: raw.binary,
                 data_dir: raw.data_dir,
