@@ -51,8 +51,7 @@ impl Hub {
                 }
                 done += 1;
                 last = Some(id.clone());
-                if let Some(patch) = reconcile(d, configs, &roots, now) {
-                    self.record_twin(d);
+                if let Some(patch) = self.reconcile_kept(d, configs, &roots, now) {
                     notices.push((id.clone(), patch));
                 }
             }
@@ -67,21 +66,32 @@ impl Hub {
         let now = self.now();
         let mut notices = Vec::new();
         for id in ids {
-            let patch = self
-                .with_device(id, |d| {
-                    let patch = reconcile(d, configs, &roots, now);
-                    if patch.is_some() {
-                        self.record_twin(d);
-                    }
-                    Ok(patch)
-                })
-                .ok()
-                .flatten();
+            let patch =
+                self.with_device(id, |d| Ok(self.reconcile_kept(d, configs, &roots, now))).ok().flatten();
             if let Some(p) = patch {
                 notices.push((id.clone(), p));
             }
         }
         notices
+    }
+
+    /// [`reconcile`], journaling what changed (`--persist`): the twin, and the device's record of
+    /// statuses and written paths. Called under the device's shard lock.
+    fn reconcile_kept(
+        &self,
+        d: &mut Device,
+        configs: &[Arc<Configuration>],
+        roots: &[&str],
+        now: Millis,
+    ) -> Option<Value> {
+        let (patch, records_changed) = reconcile(d, configs, roots, now);
+        if patch.is_some() {
+            self.record_twin(d);
+        }
+        if records_changed {
+            self.record_device_configs(d);
+        }
+        patch
     }
 
     /// (targeted, applied) devices of each configuration in `ids`, from the devices' records, in
@@ -135,8 +145,14 @@ fn roots(configs: &[Arc<Configuration>]) -> Vec<&str> {
 
 /// Brings `d` in line with `configs`: which target it, what they write into its desired
 /// properties, what earlier configurations wrote that must go. Returns the desired patch to
-/// notify the device with, when its desired properties changed.
-fn reconcile(d: &mut Device, configs: &[Arc<Configuration>], roots: &[&str], now: Millis) -> Option<Value> {
+/// notify the device with, when its desired properties changed, and whether the device's record
+/// (statuses, written paths) changed.
+fn reconcile(
+    d: &mut Device,
+    configs: &[Arc<Configuration>],
+    roots: &[&str],
+    now: Millis,
+) -> (Option<Value>, bool) {
     let empty = DeviceConfigs::default();
     let old = d.extra.as_deref().map_or(&empty, |e| &e.configurations);
     let matching: Vec<&Configuration> = if configs.is_empty() {
@@ -146,7 +162,7 @@ fn reconcile(d: &mut Device, configs: &[Arc<Configuration>], roots: &[&str], now
         configs.iter().filter(|c| c.targets(&doc)).map(|c| &**c).collect()
     };
     if matching.is_empty() && old.is_empty() {
-        return None;
+        return (None, false);
     }
     let resolution = model::resolve(&matching);
     let (desired, mut paths) = model::apply(&d.twin.desired, &old.paths, &resolution.writes);
@@ -170,8 +186,9 @@ fn reconcile(d: &mut Device, configs: &[Arc<Configuration>], roots: &[&str], now
         }
     }
     let new = DeviceConfigs { statuses, paths };
-    if d.extra.as_deref().map_or(&empty, |e| &e.configurations) != &new {
+    let changed = d.extra.as_deref().map_or(&empty, |e| &e.configurations) != &new;
+    if changed {
         d.update_extra(|e| e.configurations = new);
     }
-    notice
+    (notice, changed)
 }
