@@ -88,3 +88,69 @@ async fn a_restart_keeps_what_was_answered_and_a_failed_journal_fails_the_answer
     hub.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A service call with the owner's token; returns the status and the JSON body (`null` if none).
+async fn call(
+    hub: &RunningHub,
+    client: &reqwest::Client,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let url = format!("http://{}{path}?api-version=2021-04-12", hub.http_addr);
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = client.request(method.clone(), url).header("authorization", owner(hub));
+    if method != reqwest::Method::GET {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_and_configurations_survive_a_restart() {
+    let dir = std::env::temp_dir().join(unique("iothub-persist"));
+    let (hub, client) = start(&dir).await;
+    let (d, d2) = (unique("pm"), unique("pm"));
+    assert_eq!(put_device(&hub, &client, &d).await.status(), 200);
+    let tags = json!({ "tags": { "env": "persist" } });
+    assert_eq!(call(&hub, &client, "PATCH", &format!("/twins/{d}"), tags.clone()).await.0, 200);
+    let (status, module) = call(&hub, &client, "PUT", &format!("/devices/{d}/modules/m1"), json!({})).await;
+    assert_eq!(status, 201);
+    let desired = json!({ "properties": { "desired": { "rate": 5 } } });
+    assert_eq!(call(&hub, &client, "PATCH", &format!("/twins/{d}/modules/m1"), desired).await.0, 200);
+    let config = json!({
+        "content": { "deviceContent": { "properties.desired.firmware": "2.0" } },
+        "targetCondition": "tags.env = 'persist'",
+        "priority": 3,
+    });
+    let cid = unique("cfg").to_ascii_lowercase();
+    let (status, created) = call(&hub, &client, "PUT", &format!("/configurations/{cid}"), config).await;
+    assert_eq!(status, 200, "{created}");
+    hub.hub.settle_configurations();
+    hub.stop().await.unwrap();
+
+    let (hub, client) = start(&dir).await;
+    let (status, got) = call(&hub, &client, "GET", &format!("/devices/{d}/modules/m1"), Value::Null).await;
+    assert_eq!(status, 200);
+    for key in ["generationId", "etag", "authentication"] {
+        assert_eq!(got[key], module[key], "{key}");
+    }
+    let (_, twin) = call(&hub, &client, "GET", &format!("/twins/{d}/modules/m1"), Value::Null).await;
+    assert_eq!(twin["properties"]["desired"]["rate"], 5);
+    let (status, got) = call(&hub, &client, "GET", &format!("/configurations/{cid}"), Value::Null).await;
+    assert_eq!(status, 200);
+    for key in ["etag", "content", "targetCondition", "priority", "createdTimeUtc"] {
+        assert_eq!(got[key], created[key], "{key}");
+    }
+    assert_eq!(got["systemMetrics"]["results"], json!({ "targetedCount": 1, "appliedCount": 1 }));
+    // A device that starts matching after the restart gets the recovered configuration's content.
+    assert_eq!(put_device(&hub, &client, &d2).await.status(), 200);
+    assert_eq!(call(&hub, &client, "PATCH", &format!("/twins/{d2}"), tags).await.0, 200);
+    hub.hub.settle_configurations();
+    let (_, twin) = call(&hub, &client, "GET", &format!("/twins/{d2}"), Value::Null).await;
+    assert_eq!(twin["properties"]["desired"]["firmware"], "2.0");
+    hub.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

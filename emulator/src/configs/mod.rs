@@ -15,6 +15,11 @@
 //! device nobody configures pays nothing, and a device without modules pays nothing for module
 //! configurations.
 //!
+//! With `--persist` a configuration is journaled as written (its JSON, restored through
+//! [`model::Configuration::restore`]) while the table lock is held, and each device's record with
+//! the device (`hub::config_apply`); after recovery a full sweep is owed, which leaves twins that
+//! were already in line untouched and finishes what the sweeper had not reached.
+//!
 //! When twins are evaluated (the design for a million devices): never inside the request that
 //! changed something. A change only records work and wakes ONE sweeper task per hub:
 //! - creating, retargeting (condition or priority) or deleting a configuration owes a **full
@@ -62,6 +67,9 @@ pub struct Configs {
     count: AtomicUsize,
     /// Whether the sweeper task was started.
     started: AtomicBool,
+    /// Recovery (`--persist`) put back a twin's non-empty configuration record: a sweep is owed
+    /// even with no configuration left (what a deleted one wrote may still need taking back).
+    recovered_records: AtomicBool,
     /// Stops the sweeper when the hub shuts down.
     shutdown: CancellationToken,
 }
@@ -131,6 +139,35 @@ impl Configs {
         let s = self.lock();
         !s.full && s.cursor.is_none() && s.dirty.is_empty()
     }
+
+    /// Puts back a configuration recovered from the state files (`--persist`).
+    pub(crate) fn restore(&self, config: Configuration) {
+        let mut s = self.lock();
+        s.table.restore(config);
+        self.count.store(s.table.len(), Ordering::Relaxed);
+    }
+
+    /// Removes a configuration recovery found deleted.
+    pub(crate) fn restore_removed(&self, id: &str) {
+        let mut s = self.lock();
+        s.table.restore_removed(id);
+        self.count.store(s.table.len(), Ordering::Relaxed);
+    }
+
+    /// Recovery put back a twin's non-empty configuration record.
+    pub(crate) fn note_recovered_record(&self) {
+        self.recovered_records.store(true, Ordering::Relaxed);
+    }
+
+    /// Configuration id `id`, shared with the table's when it holds that configuration.
+    pub(crate) fn shared_id(&self, id: &str) -> Arc<str> {
+        self.lock().table.shared_id(id).unwrap_or_else(|| Arc::from(id))
+    }
+
+    /// Every configuration (for a snapshot of the state).
+    pub(crate) fn all(&self) -> Arc<[Arc<Configuration>]> {
+        self.lock().table.snapshot()
+    }
 }
 
 impl Hub {
@@ -145,6 +182,8 @@ impl Hub {
         if c.count.load(Ordering::Relaxed) == 0 {
             return;
         }
+        // Configurations recovered by `--persist` have no sweeper yet.
+        self.ensure_sweeper();
         {
             let mut s = c.lock();
             if s.dirty.len() >= DIRTY_MAX {
@@ -169,6 +208,22 @@ impl Hub {
         }
         let token = c.shutdown.clone();
         rt.spawn(sweeper(self.clone(), token));
+    }
+
+    /// After recovery (`--persist`): the sweeper work the hub owed when it stopped is not kept,
+    /// so a full sweep is owed when configurations exist or a twin holds what one wrote (twins
+    /// already in line stay untouched), and the sweeper starts if a Tokio runtime is there.
+    pub(crate) fn resume_configurations(&self) {
+        let c = self.configs();
+        {
+            let mut s = c.lock();
+            if s.table.is_empty() && !c.recovered_records.swap(false, Ordering::Relaxed) {
+                return;
+            }
+            s.full = true;
+        }
+        self.ensure_sweeper();
+        c.wake.notify_one();
     }
 
     /// Stops the sweeper (the hub is shutting down).
@@ -218,6 +273,7 @@ impl Hub {
         let (config, written) = {
             let mut s = c.lock();
             let r = s.table.put(id, input, if_match.as_ref(), now, etag)?;
+            self.record_configuration(&r.0);
             c.count.store(s.table.len(), Ordering::Relaxed);
             if r.1.retarget {
                 s.full = true;
@@ -254,6 +310,7 @@ impl Hub {
         {
             let mut s = c.lock();
             s.table.delete(id, if_match.as_ref())?;
+            self.record_configuration_removed(id);
             c.count.store(s.table.len(), Ordering::Relaxed);
         }
         self.ensure_sweeper();

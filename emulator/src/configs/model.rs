@@ -216,6 +216,56 @@ impl Configuration {
     }
 }
 
+impl Configuration {
+    /// The Configuration JSON without metric results: what `--persist` keeps of it (with its
+    /// numbers), restored by [`Configuration::restore`] through the parser the service API uses.
+    pub fn stored_json(&self) -> Value {
+        let mut v = self.to_json((0, 0), &BTreeMap::new());
+        if let Value::Object(m) = &mut v {
+            m.remove("systemMetrics");
+            m.remove("metrics");
+            m.remove("etag");
+            m.remove("createdTimeUtc");
+            m.remove("lastUpdatedTimeUtc");
+            let queries: Map<String, Value> =
+                self.metrics.iter().map(|(k, q)| (k.clone(), Value::from(q.text.as_str()))).collect();
+            m.insert("metrics".into(), json!({ "queries": queries }));
+        }
+        v
+    }
+
+    /// A configuration as [`Configuration::stored_json`] wrote it, with its numbers.
+    pub fn restore(
+        id: &str,
+        body: &Value,
+        seq: u64,
+        etag: u64,
+        created: Millis,
+        updated: Millis,
+    ) -> Result<Self, HubError> {
+        validate_id(id)?;
+        let input = ConfigInput::parse(id, body)?;
+        let (kind, content, writes) =
+            input.content.ok_or_else(|| HubError::invalid("a stored configuration has no content"))?;
+        Ok(Self {
+            id: Arc::from(id),
+            schema_version: input.schema_version,
+            labels: input.labels,
+            kind,
+            content,
+            writes,
+            target_condition: input.target_condition,
+            target: input.target,
+            priority: input.priority,
+            metrics: input.metrics,
+            created,
+            updated,
+            etag,
+            seq,
+        })
+    }
+}
+
 /// The parts of a `Configuration` body a client may set.
 #[derive(Debug, Clone)]
 pub struct ConfigInput {
@@ -593,6 +643,24 @@ impl ConfigTable {
     /// A snapshot for evaluating twins.
     pub fn snapshot(&self) -> Arc<[Arc<Configuration>]> {
         self.configs.values().cloned().collect()
+    }
+
+    /// Puts back a configuration recovered from the state files (replacing one of the same id);
+    /// later creations are ordered after it.
+    pub fn restore(&mut self, config: Configuration) {
+        self.next_seq = self.next_seq.max(config.seq);
+        self.configs.insert(config.id.clone(), Arc::new(config));
+    }
+
+    /// Removes configuration `id` if it is there (recovery).
+    pub fn restore_removed(&mut self, id: &str) {
+        self.configs.remove(id);
+    }
+
+    /// The table's own `Arc` of id `id` when it holds that configuration (devices' records then
+    /// share it instead of holding copies).
+    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
+        self.configs.get_key_value(id).map(|(k, _)| k.clone())
     }
 }
 

@@ -54,11 +54,7 @@ impl Hub {
                 }
                 done += 1;
                 last = Some(id.clone());
-                let (mut sent, device_changed) = reconcile(d, &by_kind, now);
-                if device_changed {
-                    self.record_twin(d);
-                }
-                notices.append(&mut sent);
+                notices.append(&mut self.reconcile_kept(d, &by_kind, now));
             }
         }
         let next = (shard + 1 < SHARD_COUNT).then_some((shard + 1, None));
@@ -71,16 +67,30 @@ impl Hub {
         let now = self.now();
         let mut notices = Vec::new();
         for id in ids {
-            let sent = self.with_device(id, |d| {
-                let (sent, device_changed) = reconcile(d, &by_kind, now);
-                if device_changed {
-                    self.record_twin(d);
-                }
-                Ok(sent)
-            });
+            let sent = self.with_device(id, |d| Ok(self.reconcile_kept(d, &by_kind, now)));
             notices.extend(sent.unwrap_or_default());
         }
         notices
+    }
+
+    /// [`reconcile`], journaling what changed (`--persist`): the device twin, the device's record
+    /// of statuses and written paths, and each changed module (identity, twin and its record).
+    /// Called under the device's shard lock.
+    fn reconcile_kept(&self, d: &mut Device, k: &ByKind<'_>, now: Millis) -> Vec<Notice> {
+        let changed = reconcile(d, k, now);
+        if changed.device_twin {
+            self.record_twin(d);
+        }
+        if changed.device_record {
+            self.record_device_configs(d);
+        }
+        for i in changed.modules {
+            if let Some(m) = d.modules().get(i) {
+                let id = m.id.clone();
+                self.record_module(d, &id);
+            }
+        }
+        changed.notices
     }
 
     /// (targeted, applied) twins of each configuration in `ids`, from the records of the devices
@@ -166,12 +176,24 @@ impl<'a> ByKind<'a> {
     }
 }
 
+/// What [`reconcile`] changed.
+#[derive(Default)]
+struct Changed {
+    /// Desired patches to notify (the device under its id, a module under
+    /// `{deviceId}/{moduleId}`).
+    notices: Vec<Notice>,
+    /// The device twin's desired properties changed.
+    device_twin: bool,
+    /// The device's configuration record (statuses, written paths) changed.
+    device_record: bool,
+    /// Indices of the modules whose twin or configuration record changed.
+    modules: Vec<usize>,
+}
+
 /// Brings `d` and its module twins in line with the configurations: device configurations for
-/// the device twin, module configurations for each module twin. Returns the desired patches to
-/// notify (the device under its id, a module under `{deviceId}/{moduleId}`) and whether the
-/// device twin changed (to journal it; module twins are not journaled).
-fn reconcile(d: &mut Device, k: &ByKind<'_>, now: Millis) -> (Vec<Notice>, bool) {
-    let mut notices = Vec::new();
+/// the device twin, module configurations for each module twin.
+fn reconcile(d: &mut Device, k: &ByKind<'_>, now: Millis) -> Changed {
+    let mut changed = Changed::default();
     let empty = TwinConfigs::default();
     let old = d.extra.as_deref().map_or(&empty, |e| &e.configurations);
     let matching: Vec<&Configuration> = if k.devices.is_empty() {
@@ -180,15 +202,15 @@ fn reconcile(d: &mut Device, k: &ByKind<'_>, now: Millis) -> (Vec<Notice>, bool)
         let doc = twin_parts(d, 0, Some(&k.device_roots));
         k.devices.iter().copied().filter(|c| c.targets(&doc)).collect()
     };
-    let mut device_changed = false;
     if !(matching.is_empty() && old.is_empty()) {
         let (patch, new) = reconcile_twin(&mut d.twin, old, &matching, now, &d.id);
         if new != *old {
             d.update_extra(|e| e.configurations = new);
+            changed.device_record = true;
         }
         if let Some(p) = patch {
-            notices.push((d.id.clone(), p));
-            device_changed = true;
+            changed.notices.push((d.id.clone(), p));
+            changed.device_twin = true;
         }
     }
     // A device without modules stops here; one without module configurations only looks at
@@ -207,12 +229,15 @@ fn reconcile(d: &mut Device, k: &ByKind<'_>, now: Millis) -> (Vec<Notice>, bool)
         let who = format!("{}/{}", d.id, m.id);
         let Some(m) = d.extra.as_deref_mut().map(|e| &mut e.modules[i]) else { break };
         let (patch, new) = reconcile_twin(&mut m.twin, &m.configurations, &matching, now, &who);
+        if patch.is_some() || new != m.configurations {
+            changed.modules.push(i);
+        }
         m.configurations = new;
         if let Some(p) = patch {
-            notices.push((who, p));
+            changed.notices.push((who, p));
         }
     }
-    (notices, device_changed)
+    changed
 }
 
 /// Brings one twin in line with the configurations of its kind that target it (`matching`):

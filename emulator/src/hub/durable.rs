@@ -12,9 +12,11 @@
 //! What is stored (records in `crate::persist::records`): registry entries, twins, every C2D
 //! queue's messages with delivery counts and expiry, pending feedback records and unread feedback
 //! batches, the MQTT session bits kept under `clean_session=0`, jobs (as created, started and ended;
-//! one the hub was running when it died comes back failed). Not stored: C2D and feedback locks
-//! (they lapse on restart: the message is delivered again), connection state, telemetry,
-//! throttling counters, DPS enrollments.
+//! one the hub was running when it died comes back failed), and (in the `extra` submodule) module
+//! identities with their twins and session bits, configurations, and each device's record of the
+//! configurations that target it. Not stored: C2D and feedback locks (they lapse on restart: the
+//! message is delivered again), connection state, telemetry, throttling counters, DPS enrollments,
+//! the configuration sweeper's pending work (recovery owes a full sweep instead).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,23 +211,37 @@ impl TwinText {
         Self { tags: text(&t.tags), desired: text(&t.desired), reported: text(&t.reported) }
     }
 
-    fn record<'a>(&'a self, d: &'a Device) -> Record<'a> {
-        let t = &d.twin;
-        Record::Twin {
-            id: &d.id,
-            generation: d.generation_id,
-            twin: TwinRec {
-                tags: &self.tags,
-                desired: &self.desired,
-                reported: &self.reported,
-                desired_version: t.desired_version,
-                reported_version: t.reported_version,
-                version: t.version,
-                desired_updated: t.desired_updated,
-                reported_updated: t.reported_updated,
-            },
+    /// The record view of twin `t` (the twin this text was made of).
+    fn rec<'a>(&'a self, t: &Twin) -> TwinRec<'a> {
+        TwinRec {
+            tags: &self.tags,
+            desired: &self.desired,
+            reported: &self.reported,
+            desired_version: t.desired_version,
+            reported_version: t.reported_version,
+            version: t.version,
+            desired_updated: t.desired_updated,
+            reported_updated: t.reported_updated,
         }
     }
+
+    fn record<'a>(&'a self, d: &'a Device) -> Record<'a> {
+        Record::Twin { id: &d.id, generation: d.generation_id, twin: self.rec(&d.twin) }
+    }
+}
+
+/// The twin a `Twin` record (or a module's) describes.
+fn twin_of(twin: &TwinRec<'_>) -> Result<Twin, DecodeError> {
+    Ok(Twin {
+        tags: json_map("twin tags", twin.tags)?,
+        desired: json_map("twin desired properties", twin.desired)?,
+        reported: json_map("twin reported properties", twin.reported)?,
+        desired_version: twin.desired_version,
+        reported_version: twin.reported_version,
+        version: twin.version,
+        desired_updated: twin.desired_updated,
+        reported_updated: twin.reported_updated,
+    })
 }
 
 fn c2d_record<'a>(id: &'a str, generation: u64, e: StoredEntry<'a>) -> Record<'a> {
@@ -384,18 +400,7 @@ impl Hub {
         if let Some(source) = failure {
             return Err(PersistError::Corrupt { path: persist.dir.clone(), offset: 0, source });
         }
-        // The counts kept incrementally elsewhere start from what was recovered: devices, and
-        // the metrics' queue-depth histogram (replay fills queues without `c2d_visit`).
-        let mut devices = 0;
-        for i in 0..SHARD_COUNT {
-            let shard = hub.shard(i);
-            devices += shard.devices.len();
-            for d in shard.devices.values() {
-                hub.metrics().c2d_depth_moved(0, d.c2d.len());
-            }
-        }
-        hub.shared.device_count.store(devices, Ordering::Relaxed);
-        hub.shared.counter.fetch_max(max_counter, Ordering::Relaxed);
+        let devices = hub.count_recovered(max_counter, true);
         let (segments, rotation) =
             Segments::create(&persist.dir, next_segment, persist.sync == SyncMode::Sync)?;
         let (journal, committer) = Journal::start(segments, persist.sync, 0);
@@ -418,6 +423,9 @@ impl Hub {
         if let Some(d) = hub.shared.durable.get() {
             *d.snapshot_thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
         }
+        // The sweeper's pending work was not kept: finish it (a no-op for twins in line), once
+        // what it changes is journaled.
+        hub.resume_configurations();
         let recovered = Recovered { replayed, devices, elapsed: started.elapsed() };
         tracing::info!(
             devices,
@@ -458,10 +466,11 @@ impl Hub {
     }
 
     /// Journals what `kept` says changed of endpoint `module` of `d` (the device itself for
-    /// `None`). Module identities and twins are not kept by `--persist` yet (README, Durability).
+    /// `None`; a module's identity and twin are one record).
     pub(super) fn record_endpoint(&self, d: &Device, module: Option<&str>, kept: Kept) {
         match (module, kept) {
-            (_, Kept::Nothing) | (Some(_), _) => {}
+            (_, Kept::Nothing) => {}
+            (Some(mid), _) => self.record_module(d, mid),
             (None, Kept::Identity) => self.record(&device_record(d)),
             (None, Kept::Twin) => self.record_twin(d),
         }
@@ -584,23 +593,8 @@ impl Hub {
                 }
             }
             Record::Twin { id, generation, twin } => {
-                let (tags, desired, reported) = (
-                    json_map("twin tags", twin.tags)?,
-                    json_map("twin desired properties", twin.desired)?,
-                    json_map("twin reported properties", twin.reported)?,
-                );
-                self.with_generation(id, generation, |d| {
-                    d.twin = Twin {
-                        tags,
-                        desired,
-                        reported,
-                        desired_version: twin.desired_version,
-                        reported_version: twin.reported_version,
-                        version: twin.version,
-                        desired_updated: twin.desired_updated,
-                        reported_updated: twin.reported_updated,
-                    };
-                });
+                let twin = twin_of(&twin)?;
+                self.with_generation(id, generation, |d| d.twin = twin);
             }
             Record::C2dAdded { id, generation, message } => {
                 let add = |q: &mut DeviceQueue| {
@@ -664,8 +658,36 @@ impl Hub {
                 }
                 self.jobs().with_table(|t| t.restore(job));
             }
+            Record::Module(m) => self.apply_module(&m, max_counter)?,
+            Record::ModuleRemoved { device_id, device_generation, id, generation } => {
+                self.apply_module_removed(device_id, device_generation, id, generation);
+            }
+            Record::Configuration(c) => self.apply_configuration(&c, max_counter)?,
+            Record::ConfigurationRemoved { id } => self.configs_state().restore_removed(id),
+            Record::DeviceConfigs(c) => self.apply_device_configs(&c),
         }
         Ok(())
+    }
+
+    /// Sets the counts kept incrementally elsewhere from what replay put in the shards (devices,
+    /// modules, and with `histogram` the metrics' queue-depth histogram: replay fills queues
+    /// without `c2d_visit`); returns the devices.
+    fn count_recovered(&self, max_counter: u64, histogram: bool) -> usize {
+        let (mut devices, mut modules) = (0, 0);
+        for i in 0..SHARD_COUNT {
+            let shard = self.shard(i);
+            devices += shard.devices.len();
+            for d in shard.devices.values() {
+                modules += d.modules().len();
+                if histogram {
+                    self.metrics().c2d_depth_moved(0, d.c2d.len());
+                }
+            }
+        }
+        self.shared.device_count.store(devices, Ordering::Relaxed);
+        self.shared.module_count.store(modules, Ordering::Relaxed);
+        self.shared.counter.fetch_max(max_counter, Ordering::Relaxed);
+        devices
     }
 
     /// Applies the records of a state file's bytes (`segment-N.log` or `snapshot-N.snap`) to this
@@ -683,9 +705,7 @@ impl Hub {
             crate::persist::codec::ScanEnd::Clean => bytes.len(),
             crate::persist::codec::ScanEnd::Torn { at } => at,
         };
-        let devices: usize = (0..SHARD_COUNT).map(|i| self.shard(i).devices.len()).sum();
-        self.shared.device_count.store(devices, Ordering::Relaxed);
-        self.shared.counter.fetch_max(max_counter, Ordering::Relaxed);
+        self.count_recovered(max_counter, false);
         Ok((valid, records))
     }
 
@@ -716,6 +736,9 @@ impl Hub {
         let pos = d.journal.appended_position().0;
         let mut w = SnapshotWriter::create(&d.dir, n)?;
         let mut frames = Vec::new();
+        // Configurations first, so the devices' records that name them share their ids on replay.
+        let records = extra::snapshot_configurations(&self.configs_state().all(), &mut frames);
+        w.push_framed(&frames, records)?;
         for i in 0..SHARD_COUNT {
             frames.clear();
             let records = snapshot_shard(&self.shard(i), &mut frames);
@@ -788,6 +811,7 @@ fn snapshot_shard(shard: &Shard, out: &mut Vec<u8>) -> u64 {
                 &Record::C2dSequence { id: &d.id, generation: d.generation_id, last: d.c2d.last_sequence() },
             );
         }
+        n += extra::snapshot_device_extra(d, out);
     }
     n
 }
@@ -822,6 +846,13 @@ fn spawn_snapshotter(shared: Weak<super::Shared>) -> Option<std::thread::JoinHan
     }
 }
 
+#[path = "durable_extra.rs"]
+mod extra;
+
 #[cfg(test)]
 #[path = "durable_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "durable_extra_tests.rs"]
+mod extra_tests;

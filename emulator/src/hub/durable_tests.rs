@@ -13,16 +13,16 @@ use crate::clock::ManualClock;
 use crate::hub::{DeviceInput, HubConfig, IfMatch};
 use crate::persist::{PersistConfig, SyncMode};
 
-const T0: u64 = 1_800_000_000_000;
+pub(super) const T0: u64 = 1_800_000_000_000;
 
-fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> (Hub, Recovered) {
+pub(super) fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> (Hub, Recovered) {
     let config = HubConfig { feedback_batch_interval_ms: 1000, ..HubConfig::default() };
     let persist = PersistConfig { dir: dir.to_path_buf(), sync: SyncMode::Write };
     Hub::open_persistent(config, clock.clone(), &persist).expect("the state directory opens")
 }
 
 /// Takes this thread's ticket and waits for it: what a protocol driver does before answering.
-async fn acked(hub: &Hub) {
+pub(super) async fn acked(hub: &Hub) {
     let t = hub.take_durability_ticket();
     assert!(t.is_some(), "a change appended a record");
     hub.durable(t).await.unwrap();
@@ -40,9 +40,10 @@ fn msg(id: &str, ack: AckMode) -> C2dMessage {
 
 /// Kill -9: nothing more is written, then the hub goes away (its job tasks too, which hold
 /// handles to it; the state directory is unlocked once the last handle is gone).
-async fn crash(hub: Hub) {
+pub(super) async fn crash(hub: Hub) {
     hub.halt_persistence();
     hub.shutdown_jobs();
+    hub.shutdown_configurations();
     let gone = Arc::downgrade(&hub.shared);
     drop(hub);
     while gone.strong_count() > 0 {

@@ -7,6 +7,8 @@
 //! it is owned by the registry shard of its device, deleted with it, and a device without
 //! modules pays nothing for them. A module's connection (MQTT client id `{deviceId}/{moduleId}`)
 //! is served like a device's (see `hub::link`): the connection facts below mirror the device's.
+//! With `--persist` every change to what a module keeps (identity, twin, MQTT session bits, model
+//! id) is journaled as the module's record under its device's shard lock (see `hub::durable`).
 
 use serde_json::{Map, Value, json};
 
@@ -220,7 +222,9 @@ impl Hub {
                     m.secondary_key = sk;
                     m.thumbprints = thumbprints;
                     m.etag = etag;
-                    Ok((m.to_json(device_id), false))
+                    let json = m.to_json(device_id);
+                    self.record_module(d, module_id);
+                    Ok((json, false))
                 }
                 (Err(i), None) => {
                     if d.modules().len() >= MODULES_PER_DEVICE_MAX {
@@ -257,6 +261,7 @@ impl Hub {
                     };
                     let json = m.to_json(device_id);
                     d.update_extra(|e| e.modules.insert(i, m));
+                    self.record_module(d, module_id);
                     Ok((json, true))
                 }
             }
@@ -297,6 +302,7 @@ impl Hub {
             if let Some(cond) = if_match {
                 cond.check(&m.etag_str())?;
             }
+            self.record_module_removed(d, m);
             d.update_extra(|e| e.modules.retain(|m| &*m.id != module_id));
             Ok(())
         })?;
@@ -331,6 +337,7 @@ impl Hub {
                 cond.check(&m.twin.etag_str())?;
             }
             let notice = super::registry::apply_twin_update(&mut m.twin, tags, desired, replace, now)?;
+            self.record_module(d, module_id);
             let m = d.module(module_id).expect("just updated");
             Ok((module_twin_parts(d, m, None), notice))
         })?;

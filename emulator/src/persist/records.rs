@@ -24,6 +24,11 @@ mod tag {
     pub const FEEDBACK_CUT: u8 = 8;
     pub const JOB: u8 = 9;
     pub const C2D_SEQUENCE: u8 = 10;
+    pub const MODULE: u8 = 11;
+    pub const MODULE_REMOVED: u8 = 12;
+    pub const CONFIGURATION: u8 = 13;
+    pub const CONFIGURATION_REMOVED: u8 = 14;
+    pub const DEVICE_CONFIGS: u8 = 15;
 }
 
 /// A registry entry (`Device` record).
@@ -130,6 +135,77 @@ pub struct FeedbackRec<'a> {
     pub device_generation_id: &'a str,
 }
 
+/// A module identity with its module twin (`Module` record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRec<'a> {
+    /// The device's id.
+    pub device_id: &'a str,
+    /// The device's generation id.
+    pub device_generation: u64,
+    /// Module id.
+    pub id: &'a str,
+    /// The module's generation id.
+    pub generation: u64,
+    /// Identity etag counter.
+    pub etag: u64,
+    /// `managedBy`.
+    pub managed_by: Option<&'a str>,
+    /// As [`DeviceRec::auth_type`].
+    pub auth_type: u8,
+    /// Symmetric keys.
+    pub primary_key: Option<&'a str>,
+    /// See `primary_key`.
+    pub secondary_key: Option<&'a str>,
+    /// Whether X.509 thumbprints are registered (then the two below, as given).
+    pub has_thumbprints: bool,
+    /// Primary thumbprint.
+    pub primary_thumbprint: Option<&'a str>,
+    /// Secondary thumbprint.
+    pub secondary_thumbprint: Option<&'a str>,
+    /// The Plug and Play model id the module announced.
+    pub model_id: Option<&'a str>,
+    /// The module's MQTT session bits (as [`DeviceRec::mqtt_session`]).
+    pub mqtt_session: u8,
+    /// The module twin.
+    pub twin: TwinRec<'a>,
+}
+
+/// A configuration (`Configuration` record): the numbers the service cannot set, and the rest as
+/// the Configuration JSON the service API returns (restored through the same parser, so fields
+/// the parser learns later are kept without a new record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigurationRec<'a> {
+    /// Configuration id.
+    pub id: &'a str,
+    /// Creation order (ties between equal priorities go to the most recently created).
+    pub seq: u64,
+    /// Etag counter.
+    pub etag: u64,
+    /// When created.
+    pub created: u64,
+    /// When last changed.
+    pub updated: u64,
+    /// The Configuration JSON (without metric results).
+    pub body: &'a [u8],
+}
+
+/// What a device twin or module twin keeps about configurations (`DeviceConfigs` record;
+/// `configs::model::TwinConfigs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfigsRec<'a> {
+    /// Device id.
+    pub id: &'a str,
+    /// Its generation id.
+    pub generation: u64,
+    /// The module `(id, generation)` of the device whose module twin this record is about;
+    /// `None`: the device twin's.
+    pub module: Option<(&'a str, u64)>,
+    /// `(configuration id, status)`: 0 targeted, 1 applied.
+    pub statuses: Vec<(&'a str, u8)>,
+    /// Desired paths the configurations wrote (segments joined with `.`).
+    pub paths: Vec<&'a str>,
+}
+
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -203,6 +279,28 @@ pub enum Record<'a> {
         /// The job's state, as `jobs` encodes it.
         state: &'a [u8],
     },
+    /// The device's module is now this (created or updated, its twin included).
+    Module(ModuleRec<'a>),
+    /// The module of this generation is gone from the device.
+    ModuleRemoved {
+        /// Device id.
+        device_id: &'a str,
+        /// The device's generation id.
+        device_generation: u64,
+        /// Module id.
+        id: &'a str,
+        /// The module's generation id.
+        generation: u64,
+    },
+    /// The configuration is now this (created or updated).
+    Configuration(ConfigurationRec<'a>),
+    /// The configuration is gone.
+    ConfigurationRemoved {
+        /// Configuration id.
+        id: &'a str,
+    },
+    /// The device's configuration statuses and written paths are now these (empty: none).
+    DeviceConfigs(DeviceConfigsRec<'a>),
 }
 
 impl Record<'_> {
@@ -236,14 +334,7 @@ impl Record<'_> {
                 w.u8(tag::TWIN);
                 w.str(id);
                 w.u64(*generation);
-                w.bytes(twin.tags);
-                w.bytes(twin.desired);
-                w.bytes(twin.reported);
-                w.u64(twin.desired_version);
-                w.u64(twin.reported_version);
-                w.u64(twin.version);
-                w.u64(twin.desired_updated);
-                w.u64(twin.reported_updated);
+                twin.encode(w);
             }
             Self::C2dAdded { id, generation, message: m } => {
                 w.u8(tag::C2D_ADDED);
@@ -305,7 +396,92 @@ impl Record<'_> {
                 w.str(id);
                 w.bytes(state);
             }
+            Self::Module(m) => {
+                w.u8(tag::MODULE);
+                w.str(m.device_id);
+                w.u64(m.device_generation);
+                w.str(m.id);
+                w.u64(m.generation);
+                w.u64(m.etag);
+                w.opt_str(m.managed_by);
+                w.u8(m.auth_type);
+                w.opt_str(m.primary_key);
+                w.opt_str(m.secondary_key);
+                w.bool(m.has_thumbprints);
+                w.opt_str(m.primary_thumbprint);
+                w.opt_str(m.secondary_thumbprint);
+                w.opt_str(m.model_id);
+                w.u8(m.mqtt_session);
+                m.twin.encode(w);
+            }
+            Self::ModuleRemoved { device_id, device_generation, id, generation } => {
+                w.u8(tag::MODULE_REMOVED);
+                w.str(device_id);
+                w.u64(*device_generation);
+                w.str(id);
+                w.u64(*generation);
+            }
+            Self::Configuration(c) => {
+                w.u8(tag::CONFIGURATION);
+                w.str(c.id);
+                w.u64(c.seq);
+                w.u64(c.etag);
+                w.u64(c.created);
+                w.u64(c.updated);
+                w.bytes(c.body);
+            }
+            Self::ConfigurationRemoved { id } => {
+                w.u8(tag::CONFIGURATION_REMOVED);
+                w.str(id);
+            }
+            Self::DeviceConfigs(c) => {
+                w.u8(tag::DEVICE_CONFIGS);
+                w.str(c.id);
+                w.u64(c.generation);
+                w.bool(c.module.is_some());
+                if let Some((module, generation)) = c.module {
+                    w.str(module);
+                    w.u64(generation);
+                }
+                w.u64(c.statuses.len() as u64);
+                for (id, status) in &c.statuses {
+                    w.str(id);
+                    w.u8(*status);
+                }
+                w.u64(c.paths.len() as u64);
+                for p in &c.paths {
+                    w.str(p);
+                }
+            }
         }
+    }
+}
+
+impl TwinRec<'_> {
+    fn encode(&self, w: &mut Writer<'_>) {
+        w.bytes(self.tags);
+        w.bytes(self.desired);
+        w.bytes(self.reported);
+        w.u64(self.desired_version);
+        w.u64(self.reported_version);
+        w.u64(self.version);
+        w.u64(self.desired_updated);
+        w.u64(self.reported_updated);
+    }
+}
+
+impl<'a> TwinRec<'a> {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            tags: r.bytes("tags")?,
+            desired: r.bytes("desired")?,
+            reported: r.bytes("reported")?,
+            desired_version: r.u64("desired version")?,
+            reported_version: r.u64("reported version")?,
+            version: r.u64("twin version")?,
+            desired_updated: r.u64("desired updated")?,
+            reported_updated: r.u64("reported updated")?,
+        })
     }
 }
 
@@ -343,16 +519,7 @@ impl<'a> Record<'a> {
             tag::TWIN => Self::Twin {
                 id: r.str("device id")?,
                 generation: r.u64("generation id")?,
-                twin: TwinRec {
-                    tags: r.bytes("tags")?,
-                    desired: r.bytes("desired")?,
-                    reported: r.bytes("reported")?,
-                    desired_version: r.u64("desired version")?,
-                    reported_version: r.u64("reported version")?,
-                    version: r.u64("twin version")?,
-                    desired_updated: r.u64("desired updated")?,
-                    reported_updated: r.u64("reported updated")?,
-                },
+                twin: TwinRec::decode(&mut r)?,
             },
             tag::C2D_ADDED => {
                 let id = r.str("device id")?;
@@ -437,11 +604,88 @@ impl<'a> Record<'a> {
             }
             tag::FEEDBACK_CUT => Self::FeedbackCut { next: r.u64("feedback serial")? },
             tag::JOB => Self::Job { id: r.str("job id")?, state: r.bytes("job state")? },
+            tag::MODULE => {
+                let m = ModuleRec {
+                    device_id: r.str("device id")?,
+                    device_generation: r.u64("generation id")?,
+                    id: r.str("module id")?,
+                    generation: r.u64("module generation id")?,
+                    etag: r.u64("etag")?,
+                    managed_by: r.opt_str("managedBy")?,
+                    auth_type: r.u8("authentication type")?,
+                    primary_key: r.opt_str("primary key")?,
+                    secondary_key: r.opt_str("secondary key")?,
+                    has_thumbprints: r.bool("thumbprints")?,
+                    primary_thumbprint: r.opt_str("primary thumbprint")?,
+                    secondary_thumbprint: r.opt_str("secondary thumbprint")?,
+                    model_id: r.opt_str("model id")?,
+                    mqtt_session: r.u8("MQTT session")?,
+                    twin: TwinRec::decode(&mut r)?,
+                };
+                if m.auth_type > 3 {
+                    return Err(invalid("authentication type", m.auth_type));
+                }
+                Self::Module(m)
+            }
+            tag::MODULE_REMOVED => Self::ModuleRemoved {
+                device_id: r.str("device id")?,
+                device_generation: r.u64("generation id")?,
+                id: r.str("module id")?,
+                generation: r.u64("module generation id")?,
+            },
+            tag::CONFIGURATION => Self::Configuration(ConfigurationRec {
+                id: r.str("configuration id")?,
+                seq: r.u64("configuration creation order")?,
+                etag: r.u64("etag")?,
+                created: r.u64("created time")?,
+                updated: r.u64("updated time")?,
+                body: r.bytes("configuration")?,
+            }),
+            tag::CONFIGURATION_REMOVED => Self::ConfigurationRemoved { id: r.str("configuration id")? },
+            tag::DEVICE_CONFIGS => {
+                let id = r.str("device id")?;
+                let generation = r.u64("generation id")?;
+                let module = if r.bool("module presence")? {
+                    Some((r.str("module id")?, r.u64("module generation id")?))
+                } else {
+                    None
+                };
+                // Each status takes at least its length prefix and status byte, each path its prefix.
+                let count = bounded_count(&mut r, "configuration status count", 5)?;
+                let mut statuses = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let config = r.str("configuration id")?;
+                    let status = r.u8("configuration status")?;
+                    if status > 1 {
+                        return Err(invalid("configuration status", status));
+                    }
+                    statuses.push((config, status));
+                }
+                let count = bounded_count(&mut r, "configuration path count", 4)?;
+                let mut paths = Vec::with_capacity(count);
+                for _ in 0..count {
+                    paths.push(r.str("configuration path")?);
+                }
+                Self::DeviceConfigs(DeviceConfigsRec { id, generation, module, statuses, paths })
+            }
             other => return Err(invalid("record tag", other)),
         };
         r.finish()?;
         Ok(record)
     }
+}
+
+/// Reads an element count and refuses one the bytes left cannot hold (each element takes at
+/// least `min_bytes`), before anything is reserved for it.
+fn bounded_count(r: &mut Reader<'_>, what: &'static str, min_bytes: usize) -> Result<usize, DecodeError> {
+    let count = r.u64(what)?;
+    if count > (r.remaining() / min_bytes) as u64 {
+        return Err(DecodeError::Invalid {
+            what,
+            detail: format!("{count} entries cannot fit in {} bytes", r.remaining()),
+        });
+    }
+    Ok(count as usize)
 }
 
 fn invalid(what: &'static str, v: u8) -> DecodeError {
@@ -523,6 +767,69 @@ mod tests {
             }),
             Record::FeedbackCut { next: 13 },
             Record::Job { id: "job-1", state: br#"{"jobId":"job-1"}"# },
+            Record::Module(ModuleRec {
+                device_id: "fridge-1",
+                device_generation: 7,
+                id: "sensor",
+                generation: 12,
+                etag: 13,
+                managed_by: Some("IotEdge"),
+                auth_type: 0,
+                primary_key: Some("a2V5"),
+                secondary_key: Some("a2V5Mg=="),
+                has_thumbprints: false,
+                primary_thumbprint: None,
+                secondary_thumbprint: None,
+                model_id: Some("dtmi:com:example:Sensor;1"),
+                mqtt_session: 3,
+                twin: TwinRec {
+                    tags: b"{}",
+                    desired: br#"{"rate":5}"#,
+                    reported: br#"{"rate":5}"#,
+                    desired_version: 2,
+                    reported_version: 2,
+                    version: 3,
+                    desired_updated: 20,
+                    reported_updated: 21,
+                },
+            }),
+            Record::ModuleRemoved {
+                device_id: "fridge-1",
+                device_generation: 7,
+                id: "sensor",
+                generation: 12,
+            },
+            Record::Configuration(ConfigurationRec {
+                id: "fw",
+                seq: 2,
+                etag: 14,
+                created: 1_700_000_000_000,
+                updated: 1_700_000_001_000,
+                body:
+                    br#"{"id":"fw","content":{"deviceContent":{"properties.desired.fw":"2"}},"priority":10}"#,
+            }),
+            Record::ConfigurationRemoved { id: "fw" },
+            Record::DeviceConfigs(DeviceConfigsRec {
+                id: "fridge-1",
+                generation: 7,
+                module: None,
+                statuses: vec![("fw", 1), ("old", 0)],
+                paths: vec!["fw", "settings.rate"],
+            }),
+            Record::DeviceConfigs(DeviceConfigsRec {
+                id: "fridge-1",
+                generation: 7,
+                module: None,
+                statuses: Vec::new(),
+                paths: Vec::new(),
+            }),
+            Record::DeviceConfigs(DeviceConfigsRec {
+                id: "gateway-1",
+                generation: 8,
+                module: Some(("thermo", 12)),
+                statuses: vec![("mod-fw", 1)],
+                paths: vec!["rate"],
+            }),
         ]
     }
 
@@ -579,5 +886,45 @@ mod tests {
         });
         let e = Record::decode(&buf[FRAME_HEADER_BYTES..]).unwrap_err();
         assert!(matches!(e, DecodeError::Invalid { what: "property count", .. }), "{e:?}");
+        // So are configuration statuses and paths.
+        for statuses in [u64::MAX, 1] {
+            let mut buf = Vec::new();
+            frame(&mut buf, |w| {
+                w.u8(tag::DEVICE_CONFIGS);
+                w.str("d");
+                w.u64(1);
+                w.bool(false);
+                w.u64(statuses);
+                if statuses == 1 {
+                    w.str("c");
+                    w.u8(0);
+                }
+                w.u64(1 << 40);
+            });
+            let e = Record::decode(&buf[FRAME_HEADER_BYTES..]).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::Invalid {
+                        what: "configuration status count" | "configuration path count",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+        let mut buf = Vec::new();
+        frame(&mut buf, |w| {
+            w.u8(tag::DEVICE_CONFIGS);
+            w.str("d");
+            w.u64(1);
+            w.bool(false);
+            w.u64(1);
+            w.str("c");
+            w.u8(2);
+            w.u64(0);
+        });
+        let e = Record::decode(&buf[FRAME_HEADER_BYTES..]).unwrap_err();
+        assert!(matches!(e, DecodeError::Invalid { what: "configuration status", .. }), "{e:?}");
     }
 }

@@ -4,7 +4,9 @@
 
 use iothub_emulator::Hub;
 use iothub_emulator::persist::codec::{FRAME_HEADER_BYTES, frame, scan};
-use iothub_emulator::persist::records::{C2dRec, DeviceRec, FeedbackRec, Record, TwinRec};
+use iothub_emulator::persist::records::{
+    C2dRec, ConfigurationRec, DeviceConfigsRec, DeviceRec, FeedbackRec, ModuleRec, Record, TwinRec,
+};
 
 use crate::alloc::untracked;
 use crate::runner::{Check, Outcome, Target};
@@ -98,6 +100,73 @@ fn samples() -> Vec<Record<'static>> {
             state: br#"{"body":{"type":"scheduleUpdateTwin","queryCondition":"deviceId = 'fridge-1'","updateTwin":{"tags":{"a":1}}},"created":1,"started":2,"ended":3,"status":"completed","failureReason":null,"statusMessage":"1 of 1 devices succeeded, 0 failed","stats":[1,0,1,0,0],"seq":1}"#,
         },
         Record::Job { id: "job-2", state: b"{}" },
+        Record::Device(DeviceRec {
+            id: "edge-1",
+            generation: 20,
+            etag: 21,
+            enabled: true,
+            status_reason: None,
+            status_updated: 0,
+            auth_type: 0,
+            primary_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            secondary_key: None,
+            has_thumbprints: false,
+            primary_thumbprint: None,
+            secondary_thumbprint: None,
+            model_id: None,
+            iot_edge: true,
+            mqtt_session: 0,
+        }),
+        Record::Module(ModuleRec {
+            device_id: "edge-1",
+            device_generation: 20,
+            id: "sensor",
+            generation: 22,
+            etag: 23,
+            managed_by: Some("IotEdge"),
+            auth_type: 0,
+            primary_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            secondary_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            has_thumbprints: false,
+            primary_thumbprint: None,
+            secondary_thumbprint: None,
+            model_id: Some("dtmi:com:example:Sensor;1"),
+            mqtt_session: 3,
+            twin: TwinRec {
+                tags: br#"{"role":"probe"}"#,
+                desired: br#"{"rate":5}"#,
+                reported: br#"{"rate":5}"#,
+                desired_version: 2,
+                reported_version: 2,
+                version: 3,
+                desired_updated: 30,
+                reported_updated: 31,
+            },
+        }),
+        Record::Configuration(ConfigurationRec {
+            id: "fw",
+            seq: 1,
+            etag: 24,
+            created: 1_700_000_000_000,
+            updated: 1_700_000_000_000,
+            body: br#"{"id":"fw","schemaVersion":null,"labels":{"team":"ops"},"content":{"deviceContent":{"properties.desired.firmware":{"version":"2.0"}}},"contentType":"assignment","targetCondition":"tags.env = 'test'","priority":10,"metrics":{"queries":{"current":"SELECT deviceId FROM devices WHERE properties.reported.firmware = '2.0'"}}}"#,
+        }),
+        Record::DeviceConfigs(DeviceConfigsRec {
+            id: "edge-1",
+            generation: 20,
+            module: None,
+            statuses: vec![("fw", 1), ("gone", 0)],
+            paths: vec!["firmware"],
+        }),
+        Record::DeviceConfigs(DeviceConfigsRec {
+            id: "edge-1",
+            generation: 20,
+            module: Some(("sensor", 22)),
+            statuses: vec![("mod-fw", 1)],
+            paths: vec!["rate"],
+        }),
+        Record::ModuleRemoved { device_id: "edge-1", device_generation: 20, id: "sensor", generation: 22 },
+        Record::ConfigurationRemoved { id: "fw" },
     ]
 }
 
@@ -154,8 +223,8 @@ pub const STATE_JOURNAL: Target = Target {
     about: "persist::codec::scan + records::Record::decode (round-trips), applied by Hub::replay_state_bytes",
     seeds,
     dictionary: || {
-        let mut words: Vec<Vec<u8>> = (1u8..=10).map(|t| vec![t]).collect();
-        words.extend([vec![0xff; 4], vec![0; 8], b"{}".to_vec(), b"fridge-1".to_vec()]);
+        let mut words: Vec<Vec<u8>> = (1u8..=15).map(|t| vec![t]).collect();
+        words.extend([vec![0xff; 4], vec![0; 8], b"{}".to_vec(), b"fridge-1".to_vec(), b"edge-1".to_vec()]);
         words
     },
     max_len: 16 * 1024,
