@@ -75,6 +75,31 @@ impl VerifiedTokens {
     }
 }
 
+/// Whether policy `name` with `rights` and a token for `resource` may act on `target` for a
+/// device or module connection (`what` names it in the error): DeviceConnect, scoped to `target`
+/// or wider.
+fn policy_may_connect(
+    name: &str,
+    rights: Rights,
+    resource: &str,
+    target: &str,
+    what: &str,
+) -> Result<(), HubError> {
+    if !rights.contains(Rights::DEVICE_CONNECT) {
+        return Err(HubError::new(
+            ErrorCode::IotHubUnauthorized,
+            format!("policy '{name}' has {rights}; {what} need DeviceConnect"),
+        ));
+    }
+    if !scope_covers(resource, target) {
+        return Err(HubError::new(
+            ErrorCode::IotHubUnauthorized,
+            format!("token scoped to '{resource}' does not cover '{target}'"),
+        ));
+    }
+    Ok(())
+}
+
 fn refused(message: impl Into<String>) -> HubError {
     HubError::new(ErrorCode::IotHubUnauthorizedAccess, message)
 }
@@ -227,19 +252,8 @@ impl Hub {
                 format!("a token for module '{d}/{m}' cannot act as device '{device_id}'"),
             )),
             Principal::Policy { name, rights } => {
-                if !rights.contains(Rights::DEVICE_CONNECT) {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubUnauthorized,
-                        format!("policy '{name}' has {rights}; device operations need DeviceConnect"),
-                    ));
-                }
                 let target = format!("{}/devices/{device_id}", self.hostname());
-                if !scope_covers(&auth.resource, &target) {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubUnauthorized,
-                        format!("token scoped to '{}' does not cover '{target}'", auth.resource),
-                    ));
-                }
+                policy_may_connect(name, *rights, &auth.resource, &target, "device operations")?;
                 let shard = self.shard_for(device_id);
                 match shard.devices.get(device_id) {
                     None => Err(refused(format!("device '{device_id}' is not registered"))),
@@ -275,19 +289,8 @@ impl Hub {
                 ),
             )),
             Principal::Policy { name, rights } => {
-                if !rights.contains(Rights::DEVICE_CONNECT) {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubUnauthorized,
-                        format!("policy '{name}' has {rights}; module connections need DeviceConnect"),
-                    ));
-                }
                 let target = format!("{}/devices/{device_id}/modules/{module_id}", self.hostname());
-                if !scope_covers(&auth.resource, &target) {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubUnauthorized,
-                        format!("token scoped to '{}' does not cover '{target}'", auth.resource),
-                    ));
-                }
+                policy_may_connect(name, *rights, &auth.resource, &target, "module connections")?;
                 let shard = self.shard_for(device_id);
                 match shard.devices.get(device_id) {
                     None => Err(refused(format!("device '{device_id}' is not registered"))),
