@@ -335,7 +335,11 @@ fn main() -> Result<ExitCode> {
         .init();
     iothub_emulator::sas::decode_key(&args.owner_key)
         .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(run(args, tier, started))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,15 @@ use crate::tls::{HubCertificates, TlsError};
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Task polls between two looks at the sockets for a runtime serving the hub (tokio's
+/// `event_interval`; its default is 61). Under fan-out load every read of C2D sends wakes one
+/// device connection per message: looking at the sockets again after 61 polls reads the next
+/// sends before the last ones were delivered, so the backlog (and send-to-device latency) grows
+/// for as long as the senders keep up. With 1,024 the tasks woken by one read run first (a
+/// runtime with nothing left to run looks at once, as before). `bench/fanout.sh`, 19,000
+/// devices, AMQP sender: p99 0.8–1.1× Mosquitto's against 1.0–2.0× with 61 (bench/README.md).
+pub const RUNTIME_EVENT_INTERVAL: u32 = 1024;
+
 /// Where the hub listens. Port 0 picks a free port.
 #[derive(Debug, Clone)]
 pub struct ListenConfig {

@@ -149,6 +149,8 @@ pub struct Connection {
     /// Tier throttling: hub time until which shaped C2D sends hold the connection (the driver
     /// neither writes their dispositions nor reads more before it). Always `None` without a tier.
     hold_until: Option<Millis>,
+    /// A C2D message was queued since the driver last looked (see [`Connection::take_sent_c2d`]).
+    sent_c2d: bool,
 }
 
 /// What a connection's driver waits on (see [`Connection::wakes`]).
@@ -169,6 +171,7 @@ macro_rules! ctx {
             hub: &$self.hub,
             auth: &mut $self.auth,
             hold_until: &mut $self.hold_until,
+            sent_c2d: &mut $self.sent_c2d,
             unsettled_room: $room,
         }
     };
@@ -188,7 +191,15 @@ impl Connection {
             auth: Auth::default(),
             close_reason: None,
             hold_until: None,
+            sent_c2d: false,
         }
+    }
+
+    /// Whether C2D messages were queued since the last call: the driver then lets the device
+    /// connections it woke run before it settles the sends and reads more (see
+    /// `server::serve_connection`).
+    pub fn take_sent_c2d(&mut self) -> bool {
+        std::mem::take(&mut self.sent_c2d)
     }
 
     /// Takes the hold shaped C2D sends put on the connection: the hub time until which the driver

@@ -125,6 +125,14 @@ where
                 Ok(n) => {
                     last_read = Instant::now();
                     conn.receive(&buf[..n]);
+                    if conn.take_sent_c2d() {
+                        // The device connections these sends woke go first: they write their
+                        // PUBLISHes before this connection settles the sends and reads more, so a
+                        // sender's window of unsettled sends also bounds the messages waiting
+                        // for delivery (as a broker that acknowledges after forwarding does), and
+                        // send-to-device latency stays flat under fan-out load.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Err(e) => return Err(e),
             },

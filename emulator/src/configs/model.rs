@@ -181,6 +181,9 @@ impl Configuration {
         let condition = self.target_condition.trim();
         let target_query = if condition.is_empty() {
             String::new()
+        } else if condition == "*" {
+            // Every twin: a query with no WHERE (`where *` would not parse).
+            format!("{select} from {from}")
         } else if starts_with_from(condition) {
             format!("{select} {condition}")
         } else {

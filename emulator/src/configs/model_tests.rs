@@ -283,7 +283,10 @@ fn configuration_json_has_iot_hubs_shape() {
     let custom = BTreeMap::from([("current".to_string(), 3)]);
     let j = c.to_json((4, 2), &custom);
     assert_eq!(j["systemMetrics"]["results"], json!({ "targetedCount": 4, "appliedCount": 2 }));
-    assert_eq!(j["systemMetrics"]["queries"]["targetedCount"], "select deviceId from devices where *");
+    // Target `*` (every device): the query has no WHERE, so it is one the query API accepts.
+    assert_eq!(j["systemMetrics"]["queries"]["targetedCount"], "select deviceId from devices");
+    let q = j["systemMetrics"]["queries"]["targetedCount"].as_str().unwrap();
+    assert!(crate::query::Query::parse(q).is_ok(), "{q} does not parse");
     assert_eq!(
         j["systemMetrics"]["queries"]["appliedCount"],
         "select deviceId from devices where configurations.[[fw]].status = 'Applied'"

@@ -181,9 +181,11 @@ fn main() -> Result<()> {
             rt.block_on(fanout::devices::run(cfg, BufReader::new(tokio::io::stdin())))?;
             Ok(())
         }
-        Some(Internal::HubServe { data_dir }) => {
-            tokio::runtime::Runtime::new()?.block_on(hub_serve(&data_dir))
-        }
+        Some(Internal::HubServe { data_dir }) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
+            .build()?
+            .block_on(hub_serve(&data_dir)),
         None => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let failed = rt.block_on(run(args.run))?;

@@ -52,7 +52,10 @@ fn send_c2d(ctx: &mut Ctx<'_>, m: &Message) -> Outcome {
         }
     }
     match ctx.hub.send_c2d(&device, msg) {
-        Ok(_) => Outcome::Accepted,
+        Ok(_) => {
+            *ctx.sent_c2d = true;
+            Outcome::Accepted
+        }
         Err(e) => {
             tracing::info!(device = %device, "C2D send refused: {e}");
             rejected(&e)

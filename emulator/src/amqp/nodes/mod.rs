@@ -202,6 +202,8 @@ pub struct Ctx<'a> {
     /// Tier throttling: the hub time until which the driver holds the connection (neither writes
     /// nor reads), the latest of every shaped send's turn.
     pub hold_until: &'a mut Option<Millis>,
+    /// Set when a C2D message was queued (see `Connection::take_sent_c2d`).
+    pub sent_c2d: &'a mut bool,
     /// Tracked deliveries the session may still hold unsettled ([`super::MAX_UNSETTLED_DELIVERIES`]
     /// minus those outstanding): a node whose deliveries are tracked sends nothing at 0.
     pub unsettled_room: usize,
@@ -436,7 +438,9 @@ mod tests {
         let hub = Hub::new(crate::hub::HubConfig::default());
         let mut auth = Auth::default();
         let mut hold = None;
-        let mut ctx = Ctx { hub: &hub, auth: &mut auth, hold_until: &mut hold, unsettled_room: 1 };
+        let mut sent = false;
+        let mut ctx =
+            Ctx { hub: &hub, auth: &mut auth, hold_until: &mut hold, sent_c2d: &mut sent, unsettled_room: 1 };
         let req = AttachRequest {
             name: "l",
             peer_sends,
