@@ -76,6 +76,9 @@ where
     let silence_limit = Duration::from_millis(u64::from(conn.idle_timeout_ms()) * 2);
     let mut last_write = Instant::now();
     let mut last_read = Instant::now();
+    // With --persist: the ticket of what a read journaled, taken before the yield below (tickets
+    // are per thread, and the task may resume on another worker, or another task take it).
+    let mut read_ticket = None;
     loop {
         // Enabled before checking the hub, so a record queued in between still wakes us.
         let notified = hub.notifier().notified();
@@ -87,7 +90,7 @@ where
         conn.pump();
         // With --persist: the dispositions answering what this turn changed (C2D sends, feedback
         // settlements) go out once its records are written.
-        let ticket = hub.take_durability_ticket();
+        let ticket = hub.take_durability_ticket().max(read_ticket.take());
         if ticket.is_some()
             && let Err(e) = hub.durable(ticket).await
         {
@@ -126,6 +129,7 @@ where
                     last_read = Instant::now();
                     conn.receive(&buf[..n]);
                     if conn.take_sent_c2d() {
+                        read_ticket = hub.take_durability_ticket();
                         // The device connections these sends woke go first: they write their
                         // PUBLISHes before this connection settles the sends and reads more, so a
                         // sender's window of unsettled sends also bounds the messages waiting
