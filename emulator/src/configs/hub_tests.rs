@@ -329,6 +329,22 @@ async fn the_sweeper_applies_without_being_asked() {
     hub.shutdown_configurations();
 }
 
+/// The sweeper holds the hub only while it works: dropping the last handle frees the hub (and
+/// ends the sweeper) without `shutdown_configurations`. It held a strong handle before.
+#[tokio::test]
+async fn dropping_the_last_handle_frees_a_hub_with_a_sweeper() {
+    let hub = hub_with(&[("a", json!({"env": "test"}))]);
+    hub.put_configuration("fw", &fw_config("3.0", "*", 0), None).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while desired(&hub, "a") != json!({ "firmware": { "version": "3.0" } }) {
+        assert!(tokio::time::Instant::now() < deadline, "the sweeper did not apply the configuration");
+        tokio::task::yield_now().await;
+    }
+    let weak = hub.downgrade();
+    drop(hub);
+    assert!(weak.upgrade().is_none(), "something still holds the hub after its last handle was dropped");
+}
+
 /// Rough cost of a full sweep and of reading a configuration's metrics (run by hand:
 /// `cargo test -p iothub-emulator --release --lib configs::hub_tests::sweep_cost -- --ignored --nocapture`).
 #[test]

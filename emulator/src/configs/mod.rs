@@ -61,8 +61,8 @@ pub const DIRTY_MAX: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct Configs {
     state: Mutex<State>,
-    /// Wakes the sweeper.
-    wake: tokio::sync::Notify,
+    /// Wakes the sweeper (shared with it: the sweeper holds no [`Hub`] while it waits).
+    wake: Arc<tokio::sync::Notify>,
     /// Configurations in the table, read without the lock on every twin write.
     count: AtomicUsize,
     /// Whether the sweeper task was started.
@@ -70,8 +70,15 @@ pub struct Configs {
     /// Recovery (`--persist`) put back a twin's non-empty configuration record: a sweep is owed
     /// even with no configuration left (what a deleted one wrote may still need taking back).
     recovered_records: AtomicBool,
-    /// Stops the sweeper when the hub shuts down.
+    /// Stops the sweeper when the hub shuts down, or when the hub is dropped (see `Drop`).
     shutdown: CancellationToken,
+}
+
+impl Drop for Configs {
+    /// The last [`Hub`] handle is gone: the sweeper, which holds only a weak one, ends.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -207,7 +214,7 @@ impl Hub {
             return;
         }
         let token = c.shutdown.clone();
-        rt.spawn(sweeper(self.clone(), token));
+        rt.spawn(sweeper(self.downgrade(), c.wake.clone(), token));
     }
 
     /// After recovery (`--persist`): the sweeper work the hub owed when it stopped is not kept,
@@ -226,7 +233,7 @@ impl Hub {
         c.wake.notify_one();
     }
 
-    /// Stops the sweeper (the hub is shutting down).
+    /// Stops the sweeper (the hub is shutting down; dropping the last handle stops it too).
     pub fn shutdown_configurations(&self) {
         self.configs().shutdown.cancel();
     }
@@ -335,12 +342,18 @@ impl Hub {
 }
 
 /// The sweeper: does owed work a unit at a time, yielding between units, and sleeps when none.
-async fn sweeper(hub: Hub, token: CancellationToken) {
+/// The sweeper task: does owed work, then waits for more. Holds the hub only for a step, so
+/// dropping the last [`Hub`] ends it (the drop cancels `token`).
+async fn sweeper(hub: crate::hub::WeakHub, wake: Arc<tokio::sync::Notify>, token: CancellationToken) {
     loop {
-        let notified = hub.configs().wake.notified();
+        let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if hub.config_step() {
+        let worked = match hub.upgrade() {
+            Some(hub) => hub.config_step(),
+            None => return,
+        };
+        if worked {
             tokio::task::yield_now().await;
             continue;
         }

@@ -123,6 +123,18 @@ pub struct Hub {
     shared: Arc<Shared>,
 }
 
+/// A handle that does not keep the hub alive: for the hub's own background tasks, so dropping
+/// the last [`Hub`] frees it.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakHub(std::sync::Weak<Shared>);
+
+impl WeakHub {
+    /// The hub, while some [`Hub`] still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(|shared| Hub { shared })
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     config: HubConfig,
@@ -182,6 +194,11 @@ struct Shard {
 }
 
 impl Hub {
+    /// A handle that does not keep the hub alive (see [`WeakHub`]).
+    pub(crate) fn downgrade(&self) -> WeakHub {
+        WeakHub(Arc::downgrade(&self.shared))
+    }
+
     /// A hub with `config`, on the system clock.
     pub fn new(config: HubConfig) -> Self {
         Self::with_clock(config, Arc::new(SystemClock))
