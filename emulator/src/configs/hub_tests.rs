@@ -317,8 +317,8 @@ fn list_is_by_id_and_honours_top() {
     assert_eq!(ids, ["a", "b"]);
 }
 
-#[tokio::test]
-async fn the_sweeper_applies_without_being_asked() {
+/// A hub with one device and one configuration, once its sweeper (not a settle call) applied it.
+async fn hub_swept_by_its_sweeper() -> Hub {
     let hub = hub_with(&[("a", json!({"env": "test"}))]);
     hub.put_configuration("fw", &fw_config("3.0", "*", 0), None).unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -326,20 +326,19 @@ async fn the_sweeper_applies_without_being_asked() {
         assert!(tokio::time::Instant::now() < deadline, "the sweeper did not apply the configuration");
         tokio::task::yield_now().await;
     }
-    hub.shutdown_configurations();
+    hub
+}
+
+#[tokio::test]
+async fn the_sweeper_applies_without_being_asked() {
+    hub_swept_by_its_sweeper().await.shutdown_configurations();
 }
 
 /// The sweeper holds the hub only while it works: dropping the last handle frees the hub (and
 /// ends the sweeper) without `shutdown_configurations`. It held a strong handle before.
 #[tokio::test]
 async fn dropping_the_last_handle_frees_a_hub_with_a_sweeper() {
-    let hub = hub_with(&[("a", json!({"env": "test"}))]);
-    hub.put_configuration("fw", &fw_config("3.0", "*", 0), None).unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while desired(&hub, "a") != json!({ "firmware": { "version": "3.0" } }) {
-        assert!(tokio::time::Instant::now() < deadline, "the sweeper did not apply the configuration");
-        tokio::task::yield_now().await;
-    }
+    let hub = hub_swept_by_its_sweeper().await;
     let weak = hub.downgrade();
     drop(hub);
     assert!(weak.upgrade().is_none(), "something still holds the hub after its last handle was dropped");
