@@ -109,6 +109,30 @@ fn fanout_bench_delivers_to_200_devices_and_prints_the_table() {
     }
 }
 
+/// The floor broker (`floor`, epoll, and `floor-uring`) delivers every message like a server and
+/// gets its own rows and ratio lines: the hub against the floor, and the floor against the peers.
+#[test]
+fn floor_broker_delivers_to_200_devices_over_epoll_and_io_uring() {
+    // io_uring can be switched off (`kernel.io_uring_disabled`); then only the epoll floor runs.
+    let uring = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|v| v.trim() == "0");
+    if !uring {
+        eprintln!("\n!!! floor smoke test: io_uring is disabled here: floor-uring NOT TESTED !!!\n");
+    }
+    let servers = if uring { "hub-amqp,floor,floor-uring" } else { "hub-amqp,floor" };
+    let (status, stdout, stderr) =
+        run_bench(&["--devices", "200", "--servers", servers, "--hub-bin", "self", "--timeout-secs", "60"]);
+    assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
+    let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
+    let floors: &[&str] = if uring { &["floor", "floor-uring"] } else { &["floor"] };
+    for floor in floors {
+        assert!(result.contains(&format!("{floor}: ok")), "{floor}: {result}");
+        assert!(stdout.contains(&format!("hub-amqp/{floor}")), "a hub-amqp/{floor} ratio line:\n{stdout}");
+    }
+    let row = stdout.lines().find(|l| l.starts_with("floor (epoll)")).expect("the floor's row");
+    let numbers: Vec<f64> = row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(numbers.len() >= 8 && numbers[1] > 0.0, "the floor's row has a fan-out rate: {row}");
+}
+
 /// `--persist` beside the in-memory hub: the iothub-emulator binary beside the test (built by
 /// `cargo test --workspace`, or `cargo build -p iothub-emulator`); the persisted hub writes its
 /// journal (bytes handed to `write` per message) on top of what the in-memory one writes.

@@ -1,6 +1,6 @@
 //! The C2D fan-out bench's shared pieces (the `fanout` binary and `examples/fanout_alloc.rs`):
 //! device naming and credentials, the payload that carries its send time, the lean MQTT codec
-//! ([`codec`]), the device-side client process ([`devices`]) and readers of a server process's
+//! ([`codec`]), the device-side client process ([`devices`]), the floor broker ([`floor`]) and readers of a server process's
 //! CPU time and memory ([`procfs`]).
 //!
 //! Every process of one run reads the same clock, `CLOCK_MONOTONIC` ([`mono_ns`]), so a latency is
@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod devices;
+pub mod floor;
 pub mod procfs;
 pub mod telemetry;
 

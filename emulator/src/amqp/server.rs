@@ -17,8 +17,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Connection;
 use super::frame::HEARTBEAT;
+use super::{Connection, Wakes};
 use crate::hub::Hub;
 use crate::listener::{accept_connections, tls_handshake};
 
@@ -79,14 +79,22 @@ where
     // With --persist: the ticket of what a read journaled, taken before the yield below (tickets
     // are per thread, and the task may resume on another worker, or another task take it).
     let mut read_ticket = None;
+    // The notifiers the last turn's links waited on. Only those are registered with: a sender's
+    // connection (no link waits on the hub) then costs the hub's notifier nothing per turn, and
+    // each C2D send notifies no one. A turn whose links start waiting on another runs again.
+    let mut watch = Wakes { hub: true, events: true, at: None };
     loop {
         // Enabled before checking the hub, so a record queued in between still wakes us.
         let notified = hub.notifier().notified();
         tokio::pin!(notified);
-        notified.as_mut().enable();
+        if watch.hub {
+            notified.as_mut().enable();
+        }
         let events = hub.events_notifier().notified();
         tokio::pin!(events);
-        events.as_mut().enable();
+        if watch.events {
+            events.as_mut().enable();
+        }
         conn.pump();
         // With --persist: the dispositions answering what this turn changed (C2D sends, feedback
         // settlements) go out once its records are written.
@@ -117,6 +125,12 @@ where
             break;
         }
         let wakes = conn.wakes();
+        if (wakes.hub && !watch.hub) || (wakes.events && !watch.events) {
+            // A link started waiting on a notifier not registered with before this turn's check.
+            watch = wakes;
+            continue;
+        }
+        watch = Wakes { at: None, ..wakes };
         let wake_at =
             wakes.at.map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(hub.now())));
         let heartbeat_at =

@@ -56,7 +56,8 @@ struct RunArgs {
     /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
     /// (sent to over AMQP like the service SDKs), `hub-persist` and `hub-amqp-persist` (the same
     /// with `--persist`: compared with the in-memory hub in their own line), `mosquitto`,
-    /// `rumqttd`.
+    /// `rumqttd`, and `floor` / `floor-uring`: this binary's floor broker over epoll or io_uring,
+    /// which forwards bytes and nothing else (what the kernel alone costs a message here).
     #[arg(long, value_delimiter = ',', default_value = "hub,hub-amqp,mosquitto,rumqttd")]
     servers: Vec<String>,
     /// Repetitions; the table shows medians.
@@ -154,6 +155,16 @@ enum Internal {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// (internal) The floor broker: the least an MQTT server can do for this bench
+    /// (`testbench::fanout::floor`); serves until signalled.
+    #[command(hide = true)]
+    FloorServe {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// io_uring instead of epoll.
+        #[arg(long)]
+        uring: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -186,6 +197,15 @@ fn main() -> Result<()> {
             .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
             .build()?
             .block_on(hub_serve(&data_dir)),
+        Some(Internal::FloorServe { listen, uring }) => {
+            let listener = std::net::TcpListener::bind(listen)?;
+            if uring {
+                fanout::floor::serve_uring(listener)?;
+            } else {
+                fanout::floor::serve_epoll(listener)?;
+            }
+            Ok(())
+        }
         None => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let failed = rt.block_on(run(args.run))?;
@@ -218,6 +238,8 @@ struct Round {
     p99_ms: f64,
     cpu_us_per_msg: f64,
     client_cpu_us_per_msg: f64,
+    /// The sender's (this process's) CPU while it sent the round.
+    sender_cpu_us_per_msg: f64,
     /// Server RSS growth since before the connects, per device, after this round.
     kib_after: f64,
     /// Bytes the server handed to `write`-like calls during the round (sockets and files,
@@ -645,10 +667,12 @@ async fn fan_out(
     let stat_dir =
         a.syscalls.then(|| a.perf_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fanout-perf")));
     let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true).await?;
-    let cpu0 = procfs::cpu_us(pid).context("server CPU")?;
+    let cpu0 = server_cpu_ns(pid)?;
     let io0 = write_counters(pid).context("server /proc/<pid>/io")?;
     let order: Vec<usize> = (0..n).collect();
+    let own0 = procfs::cpu_us(std::process::id()).context("sender CPU")?;
     let sent: SendStats = sender.run(&order, round, Duration::from_secs(a.timeout_secs)).await;
+    let own1 = procfs::cpu_us(std::process::id()).context("sender CPU")?;
     let collected = clients
         .command(
             &format!("collect {round} {}", a.timeout_secs * 1000),
@@ -657,7 +681,7 @@ async fn fan_out(
         )
         .await?;
     settle(pid).await;
-    let cpu1 = procfs::cpu_us(pid).context("server CPU")?;
+    let cpu1 = server_cpu_ns(pid)?;
     let io1 = write_counters(pid).context("server /proc/<pid>/io")?;
     stop_perf(perf).await;
     let syscalls = stop_perf(stat).await;
@@ -677,8 +701,9 @@ async fn fan_out(
         fanout_per_s: if secs > 0.0 { received as f64 / secs } else { 0.0 },
         p50_ms: fanout::quantile(&lat, 0.50).unwrap_or(0) as f64 / 1000.0,
         p99_ms: fanout::quantile(&lat, 0.99).unwrap_or(0) as f64 / 1000.0,
-        cpu_us_per_msg: cpu1.saturating_sub(cpu0) as f64 / received.max(1) as f64,
+        cpu_us_per_msg: cpu_delta_ns(cpu0, cpu1) as f64 / 1000.0 / received.max(1) as f64,
         client_cpu_us_per_msg: sum(&collected, "cpu_us") as f64 / received.max(1) as f64,
+        sender_cpu_us_per_msg: own1.saturating_sub(own0) as f64 / received.max(1) as f64,
         kib_after: rss_after.saturating_sub(rss_base) as f64 / n as f64,
         wchar_per_msg: io1.wchar.saturating_sub(io0.wchar) as f64 / received.max(1) as f64,
         disk_per_msg: io1.write_bytes.saturating_sub(io0.write_bytes) as f64 / received.max(1) as f64,
@@ -705,14 +730,15 @@ async fn fan_out(
     }
     println!(
         "  round {round}: fan-out {received}/{n} in {secs:.3} s ({:.0} msg/s), p50 {:.2} ms, p99 {:.2} ms; \
-         server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg; RSS +{:.1} MiB after ({:.2} KiB/conn); \
+         server CPU {:.3} s ({:.1} µs/msg); client CPU {:.1} µs/msg, sender {:.1}; RSS +{:.1} MiB after ({:.2} KiB/conn); \
          server writes {:.0} B/msg (wchar), {:.0} B/msg to storage",
         r.fanout_per_s,
         r.p50_ms,
         r.p99_ms,
-        cpu1.saturating_sub(cpu0) as f64 / 1e6,
+        cpu_delta_ns(cpu0, cpu1) as f64 / 1e9,
         r.cpu_us_per_msg,
         r.client_cpu_us_per_msg,
+        r.sender_cpu_us_per_msg,
         rss_after.saturating_sub(rss_base) as f64 / 1024.0,
         r.kib_after,
         r.wchar_per_msg,
@@ -734,6 +760,22 @@ async fn fan_out(
         println!("  server system calls and context switches per delivered message: {}", per.join(", "));
     }
     Ok((r, received))
+}
+
+/// The server's CPU time in nanoseconds: the on-CPU time of its threads
+/// (`/proc/<pid>/task/*/schedstat`, nanosecond resolution; a fan-out round is 0.2-0.5 s, where the
+/// 10 ms ticks of `/proc/<pid>/stat` are 2-5%). A thread that exits during the round would take its
+/// time with it, so when the tick count grew by more (by over a tick), that is used instead.
+fn server_cpu_ns(pid: u32) -> Result<(u64, u64)> {
+    let ticks_us = procfs::cpu_us(pid).context("server CPU")?;
+    let run_ns = procfs::run_ns(pid).context("server CPU (schedstat)")?;
+    Ok((run_ns, ticks_us))
+}
+
+/// CPU nanoseconds between two [`server_cpu_ns`] readings.
+fn cpu_delta_ns(a: (u64, u64), b: (u64, u64)) -> u64 {
+    let (run, ticks) = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1) * 1000);
+    if ticks > run + 10_000_000 { ticks } else { run }
 }
 
 /// Where the telemetry reader reads `server`'s telemetry: the hub's Event Hub-compatible endpoint
@@ -857,6 +899,7 @@ fn medians(runs: &[Measured]) -> Measured {
                 p99_ms: f(&|m| m.rounds[i].p99_ms),
                 cpu_us_per_msg: f(&|m| m.rounds[i].cpu_us_per_msg),
                 client_cpu_us_per_msg: f(&|m| m.rounds[i].client_cpu_us_per_msg),
+                sender_cpu_us_per_msg: f(&|m| m.rounds[i].sender_cpu_us_per_msg),
                 kib_after: f(&|m| m.rounds[i].kib_after),
                 wchar_per_msg: f(&|m| m.rounds[i].wchar_per_msg),
                 disk_per_msg: f(&|m| m.rounds[i].disk_per_msg),
@@ -938,11 +981,13 @@ fn print_table(
             pr.disk_per_msg - mr.disk_per_msg,
         );
     }
-    for (hi, h) in table.iter().filter(|(i, _)| found[*i].kind.is_hub() && !found[*i].kind.persist()) {
+    // The hub against every peer (and the floor), and the floor against every peer.
+    let compared = |k: Kind| (k.is_hub() && !k.persist()) || k.is_floor();
+    for (hi, h) in table.iter().filter(|(i, _)| compared(found[*i].kind)) {
         let hr = pick(h);
         for (i, p) in table {
             let f = &found[*i];
-            if f.kind.is_hub() {
+            if f.kind.is_hub() || (f.kind.is_floor() && found[*hi].kind.is_floor()) {
                 continue;
             }
             let pr = pick(p);
@@ -959,12 +1004,23 @@ fn print_table(
             );
         }
     }
-    println!("(ratios hub/peer: above 1 is better for the hub for connect and fan-out, worse for the rest)");
+    println!(
+        "(ratios hub/peer: above 1 is better for the hub for connect and fan-out, worse for the rest; \
+              floor: the least any server can do, see bench/README.md)"
+    );
     let client: Vec<String> = table
         .iter()
-        .map(|(i, m)| format!("{} {:.1}", found[*i].kind.name(), pick(m).client_cpu_us_per_msg))
+        .map(|(i, m)| {
+            let r = pick(m);
+            format!(
+                "{} {:.1} + {:.1}",
+                found[*i].kind.name(),
+                r.client_cpu_us_per_msg,
+                r.sender_cpu_us_per_msg
+            )
+        })
         .collect();
-    println!("client CPU µs/msg (all client processes): {}", client.join(", "));
+    println!("client CPU µs/msg (device processes + sender): {}", client.join(", "));
 }
 
 /// Runs everything; returns whether something failed.
@@ -993,6 +1049,7 @@ async fn run(a: RunArgs) -> Result<bool> {
             Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => a.hub_bin.as_deref(),
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
+            Kind::Floor | Kind::FloorUring => None,
         };
         let mut f = servers::find(*k, explicit).await;
         if a.telemetry && k.is_hub() {

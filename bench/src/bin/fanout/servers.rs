@@ -38,6 +38,11 @@ pub enum Kind {
     Mosquitto,
     /// rumqttd (crates.io), embedded in `rumqttd-peer`.
     Rumqttd,
+    /// The floor broker (`testbench::fanout::floor`, this binary's `floor-serve`): forwards bytes
+    /// and nothing else, to show what the kernel alone costs a message on this machine.
+    Floor,
+    /// [`Kind::Floor`] over io_uring (`floor-serve --uring`).
+    FloorUring,
 }
 
 impl Kind {
@@ -50,8 +55,11 @@ impl Kind {
             "hub-amqp-persist" => Ok(Self::HubAmqpPersist),
             "mosquitto" => Ok(Self::Mosquitto),
             "rumqttd" => Ok(Self::Rumqttd),
+            "floor" => Ok(Self::Floor),
+            "floor-uring" => Ok(Self::FloorUring),
             other => bail!(
-                "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, mosquitto or rumqttd"
+                "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, mosquitto, rumqttd, \
+                 floor or floor-uring"
             ),
         }
     }
@@ -59,6 +67,11 @@ impl Kind {
     /// Whether this is the hub (with either sender, in memory or with `--persist`).
     pub fn is_hub(self) -> bool {
         matches!(self, Self::Hub | Self::HubAmqp | Self::HubPersist | Self::HubAmqpPersist)
+    }
+
+    /// Whether this is the floor broker (a lower bound, not a peer).
+    pub fn is_floor(self) -> bool {
+        matches!(self, Self::Floor | Self::FloorUring)
     }
 
     /// Whether this is the hub sent to through its REST extension.
@@ -89,6 +102,8 @@ impl Kind {
             Self::HubAmqpPersist => "hub-amqp-persist",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
+            Self::Floor => "floor",
+            Self::FloorUring => "floor-uring",
         }
     }
 }
@@ -207,6 +222,15 @@ pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
                 .filter(|v| !v.is_empty())
                 .unwrap_or_else(|| "rumqttd ?".into());
             Found { kind, program: Ok(program), label: version, hub: None }
+        }
+        Kind::Floor | Kind::FloorUring => {
+            let label = if kind == Kind::Floor { "floor (epoll)" } else { "floor (io_uring)" };
+            Found {
+                kind,
+                program: std::env::current_exe().map_err(|e| e.to_string()),
+                label: label.into(),
+                hub: None,
+            }
         }
     }
 }
@@ -366,6 +390,18 @@ impl Server {
                     .spawn()?;
                 let pid = child.id().context("rumqttd pid")?;
                 accepts(&mut child, mqtt, &log).await.context("rumqttd")?;
+                Ok(Self { kind: found.kind, pid, mqtt, http: None, amqp: None, log, child })
+            }
+            Kind::Floor | Kind::FloorUring => {
+                let mqtt = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+                let mut cmd = Command::new(&program);
+                cmd.arg("floor-serve").arg("--listen").arg(mqtt.to_string());
+                if found.kind == Kind::FloorUring {
+                    cmd.arg("--uring");
+                }
+                let mut child = cmd.stdout(Stdio::null()).stderr(stderr()?).kill_on_drop(true).spawn()?;
+                let pid = child.id().context("floor pid")?;
+                accepts(&mut child, mqtt, &log).await.context("floor")?;
                 Ok(Self { kind: found.kind, pid, mqtt, http: None, amqp: None, log, child })
             }
         }
