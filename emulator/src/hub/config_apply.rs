@@ -47,13 +47,13 @@ impl Hub {
         let mut done = 0;
         {
             let mut guard = self.shard(shard);
-            let start = after.map_or(Unbounded, |k| Excluded(k.to_string()));
-            for (id, d) in guard.devices.range_mut((start, Unbounded)) {
+            let start = after.map_or(Unbounded, Excluded);
+            for (id, d) in guard.devices.range_mut(start) {
                 if done == budget {
                     return (notices, Some((shard, last)));
                 }
                 done += 1;
-                last = Some(id.clone());
+                last = Some(id.to_string());
                 notices.append(&mut self.reconcile_kept(d, &by_kind, now));
             }
         }

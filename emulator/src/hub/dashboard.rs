@@ -284,25 +284,22 @@ impl Hub {
     /// by id, after id `after` (the previous page's last id). Returns the rows and whether more
     /// follow.
     pub fn dashboard_devices(&self, prefix: &str, after: Option<&str>, limit: usize) -> (Vec<Value>, bool) {
-        use std::ops::Bound::{Excluded, Included, Unbounded};
+        use std::ops::Bound::{Excluded, Included};
         let limit = limit.clamp(1, DEVICE_PAGE_MAX);
         let now = self.now();
         // The start bound: after the cursor, but never before the prefix.
         let start = match after {
-            Some(a) if a >= prefix => Excluded(a.to_string()),
-            _ => Included(prefix.to_string()),
+            Some(a) if a >= prefix => Excluded(a),
+            _ => Included(prefix),
         };
         // From each shard, the ids of its first `limit + 1` matches; the merged first `limit` are
         // the page, rendered afterwards (a device deleted in between is left out).
         let mut ids: Vec<String> = Vec::new();
         for i in 0..SHARD_COUNT {
             let shard = self.shard(i);
-            let matches = shard
-                .devices
-                .range::<String, _>((start.clone(), Unbounded))
-                .take_while(|(id, _)| id.starts_with(prefix))
-                .take(limit + 1);
-            ids.extend(matches.map(|(id, _)| id.clone()));
+            let matches =
+                shard.devices.range(start).take_while(|(id, _)| id.starts_with(prefix)).take(limit + 1);
+            ids.extend(matches.map(|(id, _)| id.to_string()));
         }
         ids.sort_unstable();
         let more = ids.len() > limit;

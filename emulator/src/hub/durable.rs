@@ -333,7 +333,7 @@ fn message_of(m: &C2dRec<'_>) -> C2dMessage {
     }
 }
 
-fn blank_device(id: &str, generation: u64) -> Device {
+pub(super) fn blank_device(id: &str, generation: u64) -> Device {
     Device {
         id: id.to_owned(),
         generation_id: generation,

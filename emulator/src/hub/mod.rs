@@ -18,6 +18,7 @@ mod auth;
 mod config_apply;
 pub mod dashboard;
 mod device;
+mod devmap;
 mod durable;
 pub mod events;
 pub mod link;
@@ -29,7 +30,6 @@ mod scrape;
 pub mod time;
 mod twin;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -189,7 +189,7 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct Shard {
-    devices: BTreeMap<String, Device>,
+    devices: devmap::DeviceMap,
 }
 
 /// A shard's lock on a cache line of its own: neighbouring shards locked from two cores at once

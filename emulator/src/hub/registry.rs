@@ -545,17 +545,17 @@ impl Hub {
         if query.collection == crate::query::Collection::Modules {
             return scan_shard_modules(shard, after, budget, query, sink);
         }
-        let start = after.map_or(Unbounded, |k| Excluded(k.to_string()));
+        let start = after.map_or(Unbounded, Excluded);
         let mut taken = 0;
         let mut last = None;
         let filter_roots = query.filter_roots();
         let select_roots = query.select_roots();
-        for (id, d) in shard.devices.range_mut((start, Unbounded)) {
+        for (id, d) in shard.devices.range_mut(start) {
             if taken == budget {
                 return (taken, last, false);
             }
             let n = self.pending_c2d(d, now, fb);
-            last = Some(id.clone());
+            last = Some(id.to_string());
             if query.matches(&twin_parts(d, n, Some(&filter_roots))) {
                 taken += 1;
                 if !query.is_count() {
@@ -825,16 +825,16 @@ fn scan_shard_modules(
     };
     let start = match (after_device, after_module) {
         (None, _) => Unbounded,
-        (Some(d), Some(_)) => Included(d.to_string()),
-        (Some(d), None) => Excluded(d.to_string()),
+        (Some(d), Some(_)) => Included(d),
+        (Some(d), None) => Excluded(d),
     };
     let mut taken = 0;
     let mut last = None;
     let filter_roots = query.filter_roots();
     let select_roots = query.select_roots();
-    for (id, d) in shard.devices.range((start, Unbounded)) {
+    for (id, d) in shard.devices.range(start) {
         for m in d.modules() {
-            if Some(id.as_str()) == after_device && after_module.is_some_and(|a| *m.id <= *a) {
+            if Some(id) == after_device && after_module.is_some_and(|a| *m.id <= *a) {
                 continue;
             }
             if taken == budget {

@@ -59,6 +59,11 @@ pub enum ReadError {
 /// packet's bytes are checked against what the codec does not enforce ([`wire`]) before it decodes
 /// them, and what it decoded after.
 pub fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
+    if buf.is_empty() {
+        // Everything read was taken. Nothing to reserve for: the next read goes through the stack
+        // (see `fill`), and reserving here cost every turn of the loop an allocation it then freed.
+        return Ok(None);
+    }
     if let Some(len) = wire::complete_frame_len(buf)?
         && len <= MQTT_MAX_PACKET_BYTES
     {
