@@ -61,7 +61,10 @@ pub enum ReadError {
 pub fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
     if buf.is_empty() {
         // Everything read was taken. Nothing to reserve for: the next read goes through the stack
-        // (see `fill`), and reserving here cost every turn of the loop an allocation it then freed.
+        // (see `fill`). Reserving here cost every turn of the loop an allocation it then freed;
+        // the empty buffer is let go instead, which also drops its share of the allocation the
+        // taken packets were read into (an idle connection keeps no buffer).
+        *buf = BytesMut::new();
         return Ok(None);
     }
     if let Some(len) = wire::complete_frame_len(buf)?
