@@ -1,5 +1,11 @@
 //! `testbench`: checks scenario files and runs them.
 
+/// mimalloc, as the `iothub-emulator` binary: an embedded run holds the hub, the fleet and the
+/// runner in this process, a million devices' worth of small allocations made on one thread and
+/// freed on another (see `bench/README.md`, "A million in-process devices").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,15 +194,21 @@ async fn run(
         b.finish_and_clear();
     }
     tracing::debug!("run done; writing reports");
-    let mut report = outcome.observed.report_json(&outcome.unmet);
+    // Written as it is serialized: at a million devices the per-device parts are most of a
+    // 600 MB file, never held whole (see `metrics::Report`).
+    let mut report = testbench::runner::metrics::Report::new(&outcome.observed, &outcome.unmet);
     let projection = tier_inputs.project(&outcome.observed);
-    if let (Some(p), Some(obj)) = (&projection, report.as_object_mut()) {
-        obj.insert("tier".into(), p.to_json());
+    if let Some(p) = &projection {
+        report.push("tier", p.to_json());
     }
-    tracing::debug!("report.json built");
     let path = out.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let write = |path: &std::path::Path| -> anyhow::Result<()> {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        serde_json::to_writer_pretty(&mut w, &report)?;
+        std::io::Write::flush(&mut w)?;
+        Ok(())
+    };
+    write(&path).with_context(|| format!("writing {}", path.display()))?;
     tracing::debug!("report.json written");
     let html = testbench::runner::html::render(&outcome.observed, &outcome.unmet)
         .context("rendering report.html")?;
