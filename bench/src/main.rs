@@ -223,6 +223,11 @@ async fn run(
     }
     println!("report: {}", path.display());
     println!("report: {}", html_path.display());
+    // The run's own memory line stops at the scenario's end; the process's peak includes writing
+    // the reports (a million devices' report.json is 640 MB of text).
+    if let Some(m) = testbench::memory::current() {
+        println!("process peak RSS with the reports written: {:.1} MiB (VmHWM)", m.peak_kib as f64 / 1024.0);
+    }
     let exit = if outcome.unmet.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     Ok(Finished { scenario: expect_name, verdicts: outcome.verdicts, exit })
 }

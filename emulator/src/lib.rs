@@ -28,6 +28,7 @@ pub mod persist;
 pub mod query;
 pub mod sas;
 pub mod server;
+pub mod shutdown;
 #[cfg(feature = "testcontainers")]
 pub mod testcontainers;
 pub mod throttle;

@@ -6,6 +6,7 @@
 //! `$dps/registrations/res/{status}/?$rid={rid}` (`$` on `rid` only: Python splits the topic on
 //! `$`), at QoS 1; the device's PUBACKs are not tracked (an unacknowledged answer is not resent).
 
+use crate::shutdown::Shutdown;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
@@ -14,7 +15,6 @@ use rumqttc::mqttbytes::v4::{
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{Credential, DpsError};
 use crate::hub::Hub;
@@ -230,7 +230,7 @@ pub async fn serve<S>(
     keep_alive_secs: u16,
     connack: Packet,
     rbuf: &mut BytesMut,
-    shutdown: &CancellationToken,
+    shutdown: &Shutdown,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -294,7 +294,7 @@ pub async fn serve<S>(
                 tracing::info!(registration = %reg, "DPS MQTT: keep-alive or token lapsed; closing");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = shutdown.wait() => return,
         }
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, HubError};
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 
 use super::{HttpContext, HttpResponse};
 
@@ -61,18 +62,37 @@ type ClientCert = Option<Arc<crate::x509::ClientChain>>;
 
 /// Subprotocols served over WebSocket, and the server for each.
 pub const SUBPROTOCOLS: &[(&str, ProtocolServer)] = &[
-    ("mqtt", |hub, io, peer, cert, shutdown| {
-        Box::pin(crate::mqtt::connection::serve(
-            hub,
-            io,
-            peer,
-            cert,
-            crate::metrics::Transport::MqttWs,
-            shutdown,
-        ))
-    }),
+    ("mqtt", |hub, io, peer, cert, shutdown| Box::pin(serve_mqtt(hub, io, peer, cert, shutdown))),
     ("AMQPWSB10", |hub, io, _peer, _cert, shutdown| Box::pin(serve_amqp(hub, io, shutdown))),
 ];
+
+/// MQTT on an upgraded connection, as on the 8883 listener. The connection waits on a
+/// [`Shutdown`] of its own, fired here when `shutdown` is cancelled (then the connection ends as
+/// at any hub shutdown); a listener-wide one would need a task per WebSocket connection that
+/// outlives it.
+async fn serve_mqtt(
+    hub: Hub,
+    io: DuplexStream,
+    peer: SocketAddr,
+    cert: ClientCert,
+    shutdown: CancellationToken,
+) {
+    let signal = Shutdown::new();
+    let serve = crate::mqtt::connection::serve(
+        hub,
+        io,
+        peer,
+        cert,
+        crate::metrics::Transport::MqttWs,
+        signal.clone(),
+    );
+    tokio::pin!(serve);
+    tokio::select! {
+        () = &mut serve => return,
+        () = shutdown.cancelled() => signal.fire(),
+    }
+    serve.await
+}
 
 /// The AMQP service endpoint on an upgraded connection, as on the 5671 listener.
 async fn serve_amqp(hub: Hub, io: DuplexStream, shutdown: CancellationToken) {

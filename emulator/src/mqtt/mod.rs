@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::hub::Hub;
 use crate::listener::{accept_connections, tls_handshake};
 use crate::metrics::Transport;
+use crate::shutdown::Shutdown;
 
 /// Accepts MQTT connections on `listener` (TLS when `tls` is set) until `shutdown`.
 pub async fn accept_loop(
@@ -35,7 +36,8 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let name = if tls.is_some() { "mqtts" } else { "mqtt" };
-    let sd = shutdown.clone();
+    // What the connections wait on: fired when `shutdown` is cancelled, cheap to poll.
+    let sd = Shutdown::on_cancel(&shutdown);
     // Each connection's task holds only a box sized for its own protocol: an idle plain connection
     // does not carry the TLS variant's state, nor a TLS connection its finished handshake's.
     accept_connections(listener, name, shutdown, tracker, move |stream, peer| -> ConnectionFuture {
@@ -50,13 +52,7 @@ pub async fn accept_loop(
 
 type ConnectionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-async fn serve_tls(
-    acceptor: TlsAcceptor,
-    hub: Hub,
-    stream: TcpStream,
-    peer: SocketAddr,
-    sd: CancellationToken,
-) {
+async fn serve_tls(acceptor: TlsAcceptor, hub: Hub, stream: TcpStream, peer: SocketAddr, sd: Shutdown) {
     if let Some(s) = tls_handshake(&acceptor, stream, peer, "MQTT").await {
         let cert = crate::x509::ClientChain::from_tls(s.get_ref().1);
         Box::pin(connection::serve(hub, s, peer, cert, Transport::Mqtt, sd)).await
