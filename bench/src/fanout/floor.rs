@@ -205,7 +205,8 @@ pub fn serve_epoll(listener: TcpListener) -> io::Result<()> {
                 continue;
             }
             if flags & libc::EPOLLOUT as u32 != 0 {
-                let c = conns[fd as usize].as_mut().expect("registered connection");
+                // Closed earlier in this batch of events: nothing to send.
+                let Some(c) = conns.get_mut(fd as usize).and_then(Option::as_mut) else { continue };
                 match send(fd, &c.pending) {
                     Ok(k) => {
                         c.pending.drain(..k);

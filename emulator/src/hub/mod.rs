@@ -5,7 +5,8 @@
 //! [`Hub`] and never keep hub state of their own. [`Hub`] is a cheap handle (`Arc` inside).
 //!
 //! Ownership and locking: devices live in [`SHARD_COUNT`] shards, each a `std::sync::Mutex` over a
-//! `BTreeMap` keyed by device id; a device belongs to the shard its id hashes to. The feedback hub
+//! map ordered by device id (`devmap::DeviceMap`, a B-tree whose keys carry the id's first bytes
+//! inline); a device belongs to the shard its id hashes to. The feedback hub
 //! and the telemetry event log have one mutex each (the log's wake-up signals sit outside it, see
 //! `events`; the dashboard's cache and scenario status have theirs, see [`dashboard`]); scheduled
 //! jobs have theirs inside `crate::jobs::Jobs`, configurations theirs inside `crate::configs::Configs`.
