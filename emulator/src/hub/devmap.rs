@@ -122,6 +122,15 @@ impl Ord for Key {
     }
 }
 
+/// A range bound on a probe, as the trait object the map compares with.
+fn as_ordered<'p>(bound: &'p Bound<Probe<'p>>) -> Bound<&'p dyn Ordered> {
+    match bound {
+        Bound::Included(p) => Bound::Included(p as &dyn Ordered),
+        Bound::Excluded(p) => Bound::Excluded(p as &dyn Ordered),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
 /// The devices of one shard by id, in id order.
 #[derive(Debug, Default)]
 pub(super) struct DeviceMap {
@@ -167,12 +176,7 @@ impl DeviceMap {
     /// The devices from `start` on, in id order, with their ids.
     pub(super) fn range<'s>(&'s self, start: Bound<&str>) -> impl Iterator<Item = (&'s str, &'s Device)> {
         let probe = start.map(Probe::new);
-        let start = match &probe {
-            Bound::Included(p) => Bound::Included(p as &dyn Ordered),
-            Bound::Excluded(p) => Bound::Excluded(p as &dyn Ordered),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        self.map.range::<dyn Ordered, _>((start, Bound::Unbounded)).map(|(k, d)| (&*k.id, d))
+        self.map.range::<dyn Ordered, _>((as_ordered(&probe), Bound::Unbounded)).map(|(k, d)| (&*k.id, d))
     }
 
     /// The devices from `start` on, in id order, with their ids, to change.
@@ -181,12 +185,7 @@ impl DeviceMap {
         start: Bound<&str>,
     ) -> impl Iterator<Item = (&'s str, &'s mut Device)> {
         let probe = start.map(Probe::new);
-        let start = match &probe {
-            Bound::Included(p) => Bound::Included(p as &dyn Ordered),
-            Bound::Excluded(p) => Bound::Excluded(p as &dyn Ordered),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        self.map.range_mut::<dyn Ordered, _>((start, Bound::Unbounded)).map(|(k, d)| (&*k.id, d))
+        self.map.range_mut::<dyn Ordered, _>((as_ordered(&probe), Bound::Unbounded)).map(|(k, d)| (&*k.id, d))
     }
 }
 
