@@ -226,6 +226,16 @@ mod tests {
         v
     }
 
+    /// The ids `m` walks from `start` are those `model` walks from it.
+    fn assert_same_from(m: &DeviceMap, model: &BTreeMap<String, usize>, start: Bound<&str>) {
+        let got: Vec<&str> = m.range(start).map(|(k, _)| k).collect();
+        let want: Vec<&str> = model
+            .range::<String, _>((start.map(str::to_string), Bound::Unbounded))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(got, want, "from {start:?}");
+    }
+
     /// Same order, same answers as a `BTreeMap<String, _>`, for ids that share their first 16
     /// bytes and ids that do not.
     #[test]
@@ -243,12 +253,7 @@ mod tests {
         assert_eq!(got, want);
         for id in model.keys() {
             assert_eq!(m.get(id).map(|d| d.id.as_str()), Some(id.as_str()));
-            let after: Vec<&str> = m.range(Bound::Excluded(id)).map(|(k, _)| k).collect();
-            let want: Vec<&str> = model
-                .range::<String, _>((Bound::Excluded(id.clone()), Bound::Unbounded))
-                .map(|(k, _)| k.as_str())
-                .collect();
-            assert_eq!(after, want, "after {id}");
+            assert_same_from(&m, &model, Bound::Excluded(id));
             let from: Vec<&str> = m.range(Bound::Included(id)).map(|(k, _)| k).take(3).collect();
             assert_eq!(from.first(), Some(&id.as_str()));
         }
@@ -256,12 +261,7 @@ mod tests {
             ["", "fanout-00000", "fridge-000000000001-", "0123456789abcdef\u{0}", "zzz", "nul\u{0}\u{0}"]
         {
             assert!(m.get(missing).is_none(), "{missing:?}");
-            let after: Vec<&str> = m.range(Bound::Included(missing)).map(|(k, _)| k).collect();
-            let want: Vec<&str> = model
-                .range::<String, _>((Bound::Included(missing.to_string()), Bound::Unbounded))
-                .map(|(k, _)| k.as_str())
-                .collect();
-            assert_eq!(after, want, "from {missing:?}");
+            assert_same_from(&m, &model, Bound::Included(missing));
         }
         for id in ids().iter().step_by(3) {
             assert!(m.remove(id).is_some());
