@@ -306,7 +306,7 @@ fn amqp_transfer(c: &mut Criterion) {
     let wire = encode(&msg);
     let back = decode(wire.clone());
     assert_eq!(back, msg, "the codec round-trips the transfer");
-    let (device, c2d) = message::to_c2d(&back).expect("a C2D message");
+    let (device, c2d) = message::to_c2d(back.clone()).expect("a C2D message");
     assert_eq!((device.as_str(), c2d.ack), ("fridge-00042", AckMode::Full));
 
     let mut g = c.benchmark_group("amqp");

@@ -2,8 +2,11 @@
 //! exposition format (version 0.0.4) `GET /metrics` answers with.
 //!
 //! Owns [`Metrics`], one per hub (inside `Hub`'s shared state). Every counter is a relaxed
-//! `AtomicU64` bumped where the event happens: no lock, no allocation, a few nanoseconds, so the
-//! C2D fan-out pays two or three atomic adds a message. Histograms keep one non-cumulative count
+//! `AtomicU64` bumped where the event happens: no lock, no allocation, a few nanoseconds. The ones
+//! every C2D message bumps from several threads (the C2D counts, the queue-depth histogram and the
+//! request-latency histograms) are *striped*: each thread adds to its own copy ([`STRIPES`] of
+//! them, each on cache lines of its own) and a scrape adds the copies up, so the fan-out's
+//! threads never pull the same line back and forth. Histograms keep one non-cumulative count
 //! per bucket plus a sum; a scrape adds the buckets up. The C2D queue-depth histogram counts
 //! devices by depth, moved incrementally whenever an operation changes a queue's length (see
 //! [`Metrics::c2d_depth_moved`]), so a scrape never walks the devices. Gauges that other owners
@@ -15,7 +18,7 @@
 //! series ending in `+Inf`, then `_sum` and `_count`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use crate::c2d::FeedbackStatus;
 use crate::throttle::Op;
@@ -215,18 +218,31 @@ impl Transport {
     }
 }
 
-/// A histogram of durations: non-cumulative bucket counts (the last one is `+Inf`) and the sum
-/// in nanoseconds.
-#[derive(Debug)]
-pub struct Histogram {
+/// Copies of each striped counter (see the module doc): threads are given one in turn.
+pub const STRIPES: usize = 8;
+
+/// The stripe of the calling thread, given once per thread, round robin.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
+}
+
+/// One thread's copy of a histogram: 15 buckets and the sum fill its two cache lines exactly.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct HistogramStripe {
     buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
     sum_ns: AtomicU64,
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
-    }
+/// A histogram of durations: non-cumulative bucket counts (the last one is `+Inf`) and the sum
+/// in nanoseconds, striped.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    stripes: [HistogramStripe; STRIPES],
 }
 
 impl Histogram {
@@ -234,22 +250,22 @@ impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = LATENCY_BUCKETS_NS.partition_point(|b| *b < ns);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        let s = &self.stripes[stripe()];
+        s.buckets[i].fetch_add(1, Ordering::Relaxed);
+        s.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Cumulative counts per bucket (the last is the total) and the sum in seconds.
     fn snapshot(&self) -> (Vec<u64>, f64) {
         let mut acc = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Ordering::Relaxed);
+        let cumulative = (0..LATENCY_BUCKETS_NS.len() + 1)
+            .map(|i| {
+                acc += self.stripes.iter().map(|s| s.buckets[i].load(Ordering::Relaxed)).sum::<u64>();
                 acc
             })
             .collect();
-        (cumulative, self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9)
+        let sum_ns: u64 = self.stripes.iter().map(|s| s.sum_ns.load(Ordering::Relaxed)).sum();
+        (cumulative, sum_ns as f64 / 1e9)
     }
 }
 
@@ -311,30 +327,36 @@ pub fn status_index(status: FeedbackStatus) -> usize {
 /// The hub's metrics (see the module doc).
 #[derive(Debug)]
 pub struct Metrics {
-    c2d_sent: AtomicU64,
-    c2d_delivered: AtomicU64,
-    c2d_abandoned: AtomicU64,
-    c2d_finished: [AtomicU64; 5],
-    /// Devices whose queue length falls in `QUEUE_DEPTH_BUCKETS[i]` (non-cumulative), for
-    /// `i >= 1`; index 0 (empty queues) is derived from the registered count at scrape time.
-    depth_devices: [AtomicI64; QUEUE_DEPTH_BUCKETS.len() + 1],
-    /// Messages held in all queues.
-    depth_sum: AtomicI64,
+    c2d: [C2dStripe; STRIPES],
     refused: [[AtomicU64; RefusalReason::ALL.len()]; Transport::ALL.len()],
     connections: [AtomicI64; Transport::ALL.len()],
     throttled: [[AtomicU64; 2]; Op::ALL.len()],
     latency: Box<[Histogram]>,
 }
 
+/// One thread's copy of the C2D counters (see the module doc). A copy alone may go negative
+/// (a queue grown on one thread and emptied on another); the sum is exact.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct C2dStripe {
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    abandoned: AtomicU64,
+    finished: [AtomicU64; 5],
+    /// Devices whose queue length falls in `QUEUE_DEPTH_BUCKETS[i]` (non-cumulative), for
+    /// `i >= 1`; index 0 (empty queues) is derived from the registered count at scrape time.
+    depth_devices: [AtomicI64; QUEUE_DEPTH_BUCKETS.len() + 1],
+    /// Messages held in all queues.
+    depth_sum: AtomicI64,
+}
+
+/// Picks one counter out of a [`C2dStripe`] (for summing it over the stripes).
+type StripeField = fn(&C2dStripe) -> &AtomicU64;
+
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            c2d_sent: AtomicU64::new(0),
-            c2d_delivered: AtomicU64::new(0),
-            c2d_abandoned: AtomicU64::new(0),
-            c2d_finished: std::array::from_fn(|_| AtomicU64::new(0)),
-            depth_devices: std::array::from_fn(|_| AtomicI64::new(0)),
-            depth_sum: AtomicI64::new(0),
+            c2d: Default::default(),
             refused: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             connections: std::array::from_fn(|_| AtomicI64::new(0)),
             throttled: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
@@ -356,10 +378,11 @@ fn add(counter: &AtomicU64, n: u64) {
 impl Metrics {
     /// Adds what a batch of queue operations did.
     pub fn add_c2d(&self, c: &C2dCounts) {
-        add(&self.c2d_sent, c.sent);
-        add(&self.c2d_delivered, c.delivered);
-        add(&self.c2d_abandoned, c.abandoned);
-        for (counter, n) in self.c2d_finished.iter().zip(c.finished) {
+        let s = &self.c2d[stripe()];
+        add(&s.sent, c.sent);
+        add(&s.delivered, c.delivered);
+        add(&s.abandoned, c.abandoned);
+        for (counter, n) in s.finished.iter().zip(c.finished) {
             add(counter, n);
         }
     }
@@ -370,14 +393,15 @@ impl Metrics {
         if before == after {
             return;
         }
-        self.depth_sum.fetch_add(after as i64 - before as i64, Ordering::Relaxed);
+        let s = &self.c2d[stripe()];
+        s.depth_sum.fetch_add(after as i64 - before as i64, Ordering::Relaxed);
         let (from, to) = (depth_bucket(before), depth_bucket(after));
         if from != to {
             if from > 0 {
-                self.depth_devices[from].fetch_sub(1, Ordering::Relaxed);
+                s.depth_devices[from].fetch_sub(1, Ordering::Relaxed);
             }
             if to > 0 {
-                self.depth_devices[to].fetch_add(1, Ordering::Relaxed);
+                s.depth_devices[to].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -408,52 +432,46 @@ impl Metrics {
     /// `devices` is the registered count, which makes the queue-depth histogram's empty bucket.
     pub fn encode(&self, e: &mut Encoder, devices: u64) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let c2d = [
-            ("iothub_c2d_messages_sent_total", "C2D messages accepted into a device queue.", &self.c2d_sent),
+        let total = |f: StripeField| self.c2d.iter().map(|s| load(f(s))).sum::<u64>();
+        let c2d: [(&str, &str, StripeField); 8] = [
+            ("iothub_c2d_messages_sent_total", "C2D messages accepted into a device queue.", |s| &s.sent),
             (
                 "iothub_c2d_messages_delivered_total",
                 "C2D deliveries handed to a device (a redelivery counts again).",
-                &self.c2d_delivered,
+                |s| &s.delivered,
             ),
-            (
-                "iothub_c2d_messages_abandoned_total",
-                "C2D deliveries abandoned by the device.",
-                &self.c2d_abandoned,
-            ),
-            (
-                "iothub_c2d_messages_completed_total",
-                "C2D messages completed by the device.",
-                &self.c2d_finished[0],
-            ),
-            (
-                "iothub_c2d_messages_expired_total",
-                "C2D messages whose TTL ran out before completion.",
-                &self.c2d_finished[1],
-            ),
+            ("iothub_c2d_messages_abandoned_total", "C2D deliveries abandoned by the device.", |s| {
+                &s.abandoned
+            }),
+            ("iothub_c2d_messages_completed_total", "C2D messages completed by the device.", |s| {
+                &s.finished[0]
+            }),
+            ("iothub_c2d_messages_expired_total", "C2D messages whose TTL ran out before completion.", |s| {
+                &s.finished[1]
+            }),
             (
                 "iothub_c2d_messages_dead_lettered_total",
                 "C2D messages dead-lettered after the maximum delivery count (DeliveryCountExceeded).",
-                &self.c2d_finished[2],
+                |s| &s.finished[2],
             ),
-            (
-                "iothub_c2d_messages_rejected_total",
-                "C2D messages rejected by the device.",
-                &self.c2d_finished[3],
-            ),
-            (
-                "iothub_c2d_messages_purged_total",
-                "C2D messages dropped by a queue purge.",
-                &self.c2d_finished[4],
-            ),
+            ("iothub_c2d_messages_rejected_total", "C2D messages rejected by the device.", |s| {
+                &s.finished[3]
+            }),
+            ("iothub_c2d_messages_purged_total", "C2D messages dropped by a queue purge.", |s| {
+                &s.finished[4]
+            }),
         ];
         for (name, help, counter) in c2d {
             e.family(name, help, "counter");
-            e.sample(name, &[], load(counter) as f64);
+            e.sample(name, &[], total(counter) as f64);
         }
 
         // Queue depth: devices by depth; the empty bucket is every other registered device.
-        let held: Vec<u64> =
-            self.depth_devices.iter().map(|a| a.load(Ordering::Relaxed).max(0) as u64).collect();
+        let held: Vec<u64> = (0..QUEUE_DEPTH_BUCKETS.len() + 1)
+            .map(|i| {
+                self.c2d.iter().map(|s| s.depth_devices[i].load(Ordering::Relaxed)).sum::<i64>().max(0) as u64
+            })
+            .collect();
         let nonempty: u64 = held[1..].iter().sum();
         let mut counts = vec![devices.saturating_sub(nonempty)];
         counts.extend_from_slice(&held[1..]);
@@ -468,7 +486,7 @@ impl Metrics {
         let bounds: Vec<f64> = QUEUE_DEPTH_BUCKETS.iter().map(|b| *b as f64).collect();
         let name = "iothub_c2d_queue_depth";
         e.family(name, "Devices by the number of C2D messages their queue holds.", "histogram");
-        let sum = self.depth_sum.load(Ordering::Relaxed).max(0) as f64;
+        let sum = self.c2d.iter().map(|s| s.depth_sum.load(Ordering::Relaxed)).sum::<i64>().max(0) as f64;
         e.histogram(name, &[], &bounds, &cumulative, sum);
 
         let name = "iothub_device_connections";
@@ -628,6 +646,38 @@ impl Encoder {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Striped counters add up across threads, and a queue that grew on one thread and emptied
+    /// on another leaves the depth histogram as it was.
+    #[test]
+    fn striped_counts_add_up_across_threads() {
+        let m = Metrics::default();
+        std::thread::scope(|scope| {
+            for _ in 0..2 * STRIPES {
+                scope.spawn(|| {
+                    m.add_c2d(&C2dCounts { sent: 1, delivered: 2, ..Default::default() });
+                    m.c2d_depth_moved(0, 1);
+                    m.latency(Protocol::Mqtt, Operation::ALL[0]).observe(Duration::from_micros(50));
+                });
+            }
+        });
+        std::thread::scope(|scope| {
+            for _ in 0..2 * STRIPES {
+                scope.spawn(|| m.c2d_depth_moved(1, 0));
+            }
+        });
+        let mut e = Encoder::default();
+        m.encode(&mut e, 3);
+        let text = e.finish();
+        let n = 2 * STRIPES;
+        assert!(text.contains(&format!("iothub_c2d_messages_sent_total {n}\n")), "{text}");
+        assert!(text.contains(&format!("iothub_c2d_messages_delivered_total {}\n", 2 * n)), "{text}");
+        assert!(text.contains("iothub_c2d_queue_depth_bucket{le=\"0\"} 3\n"), "{text}");
+        assert!(text.contains("iothub_c2d_queue_depth_sum 0\n"), "{text}");
+        let (counts, sum) = m.latency(Protocol::Mqtt, Operation::ALL[0]).snapshot();
+        assert_eq!(counts, vec![n as u64; LATENCY_BUCKETS_NS.len() + 1], "all in the first bucket");
+        assert!((sum - n as f64 * 50e-6).abs() < 1e-9, "{sum}");
+    }
 
     #[test]
     fn label_tables_are_in_declaration_order() {

@@ -702,7 +702,12 @@ impl Connection {
             partial.oversized = true;
             partial.bytes = Vec::new();
         } else if !partial.oversized {
-            partial.bytes.extend_from_slice(&payload);
+            if partial.bytes.is_empty() {
+                // A delivery in one frame (every C2D send): its payload is the message, uncopied.
+                partial.bytes = payload;
+            } else {
+                partial.bytes.extend_from_slice(&payload);
+            }
         }
         if f.bool_or(9, false) {
             return Ok(()); // aborted: the delivery is forgotten
@@ -729,7 +734,7 @@ impl Connection {
             match Message::decode(&partial.bytes) {
                 Err(e) => Outcome::Rejected("amqp:decode-error", format!("the message does not decode: {e}")),
                 Ok(m) => {
-                    let (outcome, pump) = self.deliver(channel, handle, &m);
+                    let (outcome, pump) = self.deliver(channel, handle, m);
                     needs_pump = pump;
                     outcome
                 }
@@ -779,7 +784,7 @@ impl Connection {
     /// Hands a complete message to its link's node; also says whether the links need a pump (a
     /// reply was queued, or the node is not the C2D sender's, whose transfers change nothing a
     /// sending link waits for).
-    fn deliver(&mut self, channel: u16, handle: u32, m: &Message) -> (Outcome, bool) {
+    fn deliver(&mut self, channel: u16, handle: u32, m: Message) -> (Outcome, bool) {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return (Outcome::Rejected("amqp:not-found", "the session ended".into()), false);
         };

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::frame::{Fields, code, list};
+use super::frame::{code, list};
 use super::types::{DecodeError, Decoder, Value};
 use crate::c2d::{AckMode, C2dMessage};
 
@@ -58,12 +58,15 @@ pub struct Message {
     pub body: Body,
 }
 
-fn opt_value(v: &Value) -> Option<Value> {
-    (!v.is_null()).then(|| v.clone())
+fn opt_value(v: Value) -> Option<Value> {
+    (!v.is_null()).then_some(v)
 }
 
-fn opt_string(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_owned)
+fn opt_string(v: Value) -> Option<String> {
+    match v {
+        Value::String(s) | Value::Symbol(s) => Some(s),
+        _ => None,
+    }
 }
 
 fn opt_time(v: &Value) -> Option<i64> {
@@ -74,13 +77,14 @@ fn opt_time(v: &Value) -> Option<i64> {
 }
 
 impl Message {
-    /// Decodes the sections of a transfer payload.
+    /// Decodes the sections of a transfer payload. Each section's values move into the message
+    /// (a C2D send is decoded once per message: nothing is copied twice).
     pub fn decode(mut buf: &[u8]) -> Result<Self, DecodeError> {
         let mut m = Message::default();
         let mut decoder = Decoder::for_input(buf.len());
         while !buf.is_empty() {
             let section = decoder.value(&mut buf)?;
-            let Some((c, v)) = section.as_described() else {
+            let Some((c, v)) = section.into_described() else {
                 return Err(DecodeError::Shape("a message section is not a described value".into()));
             };
             match c {
@@ -89,11 +93,12 @@ impl Message {
                     let Value::Map(pairs) = v else {
                         return Err(DecodeError::Shape("application-properties is not a map".into()));
                     };
+                    m.application_properties.reserve(pairs.len());
                     for (k, v) in pairs {
-                        let key = k.as_str().ok_or_else(|| {
+                        let key = opt_string(k).ok_or_else(|| {
                             DecodeError::Shape("an application-properties key is not a string".into())
                         })?;
-                        m.application_properties.push((key.to_owned(), v.clone()));
+                        m.application_properties.push((key, v));
                     }
                 }
                 code::DATA => {
@@ -101,25 +106,25 @@ impl Message {
                         return Err(DecodeError::Shape("a data section is not binary".into()));
                     };
                     match &mut m.body {
-                        Body::Data(all) => all.extend_from_slice(b),
-                        body => *body = Body::Data(b.clone()),
+                        Body::Data(all) => all.extend_from_slice(&b),
+                        body => *body = Body::Data(b),
                     }
                 }
-                code::AMQP_VALUE => m.body = Body::Value(v.clone()),
+                code::AMQP_VALUE => m.body = Body::Value(v),
                 code::AMQP_SEQUENCE => {
                     let Value::List(items) = v else {
                         return Err(DecodeError::Shape("an amqp-sequence section is not a list".into()));
                     };
                     match &mut m.body {
-                        Body::Sequence(all) => all.extend(items.iter().cloned()),
-                        body => *body = Body::Sequence(items.clone()),
+                        Body::Sequence(all) => all.extend(items),
+                        body => *body = Body::Sequence(items),
                     }
                 }
                 code::MESSAGE_ANNOTATIONS => {
                     let Value::Map(pairs) = v else {
                         return Err(DecodeError::Shape("message-annotations is not a map".into()));
                     };
-                    m.message_annotations.extend(pairs.iter().cloned());
+                    m.message_annotations.extend(pairs);
                 }
                 code::HEADER | code::DELIVERY_ANNOTATIONS | code::FOOTER => {}
                 other => return Err(DecodeError::Shape(format!("unknown message section 0x{other:x}"))),
@@ -176,24 +181,35 @@ impl Message {
     }
 }
 
-fn decode_properties(v: &Value) -> Result<Properties, DecodeError> {
+fn decode_properties(v: Value) -> Result<Properties, DecodeError> {
     let Value::List(items) = v else {
         return Err(DecodeError::Shape("the properties section is not a list".into()));
     };
-    let f = Fields(items.clone());
+    let mut f = items.into_iter();
+    let mut next = || f.next().unwrap_or(Value::Null);
+    let message_id = opt_value(next());
+    let user_id = match next() {
+        Value::Binary(b) => Some(b),
+        other => opt_string(other).map(String::into_bytes),
+    };
+    let to = opt_string(next());
+    let _subject = next();
+    let reply_to = opt_string(next());
+    let correlation_id = opt_value(next());
+    let content_type = opt_string(next());
+    let content_encoding = opt_string(next());
+    let absolute_expiry_time = opt_time(&next());
+    let creation_time = opt_time(&next());
     Ok(Properties {
-        message_id: opt_value(f.get(0)),
-        user_id: match f.get(1) {
-            Value::Binary(b) => Some(b.clone()),
-            other => other.as_str().map(|s| s.as_bytes().to_vec()),
-        },
-        to: opt_string(f.get(2)),
-        reply_to: opt_string(f.get(4)),
-        correlation_id: opt_value(f.get(5)),
-        content_type: opt_string(f.get(6)),
-        content_encoding: opt_string(f.get(7)),
-        absolute_expiry_time: opt_time(f.get(8)),
-        creation_time: opt_time(f.get(9)),
+        message_id,
+        user_id,
+        to,
+        reply_to,
+        correlation_id,
+        content_type,
+        content_encoding,
+        absolute_expiry_time,
+        creation_time,
     })
 }
 
@@ -225,48 +241,51 @@ pub fn device_from_to(to: &str) -> Option<String> {
     percent_encoding::percent_decode_str(encoded).decode_utf8().ok().map(|s| s.into_owned())
 }
 
-fn app_value_text(v: &Value) -> String {
+fn app_value_text(v: Value) -> String {
     match v {
         Value::Bool(b) => b.to_string(),
         Value::Timestamp(t) => t.to_string(),
         Value::Double(d) => d.to_string(),
         Value::Float(f) => f.to_string(),
-        v => v.to_id_string().unwrap_or_default(),
+        v => v.into_id_string().unwrap_or_default(),
     }
 }
 
-/// Turns a service's C2D message into the hub's form, with the device it is for.
-pub fn to_c2d(m: &Message) -> Result<(String, C2dMessage), C2dFormatError> {
-    let to = m.properties.to.clone();
-    let device = to.as_deref().and_then(device_from_to).ok_or(C2dFormatError::To(to))?;
+/// Turns a service's C2D message into the hub's form, with the device it is for. Consumes the
+/// message: its body and text move into the C2D message rather than being copied.
+pub fn to_c2d(m: Message) -> Result<(String, C2dMessage), C2dFormatError> {
+    let Message { properties: p, application_properties, body, .. } = m;
+    let Some(device) = p.to.as_deref().and_then(device_from_to) else {
+        return Err(C2dFormatError::To(p.to));
+    };
     let mut ack = AckMode::None;
-    let mut properties = Vec::new();
-    for (k, v) in &m.application_properties {
+    let mut properties = Vec::with_capacity(application_properties.len());
+    for (k, v) in application_properties {
         if k == "iothub-ack" {
             let text = app_value_text(v);
             ack = AckMode::parse(&text).ok_or(C2dFormatError::Ack(text))?;
         } else {
-            properties.push((k.clone(), app_value_text(v)));
+            properties.push((k, app_value_text(v)));
         }
     }
-    let body = match &m.body {
-        Body::Data(b) => Bytes::from(b.clone()),
+    let body = match body {
+        Body::Data(b) | Body::Value(Value::Binary(b)) => Bytes::from(b),
         Body::Empty => Bytes::new(),
-        Body::Value(Value::Binary(b)) => Bytes::from(b.clone()),
-        Body::Value(Value::String(s)) => Bytes::from(s.clone().into_bytes()),
+        Body::Value(Value::String(s)) => Bytes::from(s.into_bytes()),
         _ => return Err(C2dFormatError::Body),
     };
-    let p = &m.properties;
     let expiry = match p.absolute_expiry_time {
         Some(t) => Some(u64::try_from(t).map_err(|_| C2dFormatError::Expiry(t))?),
         None => None,
     };
     let msg = C2dMessage {
-        message_id: p.message_id.as_ref().and_then(Value::to_id_string),
-        correlation_id: p.correlation_id.as_ref().and_then(Value::to_id_string),
-        user_id: p.user_id.as_ref().map(|u| String::from_utf8_lossy(u).into_owned()),
-        content_type: p.content_type.clone(),
-        content_encoding: p.content_encoding.clone(),
+        message_id: p.message_id.and_then(Value::into_id_string),
+        correlation_id: p.correlation_id.and_then(Value::into_id_string),
+        user_id: p.user_id.map(|u| {
+            String::from_utf8(u).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        }),
+        content_type: p.content_type,
+        content_encoding: p.content_encoding,
         ack,
         expiry,
         properties,
@@ -333,7 +352,7 @@ mod tests {
             message_annotations: vec![],
             body: Body::Data(b"payload".to_vec()),
         };
-        let (device, c2d) = to_c2d(&m).unwrap();
+        let (device, c2d) = to_c2d(m.clone()).unwrap();
         assert_eq!(device, "dev 1");
         assert_eq!(c2d.message_id.as_deref(), Some("00000000-0000-0000-0000-000000000000"));
         assert_eq!(c2d.correlation_id.as_deref(), Some("corr"));
@@ -348,12 +367,12 @@ mod tests {
     #[test]
     fn bad_c2d_messages_say_why() {
         let mut m = Message::default();
-        assert!(matches!(to_c2d(&m), Err(C2dFormatError::To(None))));
+        assert!(matches!(to_c2d(m.clone()), Err(C2dFormatError::To(None))));
         m.properties.to = Some("/devices/d/messages/devicebound".into());
         m.application_properties.push(("iothub-ack".into(), Value::str("sometimes")));
-        assert_eq!(to_c2d(&m).unwrap_err(), C2dFormatError::Ack("sometimes".into()));
+        assert_eq!(to_c2d(m.clone()).unwrap_err(), C2dFormatError::Ack("sometimes".into()));
         m.application_properties.clear();
         m.body = Body::Sequence(vec![]);
-        assert_eq!(to_c2d(&m).unwrap_err(), C2dFormatError::Body);
+        assert_eq!(to_c2d(m.clone()).unwrap_err(), C2dFormatError::Body);
     }
 }

@@ -329,6 +329,14 @@ impl Value {
         }
     }
 
+    /// [`Value::as_described`], taking the described value out instead of borrowing it.
+    pub fn into_described(self) -> Option<(u64, Value)> {
+        match self {
+            Self::Described(d, v) => d.as_u64().map(|code| (code, *v)),
+            _ => None,
+        }
+    }
+
     /// The text form used for message ids and logs: strings as they are, uuids hyphenated,
     /// numbers in decimal, binaries as lowercase hex.
     pub fn to_id_string(&self) -> Option<String> {
@@ -337,6 +345,14 @@ impl Value {
             Self::Uuid(u) => Some(uuid::Uuid::from_bytes(*u).hyphenated().to_string()),
             Self::Binary(b) => Some(b.iter().map(|x| format!("{x:02x}")).collect()),
             v => v.as_u64().map(|n| n.to_string()),
+        }
+    }
+
+    /// [`Value::to_id_string`], moving a string's text out instead of copying it.
+    pub fn into_id_string(self) -> Option<String> {
+        match self {
+            Self::String(s) | Self::Symbol(s) => Some(s),
+            v => v.to_id_string(),
         }
     }
 

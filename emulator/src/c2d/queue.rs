@@ -344,6 +344,14 @@ impl DeviceQueue {
         Ok(())
     }
 
+    /// Whether `token` still locks a message at `now` (it was not settled, purged, expired or
+    /// left to lapse).
+    pub fn holds_lock(&self, token: LockToken, now: Millis) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.expires_at > now && e.lock.is_some_and(|l| l.token == token && l.until > now))
+    }
+
     /// The last sequence number handed out (0: none yet).
     pub fn last_sequence(&self) -> u64 {
         self.last_sequence

@@ -18,12 +18,21 @@
 //! also put the link's key on a shared [`ReadySet`] (once until the driver looks), so one waiter
 //! hears about every link it drives.
 //!
+//! A C2D send to a connected device whose session has room and nothing else visible in its queue
+//! is handed over at once: the send locks the message for the session (under the shard lock it
+//! already holds) and leaves the delivery in the link ([`LinkEvent::C2dHanded`]), so the session
+//! publishes it without a visit of its own to the shard, which saves a look-up and the cache
+//! misses of a device last touched by another core on every fan-out message. The session
+//! *arms* its link for this at each visit that leaves room in its window (see
+//! [`Hub::settle_and_receive_c2d`]); a hand-over disarms it, so the hub never hands more than the
+//! window has room for; a delivery still in the link when the session ends is released.
+//!
 //! Events never block the hub. A C2D wake-up that finds the mailbox full is dropped safely (the
 //! connection pulls from the queue after every event it handles); a desired patch or method
 //! request that finds it full is logged and dropped, or refused, respectively.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +40,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{Notify, oneshot};
 
+use crate::c2d::Delivery;
 use crate::error::{ErrorCode, HubError};
 
 use super::durable::Kept;
@@ -56,6 +66,9 @@ pub mod subscriptions {
 pub enum LinkEvent {
     /// A C2D message was queued for the device.
     C2dAvailable,
+    /// A C2D message the hub locked for this connection when it was sent (see the module doc):
+    /// publish it, no need to ask the queue.
+    C2dHanded(Box<Delivery>),
     /// The service patched desired properties; the value carries `$version`.
     DesiredPatch(Box<Value>),
     /// A direct method call waiting for the device's answer.
@@ -148,6 +161,13 @@ pub struct LinkShared {
     /// this flag, not a queued event, so a send costs the mailbox no lock or allocation, repeated
     /// sends wake the connection once, and a full mailbox never loses the wake-up.
     c2d: AtomicBool,
+    /// The delivery handed over at send time, until the receiver takes it. Filled only under the
+    /// device's shard lock, and only while armed.
+    handed: Mutex<Option<Box<Delivery>>>,
+    /// The lock duration the session asked for while it is armed for a hand-over, 0 while not.
+    /// Written only under the device's shard lock. (32 bits: with them the mailbox and its `Arc`
+    /// counts fit mimalloc's 128-byte size class.)
+    armed_lock_ms: AtomicU32,
     ready: Option<ReadyHook>,
 }
 
@@ -157,6 +177,37 @@ impl LinkShared {
         if !self.c2d.swap(true, Ordering::AcqRel) {
             self.wake();
         }
+    }
+
+    /// The lock duration to hand a delivery over with, if the session is armed for one and the
+    /// link holds none (called under the device's shard lock).
+    pub(super) fn armed_for(&self) -> Option<u64> {
+        let ms = self.armed_lock_ms.load(Ordering::Relaxed);
+        (ms > 0 && self.lock_handed().is_none()).then_some(u64::from(ms))
+    }
+
+    /// Arms the link for one hand-over with locks of `lock_ms`, or disarms it (`None`); called
+    /// under the device's shard lock.
+    pub(super) fn arm(&self, lock_ms: Option<u64>) {
+        let ms = lock_ms.map_or(0, |ms| u32::try_from(ms).unwrap_or(u32::MAX).max(1));
+        self.armed_lock_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Leaves `delivery` for the receiver and disarms (called under the device's shard lock,
+    /// after [`Self::armed_for`]).
+    pub(super) fn hand(&self, delivery: Delivery) {
+        self.armed_lock_ms.store(0, Ordering::Relaxed);
+        *self.lock_handed() = Some(Box::new(delivery));
+        self.wake();
+    }
+
+    /// Takes the handed-over delivery, if there is one.
+    pub(super) fn take_handed(&self) -> Option<Box<Delivery>> {
+        self.lock_handed().take()
+    }
+
+    fn lock_handed(&self) -> std::sync::MutexGuard<'_, Option<Box<Delivery>>> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues `event` unless [`LINK_CHANNEL_CAPACITY`] events are already waiting.
@@ -209,6 +260,9 @@ impl LinkReceiver {
 
     /// The next event if one is waiting.
     pub fn try_recv(&self) -> Option<LinkEvent> {
+        if let Some(delivery) = self.0.take_handed() {
+            return Some(LinkEvent::C2dHanded(delivery));
+        }
         if self.0.c2d.load(Ordering::Acquire) && self.0.c2d.swap(false, Ordering::AcqRel) {
             return Some(LinkEvent::C2dAvailable);
         }
@@ -219,6 +273,12 @@ impl LinkReceiver {
             *q = VecDeque::new();
         }
         event
+    }
+
+    /// The delivery handed over at send time and not received yet: a session that ends takes it
+    /// after the hub let go of the link (so no other can come) and releases it with its own.
+    pub fn take_handed(&self) -> Option<Box<Delivery>> {
+        self.0.take_handed()
     }
 
     /// Whether a newer connection, or deleting or disabling the device, closed this one.
@@ -581,6 +641,13 @@ mod tests {
         assert_eq!(pending.await.unwrap().unwrap().status, 200);
     }
 
+    /// The mailbox is allocated per connection (a million in the million-device run): with its
+    /// `Arc` counts it stays within mimalloc's 128-byte size class.
+    #[test]
+    fn a_mailbox_fits_128_bytes() {
+        assert!(std::mem::size_of::<LinkShared>() + 16 <= 128, "{}", std::mem::size_of::<LinkShared>());
+    }
+
     #[test]
     fn hooked_links_announce_events_and_kicks_once_until_rearmed() {
         let hub = hub_with("d1");
@@ -623,6 +690,7 @@ mod tests {
                 LinkEvent::C2dAvailable => c2d += 1,
                 LinkEvent::DesiredPatch(_) => patches += 1,
                 LinkEvent::Method(_) => panic!("no method was called"),
+                LinkEvent::C2dHanded(_) => panic!("nothing was armed"),
             }
         }
         assert_eq!(

@@ -33,6 +33,11 @@ fn send_error(device_id: &str, e: SendError) -> HubError {
     }
 }
 
+/// The link of connection `conn_id`, if it is still `d`'s.
+fn link_of(d: &super::Device, conn_id: Option<u64>) -> Option<&super::link::LinkShared> {
+    d.link.as_ref().filter(|l| Some(l.conn_id) == conn_id).map(|l| &*l.shared)
+}
+
 fn lock_lost(device_id: &str, token: LockToken, _e: SettleError) -> HubError {
     HubError::new(
         ErrorCode::DeviceMessageLockLost,
@@ -62,17 +67,30 @@ impl OutcomeSink for Tally {
 impl Hub {
     /// Queues `msg` for `device_id`. Fails with IoT Hub's error when the device does not exist,
     /// the queue holds 50 messages, the message is too large or its expiry too far away.
+    ///
+    /// When the device's connection is armed for it (its window has room and it saw nothing else
+    /// visible), the next visible message, this one as a rule, is locked for the connection here
+    /// and handed over in its link (see `hub::link`): one visit to the shard instead of two.
     pub fn send_c2d(&self, device_id: &str, msg: C2dMessage) -> Result<SendReceipt, HubError> {
         let now = self.now();
         let mut fb = Vec::new();
         let r = self.with_device(device_id, |d| {
-            let r = self.c2d_visit(d, &mut fb, |q, t| {
-                let r = q.send(msg, now, &self.config().c2d, t);
+            let armed = d.link.as_ref().and_then(|l| l.shared.armed_for());
+            let cfg = &self.config().c2d;
+            let (r, handed) = self.c2d_visit(d, &mut fb, |q, t| {
+                let r = q.send(msg, now, cfg, t);
                 t.counts.sent += u64::from(r.is_ok());
-                r
+                let handed = match (&r, armed) {
+                    (Ok(_), Some(lock_ms)) => q.receive_with(now, lock_ms, LockToken::random, cfg, t),
+                    _ => None,
+                };
+                t.counts.delivered += u64::from(handed.is_some());
+                (r, handed)
             });
-            if r.is_ok() {
-                Hub::poke_c2d(d);
+            match (handed, &d.link) {
+                (Some(delivery), Some(link)) => link.shared.hand(delivery),
+                _ if r.is_ok() => Hub::poke_c2d(d),
+                _ => {}
             }
             r.map_err(|e| send_error(device_id, e))
         });
@@ -104,9 +122,15 @@ impl Hub {
     /// waiting); returns how many. With `settle`, that delivery is settled first in the same visit:
     /// what an MQTT PUBACK does before the next publish, one shard look-up instead of two. A
     /// settlement that fails (lock lost) is returned beside the count; the receive still happens.
+    ///
+    /// `conn_id` is the calling connection's link (see `hub::link`), while it is still the
+    /// device's: a delivery handed over to it and not taken yet comes first (within `max`; past
+    /// it, it is released), and the link is armed for a hand-over when the window keeps room
+    /// after this visit (the queue had nothing more to give), disarmed otherwise.
     pub fn settle_and_receive_c2d(
         &self,
         device_id: &str,
+        conn_id: Option<u64>,
         settle: Option<(LockToken, Settlement)>,
         lock_ms: u64,
         max: usize,
@@ -117,7 +141,8 @@ impl Hub {
         let r = self.with_device(device_id, |d| {
             let cfg = &self.config().c2d;
             d.last_activity = now;
-            Ok(self.c2d_visit(d, &mut fb, |q, t| {
+            let handed = link_of(d, conn_id).and_then(|l| l.take_handed());
+            let (n, settled) = self.c2d_visit(d, &mut fb, |q, t| {
                 let settled = match settle {
                     Some((token, how)) => {
                         q.settle(token, how, now, cfg, t).map_err(|e| lock_lost(device_id, token, e))
@@ -125,6 +150,18 @@ impl Hub {
                     None => Ok(()),
                 };
                 let mut n = 0;
+                // A hand-over whose lock lapsed (or whose message left the queue) is not the
+                // session's any more: the queue gives the message again below, if it still has it.
+                if let Some(delivery) = handed.filter(|d| q.holds_lock(d.lock_token, now)) {
+                    if max > 0 {
+                        each(*delivery);
+                        n = 1;
+                    } else {
+                        // Unsubscribed since: back to the queue (a lapsed lock has done it already).
+                        let _ = q.settle(delivery.lock_token, Settlement::Release, now, cfg, t);
+                    }
+                }
+                let handed_n = n;
                 while n < max {
                     match q.receive_with(now, lock_ms, LockToken::random, cfg, t) {
                         Some(delivery) => {
@@ -134,9 +171,13 @@ impl Hub {
                         None => break,
                     }
                 }
-                t.counts.delivered += n as u64;
+                t.counts.delivered += (n - handed_n) as u64;
                 (n, settled)
-            }))
+            });
+            if let Some(link) = link_of(d, conn_id) {
+                link.arm((n < max).then_some(lock_ms));
+            }
+            Ok((n, settled))
         });
         self.emit_feedback(fb);
         r

@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 
 use crate::c2d::LockToken;
 use crate::error::HubError;
-use crate::hub::link::{Attached, LinkEvent, MethodReply, subscriptions};
+use crate::hub::link::{Attached, LinkEvent, LinkReceiver, MethodReply, subscriptions};
 use crate::hub::messaging::Settlement;
 use crate::hub::{D2cMessage, Hub};
 use crate::limits::{
@@ -424,6 +424,18 @@ impl Session {
     pub fn handle_event(&mut self, hub: &Hub, event: LinkEvent, out: &mut Vec<Packet>) {
         match event {
             LinkEvent::C2dAvailable => {}
+            // Locked for this session when it was sent: no need to ask the queue (the hub only
+            // hands over while the window has room; see `hub::link`).
+            LinkEvent::C2dHanded(delivery)
+                if self.subs & subscriptions::C2D != 0 && self.inflight.len() < MQTT_C2D_INFLIGHT_WINDOW =>
+            {
+                publish_c2d(&self.device_id, &mut self.last_pkid, &mut self.inflight, &delivery, out);
+                return;
+            }
+            LinkEvent::C2dHanded(delivery) => {
+                // Unsubscribed meanwhile: back to the queue, for the next subscription to find.
+                let _ = hub.settle_c2d(&self.device_id, delivery.lock_token, Settlement::Release);
+            }
             LinkEvent::DesiredPatch(patch) if self.subs & subscriptions::DESIRED != 0 => {
                 let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
                 let body = serde_json::to_vec(&patch).unwrap_or_default();
@@ -444,10 +456,11 @@ impl Session {
     }
 
     /// Ends the session: a Will still held (no DISCONNECT came) is recorded as telemetry unless the
-    /// device was deleted or disabled meanwhile, unacknowledged C2D messages go back to the queue,
-    /// pending method calls fail, and the hub forgets the connection (and the subscriptions under
-    /// clean session). The Will is recorded before the device shows as disconnected.
-    pub fn close(self, hub: &Hub) {
+    /// device was deleted or disabled meanwhile, the hub forgets the connection (and the
+    /// subscriptions under clean session), unacknowledged C2D messages go back to the queue (with
+    /// one still handed over in `link`, the connection's mailbox), and pending method calls fail.
+    /// The Will is recorded before the device shows as disconnected.
+    pub fn close(self, hub: &Hub, link: &LinkReceiver) {
         if let Some(will) = self.will
             && hub.device_may_send(&self.device_id)
         {
@@ -459,11 +472,14 @@ impl Session {
             hub.record_telemetry(msg);
             tracing::debug!(device = %self.device_id, "MQTT Will recorded as telemetry");
         }
-        for (_, token) in &self.inflight {
-            let _ = hub.settle_c2d(&self.device_id, *token, Settlement::Release);
-        }
+        // Detached first: the hub hands nothing over to a link it no longer has, so what the
+        // mailbox holds after this is all there will be.
         hub.detach_link(&self.device_id, self.conn_id, !self.clean);
-        if !self.inflight.is_empty() {
+        let handed = link.take_handed().map(|d| d.lock_token);
+        for token in self.inflight.iter().map(|(_, t)| *t).chain(handed) {
+            let _ = hub.settle_c2d(&self.device_id, token, Settlement::Release);
+        }
+        if !self.inflight.is_empty() || handed.is_some() {
             hub.wake_c2d(&self.device_id);
         }
     }
@@ -571,17 +587,11 @@ impl Session {
             return Ok(());
         }
         let (inflight, last_pkid, device_id) = (&mut self.inflight, &mut self.last_pkid, &self.device_id);
-        let result = hub.settle_and_receive_c2d(device_id, settle, C2D_LOCK_TIMEOUT_MS, room, |delivery| {
-            let pkid = next_pkid(last_pkid, inflight);
-            let mut publish = Publish::from_bytes(
-                topics::c2d_topic(device_id, &delivery),
-                QoS::AtLeastOnce,
-                delivery.message.body.clone(),
-            );
-            publish.pkid = pkid;
-            out.push(Packet::Publish(publish));
-            inflight.push_back((pkid, delivery.lock_token));
-        });
+        let conn = Some(self.conn_id);
+        let result =
+            hub.settle_and_receive_c2d(device_id, conn, settle, C2D_LOCK_TIMEOUT_MS, room, |delivery| {
+                publish_c2d(device_id, last_pkid, inflight, &delivery, out);
+            });
         if self.inflight.is_empty() {
             // An empty window gives its buffer back: most devices wait idle between messages.
             self.inflight = VecDeque::new();
@@ -594,6 +604,25 @@ impl Session {
             }
         }
     }
+}
+
+/// Publishes `delivery` (QoS 1) under the next free packet id and puts it in flight.
+fn publish_c2d(
+    device_id: &str,
+    last_pkid: &mut u16,
+    inflight: &mut VecDeque<(u16, LockToken)>,
+    delivery: &crate::c2d::Delivery,
+    out: &mut Vec<Packet>,
+) {
+    let pkid = next_pkid(last_pkid, inflight);
+    let mut publish = Publish::from_bytes(
+        topics::c2d_topic(device_id, delivery),
+        QoS::AtLeastOnce,
+        delivery.message.body.clone(),
+    );
+    publish.pkid = pkid;
+    out.push(Packet::Publish(publish));
+    inflight.push_back((pkid, delivery.lock_token));
 }
 
 /// The next packet id after `last` that no in-flight publish uses.
@@ -836,7 +865,7 @@ mod tests {
         let (a, _) = connect(&f, "d1", false);
         let mut s = a.session;
         subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
-        s.close(&f.hub);
+        s.close(&f.hub, &a.link.events);
         assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
 
         send(&f, "d1", "m1");
@@ -857,7 +886,7 @@ mod tests {
         let mut out = Vec::new();
         s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(p1)), &mut out).unwrap();
         assert_eq!(pending(&f, "d1"), 1, "the PUBACK completed m1");
-        s.close(&f.hub);
+        s.close(&f.hub, &a.link.events);
 
         let (a, out) = connect(&f, "d1", false);
         let got = publishes(&out);
@@ -875,12 +904,12 @@ mod tests {
         let (a, _) = connect(&f, "d1", false);
         let mut s = a.session;
         subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
-        s.close(&f.hub);
+        s.close(&f.hub, &a.link.events);
         send(&f, "d1", "m1");
         let (a, out) = connect(&f, "d1", true);
         assert_eq!(a.connack, Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
         assert!(publishes(&out).is_empty(), "no subscription survives clean_session=1");
-        a.session.close(&f.hub);
+        a.session.close(&f.hub, &a.link.events);
         let (a, out) = connect(&f, "d1", false);
         assert!(publishes(&out).is_empty(), "the clean session's end left nothing behind");
         assert_eq!(a.session.subscriptions(), 0);
@@ -1089,6 +1118,96 @@ mod tests {
         assert_eq!(again, [Bytes::from_static(b"body of m2"), Bytes::from_static(b"body of m3")]);
     }
 
+    /// The hand-over (see `hub::link`): a send to a session whose visit left room and found
+    /// nothing is locked for it at once and published from the link, without asking the queue.
+    #[test]
+    fn a_send_to_an_idle_subscribed_session_is_handed_over_and_completes() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        send(&f, "d1", "m1");
+        let Some(LinkEvent::C2dHanded(d)) = a.link.events.try_recv() else {
+            panic!("m1 was not handed over")
+        };
+        assert!(a.link.events.try_recv().is_none(), "no wake-up besides the hand-over");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::C2dHanded(d), &mut out);
+        let got = publishes(&out);
+        assert_eq!(&got[0].payload[..], b"body of m1");
+        assert!(got[0].topic.starts_with("devices/d1/messages/devicebound/%24.mid=m1&"), "{}", got[0].topic);
+        assert_eq!(s.inflight(), 1);
+        send(&f, "d1", "m2");
+        assert!(
+            matches!(a.link.events.try_recv(), Some(LinkEvent::C2dAvailable)),
+            "a hand-over disarms: the next send only wakes the session"
+        );
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out).unwrap();
+        assert_eq!(&publishes(&out)[0].payload[..], b"body of m2", "the PUBACK's visit takes m2");
+        assert_eq!(pending(&f, "d1"), 1, "m1 completed");
+        s.close(&f.hub, &a.link.events);
+    }
+
+    /// Hand-overs and visits together never put more than the window in flight, and a delivery
+    /// left in the link is the visit's first.
+    #[test]
+    fn hand_overs_never_overfill_the_window() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        for i in 0..MQTT_C2D_INFLIGHT_WINDOW + 3 {
+            send(&f, "d1", &format!("m{i}"));
+        }
+        // The connection was slow: the hand-over (m0) is still in the link when the wake-up for
+        // the others is handled, and the visit delivers it first.
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, LinkEvent::C2dAvailable, &mut out);
+        let got: Vec<_> = publishes(&out).iter().map(|p| p.payload.clone()).collect();
+        assert_eq!(got.len(), MQTT_C2D_INFLIGHT_WINDOW);
+        assert_eq!(&got[0][..], b"body of m0");
+        assert_eq!(&got[1][..], b"body of m1");
+        assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW);
+        while let Some(event) = a.link.events.try_recv() {
+            assert!(!matches!(event, LinkEvent::C2dHanded(_)), "nothing handed over twice");
+            s.handle_event(&f.hub, event, &mut out);
+        }
+        assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW, "a full window is not armed");
+        send(&f, "d1", "late");
+        assert!(!matches!(a.link.events.try_recv(), Some(LinkEvent::C2dHanded(_))));
+        s.close(&f.hub, &a.link.events);
+    }
+
+    /// A delivery still in the link when the connection ends goes back to the queue at once (not
+    /// at its lock's lapse), and one handed to a session that unsubscribed meanwhile too.
+    #[test]
+    fn a_hand_over_not_taken_is_released() {
+        let f = fixture("d1");
+        let (a, _) = connect(&f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        send(&f, "d1", "m1");
+        s.close(&f.hub, &a.link.events);
+        let (b, out) = connect(&f, "d1", false);
+        let got = publishes(&out);
+        assert_eq!(&got[0].payload[..], b"body of m1", "released when the session closed");
+        let mut s = b.session;
+        let mut out = Vec::new();
+        s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out).unwrap();
+        let unsub = Unsubscribe { pkid: 9, topics: vec!["devices/d1/messages/devicebound/#".into()] };
+        s.handle_packet(&f.hub, Packet::Unsubscribe(unsub), &mut out).unwrap();
+        send(&f, "d1", "m2");
+        let event = b.link.events.try_recv().expect("the PUBACK's visit armed the link");
+        assert!(matches!(event, LinkEvent::C2dHanded(_)), "{event:?}");
+        let mut out = Vec::new();
+        s.handle_event(&f.hub, event, &mut out);
+        assert!(publishes(&out).is_empty(), "unsubscribed: nothing is published");
+        let again = f.hub.receive_c2d("d1", 1_000).unwrap().expect("m2 is back in the queue");
+        assert_eq!(again.message.message_id.as_deref(), Some("m2"));
+        s.close(&f.hub, &b.link.events);
+    }
+
     #[test]
     fn messages_released_by_a_replaced_connection_wake_the_new_one() {
         let f = fixture("d1");
@@ -1098,7 +1217,7 @@ mod tests {
         assert_eq!(publishes(&subscribe(&mut old, &f.hub, &["devices/d1/messages/devicebound/#"])).len(), 1);
         let (mut b, out) = connect(&f, "d1", false);
         assert!(publishes(&out).is_empty(), "m1 is still locked by the old connection");
-        old.close(&f.hub);
+        old.close(&f.hub, &a.link.events);
         let event = b.link.events.try_recv().expect("the release woke the new connection");
         let mut out = Vec::new();
         b.session.handle_event(&f.hub, event, &mut out);
@@ -1125,7 +1244,7 @@ mod tests {
         assert_eq!((&will.payload[..], will.qos, will.retain), (&b"bye"[..], QoS::AtLeastOnce, true));
         assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "nothing is recorded while connected");
 
-        s.close(&f.hub);
+        s.close(&f.hub, &a.link.events);
         let got = f.hub.read_telemetry(Some("d1"), 0, 10);
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0].body[..], b"bye");
@@ -1144,19 +1263,21 @@ mod tests {
     #[test]
     fn disconnect_and_shutdown_discard_the_will_and_no_will_means_nothing_recorded() {
         let f = fixture("d1");
-        let mut s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        let w = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false);
+        let mut s = w.session;
         let r = s.handle_packet(&f.hub, Packet::Disconnect, &mut Vec::new());
         assert!(matches!(r, Err(Close::ClientDisconnect)), "{r:?}");
         assert!(s.will().is_none(), "DISCONNECT discards the Will");
-        s.close(&f.hub);
+        s.close(&f.hub, &w.link.events);
 
-        let mut s = connect_with_will(&f, "d1", "devices/d1/messages/events", b"bye", false).session;
+        let w = connect_with_will(&f, "d1", "devices/d1/messages/events", b"bye", false);
+        let mut s = w.session;
         s.discard_will();
-        s.close(&f.hub);
+        s.close(&f.hub, &w.link.events);
 
         let (a, _) = connect(&f, "d1", false);
         assert!(a.session.will().is_none());
-        a.session.close(&f.hub);
+        a.session.close(&f.hub, &a.link.events);
         assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty());
     }
 
@@ -1164,7 +1285,8 @@ mod tests {
     fn the_will_marker_replaces_a_bag_property_of_the_same_name() {
         let f = fixture("d1");
         let topic = "devices/d1/messages/events/iothub-MessageType=Telemetry&a=1";
-        connect_with_will(&f, "d1", topic, b"bye", false).session.close(&f.hub);
+        let w = connect_with_will(&f, "d1", topic, b"bye", false);
+        w.session.close(&f.hub, &w.link.events);
         let got = f.hub.read_telemetry(Some("d1"), 0, 10);
         assert_eq!(
             got[0].properties,
@@ -1175,16 +1297,18 @@ mod tests {
     #[test]
     fn the_will_of_a_disabled_or_deleted_device_is_not_recorded() {
         let f = fixture("d1");
-        let s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        let w = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false);
+        let s = w.session;
         let disabled = DeviceInput { status: Some(crate::hub::Status::Disabled), ..Default::default() };
         f.hub.put_device("d1", disabled, Some(crate::hub::IfMatch::Any)).unwrap();
-        s.close(&f.hub);
+        s.close(&f.hub, &w.link.events);
         assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "disabled");
 
         let f = fixture("d1");
-        let s = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false).session;
+        let w = connect_with_will(&f, "d1", "devices/d1/messages/events/", b"bye", false);
+        let s = w.session;
         f.hub.delete_device("d1", None).unwrap();
-        s.close(&f.hub);
+        s.close(&f.hub, &w.link.events);
         assert!(f.hub.read_telemetry(Some("d1"), 0, 10).is_empty(), "deleted");
     }
 
@@ -1224,13 +1348,13 @@ mod tests {
         assert!(!a.link.events.is_kicked());
         let (b, _) = connect(&f, "d1", false);
         assert!(a.link.events.is_kicked());
-        a.session.close(&f.hub);
+        a.session.close(&f.hub, &a.link.events);
         assert_eq!(
             f.hub.get_device("d1").unwrap()["connectionState"],
             "Connected",
             "the old close must not detach the new one"
         );
-        b.session.close(&f.hub);
+        b.session.close(&f.hub, &b.link.events);
         assert_eq!(f.hub.get_device("d1").unwrap()["connectionState"], "Disconnected");
     }
 

@@ -415,7 +415,7 @@ fn check_message() -> Check {
     Box::new(|input| match Message::decode(input) {
         Err(_) => Ok(Outcome::Rejected),
         Ok(m) => {
-            let _ = message::to_c2d(&m);
+            let _ = message::to_c2d(m.clone());
             untracked(|| {
                 let first = m.encode();
                 let again =

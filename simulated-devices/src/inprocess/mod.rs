@@ -410,7 +410,7 @@ impl Partition {
             if let Some(conn) = dev.conn.take() {
                 let mut session = conn.session;
                 session.discard_will();
-                session.close(hub);
+                session.close(hub, &conn.link.events);
             }
         }
     }
@@ -466,7 +466,7 @@ impl Partition {
                 dev.mqtt = DeviceMqtt::default();
                 dev.failures = 0;
                 if let Some(conn) = dev.conn.take() {
-                    conn.session.close(&self.shared.hub);
+                    conn.session.close(&self.shared.hub, &conn.link.events);
                 }
                 self.account(was, k);
             }
@@ -615,7 +615,7 @@ impl Partition {
     fn lose_link(&mut self, k: usize, why: &str) {
         let was = self.conn_state(k);
         if let Some(conn) = self.devs[k].conn.take() {
-            conn.session.close(&self.shared.hub);
+            conn.session.close(&self.shared.hub, &conn.link.events);
         }
         self.devs[k].mqtt.link_lost();
         tracing::debug!(device = %self.id(k), "in-process link lost: {why}");

@@ -105,6 +105,10 @@ struct RunArgs {
     /// Record each server's fan-out phase with `perf record` into this directory.
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Samples a second per CPU for `--perf-dir` (a round at 19,000 devices lasts about 0.25 s:
+    /// raise it to see functions under 1%, at the cost of a slower server while it samples).
+    #[arg(long, default_value_t = 999)]
+    perf_freq: u32,
     /// Count each server's system calls (by kind) and context switches during the fan-out with
     /// `perf stat`, printed per delivered message (tracepoints slow every system call a little:
     /// for investigation, not for the table's CPU numbers).
@@ -458,7 +462,7 @@ const SYSCALL_EVENTS: &[&str] = &[
 /// (perf starts disabled and is enabled over its control FIFO: attaching takes a while, and the
 /// fan-out must not begin before it is recorded).
 /// With `stat`, `perf stat` counts [`SYSCALL_EVENTS`] instead of sampling stacks.
-async fn start_perf(dir: Option<&Path>, pid: u32, name: &str, stat: bool) -> Result<Option<Perf>> {
+async fn start_perf(dir: Option<&Path>, pid: u32, name: &str, stat: bool, freq: u32) -> Result<Option<Perf>> {
     let Some(dir) = dir else { return Ok(None) };
     std::fs::create_dir_all(dir)?;
     let name = if stat { format!("{name}.stat") } else { name.to_string() };
@@ -476,7 +480,18 @@ async fn start_perf(dir: Option<&Path>, pid: u32, name: &str, stat: bool) -> Res
     if stat {
         cmd.args(["stat", "-x", ",", "-D", "-1", "-e", &SYSCALL_EVENTS.join(",")]);
     } else {
-        cmd.args(["record", "-q", "-D", "-1", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384"]);
+        cmd.args([
+            "record",
+            "-q",
+            "-D",
+            "-1",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &freq.to_string(),
+            "--call-graph",
+            "dwarf,16384",
+        ]);
     }
     let child = cmd
         .arg(format!("--control=fifo:{},{}", ctl_path.display(), ack_path.display()))
@@ -663,10 +678,10 @@ async fn fan_out(
     let sender = Sender::open(via, a.send_conns, a.send_window, a.payload_bytes).await?;
     settle(pid).await;
     let run_name = format!("{}-rep{rep}-round{round}", server.kind.name());
-    let perf = start_perf(a.perf_dir.as_deref(), pid, &run_name, false).await?;
+    let perf = start_perf(a.perf_dir.as_deref(), pid, &run_name, false, a.perf_freq).await?;
     let stat_dir =
         a.syscalls.then(|| a.perf_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fanout-perf")));
-    let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true).await?;
+    let stat = start_perf(stat_dir.as_deref(), pid, &run_name, true, a.perf_freq).await?;
     let cpu0 = server_cpu_ns(pid)?;
     let io0 = write_counters(pid).context("server /proc/<pid>/io")?;
     let order: Vec<usize> = (0..n).collect();

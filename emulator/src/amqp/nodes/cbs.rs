@@ -31,8 +31,8 @@ impl Node for Requests {
     /// Verifies a put-token and answers it. The reply's `correlation-id` keeps the AMQP type of
     /// the request's `message-id` (uamqp reads a ulong) and its `status-code` is an AMQP int
     /// (sdk-wire-notes §3, §5.3).
-    fn receive(&mut self, ctx: &mut Ctx<'_>, request: &Message) -> Received {
-        let (status, description) = match check_put_token(ctx.hub, request) {
+    fn receive(&mut self, ctx: &mut Ctx<'_>, request: Message) -> Received {
+        let (status, description) = match check_put_token(ctx.hub, &request) {
             Ok(auth) => {
                 ctx.auth.grant(&auth.resource, auth.expiry_secs);
                 // The Event Hubs service answers 202; the IoT Hub Node SDKs want exactly 200 on
@@ -48,7 +48,7 @@ impl Node for Requests {
                 (status, description)
             }
         };
-        Received { outcome: Outcome::Accepted, reply: Some(reply(request, status, &description)) }
+        Received { outcome: Outcome::Accepted, reply: Some(reply(&request, status, &description)) }
     }
 }
 

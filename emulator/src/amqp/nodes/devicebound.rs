@@ -17,12 +17,12 @@ impl Node for DeviceBound {
         "devicebound"
     }
 
-    fn receive(&mut self, ctx: &mut Ctx<'_>, m: &Message) -> Received {
+    fn receive(&mut self, ctx: &mut Ctx<'_>, m: Message) -> Received {
         Received::outcome(send_c2d(ctx, m))
     }
 }
 
-fn send_c2d(ctx: &mut Ctx<'_>, m: &Message) -> Outcome {
+fn send_c2d(ctx: &mut Ctx<'_>, m: Message) -> Outcome {
     if let Some(why) = ctx.auth.unauthorized_reason(ctx.hub) {
         tracing::info!("C2D send refused: {why}");
         return Outcome::Rejected(

@@ -28,10 +28,10 @@ impl Node for Requests {
         KIND
     }
 
-    fn receive(&mut self, ctx: &mut Ctx<'_>, request: &Message) -> Received {
-        let reply = match answer(ctx, request) {
+    fn receive(&mut self, ctx: &mut Ctx<'_>, request: Message) -> Received {
+        let reply = match answer(ctx, &request) {
             Ok(body) => {
-                let mut reply = super::cbs::reply(request, 200, "OK");
+                let mut reply = super::cbs::reply(&request, 200, "OK");
                 reply.body = Body::Value(body);
                 reply
             }
@@ -42,7 +42,7 @@ impl Node for Requests {
                     "$management request refused: {}",
                     e.description
                 );
-                let mut reply = super::cbs::reply(request, e.status, &e.description);
+                let mut reply = super::cbs::reply(&request, e.status, &e.description);
                 reply.application_properties.push(("error-condition".into(), Value::sym(e.condition)));
                 reply
             }

@@ -123,6 +123,9 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct Auth {
     grants: Vec<Grant>,
+    /// The latest `se` of the grants that cover the hub itself (`None` inside: there are none),
+    /// worked out on the first check after a grant changes: a C2D send checks it per message.
+    hub_until: std::cell::Cell<Option<Option<u64>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +142,7 @@ pub const MAX_GRANTS: usize = 16;
 impl Auth {
     /// Records a token for `scope` valid until `expiry_secs`.
     pub fn grant(&mut self, scope: &str, expiry_secs: u64) {
+        self.hub_until.set(None);
         if let Some(g) = self.grants.iter_mut().find(|g| g.scope.eq_ignore_ascii_case(scope)) {
             g.expiry_secs = expiry_secs;
             return;
@@ -169,6 +173,18 @@ impl Auth {
 
     /// Why service operations are refused right now, or `None` when they are allowed.
     pub fn unauthorized_reason(&self, hub: &Hub) -> Option<String> {
+        let until = self.hub_until.get().unwrap_or_else(|| {
+            let until = (self.grants.iter())
+                .filter(|g| crate::sas::scope_covers(&g.scope, hub.hostname()))
+                .map(|g| g.expiry_secs)
+                .max();
+            self.hub_until.set(Some(until));
+            until
+        });
+        // The same test as `covers` (some covering grant is live), without a scope match per call.
+        if until.is_some_and(|se| se.saturating_add(hub.config().sas_skew_secs) >= hub.wall_now() / 1000) {
+            return None;
+        }
         self.reason(hub, hub.hostname())
     }
 
@@ -242,8 +258,9 @@ pub trait Node: std::fmt::Debug + Send {
     /// [`Node::receive`] to a link of the same session whose node answers [`Node::takes_replies`].
     fn kind(&self) -> &'static str;
 
-    /// A complete message the peer sent on this link.
-    fn receive(&mut self, _ctx: &mut Ctx<'_>, _message: &Message) -> Received {
+    /// A complete message the peer sent on this link (the node's to keep: a C2D send moves its
+    /// body into the hub's queue without a copy).
+    fn receive(&mut self, _ctx: &mut Ctx<'_>, _message: Message) -> Received {
         Received::outcome(Outcome::Rejected("amqp:not-allowed", "this link does not accept messages".into()))
     }
 
@@ -468,6 +485,31 @@ mod tests {
         assert_eq!(open(false, "/messages/devicebound"), Err("amqp:not-found"), "wrong direction");
         assert_eq!(open(true, "/messages/serviceBound/feedback"), Err("amqp:not-found"));
         assert_eq!(open(true, ""), Err("amqp:not-found"));
+    }
+
+    /// The per-message check (cached) answers as `covers` does, through grants, renewals, other
+    /// scopes and expiry (with the skew).
+    #[test]
+    fn the_cached_service_check_follows_grants_and_expiry() {
+        let clock = crate::clock::ManualClock::new(1_000_000);
+        let hub = Hub::with_clock(crate::hub::HubConfig::default(), std::sync::Arc::new(clock.clone()));
+        let host = hub.hostname().to_owned();
+        let skew = hub.config().sas_skew_secs;
+        let mut auth = Auth::default();
+        let agrees = |auth: &Auth| {
+            let cached = auth.unauthorized_reason(&hub).is_none();
+            assert_eq!(cached, auth.covers(&hub, &host));
+            cached
+        };
+        assert!(!agrees(&auth), "no token yet");
+        auth.grant(&format!("{host}/myeh"), 2_000);
+        assert!(!agrees(&auth), "an Event Hubs token does not cover the hub");
+        auth.grant(&host, 1_100);
+        assert!(agrees(&auth));
+        clock.set(1_000 * (1_100 + skew + 1));
+        assert!(!agrees(&auth), "expired, past the skew");
+        auth.grant(&host.to_uppercase(), 5_000);
+        assert!(agrees(&auth), "a renewal (any case) is seen at once");
     }
 
     #[test]
