@@ -218,10 +218,10 @@ async fn a_partition_receiver_over_tls_is_woken_by_new_telemetry() {
 
     let filter = Value::Map(vec![(
         Value::sym("apache.org:selector-filter:string"),
-        Value::Described(
-            Box::new(Value::sym("apache.org:selector-filter:string")),
-            Box::new(Value::str("amqp.annotation.x-opt-offset > '@latest'")),
-        ),
+        Value::Described(Box::new((
+            Value::sym("apache.org:selector-filter:string"),
+            Value::str("amqp.annotation.x-opt-offset > '@latest'"),
+        ))),
     )]);
     let address = format!("{entity}/ConsumerGroups/$Default/Partitions/{partition}");
     let mut source = vec![Value::str(&address)];

@@ -181,13 +181,16 @@ pub fn described_list(v: &Value) -> Result<(u64, Fields), DecodeError> {
 /// [`described_list`] of an owned value: the fields are moved, not copied.
 pub fn into_described_list(v: Value) -> Result<(u64, Fields), DecodeError> {
     match v {
-        Value::Described(d, v) => match (d.as_u64(), *v) {
-            (Some(code), Value::List(items)) => Ok((code, Fields(items))),
-            (_, v) => Err(DecodeError::Shape(format!(
-                "expected a described list, got {:?}",
-                Value::Described(d, Box::new(v))
-            ))),
-        },
+        Value::Described(dv) => {
+            let (d, v) = *dv;
+            match (d.as_u64(), v) {
+                (Some(code), Value::List(items)) => Ok((code, Fields(items))),
+                (_, v) => Err(DecodeError::Shape(format!(
+                    "expected a described list, got {:?}",
+                    Value::Described(Box::new((d, v)))
+                ))),
+            }
+        }
         v => Err(DecodeError::Shape(format!("expected a described list, got {v:?}"))),
     }
 }

@@ -97,7 +97,7 @@ impl Decoder {
             let descriptor = self.value(buf)?;
             let value = self.value(buf)?;
             self.leave();
-            return Ok(Value::Described(Box::new(descriptor), Box::new(value)));
+            return Ok(Value::Described(Box::new((descriptor, value))));
         }
         self.with_code(code, buf)
     }
@@ -190,7 +190,7 @@ impl Decoder {
                 for _ in 0..count {
                     let v = self.with_code(element, body)?;
                     items.push(match &descriptor {
-                        Some(d) => Value::Described(Box::new(d.clone()), Box::new(v)),
+                        Some(d) => Value::Described(Box::new((d.clone(), v))),
                         None => v,
                     });
                 }
@@ -212,7 +212,7 @@ fn heap_bytes(v: &Value) -> usize {
         Value::String(s) | Value::Symbol(s) => s.len(),
         Value::List(items) | Value::Array(items) => items.iter().map(|i| VALUE_BYTES + heap_bytes(i)).sum(),
         Value::Map(pairs) => pairs.iter().map(|(k, v)| 2 * VALUE_BYTES + heap_bytes(k) + heap_bytes(v)).sum(),
-        Value::Described(d, v) => 2 * VALUE_BYTES + heap_bytes(d) + heap_bytes(v),
+        Value::Described(dv) => 2 * VALUE_BYTES + heap_bytes(&dv.0) + heap_bytes(&dv.1),
         _ => 0,
     }
 }
@@ -264,8 +264,9 @@ pub enum Value {
     Map(Vec<(Value, Value)>),
     /// `array` (all elements share one type).
     Array(Vec<Value>),
-    /// A described value: descriptor, then the value.
-    Described(Box<Value>, Box<Value>),
+    /// A described value: descriptor, then the value (one allocation for the two: every message
+    /// section and performative is one).
+    Described(Box<(Value, Value)>),
 }
 
 impl Value {
@@ -281,7 +282,7 @@ impl Value {
 
     /// A value described by a numeric (ulong) descriptor.
     pub fn described(code: u64, value: Value) -> Self {
-        Self::Described(Box::new(Value::Ulong(code)), Box::new(value))
+        Self::Described(Box::new((Value::Ulong(code), value)))
     }
 
     /// The text of a string or symbol.
@@ -324,7 +325,7 @@ impl Value {
     /// (or by the symbolic name is not supported: IoT Hub's clients use numeric descriptors).
     pub fn as_described(&self) -> Option<(u64, &Value)> {
         match self {
-            Self::Described(d, v) => d.as_u64().map(|code| (code, v.as_ref())),
+            Self::Described(dv) => dv.0.as_u64().map(|code| (code, &dv.1)),
             _ => None,
         }
     }
@@ -332,7 +333,10 @@ impl Value {
     /// [`Value::as_described`], taking the described value out instead of borrowing it.
     pub fn into_described(self) -> Option<(u64, Value)> {
         match self {
-            Self::Described(d, v) => d.as_u64().map(|code| (code, *v)),
+            Self::Described(dv) => {
+                let (d, v) = *dv;
+                d.as_u64().map(|code| (code, v))
+            }
             _ => None,
         }
     }
@@ -441,10 +445,10 @@ impl Value {
                 put_compound(out, 0xd1, pairs.len() * 2, &body);
             }
             Self::Array(items) => encode_array(items, out),
-            Self::Described(d, v) => {
+            Self::Described(dv) => {
                 out.put_u8(0x00);
-                d.encode(out);
-                v.encode(out);
+                dv.0.encode(out);
+                dv.1.encode(out);
             }
         }
     }

@@ -164,6 +164,11 @@ pub struct LinkShared {
     /// The delivery handed over at send time, until the receiver takes it. Filled only under the
     /// device's shard lock, and only while armed.
     handed: Mutex<Option<Box<Delivery>>>,
+    /// `handed` holds a delivery (set after filling it, cleared before emptying it): the receiver
+    /// looks without taking the lock, as it does for `queue` through `queued`.
+    has_handed: AtomicBool,
+    /// `queue` holds an event (written under its lock).
+    queued: AtomicBool,
     /// The lock duration the session asked for while it is armed for a hand-over, 0 while not.
     /// Written only under the device's shard lock. (32 bits: with them the mailbox and its `Arc`
     /// counts fit mimalloc's 128-byte size class.)
@@ -183,7 +188,7 @@ impl LinkShared {
     /// link holds none (called under the device's shard lock).
     pub(super) fn armed_for(&self) -> Option<u64> {
         let ms = self.armed_lock_ms.load(Ordering::Relaxed);
-        (ms > 0 && self.lock_handed().is_none()).then_some(u64::from(ms))
+        (ms > 0 && !self.has_handed.load(Ordering::Acquire)).then_some(u64::from(ms))
     }
 
     /// Arms the link for one hand-over with locks of `lock_ms`, or disarms it (`None`); called
@@ -198,11 +203,15 @@ impl LinkShared {
     pub(super) fn hand(&self, delivery: Delivery) {
         self.armed_lock_ms.store(0, Ordering::Relaxed);
         *self.lock_handed() = Some(Box::new(delivery));
+        self.has_handed.store(true, Ordering::Release);
         self.wake();
     }
 
     /// Takes the handed-over delivery, if there is one.
     pub(super) fn take_handed(&self) -> Option<Box<Delivery>> {
+        if !self.has_handed.swap(false, Ordering::AcqRel) {
+            return None;
+        }
         self.lock_handed().take()
     }
 
@@ -218,6 +227,7 @@ impl LinkShared {
                 return Err(event);
             }
             q.push_back(event);
+            self.queued.store(true, Ordering::Release);
         }
         self.wake();
         Ok(())
@@ -266,9 +276,13 @@ impl LinkReceiver {
         if self.0.c2d.load(Ordering::Acquire) && self.0.c2d.swap(false, Ordering::AcqRel) {
             return Some(LinkEvent::C2dAvailable);
         }
+        if !self.0.queued.load(Ordering::Acquire) {
+            return None;
+        }
         let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
         let event = q.pop_front();
-        if q.is_empty() && q.capacity() > 0 {
+        if q.is_empty() {
+            self.0.queued.store(false, Ordering::Release);
             // An empty mailbox gives its buffer back: every idle connection has one.
             *q = VecDeque::new();
         }

@@ -108,7 +108,7 @@ fn selector(source: &Value) -> Option<&str> {
     let Some(Value::Map(filters)) = fields.get(7) else { return None };
     let (_, v) = filters.iter().find(|(k, _)| k.as_str() == Some(SELECTOR))?;
     match v {
-        Value::Described(_, inner) => inner.as_str(),
+        Value::Described(dv) => dv.1.as_str(),
         other => other.as_str(),
     }
 }
