@@ -84,7 +84,9 @@ where
     // each C2D send notifies no one. A turn whose links start waiting on another runs again.
     let mut watch = Wakes { hub: true, events: true, at: None };
     loop {
-        // Enabled before checking the hub, so a record queued in between still wakes us.
+        // Watched and enabled before checking the hub, so a record queued in between still wakes
+        // us (a connection whose links do not wait on the hub does not watch: see `hub::changes`).
+        let _watching = watch.hub.then(|| hub.notifier().watch());
         let notified = hub.notifier().notified();
         tokio::pin!(notified);
         if watch.hub {

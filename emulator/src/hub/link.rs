@@ -580,6 +580,7 @@ impl Hub {
         };
         let offline = || HubError::new(ErrorCode::DeviceNotOnline, format!("{who} is not online"));
         let deadline = tokio::time::Instant::now() + connect;
+        let _watching = self.shared.changed.watch();
         let events = loop {
             let notified = self.shared.changed.notified();
             tokio::pin!(notified);

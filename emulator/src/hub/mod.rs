@@ -16,6 +16,7 @@
 
 mod admission;
 mod auth;
+pub mod changes;
 mod config_apply;
 pub mod dashboard;
 mod device;
@@ -168,7 +169,7 @@ struct Shared {
     jobs: crate::jobs::Jobs,
     /// Woken whenever a feedback record or a C2D message is queued, or a device connects
     /// or changes its subscriptions, for long-poll style readers (they re-check what they wait for).
-    changed: tokio::sync::Notify,
+    changed: changes::Changes,
     /// The tier throttle, only when a tier is configured (see `admission`).
     throttle: Option<Mutex<crate::throttle::Throttle>>,
     /// The dashboard's cache, feedback counts and scenario status (see [`dashboard`]).
@@ -249,7 +250,7 @@ impl Hub {
                 module_count: AtomicUsize::new(0),
                 connected_count: AtomicUsize::new(0),
                 jobs: crate::jobs::Jobs::default(),
-                changed: tokio::sync::Notify::new(),
+                changed: changes::Changes::default(),
                 throttle,
                 verified_tokens: Mutex::default(),
                 x509_cas,
@@ -326,12 +327,11 @@ impl Hub {
         d.connection_state_updated = now;
     }
 
-    /// Notified (with `notify_waiters`) whenever a C2D message or a feedback record is queued, or a
-    /// device connects or changes its subscriptions (telemetry has its own: see
-    /// [`Hub::events_notifier`]).
-    /// To wait without missing a wake-up: create `notifier().notified()`, pin it, call
-    /// `enable()`, check the hub, then await it.
-    pub fn notifier(&self) -> &tokio::sync::Notify {
+    /// Notified whenever a C2D message or a feedback record is queued, or a device connects or
+    /// changes its subscriptions (telemetry has its own: see [`Hub::events_notifier`]).
+    /// To wait without missing a wake-up: `watch()` and hold it, create `notified()`, pin it,
+    /// call `enable()`, check the hub, then await it.
+    pub fn notifier(&self) -> &changes::Changes {
         &self.shared.changed
     }
 
