@@ -1118,19 +1118,23 @@ mod tests {
         assert_eq!(again, [Bytes::from_static(b"body of m2"), Bytes::from_static(b"body of m3")]);
     }
 
+    /// A connection of `d1` subscribed to its C2D topic: its session and its link.
+    fn c2d_session(f: &Fixture) -> (Session, Attached) {
+        let (a, _) = connect(f, "d1", false);
+        let mut s = a.session;
+        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        (s, a.link)
+    }
+
     /// The hand-over (see `hub::link`): a send to a session whose visit left room and found
     /// nothing is locked for it at once and published from the link, without asking the queue.
     #[test]
     fn a_send_to_an_idle_subscribed_session_is_handed_over_and_completes() {
         let f = fixture("d1");
-        let (a, _) = connect(&f, "d1", false);
-        let mut s = a.session;
-        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        let (mut s, link) = c2d_session(&f);
         send(&f, "d1", "m1");
-        let Some(LinkEvent::C2dHanded(d)) = a.link.events.try_recv() else {
-            panic!("m1 was not handed over")
-        };
-        assert!(a.link.events.try_recv().is_none(), "no wake-up besides the hand-over");
+        let Some(LinkEvent::C2dHanded(d)) = link.events.try_recv() else { panic!("m1 was not handed over") };
+        assert!(link.events.try_recv().is_none(), "no wake-up besides the hand-over");
         let mut out = Vec::new();
         s.handle_event(&f.hub, LinkEvent::C2dHanded(d), &mut out);
         let got = publishes(&out);
@@ -1139,14 +1143,14 @@ mod tests {
         assert_eq!(s.inflight(), 1);
         send(&f, "d1", "m2");
         assert!(
-            matches!(a.link.events.try_recv(), Some(LinkEvent::C2dAvailable)),
+            matches!(link.events.try_recv(), Some(LinkEvent::C2dAvailable)),
             "a hand-over disarms: the next send only wakes the session"
         );
         let mut out = Vec::new();
         s.handle_packet(&f.hub, Packet::PubAck(PubAck::new(got[0].pkid)), &mut out).unwrap();
         assert_eq!(&publishes(&out)[0].payload[..], b"body of m2", "the PUBACK's visit takes m2");
         assert_eq!(pending(&f, "d1"), 1, "m1 completed");
-        s.close(&f.hub, &a.link.events);
+        s.close(&f.hub, &link.events);
     }
 
     /// Hand-overs and visits together never put more than the window in flight, and a delivery
@@ -1154,9 +1158,7 @@ mod tests {
     #[test]
     fn hand_overs_never_overfill_the_window() {
         let f = fixture("d1");
-        let (a, _) = connect(&f, "d1", false);
-        let mut s = a.session;
-        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        let (mut s, link) = c2d_session(&f);
         for i in 0..MQTT_C2D_INFLIGHT_WINDOW + 3 {
             send(&f, "d1", &format!("m{i}"));
         }
@@ -1169,14 +1171,14 @@ mod tests {
         assert_eq!(&got[0][..], b"body of m0");
         assert_eq!(&got[1][..], b"body of m1");
         assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW);
-        while let Some(event) = a.link.events.try_recv() {
+        while let Some(event) = link.events.try_recv() {
             assert!(!matches!(event, LinkEvent::C2dHanded(_)), "nothing handed over twice");
             s.handle_event(&f.hub, event, &mut out);
         }
         assert_eq!(s.inflight(), MQTT_C2D_INFLIGHT_WINDOW, "a full window is not armed");
         send(&f, "d1", "late");
-        assert!(!matches!(a.link.events.try_recv(), Some(LinkEvent::C2dHanded(_))));
-        s.close(&f.hub, &a.link.events);
+        assert!(!matches!(link.events.try_recv(), Some(LinkEvent::C2dHanded(_))));
+        s.close(&f.hub, &link.events);
     }
 
     /// A delivery still in the link when the connection ends goes back to the queue at once (not
@@ -1184,11 +1186,9 @@ mod tests {
     #[test]
     fn a_hand_over_not_taken_is_released() {
         let f = fixture("d1");
-        let (a, _) = connect(&f, "d1", false);
-        let mut s = a.session;
-        subscribe(&mut s, &f.hub, &["devices/d1/messages/devicebound/#"]);
+        let (s, link) = c2d_session(&f);
         send(&f, "d1", "m1");
-        s.close(&f.hub, &a.link.events);
+        s.close(&f.hub, &link.events);
         let (b, out) = connect(&f, "d1", false);
         let got = publishes(&out);
         assert_eq!(&got[0].payload[..], b"body of m1", "released when the session closed");
