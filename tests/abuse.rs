@@ -21,6 +21,16 @@ async fn hub_with(timeouts: Timeouts) -> TestHub {
     TestHub::start_with(HubConfig { timeouts, ..HubConfig::default() }).await.unwrap()
 }
 
+/// A hub whose plain MQTT port is served by a task per connection, or with `drivers` by the
+/// task-less drivers (`--mqtt-plain-driver`).
+async fn mqtt_hub(drivers: bool, config: HubConfig) -> TestHub {
+    if drivers {
+        TestHub::start_with_mqtt_drivers(config).await.unwrap()
+    } else {
+        TestHub::start_with(config).await.unwrap()
+    }
+}
+
 async fn assert_serving(hub: &TestHub) {
     hostile::assert_healthy(hub).await.unwrap();
     hostile::assert_amqp_opens(hub).await.unwrap();
@@ -52,9 +62,8 @@ async fn amqp_crash_inputs_over_websocket_on_both_http_ports_close_only_their_co
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn an_oversize_qos1_publish_gets_no_puback_and_is_not_recorded() {
-    let hub = TestHub::start().await.unwrap();
+async fn an_oversize_qos1_publish_gets_no_puback_and_is_not_recorded(drivers: bool) {
+    let hub = mqtt_hub(drivers, HubConfig::default()).await;
     let device = unique("big");
     let key = hub.create_device(&device).await.unwrap();
     let mut s = hostile::mqtt_connected(&hub, &device, &key, 60).await.unwrap();
@@ -84,9 +93,8 @@ async fn an_oversize_qos1_publish_gets_no_puback_and_is_not_recorded() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_connect_with_the_reserved_flag_is_closed_without_connack() {
-    let hub = TestHub::start().await.unwrap();
+async fn a_connect_with_the_reserved_flag_is_closed_without_connack(drivers: bool) {
+    let hub = mqtt_hub(drivers, HubConfig::default()).await;
     let device = unique("flag");
     let key = hub.create_device(&device).await.unwrap();
     let mut connect = hostile::mqtt_connect_bytes(&hub, &device, &key, 60);
@@ -99,9 +107,8 @@ async fn a_connect_with_the_reserved_flag_is_closed_without_connack() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn malformed_packets_after_connect_close_the_connection_unanswered() {
-    let hub = TestHub::start().await.unwrap();
+async fn malformed_packets_after_connect_close_the_connection_unanswered(drivers: bool) {
+    let hub = mqtt_hub(drivers, HubConfig::default()).await;
     let device = unique("lax");
     let key = hub.create_device(&device).await.unwrap();
     let filter = format!("devices/{device}/messages/devicebound/#");
@@ -125,9 +132,15 @@ async fn malformed_packets_after_connect_close_the_connection_unanswered() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_device_that_stops_reading_is_disconnected_and_its_c2d_message_returns_to_the_queue() {
-    let hub = hub_with(Timeouts { write: Duration::from_millis(500), ..Timeouts::default() }).await;
+async fn a_device_that_stops_reading_is_disconnected_and_its_c2d_message_returns_to_the_queue(drivers: bool) {
+    let hub = mqtt_hub(
+        drivers,
+        HubConfig {
+            timeouts: Timeouts { write: Duration::from_millis(500), ..Timeouts::default() },
+            ..HubConfig::default()
+        },
+    )
+    .await;
     let device = unique("deaf");
     let key = hub.create_device(&device).await.unwrap();
     let state = || {
@@ -282,3 +295,27 @@ async fn a_negative_absolute_expiry_time_is_rejected_not_taken_as_no_expiry() {
     assert!(hub.running.hub.receive_c2d(&device, 1000).unwrap().is_none(), "the message was queued");
     hub.stop().await.unwrap();
 }
+
+/// Runs an MQTT test against each way of serving the plain MQTT port (see [`mqtt_hub`]).
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn tasks() {
+                super::$name(false).await
+            }
+
+            #[tokio::test]
+            async fn drivers() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+both_ways!(
+    an_oversize_qos1_publish_gets_no_puback_and_is_not_recorded,
+    a_connect_with_the_reserved_flag_is_closed_without_connack,
+    malformed_packets_after_connect_close_the_connection_unanswered,
+    a_device_that_stops_reading_is_disconnected_and_its_c2d_message_returns_to_the_queue,
+);

@@ -59,8 +59,22 @@ impl TestHub {
 
     /// Like [`TestHub::start`] with a custom hub configuration.
     pub async fn start_with(config: HubConfig) -> Result<Self> {
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let listen = ListenConfig::ephemeral(ip);
+        Self::start_listening(config, ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST))).await
+    }
+
+    /// Like [`TestHub::start_with`], serving the plain MQTT port with the task-less drivers
+    /// (`--mqtt-plain-driver`).
+    pub async fn start_with_mqtt_drivers(config: HubConfig) -> Result<Self> {
+        let listen = ListenConfig {
+            mqtt_plain_driver: true,
+            ..ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        };
+        Self::start_listening(config, listen).await
+    }
+
+    /// Like [`TestHub::start_with`] on the listeners of `listen`.
+    pub async fn start_listening(config: HubConfig, listen: ListenConfig) -> Result<Self> {
+        let ip = listen.bind;
         let data_dir = scratch_dir();
         let running = RunningHub::start(config, &listen, &data_dir).await?;
         let client = client_for(&running.ca_pem)?;

@@ -200,9 +200,7 @@ fn bag(topic: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn offline_message_arrives_after_reconnect_with_payload_and_properties() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn offline_message_arrives_after_reconnect_with_payload_and_properties(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-offline").await?;
     let (mut c, ack) = dev.connect(false).await?;
     assert!(!ack.session_present);
@@ -236,9 +234,7 @@ async fn offline_message_arrives_after_reconnect_with_payload_and_properties() -
     hub.stop().await
 }
 
-#[tokio::test]
-async fn a_message_whose_puback_never_came_is_redelivered() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn a_message_whose_puback_never_came_is_redelivered(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-redeliver").await?;
     dev.send_c2d("m-1", "deliver me twice").await?;
     let (mut c, _) = dev.connect(false).await?;
@@ -259,9 +255,7 @@ async fn a_message_whose_puback_never_came_is_redelivered() -> Result<()> {
     hub.stop().await
 }
 
-#[tokio::test]
-async fn refused_connects_get_their_connack_codes() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn refused_connects_get_their_connack_codes(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-refused").await?;
     let other = Device::create(&hub, "mqtt-other").await?;
 
@@ -287,9 +281,9 @@ async fn refused_connects_get_their_connack_codes() -> Result<()> {
     hub.stop().await
 }
 
-#[tokio::test]
-async fn subscriptions_to_another_devices_topic_are_refused_and_clean_session_keeps_nothing() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn subscriptions_to_another_devices_topic_are_refused_and_clean_session_keeps_nothing(
+    hub: TestHub,
+) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-acl").await?;
     let other = Device::create(&hub, "mqtt-victim").await?;
     let (mut c, _) = dev.connect(true).await?;
@@ -316,9 +310,7 @@ async fn subscriptions_to_another_devices_topic_are_refused_and_clean_session_ke
     hub.stop().await
 }
 
-#[tokio::test]
-async fn telemetry_twins_desired_notifications_and_direct_methods() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn telemetry_twins_desired_notifications_and_direct_methods(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-twin").await?;
     let (mut c, _) = dev.connect(false).await?;
 
@@ -370,9 +362,7 @@ async fn telemetry_twins_desired_notifications_and_direct_methods() -> Result<()
     hub.stop().await
 }
 
-#[tokio::test]
-async fn methods_on_offline_devices_fail_with_device_not_online() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn methods_on_offline_devices_fail_with_device_not_online(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-offline-method").await?;
     let (status, body) =
         dev.service(reqwest::Method::POST, "/methods", json!({"methodName": "ping"})).await?;
@@ -381,9 +371,7 @@ async fn methods_on_offline_devices_fail_with_device_not_online() -> Result<()> 
     hub.stop().await
 }
 
-#[tokio::test]
-async fn keep_alive_is_enforced_and_a_new_connection_replaces_the_old() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn keep_alive_is_enforced_and_a_new_connection_replaces_the_old(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-keepalive").await?;
     let token = hub.device_token(&dev.id, &dev.key);
     let will_topic = format!("devices/{}/messages/events/", dev.id);
@@ -433,9 +421,7 @@ async fn telemetry(dev: &Device<'_>, after: u64, wait_ms: u64) -> Result<Vec<Val
     seen.as_array().cloned().context("the telemetry read is not an array")
 }
 
-#[tokio::test]
-async fn a_dropped_connection_forwards_its_will_and_a_clean_disconnect_does_not() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn a_dropped_connection_forwards_its_will_and_a_clean_disconnect_does_not(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-will").await?;
     let token = hub.device_token(&dev.id, &dev.key);
     let topic = format!("devices/{}/messages/events/%24.mid=w1&state=offline", dev.id);
@@ -475,9 +461,9 @@ async fn a_dropped_connection_forwards_its_will_and_a_clean_disconnect_does_not(
     hub.stop().await
 }
 
-#[tokio::test]
-async fn a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authorized() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authorized(
+    hub: TestHub,
+) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-will-bad").await?;
     let token = hub.device_token(&dev.id, &dev.key);
     for topic in ["devices/someone-else/messages/events/", "$iothub/twin/GET/?$rid=1", "status/offline"] {
@@ -491,9 +477,7 @@ async fn a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authoriz
     hub.stop().await
 }
 
-#[tokio::test]
-async fn the_hubs_shutdown_records_no_will() -> Result<()> {
-    let hub = TestHub::start().await?;
+async fn the_hubs_shutdown_records_no_will(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-will-shutdown").await?;
     let token = hub.device_token(&dev.id, &dev.key);
     let mut c = dev.connect_packet(&token, false, 60);
@@ -510,3 +494,34 @@ async fn the_hubs_shutdown_records_no_will() -> Result<()> {
     assert!(core.read_telemetry(Some(&id), 0, 10).is_empty(), "shutdown is not the device going offline");
     Ok(())
 }
+
+/// Runs a test against a hub serving the plain MQTT port each way: a task per connection
+/// (`tasks`) and the task-less drivers (`drivers`, `--mqtt-plain-driver`).
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn tasks() -> anyhow::Result<()> {
+                super::$name(iothub_emulator_tests::TestHub::start().await?).await
+            }
+
+            #[tokio::test]
+            async fn drivers() -> anyhow::Result<()> {
+                super::$name(iothub_emulator_tests::TestHub::start_with_mqtt_drivers(Default::default()).await?).await
+            }
+        }
+    )*};
+}
+
+both_ways!(
+    offline_message_arrives_after_reconnect_with_payload_and_properties,
+    a_message_whose_puback_never_came_is_redelivered,
+    refused_connects_get_their_connack_codes,
+    subscriptions_to_another_devices_topic_are_refused_and_clean_session_keeps_nothing,
+    telemetry_twins_desired_notifications_and_direct_methods,
+    methods_on_offline_devices_fail_with_device_not_online,
+    keep_alive_is_enforced_and_a_new_connection_replaces_the_old,
+    a_dropped_connection_forwards_its_will_and_a_clean_disconnect_does_not,
+    a_will_outside_the_devices_telemetry_topic_is_refused_with_not_authorized,
+    the_hubs_shutdown_records_no_will,
+);

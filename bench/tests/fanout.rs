@@ -162,3 +162,24 @@ fn fanout_bench_measures_the_hub_with_and_without_persist_side_by_side() {
     assert!(written("hub AMQP persist") > written("hub AMQP  ") + 50.0, "{stdout}");
     assert!(stdout.contains("hub-amqp-persist/hub-amqp"), "the ratio line:\n{stdout}");
 }
+
+/// The hub with its plain MQTT connections served by the task-less drivers
+/// (`--mqtt-plain-driver`) delivers every message and gets its own row and ratio line.
+#[test]
+fn fanout_bench_measures_the_hub_with_task_less_drivers() {
+    let (status, stdout, stderr) = run_bench(&[
+        "--devices",
+        "200",
+        "--servers",
+        "hub-amqp-drivers,floor",
+        "--hub-bin",
+        "self",
+        "--timeout-secs",
+        "60",
+    ]);
+    assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
+    let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
+    assert!(result.contains("hub-amqp-drivers: ok"), "{result}");
+    assert!(stdout.lines().any(|l| l.starts_with("hub AMQP drivers")), "the drivers' row:\n{stdout}");
+    assert!(stdout.contains("hub-amqp-drivers/floor"), "a ratio line:\n{stdout}");
+}

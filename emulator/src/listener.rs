@@ -83,6 +83,29 @@ pub async fn accept_connections<F, Fut>(
     F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let open = tracker.clone();
+    accept_streams(
+        listener,
+        name,
+        shutdown,
+        move || open.len(),
+        move |stream, peer| {
+            tracker.spawn(on_conn(stream, peer));
+        },
+    )
+    .await;
+}
+
+/// [`accept_connections`] for connections served without a task each: `on_conn` takes each
+/// accepted stream (with `TCP_NODELAY` set), and `open` counts the connections open, for the log
+/// line when file descriptors run out.
+pub async fn accept_streams(
+    listener: TcpListener,
+    name: &'static str,
+    shutdown: CancellationToken,
+    open: impl Fn() -> usize,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
     let mut exhausted = false;
     loop {
         let accepted = tokio::select! {
@@ -96,14 +119,14 @@ pub async fn accept_connections<F, Fut>(
                     exhausted = false;
                 }
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(on_conn(stream, peer));
+                on_conn(stream, peer);
             }
             Err(e) if is_fd_exhaustion(&e) => {
                 if !exhausted {
                     let limit = nofile_limit().map_or_else(|| "unknown".to_owned(), |n| n.to_string());
                     tracing::warn!(
                         listener = name,
-                        open_connections = tracker.len(),
+                        open_connections = open(),
                         nofile_limit = %limit,
                         "out of file descriptors; new connections wait in the backlog until some close \
                          (raise `ulimit -n`, or split the fleet across hubs): {e}"

@@ -71,6 +71,12 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_PORT")]
     mqtt_plain_port: Option<u16>,
 
+    /// Serve the plain MQTT port's connections with a few task-less drivers over epoll instead of
+    /// a task each: less CPU and memory per connection, burstier delivery latency under load (see
+    /// bench/README.md). Ignored with --persist or --tier, which need the per-connection tasks.
+    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_DRIVER")]
+    mqtt_plain_driver: bool,
+
     /// AMQP-over-TLS port: the service SDKs' C2D sends and feedback (they dial 5671). 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT", default_value_t = DEFAULT_AMQP_PORT)]
     amqp_port: u16,
@@ -492,6 +498,7 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
         amqp_plain_port: args.amqp_plain_port,
         mqtt_port: args.mqtt_port,
         mqtt_plain_port: args.mqtt_plain_port,
+        mqtt_plain_driver: args.mqtt_plain_driver,
         ftp_port: (!args.no_ftp).then_some(args.ftp_port),
         tls_names: args.tls_sans.clone(),
     };

@@ -417,6 +417,11 @@ impl Metrics {
         self.connections[transport as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// Device connections open on `transport`.
+    pub fn connections(&self, transport: Transport) -> usize {
+        usize::try_from(self.connections[transport as usize].load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     /// The tier throttle shaped (`refused == false`) or refused a request of `op`.
     pub fn throttled(&self, op: Op, refused: bool) {
         let i = Op::ALL.iter().position(|x| *x == op).unwrap_or(0);

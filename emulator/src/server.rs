@@ -52,6 +52,9 @@ pub struct ListenConfig {
     pub mqtt_port: u16,
     /// MQTT over plain TCP, for load tests on loopback; off when `None`.
     pub mqtt_plain_port: Option<u16>,
+    /// Serve the plain MQTT port with task-less drivers (`crate::mqtt::driver`) instead of one
+    /// task per connection.
+    pub mqtt_plain_driver: bool,
     /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
     pub amqp_port: u16,
     /// AMQP over plain TCP, for load tests on loopback (the fan-out bench's AMQP sender); off when
@@ -72,6 +75,7 @@ impl Default for ListenConfig {
             http_port: DEFAULT_HTTP_PORT,
             mqtt_port: DEFAULT_MQTT_PORT,
             mqtt_plain_port: None,
+            mqtt_plain_driver: false,
             amqp_port: DEFAULT_AMQP_PORT,
             amqp_plain_port: None,
             ftp_port: Some(DEFAULT_FTP_PORT),
@@ -93,6 +97,7 @@ impl ListenConfig {
             ftp_port: Some(0),
             mqtt_port: 0,
             mqtt_plain_port: Some(0),
+            mqtt_plain_driver: false,
             tls_names: Vec::new(),
         }
     }
@@ -109,6 +114,8 @@ pub struct Listeners {
     pub mqtt: TcpListener,
     /// MQTT over plain TCP, if enabled.
     pub mqtt_plain: Option<TcpListener>,
+    /// Serve `mqtt_plain` with task-less drivers ([`ListenConfig::mqtt_plain_driver`]).
+    pub mqtt_plain_driver: bool,
     /// AMQP over TLS: the service endpoint.
     pub amqp: TcpListener,
     /// AMQP over plain TCP, if enabled.
@@ -128,6 +135,7 @@ impl Listeners {
                 .mqtt_plain_port
                 .map(|p| bind_one(cfg.bind, p, "plain MQTT", "--mqtt-plain-port"))
                 .transpose()?,
+            mqtt_plain_driver: cfg.mqtt_plain_driver,
             amqp: bind_one(cfg.bind, cfg.amqp_port, "AMQP", "--amqp-port")?,
             amqp_plain: cfg
                 .amqp_plain_port
@@ -375,6 +383,7 @@ pub async fn serve(
         tokio::spawn(crate::mqtt::accept_loop(
             listeners.mqtt,
             Some(mqtt_tls),
+            false,
             hub.clone(),
             shutdown.clone(),
             tracker.clone(),
@@ -384,6 +393,7 @@ pub async fn serve(
         loops.push(tokio::spawn(crate::mqtt::accept_loop(
             plain,
             None,
+            listeners.mqtt_plain_driver,
             hub.clone(),
             shutdown.clone(),
             tracker.clone(),

@@ -34,7 +34,7 @@ const IDLE_BUFFER_BYTES: usize = 256;
 /// Most the read buffer is grown ahead of the bytes received.
 const RESERVE_AHEAD_BYTES: usize = 16 * 1024;
 /// What one read takes into the stack when the connection holds no read buffer (see [`fill`]).
-const STACK_READ_BYTES: usize = 4096;
+pub(super) const STACK_READ_BYTES: usize = 4096;
 /// Bytes a packet's fixed header, packet id and topic length take at most (a hint, not a bound).
 const PACKET_OVERHEAD_BYTES: usize = 8;
 /// Write-buffer capacity kept between writes: a CONNACK, SUBACK, PUBACK or PINGRESP fits. A larger
@@ -142,6 +142,26 @@ fn encoded_size_hint(packets: &[Packet]) -> usize {
         .sum()
 }
 
+/// Encodes `packets` onto `buf` and empties the list (keeping its allocation).
+pub(super) fn encode_packets(buf: &mut BytesMut, packets: &mut Vec<Packet>) -> std::io::Result<()> {
+    // One allocation that fits the turn instead of the codec growing the buffer a few times (a
+    // turn of small acknowledgements fits the kept buffer and allocates nothing).
+    buf.reserve(encoded_size_hint(packets));
+    for p in packets.drain(..) {
+        p.write(buf, usize::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Gives back a write buffer's allocation once everything in it was written, unless it is small
+/// (see [`IDLE_WRITE_BUFFER_BYTES`]).
+pub(super) fn release_write_buffer(buf: &mut BytesMut) {
+    buf.clear();
+    if buf.capacity() > IDLE_WRITE_BUFFER_BYTES {
+        *buf = BytesMut::new();
+    }
+}
+
 /// Writes `buf[*done..]` and flushes (a TLS stream sends its records on flush), advancing `done`.
 fn poll_drain<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -172,12 +192,7 @@ async fn write_packets<S: AsyncWrite + Unpin>(
     if packets.is_empty() {
         return Ok(());
     }
-    // One allocation that fits the turn instead of the codec growing the buffer a few times (a
-    // turn of small acknowledgements fits the kept buffer and allocates nothing).
-    buf.reserve(encoded_size_hint(packets));
-    for p in packets.drain(..) {
-        p.write(buf, usize::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
-    }
+    encode_packets(buf, packets)?;
     // An idle connection keeps no packet list (144 B a packet, kept for the connection's life
     // otherwise): one allocation per turn that has something to send.
     *packets = Vec::new();
@@ -201,10 +216,7 @@ async fn write_packets<S: AsyncWrite + Unpin>(
             r
         }
     };
-    buf.clear();
-    if buf.capacity() > IDLE_WRITE_BUFFER_BYTES {
-        *buf = BytesMut::new();
-    }
+    release_write_buffer(buf);
     result
 }
 
@@ -256,42 +268,61 @@ where
         )
         .await;
         hub.metrics().connection_moved(transport, -1);
-        match &ended {
-            Ended::Closed(Close::ClientDisconnect) => {
-                tracing::debug!(%peer, device = %session.device_id(), "MQTT device disconnected")
-            }
-            Ended::Closed(reason) => {
-                tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {reason}")
-            }
-            other => tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {other}"),
-        }
-        // Every end but DISCONNECT (which already discarded it) records the Will — MQTT 3.1.1
-        // §3.1.2.5: I/O error, keep-alive lapse, protocol error, token expiry, replacement by a new
-        // connection — except the hub's own shutdown: the emulator going away is not the device
-        // going offline, and nobody is left to read the telemetry.
-        if matches!(ended, Ended::Shutdown) {
-            session.discard_will();
-        }
-        session.close(&hub, &link.events);
+        end_session(&hub, session, &link.events, peer, &ended);
     }
 }
 
+/// Ends a connected session for `ended`: logs why, and records the device's Will unless the
+/// device disconnected or the hub shuts down (see [`Session::close`]).
+pub(super) fn end_session(
+    hub: &Hub,
+    mut session: Session,
+    link: &crate::hub::link::LinkReceiver,
+    peer: SocketAddr,
+    ended: &Ended,
+) {
+    match ended {
+        Ended::Closed(Close::ClientDisconnect) => {
+            tracing::debug!(%peer, device = %session.device_id(), "MQTT device disconnected")
+        }
+        Ended::Closed(reason) => {
+            tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {reason}")
+        }
+        other => tracing::info!(%peer, device = %session.device_id(), "MQTT connection closed: {other}"),
+    }
+    // Every end but DISCONNECT (which already discarded it) records the Will — MQTT 3.1.1
+    // §3.1.2.5: I/O error, keep-alive lapse, protocol error, token expiry, replacement by a new
+    // connection — except the hub's own shutdown: the emulator going away is not the device
+    // going offline, and nobody is left to read the telemetry.
+    if matches!(ended, Ended::Shutdown) {
+        session.discard_will();
+    }
+    session.close(hub, link);
+}
+
 /// A connection past its CONNECT: what [`run`] needs.
-struct Opened {
-    session: Session,
-    link: crate::hub::link::Attached,
-    keep_alive: Duration,
-    token_deadline: Instant,
+pub(super) struct Opened {
+    pub(super) session: Session,
+    pub(super) link: crate::hub::link::Attached,
+    pub(super) keep_alive: Duration,
+    pub(super) token_deadline: Instant,
     /// The CONNACK and whatever the session had to send at once.
-    out: Vec<Packet>,
+    pub(super) out: Vec<Packet>,
 }
 
 /// What to do with the first packet.
 // Returned once per connection and moved on at once, never stored: boxing `Open` would only add
 // an allocation to every CONNECT.
 #[allow(clippy::large_enum_variant)]
-enum Admit {
+pub(super) enum Admit {
     Open(Opened),
+    Not(NotOpened),
+}
+
+/// A first packet that does not open a hub session.
+// Moved on at once, never stored.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum NotOpened {
     /// Answer with this CONNACK, then close (`shutdown`: close the write side first).
     Refuse {
         code: ConnectReturnCode,
@@ -319,30 +350,43 @@ where
         r = tokio::time::timeout(Duration::from_secs(MQTT_CONNECT_TIMEOUT_SECS), read_packet(stream, rbuf)) => r,
         _ = shutdown.wait() => return None,
     };
+    let Ok(first) = first else {
+        tracing::info!(%peer, "MQTT: no CONNECT within {MQTT_CONNECT_TIMEOUT_SECS} s; closing");
+        return None;
+    };
     // Decided without an await in between, so neither the CONNECT nor the session being built is
     // kept in this future's state.
-    let (code, close_write) = match admit_counted(hub, first, (peer, transport), client_cert.as_deref()) {
+    let not_opened = match admit_counted(hub, first, (peer, transport), client_cert.as_deref(), None) {
         Admit::Open(opened) => return Some(opened),
-        Admit::Close => return None,
-        Admit::Refuse { code, shutdown } => (code, shutdown),
-        Admit::Dps(session, connack, keep_alive) => {
-            // Boxed: provisioning connections are short-lived and rare next to hub connections.
-            Box::pin(crate::dps::mqtt::serve(
-                hub.clone(),
-                stream,
-                session,
-                keep_alive,
-                connack,
-                rbuf,
-                shutdown,
-            ))
-            .await;
-            return None;
-        }
+        Admit::Not(n) => n,
     };
-    // Boxed: a refusal is rare, and its write state would otherwise enlarge every connection.
-    Box::pin(refuse(stream, wbuf, code, close_write, hub.config().timeouts.write)).await;
+    // Boxed: refusals and provisioning connections are rare next to hub connections, and their
+    // state would otherwise enlarge every connection's future.
+    Box::pin(serve_not_opened(hub, stream, not_opened, rbuf, wbuf, shutdown)).await;
     None
+}
+
+/// Serves a connection whose first packet did not open a hub session: a refusal's CONNACK, or a
+/// Device Provisioning Service session.
+pub(super) async fn serve_not_opened<S>(
+    hub: &Hub,
+    stream: &mut S,
+    not_opened: NotOpened,
+    rbuf: &mut BytesMut,
+    wbuf: &mut BytesMut,
+    shutdown: &Shutdown,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match not_opened {
+        NotOpened::Close => {}
+        NotOpened::Refuse { code, shutdown } => {
+            refuse(stream, wbuf, code, shutdown, hub.config().timeouts.write).await
+        }
+        NotOpened::Dps(session, connack, keep_alive) => {
+            crate::dps::mqtt::serve(hub.clone(), stream, session, keep_alive, connack, rbuf, shutdown).await
+        }
+    }
 }
 
 /// Sends a refusing CONNACK and, with `close_write`, shuts the write side, all within `within`.
@@ -366,15 +410,16 @@ async fn refuse<S: AsyncWrite + Unpin>(
 /// [`admit`], timed and with a refusal counted in the metrics. A plain function returning the
 /// decision, so `open` matches on a temporary: nothing of the decision stays in its future while
 /// a provisioning session is served (which would enlarge every connection's future).
-fn admit_counted(
+pub(super) fn admit_counted(
     hub: &Hub,
-    first: Result<Result<Packet, ReadError>, tokio::time::error::Elapsed>,
+    first: Result<Packet, ReadError>,
     (peer, transport): (SocketAddr, Transport),
     client_cert: Option<&crate::x509::ClientChain>,
+    ready: Option<crate::hub::link::ReadyHook>,
 ) -> Admit {
     let _timer = crate::metrics::Timer::start(hub.metrics().latency(Protocol::Mqtt, Operation::Connect));
-    let admitted = admit(hub, first, peer, client_cert);
-    if let Admit::Refuse { code, .. } = &admitted {
+    let admitted = admit(hub, first, peer, client_cert, ready);
+    if let Admit::Not(NotOpened::Refuse { code, .. }) = &admitted {
         hub.metrics().connection_refused(transport, refusal_reason(*code));
     }
     admitted
@@ -394,33 +439,32 @@ fn refusal_reason(code: ConnectReturnCode) -> RefusalReason {
 
 fn admit(
     hub: &Hub,
-    first: Result<Result<Packet, ReadError>, tokio::time::error::Elapsed>,
+    first: Result<Packet, ReadError>,
     peer: SocketAddr,
     client_cert: Option<&crate::x509::ClientChain>,
+    ready: Option<crate::hub::link::ReadyHook>,
 ) -> Admit {
+    let close = Admit::Not(NotOpened::Close);
     let connect = match first {
-        Ok(Ok(Packet::Connect(c))) => c,
-        Ok(Ok(other)) => {
+        Ok(Packet::Connect(c)) => c,
+        Ok(other) => {
             tracing::info!(%peer, "MQTT: the first packet must be CONNECT, got {other:?}; closing");
-            return Admit::Close;
+            return close;
         }
-        Ok(Err(ReadError::Codec(
-            e @ (CodecError::InvalidProtocol | CodecError::InvalidProtocolLevel(_)),
-        ))) => {
+        Err(ReadError::Codec(e @ (CodecError::InvalidProtocol | CodecError::InvalidProtocolLevel(_)))) => {
             tracing::info!(%peer, "MQTT CONNECT refused (unacceptable protocol version): {e}");
-            return Admit::Refuse { code: ConnectReturnCode::RefusedProtocolVersion, shutdown: false };
+            return Admit::Not(NotOpened::Refuse {
+                code: ConnectReturnCode::RefusedProtocolVersion,
+                shutdown: false,
+            });
         }
-        Ok(Err(ReadError::Violation(v))) => {
+        Err(ReadError::Violation(v)) => {
             tracing::info!(%peer, "MQTT CONNECT refused, closing without CONNACK: {v}");
-            return Admit::Close;
+            return close;
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::debug!(%peer, "MQTT connection ended before CONNECT: {e}");
-            return Admit::Close;
-        }
-        Err(_) => {
-            tracing::info!(%peer, "MQTT: no CONNECT within {MQTT_CONNECT_TIMEOUT_SECS} s; closing");
-            return Admit::Close;
+            return close;
         }
     };
     if let Some(reg) = connect
@@ -431,19 +475,19 @@ fn admit(
         return match crate::dps::mqtt::accept(hub, &connect, reg, client_cert) {
             Ok((session, connack)) => {
                 tracing::debug!(%peer, registration = reg, "DPS MQTT device connected");
-                Admit::Dps(session, connack, connect.keep_alive)
+                Admit::Not(NotOpened::Dps(session, connack, connect.keep_alive))
             }
             Err((code, reason)) => {
                 tracing::info!(%peer, registration = reg, ?code, "DPS MQTT CONNECT refused: {reason}");
-                Admit::Refuse { code, shutdown: true }
+                Admit::Not(NotOpened::Refuse { code, shutdown: true })
             }
         };
     }
-    let accepted = match accept_connect_tls(hub, &connect, None, client_cert) {
+    let accepted = match accept_connect_tls(hub, &connect, ready, client_cert) {
         Ok(a) => a,
         Err(refused) => {
             tracing::info!(%peer, client_id = %connect.client_id, code = ?refused.code, "MQTT CONNECT refused: {}", refused.reason);
-            return Admit::Refuse { code: refused.code, shutdown: true };
+            return Admit::Not(NotOpened::Refuse { code: refused.code, shutdown: true });
         }
     };
     tracing::debug!(%peer, device = %connect.client_id, clean = connect.clean_session, "MQTT device connected");
@@ -476,8 +520,9 @@ struct Deadlines {
     write: Duration,
 }
 
+/// Why a connected session ended.
 #[derive(Debug, thiserror::Error)]
-enum Ended {
+pub(super) enum Ended {
     #[error(transparent)]
     Closed(Close),
     #[error("{0}")]

@@ -55,7 +55,8 @@ struct RunArgs {
     devices: usize,
     /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
     /// (sent to over AMQP like the service SDKs), `hub-persist` and `hub-amqp-persist` (the same
-    /// with `--persist`: compared with the in-memory hub in their own line), `mosquitto`,
+    /// with `--persist`: compared with the in-memory hub in their own line), `hub-amqp-drivers`
+    /// (`hub-amqp` with `--mqtt-plain-driver`: no task per device connection), `mosquitto`,
     /// `rumqttd`, and `floor` / `floor-uring`: this binary's floor broker over epoll or io_uring,
     /// which forwards bytes and nothing else (what the kernel alone costs a message here).
     #[arg(long, value_delimiter = ',', default_value = "hub,hub-amqp,mosquitto,rumqttd")]
@@ -158,6 +159,9 @@ enum Internal {
     HubServe {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Serve plain MQTT with the task-less drivers (`--mqtt-plain-driver`).
+        #[arg(long)]
+        mqtt_plain_driver: bool,
     },
     /// (internal) The floor broker: the least an MQTT server can do for this bench
     /// (`testbench::fanout::floor`); serves until signalled.
@@ -196,11 +200,13 @@ fn main() -> Result<()> {
             rt.block_on(fanout::devices::run(cfg, BufReader::new(tokio::io::stdin())))?;
             Ok(())
         }
-        Some(Internal::HubServe { data_dir }) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
-            .build()?
-            .block_on(hub_serve(&data_dir)),
+        Some(Internal::HubServe { data_dir, mqtt_plain_driver }) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
+                .build()?
+                .block_on(hub_serve(&data_dir, mqtt_plain_driver))
+        }
         Some(Internal::FloorServe { listen, uring }) => {
             let listener = std::net::TcpListener::bind(listen)?;
             if uring {
@@ -221,9 +227,13 @@ fn main() -> Result<()> {
     }
 }
 
-async fn hub_serve(data_dir: &Path) -> Result<()> {
+async fn hub_serve(data_dir: &Path, mqtt_plain_driver: bool) -> Result<()> {
     use iothub_emulator::server::{ListenConfig, RunningHub, shutdown_on_signal};
-    let listen = ListenConfig { ftp_port: None, ..ListenConfig::ephemeral(Ipv4Addr::LOCALHOST.into()) };
+    let listen = ListenConfig {
+        ftp_port: None,
+        mqtt_plain_driver,
+        ..ListenConfig::ephemeral(Ipv4Addr::LOCALHOST.into())
+    };
     let running = RunningHub::start(iothub_emulator::HubConfig::default(), &listen, data_dir).await?;
     println!("http://{}", running.http_addr);
     println!("mqtt://{}", running.mqtt_plain_addr.context("plain MQTT listener")?);
@@ -1056,12 +1066,14 @@ async fn run(a: RunArgs) -> Result<bool> {
     if a.telemetry {
         // `hub-amqp` names the C2D sender; telemetry has one path out of the hub (its Event
         // Hub-compatible endpoint), measured as `hub`.
-        kinds.retain(|k| *k != Kind::HubAmqp && *k != Kind::HubAmqpPersist);
+        kinds.retain(|k| !matches!(k, Kind::HubAmqp | Kind::HubAmqpPersist | Kind::HubAmqpDrivers));
     }
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
-            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => a.hub_bin.as_deref(),
+            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
+                a.hub_bin.as_deref()
+            }
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
             Kind::Floor | Kind::FloorUring => None,

@@ -34,6 +34,9 @@ pub enum Kind {
     HubPersist,
     /// [`Kind::HubAmqp`] with `--persist`.
     HubAmqpPersist,
+    /// [`Kind::HubAmqp`] with `--mqtt-plain-driver`: the devices' connections served by the
+    /// task-less drivers instead of a task each.
+    HubAmqpDrivers,
     /// Eclipse Mosquitto (Debian package).
     Mosquitto,
     /// rumqttd (crates.io), embedded in `rumqttd-peer`.
@@ -53,20 +56,24 @@ impl Kind {
             "hub-amqp" => Ok(Self::HubAmqp),
             "hub-persist" => Ok(Self::HubPersist),
             "hub-amqp-persist" => Ok(Self::HubAmqpPersist),
+            "hub-amqp-drivers" => Ok(Self::HubAmqpDrivers),
             "mosquitto" => Ok(Self::Mosquitto),
             "rumqttd" => Ok(Self::Rumqttd),
             "floor" => Ok(Self::Floor),
             "floor-uring" => Ok(Self::FloorUring),
             other => bail!(
-                "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, mosquitto, rumqttd, \
-                 floor or floor-uring"
+                "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, hub-amqp-drivers, \
+                 mosquitto, rumqttd, floor or floor-uring"
             ),
         }
     }
 
     /// Whether this is the hub (with either sender, in memory or with `--persist`).
     pub fn is_hub(self) -> bool {
-        matches!(self, Self::Hub | Self::HubAmqp | Self::HubPersist | Self::HubAmqpPersist)
+        matches!(
+            self,
+            Self::Hub | Self::HubAmqp | Self::HubPersist | Self::HubAmqpPersist | Self::HubAmqpDrivers
+        )
     }
 
     /// Whether this is the floor broker (a lower bound, not a peer).
@@ -100,6 +107,7 @@ impl Kind {
             Self::HubAmqp => "hub-amqp",
             Self::HubPersist => "hub-persist",
             Self::HubAmqpPersist => "hub-amqp-persist",
+            Self::HubAmqpDrivers => "hub-amqp-drivers",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
             Self::Floor => "floor",
@@ -146,8 +154,9 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Finds the program for `kind` (`explicit` overrides the search).
 pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
     match kind {
-        Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => {
+        Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
             let sender = match (kind.is_rest_hub(), kind.persist()) {
+                _ if kind == Kind::HubAmqpDrivers => "AMQP drivers",
                 (true, false) => "REST",
                 (false, false) => "AMQP",
                 (true, true) => "REST persist",
@@ -288,7 +297,7 @@ impl Server {
         let log = work.join(format!("{}.log", found.kind.name()));
         let stderr = || -> Result<Stdio> { Ok(std::fs::File::create(&log)?.into()) };
         match found.kind {
-            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist => {
+            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
                 let mut cmd = Command::new(&program);
                 let data = work.join("hub-data");
                 match found.hub.as_ref().context("hub start mode")? {
@@ -298,7 +307,11 @@ impl Server {
                             found.kind.name()
                         )
                     }
-                    HubBin::SelfHosted => cmd.arg("hub-serve").arg("--data-dir").arg(&data),
+                    HubBin::SelfHosted => cmd
+                        .arg("hub-serve")
+                        .arg("--data-dir")
+                        .arg(&data)
+                        .args((found.kind == Kind::HubAmqpDrivers).then_some("--mqtt-plain-driver")),
                     HubBin::Binary(_) => cmd.arg("--data-dir").arg(&data).args([
                         "--https-port",
                         "0",
@@ -317,6 +330,9 @@ impl Server {
                 };
                 if found.kind.persist() {
                     cmd.arg("--persist");
+                }
+                if found.kind == Kind::HubAmqpDrivers && matches!(found.hub, Some(HubBin::Binary(_))) {
+                    cmd.arg("--mqtt-plain-driver");
                 }
                 let mut child = cmd.stdout(Stdio::piped()).stderr(stderr()?).kill_on_drop(true).spawn()?;
                 let pid = child.id().context("hub pid")?;
