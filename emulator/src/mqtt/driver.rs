@@ -683,6 +683,33 @@ mod tests {
         }
     }
 
+    /// A connection that sends no CONNECT is closed at the CONNECT deadline (hub time paused:
+    /// the runtime jumps to the driver's next deadline once everything waits).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_connect_is_closed_at_the_connect_deadline() {
+        use tokio::io::AsyncReadExt;
+
+        let hub = Hub::new(Default::default());
+        let (shutdown, tracker) = (Shutdown::new(), TaskTracker::new());
+        let mut drivers = Drivers::start(&hub, 1, &shutdown, &tracker).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let started = Instant::now();
+        drivers.dispatch(stream, peer);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read(&mut byte)).await;
+        assert_eq!(read.expect("closed within a minute").unwrap(), 0, "closed without an answer");
+        assert!(
+            started.elapsed() >= Duration::from_secs(MQTT_CONNECT_TIMEOUT_SECS),
+            "{:?}",
+            started.elapsed()
+        );
+        shutdown.fire();
+        tracker.close();
+        tracker.wait().await;
+    }
+
     /// Every connection is one boxed record (and a heap entry): keep it from growing unnoticed
     /// (the per-connection budget is 2 KiB in all; 0.93–0.97 KiB measured by `bench/fanout.sh
     /// --servers hub-amqp-drivers`, kernel socket buffers excluded).
