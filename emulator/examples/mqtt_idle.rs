@@ -9,6 +9,7 @@
 //! ```text
 //! ulimit -n 20000
 //! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000
+//! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000 --driver   # --mqtt-plain-driver
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -54,12 +55,14 @@ fn main() -> Result<()> {
     }
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10_000);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(hub_side(n))
+    // `--driver`: the plain port served by the task-less drivers (`--mqtt-plain-driver`).
+    rt.block_on(hub_side(n, args.iter().any(|a| a == "--driver")))
 }
 
-async fn hub_side(n: usize) -> Result<()> {
+async fn hub_side(n: usize, mqtt_plain_driver: bool) -> Result<()> {
     let data_dir = std::env::temp_dir().join(format!("mqtt-idle-{}", std::process::id()));
-    let listen = ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let listen =
+        ListenConfig { mqtt_plain_driver, ..ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST)) };
     let running = RunningHub::start(HubConfig::default(), &listen, &data_dir).await?;
     let hub = running.hub.clone();
     for i in 0..n {
