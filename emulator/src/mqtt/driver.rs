@@ -91,13 +91,18 @@ impl Drivers {
         shutdown: &Shutdown,
         tracker: &TaskTracker,
     ) -> std::io::Result<Self> {
-        let mut to = Vec::new();
-        for _ in 0..count.max(1) {
-            // SAFETY: `Poll` owns its epoll descriptor until it is dropped (with the `AsyncFd`)
-            // and its `as_raw_fd` always returns that one.
-            let poll =
+        // Every epoll instance first: a failure starts no driver (the caller falls back to a task
+        // per connection).
+        let polls = (0..count.max(1))
+            .map(|_| {
+                // SAFETY: `Poll` owns its epoll descriptor until it is dropped (with the `AsyncFd`)
+                // and its `as_raw_fd` always returns that one.
                 unsafe { AsyncFd::register_with_interest(Poll::new()?, tokio::io::Interest::READABLE) }
-                    .map_err(std::io::Error::from)?;
+                    .map_err(std::io::Error::from)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut to = Vec::new();
+        for poll in polls {
             let (tx, rx) = mpsc::unbounded_channel();
             let driver = Driver {
                 hub: hub.clone(),
