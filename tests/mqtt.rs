@@ -234,6 +234,36 @@ async fn offline_message_arrives_after_reconnect_with_payload_and_properties(hub
     hub.stop().await
 }
 
+/// Messages sent while the device is connected and subscribed reach it at once, in order: the
+/// first handed over at send time (with the drivers, published from the sender's thread), the
+/// next ones from the queue as each PUBACK makes room; each PUBACK completes its message.
+async fn messages_sent_while_connected_arrive_in_order(hub: TestHub) -> Result<()> {
+    let dev = Device::create(&hub, "mqtt-online").await?;
+    let (mut c, _) = dev.connect(false).await?;
+    c.subscribe(&[&dev.c2d_topic()]).await?;
+    for round in 0..2 {
+        let ids: Vec<String> = (0..3).map(|i| format!("online-{round}-{i}")).collect();
+        for id in &ids {
+            dev.send_c2d(id, &format!("body of {id}")).await?;
+        }
+        for id in &ids {
+            let p = c.expect_publish().await?;
+            assert_eq!(String::from_utf8_lossy(&p.payload), format!("body of {id}"));
+            let props = bag(&p.topic);
+            assert_eq!(props.iter().find(|(k, _)| k == "$.mid").map(|(_, v)| v.as_str()), Some(id.as_str()));
+            c.send(Packet::PubAck(PubAck::new(p.pkid))).await?;
+        }
+        c.send(Packet::PingReq).await?;
+        assert_eq!(c.expect().await?, Packet::PingResp);
+        assert_eq!(
+            dev.registry().await?["cloudToDeviceMessageCount"],
+            0,
+            "round {round}: every PUBACK completed"
+        );
+    }
+    hub.stop().await
+}
+
 async fn a_message_whose_puback_never_came_is_redelivered(hub: TestHub) -> Result<()> {
     let dev = Device::create(&hub, "mqtt-redeliver").await?;
     dev.send_c2d("m-1", "deliver me twice").await?;
@@ -514,6 +544,7 @@ macro_rules! both_ways {
 }
 
 both_ways!(
+    messages_sent_while_connected_arrive_in_order,
     offline_message_arrives_after_reconnect_with_payload_and_properties,
     a_message_whose_puback_never_came_is_redelivered,
     refused_connects_get_their_connack_codes,

@@ -142,20 +142,54 @@ pub struct ReadyHook {
     key: u32,
     /// The key is in the set and the driver has not looked yet.
     queued: AtomicBool,
+    /// Delivers a handed-over C2D message from the sender's thread (see [`DirectDelivery`]).
+    direct: Option<Arc<dyn DirectDelivery>>,
 }
 
 impl ReadyHook {
     /// Puts `key` on `set` whenever the link has an event or is kicked.
     pub fn new(set: Arc<ReadySet>, key: u32) -> Self {
-        Self { set, key, queued: AtomicBool::new(false) }
+        Self { set, key, queued: AtomicBool::new(false), direct: None }
+    }
+
+    /// [`ReadyHook::new`], and a C2D message handed over to the link is first offered to
+    /// `direct`, on the sender's thread once the sender let go of the device's shard.
+    pub fn with_direct(set: Arc<ReadySet>, key: u32, direct: Arc<dyn DirectDelivery>) -> Self {
+        Self { set, key, queued: AtomicBool::new(false), direct: Some(direct) }
     }
 }
 
-/// The mailbox between the hub and one connection task.
+/// A connection that can publish a handed-over C2D message on the thread that sent it, without
+/// waking its driver: the message reaches the device as soon as it is sent, whatever the
+/// driver is doing (a driver the OS preempted mid-pass would hold it up; see `mqtt::driver`).
+/// Called with no hub lock held; the connection must not block on its own state (it declines
+/// when its driver is busy with it, and the driver is woken instead).
+pub trait DirectDelivery: Send + Sync + std::fmt::Debug {
+    /// Publishes what the link holds for the device; `false` when the driver must look
+    /// (busy, a write backed up, the connection ending).
+    fn try_deliver(&self, hub: &super::Hub) -> bool;
+}
+
+/// Who is told when a link has something to look at: the connection's own task, waiting on a
+/// `Notify`, or the driver serving it among many ([`ReadyHook`]). One or the other: the mailbox
+/// keeps only the one it uses.
+#[derive(Debug)]
+enum Receiver {
+    Task(Notify),
+    Driver(ReadyHook),
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::Task(Notify::new())
+    }
+}
+
+/// The mailbox between the hub and one connection.
 #[derive(Debug, Default)]
 pub struct LinkShared {
     queue: Mutex<VecDeque<LinkEvent>>,
-    notify: Notify,
+    receiver: Receiver,
     kicked: AtomicBool,
     /// A C2D message was queued since the receiver last looked: [`LinkEvent::C2dAvailable`] is
     /// this flag, not a queued event, so a send costs the mailbox no lock or allocation, repeated
@@ -173,7 +207,6 @@ pub struct LinkShared {
     /// Written only under the device's shard lock. (32 bits: with them the mailbox and its `Arc`
     /// counts fit mimalloc's 128-byte size class.)
     armed_lock_ms: AtomicU32,
-    ready: Option<ReadyHook>,
 }
 
 impl LinkShared {
@@ -199,12 +232,29 @@ impl LinkShared {
     }
 
     /// Leaves `delivery` for the receiver and disarms (called under the device's shard lock,
-    /// after [`Self::armed_for`]).
-    pub(super) fn hand(&self, delivery: Delivery) {
+    /// after [`Self::armed_for`]). `true` when the receiver was not told: the caller offers the
+    /// delivery to [`Self::deliver`] once it let go of the shard.
+    pub(super) fn hand(&self, delivery: Delivery) -> bool {
         self.armed_lock_ms.store(0, Ordering::Relaxed);
         *self.lock_handed() = Some(Box::new(delivery));
         self.has_handed.store(true, Ordering::Release);
+        if matches!(&self.receiver, Receiver::Driver(hook) if hook.direct.is_some()) {
+            return true;
+        }
         self.wake();
+        false
+    }
+
+    /// After [`Self::hand`] returned `true`, with no hub lock held: the connection publishes the
+    /// delivery on this thread, or its driver is woken to.
+    pub(super) fn deliver(&self, hub: &super::Hub) {
+        let direct = match &self.receiver {
+            Receiver::Driver(hook) => hook.direct.as_ref(),
+            Receiver::Task(_) => None,
+        };
+        if !direct.is_some_and(|d| d.try_deliver(hub)) {
+            self.wake();
+        }
     }
 
     /// Takes the handed-over delivery, if there is one.
@@ -239,13 +289,13 @@ impl LinkShared {
     }
 
     fn wake(&self) {
-        match &self.ready {
-            Some(hook) => {
+        match &self.receiver {
+            Receiver::Driver(hook) => {
                 if !hook.queued.swap(true, Ordering::AcqRel) {
                     hook.set.push(hook.key);
                 }
             }
-            None => self.notify.notify_one(),
+            Receiver::Task(notify) => notify.notify_one(),
         }
     }
 }
@@ -264,7 +314,12 @@ impl LinkReceiver {
             if let Some(e) = self.try_recv() {
                 return Some(e);
             }
-            self.0.notify.notified().await;
+            match &self.0.receiver {
+                Receiver::Task(notify) => notify.notified().await,
+                // A driver looks at its links when their keys come; awaiting one of them waits
+                // for any key of its driver's set, and looks again.
+                Receiver::Driver(hook) => hook.set.wait().await,
+            }
         }
     }
 
@@ -304,7 +359,7 @@ impl LinkReceiver {
     /// next event or kick queues its key again. Call it before [`Self::try_recv`] and
     /// [`Self::is_kicked`], so nothing that arrives meanwhile goes unnoticed.
     pub fn rearm(&self) {
-        if let Some(hook) = &self.0.ready {
+        if let Receiver::Driver(hook) = &self.0.receiver {
             hook.queued.store(false, Ordering::Release);
         }
     }
@@ -452,7 +507,8 @@ impl Hub {
     ) -> Result<Attached, HubError> {
         let now = self.now();
         let conn_id = self.next_counter();
-        let shared = Arc::new(LinkShared { ready, ..LinkShared::default() });
+        let receiver = ready.map_or_else(Receiver::default, Receiver::Driver);
+        let shared = Arc::new(LinkShared { receiver, ..LinkShared::default() });
         let link = Link { conn_id, shared: shared.clone() };
         let session = self.with_endpoint_kept(device_id, |mut d| {
             let cleared = clean_session && *d.session != 0;

@@ -74,6 +74,9 @@ impl Hub {
     pub fn send_c2d(&self, device_id: &str, msg: C2dMessage) -> Result<SendReceipt, HubError> {
         let now = self.now();
         let mut fb = Vec::new();
+        // A link that delivers on the sender's thread (see `link::DirectDelivery`), once the
+        // shard is let go.
+        let mut direct = None;
         let r = self.with_device(device_id, |d| {
             let armed = d.link.as_ref().and_then(|l| l.shared.armed_for());
             let cfg = &self.config().c2d;
@@ -88,12 +91,17 @@ impl Hub {
                 (r, handed)
             });
             match (handed, &d.link) {
-                (Some(delivery), Some(link)) => link.shared.hand(delivery),
+                (Some(delivery), Some(link)) => {
+                    direct = link.shared.hand(delivery).then(|| link.shared.clone())
+                }
                 _ if r.is_ok() => Hub::poke_c2d(d),
                 _ => {}
             }
             r.map_err(|e| send_error(device_id, e))
         });
+        if let Some(link) = direct {
+            link.deliver(self);
+        }
         self.emit_feedback(fb);
         if r.is_ok() {
             self.shared.changed.notify_waiters();

@@ -14,21 +14,29 @@
 //! connection's keep-alive deadline without touching the heap; an entry that comes due early is
 //! put back at the connection's current deadline.
 //!
+//! A C2D message handed over at send time does not wait for the driver: the sending thread
+//! publishes it itself once it let go of the device's shard (`hub::link::DirectDelivery`), unless
+//! the driver is serving that connection at the moment (the connection's lock is taken: each
+//! connection is a [`Cell`]) or a write is backed up; then the driver is woken as for any event.
+//! A driver the OS preempts in the middle of a pass then holds up only the PUBACKs of its
+//! connections, not their deliveries.
+//!
 //! What it does not do itself: a CONNECT that does not open a hub session (a refusal's CONNACK,
 //! a Device Provisioning Service registration) is handed to a task of its own on tokio's reactor
 //! (`connection::serve_not_opened`), as is every plain connection of a hub that must wait
 //! before answering (`--persist`'s journal, a `--tier`'s shaping): [`serves`] says which hubs the
 //! drivers serve; `connection::serve` serves the rest, and every TLS connection.
 //!
-//! Owns: each driver's connections (sockets, sessions, buffers, deadlines). The hub owns the
-//! devices' state; the accept loop owns the listener.
+//! Owns: each driver's connections (sockets, sessions, buffers, deadlines), each locked by whoever
+//! serves it (its driver, or a sender delivering). The hub owns the devices' state; the accept
+//! loop owns the listener.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -42,7 +50,7 @@ use tokio_util::task::TaskTracker;
 use super::connection::{self, Admit, Ended, NotOpened, ReadError};
 use super::session::{Close, Session};
 use crate::hub::Hub;
-use crate::hub::link::{Attached, ReadyHook, ReadySet};
+use crate::hub::link::{Attached, DirectDelivery, ReadyHook, ReadySet};
 use crate::limits::MQTT_CONNECT_TIMEOUT_SECS;
 use crate::metrics::{Protocol, Transport};
 use crate::shutdown::Shutdown;
@@ -142,7 +150,56 @@ impl Drivers {
 /// One connection's slot: `epoch` tells a connection from the earlier ones that had the slot.
 struct Slot {
     epoch: u32,
-    conn: Option<Box<Conn>>,
+    cell: Option<Arc<Cell>>,
+}
+
+/// A connection, locked by whoever serves it: its driver, or the thread that sent it a C2D
+/// message ([`DirectDelivery`], which only ever tries the lock). Empty once the connection ended.
+/// Lock order: a connection, then the hub's shards (never the other way: a sender offers its
+/// hand-over only once it let go of the device's shard).
+struct Cell(Mutex<Option<Conn>>);
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mqtt::driver::Cell")
+    }
+}
+
+impl Cell {
+    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl DirectDelivery for Cell {
+    /// Publishes the handed-over message (and whatever else waits in the mailbox) from the
+    /// sender's thread, unless the driver is serving the connection, a write is backed up, or it
+    /// is ending: then its driver is woken, as without this.
+    fn try_deliver(&self, hub: &Hub) -> bool {
+        let Ok(mut guard) = self.0.try_lock() else { return false };
+        let Some(conn) = guard.as_mut() else { return false };
+        let State::Open(o) = &mut conn.state else { return false };
+        if conn.written < conn.wbuf.len() || o.closing.is_some() || o.failed.is_some() {
+            return false;
+        }
+        let mut out = Vec::new();
+        while let Some(event) = o.link.events.try_recv() {
+            o.session.handle_event(hub, event, &mut out);
+        }
+        if out.is_empty() {
+            return true;
+        }
+        let written = connection::encode_packets(&mut conn.wbuf, &mut out)
+            .and_then(|()| flush(&conn.stream, &mut conn.wbuf, &mut conn.written));
+        match written {
+            Ok(done) => done,
+            Err(e) => {
+                // Ended by its driver, which owns the slot and the deadlines.
+                o.failed = Some(e);
+                false
+            }
+        }
+    }
 }
 
 struct Conn {
@@ -179,6 +236,8 @@ struct Open {
     write_deadline: Option<Instant>,
     /// A packet ended the session; it closes once the answers before it are written.
     closing: Option<Box<Close>>,
+    /// A write from a sender's thread failed ([`Cell::try_deliver`]); the driver ends the session.
+    failed: Option<std::io::Error>,
 }
 
 impl Conn {
@@ -354,7 +413,7 @@ impl Driver {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                self.slots.push(Slot { epoch: 0, conn: None });
+                self.slots.push(Slot { epoch: 0, cell: None });
                 (self.slots.len() - 1) as u32
             }
         };
@@ -368,7 +427,7 @@ impl Driver {
             return;
         }
         let at = Instant::now() + Duration::from_secs(MQTT_CONNECT_TIMEOUT_SECS);
-        self.slots[slot as usize].conn = Some(Box::new(Conn {
+        self.slots[slot as usize].cell = Some(Arc::new(Cell(Mutex::new(Some(Conn {
             stream,
             peer,
             rbuf: BytesMut::new(),
@@ -377,82 +436,103 @@ impl Driver {
             readable: false,
             queued_at: at,
             state: State::Connecting(at),
-        }));
+        })))));
         self.deadlines.push(Reverse((at, slot, epoch)));
     }
 
-    fn conn(&mut self, slot: u32, epoch: u32) -> Option<&mut Conn> {
-        let s = self.slots.get_mut(slot as usize)?;
+    /// The connection cell in `slot`, if it still holds the connection of `epoch`.
+    fn cell(&self, slot: u32, epoch: u32) -> Option<Arc<Cell>> {
+        let s = self.slots.get(slot as usize)?;
         if s.epoch != epoch {
             return None;
         }
-        s.conn.as_deref_mut()
+        s.cell.clone()
     }
 
-    /// Takes the connection out of its slot (the slot is free for the next one).
-    fn remove(&mut self, slot: u32) -> Option<Box<Conn>> {
+    /// Takes the connection out of its slot (the slot is free for the next one) and its cell.
+    fn remove(&mut self, slot: u32) -> Option<Conn> {
         let s = &mut self.slots[slot as usize];
-        let conn = s.conn.take()?;
+        let cell = s.cell.take()?;
         s.epoch = s.epoch.wrapping_add(1);
         self.free.push(slot);
-        Some(conn)
+        cell.lock().take()
     }
 
     fn on_socket(&mut self, registry: &Registry, slot: u32, epoch: u32, readable: bool, writable: bool) {
-        let Some(conn) = self.conn(slot, epoch) else { return };
-        conn.readable |= readable;
-        if !(writable && conn.write_pending()) {
-            return self.turn(registry, slot);
-        }
-        match conn.flush() {
-            Ok(true) => {
-                if let State::Open(o) = &mut conn.state {
+        let Some(cell) = self.cell(slot, epoch) else { return };
+        let flushed = {
+            let mut guard = cell.lock();
+            let Some(conn) = guard.as_mut() else { return };
+            conn.readable |= readable;
+            if !(writable && conn.write_pending()) {
+                Ok(true)
+            } else {
+                let r = conn.flush();
+                if let (Ok(true), State::Open(o)) = (&r, &mut conn.state) {
                     o.write_deadline = None;
                 }
-                self.turn(registry, slot)
+                r
             }
+        };
+        match flushed {
+            Ok(true) => self.turn(registry, slot),
             Ok(false) => {}
             Err(e) => self.end(slot, Ended::Write(e)),
         }
     }
 
     fn on_link(&mut self, registry: &Registry, key: u32) {
-        let Some(Slot { conn: Some(conn), .. }) = self.slots.get(key as usize) else { return };
-        // A key of an earlier connection in this slot finds the current one's mailbox empty.
-        let State::Open(o) = &conn.state else { return };
-        // Looking now: whatever comes after this queues the key again.
-        o.link.events.rearm();
+        let Some(Slot { cell: Some(cell), .. }) = self.slots.get(key as usize) else { return };
+        {
+            let guard = cell.lock();
+            // A key of an earlier connection in this slot finds the current one's mailbox empty.
+            let Some(Conn { state: State::Open(o), .. }) = guard.as_ref() else { return };
+            // Looking now: whatever comes after this queues the key again.
+            o.link.events.rearm();
+        }
         self.turn(registry, key);
     }
 
     /// One turn of the connection in `slot` (see [`Driver::step`]).
     fn turn(&mut self, registry: &Registry, slot: u32) {
-        let Some(mut conn) = self.slots[slot as usize].conn.take() else { return };
-        match self.step(&mut conn, slot) {
-            Step::Wait => self.slots[slot as usize].conn = Some(conn),
-            Step::End(ended) => {
-                self.slots[slot as usize].conn = Some(conn);
-                self.end(slot, ended);
-            }
-            Step::HandOff(not_opened) => {
-                self.slots[slot as usize].conn = Some(conn);
-                self.hand_off(registry, slot, *not_opened);
-            }
+        let Some(cell) = self.slots[slot as usize].cell.clone() else { return };
+        let step = {
+            let mut guard = cell.lock();
+            let Some(conn) = guard.as_mut() else { return };
+            self.step(conn, slot, &cell)
+        };
+        match step {
+            Step::Wait => {}
+            Step::End(ended) => self.end(slot, ended),
+            Step::HandOff(not_opened) => self.hand_off(registry, slot, *not_opened),
         }
     }
 
     /// Reads what arrived, hands the packets to the session (admitting the CONNECT first), takes
     /// the hub's events and writes the answers. Nothing happens while a write waits for the
     /// socket: the rest of the turn follows its writable edge.
-    fn step(&mut self, conn: &mut Conn, slot: u32) -> Step {
+    fn step(&mut self, conn: &mut Conn, slot: u32, cell: &Arc<Cell>) -> Step {
         if conn.write_pending() {
+            if let State::Open(o) = &mut conn.state
+                && o.write_deadline.is_none()
+            {
+                // A sender's thread wrote part of a delivery ([`Cell::try_deliver`]): the rest
+                // gets until the write timeout, as a write of the driver's own.
+                let at = (Instant::now() + self.write_timeout).min(o.silence);
+                o.write_deadline = Some(at);
+                conn.queued_at = at;
+                self.deadlines.push(Reverse((at, slot, self.slots[slot as usize].epoch)));
+            }
             return Step::Wait;
         }
-        if let State::Open(o) = &mut conn.state
-            && let Some(close) = o.closing.take()
-        {
-            // Its answers are written: the session ends as the packet asked.
-            return Step::End(Ended::Closed(*close));
+        if let State::Open(o) = &mut conn.state {
+            if let Some(e) = o.failed.take() {
+                return Step::End(Ended::Write(e));
+            }
+            if let Some(close) = o.closing.take() {
+                // Its answers are written: the session ends as the packet asked.
+                return Step::End(Ended::Closed(*close));
+            }
         }
         let mut eof = None;
         if conn.readable {
@@ -476,7 +556,7 @@ impl Driver {
                 },
                 Err(e) => Err(e),
             };
-            let ready = ReadyHook::new(self.ready.clone(), slot);
+            let ready = ReadyHook::with_direct(self.ready.clone(), slot, cell.clone());
             match connection::admit_counted(&self.hub, first, (conn.peer, Transport::Mqtt), None, Some(ready))
             {
                 Admit::Open(opened) => {
@@ -490,6 +570,7 @@ impl Driver {
                         silence,
                         write_deadline: None,
                         closing: None,
+                        failed: None,
                     });
                     self.out.extend(opened.out);
                     // The keep-alive's entry replaces the CONNECT's (which is dropped when it
@@ -575,41 +656,46 @@ impl Driver {
             }
             self.deadlines.pop();
             seen += 1;
-            let Some(conn) = self.conn(slot, epoch) else { continue };
-            if conn.queued_at != at {
-                continue;
-            }
-            let due = conn.deadline();
-            if due > now {
-                conn.queued_at = due;
-                self.deadlines.push(Reverse((due, slot, epoch)));
-                continue;
-            }
-            let ended = match &mut conn.state {
-                State::Connecting(_) => {
-                    tracing::info!(peer = %conn.peer, "MQTT: no CONNECT within {MQTT_CONNECT_TIMEOUT_SECS} s; closing");
-                    self.remove(slot);
+            let Some(cell) = self.cell(slot, epoch) else { continue };
+            let ended = {
+                let mut guard = cell.lock();
+                let Some(conn) = guard.as_mut() else { continue };
+                if conn.queued_at != at {
                     continue;
                 }
-                State::Open(o) => match o.closing.take() {
-                    Some(close) => Ended::Closed(*close),
-                    None if now >= o.token_deadline => Ended::TokenExpired,
-                    None if now >= o.silence => Ended::KeepAlive,
-                    None => Ended::Write(std::io::Error::new(
-                        ErrorKind::TimedOut,
-                        "the device took no bytes in time",
-                    )),
-                },
+                let due = conn.deadline();
+                if due > now {
+                    conn.queued_at = due;
+                    self.deadlines.push(Reverse((due, slot, epoch)));
+                    continue;
+                }
+                match &mut conn.state {
+                    State::Connecting(_) => {
+                        tracing::info!(peer = %conn.peer, "MQTT: no CONNECT within {MQTT_CONNECT_TIMEOUT_SECS} s; closing");
+                        None
+                    }
+                    State::Open(o) => Some(match o.closing.take() {
+                        Some(close) => Ended::Closed(*close),
+                        None if now >= o.token_deadline => Ended::TokenExpired,
+                        None if now >= o.silence => Ended::KeepAlive,
+                        None => Ended::Write(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            "the device took no bytes in time",
+                        )),
+                    }),
+                }
             };
-            self.end(slot, ended);
+            match ended {
+                Some(ended) => self.end(slot, ended),
+                None => drop(self.remove(slot)),
+            }
         }
         seen
     }
 
     /// Ends the connection in `slot`: its session closes as `ended` says, its socket with it.
     fn end(&mut self, slot: u32, ended: Ended) {
-        let Some(conn) = self.remove(slot) else { return };
-        let Conn { peer, state, .. } = *conn;
+        let Some(Conn { peer, state, .. }) = self.remove(slot) else { return };
         if let State::Open(o) = state {
             self.hub.metrics().connection_moved(Transport::Mqtt, -1);
             connection::end_session(&self.hub, o.session, &o.link.events, peer, &ended);
@@ -619,11 +705,10 @@ impl Driver {
     /// Hands a connection whose CONNECT opened no hub session to a task of its own (a refusal's
     /// CONNACK, a provisioning session).
     fn hand_off(&mut self, registry: &Registry, slot: u32, not_opened: NotOpened) {
-        let Some(conn) = self.remove(slot) else { return };
+        let Some(Conn { mut stream, peer, mut rbuf, .. }) = self.remove(slot) else { return };
         if let NotOpened::Close = not_opened {
             return;
         }
-        let Conn { mut stream, peer, mut rbuf, .. } = *conn;
         let _ = registry.deregister(&mut stream);
         let stream = std::net::TcpStream::from(stream);
         let (hub, shutdown) = (self.hub.clone(), self.shutdown.clone());
@@ -645,6 +730,17 @@ impl Driver {
     fn close_all(&mut self) {
         for slot in 0..self.slots.len() as u32 {
             self.end(slot, Ended::Shutdown);
+        }
+    }
+}
+
+impl Drop for Driver {
+    /// A driver dropped without [`Driver::close_all`] (its runtime went away) still empties its
+    /// cells: an open connection's link holds its cell ([`ReadyHook::with_direct`]), which would
+    /// otherwise keep both alive.
+    fn drop(&mut self) {
+        for cell in self.slots.iter().filter_map(|s| s.cell.as_ref()) {
+            drop(cell.lock().take());
         }
     }
 }
