@@ -57,10 +57,11 @@ use crate::shutdown::Shutdown;
 
 /// Drivers per runtime worker. A driver is one task: a worker the OS preempts in the middle of a
 /// driver's pass holds up every connection of that driver, and the other worker cannot take the
-/// pass over (as it steals connection tasks from a preempted worker). With several drivers per
-/// worker it takes the others'. `fanout --servers hub-amqp`, 19,000 devices: with 1 per worker
-/// 10% of hand-overs waited 10–50 ms for their driver (p99 send-to-device 20–120 ms); 8 per worker
-/// measured p99 7–23 ms at the same CPU a message (bench/README.md).
+/// pass over (as it steals connection tasks from a preempted worker); with several drivers per
+/// worker it takes the others'. Before deliveries were written by their senders ([`Cell`]), 1
+/// driver per worker left a fifth of the hand-overs waiting 10–50 ms, 8 gave p99 7–23 ms
+/// (`fanout --servers hub-amqp-drivers`, 19,000 devices). With direct delivery 1 and 8 measured
+/// the same CPU and latency, 1 connecting a fifth slower (bench/README.md).
 pub const DRIVERS_PER_WORKER: usize = 8;
 /// Socket events taken from the epoll instance at once.
 const EVENTS: usize = 256;
