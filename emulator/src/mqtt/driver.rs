@@ -513,6 +513,12 @@ impl Driver {
     /// the hub's events and writes the answers. Nothing happens while a write waits for the
     /// socket: the rest of the turn follows its writable edge.
     fn step(&mut self, conn: &mut Conn, slot: u32, cell: &Arc<Cell>) -> Step {
+        if let State::Open(o) = &mut conn.state
+            && let Some(e) = o.failed.take()
+        {
+            // A sender's write failed ([`Cell::try_deliver`]); whatever it left unwritten is lost.
+            return Step::End(Ended::Write(e));
+        }
         if conn.write_pending() {
             if let State::Open(o) = &mut conn.state
                 && o.write_deadline.is_none()
@@ -526,14 +532,11 @@ impl Driver {
             }
             return Step::Wait;
         }
-        if let State::Open(o) = &mut conn.state {
-            if let Some(e) = o.failed.take() {
-                return Step::End(Ended::Write(e));
-            }
-            if let Some(close) = o.closing.take() {
-                // Its answers are written: the session ends as the packet asked.
-                return Step::End(Ended::Closed(*close));
-            }
+        if let State::Open(o) = &mut conn.state
+            && let Some(close) = o.closing.take()
+        {
+            // Its answers are written: the session ends as the packet asked.
+            return Step::End(Ended::Closed(*close));
         }
         let mut eof = None;
         if conn.readable {
