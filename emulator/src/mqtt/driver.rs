@@ -183,15 +183,25 @@ impl DirectDelivery for Cell {
         if conn.written < conn.wbuf.len() || o.closing.is_some() || o.failed.is_some() {
             return false;
         }
-        let mut out = Vec::new();
-        while let Some(event) = o.link.events.try_recv() {
-            o.session.handle_event(hub, event, &mut out);
+        // The sending thread's packet list, kept between deliveries (one per message otherwise).
+        thread_local! {
+            static OUT: std::cell::RefCell<Vec<Packet>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        if out.is_empty() {
-            return true;
-        }
-        let written = connection::encode_packets(&mut conn.wbuf, &mut out)
-            .and_then(|()| flush(&conn.stream, &mut conn.wbuf, &mut conn.written));
+        let encoded = OUT.with(|out| {
+            let mut fresh = Vec::new();
+            let mut kept = out.try_borrow_mut();
+            let out = kept.as_deref_mut().unwrap_or(&mut fresh);
+            while let Some(event) = o.link.events.try_recv() {
+                o.session.handle_event(hub, event, out);
+            }
+            let any = !out.is_empty();
+            connection::encode_packets(&mut conn.wbuf, out).map(|()| any)
+        });
+        let written = match encoded {
+            Ok(false) => return true,
+            Ok(true) => flush(&conn.stream, &mut conn.wbuf, &mut conn.written),
+            Err(e) => Err(e),
+        };
         match written {
             Ok(done) => done,
             Err(e) => {
