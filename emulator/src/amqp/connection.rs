@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use super::frame::{
-    self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, Fields, Frame, FrameError, SASL_HEADER, code, list,
+    self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, Fields, Frame, FrameError, SASL_HEADER, Transfer, code, list,
 };
 use super::message::Message;
 use super::nodes::{self, AttachRequest, Auth, Ctx, Node, Outcome, Outgoing, Refusal, Settled, Wake};
@@ -348,20 +348,34 @@ impl Connection {
     /// Handles every complete header and frame in the input; the bytes they took are dropped
     /// from the input once at the end (not shifted out frame by frame).
     fn process(&mut self) -> Result<(), ConnError> {
+        // Out of the connection while it is read, so that a transfer's payload is decoded where
+        // it lies (nothing the frames lead to reads or adds input).
+        let input = std::mem::take(&mut self.input);
         let mut at = 0;
         let result = loop {
             match self.phase {
                 Phase::Closed => break Ok(()),
                 Phase::Header | Phase::AmqpHeader => {
-                    let Some(h) = self.input.get(at..at + 8) else { break Ok(()) };
+                    let Some(h) = input.get(at..at + 8) else { break Ok(()) };
                     let header: [u8; 8] = h.try_into().unwrap_or_default();
                     at += 8;
                     if let Err(e) = self.on_header(&header) {
                         break Err(e);
                     }
                 }
+                Phase::Opened
+                    if let Some((channel, t, payload, size)) =
+                        frame::read_transfer(&input[at..], MAX_FRAME_BYTES) =>
+                {
+                    // A transfer (every C2D send) read without building its performative.
+                    let payload = &input[at + payload..at + size];
+                    at += size;
+                    if let Err(e) = self.on_transfer(channel, &t, payload) {
+                        break Err(e);
+                    }
+                }
                 Phase::Sasl | Phase::Open | Phase::Opened => {
-                    let (f, size) = match frame::parse_frame_at(&self.input[at..], MAX_FRAME_BYTES) {
+                    let (f, size) = match frame::parse_frame_at(&input[at..], MAX_FRAME_BYTES) {
                         Ok(Some(parsed)) => parsed,
                         Ok(None) => break Ok(()),
                         Err(e) => break Err(e.into()),
@@ -373,6 +387,7 @@ impl Connection {
                 }
             }
         };
+        self.input = input;
         self.input.drain(..at.min(self.input.len()));
         result
     }
@@ -418,7 +433,7 @@ impl Connection {
             code::BEGIN => self.on_begin(f.channel, &fields),
             code::ATTACH => self.on_attach(f.channel, &fields),
             code::FLOW => self.on_flow(f.channel, &fields),
-            code::TRANSFER => self.on_transfer(f.channel, &fields, f.payload),
+            code::TRANSFER => self.on_transfer(f.channel, &Transfer::from_fields(&fields), &f.payload),
             code::DISPOSITION => self.on_disposition(f.channel, &fields),
             code::DETACH => self.on_detach(f.channel, &fields),
             code::END => self.on_end(f.channel),
@@ -657,10 +672,10 @@ impl Connection {
         Ok(())
     }
 
-    fn on_transfer(&mut self, channel: u16, f: &Fields, payload: Vec<u8>) -> Result<(), ConnError> {
+    fn on_transfer(&mut self, channel: u16, t: &Transfer, payload: &[u8]) -> Result<(), ConnError> {
         let handle =
-            f.u32(0).ok_or_else(|| ConnError::new("amqp:decode-error", "transfer without a handle"))?;
-        let more = f.bool_or(5, false);
+            t.handle.ok_or_else(|| ConnError::new("amqp:decode-error", "transfer without a handle"))?;
+        let more = t.more;
         // Bytes this connection already holds in unfinished deliveries (only a frame that is to be
         // kept waiting for the next one needs the sum).
         let buffered = if more { self.buffered_delivery_bytes() } else { 0 };
@@ -688,28 +703,26 @@ impl Connection {
                         format!("transfer on link {:?} without credit", link.name),
                     ));
                 }
-                let delivery_id = f.u32(1).ok_or_else(|| {
+                let delivery_id = t.delivery_id.ok_or_else(|| {
                     ConnError::new("amqp:decode-error", "first transfer frame without delivery-id")
                 })?;
                 Partial { delivery_id, settled: false, bytes: Vec::new(), oversized: false }
             }
         };
         let mut partial = partial;
-        partial.settled |= f.bool_or(4, false);
+        partial.settled |= t.settled;
+        // A delivery in one frame (every C2D send): its payload is the message, decoded where it
+        // lies.
+        let in_this_frame = partial.bytes.is_empty() && !more;
         if partial.bytes.len() + payload.len() > MAX_MESSAGE_BYTES
             || buffered + payload.len() > MAX_BUFFERED_DELIVERY_BYTES
         {
             partial.oversized = true;
             partial.bytes = Vec::new();
-        } else if !partial.oversized {
-            if partial.bytes.is_empty() {
-                // A delivery in one frame (every C2D send): its payload is the message, uncopied.
-                partial.bytes = payload;
-            } else {
-                partial.bytes.extend_from_slice(&payload);
-            }
+        } else if !partial.oversized && !in_this_frame {
+            partial.bytes.extend_from_slice(payload);
         }
-        if f.bool_or(9, false) {
+        if t.aborted {
             return Ok(()); // aborted: the delivery is forgotten
         }
         if more {
@@ -731,7 +744,7 @@ impl Connection {
                 ),
             )
         } else {
-            match Message::decode(&partial.bytes) {
+            match Message::decode(if in_this_frame { payload } else { &partial.bytes }) {
                 Err(e) => Outcome::Rejected("amqp:decode-error", format!("the message does not decode: {e}")),
                 Ok(m) => {
                     let (outcome, pump) = self.deliver(channel, handle, m);

@@ -124,6 +124,123 @@ pub fn parse_frame_at(buf: &[u8], max_frame_size: u32) -> Result<Option<(Frame, 
     Ok(Some((Frame { kind, channel, body: Some(body), payload: rest.to_vec() }, size as usize)))
 }
 
+/// The fields of a transfer performative (part 2.7.5) the endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Transfer {
+    /// `handle` (required; `None` when absent or not a uint).
+    pub handle: Option<u32>,
+    /// `delivery-id` (required on a delivery's first frame).
+    pub delivery_id: Option<u32>,
+    /// `settled`.
+    pub settled: bool,
+    /// `more`: the delivery continues in the next transfer.
+    pub more: bool,
+    /// `aborted`.
+    pub aborted: bool,
+}
+
+impl Transfer {
+    /// The transfer a decoded performative's fields describe.
+    pub fn from_fields(f: &Fields) -> Self {
+        Self {
+            handle: f.u32(0),
+            delivery_id: f.u32(1),
+            settled: f.bool_or(4, false),
+            more: f.bool_or(5, false),
+            aborted: f.bool_or(9, false),
+        }
+    }
+}
+
+/// Reads one complete transfer frame from the front of `buf` without building its performative:
+/// the channel, the transfer, the payload's offset and the frame's size. `None` when the frame
+/// is incomplete, is not a transfer, or has a field in a form this reader does not take (a
+/// `state`, an integer in a wider type): [`parse_frame_at`] then reads it, and reads what this
+/// reads alike (every C2D send a service SDK makes takes this path).
+pub fn read_transfer(buf: &[u8], max_frame_size: u32) -> Option<(u16, Transfer, usize, usize)> {
+    let size = u32::from_be_bytes(buf.get(..4)?.try_into().ok()?);
+    if size < 8 || size > max_frame_size || buf.len() < size as usize || buf[5] != FRAME_AMQP {
+        return None;
+    }
+    let body_start = buf[4] as usize * 4;
+    let frame = &buf[..size as usize];
+    let mut rest = frame.get(body_start.max(8)..)?;
+    if body_start < 8 || rest.get(..3)? != [0x00, 0x53, code::TRANSFER as u8] {
+        return None;
+    }
+    rest = &rest[3..];
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    let (count, mut fields) = match take(1)?[0] {
+        0x45 => (0, &[][..]),
+        0xc0 => {
+            let size = take(1)?[0] as usize;
+            let body = take(size)?;
+            (*body.first()? as usize, &body[1..])
+        }
+        0xd0 => {
+            let size = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+            let body = take(size)?;
+            (u32::from_be_bytes(body.get(..4)?.try_into().ok()?) as usize, &body[4..])
+        }
+        _ => return None,
+    };
+    let payload = frame.len() - rest.len();
+    let mut t = Transfer::default();
+    for i in 0..count {
+        let (&code, tail) = fields.split_first()?;
+        fields = tail;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = fields.split_at_checked(n)?;
+            fields = tail;
+            Some(head)
+        };
+        match (i, code) {
+            (_, 0x40) => {}
+            (0 | 1 | 3, 0x43 | 0x52 | 0x70) => {
+                let v = match code {
+                    0x43 => 0,
+                    0x52 => u32::from(take(1)?[0]),
+                    _ => u32::from_be_bytes(take(4)?.try_into().ok()?),
+                };
+                match i {
+                    0 => t.handle = Some(v),
+                    1 => t.delivery_id = Some(v),
+                    _ => {}
+                }
+            }
+            (2, 0xa0 | 0xb0) => {
+                let len = match code {
+                    0xa0 => take(1)?[0] as usize,
+                    _ => u32::from_be_bytes(take(4)?.try_into().ok()?) as usize,
+                };
+                take(len)?;
+            }
+            (4 | 5 | 8 | 9 | 10, 0x41 | 0x42 | 0x56) => {
+                let b = match code {
+                    0x41 => true,
+                    0x42 => false,
+                    _ => take(1)?[0] != 0,
+                };
+                match i {
+                    4 => t.settled = b,
+                    5 => t.more = b,
+                    9 => t.aborted = b,
+                    _ => {}
+                }
+            }
+            (6, 0x50) => {
+                take(1)?;
+            }
+            _ => return None,
+        }
+    }
+    Some((u16::from_be_bytes([frame[6], frame[7]]), t, payload, size as usize))
+}
+
 /// Appends one frame (header, performative, payload) to `out`.
 pub fn write_frame(out: &mut Vec<u8>, kind: u8, channel: u16, body: &Value, payload: &[u8]) {
     let start = out.len();
@@ -312,6 +429,103 @@ mod tests {
         let hb = parse_frame(&mut all, 65536).unwrap().unwrap();
         assert_eq!(hb.body, None);
         assert!(all.is_empty());
+    }
+
+    /// A transfer frame with the given fields (as values, in order) and payload.
+    fn transfer_frame(fields: Vec<Value>, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, FRAME_AMQP, 7, &Value::described(code::TRANSFER, Value::List(fields)), payload);
+        out
+    }
+
+    /// What the general path reads from a frame: channel, transfer, payload and size.
+    fn generic_transfer(buf: &[u8]) -> Option<(u16, Transfer, Vec<u8>, usize)> {
+        let (f, size) = parse_frame_at(buf, 1 << 20).ok()??;
+        let (c, fields) = into_described_list(f.body?).ok()?;
+        (c == code::TRANSFER && f.kind == FRAME_AMQP)
+            .then(|| (f.channel, Transfer::from_fields(&fields), f.payload, size))
+    }
+
+    #[test]
+    fn transfers_read_without_values_read_as_the_general_path_reads_them() {
+        let tag = Value::Binary(vec![1, 2, 3, 4]);
+        let cases = [
+            vec![Value::Uint(0), Value::Uint(0), tag.clone(), Value::Uint(0)],
+            vec![Value::Uint(5), Value::Uint(300), tag.clone(), Value::Uint(0), Value::Bool(false)],
+            vec![
+                Value::Uint(70_000),
+                Value::Uint(u32::MAX),
+                Value::Binary(vec![9; 300]),
+                Value::Uint(0),
+                Value::Bool(true),
+                Value::Bool(true),
+                Value::Ubyte(1),
+                Value::Null,
+                Value::Bool(false),
+                Value::Bool(true),
+                Value::Bool(true),
+            ],
+            vec![Value::Uint(1), Value::Null, Value::Null, Value::Null, Value::Null, Value::Bool(true)],
+            vec![],
+        ];
+        for fields in cases {
+            for payload in [&b""[..], b"payload", &[7u8; 70_000][..]] {
+                let bytes = transfer_frame(fields.clone(), payload);
+                let (channel, t, at, size) = read_transfer(&bytes, 1 << 20).expect("a plain transfer");
+                let (gc, gt, gp, gs) = generic_transfer(&bytes).unwrap();
+                assert_eq!((channel, t, &bytes[at..size], size), (gc, gt, &gp[..], gs), "{fields:?}");
+            }
+        }
+        // Fields in forms it leaves to the general path, frames that are not transfers, and
+        // frames not all there: `None`, never a different reading or a panic.
+        let plain = vec![Value::Uint(1), Value::Uint(2), tag.clone(), Value::Uint(0)];
+        let mut wide = plain.clone();
+        wide[0] = Value::Ulong(1);
+        let mut state = plain.clone();
+        state.extend([Value::Null, Value::Null, Value::Null, accepted()]);
+        let mut long_list = plain.clone();
+        long_list.resize(12, Value::Bool(true));
+        for fields in [wide, state, long_list] {
+            let bytes = transfer_frame(fields, b"x");
+            assert_eq!(read_transfer(&bytes, 65536), None);
+            assert!(generic_transfer(&bytes).is_some());
+        }
+        let mut flow_frame = Vec::new();
+        write_frame(&mut flow_frame, FRAME_AMQP, 0, &flow([0, 1, 0, 1], None), &[]);
+        let whole = transfer_frame(plain, b"payload");
+        for bytes in
+            [&flow_frame[..], &HEARTBEAT, &whole[..whole.len() - 1], &[0, 0, 0, 4, 2, 0], &[0, 0, 0, 0]]
+        {
+            assert_eq!(read_transfer(bytes, 65536), None);
+        }
+        assert_eq!(read_transfer(&whole, 16), None, "past max-frame-size");
+    }
+
+    #[test]
+    fn a_damaged_transfer_is_read_as_the_general_path_reads_it_or_left_to_it() {
+        let fields = vec![
+            Value::Uint(3),
+            Value::Uint(9),
+            Value::Binary(vec![0xab; 8]),
+            Value::Uint(0),
+            Value::Bool(false),
+            Value::Bool(false),
+        ];
+        let bytes = transfer_frame(fields, b"\x00\x53\x75\xa0\x02hi");
+        for i in 0..bytes.len() {
+            for v in [0x00, 0x01, 0x08, 0x40, 0x41, 0x43, 0x52, 0x70, 0xa0, 0xb0, 0xc0, 0xd0, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[i] = v;
+                if let Some((channel, t, at, size)) = read_transfer(&damaged, 65536) {
+                    let (gc, gt, gp, gs) = generic_transfer(&damaged).expect("the general path reads it too");
+                    assert_eq!(
+                        (channel, t, &damaged[at..size], size),
+                        (gc, gt, &gp[..], gs),
+                        "byte {i} = {v:#x}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -77,60 +77,115 @@ fn opt_time(v: &Value) -> Option<i64> {
 }
 
 impl Message {
-    /// Decodes the sections of a transfer payload. Each section's values move into the message
-    /// (a C2D send is decoded once per message: nothing is copied twice).
+    /// Decodes the sections of a transfer payload. The sections a C2D send has (properties,
+    /// application properties, data) are read field by field into the message, without building
+    /// the section's value first; any other section, or one in a form that reader does not
+    /// take, is decoded as a value and moved into the message. Either way each field is copied
+    /// once, under the one [`Decoder`]'s bounds.
     pub fn decode(mut buf: &[u8]) -> Result<Self, DecodeError> {
         let mut m = Message::default();
         let mut decoder = Decoder::for_input(buf.len());
         while !buf.is_empty() {
+            if let Some(c) = decoder.descriptor(&mut buf)? {
+                let read = match c {
+                    code::PROPERTIES => {
+                        // A later properties section replaces an earlier one, field by field.
+                        m.properties = Properties::default();
+                        decoder.elements(&mut buf, false, |d, i, b| {
+                            set_property(&mut m.properties, i, d.value(b)?);
+                            Ok(())
+                        })?
+                    }
+                    code::APPLICATION_PROPERTIES => {
+                        let mut key = None;
+                        decoder.elements(&mut buf, true, |d, i, b| {
+                            let v = d.value(b)?;
+                            if i % 2 == 0 {
+                                key = Some(app_key(v)?);
+                            } else if let Some(k) = key.take() {
+                                m.application_properties.push((k, v));
+                            }
+                            Ok(())
+                        })?
+                    }
+                    code::DATA => match decoder.binary(&mut buf)? {
+                        Some(b) => {
+                            match &mut m.body {
+                                Body::Data(all) => all.extend_from_slice(b),
+                                body => *body = Body::Data(b.to_vec()),
+                            }
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+                if !read {
+                    let v = decoder.value(&mut buf)?;
+                    m.add_section(c, v)?;
+                }
+                continue;
+            }
             let section = decoder.value(&mut buf)?;
             let Some((c, v)) = section.into_described() else {
                 return Err(DecodeError::Shape("a message section is not a described value".into()));
             };
-            match c {
-                code::PROPERTIES => m.properties = decode_properties(v)?,
-                code::APPLICATION_PROPERTIES => {
-                    let Value::Map(pairs) = v else {
-                        return Err(DecodeError::Shape("application-properties is not a map".into()));
-                    };
-                    m.application_properties.reserve(pairs.len());
-                    for (k, v) in pairs {
-                        let key = opt_string(k).ok_or_else(|| {
-                            DecodeError::Shape("an application-properties key is not a string".into())
-                        })?;
-                        m.application_properties.push((key, v));
-                    }
-                }
-                code::DATA => {
-                    let Value::Binary(b) = v else {
-                        return Err(DecodeError::Shape("a data section is not binary".into()));
-                    };
-                    match &mut m.body {
-                        Body::Data(all) => all.extend_from_slice(&b),
-                        body => *body = Body::Data(b),
-                    }
-                }
-                code::AMQP_VALUE => m.body = Body::Value(v),
-                code::AMQP_SEQUENCE => {
-                    let Value::List(items) = v else {
-                        return Err(DecodeError::Shape("an amqp-sequence section is not a list".into()));
-                    };
-                    match &mut m.body {
-                        Body::Sequence(all) => all.extend(items),
-                        body => *body = Body::Sequence(items),
-                    }
-                }
-                code::MESSAGE_ANNOTATIONS => {
-                    let Value::Map(pairs) = v else {
-                        return Err(DecodeError::Shape("message-annotations is not a map".into()));
-                    };
-                    m.message_annotations.extend(pairs);
-                }
-                code::HEADER | code::DELIVERY_ANNOTATIONS | code::FOOTER => {}
-                other => return Err(DecodeError::Shape(format!("unknown message section 0x{other:x}"))),
-            }
+            m.add_section(c, v)?;
         }
         Ok(m)
+    }
+
+    /// Moves the decoded section `c` into the message.
+    fn add_section(&mut self, c: u64, v: Value) -> Result<(), DecodeError> {
+        let m = self;
+        match c {
+            code::PROPERTIES => {
+                let Value::List(items) = v else {
+                    return Err(DecodeError::Shape("the properties section is not a list".into()));
+                };
+                m.properties = Properties::default();
+                for (i, v) in items.into_iter().enumerate() {
+                    set_property(&mut m.properties, i, v);
+                }
+            }
+            code::APPLICATION_PROPERTIES => {
+                let Value::Map(pairs) = v else {
+                    return Err(DecodeError::Shape("application-properties is not a map".into()));
+                };
+                m.application_properties.reserve(pairs.len());
+                for (k, v) in pairs {
+                    m.application_properties.push((app_key(k)?, v));
+                }
+            }
+            code::DATA => {
+                let Value::Binary(b) = v else {
+                    return Err(DecodeError::Shape("a data section is not binary".into()));
+                };
+                match &mut m.body {
+                    Body::Data(all) => all.extend_from_slice(&b),
+                    body => *body = Body::Data(b),
+                }
+            }
+            code::AMQP_VALUE => m.body = Body::Value(v),
+            code::AMQP_SEQUENCE => {
+                let Value::List(items) = v else {
+                    return Err(DecodeError::Shape("an amqp-sequence section is not a list".into()));
+                };
+                match &mut m.body {
+                    Body::Sequence(all) => all.extend(items),
+                    body => *body = Body::Sequence(items),
+                }
+            }
+            code::MESSAGE_ANNOTATIONS => {
+                let Value::Map(pairs) = v else {
+                    return Err(DecodeError::Shape("message-annotations is not a map".into()));
+                };
+                m.message_annotations.extend(pairs);
+            }
+            code::HEADER | code::DELIVERY_ANNOTATIONS | code::FOOTER => {}
+            other => return Err(DecodeError::Shape(format!("unknown message section 0x{other:x}"))),
+        }
+        Ok(())
     }
 
     /// Encodes the message's sections.
@@ -181,36 +236,31 @@ impl Message {
     }
 }
 
-fn decode_properties(v: Value) -> Result<Properties, DecodeError> {
-    let Value::List(items) = v else {
-        return Err(DecodeError::Shape("the properties section is not a list".into()));
-    };
-    let mut f = items.into_iter();
-    let mut next = || f.next().unwrap_or(Value::Null);
-    let message_id = opt_value(next());
-    let user_id = match next() {
-        Value::Binary(b) => Some(b),
-        other => opt_string(other).map(String::into_bytes),
-    };
-    let to = opt_string(next());
-    let _subject = next();
-    let reply_to = opt_string(next());
-    let correlation_id = opt_value(next());
-    let content_type = opt_string(next());
-    let content_encoding = opt_string(next());
-    let absolute_expiry_time = opt_time(&next());
-    let creation_time = opt_time(&next());
-    Ok(Properties {
-        message_id,
-        user_id,
-        to,
-        reply_to,
-        correlation_id,
-        content_type,
-        content_encoding,
-        absolute_expiry_time,
-        creation_time,
-    })
+/// An application property's key, which must be a string.
+fn app_key(k: Value) -> Result<String, DecodeError> {
+    opt_string(k).ok_or_else(|| DecodeError::Shape("an application-properties key is not a string".into()))
+}
+
+/// Sets field `i` of the properties section (part 3.2.4) from its decoded value; a field of the
+/// wrong type reads as absent, fields past the last known one are ignored.
+fn set_property(p: &mut Properties, i: usize, v: Value) {
+    match i {
+        0 => p.message_id = opt_value(v),
+        1 => {
+            p.user_id = match v {
+                Value::Binary(b) => Some(b),
+                other => opt_string(other).map(String::into_bytes),
+            }
+        }
+        2 => p.to = opt_string(v),
+        4 => p.reply_to = opt_string(v),
+        5 => p.correlation_id = opt_value(v),
+        6 => p.content_type = opt_string(v),
+        7 => p.content_encoding = opt_string(v),
+        8 => p.absolute_expiry_time = opt_time(&v),
+        9 => p.creation_time = opt_time(&v),
+        _ => {}
+    }
 }
 
 /// Why a service's message cannot become a C2D message (`com.microsoft:argument-error`).
@@ -237,6 +287,9 @@ pub fn device_from_to(to: &str) -> Option<String> {
     let (encoded, tail) = rest.split_once('/')?;
     if !tail.eq_ignore_ascii_case("messages/devicebound") || encoded.is_empty() {
         return None;
+    }
+    if !encoded.contains('%') {
+        return Some(encoded.to_owned());
     }
     percent_encoding::percent_decode_str(encoded).decode_utf8().ok().map(|s| s.into_owned())
 }
@@ -314,6 +367,87 @@ mod tests {
             body: Body::Data(b"hello".to_vec()),
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+    }
+
+    /// The message as decoding every section into a value first reads it.
+    fn decode_by_values(mut buf: &[u8]) -> Result<Message, DecodeError> {
+        let mut m = Message::default();
+        let mut decoder = Decoder::for_input(buf.len());
+        while !buf.is_empty() {
+            let Some((c, v)) = decoder.value(&mut buf)?.into_described() else {
+                return Err(DecodeError::Shape("a message section is not a described value".into()));
+            };
+            m.add_section(c, v)?;
+        }
+        Ok(m)
+    }
+
+    /// A message with every section a C2D send or a reply may carry, twice over in places.
+    fn every_section() -> Vec<u8> {
+        let m = Message {
+            properties: Properties {
+                message_id: Some(Value::str("m-1")),
+                user_id: Some(b"u".to_vec()),
+                to: Some("/devices/d%201/messages/devicebound".into()),
+                reply_to: Some("r".into()),
+                correlation_id: Some(Value::Ulong(7)),
+                content_type: Some("application/json".into()),
+                content_encoding: Some("utf-8".into()),
+                absolute_expiry_time: Some(1_000),
+                creation_time: Some(500),
+            },
+            application_properties: vec![
+                ("iothub-ack".into(), Value::str("full")),
+                ("n".into(), Value::Int(3)),
+            ],
+            message_annotations: vec![(Value::sym("x-opt"), Value::Long(1))],
+            body: Body::Data(b"hello".to_vec()),
+        };
+        let mut bytes = Value::described(code::HEADER, Value::List(vec![Value::Bool(true)])).to_bytes();
+        bytes.extend(m.encode());
+        Value::described(code::DATA, Value::Binary(b" world".to_vec())).encode(&mut bytes);
+        // A properties section in its long form, replacing the first.
+        let long = Value::List(vec![Value::str("m-2"), Value::Null, Value::str(&"t".repeat(300))]);
+        Value::described(code::PROPERTIES, long).encode(&mut bytes);
+        Value::described(code::FOOTER, Value::Map(vec![])).encode(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn sections_read_field_by_field_read_as_values_do() {
+        let bytes = every_section();
+        let m = Message::decode(&bytes).unwrap();
+        assert_eq!(m, decode_by_values(&bytes).unwrap());
+        assert_eq!(m.properties.message_id, Some(Value::str("m-2")));
+        assert_eq!(m.properties.to.as_deref(), Some(&*"t".repeat(300)));
+        assert_eq!(m.properties.content_type, None, "the second properties section replaced the first");
+        assert_eq!(m.body, Body::Data(b"hello world".to_vec()));
+        assert_eq!(m.app_str("iothub-ack"), Some("full"));
+        // Sections in forms only the value path reads (a value body, a list-encoded map).
+        let mut other = Value::described(code::AMQP_VALUE, Value::str("v")).to_bytes();
+        Value::described(code::APPLICATION_PROPERTIES, Value::List(vec![])).encode(&mut other);
+        assert_eq!(Message::decode(&other), decode_by_values(&other));
+        assert!(Message::decode(&other).is_err());
+    }
+
+    #[test]
+    fn a_damaged_message_decodes_as_values_decode_it() {
+        let bytes = every_section();
+        for i in 0..bytes.len() {
+            for v in [
+                0x00, 0x01, 0x40, 0x45, 0x53, 0x73, 0x75, 0x80, 0xa0, 0xa1, 0xb0, 0xc0, 0xc1, 0xd0, 0xd1,
+                0xff,
+            ] {
+                let mut damaged = bytes.clone();
+                damaged[i] = v;
+                let (fast, slow) = (Message::decode(&damaged), decode_by_values(&damaged));
+                match (&fast, &slow) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "byte {i} = {v:#x}"),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("byte {i} = {v:#x}: {fast:?} against {slow:?}"),
+                }
+            }
+        }
     }
 
     #[test]

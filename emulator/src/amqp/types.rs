@@ -141,6 +141,90 @@ impl Decoder {
         })
     }
 
+    /// Reads the descriptor of the described value at the front of `buf` (advancing past it,
+    /// the value itself still to read): `Ok(Some(code))` for a numeric descriptor, `Ok(None)`
+    /// when the value is not described or its descriptor is not a number (`buf` is then left as
+    /// it was). The same budget as [`Decoder::value`] on the same input; what follows is read one
+    /// nesting level less deep than inside [`Decoder::value`].
+    pub fn descriptor(&mut self, buf: &mut &[u8]) -> Result<Option<u64>, DecodeError> {
+        let mut rest = *buf;
+        if take_u8(&mut rest)? != 0x00 {
+            return Ok(None);
+        }
+        self.enter()?;
+        let charged = self.charge_items(2, VALUE_BYTES, rest.len());
+        self.leave();
+        charged?;
+        let code = match take_u8(&mut rest)? {
+            0x53 => u64::from(take_u8(&mut rest)?),
+            0x80 => u64::from_be_bytes(fixed(&mut rest)?),
+            0x44 => 0,
+            _ => return Ok(None),
+        };
+        *buf = rest;
+        Ok(Some(code))
+    }
+
+    /// Reads the binary value at the front of `buf` without copying it: `Ok(None)` (and `buf`
+    /// left as it was) when the value there is not a binary.
+    pub fn binary<'a>(&mut self, buf: &mut &'a [u8]) -> Result<Option<&'a [u8]>, DecodeError> {
+        let mut rest = *buf;
+        let len = match take_u8(&mut rest)? {
+            0xa0 => take_u8(&mut rest)? as usize,
+            0xb0 => u32::from_be_bytes(fixed(&mut rest)?) as usize,
+            _ => return Ok(None),
+        };
+        let bytes = take(&mut rest, len)?;
+        self.charge(len, len)?;
+        *buf = rest;
+        Ok(Some(bytes))
+    }
+
+    /// Reads the list (`map == false`) or map at the front of `buf` element by element, handing
+    /// `each` the element's index and the bytes it starts at (it must read exactly one value
+    /// from them, with this decoder): what [`Decoder::value`] does for the compound, without
+    /// building it, under the same bounds. `Ok(false)` (and `buf` left as it was) when the
+    /// value there is not one.
+    pub fn elements<'a>(
+        &mut self,
+        buf: &mut &'a [u8],
+        map: bool,
+        mut each: impl FnMut(&mut Self, usize, &mut &'a [u8]) -> Result<(), DecodeError>,
+    ) -> Result<bool, DecodeError> {
+        let mut rest = *buf;
+        let code = take_u8(&mut rest)?;
+        let (count, mut body) = match (code, map) {
+            (0x45, false) => (0, &[][..]),
+            (0xc0, false) | (0xc1, true) => {
+                let size = take_u8(&mut rest)? as usize;
+                let mut body = take(&mut rest, size)?;
+                (take_u8(&mut body)? as usize, body)
+            }
+            (0xd0, false) | (0xd1, true) => {
+                let size = u32::from_be_bytes(fixed(&mut rest)?) as usize;
+                let mut body = take(&mut rest, size)?;
+                (u32::from_be_bytes(fixed(&mut body)?) as usize, body)
+            }
+            _ => return Ok(false),
+        };
+        self.enter()?;
+        let input = body.len();
+        if map && !count.is_multiple_of(2) {
+            return Err(DecodeError::Shape(format!("a map with an odd element count ({count})")));
+        }
+        // The budget is charged as if the compound were built, so both ways refuse alike.
+        if count > input {
+            return Err(DecodeError::TooLarge(input));
+        }
+        self.charge_items(count, VALUE_BYTES, input)?;
+        for i in 0..count {
+            each(self, i, &mut body)?;
+        }
+        self.leave();
+        *buf = rest;
+        Ok(true)
+    }
+
     fn compound(&mut self, code: u8, count: usize, body: &mut &[u8]) -> Result<Value, DecodeError> {
         self.enter()?;
         let input = body.len();

@@ -14,9 +14,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use rumqttc::mqttbytes::Error as CodecError;
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
 
 use crate::metrics::{Operation, Protocol, RefusalReason, Transport};
 use crate::shutdown::Shutdown;
@@ -66,6 +66,12 @@ pub fn take_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ReadError> {
         // taken packets were read into (an idle connection keeps no buffer).
         *buf = BytesMut::new();
         return Ok(None);
+    }
+    if let [0x40, 0x02, hi, lo, ..] = buf[..] {
+        // A PUBACK (one a C2D message): what the codec and the checks below read from these four
+        // bytes, without them.
+        buf.advance(4);
+        return Ok(Some(Packet::PubAck(PubAck::new(u16::from_be_bytes([hi, lo])))));
     }
     if let Some(len) = wire::complete_frame_len(buf)?
         && len <= MQTT_MAX_PACKET_BYTES
@@ -664,6 +670,35 @@ mod tests {
         }
         assert!(hint >= buf.len(), "hint {hint} < {} encoded", buf.len());
         assert!(hint <= buf.len() + 3 * PACKET_OVERHEAD_BYTES, "hint {hint} is close to {}", buf.len());
+    }
+
+    #[test]
+    fn pubacks_are_taken_as_the_codec_reads_them() {
+        use rumqttc::mqttbytes::v4::PubAck;
+
+        use super::{BytesMut, MQTT_MAX_PACKET_BYTES, Packet, take_packet};
+        let mut wire = BytesMut::new();
+        for p in [Packet::PubAck(PubAck::new(1)), Packet::PubAck(PubAck::new(0xfffe)), Packet::PingReq] {
+            p.write(&mut wire, usize::MAX).unwrap();
+        }
+        let mut taken = Vec::new();
+        let mut buf = wire.clone();
+        while let Some(p) = take_packet(&mut buf).unwrap() {
+            taken.push(p);
+        }
+        let mut read = Vec::new();
+        let mut buf = wire.clone();
+        while !buf.is_empty() {
+            read.push(Packet::read(&mut buf, MQTT_MAX_PACKET_BYTES).unwrap());
+        }
+        assert_eq!(taken, read);
+        assert_eq!(taken[1], Packet::PubAck(PubAck::new(0xfffe)));
+        // Three bytes of a PUBACK wait for the fourth; flags on one are refused as before.
+        let mut partial = BytesMut::from(&[0x40, 0x02, 0x00][..]);
+        assert!(take_packet(&mut partial).unwrap().is_none());
+        assert_eq!(partial.len(), 3);
+        let mut flagged = BytesMut::from(&[0x41, 0x02, 0x00, 0x01][..]);
+        assert!(take_packet(&mut flagged).is_err());
     }
 
     /// Each idle connection costs one boxed `serve` future; keep it from growing unnoticed (the

@@ -143,43 +143,50 @@ pub fn parse_subscription(device_id: &str, filter: &str) -> Option<u8> {
 /// `devices/{id}/messages/devicebound/{bag}` for a C2D delivery, with the system properties as
 /// IoT Hub sends them (`%24.mid`, `%24.to`, …, `iothub-ack` always) then the application ones.
 pub fn c2d_topic(device_id: &str, d: &Delivery) -> String {
-    // Built in one string, once per delivery: no intermediate bag, pairs or encoded copies.
+    // Built in one string, once per delivery: no intermediate bag, pairs or encoded copies; the
+    // keys and the fixed parts of `$.to` go in already encoded.
     let m = &d.message;
     let mut t = String::with_capacity(96 + 2 * device_id.len());
     t.push_str("devices/");
     t.push_str(device_id);
     t.push_str("/messages/devicebound/");
-    let mut first = true;
-    let mut pair = |t: &mut String, k: &str, v: &[&str]| {
-        if !std::mem::take(&mut first) {
+    let pair = |t: &mut String, encoded_key: &str, v: &str| {
+        if !t.ends_with('/') {
             t.push('&');
         }
-        url_encode_into(t, k);
+        t.push_str(encoded_key);
         t.push('=');
-        for part in v {
-            url_encode_into(t, part);
-        }
+        url_encode_into(t, v);
     };
-    let exp = m.expiry.map(iso8601);
-    let system = [
-        ("$.mid", m.message_id.as_deref()),
-        ("$.cid", m.correlation_id.as_deref()),
-        ("$.uid", m.user_id.as_deref()),
-        ("$.to", Some("")),
-        ("$.ct", m.content_type.as_deref()),
-        ("$.ce", m.content_encoding.as_deref()),
-        ("$.exp", exp.as_deref()),
-    ];
-    for (k, v) in system {
-        match (k, v) {
-            ("$.to", _) => pair(&mut t, k, &["/devices/", device_id, "/messages/devicebound"]),
-            (_, Some(v)) => pair(&mut t, k, &[v]),
-            (_, None) => {}
+    for (key, v) in [
+        ("%24.mid", m.message_id.as_deref()),
+        ("%24.cid", m.correlation_id.as_deref()),
+        ("%24.uid", m.user_id.as_deref()),
+    ] {
+        if let Some(v) = v {
+            pair(&mut t, key, v);
         }
     }
-    pair(&mut t, "iothub-ack", &[m.ack.as_str()]);
+    pair(&mut t, "%24.to", "");
+    t.push_str("%2Fdevices%2F");
+    url_encode_into(&mut t, device_id);
+    t.push_str("%2Fmessages%2Fdevicebound");
+    for (key, v) in [("%24.ct", m.content_type.as_deref()), ("%24.ce", m.content_encoding.as_deref())] {
+        if let Some(v) = v {
+            pair(&mut t, key, v);
+        }
+    }
+    if let Some(exp) = m.expiry.map(iso8601) {
+        pair(&mut t, "%24.exp", &exp);
+    }
+    // `none`, `positive`, `negative` or `full`: nothing to encode.
+    t.push_str("&iothub-ack=");
+    t.push_str(m.ack.as_str());
     for (k, v) in &m.properties {
-        pair(&mut t, k, &[v]);
+        t.push('&');
+        url_encode_into(&mut t, k);
+        t.push('=');
+        url_encode_into(&mut t, v);
     }
     t
 }

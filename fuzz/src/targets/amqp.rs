@@ -394,6 +394,20 @@ fn check_frame() -> Check {
         let mut outcome = Outcome::Rejected;
         loop {
             let before = buf.len();
+            // The transfer reader that skips building values reads what the general path reads.
+            if let Some((channel, t, at, size)) = frame::read_transfer(&buf, MAX_FRAME_BYTES) {
+                let Ok(Some((f, general_size))) = frame::parse_frame_at(&buf, MAX_FRAME_BYTES) else {
+                    return Err("read_transfer read a frame parse_frame_at refuses".into());
+                };
+                let fields = f.body.as_ref().map(frame::described_list);
+                let Some(Ok((0x14, fields))) = fields else {
+                    return Err("read_transfer read a frame that is not a transfer".into());
+                };
+                let general = (f.channel, frame::Transfer::from_fields(&fields), &f.payload[..], general_size);
+                if (channel, t, &buf[at..size], size) != general {
+                    return Err(format!("read_transfer read {t:?}, parse_frame_at {general:?}"));
+                }
+            }
             match frame::parse_frame(&mut buf, MAX_FRAME_BYTES) {
                 Ok(Some(f)) => {
                     if buf.len() >= before {
@@ -557,7 +571,8 @@ pub const VALUE: Target = Target {
     make: check_value,
 };
 
-/// `amqp_frame`: [`frame::parse_frame`] and [`frame::described_list`].
+/// `amqp_frame`: [`frame::parse_frame`] and [`frame::described_list`]; [`frame::read_transfer`]
+/// reads what they read.
 pub const FRAME: Target = Target {
     name: "amqp_frame",
     about: "amqp::frame::parse_frame (MAX_FRAME_BYTES) and described_list; frames re-write identically",
