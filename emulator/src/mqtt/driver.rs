@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use mio::{Events, Interest, Poll, Registry, Token};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::io::unix::AsyncFd;
@@ -346,6 +347,8 @@ impl Driver {
         let shutdown = self.shutdown.clone();
         let mut stopped = pin!(shutdown.wait());
         let mut accepting = true;
+        // The last look at the epoll instance filled `events`: look again without an edge.
+        let mut look_again = true;
         loop {
             let mut work = 0usize;
             while let Ok((stream, peer)) = incoming.try_recv() {
@@ -359,14 +362,33 @@ impl Driver {
                 self.on_link(poll.get_ref().registry(), key);
                 work += 1;
             }
-            match poll.get_mut().poll(&mut events, Some(Duration::ZERO)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::error!("MQTT driver: epoll failed, closing its connections: {e}");
+            // The epoll instance is read only when tokio saw it become readable since the last
+            // look, or when that look filled `events` (more may wait): a pass woken by the hub
+            // alone makes no system call for sockets that have nothing to say.
+            let readable = match poll.readable().now_or_never() {
+                Some(Ok(mut guard)) => {
+                    // Cleared before the look below: an edge after this is a new one.
+                    guard.clear_ready();
+                    true
+                }
+                Some(Err(e)) => {
+                    tracing::error!("MQTT driver: waiting on epoll failed, closing its connections: {e}");
                     break;
                 }
+                None => false,
+            };
+            events.clear();
+            if readable || look_again {
+                match poll.get_mut().poll(&mut events, Some(Duration::ZERO)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::error!("MQTT driver: epoll failed, closing its connections: {e}");
+                        break;
+                    }
+                }
             }
+            look_again = events.iter().count() == EVENTS;
             for ev in events.iter() {
                 let (slot, epoch) = untoken(ev.token());
                 let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
@@ -387,18 +409,17 @@ impl Driver {
                 // Let the other tasks on this worker (a sender's connection, say) have their turn:
                 // a driver with work after every pass would otherwise keep its worker to itself.
                 tokio::task::yield_now().await;
-                continue;
+                if look_again || !self.again.is_empty() {
+                    continue;
+                }
             }
             let next = self.deadlines.peek().map(|Reverse((at, ..))| *at);
             let wake = tokio::select! {
                 biased;
                 () = stopped.as_mut() => Wake::Shutdown,
                 r = poll.readable() => match r {
-                    // Cleared before the poll above runs again: an edge after this is a new one.
-                    Ok(mut guard) => {
-                        guard.clear_ready();
-                        Wake::Work
-                    }
+                    // Left set: the pass clears it before it looks.
+                    Ok(_) => Wake::Work,
                     Err(e) => Wake::Failed(e),
                 },
                 () = self.ready.wait() => Wake::Work,

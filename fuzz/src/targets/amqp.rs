@@ -403,7 +403,8 @@ fn check_frame() -> Check {
                 let Some(Ok((0x14, fields))) = fields else {
                     return Err("read_transfer read a frame that is not a transfer".into());
                 };
-                let general = (f.channel, frame::Transfer::from_fields(&fields), &f.payload[..], general_size);
+                let general =
+                    (f.channel, frame::Transfer::from_fields(&fields), &f.payload[..], general_size);
                 if (channel, t, &buf[at..size], size) != general {
                     return Err(format!("read_transfer read {t:?}, parse_frame_at {general:?}"));
                 }
