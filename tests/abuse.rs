@@ -27,7 +27,7 @@ async fn mqtt_hub(drivers: bool, config: HubConfig) -> TestHub {
     if drivers {
         TestHub::start_with_mqtt_drivers(config).await.unwrap()
     } else {
-        TestHub::start_with(config).await.unwrap()
+        TestHub::start_with_mqtt_tasks(config).await.unwrap()
     }
 }
 

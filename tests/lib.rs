@@ -63,12 +63,20 @@ impl TestHub {
     }
 
     /// Like [`TestHub::start_with`], serving the plain MQTT port with the task-less drivers
-    /// (`--mqtt-plain-driver`).
+    /// (`--mqtt-plain-driver`, the default), whatever the default becomes.
     pub async fn start_with_mqtt_drivers(config: HubConfig) -> Result<Self> {
-        let listen = ListenConfig {
-            mqtt_plain_driver: true,
-            ..ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST))
-        };
+        Self::start_with_plain_mqtt(config, true).await
+    }
+
+    /// Like [`TestHub::start_with`], serving the plain MQTT port with a task per connection
+    /// (`--mqtt-plain-driver=false`).
+    pub async fn start_with_mqtt_tasks(config: HubConfig) -> Result<Self> {
+        Self::start_with_plain_mqtt(config, false).await
+    }
+
+    async fn start_with_plain_mqtt(config: HubConfig, mqtt_plain_driver: bool) -> Result<Self> {
+        let listen =
+            ListenConfig { mqtt_plain_driver, ..ListenConfig::ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST)) };
         Self::start_listening(config, listen).await
     }
 

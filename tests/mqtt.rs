@@ -532,7 +532,7 @@ macro_rules! both_ways {
         mod $name {
             #[tokio::test]
             async fn tasks() -> anyhow::Result<()> {
-                super::$name(iothub_emulator_tests::TestHub::start().await?).await
+                super::$name(iothub_emulator_tests::TestHub::start_with_mqtt_tasks(Default::default()).await?).await
             }
 
             #[tokio::test]

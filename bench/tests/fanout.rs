@@ -164,14 +164,15 @@ fn fanout_bench_measures_the_hub_with_and_without_persist_side_by_side() {
 }
 
 /// The hub with its plain MQTT connections served by the task-less drivers
-/// (`--mqtt-plain-driver`) delivers every message and gets its own row and ratio line.
+/// (`--mqtt-plain-driver`, the default) and with a task each (`--mqtt-plain-driver=false`)
+/// delivers every message both ways, each with its own row and ratio line.
 #[test]
-fn fanout_bench_measures_the_hub_with_task_less_drivers() {
+fn fanout_bench_measures_the_hub_with_task_less_drivers_and_with_tasks() {
     let (status, stdout, stderr) = run_bench(&[
         "--devices",
         "200",
         "--servers",
-        "hub-amqp-drivers,floor",
+        "hub-amqp-drivers,hub-amqp-tasks,floor",
         "--hub-bin",
         "self",
         "--timeout-secs",
@@ -179,7 +180,9 @@ fn fanout_bench_measures_the_hub_with_task_less_drivers() {
     ]);
     assert!(status.success(), "the bench failed ({status}):\n{stdout}\n{stderr}");
     let result = stdout.lines().find(|l| l.starts_with("result: ")).expect("a result line");
-    assert!(result.contains("hub-amqp-drivers: ok"), "{result}");
-    assert!(stdout.lines().any(|l| l.starts_with("hub AMQP drivers")), "the drivers' row:\n{stdout}");
-    assert!(stdout.contains("hub-amqp-drivers/floor"), "a ratio line:\n{stdout}");
+    for (kind, row) in [("hub-amqp-drivers", "hub AMQP drivers"), ("hub-amqp-tasks", "hub AMQP tasks")] {
+        assert!(result.contains(&format!("{kind}: ok")), "{result}");
+        assert!(stdout.lines().any(|l| l.starts_with(row)), "the row of {kind}:\n{stdout}");
+        assert!(stdout.contains(&format!("{kind}/floor")), "a ratio line:\n{stdout}");
+    }
 }

@@ -8,8 +8,8 @@
 //!
 //! ```text
 //! ulimit -n 20000
-//! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000
-//! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000 --driver   # --mqtt-plain-driver
+//! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000           # drivers, the default
+//! cargo run --release -p iothub-emulator --example mqtt_idle -- 10000 --tasks   # --mqtt-plain-driver=false
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -55,8 +55,9 @@ fn main() -> Result<()> {
     }
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10_000);
     let rt = tokio::runtime::Runtime::new()?;
-    // `--driver`: the plain port served by the task-less drivers (`--mqtt-plain-driver`).
-    rt.block_on(hub_side(n, args.iter().any(|a| a == "--driver")))
+    // `--tasks`: the plain port served by a task per connection (`--mqtt-plain-driver=false`)
+    // instead of the task-less drivers.
+    rt.block_on(hub_side(n, !args.iter().any(|a| a == "--tasks")))
 }
 
 async fn hub_side(n: usize, mqtt_plain_driver: bool) -> Result<()> {

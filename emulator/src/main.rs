@@ -71,10 +71,18 @@ struct Args {
     #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_PORT")]
     mqtt_plain_port: Option<u16>,
 
-    /// Serve the plain MQTT port's connections with a few task-less drivers over epoll instead of
-    /// a task each: less CPU and memory per connection, burstier delivery latency under load (see
-    /// bench/README.md). Ignored with --persist or --tier, which need the per-connection tasks.
-    #[arg(long, env = "IOTHUB_EMULATOR_MQTT_PLAIN_DRIVER")]
+    /// Serve the plain MQTT port's connections with a few task-less drivers over epoll (true, the
+    /// default) or with a task each (false): the drivers take less CPU and memory per connection
+    /// (see bench/README.md). With --persist or --tier every connection has a task.
+    #[arg(
+        long,
+        env = "IOTHUB_EMULATOR_MQTT_PLAIN_DRIVER",
+        value_name = "BOOL",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     mqtt_plain_driver: bool,
 
     /// AMQP-over-TLS port: the service SDKs' C2D sends and feedback (they dial 5671). 0 picks a free one.
@@ -539,4 +547,28 @@ async fn run(args: Args, tier: Option<Tier>, started: Instant) -> Result<()> {
     tokio::spawn(on_signal);
     running.wait().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[test]
+    fn the_plain_mqtt_drivers_are_on_unless_turned_off() {
+        let parse = |extra: &[&str]| {
+            let args = ["iothub-emulator"].iter().chain(extra);
+            Args::try_parse_from(args).map(|a| a.mqtt_plain_driver).map_err(|e| e.to_string())
+        };
+        // The environment could turn it off; a test that reads it would race the others.
+        if std::env::var_os("IOTHUB_EMULATOR_MQTT_PLAIN_DRIVER").is_none() {
+            assert_eq!(parse(&[]), Ok(true));
+        }
+        assert_eq!(parse(&["--mqtt-plain-driver"]), Ok(true));
+        assert_eq!(parse(&["--mqtt-plain-driver=false"]), Ok(false));
+        assert_eq!(parse(&["--mqtt-plain-driver", "false"]), Ok(false));
+        assert_eq!(parse(&["--mqtt-plain-driver", "true"]), Ok(true));
+        assert!(parse(&["--mqtt-plain-driver=maybe"]).is_err());
+    }
 }

@@ -52,8 +52,8 @@ pub struct ListenConfig {
     pub mqtt_port: u16,
     /// MQTT over plain TCP, for load tests on loopback; off when `None`.
     pub mqtt_plain_port: Option<u16>,
-    /// Serve the plain MQTT port with task-less drivers (`crate::mqtt::driver`) instead of one
-    /// task per connection.
+    /// Serve the plain MQTT port with task-less drivers (`crate::mqtt::driver`, the default)
+    /// instead of one task per connection.
     pub mqtt_plain_driver: bool,
     /// AMQP over TLS: the service SDKs' C2D sends and feedback (they dial 5671).
     pub amqp_port: u16,
@@ -75,7 +75,7 @@ impl Default for ListenConfig {
             http_port: DEFAULT_HTTP_PORT,
             mqtt_port: DEFAULT_MQTT_PORT,
             mqtt_plain_port: None,
-            mqtt_plain_driver: false,
+            mqtt_plain_driver: true,
             amqp_port: DEFAULT_AMQP_PORT,
             amqp_plain_port: None,
             ftp_port: Some(DEFAULT_FTP_PORT),
@@ -97,7 +97,7 @@ impl ListenConfig {
             ftp_port: Some(0),
             mqtt_port: 0,
             mqtt_plain_port: Some(0),
-            mqtt_plain_driver: false,
+            mqtt_plain_driver: true,
             tls_names: Vec::new(),
         }
     }

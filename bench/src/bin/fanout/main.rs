@@ -56,7 +56,8 @@ struct RunArgs {
     /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
     /// (sent to over AMQP like the service SDKs), `hub-persist` and `hub-amqp-persist` (the same
     /// with `--persist`: compared with the in-memory hub in their own line), `hub-amqp-drivers`
-    /// (`hub-amqp` with `--mqtt-plain-driver`: no task per device connection), `mosquitto`,
+    /// and `hub-amqp-tasks` (`hub-amqp` with `--mqtt-plain-driver` true or false: device
+    /// connections served by the task-less drivers, the hub's default, or a task each), `mosquitto`,
     /// `rumqttd`, and `floor` / `floor-uring`: this binary's floor broker over epoll or io_uring,
     /// which forwards bytes and nothing else (what the kernel alone costs a message here).
     #[arg(long, value_delimiter = ',', default_value = "hub,hub-amqp,mosquitto,rumqttd")]
@@ -159,8 +160,9 @@ enum Internal {
     HubServe {
         #[arg(long)]
         data_dir: PathBuf,
-        /// Serve plain MQTT with the task-less drivers (`--mqtt-plain-driver`).
-        #[arg(long)]
+        /// Serve plain MQTT with the task-less drivers or a task per connection, as the hub's
+        /// `--mqtt-plain-driver`.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         mqtt_plain_driver: bool,
     },
     /// (internal) The floor broker: the least an MQTT server can do for this bench
@@ -1066,14 +1068,17 @@ async fn run(a: RunArgs) -> Result<bool> {
     if a.telemetry {
         // `hub-amqp` names the C2D sender; telemetry has one path out of the hub (its Event
         // Hub-compatible endpoint), measured as `hub`.
-        kinds.retain(|k| !matches!(k, Kind::HubAmqp | Kind::HubAmqpPersist | Kind::HubAmqpDrivers));
+        kinds.retain(|k| k.is_rest_hub() || !k.is_hub());
     }
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
-            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
-                a.hub_bin.as_deref()
-            }
+            Kind::Hub
+            | Kind::HubAmqp
+            | Kind::HubPersist
+            | Kind::HubAmqpPersist
+            | Kind::HubAmqpDrivers
+            | Kind::HubAmqpTasks => a.hub_bin.as_deref(),
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
             Kind::Floor | Kind::FloorUring => None,

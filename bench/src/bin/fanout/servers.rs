@@ -35,8 +35,10 @@ pub enum Kind {
     /// [`Kind::HubAmqp`] with `--persist`.
     HubAmqpPersist,
     /// [`Kind::HubAmqp`] with `--mqtt-plain-driver`: the devices' connections served by the
-    /// task-less drivers instead of a task each.
+    /// task-less drivers (the hub's default) whatever the default is.
     HubAmqpDrivers,
+    /// [`Kind::HubAmqp`] with `--mqtt-plain-driver=false`: a task per device connection.
+    HubAmqpTasks,
     /// Eclipse Mosquitto (Debian package).
     Mosquitto,
     /// rumqttd (crates.io), embedded in `rumqttd-peer`.
@@ -57,13 +59,14 @@ impl Kind {
             "hub-persist" => Ok(Self::HubPersist),
             "hub-amqp-persist" => Ok(Self::HubAmqpPersist),
             "hub-amqp-drivers" => Ok(Self::HubAmqpDrivers),
+            "hub-amqp-tasks" => Ok(Self::HubAmqpTasks),
             "mosquitto" => Ok(Self::Mosquitto),
             "rumqttd" => Ok(Self::Rumqttd),
             "floor" => Ok(Self::Floor),
             "floor-uring" => Ok(Self::FloorUring),
             other => bail!(
                 "unknown server {other:?}: use hub, hub-amqp, hub-persist, hub-amqp-persist, hub-amqp-drivers, \
-                 mosquitto, rumqttd, floor or floor-uring"
+                 hub-amqp-tasks, mosquitto, rumqttd, floor or floor-uring"
             ),
         }
     }
@@ -72,8 +75,23 @@ impl Kind {
     pub fn is_hub(self) -> bool {
         matches!(
             self,
-            Self::Hub | Self::HubAmqp | Self::HubPersist | Self::HubAmqpPersist | Self::HubAmqpDrivers
+            Self::Hub
+                | Self::HubAmqp
+                | Self::HubPersist
+                | Self::HubAmqpPersist
+                | Self::HubAmqpDrivers
+                | Self::HubAmqpTasks
         )
+    }
+
+    /// For the hub, how its plain MQTT port is served when this kind says (`--mqtt-plain-driver`):
+    /// `Some(true)` drivers, `Some(false)` a task per connection, `None` the hub's default.
+    pub fn mqtt_plain_driver(self) -> Option<bool> {
+        match self {
+            Self::HubAmqpDrivers => Some(true),
+            Self::HubAmqpTasks => Some(false),
+            _ => None,
+        }
     }
 
     /// Whether this is the floor broker (a lower bound, not a peer).
@@ -108,6 +126,7 @@ impl Kind {
             Self::HubPersist => "hub-persist",
             Self::HubAmqpPersist => "hub-amqp-persist",
             Self::HubAmqpDrivers => "hub-amqp-drivers",
+            Self::HubAmqpTasks => "hub-amqp-tasks",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
             Self::Floor => "floor",
@@ -154,9 +173,15 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Finds the program for `kind` (`explicit` overrides the search).
 pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
     match kind {
-        Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
+        Kind::Hub
+        | Kind::HubAmqp
+        | Kind::HubPersist
+        | Kind::HubAmqpPersist
+        | Kind::HubAmqpDrivers
+        | Kind::HubAmqpTasks => {
             let sender = match (kind.is_rest_hub(), kind.persist()) {
                 _ if kind == Kind::HubAmqpDrivers => "AMQP drivers",
+                _ if kind == Kind::HubAmqpTasks => "AMQP tasks",
                 (true, false) => "REST",
                 (false, false) => "AMQP",
                 (true, true) => "REST persist",
@@ -297,7 +322,12 @@ impl Server {
         let log = work.join(format!("{}.log", found.kind.name()));
         let stderr = || -> Result<Stdio> { Ok(std::fs::File::create(&log)?.into()) };
         match found.kind {
-            Kind::Hub | Kind::HubAmqp | Kind::HubPersist | Kind::HubAmqpPersist | Kind::HubAmqpDrivers => {
+            Kind::Hub
+            | Kind::HubAmqp
+            | Kind::HubPersist
+            | Kind::HubAmqpPersist
+            | Kind::HubAmqpDrivers
+            | Kind::HubAmqpTasks => {
                 let mut cmd = Command::new(&program);
                 let data = work.join("hub-data");
                 match found.hub.as_ref().context("hub start mode")? {
@@ -307,11 +337,7 @@ impl Server {
                             found.kind.name()
                         )
                     }
-                    HubBin::SelfHosted => cmd
-                        .arg("hub-serve")
-                        .arg("--data-dir")
-                        .arg(&data)
-                        .args((found.kind == Kind::HubAmqpDrivers).then_some("--mqtt-plain-driver")),
+                    HubBin::SelfHosted => cmd.arg("hub-serve").arg("--data-dir").arg(&data),
                     HubBin::Binary(_) => cmd.arg("--data-dir").arg(&data).args([
                         "--https-port",
                         "0",
@@ -331,8 +357,8 @@ impl Server {
                 if found.kind.persist() {
                     cmd.arg("--persist");
                 }
-                if found.kind == Kind::HubAmqpDrivers && matches!(found.hub, Some(HubBin::Binary(_))) {
-                    cmd.arg("--mqtt-plain-driver");
+                if let Some(drivers) = found.kind.mqtt_plain_driver() {
+                    cmd.arg(format!("--mqtt-plain-driver={drivers}"));
                 }
                 let mut child = cmd.stdout(Stdio::piped()).stderr(stderr()?).kill_on_drop(true).spawn()?;
                 let pid = child.id().context("hub pid")?;
