@@ -8,7 +8,7 @@
 #   bash bench/fanout.sh                              # 10,000 devices, one repetition
 #   bash bench/fanout.sh --devices 19000 --reps 3     # medians of 3; any other fanout flag too
 #   bash bench/fanout.sh --servers hub,hub-persist,hub-amqp,hub-amqp-persist   # --persist against in memory
-#   bash bench/fanout.sh --servers hub-amqp,hub-amqp-drivers,mosquitto   # task per connection against drivers
+#   bash bench/fanout.sh --servers hub-amqp-tasks,hub-amqp,mosquitto     # task per connection against drivers (the default)
 #
 # Builds what it runs (release): iothub-emulator, the fanout binary and rumqttd-peer (rumqttd
 # embedded; its own lock file, built into the same target directory).
