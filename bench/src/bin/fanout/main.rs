@@ -34,7 +34,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::Instant;
 
 use sender::{SendStats, Sender, Via};
-use servers::{Found, Kind, Server};
+use servers::{Found, Kind, Server, hub_kinds};
 use testbench::child_hub::write_counters;
 use testbench::fanout::{self, procfs};
 
@@ -1073,12 +1073,7 @@ async fn run(a: RunArgs) -> Result<bool> {
     let mut found = Vec::new();
     for k in &kinds {
         let explicit = match k {
-            Kind::Hub
-            | Kind::HubAmqp
-            | Kind::HubPersist
-            | Kind::HubAmqpPersist
-            | Kind::HubAmqpDrivers
-            | Kind::HubAmqpTasks => a.hub_bin.as_deref(),
+            hub_kinds!() => a.hub_bin.as_deref(),
             Kind::Mosquitto => a.mosquitto_bin.as_deref(),
             Kind::Rumqttd => a.rumqttd_bin.as_deref(),
             Kind::Floor | Kind::FloorUring => None,

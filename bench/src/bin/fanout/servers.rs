@@ -23,6 +23,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The pattern matching every [`Kind`] that is the hub: one list for the matches that find or
+/// start it.
+macro_rules! hub_kinds {
+    () => {
+        Kind::Hub
+            | Kind::HubAmqp
+            | Kind::HubPersist
+            | Kind::HubAmqpPersist
+            | Kind::HubAmqpDrivers
+            | Kind::HubAmqpTasks
+    };
+}
+pub(crate) use hub_kinds;
+
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -73,15 +87,7 @@ impl Kind {
 
     /// Whether this is the hub (with either sender, in memory or with `--persist`).
     pub fn is_hub(self) -> bool {
-        matches!(
-            self,
-            Self::Hub
-                | Self::HubAmqp
-                | Self::HubPersist
-                | Self::HubAmqpPersist
-                | Self::HubAmqpDrivers
-                | Self::HubAmqpTasks
-        )
+        matches!(self, hub_kinds!())
     }
 
     /// For the hub, how its plain MQTT port is served when this kind says (`--mqtt-plain-driver`):
@@ -173,12 +179,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Finds the program for `kind` (`explicit` overrides the search).
 pub async fn find(kind: Kind, explicit: Option<&str>) -> Found {
     match kind {
-        Kind::Hub
-        | Kind::HubAmqp
-        | Kind::HubPersist
-        | Kind::HubAmqpPersist
-        | Kind::HubAmqpDrivers
-        | Kind::HubAmqpTasks => {
+        hub_kinds!() => {
             let sender = match (kind.is_rest_hub(), kind.persist()) {
                 _ if kind == Kind::HubAmqpDrivers => "AMQP drivers",
                 _ if kind == Kind::HubAmqpTasks => "AMQP tasks",
@@ -322,12 +323,7 @@ impl Server {
         let log = work.join(format!("{}.log", found.kind.name()));
         let stderr = || -> Result<Stdio> { Ok(std::fs::File::create(&log)?.into()) };
         match found.kind {
-            Kind::Hub
-            | Kind::HubAmqp
-            | Kind::HubPersist
-            | Kind::HubAmqpPersist
-            | Kind::HubAmqpDrivers
-            | Kind::HubAmqpTasks => {
+            hub_kinds!() => {
                 let mut cmd = Command::new(&program);
                 let data = work.join("hub-data");
                 match found.hub.as_ref().context("hub start mode")? {
