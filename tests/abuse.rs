@@ -9,7 +9,7 @@ use iothub_emulator::HubConfig;
 use iothub_emulator::amqp::frame::{self, AMQP_HEADER, FRAME_AMQP, FRAME_SASL, SASL_HEADER, code, list};
 use iothub_emulator::amqp::message::{Body, Message, Properties};
 use iothub_emulator::amqp::types::Value;
-use iothub_emulator::c2d::C2dMessage;
+use iothub_emulator::c2d::{C2dMessage, QueueConfig};
 use iothub_emulator::limits::{D2C_MAX_MESSAGE_BYTES, Timeouts};
 use iothub_emulator_tests::hostile::{self, DEADLINE};
 use iothub_emulator_tests::{TestHub, unique};
@@ -183,6 +183,54 @@ async fn a_device_that_stops_reading_is_disconnected_and_its_c2d_message_returns
     hub.stop().await.unwrap();
 }
 
+/// A C2D message larger than what the socket takes: with the drivers, the sender's thread writes
+/// part of it (direct delivery) and leaves the rest to the device's driver, whose write deadline
+/// then ends the session of a device that reads nothing; with tasks, the connection's own write
+/// does the same. Either way the message goes back to the queue, whole.
+async fn a_c2d_message_the_socket_cannot_take_at_once_ends_a_deaf_session_and_returns_to_the_queue(
+    drivers: bool,
+) {
+    // A message larger than any send buffer this kernel grows (tcp_wmem's top is 4 MiB): its write
+    // is partial whatever the buffers, unlike eight of IoT Hub's 64 KiB ones.
+    let hub = mqtt_hub(
+        drivers,
+        HubConfig {
+            timeouts: Timeouts { write: Duration::from_millis(500), ..Timeouts::default() },
+            c2d: QueueConfig { max_message_bytes: 8 << 20, ..QueueConfig::default() },
+            ..HubConfig::default()
+        },
+    )
+    .await;
+    let device = unique("deaf-c2d");
+    let key = hub.create_device(&device).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(hub.running.mqtt_plain_addr.unwrap()).await.unwrap();
+    s.write_all(&hostile::mqtt_connect_bytes(&hub, &device, &key, 60)).await.unwrap();
+    let mut sub = Subscribe::new(format!("devices/{device}/messages/devicebound/#"), QoS::AtLeastOnce);
+    sub.pkid = 1;
+    s.write_all(&hostile::packet_bytes(Packet::Subscribe(sub))).await.unwrap();
+    let mut connack_suback = [0u8; 4 + 5];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut connack_suback)).await.unwrap().unwrap();
+    let body = vec![7u8; 6 << 20];
+    let msg = C2dMessage { body: body.clone().into(), ..C2dMessage::default() };
+    hub.running.hub.send_c2d(&device, msg).unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let d = hub.running.hub.get_device(&device).unwrap();
+        if d["connectionState"] != "Connected" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a device that reads nothing is still Connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = hub.running.hub.receive_c2d(&device, 1000).unwrap();
+    let again = again.expect("the message did not return to the queue");
+    assert_eq!(again.message.body.len(), body.len(), "the message came back cut");
+    drop(s);
+    hub.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_amqp_connection_that_never_opens_is_closed_at_the_open_deadline() {
     let hub = hub_with(Timeouts { amqp_open: Duration::from_millis(300), ..Timeouts::default() }).await;
@@ -318,4 +366,5 @@ both_ways!(
     a_connect_with_the_reserved_flag_is_closed_without_connack,
     malformed_packets_after_connect_close_the_connection_unanswered,
     a_device_that_stops_reading_is_disconnected_and_its_c2d_message_returns_to_the_queue,
+    a_c2d_message_the_socket_cannot_take_at_once_ends_a_deaf_session_and_returns_to_the_queue,
 );
