@@ -347,7 +347,8 @@ impl Driver {
         let shutdown = self.shutdown.clone();
         let mut stopped = pin!(shutdown.wait());
         let mut accepting = true;
-        // The last look at the epoll instance filled `events`: look again without an edge.
+        // The last look at the epoll instance filled `events` or was interrupted: look again
+        // without waiting for an edge.
         let mut look_again = true;
         loop {
             let mut work = 0usize;
@@ -378,17 +379,19 @@ impl Driver {
                 None => false,
             };
             events.clear();
+            let mut interrupted = false;
             if readable || look_again {
                 match poll.get_mut().poll(&mut events, Some(Duration::ZERO)) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // The readiness is cleared and the look did not happen: the next pass looks.
+                    Err(e) if e.kind() == ErrorKind::Interrupted => interrupted = true,
                     Err(e) => {
                         tracing::error!("MQTT driver: epoll failed, closing its connections: {e}");
                         break;
                     }
                 }
             }
-            look_again = events.iter().count() == EVENTS;
+            look_again = interrupted || events.iter().count() == EVENTS;
             for ev in events.iter() {
                 let (slot, epoch) = untoken(ev.token());
                 let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
@@ -405,7 +408,7 @@ impl Driver {
             if self.shutdown.is_fired() {
                 break;
             }
-            if work > 0 {
+            if work > 0 || look_again {
                 // Let the other tasks on this worker (a sender's connection, say) have their turn:
                 // a driver with work after every pass would otherwise keep its worker to itself.
                 tokio::task::yield_now().await;
