@@ -53,7 +53,9 @@ struct RunArgs {
     /// Devices (connections), each sent one message.
     #[arg(long, default_value_t = 10_000)]
     devices: usize,
-    /// Servers to measure, in this order: `hub` (sent to through its REST extension), `hub-amqp`
+    /// Servers to measure, in this order in the first repetition (each further one starts one
+    /// server later, the first going last, so that no server always runs right after the same
+    /// other): `hub` (sent to through its REST extension), `hub-amqp`
     /// (sent to over AMQP like the service SDKs), `hub-persist` and `hub-amqp-persist` (the same
     /// with `--persist`: compared with the in-memory hub in their own line), `hub-amqp-drivers`
     /// and `hub-amqp-tasks` (`hub-amqp` with `--mqtt-plain-driver` true or false: device
@@ -913,6 +915,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Medians over repetitions, per metric (and per round).
+/// The order the `count` servers run in repetition `rep` (from 1): the listed order rotated by
+/// `rep - 1`. A server that follows another's 19,000 connections measures differently from one
+/// that starts on a quiet machine (bench/README.md), so each takes every place in turn.
+fn rep_order(count: usize, rep: usize) -> impl Iterator<Item = usize> {
+    let start = if count == 0 { 0 } else { (rep.max(1) - 1) % count };
+    (0..count).map(move |k| (start + k) % count)
+}
+
 fn medians(runs: &[Measured]) -> Measured {
     let f = |g: &dyn Fn(&Measured) -> f64| median(runs.iter().map(g).collect());
     let rounds = runs.iter().map(|m| m.rounds.len()).min().unwrap_or(0);
@@ -1114,7 +1124,8 @@ async fn run(a: RunArgs) -> Result<bool> {
     let mut failed = false;
     let mut run_no = 0;
     for rep in 1..=a.reps.max(1) {
-        for (i, f) in found.iter().enumerate() {
+        for i in rep_order(found.len(), rep) {
+            let f = &found[i];
             if let Err(why) = &f.program {
                 if !f.kind.is_hub() && a.allow_missing_peers {
                     if rep == 1 {
@@ -1184,4 +1195,17 @@ async fn run(a: RunArgs) -> Result<bool> {
     }
     println!("result: {}", verdict.join("; "));
     Ok(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rep_order;
+
+    #[test]
+    fn each_repetition_starts_one_server_later_and_runs_every_server_once() {
+        let orders: Vec<Vec<usize>> = (1..=4).map(|rep| rep_order(3, rep).collect()).collect();
+        assert_eq!(orders, [vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]]);
+        assert_eq!(rep_order(1, 5).collect::<Vec<_>>(), [0]);
+        assert_eq!(rep_order(0, 2).count(), 0);
+    }
 }
