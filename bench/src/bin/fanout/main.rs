@@ -82,6 +82,13 @@ struct RunArgs {
     /// Requests in flight per sender connection.
     #[arg(long, default_value_t = 64)]
     send_window: usize,
+    /// Offered load: messages a second over all sender connections, evenly spaced (default: as
+    /// fast as the window allows). At full speed a server that delivers faster than the device
+    /// processes can read fills the 2 cores and their lag becomes its latency; latency compares
+    /// servers at a rate each of them sustains. The fan-out/s column is then the rate, not a
+    /// server's maximum. C2D fan-out only (`--telemetry` ignores it).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Messages per device, sent in rounds (one to every device per round); the table shows round
     /// 1 (each device's first message) and, when there are more, the last round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=fanout::MAX_ROUNDS as i64))]
@@ -689,7 +696,7 @@ async fn fan_out(
         (k, ..) if k.is_hub() => bail!("the hub printed no address for its {} sender", k.name()),
         _ => Via::Mqtt { addr: server.mqtt },
     };
-    let sender = Sender::open(via, a.send_conns, a.send_window, a.payload_bytes).await?;
+    let sender = Sender::open(via, a.send_conns, a.send_window, a.payload_bytes, a.rate).await?;
     settle(pid).await;
     let run_name = format!("{}-rep{rep}-round{round}", server.kind.name());
     let perf = start_perf(a.perf_dir.as_deref(), pid, &run_name, false, a.perf_freq).await?;
@@ -1097,7 +1104,7 @@ async fn run(a: RunArgs) -> Result<bool> {
     let work = std::env::temp_dir().join(format!("fanout-bench-{}", std::process::id()));
     let load_before = procfs::loadavg();
     println!(
-        "{} bench: {} devices, {} client processes, connect in flight {}, sender {} conns x {} in flight, \
+        "{} bench: {} devices, {} client processes, connect in flight {}, sender {} conns x {} in flight{}, \
          {}-byte payload, QoS 1, {} round(s), {} rep(s); {} cores; load average {load_before}",
         if a.telemetry { "telemetry" } else { "fan-out" },
         a.devices,
@@ -1105,6 +1112,7 @@ async fn run(a: RunArgs) -> Result<bool> {
         a.connect_in_flight,
         a.send_conns,
         a.send_window,
+        a.rate.map_or(String::new(), |r| format!(" paced at {r} msg/s")),
         a.payload_bytes,
         a.rounds,
         a.reps,

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use simulated_devices::amqp_client::{Event, ServiceConn};
 use simulated_devices::service_client::C2dSend;
@@ -34,6 +35,26 @@ use testbench::fanout::{self, codec, mono_ns};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests encoded into one write at most.
 const BATCH: usize = 32;
+
+/// When a paced sender may send: message `k` of connection `conn` (of `conns`) is the
+/// `k * conns + conn`-th of the round, due `1 / rate` seconds after the one before it.
+#[derive(Clone, Copy)]
+struct Pace {
+    start: Instant,
+    rate: f64,
+    conn: usize,
+    conns: usize,
+}
+
+impl Pace {
+    fn at(&self, k: usize) -> Instant {
+        self.start + Duration::from_secs_f64((k * self.conns + self.conn) as f64 / self.rate)
+    }
+
+    fn due(pace: Option<Pace>, k: usize, now: Instant) -> bool {
+        pace.is_none_or(|p| p.at(k) <= now)
+    }
+}
 
 /// What a send phase did.
 #[derive(Debug, Default, Clone)]
@@ -88,11 +109,21 @@ pub struct Sender {
     conns: Vec<Conn>,
     window: usize,
     payload_bytes: usize,
+    /// Messages a second over all connections; `None`: as fast as the window allows.
+    rate: Option<f64>,
 }
 
 impl Sender {
-    /// Opens `conns` connections (MQTT ones CONNECTed).
-    pub async fn open(via: Via, conns: usize, window: usize, payload_bytes: usize) -> Result<Self> {
+    /// Opens `conns` connections (MQTT ones CONNECTed). With a `rate` (messages a second, over
+    /// all connections) the sender paces its messages; without one it sends as fast as the
+    /// window allows.
+    pub async fn open(
+        via: Via,
+        conns: usize,
+        window: usize,
+        payload_bytes: usize,
+        rate: Option<f64>,
+    ) -> Result<Self> {
         let mut open = Vec::new();
         for c in 0..conns.max(1) {
             let s = match &via {
@@ -131,7 +162,8 @@ impl Sender {
             }
             open.push(s);
         }
-        Ok(Self { via, conns: open, window: window.max(1), payload_bytes })
+        let rate = rate.filter(|r| r.is_finite() && *r > 0.0);
+        Ok(Self { via, conns: open, window: window.max(1), payload_bytes, rate })
     }
 
     /// Sends one message to each device in `order`, spread over the connections; returns when
@@ -139,21 +171,23 @@ impl Sender {
     /// Gives up on answers after `timeout`.
     pub async fn run(self, order: &[usize], round: u32, timeout: Duration) -> SendStats {
         let n = self.conns.len();
+        let start = Instant::now();
         let mut jobs = Vec::new();
         for (c, conn) in self.conns.into_iter().enumerate() {
             let mine: Vec<usize> = order.iter().copied().skip(c).step_by(n).collect();
             let via = self.via.clone();
             let (window, payload_bytes) = (self.window, self.payload_bytes);
+            let pace = self.rate.map(|rate| Pace { start, rate, conn: c, conns: n });
             jobs.push(async move {
                 let total = mine.len();
                 let job = async {
                     match conn {
                         Conn::Plain(stream) => {
                             let (rd, wr) = stream.into_split();
-                            one_conn(via, rd, wr, mine, round, window, payload_bytes).await
+                            one_conn(via, rd, wr, mine, round, window, payload_bytes, pace).await
                         }
                         Conn::Amqp(stream, conn) => {
-                            one_amqp_conn(stream, conn, mine, round, window, payload_bytes).await
+                            one_amqp_conn(stream, conn, mine, round, window, payload_bytes, pace).await
                         }
                     }
                 };
@@ -182,6 +216,7 @@ impl Sender {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn one_conn(
     via: Via,
     mut rd: OwnedReadHalf,
@@ -190,6 +225,7 @@ async fn one_conn(
     round: u32,
     window: usize,
     payload_bytes: usize,
+    pace: Option<Pace>,
 ) -> SendStats {
     let total = devices.len();
     let permits = Semaphore::new(window);
@@ -201,12 +237,18 @@ async fn one_conn(
         let mut pkid: u16 = 0;
         let mut first = u64::MAX;
         while next < devices.len() {
+            if let Some(p) = pace {
+                tokio::time::sleep_until(p.at(next)).await;
+            }
             match permits.acquire().await {
                 Ok(p) => p.forget(),
                 Err(_) => break,
             }
             let mut batch = 1;
-            while batch < BATCH && next + batch < devices.len() {
+            while batch < BATCH
+                && next + batch < devices.len()
+                && Pace::due(pace, next + batch, Instant::now())
+            {
                 match permits.try_acquire() {
                     Ok(p) => {
                         p.forget();
@@ -340,13 +382,14 @@ async fn one_amqp_conn(
     round: u32,
     window: usize,
     payload_bytes: usize,
+    pace: Option<Pace>,
 ) -> SendStats {
     let total = devices.len();
     let mut stats = SendStats { first_ns: u64::MAX, ..Default::default() };
     let mut next = 0;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        while next < total && conn.unsettled() < window {
+        while next < total && conn.unsettled() < window && Pace::due(pace, next, Instant::now()) {
             let i = devices[next];
             let now = mono_ns();
             stats.first_ns = stats.first_ns.min(now);
@@ -367,7 +410,16 @@ async fn one_amqp_conn(
         if stats.ok + stats.failed == total {
             break;
         }
-        let n = match stream.read(&mut buf).await {
+        // Paced, with the next message not due yet: its time or the hub's answers, whichever
+        // comes first (a read is cancel-safe).
+        let read = match pace.filter(|_| next < total && conn.unsettled() < window) {
+            Some(p) => tokio::select! {
+                r = stream.read(&mut buf) => r,
+                () = tokio::time::sleep_until(p.at(next)) => continue,
+            },
+            None => stream.read(&mut buf).await,
+        };
+        let n = match read {
             Ok(0) => {
                 stats.error = Some("the hub closed the AMQP connection".into());
                 break;
@@ -451,6 +503,18 @@ fn take_http(buf: &[u8]) -> Result<Option<(usize, bool, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_round_spaces_its_messages_evenly_over_the_connections() {
+        let start = Instant::now();
+        let pace = |conn| Pace { start, rate: 1000.0, conn, conns: 4 };
+        // Connection 1's third message is the round's tenth (2 * 4 + 1 = 9 after the first).
+        assert_eq!(pace(1).at(2) - start, Duration::from_millis(9));
+        assert_eq!(pace(0).at(0), start);
+        assert!(Pace::due(None, 1_000_000, start));
+        assert!(Pace::due(Some(pace(3)), 0, start + Duration::from_millis(3)));
+        assert!(!Pace::due(Some(pace(3)), 1, start + Duration::from_millis(3)));
+    }
 
     #[test]
     fn parses_pipelined_http_answers() {
