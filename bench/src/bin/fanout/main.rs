@@ -921,15 +921,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Medians over repetitions, per metric (and per round).
 /// The order the `count` servers run in repetition `rep` (from 1): the listed order rotated by
-/// `rep - 1`. A server that follows another's 19,000 connections measures differently from one
+/// `rep - 1`. A server that follows another's 19,000 connections can measure differently from one
 /// that starts on a quiet machine (bench/README.md), so each takes every place in turn.
 fn rep_order(count: usize, rep: usize) -> impl Iterator<Item = usize> {
     let start = if count == 0 { 0 } else { (rep.max(1) - 1) % count };
     (0..count).map(move |k| (start + k) % count)
 }
 
+/// Medians over repetitions, per metric (and per round).
 fn medians(runs: &[Measured]) -> Measured {
     let f = |g: &dyn Fn(&Measured) -> f64| median(runs.iter().map(g).collect());
     let rounds = runs.iter().map(|m| m.rounds.len()).min().unwrap_or(0);
