@@ -85,6 +85,13 @@ struct Args {
     )]
     mqtt_plain_driver: bool,
 
+    /// Threads that run the hub's connections and background work. Default: one less than the
+    /// machine's cores, at least one: the hub is local and shares the machine with the devices and
+    /// tests that use it, and on 2 cores one thread delivers C2D messages with less CPU each than
+    /// two (no state passed between cores; see bench/README.md, "One worker thread").
+    #[arg(long, env = "IOTHUB_EMULATOR_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
+
     /// AMQP-over-TLS port: the service SDKs' C2D sends and feedback (they dial 5671). 0 picks a free one.
     #[arg(long, env = "IOTHUB_EMULATOR_AMQP_PORT", default_value_t = DEFAULT_AMQP_PORT)]
     amqp_port: u16,
@@ -357,13 +364,23 @@ fn main() -> Result<ExitCode> {
         .init();
     iothub_emulator::sas::decode_key(&args.owner_key)
         .map_err(|e| anyhow::anyhow!("--owner-key is not a usable key: {e} (base64 of 16 to 64 bytes)"))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.worker_threads.map_or_else(|| default_worker_threads(cores), usize::from);
+    tracing::info!(workers, cores, "runtime worker threads");
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .event_interval(iothub_emulator::server::RUNTIME_EVENT_INTERVAL)
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(args, tier, started))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The hub's worker threads when `--worker-threads` is not given: one core is left to the devices
+/// and tests beside it.
+fn default_worker_threads(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
 }
 
 /// `iothub-emulator token`: a token for `connection_string`, or for `policy` of this hub.
@@ -570,5 +587,19 @@ mod tests {
         assert_eq!(parse(&["--mqtt-plain-driver", "false"]), Ok(false));
         assert_eq!(parse(&["--mqtt-plain-driver", "true"]), Ok(true));
         assert!(parse(&["--mqtt-plain-driver=maybe"]).is_err());
+    }
+
+    #[test]
+    fn worker_threads_leave_a_core_unless_given() {
+        assert_eq!(super::default_worker_threads(1), 1);
+        assert_eq!(super::default_worker_threads(2), 1);
+        assert_eq!(super::default_worker_threads(8), 7);
+        let parse = |extra: &[&str]| {
+            let args = ["iothub-emulator"].iter().chain(extra);
+            Args::try_parse_from(args).map(|a| a.worker_threads).map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(&["--worker-threads", "2"]), Ok(Some(2)));
+        assert!(parse(&["--worker-threads", "0"]).is_err());
+        assert!(parse(&["--worker-threads", "many"]).is_err());
     }
 }

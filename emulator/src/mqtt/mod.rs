@@ -43,7 +43,7 @@ pub async fn accept_loop(
     // What the connections wait on: fired when `shutdown` is cancelled, cheap to poll.
     let sd = Shutdown::on_cancel(&shutdown);
     if drivers && tls.is_none() && driver::serves(&hub) {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
         match driver::Drivers::start(&hub, workers * driver::DRIVERS_PER_WORKER, &sd, &tracker) {
             Ok(mut drivers) => {
                 let open = hub.clone();
