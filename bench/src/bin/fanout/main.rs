@@ -135,9 +135,24 @@ struct RunArgs {
     /// With `--telemetry`: publishes waiting for their PUBACK at once, over all client processes.
     #[arg(long, default_value_t = 512)]
     publish_in_flight: usize,
+    /// Print, for each client process and round, the slowest send→receive latency in each
+    /// twentieth of its messages in arrival order: a backlog that grows through the round (the
+    /// devices reading slower than the server writes) rises from part to part, a stall is one peak.
+    #[arg(long)]
+    latency_timeline: bool,
     /// Keep the work directory (server logs, configurations).
     #[arg(long)]
     keep_work: bool,
+}
+
+/// Parts [`timeline_maxima`] cuts a client's latencies into for `--latency-timeline`.
+const TIMELINE_PARTS: usize = 20;
+
+/// The largest of each of `parts` consecutive, (nearly) equal runs of `lat`, in order; fewer when
+/// `lat` has fewer values than `parts`.
+fn timeline_maxima(lat: &[u32], parts: usize) -> Vec<u32> {
+    let per = lat.len().div_ceil(parts.max(1)).max(1);
+    lat.chunks(per).filter_map(|c| c.iter().copied().max()).collect()
 }
 
 #[derive(Debug, Subcommand)]
@@ -726,6 +741,24 @@ async fn fan_out(
 
     let received = sum(&collected, "received");
     let last_ns = collected.iter().map(|c| num(c, "last_ns") as u64).max().unwrap_or(0);
+    if a.latency_timeline {
+        for (i, c) in collected.iter().enumerate() {
+            let l: Vec<u32> = c
+                .get("lat_us")
+                .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
+                .unwrap_or_default();
+            let maxes: Vec<String> = timeline_maxima(&l, TIMELINE_PARTS)
+                .iter()
+                .map(|us| format!("{:.1}", f64::from(*us) / 1000.0))
+                .collect();
+            eprintln!(
+                "  client {i}: {} messages, the slowest of each {}th of them in arrival order (ms): {}",
+                l.len(),
+                TIMELINE_PARTS,
+                maxes.join(" ")
+            );
+        }
+    }
     let mut lat: Vec<u32> = collected
         .iter()
         .filter_map(|c| c.get("lat_us"))
@@ -1207,7 +1240,15 @@ async fn run(a: RunArgs) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::rep_order;
+    use super::{rep_order, timeline_maxima};
+
+    #[test]
+    fn the_timeline_keeps_the_slowest_of_each_part_in_order() {
+        assert_eq!(timeline_maxima(&[1, 5, 2, 2, 9, 3, 4], 3), [5, 9, 4]);
+        assert_eq!(timeline_maxima(&[1, 2, 3, 4], 2), [2, 4]);
+        assert_eq!(timeline_maxima(&[7, 3], 20), [7, 3]);
+        assert!(timeline_maxima(&[], 20).is_empty());
+    }
 
     #[test]
     fn each_repetition_starts_one_server_later_and_runs_every_server_once() {
