@@ -87,7 +87,7 @@ struct RunArgs {
     /// processes can read fills the 2 cores and their lag becomes its latency; latency compares
     /// servers at a rate each of them sustains. The fan-out/s column is then the rate, not a
     /// server's maximum. C2D fan-out only (`--telemetry` ignores it).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_rate)]
     rate: Option<f64>,
     /// Messages per device, sent in rounds (one to every device per round); the table shows round
     /// 1 (each device's first message) and, when there are more, the last round.
@@ -143,6 +143,15 @@ struct RunArgs {
     /// Keep the work directory (server logs, configurations).
     #[arg(long)]
     keep_work: bool,
+}
+
+/// `--rate`: a finite number of messages a second above zero (0 would never send; leave the flag
+/// out for full speed).
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate above 0 messages a second (leave --rate out for full speed)")),
+    }
 }
 
 /// Parts [`timeline_maxima`] cuts a client's latencies into for `--latency-timeline`.
@@ -1240,7 +1249,16 @@ async fn run(a: RunArgs) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{rep_order, timeline_maxima};
+    use super::{positive_rate, rep_order, timeline_maxima};
+
+    #[test]
+    fn a_rate_is_a_finite_number_above_zero() {
+        assert_eq!(positive_rate("20000"), Ok(20000.0));
+        assert_eq!(positive_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-5", "NaN", "inf", "fast"] {
+            assert!(positive_rate(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_timeline_keeps_the_slowest_of_each_part_in_order() {
